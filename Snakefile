@@ -1,0 +1,39 @@
+# Thimble: freezing of bfloat16 embeddings, from corpus to report.
+# This file only loads and validates the config and includes one .smk per stage;
+# the work lives in the `thimble` Python package (src/thimble).
+
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from thimble.config import ConfigError, load_schema, resolve_config
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+# Validate before anything is planned: a bad config fails `snakemake -n` too, and writes nothing.
+try:
+    CFG = resolve_config(config, load_schema(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
+except ConfigError as error:
+    raise WorkflowError(f"invalid configuration in {', '.join(map(str, workflow.configfiles))}:\n{error}")
+
+
+wildcard_constraints:
+    dataset="|".join(CFG["datasets"]),
+    experiment="|".join(CFG["experiments"]),
+    package=r"[A-Za-z0-9][A-Za-z0-9._]*",
+    version=r"[A-Za-z0-9][A-Za-z0-9.+!]*",
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+
+
+rule all:
+    input:
+        expand("results/data/{dataset}/live_dead_tokens.safetensors", dataset=CFG["datasets"]),
+    default_target: True

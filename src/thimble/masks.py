@@ -1,0 +1,41 @@
+"""Live/dead token masks: a token is live when it occurs in the model corpus."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from thimble.files import atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def live_dead_masks(token_ids: np.ndarray, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The seed's mask tensors: ``live_mask``, ``dead_mask`` (bool), ``live_indices``, ``dead_indices`` (int64)."""
+    if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
+        raise ValueError(f"token ids span [{token_ids.min()}, {token_ids.max()}], outside a vocabulary of {vocab_size}")
+    live = np.zeros(vocab_size, dtype=bool)
+    live[token_ids] = True
+    return {
+        "live_mask": torch.from_numpy(live),
+        "dead_mask": torch.from_numpy(~live),
+        "live_indices": torch.from_numpy(np.flatnonzero(live).astype(np.int64)),
+        "dead_indices": torch.from_numpy(np.flatnonzero(~live).astype(np.int64)),
+    }
+
+
+def load_masks(path: str) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def write_masks(tokens_path: str, vocab_size: int, output: str) -> None:
+    token_ids = np.load(tokens_path)
+    masks = live_dead_masks(token_ids, vocab_size)
+    with atomic_output(output) as tmp:
+        save_file(masks, str(tmp))
+    n_live = int(masks["live_mask"].sum())
+    log.info("vocabulary %d: %d live, %d dead (%.1f%%) over %d corpus tokens -> %s", vocab_size, n_live,
+             vocab_size - n_live, 100 * (vocab_size - n_live) / vocab_size, token_ids.size, output)

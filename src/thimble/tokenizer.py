@@ -1,0 +1,58 @@
+"""Tokenizer stage: a byte-level BPE trained with the ``tokenizers`` library, and corpus encoding."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from thimble.files import atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE of exactly ``vocab_size`` tokens (if the texts allow)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: any text encodes
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    return tokenizer
+
+
+def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
+    """Token ids of ``text``, encoded whole as the seed notebook did."""
+    return np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
+
+
+def read_text(path: str | Path) -> str:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return handle.read()
+
+
+def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
+    # lines, as Tokenizer.train(files) would read them; the trainer works on them in parallel
+    tokenizer = train_bpe(read_text(tokenizer_texts).splitlines(keepends=True), vocab_size)
+    got = tokenizer.get_vocab_size()
+    if got != vocab_size:
+        raise ValueError(f"the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
+                         f"{vocab_size}; lower the dataset's vocab_size or add tokenizer texts")
+    with atomic_output(output) as tmp:
+        tokenizer.save(str(tmp))
+    log.info("trained BPE tokenizer: %d tokens -> %s", got, output)
+
+
+def write_encoded(tokenizer_path: str, model_corpus: str, output: str) -> None:
+    tokenizer = Tokenizer.from_file(tokenizer_path)
+    ids = encode(tokenizer, read_text(model_corpus))
+    with atomic_output(output) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, ids)
+    log.info("encoded model corpus: %d tokens -> %s", ids.size, output)
