@@ -59,7 +59,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
     if error.validator == "type":
         return (f"config key {where} must be of type {error.validator_value}, "
                 f"got {type(error.instance).__name__} {error.instance!r}")
-    if error.validator == "propertyNames":
+    if "propertyNames" in error.absolute_schema_path:
         return (f"config key {where}: name {error.instance!r} is not allowed; "
                 "names start with a letter and use letters, digits and '_'")
     if error.validator == "oneOf" and error.context:
