@@ -31,6 +31,7 @@ wildcard_constraints:
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/train.smk"
 
 
 rule all:

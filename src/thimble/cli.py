@@ -51,6 +51,12 @@ def _masks(args) -> None:
     write_masks(args.tokens, args.vocab_size, args.output)
 
 
+def _train(args) -> None:
+    from thimble.train import train
+
+    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads)
+
+
 def _validate(args) -> None:
     from thimble.config import load_config
 
@@ -102,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--output", required=True)
     p.set_defaults(func=_masks)
+
+    p = sub.add_parser("train", help="train an experiment and record its stream (resumes after a crash)")
+    p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
+    p.add_argument("--tokens", required=True)
+    p.add_argument("--masks", required=True)
+    p.add_argument("--output", required=True, help="the stream directory to create")
+    p.add_argument("--partial", required=True, help="resume state, kept across failed attempts")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_train)
     return parser
 
 
@@ -111,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from thimble.config import ConfigError
     from thimble.corpus import CorpusError
+    from thimble.train import TrainingError
 
     try:
         args.func(args)
-    except (ConfigError, CorpusError, ValueError) as error:
+    except (ConfigError, CorpusError, TrainingError, ValueError) as error:
         logging.getLogger("thimble").error("%s", error)
         print(f"thimble {args.command}: error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,23 @@
+# Training with streamed recording. The stream directory appears only when the
+# run is complete; resume state lives in results/{experiment}/.partial/, outside
+# the declared output, so a killed job resumes where it stopped on the next run.
+
+
+rule train:
+    input:
+        tokens=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/tokens.npy",
+        masks=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/live_dead_tokens.safetensors",
+    output:
+        directory("results/{experiment}/stream"),
+    log:
+        "logs/{experiment}/train.log",
+    params:
+        settings=experiment_settings,
+        partial="results/{experiment}/.partial",
+    threads: 2
+    resources:
+        mem_mb=lambda w: train_mem_mb(w.experiment),
+        runtime=lambda w: train_runtime_min(w.experiment),
+    shell:
+        "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
+        " --output {output} --partial {params.partial} --threads {threads} 2> {log}"

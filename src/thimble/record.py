@@ -1,0 +1,331 @@
+"""Streaming HDF5 recorder: every step's W, grad_W, momentum_W, variance_W, bit for bit.
+
+Layout of a recorded stream (a directory):
+
+- ``segment_SSSSSS-EEEEEE.h5``: steps S..E of the four tensors, one step per
+  chunk, and their losses. A segment is written under a ``.tmp`` name and
+  renamed only when it is complete and synced, so a segment file on disk is
+  always whole.
+- ``stream.h5``: written last. Its ``W``, ``grad_W``, ``momentum_W`` and
+  ``variance_W`` are HDF5 virtual datasets of shape (T+1, V, D) over the
+  segments (relative paths: move the directory as a whole), with the seed's
+  ``losses``, masks and attributes, and ``complete = True``.
+
+Chunks are compressed losslessly in worker threads (byte shuffle, the same
+transform as HDF5's shuffle filter, then zstd, which releases the GIL) and
+written with direct chunk writes. The datasets declare the filter pipeline
+shuffle -> zstd (filter 32015), so any HDF5 reader with hdf5plugin loaded
+(``import hdf5plugin``, or ``HDF5_PLUGIN_PATH`` for h5dump) decodes them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the zstd filter with HDF5)
+import numpy as np
+import torch
+import zstandard
+
+from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
+
+log = logging.getLogger(__name__)
+
+TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
+ZSTD_FILTER = 32015
+STREAM_FILE = "stream.h5"
+STORAGE_DTYPES = ("bfloat16", "float16")
+
+
+def storage_h5type(storage: str) -> h5py.h5t.TypeID:
+    if storage == "bfloat16":
+        return bfloat16_h5type()
+    if storage == "float16":
+        return h5py.h5t.IEEE_F16LE.copy()
+    raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
+
+
+def shuffle_bytes(values: np.ndarray) -> np.ndarray:
+    """HDF5's shuffle filter for 2-byte elements: all low bytes, then all high bytes."""
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    out = np.empty(raw.size, dtype=np.uint8)
+    half = raw.size // 2
+    out[:half] = raw[0::2]
+    out[half:] = raw[1::2]
+    return out
+
+
+def encode_chunk(values: np.ndarray, level: int) -> bytes:
+    """One chunk as the filter pipeline shuffle -> zstd stores it."""
+    if values.dtype.itemsize != 2:
+        raise TypeError(f"expected 2-byte elements, got {values.dtype}")
+    return zstandard.ZstdCompressor(level=level).compress(shuffle_bytes(values))
+
+
+def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
+                          level: int) -> h5py.Dataset:
+    """A chunked (chunk_rows, V, D), shuffle+zstd compressed dataset of the storage dtype."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk((chunk_rows, *shape[1:]))
+    dcpl.set_shuffle()
+    dcpl.set_filter(ZSTD_FILTER, h5py.h5z.FLAG_OPTIONAL, (level,))
+    space = h5py.h5s.create_simple(shape)
+    h5py.h5d.create(group.id, name.encode(), storage_h5type(storage), space, dcpl=dcpl)
+    return group[name]
+
+
+def is_bfloat16(dataset: h5py.Dataset) -> bool:
+    return dataset.id.get_type() == bfloat16_h5type()
+
+
+def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Rows [start, stop) of a recorded tensor in its stored precision.
+
+    bf16 datasets come back as ``ml_dtypes.bfloat16`` with the stored bits
+    untouched (h5py's own ``dataset[...]`` gives the same values as float32);
+    float16 datasets come back as float16.
+    """
+    stop = dataset.shape[0] if stop is None else stop
+    count = (stop - start, *dataset.shape[1:])
+    if not is_bfloat16(dataset):
+        return dataset[start:stop]
+    out = np.empty(count, dtype=np.uint16)
+    if count[0] > 0:
+        file_space = dataset.id.get_space()
+        file_space.select_hyperslab((start,) + (0,) * (len(count) - 1), count)
+        dataset.id.read(h5py.h5s.create_simple(count), file_space, out, mtype=bfloat16_h5type())
+    return out.view(BFLOAT16)
+
+
+def read_steps_torch(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """As ``read_steps``, as a torch tensor (bf16 or float16)."""
+    values = read_steps(dataset, start, stop)
+    if values.dtype == BFLOAT16:
+        return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(values)
+
+
+def segment_name(first: int, last: int) -> str:
+    return f"segment_{first:06d}-{last:06d}.h5"
+
+
+def list_segments(directory: Path) -> list[tuple[int, int, Path]]:
+    """Complete segments in a directory as (first step, last step, path), in step order."""
+    found = []
+    for path in Path(directory).glob("segment_*-*.h5"):
+        first, last = path.stem.removeprefix("segment_").split("-")
+        found.append((int(first), int(last), path))
+    return sorted(found)
+
+
+def fsync_path(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+class _Segment:
+    """One open segment file, steps first..last, written under a .tmp name."""
+
+    def __init__(self, directory: Path, first: int, last: int, shape: tuple, storage: str, level: int):
+        self.first, self.last = first, last
+        self.final = directory / segment_name(first, last)
+        self.tmp = self.final.with_suffix(".h5.tmp")
+        self.file = h5py.File(self.tmp, "w")
+        rows = last - first + 1
+        self.datasets = {name: create_tensor_dataset(self.file, name, (rows, *shape), 1, storage, level)
+                         for name in TENSORS}
+        self.losses = self.file.create_dataset("losses", shape=(rows,), dtype="float32")
+        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage)
+        self.written = 0
+
+    def write(self, step: int, chunks: dict[str, bytes], loss: float) -> None:
+        row = step - self.first
+        for name, chunk in chunks.items():
+            self.datasets[name].id.write_direct_chunk((row, 0, 0), chunk, 0)
+        self.losses[row] = loss
+        self.written += 1
+
+    def finish(self) -> Path:
+        if self.written != self.last - self.first + 1:
+            raise RuntimeError(f"segment {self.first}-{self.last} got {self.written} steps")
+        self.file.close()
+        fsync_path(self.tmp)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+
+class StreamRecorder:
+    """Absorbs steps from the training loop and writes them in the background.
+
+    ``record`` hands over CPU copies of the four tensors; it blocks only when
+    ``queue_steps`` steps are already waiting, which bounds memory whatever T
+    is. ``checkpoint`` closes the current segment and then calls ``on_durable``
+    (in the writer thread) once everything up to that step is on disk.
+    """
+
+    def __init__(self, directory: str | Path, shape: tuple[int, int], last_step: int, storage: str = "bfloat16",
+                 segment_steps: int = 100, queue_steps: int = 64, level: int = 2, threads: int = 2):
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.shape, self.last_step, self.storage = tuple(shape), last_step, storage
+        self.segment_steps, self.level = segment_steps, level
+        self.float16_altered = dict.fromkeys(TENSORS, 0)
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_steps)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="thimble-compress")
+        self._error: BaseException | None = None
+        self._segment: _Segment | None = None
+        self._thread = threading.Thread(target=self._run, name="thimble-writer", daemon=True)
+        self._thread.start()
+
+    # -- training side -------------------------------------------------------
+    def segment_bounds(self, step: int) -> tuple[int, int]:
+        first = step - step % self.segment_steps
+        return first, min(first + self.segment_steps - 1, self.last_step)
+
+    def is_segment_end(self, step: int) -> bool:
+        return step == self.segment_bounds(step)[1]
+
+    def record(self, step: int, tensors: dict[str, torch.Tensor], loss: float) -> None:
+        self._put(("step", step, tensors, loss))
+
+    def checkpoint(self, step: int, on_durable) -> None:
+        self._put(("checkpoint", step, on_durable))
+
+    def close(self) -> None:
+        """Wait for every queued step to be written; re-raise a writer error."""
+        self._put(None)
+        self._thread.join()
+        self._pool.shutdown()
+        if self._error is not None:
+            raise RuntimeError("the HDF5 writer failed") from self._error
+
+    def abort(self) -> None:
+        """Stop without finishing the open segment (it stays a .tmp file)."""
+        self._error = self._error or RuntimeError("aborted")
+        try:
+            self._queue.put_nowait(None)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=60)
+        self._pool.shutdown(cancel_futures=True)
+
+    def _put(self, item) -> None:
+        while True:
+            if self._error is not None:
+                raise RuntimeError("the HDF5 writer failed") from self._error
+            try:
+                self._queue.put(item, timeout=1.0)
+                return
+            except queue.Full:
+                continue
+
+    # -- writer thread ---------------------------------------------------------
+    def _encode(self, tensor: torch.Tensor) -> tuple[bytes, int]:
+        """(compressed chunk, number of values the storage dtype altered)."""
+        if self.storage == "bfloat16":
+            return encode_chunk(torch_to_bits(tensor), self.level), 0
+        values, altered = to_float16_counting(tensor)
+        return encode_chunk(values, self.level), altered
+
+    def _run(self) -> None:
+        pending: collections.deque[tuple[int, dict[str, Future], float]] = collections.deque()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None or self._error is not None:
+                    break
+                if item[0] == "step":
+                    _, step, tensors, loss = item
+                    futures = {name: self._pool.submit(self._encode, tensors[name]) for name in TENSORS}
+                    pending.append((step, futures, loss))
+                    self._drain(pending, keep=2)
+                else:
+                    _, step, on_durable = item
+                    self._drain(pending, keep=0)
+                    if self._segment is not None and self._segment.last == step:
+                        self._segment.finish()
+                        self._segment = None
+                    on_durable(step)
+            if self._error is None:
+                self._drain(pending, keep=0)
+        except BaseException as error:  # surfaced to the training thread by record()/close()
+            self._error = error
+            log.exception("HDF5 writer failed")
+
+    def _drain(self, pending, keep: int) -> None:
+        while len(pending) > keep:
+            step, futures, loss = pending.popleft()
+            chunks = {}
+            for name, future in futures.items():
+                chunks[name], altered = future.result()
+                self.float16_altered[name] += altered
+            if self._segment is None:
+                first, last = self.segment_bounds(step)
+                self._segment = _Segment(self.directory, first, last, self.shape, self.storage, self.level)
+            self._segment.write(step, chunks, loss)
+            if step == self._segment.last:
+                self._segment.finish()
+                self._segment = None
+
+
+def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: int, storage: str,
+                      masks: dict[str, np.ndarray], attrs: dict) -> Path:
+    """Write ``stream.h5``: virtual (T+1, V, D) datasets over the segments, losses, masks, attributes.
+
+    Fails if the segments do not cover steps 0..last_step exactly.
+    """
+    directory = Path(directory)
+    segments = list_segments(directory)
+    expected = 0
+    for first, last, path in segments:
+        if first != expected:
+            raise RuntimeError(f"{directory}: segments do not cover step {expected} (next starts at {first})")
+        expected = last + 1
+    if expected != last_step + 1:
+        raise RuntimeError(f"{directory}: segments end at step {expected - 1}, expected {last_step}")
+    full = (last_step + 1, *shape)
+    losses = np.empty(last_step + 1, dtype=np.float32)
+    final = directory / STREAM_FILE
+    tmp = final.with_suffix(".h5.tmp")
+    with h5py.File(tmp, "w") as out:
+        for name in TENSORS:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            virtual_space = h5py.h5s.create_simple(full)
+            for first, last, path in segments:
+                rows = (last - first + 1, *shape)
+                virtual_space.select_hyperslab((first, 0, 0), rows)
+                dcpl.set_virtual(virtual_space, path.name.encode(), name.encode(), h5py.h5s.create_simple(rows))
+            h5py.h5d.create(out.id, name.encode(), storage_h5type(storage), virtual_space, dcpl=dcpl)
+        for first, last, path in segments:
+            with h5py.File(path, "r") as segment:
+                losses[first:last + 1] = segment["losses"][...]
+        out.create_dataset("losses", data=losses)
+        for key, values in masks.items():
+            out.create_dataset(key, data=values)
+        out.attrs.update(attrs)
+        out.attrs["storage_dtype"] = storage
+        out.attrs["complete"] = True
+    fsync_path(tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def open_stream(directory: str | Path) -> h5py.File:
+    """Open a finished stream's ``stream.h5`` for reading; refuse an incomplete one."""
+    path = Path(directory) / STREAM_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: the recording is missing or was not finished")
+    handle = h5py.File(path, "r")
+    if not handle.attrs.get("complete", False):
+        handle.close()
+        raise RuntimeError(f"{path} is not marked complete")
+    return handle

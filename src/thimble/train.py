@@ -1,0 +1,398 @@
+"""Training stage: the seed notebook's tiny GPT-2 in pure bfloat16, recorded at every step.
+
+Semantics follow the Thimble 6 notebook exactly: the same model, init,
+optimizer, data order and order of operations (forward, backward, read the
+gradient, optimizer step, zero_grad, read W and the moments), so the seed's own
+code on the same tokens gives the same trajectory bit for bit. (As in the seed,
+``labels`` are the inputs shifted by one and GPT2LMHeadModel shifts them once
+more, so the loss targets the token two ahead; kept for fidelity.)
+
+Crash safety: steps go to closed segment files in ``partial_dir``, and after
+every segment a checkpoint (model, optimizer, data-order state) is saved once
+that segment is durable. A rerun resumes from the last checkpoint and the
+result is bitwise identical to an uninterrupted run. Only when training is
+complete is ``partial_dir`` renamed to the output directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from thimble.config import settings_hash
+from thimble.files import atomic_output
+from thimble.record import TENSORS, StreamRecorder, list_segments, write_stream_file
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+class TokenWindows(Dataset):
+    """Every window of ``seq_len + 1`` tokens (the seed's TokenDataset)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return max(0, len(self.tokens) - self.seq_len)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        window = self.tokens[index: index + self.seq_len + 1]
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+class BatchStream:
+    """Endless batches in the seed's order, with a resumable position.
+
+    The seed re-creates the DataLoader iterator at each epoch end; creating it
+    draws from the shuffle generator, so the generator state at the start of the
+    epoch plus the number of batches consumed pins the position exactly.
+    """
+
+    def __init__(self, loader: DataLoader, generator: torch.Generator):
+        self.loader, self.generator = loader, generator
+        self._start_epoch()
+
+    def _start_epoch(self) -> None:
+        self.epoch_generator_state = self.generator.get_state()
+        self.iterator = iter(self.loader)
+        self.consumed = 0
+
+    def next(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            self._start_epoch()
+            batch = next(self.iterator)
+        self.consumed += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"epoch_generator_state": self.epoch_generator_state.clone(), "consumed": self.consumed}
+
+    def restore(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_generator_state"])
+        self._start_epoch()
+        for _ in range(state["consumed"]):
+            next(self.iterator)
+        self.consumed = state["consumed"]
+
+
+def select_device(setting: str) -> torch.device:
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("training.device is 'cuda' but torch sees no CUDA device; set it to auto or cpu")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("training.device is 'mps' but MPS is not available; set it to auto or cpu")
+    return torch.device(setting)
+
+
+def build_model(model_settings: dict, device: torch.device):
+    """GPT2LMHeadModel as in the seed: dropout 0, tied embeddings, wte ~ N(0, init_scale), all bf16.
+
+    Draws from torch's global generator (seeded by the caller), like the seed.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=model_settings["vocab_size"],
+        n_positions=model_settings["max_seq_len"],
+        n_embd=model_settings["hidden_dim"],
+        n_layer=model_settings["n_layers"],
+        n_head=model_settings["n_heads"],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        nn.init.normal_(model.transformer.wte.weight, mean=0.0, std=model_settings["init_scale"])
+    return model.to(torch.bfloat16).to(device)
+
+
+def build_optimizer(model, training: dict) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=training["learning_rate"],
+        betas=(training["adam_beta1"], training["adam_beta2"]),
+        eps=training["adam_epsilon"],
+        weight_decay=training["weight_decay"],
+    )
+
+
+def git_commit() -> str:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10)
+        return result.stdout.strip() if result.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance(device: torch.device, threads: int) -> dict:
+    import h5py
+    import transformers
+
+    from thimble import __version__
+
+    return {
+        "thimble_version": __version__,
+        "torch_version": str(torch.__version__),  # a str subclass h5py cannot store
+        "transformers_version": transformers.__version__,
+        "numpy_version": np.__version__,
+        "h5py_version": h5py.__version__,
+        "hdf5_version": h5py.version.hdf5_version,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": threads,
+        "git_commit": git_commit(),
+    }
+
+
+def hyperparameter_attrs(settings: dict) -> dict:
+    """The seed's attribute names, plus the rest of the settings."""
+    model, training = settings["model"], settings["training"]
+    return {
+        "experiment": settings["name"],
+        "dataset": settings["dataset"],
+        "vocab_size": model["vocab_size"],
+        "hidden_dim": model["hidden_dim"],
+        "n_layers": model["n_layers"],
+        "n_heads": model["n_heads"],
+        "max_seq_len": model["max_seq_len"],
+        "init_scale": model["init_scale"],
+        "num_steps": training["steps"],
+        "batch_size": training["batch_size"],
+        "learning_rate": training["learning_rate"],
+        "weight_decay": training["weight_decay"],
+        "adam_beta1": training["adam_beta1"],
+        "adam_beta2": training["adam_beta2"],
+        "adam_epsilon": training["adam_epsilon"],
+        "seed": training["seed"],
+        "config_hash": settings_hash(settings),
+    }
+
+
+def run_plan(settings: dict, n_tokens: int) -> dict:
+    """Predicted bytes on disk and peak RAM of the run (the seed's safety check)."""
+    model, training, record = settings["model"], settings["training"], settings["record"]
+    vocab, hidden, steps = model["vocab_size"], model["hidden_dim"], training["steps"]
+    tokens_per_batch = training["batch_size"] * model["max_seq_len"]
+    step_bytes = len(TENSORS) * vocab * hidden * 2
+    n_params = vocab * hidden + model["max_seq_len"] * hidden + model["n_layers"] * (12 * hidden**2 + 13 * hidden)
+    return {
+        "stream_bytes_uncompressed": (steps + 1) * step_bytes,
+        "ram_model_optimizer": 3 * n_params * 2,
+        # logits in bf16 plus their float32 upcast and gradient in the loss
+        "ram_logits": tokens_per_batch * vocab * (2 + 4 + 4),
+        "ram_corpus": n_tokens * 8,
+        "ram_queue": record["queue_steps"] * step_bytes,
+    }
+
+
+#: bf16 matrix-multiply rate of torch on a 2-core AVX2 CPU, measured with
+#: bench/step_rate.py (docs/benchmarks.md); the lm-head matmuls dominate a step
+CPU_BF16_FLOPS = 2.6e9
+
+
+def cpu_seconds_estimate(settings: dict) -> float:
+    """Rough CPU training time: 6 flops per (token, vocab, hidden) for the tied lm head."""
+    model, training = settings["model"], settings["training"]
+    tokens = training["batch_size"] * model["max_seq_len"]
+    return training["steps"] * 6 * tokens * model["vocab_size"] * model["hidden_dim"] / CPU_BF16_FLOPS
+
+
+def check_disk(plan: dict, directory: Path) -> None:
+    free = shutil.disk_usage(directory).free
+    need = plan["stream_bytes_uncompressed"]
+    log.info("safety check: the stream needs at most %.2f GB on disk (uncompressed bound; compression "
+             "typically halves it), %.2f GB free in %s", need / 1e9, free / 1e9, directory)
+    if need > free:
+        raise TrainingError(f"not enough free disk in {directory}: the run may need {need / 1e9:.2f} GB "
+                            f"(uncompressed bound) and {free / 1e9:.2f} GB are free; free space or "
+                            "reduce training.steps")
+
+
+def save_checkpoint(partial_dir: Path, state: dict) -> None:
+    with atomic_output(partial_dir / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def load_resume_state(partial_dir: Path, config_hash: str) -> dict | None:
+    """The checkpoint to resume from, after removing whatever came after it; None to start afresh."""
+    checkpoint = partial_dir / CHECKPOINT
+    for stale in partial_dir.glob("*.tmp"):
+        stale.unlink()
+    if not checkpoint.exists():
+        if partial_dir.exists():
+            shutil.rmtree(partial_dir)
+        return None
+    state = torch.load(checkpoint, weights_only=False)
+    if state["config_hash"] != config_hash:
+        log.warning("discarding %s: it was recorded with different settings", partial_dir)
+        shutil.rmtree(partial_dir)
+        return None
+    for first, last, path in list_segments(partial_dir):
+        if last > state["step"]:
+            path.unlink()  # written after the checkpoint; will be recorded again
+    covered = sum(last - first + 1 for first, last, _ in list_segments(partial_dir))
+    if covered != state["step"] + 1:
+        log.warning("discarding %s: its segments do not cover steps 0..%d", partial_dir, state["step"])
+        shutil.rmtree(partial_dir)
+        return None
+    return state
+
+
+def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, partial_dir: str,
+          threads: int = 1) -> None:
+    """Train one experiment and record its stream into ``output_dir`` (resuming from ``partial_dir``)."""
+    output_dir, partial_dir = Path(output_dir), Path(partial_dir)
+    if output_dir.exists():
+        raise TrainingError(f"{output_dir} already exists; remove it to record again")
+    model_settings, training, record = settings["model"], settings["training"], settings["record"]
+    steps, vocab, hidden = training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"]
+    config_hash = settings_hash(settings)
+    torch.set_num_threads(threads)
+    device = select_device(training["device"])
+
+    tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
+    masks = load_file(masks_path)
+    if masks["live_mask"].numel() != vocab:
+        raise TrainingError(f"{masks_path} has {masks['live_mask'].numel()} tokens, the model {vocab}")
+    plan = run_plan(settings, len(tokens))
+    log.info("safety check: peak RAM about %.2f GB (model+optimizer %.3f, logits %.3f, corpus %.3f, "
+             "write queue %.3f GB)", sum(v for k, v in plan.items() if k.startswith("ram")) / 1e9,
+             plan["ram_model_optimizer"] / 1e9, plan["ram_logits"] / 1e9, plan["ram_corpus"] / 1e9,
+             plan["ram_queue"] / 1e9)
+    partial_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_disk(plan, partial_dir.parent)
+
+    # the seed's order: seeds, data, loader (its generator), model (global generator), optimizer
+    torch.manual_seed(training["seed"])
+    np.random.seed(training["seed"])
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(training["seed"])
+    dataset = TokenWindows(tokens, model_settings["max_seq_len"])
+    if len(dataset) < 1:
+        raise TrainingError(f"{tokens_path} has {len(tokens)} tokens, fewer than max_seq_len + 1")
+    generator = torch.Generator()
+    generator.manual_seed(training["seed"])
+    loader = DataLoader(dataset, batch_size=training["batch_size"], shuffle=True, generator=generator,
+                        num_workers=0)
+    model = build_model(model_settings, device)
+    optimizer = build_optimizer(model, training)
+    batches = BatchStream(loader, generator)
+    wte = model.transformer.wte.weight
+
+    resume = load_resume_state(partial_dir, config_hash)
+    recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"],
+                              segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
+                              level=record["compression_level"], threads=max(1, threads))
+    if resume is None:
+        start = 0
+        zeros = torch.zeros((vocab, hidden), dtype=torch.bfloat16)
+        recorder.record(0, {"W": wte.detach().to("cpu", copy=True), "grad_W": zeros, "momentum_W": zeros,
+                            "variance_W": zeros}, float("nan"))
+        if recorder.is_segment_end(0):
+            recorder.checkpoint(0, lambda s, snap=snapshot(0, model, optimizer, batches, config_hash):
+                                save_checkpoint(partial_dir, snap))
+        log.info("recording %s: steps 0..%d, %d x %d, stored as %s, on %s", settings["name"], steps, vocab,
+                 hidden, record["dtype"], device)
+    else:
+        start = resume["step"]
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        batches.restore(resume["data"])
+        if resume["torch_threads"] != threads:
+            log.warning("resuming with %d threads, recorded with %d: CPU results may differ in the last bits",
+                        threads, resume["torch_threads"])
+        log.info("resuming %s after step %d of %d", settings["name"], start, steps)
+
+    model.train()
+    started = time.perf_counter()
+    progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
+                    unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                    ascii=not sys.stderr.isatty())
+    try:
+        for step in progress:
+            batch = batches.next()
+            input_ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            loss = model(input_ids=input_ids, labels=labels).loss
+            loss.backward()
+            grad = wte.grad.detach().to("cpu", copy=True)
+            optimizer.step()
+            optimizer.zero_grad()
+            state = optimizer.state[wte]
+            recorder.record(step, {
+                "W": wte.detach().to("cpu", copy=True),
+                "grad_W": grad,
+                "momentum_W": state["exp_avg"].to("cpu", copy=True),
+                "variance_W": state["exp_avg_sq"].to("cpu", copy=True),
+            }, loss.item())
+            if recorder.is_segment_end(step):
+                recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, config_hash):
+                                    save_checkpoint(partial_dir, snap))
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        recorder.close()
+    except BaseException:
+        recorder.abort()
+        raise
+    elapsed = time.perf_counter() - started
+    log.info("trained steps %d..%d in %.1f s (%.2f steps/s)", start + 1, steps, elapsed,
+             (steps - start) / elapsed if elapsed > 0 else math.inf)
+    if record["dtype"] == "float16":
+        total = vocab * hidden * steps
+        for name, altered in recorder.float16_altered.items():
+            log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
+                        altered, total, name, 100 * altered / total, start + 1, steps)
+
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads)}
+    attrs["n_live"] = int(masks["live_mask"].sum())
+    attrs["n_dead"] = int(masks["dead_mask"].sum())
+    mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
+                   "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
+    write_stream_file(partial_dir, (vocab, hidden), steps, record["dtype"], mask_arrays, attrs)
+    (partial_dir / CHECKPOINT).unlink()
+    os.replace(partial_dir, output_dir)
+    log.info("recorded stream -> %s", output_dir)
+
+
+def snapshot(step: int, model, optimizer, batches: BatchStream, config_hash: str) -> dict:
+    """A copy of everything needed to resume after ``step`` (the originals keep training)."""
+    return {
+        "step": step,
+        "config_hash": config_hash,
+        "torch_threads": torch.get_num_threads(),
+        "model": {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+        "data": batches.state(),
+    }
