@@ -2,10 +2,12 @@
 
 import re
 
-from conftest import run_snakemake
-from thimble.config import load_config
+import numpy as np
+import pytest
 
-from conftest import REPO
+from conftest import REPO, run_snakemake
+from thimble.config import load_config
+from thimble.record import open_stream
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -29,3 +31,27 @@ def test_lint_only_asks_for_software_environments(workdir):
     lints = re.findall(r"^\s+\* (.+?):$", result.stdout + result.stderr, re.M)
     assert lints, "expected the conda/container suggestion per rule"
     assert set(lints) == {"Specify a conda environment or container for each rule."}
+
+
+def test_experiment_and_series_targets_plan(workdir):
+    result = run_snakemake(workdir, "-n", "results/thimble_7/stream")
+    assert planned_jobs(result.stdout) == {"fetch_sdist": 1, "corpus": 1, "tokenizer": 1, "encode": 1, "masks": 1,
+                                           "train": 1}
+    series = load_config(REPO / "config.yaml")["series"]["thimble"]
+    result = run_snakemake(workdir, "-n", *[f"results/{name}/stream" for name in series])
+    assert planned_jobs(result.stdout)["train"] == len(series)
+
+
+@pytest.mark.workflow
+def test_mini_training_through_snakemake(mini_data):
+    run_snakemake(mini_data, "--cores", "2", "results/thimble_mini/stream")
+    settings = load_config(REPO / "config.yaml")["experiments"]["thimble_mini"]
+    steps, vocab, hidden = (settings["training"]["steps"], settings["model"]["vocab_size"],
+                            settings["model"]["hidden_dim"])
+    with open_stream(mini_data / "results/thimble_mini/stream") as stream:
+        assert stream["W"].shape == (steps + 1, vocab, hidden)
+        assert stream.attrs["experiment"] == "thimble_mini"
+        assert np.isfinite(stream["losses"][1:]).all()
+    log = (mini_data / "logs/thimble_mini/train.log").read_text()
+    assert "safety check" in log and "step/s" in log and "loss=" in log
+    assert not (mini_data / "results/thimble_mini/.partial").exists()
