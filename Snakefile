@@ -32,6 +32,9 @@ wildcard_constraints:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/train.smk"
+include: "rules/rechunk.smk"
+include: "rules/lattice.smk"
+include: "rules/replay.smk"
 
 
 rule all:

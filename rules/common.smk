@@ -62,3 +62,16 @@ def train_runtime_min(experiment):
     from thimble.train import cpu_seconds_estimate
 
     return max(10, int(2 * cpu_seconds_estimate(CFG["experiments"][experiment]) / 60))
+
+
+def rechunk_mem_mb(experiment):
+    """About 1.5 destination chunks, plus the interpreter."""
+    from thimble.config import STORED_ELEMENT_BYTES
+    from thimble.rechunk import steps_per_chunk
+
+    exp = CFG["experiments"][experiment]
+    row_bytes = exp["model"]["vocab_size"] * exp["model"]["hidden_dim"] * STORED_ELEMENT_BYTES
+    rechunk = exp["rechunk"]
+    rows = steps_per_chunk(exp["training"]["steps"] + 1, row_bytes, rechunk["steps_per_chunk"],
+                           rechunk["max_chunk_bytes"])
+    return int(2 * rows * row_bytes / 1e6) + 1000

@@ -42,7 +42,9 @@ def adversarial_pairs():
         p = sign * powers
         below = LATTICE[np.searchsorted(LATTICE, p) - 1] if sign > 0 else LATTICE[np.searchsorted(LATTICE, p) + 1]
         pairs.append(np.stack([p, below], axis=1))       # binade edge, one step down into the finer binade
-        pairs.append(np.stack([below, p * 2], axis=1))   # across two binades
+        doubled = p * 2
+        keep = np.abs(doubled) <= LATTICE.max()
+        pairs.append(np.stack([below[keep], doubled[keep]], axis=1))  # across two binades
     tiny = LATTICE[np.abs(LATTICE) < 1e-37]              # subnormals and the smallest normals, through zero
     pairs.append(np.stack(np.meshgrid(tiny[::7], tiny[::11]), axis=-1).reshape(-1, 2))
     pairs.append(np.array([[0.0, -0.0], [-0.0, 0.0], [LATTICE[0], LATTICE[-1]], [0.02, -0.02], [-1e-8, 3e-8]]))

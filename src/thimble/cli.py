@@ -57,6 +57,28 @@ def _train(args) -> None:
     train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads)
 
 
+def _rechunk(args) -> None:
+    from thimble.rechunk import rechunk_stream
+
+    rechunk = _settings(args.settings)["rechunk"]
+    record = _settings(args.settings)["record"]
+    rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
+                   level=record["compression_level"], threads=args.threads)
+
+
+def _lattice(args) -> None:
+    from thimble.lattice import write_delta_w_lattice
+
+    summary = write_delta_w_lattice(args.recording, args.output, threads=args.threads)
+    logging.getLogger("thimble.lattice").info("ΔW′ -> %s: %s", args.output, summary)
+
+
+def _replay(args) -> None:
+    from thimble.replay import replay_stream
+
+    replay_stream(args.stream, args.table, args.summary)
+
+
 def _validate(args) -> None:
     from thimble.config import load_config
 
@@ -117,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", required=True, help="resume state, kept across failed attempts")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("rechunk", help="rewrite a stream in large time chunks, verified bit for bit")
+    p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
+    p.add_argument("--stream", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_rechunk)
+
+    p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
+    p.add_argument("--recording", required=True, help="the rechunked recording")
+    p.add_argument("--output", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_lattice)
+
+    p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
+    p.add_argument("--stream", required=True)
+    p.add_argument("--table", required=True, help="per-step CSV")
+    p.add_argument("--summary", required=True, help="JSON summary")
+    p.set_defaults(func=_replay)
     return parser
 
 

@@ -100,10 +100,9 @@ def crossed_binade(w_before: np.ndarray, w_after: np.ndarray) -> np.ndarray:
 
 
 def ulp(values: np.ndarray) -> np.ndarray:
-    """Spacing (float64) between |x| and the next larger bf16 magnitude: the lattice scale at x."""
-    bits = as_bits(values) & MAGNITUDE_BITS
-    up = (bits + np.uint16(1)).view(BFLOAT16).astype(np.float64)
-    return up - bits.view(BFLOAT16).astype(np.float64)
+    """The lattice spacing (float64) within x's binade: 2**(e - 127 - 7), and 2**-133 for zero and subnormals."""
+    field = exponent(values).astype(np.int32)
+    return np.ldexp(1.0, np.maximum(field, 1) - 127 - 7)
 
 
 def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:
@@ -116,3 +115,106 @@ def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:
     step = np.where(np.asarray(direction) < 0, -1, 1).astype(np.int32)
     neighbour = from_ordinal(here + step).astype(np.float64)
     return np.abs(neighbour - as_bits(values).view(BFLOAT16).astype(np.float64))
+
+
+class _DoesNotFit(Exception):
+    pass
+
+
+#: rows of W turned into ΔW′ at a time (bounds the int32 temporaries)
+BLOCK_ROWS = 64
+
+
+def _delta_chunk(w_chunk: np.ndarray, w_before: np.ndarray | None, first_step: int, dtype: np.dtype,
+                 compressor, counts: dict) -> list[bytes]:
+    """Compressed ΔW′ rows for W rows ``w_chunk`` (steps first_step..), streamed in blocks."""
+    info = np.iinfo(dtype)
+    pieces = []
+    previous = w_before
+    for start in range(0, w_chunk.shape[0], BLOCK_ROWS):
+        block = w_chunk[start:start + BLOCK_ROWS]
+        step = first_step + start
+        if previous is None:  # step 0: nothing moved before it
+            delta = np.concatenate([np.zeros((1, *block.shape[1:]), np.int32),
+                                    delta_w_lattice_series(block[1:], block[0], step + 1)])
+            befores = np.concatenate([block[:1], block[:-1]])
+        else:
+            delta = delta_w_lattice_series(block, previous, step)
+            befores = np.concatenate([previous[None], block[:-1]])
+        if delta.size and (delta.min() < info.min or delta.max() > info.max):
+            raise _DoesNotFit
+        axes = tuple(range(1, delta.ndim))
+        counts["moves"].append(np.count_nonzero(delta, axis=axes))
+        counts["crossed"].append(crossed_binade(befores, block).sum(axis=axes))
+        pieces.append(compressor.compress(np.ascontiguousarray(delta, dtype=dtype)))
+        previous = block[-1]
+    return pieces
+
+
+def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: int = 1) -> dict:
+    """ΔW′ of a rechunked recording, indexed by step (row 0 is 0: nothing moves before t = 0).
+
+    Stored as int16 when every step count fits (checked), else int32, in chunks
+    of the recording's steps per chunk, zstd-compressed. Per-step counts of
+    moves and binade crossings go alongside. Returns the summary attributes.
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401
+    import zstandard
+    from tqdm.auto import tqdm
+
+    from thimble.files import atomic_output
+    from thimble.rechunk import read_raw, time_chunks
+
+    for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
+        try:
+            with h5py.File(recording, "r") as source, atomic_output(output) as tmp:
+                w = source["W"]
+                if w.dtype != np.float32 or w.id.get_type().get_size() != 2:
+                    raise ValueError(f"{recording}: W is not stored as bfloat16 ({source.attrs.get('storage_dtype')}); "
+                                     "ΔW′ counts bf16 lattice steps and needs the bit-faithful recording")
+                rows = w.chunks[0]
+                shape = w.shape
+                counts = {"moves": [], "crossed": []}
+                with h5py.File(tmp, "w") as out:
+                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                    dcpl.set_chunk((rows, *shape[1:]))
+                    dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (level,))
+                    h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype), h5py.h5s.create_simple(shape),
+                                    dcpl=dcpl)
+                    target = out["delta_w_lattice"]
+                    previous = None
+                    for start, stop in tqdm(time_chunks(shape[0], rows), desc="ΔW′", unit="chunk", mininterval=5):
+                        chunk = read_raw(w, start, stop).view(BFLOAT16)
+                        compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(
+                            size=rows * int(np.prod(shape[1:])) * dtype.itemsize)
+                        pieces = _delta_chunk(chunk, previous, start, dtype, compressor, counts)
+                        if stop - start < rows:  # edge chunk: stored full size, zero padded
+                            pad = np.zeros((rows - (stop - start), *shape[1:]), dtype)
+                            pieces.append(compressor.compress(pad))
+                        pieces.append(compressor.flush())
+                        previous = chunk[-1].copy()
+                        del chunk
+                        target.id.write_direct_chunk((start, 0, 0), b"".join(pieces), 0)
+                    moves = np.concatenate(counts["moves"]).astype(np.int64)
+                    crossed = np.concatenate(counts["crossed"]).astype(np.int64)
+                    out.create_dataset("moves_per_step", data=moves)
+                    out.create_dataset("crossed_binade_per_step", data=crossed)
+                    summary = {
+                        "first_step": 1,
+                        "last_step": shape[0] - 1,
+                        "dtype": dtype.name,
+                        "moves": int(moves.sum()),
+                        "crossed_binade_moves": int(crossed.sum()),
+                        "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
+                    }
+                    target.attrs.update(summary)
+                    target.attrs["description"] = ("signed bf16 lattice steps from W[t-1] to W[t], indexed by t; "
+                                                   "row 0 is 0 (no step before t = 0)")
+                    out.attrs.update({key: value for key, value in source.attrs.items()
+                                      if key not in ("sha256", "steps_per_chunk")})
+                    out.attrs["source"] = str(recording)
+            return summary
+        except _DoesNotFit:
+            continue
+    raise AssertionError("unreachable: int32 holds every ordinal difference")

@@ -1,0 +1,16 @@
+# ΔW′: the exact displacement of W on the bf16 lattice, in integer lattice steps.
+
+
+rule lattice:
+    input:
+        "results/{experiment}/recording.h5",
+    output:
+        "results/{experiment}/delta_w_lattice.h5",
+    log:
+        "logs/{experiment}/lattice.log",
+    threads: 2
+    resources:
+        mem_mb=lambda w: rechunk_mem_mb(w.experiment),
+        runtime=30,
+    shell:
+        "thimble lattice --recording {input} --output {output} --threads {threads} 2> {log}"

@@ -1,0 +1,19 @@
+# Rechunk the stream (one step per chunk) into rechunk.steps_per_chunk-step chunks, verified.
+
+
+rule rechunk:
+    input:
+        "results/{experiment}/stream",
+    output:
+        "results/{experiment}/recording.h5",
+    log:
+        "logs/{experiment}/rechunk.log",
+    params:
+        settings=experiment_settings,
+    threads: 2
+    resources:
+        mem_mb=lambda w: rechunk_mem_mb(w.experiment),
+        runtime=60,
+    shell:
+        "thimble rechunk --settings {params.settings:q} --stream {input} --output {output}"
+        " --threads {threads} 2> {log}"

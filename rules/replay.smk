@@ -1,0 +1,16 @@
+# Replay AdamW from the recording and compare bit for bit; test the freeze criterion.
+
+
+rule replay:
+    input:
+        "results/{experiment}/stream",
+    output:
+        table="results/{experiment}/replay.csv",
+        summary="results/{experiment}/replay.json",
+    log:
+        "logs/{experiment}/replay.log",
+    resources:
+        mem_mb=2000,
+        runtime=120,
+    shell:
+        "thimble replay --stream {input} --table {output.table} --summary {output.summary} 2> {log}"

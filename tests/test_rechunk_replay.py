@@ -1,0 +1,134 @@
+"""Rechunk, ΔW′ from a real (tiny) recording, and the bitwise AdamW replay."""
+
+import csv
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from test_train_record import VOCAB, data, recorded, run_train, tiny_settings  # noqa: F401  (fixtures)
+from thimble.bf16 import BFLOAT16
+from thimble.lattice import delta_w_lattice, write_delta_w_lattice
+from thimble.rechunk import RechunkError, rechunk_stream, steps_per_chunk
+from thimble.record import TENSORS, open_stream, read_steps
+from thimble.replay import adamw_step, replay_stream
+
+
+@pytest.fixture(scope="module")
+def rechunked(recorded, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("rechunk") / "recording.h5"
+    rechunk_stream(recorded, out, 8, 2**31)
+    return out
+
+
+def test_rechunked_file_matches_the_stream_bit_for_bit(recorded, rechunked):  # noqa: F811
+    with open_stream(recorded) as stream, h5py.File(rechunked, "r") as out:
+        for name in TENSORS:
+            assert out[name].chunks == (8, VOCAB, 8)  # 31 rows: three full chunks and an edge chunk
+            np.testing.assert_array_equal(read_steps(out[name]).view(np.uint16), read_steps(stream[name]).view(np.uint16))
+            np.testing.assert_array_equal(out[name][...], stream[name][...])
+            assert len(out[name].attrs["sha256"]) == 64
+        for name in ("losses", "live_mask", "dead_mask", "live_ids", "dead_ids"):
+            np.testing.assert_array_equal(out[name][...], stream[name][...])
+        assert out.attrs["steps_per_chunk"] == 8 and out.attrs["num_steps"] == stream.attrs["num_steps"]
+
+
+def test_rechunk_fails_loudly_when_bits_differ(recorded, tmp_path, monkeypatch):  # noqa: F811
+    import thimble.rechunk as rechunk
+
+    original = rechunk.compress_shuffled
+
+    def corrupt(raw, level, threads):
+        flipped = raw.copy()
+        flipped.reshape(-1)[0] ^= 1
+        return original(flipped, level, threads)
+
+    monkeypatch.setattr(rechunk, "compress_shuffled", corrupt)
+    with pytest.raises(RechunkError, match="differ from the source"):
+        rechunk_stream(recorded, tmp_path / "bad.h5", 8, 2**31)
+    assert not (tmp_path / "bad.h5").exists() and not list(tmp_path.iterdir())
+
+
+def test_auto_chunks_and_whole_run_chunks(recorded, tmp_path):  # noqa: F811
+    row_bytes = VOCAB * 8 * 2
+    rechunk_stream(recorded, tmp_path / "auto.h5", "auto", 10 * row_bytes)
+    with h5py.File(tmp_path / "auto.h5", "r") as out:
+        assert out["W"].chunks[0] == steps_per_chunk(31, row_bytes, "auto", 10 * row_bytes) == 8
+    rechunk_stream(recorded, tmp_path / "one.h5", 1500, 2**31)
+    with h5py.File(tmp_path / "one.h5", "r") as out:
+        assert out["W"].chunks[0] == 31
+
+
+def test_delta_w_lattice_of_a_recording(rechunked, tmp_path):
+    summary = write_delta_w_lattice(str(rechunked), str(tmp_path / "delta.h5"))
+    with h5py.File(rechunked, "r") as source, h5py.File(tmp_path / "delta.h5", "r") as out:
+        w = read_steps(source["W"])
+        delta = out["delta_w_lattice"][...]
+        assert out["delta_w_lattice"].chunks == source["W"].chunks
+        assert delta.dtype == np.int16 and summary["dtype"] == "int16"
+        np.testing.assert_array_equal(delta[0], 0)
+        np.testing.assert_array_equal(delta[1:], delta_w_lattice(w[:-1], w[1:]))
+        # replaying the steps from W[0] gives back every W[t] exactly
+        from thimble.lattice import from_ordinal, ordinal
+        rebuilt = from_ordinal(ordinal(w[0]) + np.cumsum(delta.astype(np.int32), axis=0))
+        np.testing.assert_array_equal(rebuilt.astype(np.float32), w.astype(np.float32))
+        moves = out["moves_per_step"][...]
+        np.testing.assert_array_equal(moves, np.count_nonzero(delta, axis=(1, 2)))
+        assert moves[0] == 0 and moves.sum() == summary["moves"] > 0
+        assert 0 <= summary["crossed_binade_fraction"] < 1
+
+
+def test_delta_w_lattice_refuses_float16_recordings(data, tmp_path):  # noqa: F811
+    stream = run_train(data, tmp_path / "stream", tiny_settings(dtype="float16"))
+    rechunk_stream(stream, tmp_path / "recording.h5", 8, 2**31)
+    with pytest.raises(ValueError, match="not stored as bfloat16"):
+        write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+
+
+def test_adamw_step_equals_torch_adamw():
+    torch.manual_seed(0)
+    weight = (torch.randn(50, 8) * 0.02).to(torch.bfloat16)
+    param = torch.nn.Parameter(weight.clone())
+    optimizer = torch.optim.AdamW([param], lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    w, m, v = weight.clone(), torch.zeros_like(weight), torch.zeros_like(weight)
+    for step in range(1, 6):
+        grad = (torch.randn(50, 8) * 1e-3).to(torch.bfloat16)
+        param.grad = grad.clone()
+        optimizer.step()
+        w, m, v, _, _ = adamw_step(w, m, v, grad, step, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        state = optimizer.state[param]
+        assert torch.equal(w.view(torch.int16), param.detach().view(torch.int16))
+        assert torch.equal(m.view(torch.int16), state["exp_avg"].view(torch.int16))
+        assert torch.equal(v.view(torch.int16), state["exp_avg_sq"].view(torch.int16))
+
+
+def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):  # noqa: F811
+    summary = replay_stream(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"))
+    assert summary == json.loads((tmp_path / "replay.json").read_text())
+    assert summary["same_kernel"] and summary["bitwise_match"]
+    rows = list(csv.DictReader(open(tmp_path / "replay.csv")))
+    assert [int(row["step"]) for row in rows] == list(range(1, 31))
+    for row in rows:
+        assert row["W_mismatches"] == row["momentum_mismatches"] == row["variance_mismatches"] == "0"
+        assert 0.9 <= float(row["freeze_agreement"]) <= 1.0
+    assert summary["mean_freeze_agreement"] > 0.99
+
+
+def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):  # noqa: F811
+    import shutil
+
+    copy = tmp_path / "stream"
+    shutil.copytree(recorded, copy)
+    segment = sorted(copy.glob("segment_*.h5"))[1]  # steps 7..13
+    with h5py.File(segment, "r+") as handle:
+        values = read_steps(handle["W"])
+        values[3, 0, :5] = (values[3, 0, :5].astype(np.float32) * 1.5).astype(BFLOAT16)  # step 10
+        handle["W"][3] = values[3].astype(np.float32)
+    summary = replay_stream(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"))
+    rows = {int(row["step"]): row for row in csv.DictReader(open(tmp_path / "replay.csv"))}
+    assert not summary["bitwise_match"]
+    assert int(rows[10]["W_mismatches"]) == 5  # step 10 predicted from 9 no longer matches
+    assert int(rows[11]["W_mismatches"]) > 0   # and step 11 starts from the tampered W[10]
+    assert all(int(rows[t]["W_mismatches"]) == 0 for t in rows if t not in (10, 11))
