@@ -1,6 +1,7 @@
 # Helpers for the stage files: settings handed to the CLI and input functions.
 
 import json
+import re
 
 
 def dataset_settings(wildcards):
@@ -75,3 +76,9 @@ def rechunk_mem_mb(experiment):
     rows = steps_per_chunk(exp["training"]["steps"] + 1, row_bytes, rechunk["steps_per_chunk"],
                            rechunk["max_chunk_bytes"])
     return int(2 * rows * row_bytes / 1e6) + 1000
+
+
+def experiment_pattern(keep_stream):
+    """A wildcard pattern matching the experiments whose rechunk.keep_stream is ``keep_stream``."""
+    names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
+    return "|".join(map(re.escape, names)) or "(?!)"

@@ -14,6 +14,8 @@ rule train:
     params:
         settings=experiment_settings,
         partial="results/{experiment}/.partial",
+    wildcard_constraints:
+        experiment=experiment_pattern(keep_stream=True),
     threads: 2
     resources:
         mem_mb=lambda w: train_mem_mb(w.experiment),
@@ -21,3 +23,11 @@ rule train:
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads} 2> {log}"
+
+
+# rechunk.keep_stream: false -> the stream is removed once the rechunked file and replay exist
+use rule train as train_temporary_stream with:
+    output:
+        temp(directory("results/{experiment}/stream")),
+    wildcard_constraints:
+        experiment=experiment_pattern(keep_stream=False),

@@ -1,8 +1,12 @@
 """The workflow as a whole: planning, linting."""
 
+import json
 import re
+import shutil
 
+import h5py
 import numpy as np
+import yaml
 import pytest
 
 from conftest import REPO, run_snakemake
@@ -34,17 +38,23 @@ def test_lint_only_asks_for_software_environments(workdir):
 
 
 def test_experiment_and_series_targets_plan(workdir):
-    result = run_snakemake(workdir, "-n", "results/thimble_7/stream")
+    result = run_snakemake(workdir, "-n", "results/thimble_7/delta_w_lattice.h5", "results/thimble_7/replay.json")
     assert planned_jobs(result.stdout) == {"fetch_sdist": 1, "corpus": 1, "tokenizer": 1, "encode": 1, "masks": 1,
-                                           "train": 1}
+                                           "train": 1, "rechunk": 1, "lattice": 1, "replay": 1}
     series = load_config(REPO / "config.yaml")["series"]["thimble"]
-    result = run_snakemake(workdir, "-n", *[f"results/{name}/stream" for name in series])
-    assert planned_jobs(result.stdout)["train"] == len(series)
+    result = run_snakemake(workdir, "-n", *[f"results/{name}/delta_w_lattice.h5" for name in series])
+    jobs = planned_jobs(result.stdout)
+    assert jobs["train"] == jobs["rechunk"] == jobs["lattice"] == len(series) and jobs["corpus"] == 1
 
 
 @pytest.mark.workflow
 def test_mini_training_through_snakemake(mini_data):
-    run_snakemake(mini_data, "--cores", "2", "results/thimble_mini/stream")
+    run_snakemake(mini_data, "--cores", "2", "results/thimble_mini/delta_w_lattice.h5",
+                  "results/thimble_mini/replay.json")
+    replay = json.loads((mini_data / "results/thimble_mini/replay.json").read_text())
+    assert replay["bitwise_match"] and replay["same_kernel"] and replay["steps"] == 60
+    with h5py.File(mini_data / "results/thimble_mini/delta_w_lattice.h5", "r") as delta:
+        assert delta["delta_w_lattice"].shape == (61, 384, 16) and delta["delta_w_lattice"].chunks[0] == 25
     settings = load_config(REPO / "config.yaml")["experiments"]["thimble_mini"]
     steps, vocab, hidden = (settings["training"]["steps"], settings["model"]["vocab_size"],
                             settings["model"]["hidden_dim"])
@@ -55,3 +65,18 @@ def test_mini_training_through_snakemake(mini_data):
     log = (mini_data / "logs/thimble_mini/train.log").read_text()
     assert "safety check" in log and "step/s" in log and "loss=" in log
     assert not (mini_data / "results/thimble_mini/.partial").exists()
+    for stage in ("rechunk", "lattice", "replay"):
+        assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0
+
+
+@pytest.mark.workflow
+def test_stream_is_temporary_when_not_kept(mini_data, tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["experiments"]["thimble_mini"]["rechunk"]["keep_stream"] = False
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
+    result = run_snakemake(tmp_path, "--cores", "2", "results/thimble_mini/recording.h5",
+                           "results/thimble_mini/replay.json")
+    assert "Removing temporary output results/thimble_mini/stream" in result.stdout + result.stderr
+    assert not (tmp_path / "results/thimble_mini/stream").exists()
+    assert (tmp_path / "results/thimble_mini/recording.h5").exists()
