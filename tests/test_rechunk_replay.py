@@ -80,6 +80,20 @@ def test_delta_w_lattice_of_a_recording(rechunked, tmp_path):
         assert 0 <= summary["crossed_binade_fraction"] < 1
 
 
+def test_delta_w_lattice_names_a_nonfinite_step_and_element(rechunked, tmp_path):
+    import shutil
+
+    from thimble.lattice import NonFiniteError
+
+    copy = tmp_path / "recording.h5"
+    shutil.copy(rechunked, copy)
+    with h5py.File(copy, "r+") as handle:
+        handle["W"][17, 5, 3] = np.nan  # through HDF5's own filter pipeline
+    with pytest.raises(NonFiniteError, match=r"nan at step 17, element \(5, 3\)"):
+        write_delta_w_lattice(str(copy), str(tmp_path / "delta.h5"))
+    assert not (tmp_path / "delta.h5").exists()
+
+
 def test_delta_w_lattice_refuses_float16_recordings(data, tmp_path):  # noqa: F811
     stream = run_train(data, tmp_path / "stream", tiny_settings(dtype="float16"))
     rechunk_stream(stream, tmp_path / "recording.h5", 8, 2**31)

@@ -121,34 +121,63 @@ class _DoesNotFit(Exception):
     pass
 
 
-#: rows of W turned into ΔW′ at a time (bounds the int32 temporaries)
-BLOCK_ROWS = 64
+#: rows of W turned into ΔW′ at a time (bounds the temporaries)
+BLOCK_ROWS = 32
 
 
-def _delta_chunk(w_chunk: np.ndarray, w_before: np.ndarray | None, first_step: int, dtype: np.dtype,
-                 compressor, counts: dict) -> list[bytes]:
-    """Compressed ΔW′ rows for W rows ``w_chunk`` (steps first_step..), streamed in blocks."""
-    info = np.iinfo(dtype)
-    pieces = []
-    previous = w_before
-    for start in range(0, w_chunk.shape[0], BLOCK_ROWS):
-        block = w_chunk[start:start + BLOCK_ROWS]
-        step = first_step + start
-        if previous is None:  # step 0: nothing moved before it
-            delta = np.concatenate([np.zeros((1, *block.shape[1:]), np.int32),
-                                    delta_w_lattice_series(block[1:], block[0], step + 1)])
-            befores = np.concatenate([block[:1], block[:-1]])
-        else:
-            delta = delta_w_lattice_series(block, previous, step)
-            befores = np.concatenate([previous[None], block[:-1]])
-        if delta.size and (delta.min() < info.min or delta.max() > info.max):
-            raise _DoesNotFit
-        axes = tuple(range(1, delta.ndim))
-        counts["moves"].append(np.count_nonzero(delta, axis=axes))
-        counts["crossed"].append(crossed_binade(befores, block).sum(axis=axes))
-        pieces.append(compressor.compress(np.ascontiguousarray(delta, dtype=dtype)))
-        previous = block[-1]
-    return pieces
+def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ΔW′ of ``bits`` (rows, n) after the row ``previous`` (n,) into ``out``; (moves, crossed) per row.
+
+    Raises NonFiniteError (without a location: the caller names it) and _DoesNotFit.
+    """
+    both = np.concatenate([previous[None], bits])
+    magnitude = both & MAGNITUDE_BITS
+    if magnitude.max() >= NONFINITE_MAGNITUDE:
+        raise NonFiniteError("W holds NaN or Inf")
+    signed = magnitude.astype(np.int32)
+    np.negative(signed, out=signed, where=both >= SIGN_BIT)
+    delta = np.subtract(signed[1:], signed[:-1])
+    info = np.iinfo(out.dtype)
+    if delta.min() < info.min or delta.max() > info.max:
+        raise _DoesNotFit
+    out[...] = delta
+    binade = both >> EXPONENT_SHIFT  # sign and exponent field
+    moved = delta != 0
+    crossed = moved & (binade[1:] != binade[:-1])
+    return np.count_nonzero(moved, axis=1), np.count_nonzero(crossed, axis=1)
+
+
+def stored_rows(raw: bytes, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
+    """Decode a stored shuffle+zstd chunk of uint16 rows in blocks of rows, holding half a chunk.
+
+    The shuffled stream is every low byte, then every high byte: the low plane is
+    kept, then the high plane is read a block at a time and joined with it.
+    """
+    import zstandard
+
+    n_elements = n_rows * row_elements
+    reader = zstandard.ZstdDecompressor().stream_reader(raw)
+    low = np.empty(n_elements, dtype=np.uint8)
+    view = memoryview(low)
+    filled = 0
+    while filled < n_elements:
+        got = reader.readinto(view[filled:])
+        if got == 0:
+            raise ValueError("a stored chunk ended early")
+        filled += got
+    high = np.empty(block_rows * row_elements, dtype=np.uint8)
+    for start in range(0, valid_rows, block_rows):
+        rows = min(block_rows, valid_rows - start)
+        size = rows * row_elements
+        target, got = memoryview(high)[:size], 0
+        while got < size:
+            read = reader.readinto(target[got:])
+            if read == 0:
+                raise ValueError("a stored chunk ended early")
+            got += read
+        block = np.left_shift(high[:size], 8, dtype=np.uint16)
+        block |= low[start * row_elements: start * row_elements + size]
+        yield start, block.reshape(rows, row_elements)
 
 
 def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: int = 1) -> dict:
@@ -157,52 +186,77 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
     Stored as int16 when every step count fits (checked), else int32, in chunks
     of the recording's steps per chunk, zstd-compressed. Per-step counts of
     moves and binade crossings go alongside. Returns the summary attributes.
+    W is decoded from its stored chunks block by block, so memory stays near
+    half a chunk of W plus the compressed output.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     import h5py
     import hdf5plugin  # noqa: F401
     import zstandard
     from tqdm.auto import tqdm
 
     from thimble.files import atomic_output
-    from thimble.rechunk import read_raw, time_chunks
+    from thimble.rechunk import time_chunks
+    from thimble.record import has_shuffle_zstd
 
     for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
         try:
-            with h5py.File(recording, "r") as source, atomic_output(output) as tmp:
+            with h5py.File(recording, "r") as source, atomic_output(output) as tmp, \
+                    ThreadPoolExecutor(threads) as pool:
                 w = source["W"]
                 if w.dtype != np.float32 or w.id.get_type().get_size() != 2:
                     raise ValueError(f"{recording}: W is not stored as bfloat16 ({source.attrs.get('storage_dtype')}); "
                                      "ΔW′ counts bf16 lattice steps and needs the bit-faithful recording")
+                if not has_shuffle_zstd(w):
+                    raise ValueError(f"{recording}: W is not shuffle+zstd compressed; rechunk it with thimble rechunk")
                 rows = w.chunks[0]
-                shape = w.shape
-                counts = {"moves": [], "crossed": []}
+                n_steps, row_elements = w.shape[0], int(np.prod(w.shape[1:]))
+                moves = np.zeros(n_steps, np.int64)
+                crossed = np.zeros(n_steps, np.int64)
+                # columns split across threads: numpy releases the GIL in its loops
+                splits = np.array_split(np.arange(row_elements), threads)
+                bounds = [(int(part[0]), int(part[-1]) + 1) for part in splits if part.size]
                 with h5py.File(tmp, "w") as out:
                     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                    dcpl.set_chunk((rows, *shape[1:]))
+                    dcpl.set_chunk((rows, *w.shape[1:]))
                     dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (level,))
-                    h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype), h5py.h5s.create_simple(shape),
-                                    dcpl=dcpl)
+                    h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype),
+                                    h5py.h5s.create_simple(w.shape), dcpl=dcpl)
                     target = out["delta_w_lattice"]
                     previous = None
-                    for start, stop in tqdm(time_chunks(shape[0], rows), desc="ΔW′", unit="chunk", mininterval=5):
-                        chunk = read_raw(w, start, stop).view(BFLOAT16)
+                    for start, stop in tqdm(time_chunks(n_steps, rows), desc="ΔW′", unit="chunk", mininterval=5):
+                        filter_mask, raw = w.id.read_direct_chunk((start,) + (0,) * (w.ndim - 1))
                         compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(
-                            size=rows * int(np.prod(shape[1:])) * dtype.itemsize)
-                        pieces = _delta_chunk(chunk, previous, start, dtype, compressor, counts)
+                            size=rows * row_elements * dtype.itemsize)
+                        pieces = []
+                        for offset, block in stored_rows(raw, rows, row_elements, stop - start, BLOCK_ROWS):
+                            if previous is None:  # step 0: nothing moved before it
+                                previous = block[0].copy()
+                            delta = np.empty(block.shape, dtype)
+                            futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b])
+                                       for a, b in bounds]
+                            step = start + offset
+                            try:
+                                results = [future.result() for future in futures]
+                            except NonFiniteError:
+                                both = np.concatenate([previous[None], block]).reshape(-1, *w.shape[1:])
+                                check_finite(both, first_step=step - 1)  # raises, naming step and element
+                                raise
+                            moves[step:step + len(block)] = sum(r[0] for r in results)
+                            crossed[step:step + len(block)] = sum(r[1] for r in results)
+                            pieces.append(compressor.compress(delta))
+                            previous = block[-1].copy()
                         if stop - start < rows:  # edge chunk: stored full size, zero padded
-                            pad = np.zeros((rows - (stop - start), *shape[1:]), dtype)
-                            pieces.append(compressor.compress(pad))
+                            pieces.append(compressor.compress(np.zeros((rows - (stop - start)) * row_elements, dtype)))
                         pieces.append(compressor.flush())
-                        previous = chunk[-1].copy()
-                        del chunk
-                        target.id.write_direct_chunk((start, 0, 0), b"".join(pieces), 0)
-                    moves = np.concatenate(counts["moves"]).astype(np.int64)
-                    crossed = np.concatenate(counts["crossed"]).astype(np.int64)
+                        del raw
+                        target.id.write_direct_chunk((start,) + (0,) * (w.ndim - 1), b"".join(pieces), 0)
                     out.create_dataset("moves_per_step", data=moves)
                     out.create_dataset("crossed_binade_per_step", data=crossed)
                     summary = {
                         "first_step": 1,
-                        "last_step": shape[0] - 1,
+                        "last_step": n_steps - 1,
                         "dtype": dtype.name,
                         "moves": int(moves.sum()),
                         "crossed_binade_moves": int(crossed.sum()),

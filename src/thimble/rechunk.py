@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -59,16 +59,50 @@ def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
 
 def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
     """zstd(shuffle(raw)) for 2-byte elements, streamed in pieces (no shuffled copy of the chunk)."""
-    as_bytes = raw.reshape(-1).view(np.uint8)
-    compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(size=as_bytes.size)
+    flat = raw.reshape(-1).view(np.uint16)
+    compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(size=flat.size * 2)
+    piece = np.empty(min(SHUFFLE_PIECE, flat.size), dtype=np.uint8)
     pieces = []
-    for byte in (0, 1):  # HDF5's shuffle: every element's byte 0, then every element's byte 1
-        plane = as_bytes[byte::2]
-        for start in range(0, plane.size, SHUFFLE_PIECE):
-            piece = np.ascontiguousarray(plane[start:start + SHUFFLE_PIECE])
-            pieces.append(compressor.compress(piece))
+    for plane in ("low", "high"):  # HDF5's shuffle: every element's low byte, then every high byte
+        for begin in range(0, flat.size, piece.size):
+            part = flat[begin:begin + piece.size]
+            out = piece[:part.size]
+            if plane == "low":
+                np.bitwise_and(part, 0xFF, out=out, casting="unsafe")
+            else:
+                np.right_shift(part, 8, out=out, casting="unsafe")
+            pieces.append(compressor.compress(out))
     pieces.append(compressor.flush())
     return pieces
+
+
+def hash_stored_chunk(raw: bytes, n_elements: int, n_valid: int, digest) -> None:
+    """Decode a stored shuffle+zstd chunk in pieces and hash its first ``n_valid`` elements in order.
+
+    Holds the low-byte plane (half the chunk) and one piece, not the whole decoded chunk.
+    """
+    reader = zstandard.ZstdDecompressor().stream_reader(raw)
+    low = np.empty(n_elements, dtype=np.uint8)
+    filled = 0
+    while filled < n_elements:
+        data = reader.read(min(SHUFFLE_PIECE, n_elements - filled))
+        if not data:
+            raise RechunkError("a stored chunk ended early")
+        low[filled:filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        filled += len(data)
+    done = 0
+    while done < n_elements:
+        data = reader.read(min(SHUFFLE_PIECE, n_elements - done))
+        if not data:
+            raise RechunkError("a stored chunk ended early")
+        high = np.frombuffer(data, dtype=np.uint8)
+        elements = np.left_shift(high, 8, dtype=np.uint16)
+        elements |= low[done:done + high.size]
+        valid = max(0, min(high.size, n_valid - done))
+        digest.update(elements[:valid].data)
+        done += high.size
+    if reader.read(1):
+        raise RechunkError("a stored chunk is longer than its dataset's chunk")
 
 
 def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:
@@ -90,27 +124,33 @@ def read_raw(dataset: h5py.Dataset, start: int, stop: int, out: np.ndarray | Non
     return out
 
 
-def copy_rechunked(source: h5py.Dataset, out: h5py.File, rows: int, level: int, threads: int,
-                   progress: tqdm) -> str:
-    """Copy one dataset into (rows, ...) chunks; return the sha256 of its bits (verified)."""
-    target = create_chunked(out, source.name.lstrip("/"), source, rows, level)
-    copied = hashlib.sha256()
-    row_bytes = math.prod(source.shape[1:]) * 2
+def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
+                   pool: ThreadPoolExecutor, progress: tqdm) -> str:
+    """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
+    from thimble.record import read_stream_rows
+
+    name = source.name.lstrip("/")
+    target = create_chunked(out, name, source, rows, level)
+    row_elements = math.prod(source.shape[1:])
+    copied, stored = hashlib.sha256(), hashlib.sha256()
+    threads = pool._max_workers
     for start, stop in time_chunks(source.shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
         chunk = np.zeros((rows, *source.shape[1:]), dtype=np.uint16)
-        read_raw(source, start, stop, out=chunk[:stop - start])
+        read_stream_rows(stream_dir, name, start, stop, chunk, pool)
         copied.update(chunk[:stop - start].data)
         pieces = compress_shuffled(chunk, level, threads)
         del chunk  # the source chunk goes before the compressed one is joined: peak ~1.5 chunks
-        target.id.write_direct_chunk((start,) + (0,) * (source.ndim - 1), b"".join(pieces), 0)
-        progress.update((stop - start) * row_bytes)
-    written = hashlib.sha256()
-    for start, stop in time_chunks(source.shape[0], rows):
-        written.update(read_raw(target, start, stop).data)
-    if written.hexdigest() != copied.hexdigest():
-        raise RechunkError(f"{source.name}: the rechunked bits differ from the source "
-                           f"(sha256 {written.hexdigest()} != {copied.hexdigest()})")
+        offset = (start,) + (0,) * (source.ndim - 1)
+        target.id.write_direct_chunk(offset, b"".join(pieces), 0)
+        del pieces
+        # read the chunk back from the file and hash what it decodes to
+        filter_mask, raw = target.id.read_direct_chunk(offset)
+        hash_stored_chunk(raw, rows * row_elements, (stop - start) * row_elements, stored)
+        progress.update((stop - start) * row_elements * 2)
+    if stored.hexdigest() != copied.hexdigest():
+        raise RechunkError(f"{name}: the rechunked bits differ from the source "
+                           f"(sha256 {stored.hexdigest()} != {copied.hexdigest()})")
     target.attrs["sha256"] = copied.hexdigest()
     return copied.hexdigest()
 
@@ -135,10 +175,11 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
         log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}
-        with h5py.File(tmp, "w") as out, tqdm(total=len(TENSORS) * n_rows * row_bytes, unit="B", unit_scale=True,
-                                               desc="rechunk", mininterval=5) as progress:
+        with h5py.File(tmp, "w") as out, ThreadPoolExecutor(threads) as pool, \
+                tqdm(total=len(TENSORS) * n_rows * row_bytes, unit="B", unit_scale=True, desc="rechunk",
+                     mininterval=5) as progress:
             for name in TENSORS:
-                checksums[name] = copy_rechunked(stream[name], out, rows, level, threads, progress)
+                checksums[name] = copy_rechunked(Path(stream_dir), stream[name], out, rows, level, pool, progress)
                 log.info("%s: verified, sha256 %s", name, checksums[name])
             for name in stream:
                 if name not in TENSORS:
