@@ -37,7 +37,9 @@ include: "rules/lattice.smk"
 include: "rules/replay.smk"
 
 
+# Everything the config defines (days of CPU for the full-size experiments: name a target instead).
 rule all:
     input:
-        expand("results/data/{dataset}/live_dead_tokens.safetensors", dataset=CFG["datasets"]),
+        expand("results/{experiment}/delta_w_lattice.h5", experiment=CFG["experiments"]),
+        expand("results/{experiment}/replay.json", experiment=CFG["experiments"]),
     default_target: True

@@ -174,6 +174,16 @@ def training_ratio(settings: dict, tokens: np.ndarray, steps: int, rounds: int, 
     return plain, recorded, plain / recorded
 
 
+def measure_training(args, settings, tokens, device, workdir) -> tuple[float, float, float]:
+    print(f"\ntraining {args.experiment} at batch {settings['training']['batch_size']} on {device}: "
+          f"{args.train_rounds} alternating rounds of {args.train_steps} steps")
+    plain_s, recorded_s, ratio = training_ratio(settings, tokens, args.train_steps, args.train_rounds,
+                                                args.threads, device, workdir)
+    print(f"without recording {plain_s:.3f} s/step, with recording {recorded_s:.3f} s/step: "
+          f"speed ratio {ratio:.3f} (target >= 0.95)")
+    return plain_s, recorded_s, ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config.yaml")
@@ -236,12 +246,9 @@ def main() -> None:
     print(f"thimble vs seed: {ours_rate / seed_rate:.1f}x the steps/s, file {size_ratio:.3f} of the seed's size "
           f"(lossless vs lossy float16)")
 
-    print(f"\ntraining {args.experiment} at batch {settings['training']['batch_size']} on {device}: "
-          f"{args.train_rounds} alternating rounds of {args.train_steps} steps")
-    plain_s, recorded_s, ratio = training_ratio(settings, tokens, args.train_steps, args.train_rounds,
-                                                args.threads, device, workdir)
-    print(f"without recording {plain_s:.3f} s/step, with recording {recorded_s:.3f} s/step: "
-          f"speed ratio {ratio:.3f} (target >= 0.95)")
+    plain_s = recorded_s = ratio = None
+    if args.train_rounds > 0:
+        plain_s, recorded_s, ratio = measure_training(args, settings, tokens, device, workdir)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "recorders": {name: {"steps_per_s": rate, "bytes_per_step": size} for name, (rate, size) in results.items()},
