@@ -15,6 +15,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # Validate before anything is planned: a bad config fails `snakemake -n` too, and writes nothing.
 try:
     CFG = resolve_config(config, load_schema(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
@@ -25,6 +28,7 @@ except ConfigError as error:
 wildcard_constraints:
     dataset="|".join(CFG["datasets"]),
     experiment="|".join(CFG["experiments"]),
+    series="|".join(CFG["series"]) or "(?!)",
     package=r"[A-Za-z0-9][A-Za-z0-9._]*",
     version=r"[A-Za-z0-9][A-Za-z0-9.+!]*",
 
@@ -35,11 +39,13 @@ include: "rules/train.smk"
 include: "rules/rechunk.smk"
 include: "rules/lattice.smk"
 include: "rules/replay.smk"
+include: "rules/freeze.smk"
 
 
 # Everything the config defines (days of CPU for the full-size experiments: name a target instead).
 rule all:
     input:
-        expand("results/{experiment}/delta_w_lattice.h5", experiment=CFG["experiments"]),
+        expand("results/{experiment}/figures/loss.png", experiment=CFG["experiments"]),
         expand("results/{experiment}/replay.json", experiment=CFG["experiments"]),
+        expand("results/series/{series}/global_freeze.png", series=CFG["series"]),
     default_target: True

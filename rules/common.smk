@@ -82,3 +82,10 @@ def experiment_pattern(keep_stream):
     """A wildcard pattern matching the experiments whose rechunk.keep_stream is ``keep_stream``."""
     names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
     return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def analysis_mem_mb(experiment):
+    """Per-token, per-step summaries (five (T+1) x V arrays) and one ΔW′ chunk being decoded."""
+    exp = CFG["experiments"][experiment]
+    per_step_tokens = (exp["training"]["steps"] + 1) * exp["model"]["vocab_size"]
+    return int(per_step_tokens * 4 * 8 / 1e6) + rechunk_mem_mb(experiment)

@@ -7,10 +7,12 @@ rule replay:
     output:
         table="results/{experiment}/replay.csv",
         summary="results/{experiment}/replay.json",
+        ratio="results/{experiment}/update_ratio.csv",
     log:
         "logs/{experiment}/replay.log",
     resources:
         mem_mb=2000,
         runtime=120,
     shell:
-        "thimble replay --stream {input} --table {output.table} --summary {output.summary} 2> {log}"
+        "thimble replay --stream {input} --table {output.table} --summary {output.summary}"
+        " --ratio-table {output.ratio} 2> {log}"

@@ -76,7 +76,30 @@ def _lattice(args) -> None:
 def _replay(args) -> None:
     from thimble.replay import replay_stream
 
-    replay_stream(args.stream, args.table, args.summary)
+    replay_stream(args.stream, args.table, args.summary, args.ratio_table)
+
+
+def _freeze(args) -> None:
+    from thimble.freeze import analyse
+
+    analyse(args.delta, args.recording, _settings(args.settings), {
+        "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
+        "variance": args.variance, "token_steps": args.token_steps, "summary": args.summary})
+
+
+def _figures(args) -> None:
+    from thimble.figures import experiment_figures
+
+    experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio, {
+        "loss": args.loss_png, "displacement": args.displacement_png, "phases": args.phases_png,
+        "global_freeze": args.global_freeze_png, "variance": args.variance_png,
+        "update_ratio": args.update_ratio_png})
+
+
+def _series(args) -> None:
+    from thimble.figures import series_outputs
+
+    series_outputs(args.name, args.summaries, args.figure, args.table)
 
 
 def _validate(args) -> None:
@@ -157,7 +180,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", required=True)
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
+    p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
     p.set_defaults(func=_replay)
+
+    p = sub.add_parser("freeze", help="freeze/thaw tables and the cooling verdict of an experiment")
+    p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
+    p.add_argument("--delta", required=True)
+    p.add_argument("--recording", required=True)
+    for name in ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary"):
+        p.add_argument(f"--{name}", required=True)
+    p.set_defaults(func=_freeze)
+
+    p = sub.add_parser("figures", help="figures of an experiment")
+    for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio"):
+        p.add_argument(f"--{name}", required=True, help="an input table")
+    for name in ("loss", "displacement", "phases", "global-freeze", "variance", "update-ratio"):
+        p.add_argument(f"--{name}-png", required=True, help="an output figure")
+    p.set_defaults(func=_figures)
+
+    p = sub.add_parser("series", help="compare the experiments of a series")
+    p.add_argument("--name", required=True)
+    p.add_argument("--summaries", nargs="+", required=True)
+    p.add_argument("--figure", required=True)
+    p.add_argument("--table", required=True)
+    p.set_defaults(func=_series)
     return parser
 
 

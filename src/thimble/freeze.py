@@ -197,7 +197,8 @@ def trend(fractions: np.ndarray, centers: np.ndarray) -> dict:
         return {"windows": int(n), "slope_per_1000_steps": None, "ci95": None}
     fit = stats.linregress(centers, fractions)
     t_crit = stats.t.ppf(0.975, n - 2)
-    half = t_crit * fit.stderr
+    # a perfect fit (all windows equal, say) has no spread: its interval is the slope itself
+    half = t_crit * fit.stderr if np.isfinite(fit.stderr) else 0.0
     return {"windows": int(n), "slope_per_1000_steps": 1000 * fit.slope,
             "ci95": [1000 * (fit.slope - half), 1000 * (fit.slope + half)], "intercept": fit.intercept}
 

@@ -33,6 +33,10 @@ from thimble.lattice import ordinal, spacing_toward
 
 log = logging.getLogger(__name__)
 
+#: bin edges of log2(|u| / half spacing); the first bin also takes u = 0, the last everything above
+RATIO_EDGES = np.arange(-24, 9)
+RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
+
 COLUMNS = ("step", "W_mismatches", "momentum_mismatches", "variance_mismatches", "predicted_frozen",
            "observed_frozen", "freeze_agreement", "elements")
 
@@ -67,8 +71,16 @@ def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a.view(torch.int16) != b.view(torch.int16)).sum())
 
 
-def replay_stream(stream_dir: str, output_csv: str, output_json: str) -> dict:
-    """Replay every step of a recorded stream; write the per-step table and a summary."""
+def ratio_histogram(ratio: np.ndarray) -> np.ndarray:
+    """Counts of log2(ratio) in RATIO_COLUMNS' bins."""
+    with np.errstate(divide="ignore"):
+        bins = np.digitize(np.log2(ratio.reshape(-1)), RATIO_EDGES)
+    return np.bincount(bins, minlength=len(RATIO_COLUMNS))
+
+
+def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv: str) -> dict:
+    """Replay every step of a recorded stream; write the per-step table, the update-ratio histograms
+    and a summary."""
     from thimble.files import atomic_output
     from thimble.record import open_stream, read_steps_torch
 
@@ -81,13 +93,15 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str) -> dict:
                  "beta2": float(attrs["adam_beta2"]), "eps": float(attrs["adam_epsilon"]),
                  "weight_decay": float(attrs["weight_decay"])}
         last = stream["W"].shape[0] - 1
-        rows = []
+        rows, histograms = [], []
         read = lambda name, t: read_steps_torch(stream[name], t, t + 1)[0]  # noqa: E731
         w_before, m_before, v_before = read("W", 0), read("momentum_W", 0), read("variance_W", 0)
         for step in tqdm(range(1, last + 1), desc="replay", unit="step", mininterval=5):
             w_after, m_after, v_after = read("W", step), read("momentum_W", step), read("variance_W", step)
             w, m, v, denom, step_size = adamw_step(w_before, m_before, v_before, read("grad_W", step), step, **hyper)
-            predicted = update_ratio(w_before, m, denom, step_size) < 1
+            ratio = update_ratio(w_before, m, denom, step_size)
+            predicted = ratio < 1
+            histograms.append(ratio_histogram(ratio))
             w_bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
             observed = ordinal(w_bits(w_after)) == ordinal(w_bits(w_before))
             rows.append({
@@ -123,6 +137,11 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str) -> dict:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *RATIO_COLUMNS])
+        for step, counts in enumerate(histograms, start=1):
+            writer.writerow([step, *counts.tolist()])
     with atomic_output(output_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     if summary["bitwise_match"]:

@@ -1,0 +1,75 @@
+# Freeze/thaw tables, the cooling verdict, figures, and the series comparison.
+
+
+rule freeze:
+    input:
+        delta="results/{experiment}/delta_w_lattice.h5",
+        recording="results/{experiment}/recording.h5",
+    output:
+        freeze=report("results/{experiment}/freeze.csv", caption="../workflow/report/freeze.rst",
+                      category="{experiment}", subcategory="tables"),
+        cycles=report("results/{experiment}/freeze_cycles.csv", caption="../workflow/report/freeze_cycles.rst",
+                      category="{experiment}", subcategory="tables"),
+        tokens=report("results/{experiment}/token_freeze.csv", caption="../workflow/report/token_freeze.rst",
+                      category="{experiment}", subcategory="tables"),
+        classes=report("results/{experiment}/displacement_classes.csv",
+                       caption="../workflow/report/displacement_classes.rst", category="{experiment}",
+                       subcategory="tables"),
+        exp_avg_sq="results/{experiment}/exp_avg_sq.csv",
+        token_steps="results/{experiment}/token_displacement.h5",
+        summary=report("results/{experiment}/summary.json", caption="../workflow/report/summary.rst",
+                       category="{experiment}", subcategory="tables"),
+    log:
+        "logs/{experiment}/freeze.log",
+    params:
+        settings=experiment_settings,
+    resources:
+        mem_mb=lambda w, attempt: analysis_mem_mb(w.experiment) * attempt,
+        runtime=30,
+    shell:
+        "thimble freeze --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
+        " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
+        " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary} 2> {log}"
+
+
+rule figures:
+    input:
+        freeze="results/{experiment}/freeze.csv",
+        summary="results/{experiment}/summary.json",
+        token_steps="results/{experiment}/token_displacement.h5",
+        exp_avg_sq="results/{experiment}/exp_avg_sq.csv",
+        ratio="results/{experiment}/update_ratio.csv",
+    output:
+        **{name: report(f"results/{{experiment}}/figures/{name}.png", caption=f"../workflow/report/{name}.rst",
+                        category="{experiment}", subcategory="figures")
+           for name in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio")},
+    log:
+        "logs/{experiment}/figures.log",
+    resources:
+        mem_mb=lambda w, attempt: analysis_mem_mb(w.experiment) * attempt,
+        runtime=15,
+    shell:
+        "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"
+        " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --loss-png {output.loss}"
+        " --displacement-png {output.displacement} --phases-png {output.phases}"
+        " --global-freeze-png {output.global_freeze} --variance-png {output.variance}"
+        " --update-ratio-png {output.update_ratio} 2> {log}"
+
+
+rule series:
+    input:
+        summaries=lambda w: expand("results/{experiment}/summary.json", experiment=CFG["series"][w.series]),
+        figures=lambda w: expand("results/{experiment}/figures/loss.png", experiment=CFG["series"][w.series]),
+    output:
+        figure=report("results/series/{series}/global_freeze.png", caption="../workflow/report/series.rst",
+                      category="series {series}"),
+        table=report("results/series/{series}/verdicts.csv", caption="../workflow/report/series_table.rst",
+                     category="series {series}"),
+    log:
+        "logs/series/{series}.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "thimble series --name {wildcards.series} --summaries {input.summaries} --figure {output.figure}"
+        " --table {output.table} 2> {log}"
