@@ -38,13 +38,14 @@ def test_lint_only_asks_for_software_environments(workdir):
 
 
 def test_experiment_and_series_targets_plan(workdir):
-    result = run_snakemake(workdir, "-n", "results/thimble_7/delta_w_lattice.h5", "results/thimble_7/replay.json")
+    result = run_snakemake(workdir, "-n", "results/thimble_7/freeze.csv")
     assert planned_jobs(result.stdout) == {"fetch_sdist": 1, "corpus": 1, "tokenizer": 1, "encode": 1, "masks": 1,
-                                           "train": 1, "rechunk": 1, "lattice": 1, "replay": 1}
+                                           "train": 1, "rechunk": 1, "lattice": 1, "freeze": 1}
     series = load_config(REPO / "config.yaml")["series"]["thimble"]
-    result = run_snakemake(workdir, "-n", *[f"results/{name}/delta_w_lattice.h5" for name in series])
+    result = run_snakemake(workdir, "-n", "results/series/thimble/global_freeze.png")
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == jobs["rechunk"] == jobs["lattice"] == len(series) and jobs["corpus"] == 1
+    assert jobs["train"] == jobs["rechunk"] == jobs["lattice"] == jobs["freeze"] == jobs["figures"] == len(series)
+    assert jobs["replay"] == len(series) and jobs["corpus"] == 1 and jobs["series"] == 1
 
 
 @pytest.mark.workflow
@@ -67,6 +68,37 @@ def test_mini_training_through_snakemake(mini_data):
     assert not (mini_data / "results/thimble_mini/.partial").exists()
     for stage in ("rechunk", "lattice", "replay"):
         assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0
+
+
+@pytest.mark.workflow
+def test_mini_freeze_tables_figures_series_and_report(mini_data):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["series"]["mini"] = ["thimble_mini"]
+    (mini_data / "series.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(mini_data, "--cores", "2", "results/series/mini/global_freeze.png",
+                  "--configfile", str(mini_data / "series.yaml"))
+    results = mini_data / "results/thimble_mini"
+    import pandas as pd
+    freeze = pd.read_csv(results / "freeze.csv")
+    assert freeze["step"].tolist() == list(range(1, 61))
+    with h5py.File(results / "delta_w_lattice.h5", "r") as delta, h5py.File(results / "recording.h5", "r") as rec:
+        moved = (delta["delta_w_lattice"][1:] != 0).any(axis=2)
+        dead = rec["dead_mask"][...]
+    np.testing.assert_array_equal(freeze["all_moved_tokens"], moved.sum(axis=1))
+    np.testing.assert_array_equal(freeze["dead_moved_tokens"], moved[:, dead].sum(axis=1))
+    summary = json.loads((results / "summary.json").read_text())
+    assert set(summary["windows"]) == {"all", "last_half", "last_third"}
+    assert summary["verdict"] in ("still cooling", "stabilised", "inconclusive")
+    for table in ("freeze_cycles.csv", "token_freeze.csv", "displacement_classes.csv", "exp_avg_sq.csv"):
+        assert len(pd.read_csv(results / table)) > 0
+    for figure in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio"):
+        assert (results / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    verdicts = pd.read_csv(mini_data / "results/series/mini/verdicts.csv")
+    assert set(verdicts["experiment"]) == {"thimble_mini"} and len(verdicts) == 3
+    run_snakemake(mini_data, "--report", str(mini_data / "report.html"), "results/series/mini/global_freeze.png",
+                  "--configfile", str(mini_data / "series.yaml"))
+    report = (mini_data / "report.html").read_text(errors="replace")
+    assert "freeze.csv" in report and "global_freeze.png" in report
 
 
 @pytest.mark.workflow
