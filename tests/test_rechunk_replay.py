@@ -119,8 +119,12 @@ def test_adamw_step_equals_torch_adamw():
 
 
 def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):  # noqa: F811
-    summary = replay_stream(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"))
+    summary = replay_stream(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+                            str(tmp_path / "ratio.csv"))
     assert summary == json.loads((tmp_path / "replay.json").read_text())
+    histogram = np.loadtxt(tmp_path / "ratio.csv", delimiter=",", skiprows=1)
+    assert histogram.shape == (30, 1 + 34)
+    assert (histogram[:, 1:].sum(axis=1) == VOCAB * 8).all()  # every element in one bin, every step
     assert summary["same_kernel"] and summary["bitwise_match"]
     rows = list(csv.DictReader(open(tmp_path / "replay.csv")))
     assert [int(row["step"]) for row in rows] == list(range(1, 31))
@@ -140,7 +144,8 @@ def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):  
         values = read_steps(handle["W"])
         values[3, 0, :5] = (values[3, 0, :5].astype(np.float32) * 1.5).astype(BFLOAT16)  # step 10
         handle["W"][3] = values[3].astype(np.float32)
-    summary = replay_stream(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"))
+    summary = replay_stream(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+                            str(tmp_path / "ratio.csv"))
     rows = {int(row["step"]): row for row in csv.DictReader(open(tmp_path / "replay.csv"))}
     assert not summary["bitwise_match"]
     assert int(rows[10]["W_mismatches"]) == 5  # step 10 predicted from 9 no longer matches

@@ -9,10 +9,14 @@ float32 values, and passing the same type as the memory type moves the raw
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import h5py
 import ml_dtypes
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where it is used: the file-only stages never load it
+    import torch
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -28,6 +32,8 @@ def bfloat16_h5type() -> h5py.h5t.TypeFloatID:
 
 def torch_to_bits(tensor: torch.Tensor) -> np.ndarray:
     """The uint16 bit patterns of a bf16 tensor (on the CPU), without copying."""
+    import torch
+
     if tensor.dtype != torch.bfloat16:
         raise TypeError(f"expected a bfloat16 tensor, got {tensor.dtype}")
     return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -40,6 +46,8 @@ def bits_to_numpy(bits: np.ndarray) -> np.ndarray:
 
 def bits_to_torch(bits: np.ndarray) -> torch.Tensor:
     """uint16 bit patterns as a bf16 torch tensor (no copy)."""
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(bits).view(np.int16)).view(torch.bfloat16)
 
 
@@ -54,6 +62,8 @@ def to_float16_counting(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
     A value counts as altered when its float16 image does not equal it exactly
     (NaN stays NaN and counts as kept).
     """
+    import torch
+
     exact = tensor.float()
     half = exact.to(torch.float16)
     back = half.float()

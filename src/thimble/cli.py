@@ -213,11 +213,15 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from thimble.config import ConfigError
     from thimble.corpus import CorpusError
-    from thimble.train import TrainingError
 
+    expected: tuple[type[Exception], ...] = (ConfigError, CorpusError, ValueError)
+    if args.command == "train":  # torch loads only for the stages that need it
+        from thimble.train import TrainingError
+
+        expected += (TrainingError,)
     try:
         args.func(args)
-    except (ConfigError, CorpusError, TrainingError, ValueError) as error:
+    except expected as error:
         logging.getLogger("thimble").error("%s", error)
         print(f"thimble {args.command}: error: {error}", file=sys.stderr)
         return 1

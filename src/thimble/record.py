@@ -27,14 +27,17 @@ import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import hdf5plugin  # noqa: F401  (registers the zstd filter with HDF5)
 import numpy as np
-import torch
 import zstandard
 
 from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +134,8 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
 
 def read_steps_torch(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> torch.Tensor:
     """As ``read_steps``, as a torch tensor (bf16 or float16)."""
+    import torch
+
     values = read_steps(dataset, start, stop)
     if values.dtype == BFLOAT16:
         return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
