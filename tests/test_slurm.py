@@ -11,6 +11,7 @@ import shutil
 import subprocess
 
 import h5py
+import hdf5plugin  # noqa: F401  (the zstd filter)
 import numpy as np
 import pytest
 
