@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--lattice-steps", type=int, default=None, help="default: the experiment's steps")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--skip-h5repack", action="store_true")
+    parser.add_argument("--skip-lattice", action="store_true")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -160,6 +161,9 @@ def main() -> None:
     shutil.rmtree(stream)
     (workdir / "recording.h5").unlink()
 
+    if args.skip_lattice:
+        shutil.rmtree(workdir)
+        return
     # 2. ΔW′ at full size
     recording = workdir / "w_only.h5"
     start = time.perf_counter()

@@ -93,3 +93,14 @@ def test_series_and_nonfinite_errors_name_step_and_element():
     bad[2, 1] = np.inf
     with pytest.raises(NonFiniteError, match="inf at step 2"):
         delta_w_lattice_series(bad)
+
+
+def test_exp_avg_sq_mul_beta2_cannot_change_a_normal_bf16_value():
+    """The claim behind the variance figure's note, checked on every positive normal bf16 value."""
+    import torch
+
+    normal = FINITE[(FINITE.astype(np.float64) >= 2.0**-126)]
+    values = torch.from_numpy(normal.view(np.int16).copy()).view(torch.bfloat16)
+    decayed = values.clone().mul_(0.999)
+    assert torch.equal(decayed.view(torch.int16), values.view(torch.int16))
+    assert len(normal) == 0x7F80 - 0x80  # every positive normal pattern was checked
