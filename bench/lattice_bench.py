@@ -86,22 +86,28 @@ def synthetic_stream(directory: Path, steps: int, shape: tuple[int, int]) -> Non
     write_stream_file(directory, shape, steps, "bfloat16", masks, {"num_steps": steps})
 
 
-def synthetic_recording_w(path: Path, steps: int, shape: tuple[int, int], rows: int, threads: int) -> None:
-    """A rechunked-format file holding only W (what the lattice stage reads)."""
+def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: int, threads: int) -> None:
+    """A rechunked-format file with what the lattice and freeze stages read: W, variance_W (the same
+    walk: only its size matters here), losses and masks (a third of the tokens dead)."""
     walk = FreezingWalk(shape, steps)
     with h5py.File(path, "w") as out:
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         dcpl.set_chunk((rows, *shape))
         dcpl.set_shuffle()
         dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (1,))
-        h5py.h5d.create(out.id, b"W", bfloat16_h5type(), h5py.h5s.create_simple((steps + 1, *shape)), dcpl=dcpl)
-        w = out["W"]
+        for name in (b"W", b"variance_W"):
+            h5py.h5d.create(out.id, name, bfloat16_h5type(), h5py.h5s.create_simple((steps + 1, *shape)), dcpl=dcpl)
         for start in range(0, steps + 1, rows):
             chunk = np.zeros((rows, *shape), dtype=np.uint16)
             for row in range(min(rows, steps + 1 - start)):
                 chunk[row] = walk.step(start + row)
-            w.id.write_direct_chunk((start, 0, 0), b"".join(compress_shuffled(chunk, 1, threads)), 0)
-            print(f"  W rows {start}..{min(start + rows, steps + 1) - 1} written", flush=True)
+            compressed = b"".join(compress_shuffled(chunk, 1, threads))
+            for name in ("W", "variance_W"):
+                out[name].id.write_direct_chunk((start, 0, 0), compressed, 0)
+            print(f"  rows {start}..{min(start + rows, steps + 1) - 1} written", flush=True)
+        out.create_dataset("losses", data=np.linspace(9, 3, steps + 1, dtype=np.float32))
+        out.create_dataset("dead_mask", data=np.arange(shape[0]) % 3 == 0)
+        out.attrs["storage_dtype"] = "bfloat16"
 
 
 def main() -> None:
@@ -165,9 +171,9 @@ def main() -> None:
         shutil.rmtree(workdir)
         return
     # 2. ΔW′ at full size
-    recording = workdir / "w_only.h5"
+    recording = workdir / "recording.h5"
     start = time.perf_counter()
-    synthetic_recording_w(recording, lattice_steps, shape, rows, args.threads)
+    synthetic_recording(recording, lattice_steps, shape, rows, args.threads)
     print(f"synthetic W of {lattice_steps + 1} steps in {rows}-step chunks written in "
           f"{time.perf_counter() - start:.0f} s")
     os.sync()
@@ -182,6 +188,18 @@ def main() -> None:
         print(f"ΔW′ stored as {attrs['dtype']}, {(workdir / 'delta.h5').stat().st_size / 1e9:.2f} GB on disk; "
               f"{attrs['moves']} moves, {attrs['crossed_binade_fraction']:.4f} crossed a binade")
     results["lattice"] = {"steps": lattice_steps, "seconds": lattice[0], "peak_rss_gb": lattice[1]}
+
+    # 3. the freeze tables from that ΔW′ (and the recording's exp_avg_sq)
+    freeze_settings = json.loads(json.dumps(settings))
+    freeze_settings["training"]["steps"] = lattice_steps
+    os.sync()
+    tables = {name: str(workdir / f"{name}.out") for name in
+              ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary")}
+    freeze = run_measured([sys.executable, "-m", "thimble", "freeze", "--settings", json.dumps(freeze_settings),
+                           "--delta", str(workdir / "delta.h5"), "--recording", str(recording),
+                           *[arg for name, path in tables.items() for arg in (f"--{name}", path)]])
+    print(f"freeze tables of the same ΔW′: {freeze[0]:.1f} s, peak RSS {freeze[1]:.2f} GB (targets: < 120 s, < 6 GB)")
+    results["freeze"] = {"seconds": freeze[0], "peak_rss_gb": freeze[1]}
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     shutil.rmtree(workdir)

@@ -36,28 +36,43 @@ from thimble.record import TENSORS, StreamRecorder, list_segments, read_steps
 from thimble.train import build_model, build_optimizer, select_device
 
 
+class Trainer:
+    """The experiment's model and optimizer, stepping on random windows of the tokens."""
+
+    def __init__(self, settings: dict, tokens: np.ndarray, batch_size: int, device, seed: int):
+        torch.manual_seed(settings["training"]["seed"])
+        self.model = build_model(settings["model"], device)
+        self.optimizer = build_optimizer(self.model, settings["training"])
+        self.wte = self.model.transformer.wte.weight
+        self.tokens, self.batch_size, self.device = tokens, batch_size, device
+        self.seq = settings["model"]["max_seq_len"]
+        self.rng = np.random.default_rng(seed)
+
+    def step(self, capture: bool) -> dict | None:
+        """One training step; with ``capture``, CPU copies of what the recorder takes."""
+        starts = self.rng.integers(0, len(self.tokens) - self.seq - 1, size=self.batch_size)
+        windows = np.stack([self.tokens[s: s + self.seq + 1] for s in starts]).astype(np.int64)
+        batch = torch.from_numpy(windows).to(self.device)
+        loss = self.model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+        loss.backward()
+        grad = self.wte.grad.detach().to("cpu", copy=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        captured = None
+        if capture:
+            state = self.optimizer.state[self.wte]
+            captured = {"W": self.wte.detach().to("cpu", copy=True), "grad_W": grad,
+                        "momentum_W": state["exp_avg"].to("cpu", copy=True),
+                        "variance_W": state["exp_avg_sq"].to("cpu", copy=True), "loss": loss.item()}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return captured
+
+
 def real_steps(settings: dict, tokens: np.ndarray, n_steps: int, batch_size: int, device) -> list[dict]:
     """The first ``n_steps`` recorded tensors of real training (CPU copies)."""
-    torch.manual_seed(settings["training"]["seed"])
-    model = build_model(settings["model"], device)
-    optimizer = build_optimizer(model, settings["training"])
-    wte = model.transformer.wte.weight
-    seq = settings["model"]["max_seq_len"]
-    rng = np.random.default_rng(0)
-    steps = []
-    for _ in range(n_steps):
-        starts = rng.integers(0, len(tokens) - seq - 1, size=batch_size)
-        batch = torch.from_numpy(np.stack([tokens[s: s + seq + 1] for s in starts]).astype(np.int64)).to(device)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
-        loss.backward()
-        grad = wte.grad.detach().to("cpu", copy=True)
-        optimizer.step()
-        optimizer.zero_grad()
-        state = optimizer.state[wte]
-        steps.append({"W": wte.detach().to("cpu", copy=True), "grad_W": grad,
-                      "momentum_W": state["exp_avg"].to("cpu", copy=True),
-                      "variance_W": state["exp_avg_sq"].to("cpu", copy=True), "loss": loss.item()})
-    return steps
+    trainer = Trainer(settings, tokens, batch_size, device, seed=0)
+    return [trainer.step(capture=True) for _ in range(n_steps)]
 
 
 def dir_bytes(path: Path) -> int:
@@ -130,43 +145,22 @@ def disk_rate(data: list[dict], n_steps: int, path: Path) -> float:
 def training_ratio(settings: dict, tokens: np.ndarray, steps: int, rounds: int, threads: int, device,
                    directory: Path) -> tuple[float, float, float]:
     """Seconds per step without and with recording (alternating rounds), and their speed ratio."""
-    torch.manual_seed(settings["training"]["seed"])
-    model = build_model(settings["model"], device)
-    optimizer = build_optimizer(model, settings["training"])
-    wte = model.transformer.wte.weight
-    vocab, hidden = wte.shape
-    seq, batch_size = settings["model"]["max_seq_len"], settings["training"]["batch_size"]
-    rng = np.random.default_rng(1)
-
-    def one_step(recorder, step):
-        starts = rng.integers(0, len(tokens) - seq - 1, size=batch_size)
-        batch = torch.from_numpy(np.stack([tokens[s: s + seq + 1] for s in starts]).astype(np.int64)).to(device)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
-        loss.backward()
-        grad = wte.grad.detach().to("cpu", copy=True)
-        optimizer.step()
-        optimizer.zero_grad()
-        if recorder is not None:
-            state = optimizer.state[wte]
-            recorder.record(step, {"W": wte.detach().to("cpu", copy=True), "grad_W": grad,
-                                   "momentum_W": state["exp_avg"].to("cpu", copy=True),
-                                   "variance_W": state["exp_avg_sq"].to("cpu", copy=True)}, loss.item())
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    one_step(None, 0)  # warm-up
+    trainer = Trainer(settings, tokens, settings["training"]["batch_size"], device, seed=1)
+    vocab, hidden = trainer.wte.shape
+    trainer.step(capture=False)  # warm-up
     without, with_recording = [], []
     for round_index in range(rounds):
         start = time.perf_counter()
-        for step in range(steps):
-            one_step(None, step)
+        for _ in range(steps):
+            trainer.step(capture=False)
         without.append((time.perf_counter() - start) / steps)
         target = directory / f"round{round_index}"
         recorder = StreamRecorder(target, (vocab, hidden), steps - 1, segment_steps=steps,
                                   level=settings["record"]["compression_level"], threads=threads)
         start = time.perf_counter()
         for step in range(steps):
-            one_step(recorder, step)
+            captured = trainer.step(capture=True)
+            recorder.record(step, {name: captured[name] for name in TENSORS}, captured["loss"])
         recorder.close()
         with_recording.append((time.perf_counter() - start) / steps)
         shutil.rmtree(target)

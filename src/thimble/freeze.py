@@ -230,11 +230,14 @@ def windowed_global_freeze(globally: np.ndarray, steps: np.ndarray, width: int) 
 
 # -- file I/O edge -------------------------------------------------------------------------------
 
-def zstd_rows(raw: bytes, row_elements: int, dtype: np.dtype, valid_rows: int, block_rows: int):
-    """Row blocks of a stored zstd-only chunk (no shuffle: rows come out in order)."""
-    import zstandard
+def zstd_rows(reader, row_elements: int, dtype: np.dtype, valid_rows: int, block_rows: int):
+    """Row blocks of a stored zstd-only chunk (``reader``: ``record.open_chunk``; no shuffle: rows
+    come out in order)."""
+    with reader:
+        yield from _zstd_rows(reader, row_elements, dtype, valid_rows, block_rows)
 
-    reader = zstandard.ZstdDecompressor().stream_reader(raw)
+
+def _zstd_rows(reader, row_elements: int, dtype: np.dtype, valid_rows: int, block_rows: int):
     buffer = np.empty(block_rows * row_elements, dtype=dtype)
     for start in range(0, valid_rows, block_rows):
         rows = min(block_rows, valid_rows - start)
@@ -255,6 +258,7 @@ def read_token_steps(delta_path: str, block_rows: int = 16) -> TokenSteps:
     from tqdm.auto import tqdm
 
     from thimble.rechunk import time_chunks
+    from thimble.record import open_chunk
 
     with h5py.File(delta_path, "r") as handle:
         dataset = handle["delta_w_lattice"]
@@ -264,8 +268,8 @@ def read_token_steps(delta_path: str, block_rows: int = 16) -> TokenSteps:
                   for name in ("max_abs", "norm", "oscillatory", "quantum", "moved")}
         previous = None
         for start, stop in tqdm(time_chunks(n_steps, rows), desc="freeze", unit="chunk", mininterval=5):
-            filter_mask, raw = dataset.id.read_direct_chunk((start, 0, 0))
-            for offset, block in zstd_rows(raw, vocab * hidden, dataset.dtype, stop - start, block_rows):
+            chunk = open_chunk(dataset, (start, 0, 0))
+            for offset, block in zstd_rows(chunk, vocab * hidden, dataset.dtype, stop - start, block_rows):
                 block = block.reshape(-1, vocab, hidden)
                 parts = summarise_block(block, previous)
                 step = start + offset
@@ -283,7 +287,7 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     from thimble.bf16 import BFLOAT16
     from thimble.lattice import stored_rows
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd
+    from thimble.record import has_shuffle_zstd, open_chunk
 
     with h5py.File(recording, "r") as handle:
         dataset = handle["variance_W"]
@@ -292,8 +296,8 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         n_steps, vocab, hidden = dataset.shape
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         for start, stop in time_chunks(n_steps, dataset.chunks[0]):
-            _, raw = dataset.id.read_direct_chunk((start, 0, 0))
-            for offset, block in stored_rows(raw, dataset.chunks[0], vocab * hidden, stop - start, block_rows):
+            chunk = open_chunk(dataset, (start, 0, 0))
+            for offset, block in stored_rows(chunk, dataset.chunks[0], vocab * hidden, stop - start, block_rows):
                 if handle.attrs.get("storage_dtype") == "float16":
                     values = block.view(np.float16).astype(np.float64)
                 else:

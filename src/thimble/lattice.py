@@ -147,16 +147,18 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     return np.count_nonzero(moved, axis=1), np.count_nonzero(crossed, axis=1)
 
 
-def stored_rows(raw: bytes, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
-    """Decode a stored shuffle+zstd chunk of uint16 rows in blocks of rows, holding half a chunk.
+def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
+    """Decode a stored shuffle+zstd chunk of uint16 rows (``reader``: ``record.open_chunk``) in blocks
+    of rows, holding half a chunk.
 
     The shuffled stream is every low byte, then every high byte: the low plane is
     kept, then the high plane is read a block at a time and joined with it.
     """
-    import zstandard
+    with reader:
+        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows)
 
-    n_elements = n_rows * row_elements
-    reader = zstandard.ZstdDecompressor().stream_reader(raw)
+
+def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int):
     low = np.empty(n_elements, dtype=np.uint8)
     view = memoryview(low)
     filled = 0
@@ -198,7 +200,7 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
 
     from thimble.files import atomic_output
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd
+    from thimble.record import has_shuffle_zstd, open_chunk
 
     for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
         try:
@@ -226,11 +228,11 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                     target = out["delta_w_lattice"]
                     previous = None
                     for start, stop in tqdm(time_chunks(n_steps, rows), desc="ΔW′", unit="chunk", mininterval=5):
-                        filter_mask, raw = w.id.read_direct_chunk((start,) + (0,) * (w.ndim - 1))
                         compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(
                             size=rows * row_elements * dtype.itemsize)
                         pieces = []
-                        for offset, block in stored_rows(raw, rows, row_elements, stop - start, BLOCK_ROWS):
+                        for offset, block in stored_rows(open_chunk(w, (start,) + (0,) * (w.ndim - 1)), rows,
+                                                         row_elements, stop - start, BLOCK_ROWS):
                             if previous is None:  # step 0: nothing moved before it
                                 previous = block[0].copy()
                             delta = np.empty(block.shape, dtype)
@@ -250,7 +252,6 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                         if stop - start < rows:  # edge chunk: stored full size, zero padded
                             pieces.append(compressor.compress(np.zeros((rows - (stop - start)) * row_elements, dtype)))
                         pieces.append(compressor.flush())
-                        del raw
                         target.id.write_direct_chunk((start,) + (0,) * (w.ndim - 1), b"".join(pieces), 0)
                     out.create_dataset("moves_per_step", data=moves)
                     out.create_dataset("crossed_binade_per_step", data=crossed)

@@ -76,12 +76,17 @@ def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
     return pieces
 
 
-def hash_stored_chunk(raw: bytes, n_elements: int, n_valid: int, digest) -> None:
-    """Decode a stored shuffle+zstd chunk in pieces and hash its first ``n_valid`` elements in order.
+def hash_stored_chunk(reader, n_elements: int, n_valid: int, digest) -> None:
+    """Decode a stored shuffle+zstd chunk (``reader``: ``record.open_chunk``) in pieces and hash its
+    first ``n_valid`` elements in order.
 
     Holds the low-byte plane (half the chunk) and one piece, not the whole decoded chunk.
     """
-    reader = zstandard.ZstdDecompressor().stream_reader(raw)
+    with reader:
+        _hash_stored_chunk(reader, n_elements, n_valid, digest)
+
+
+def _hash_stored_chunk(reader, n_elements: int, n_valid: int, digest) -> None:
     low = np.empty(n_elements, dtype=np.uint8)
     filled = 0
     while filled < n_elements:
@@ -127,7 +132,7 @@ def read_raw(dataset: h5py.Dataset, start: int, stop: int, out: np.ndarray | Non
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
                    pool: ThreadPoolExecutor, progress: tqdm) -> str:
     """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record import read_stream_rows
+    from thimble.record import open_chunk, read_stream_rows
 
     name = source.name.lstrip("/")
     target = create_chunked(out, name, source, rows, level)
@@ -145,8 +150,8 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
         target.id.write_direct_chunk(offset, b"".join(pieces), 0)
         del pieces
         # read the chunk back from the file and hash what it decodes to
-        filter_mask, raw = target.id.read_direct_chunk(offset)
-        hash_stored_chunk(raw, rows * row_elements, (stop - start) * row_elements, stored)
+        out.flush()
+        hash_stored_chunk(open_chunk(target, offset), rows * row_elements, (stop - start) * row_elements, stored)
         progress.update((stop - start) * row_elements * 2)
     if stored.hexdigest() != copied.hexdigest():
         raise RechunkError(f"{name}: the rechunked bits differ from the source "

@@ -406,3 +406,18 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
                     pending.popleft().result()
             while pending:
                 pending.popleft().result()
+
+
+def open_chunk(dataset: h5py.Dataset, coords: tuple[int, ...]):
+    """A zstd decompression stream over one stored chunk, read from the file as it goes.
+
+    For chunks of a gigabyte or more: neither the compressed nor the decoded
+    chunk is ever whole in memory. The dataset's file must be flushed.
+    """
+    info = dataset.id.get_chunk_info_by_coord(coords)
+    if info.filter_mask != 0:
+        raise ValueError(f"{dataset.file.filename}:{dataset.name} chunk {coords} skipped filters")
+    handle = open(dataset.file.filename, "rb")
+    handle.seek(info.byte_offset)
+    # a zstd frame ends itself: the reader stops there, whatever follows in the file
+    return zstandard.ZstdDecompressor().stream_reader(handle, read_size=1 << 20, closefd=True)
