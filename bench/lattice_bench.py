@@ -7,7 +7,7 @@
 2. A rechunked W of ``--lattice-steps`` + 1 steps (thimble_7: 6000) in 1500-step chunks is written
    directly, and ``thimble lattice`` computes ΔW′ from it; time and peak RSS print.
 
-Each stage runs as its own process, measured with wait4 (wall time, peak RSS of that process).
+Each stage runs as its own process, measured by GNU time (wall time, peak RSS of that process).
 
     python bench/lattice_bench.py --workdir /tmp/thimble-bench   # needs ~40 GB free there
 """
@@ -36,15 +36,17 @@ from thimble.record import TENSORS, StreamRecorder, write_stream_file
 
 
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of one child process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    elapsed = time.perf_counter() - start
-    stderr = process.stderr.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(command[:3])} failed:\n{stderr[-3000:]}")
-    return elapsed, usage.ru_maxrss * 1024 / 1e9
+    """(wall seconds, peak RSS in GB) of one command, as GNU time reports them.
+
+    Not wait4 on our own child: a child forked from this (large) process starts with
+    its memory counted, which would inflate the child's maximum RSS.
+    """
+    process = subprocess.run(["/usr/bin/time", "-f", "thimble-bench %e %M", *command], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} failed:\n{process.stderr[-3000:]}")
+    seconds, kilobytes = process.stderr.strip().splitlines()[-1].split()[1:]
+    return float(seconds), int(kilobytes) * 1024 / 1e9
 
 
 class FreezingWalk:
@@ -195,7 +197,8 @@ def main() -> None:
     os.sync()
     tables = {name: str(workdir / f"{name}.out") for name in
               ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary")}
-    freeze = run_measured([sys.executable, "-m", "thimble", "freeze", "--settings", json.dumps(freeze_settings),
+    freeze = run_measured([sys.executable, "-m", "thimble", "freeze", "--threads", str(args.threads),
+                           "--settings", json.dumps(freeze_settings),
                            "--delta", str(workdir / "delta.h5"), "--recording", str(recording),
                            *[arg for name, path in tables.items() for arg in (f"--{name}", path)]])
     print(f"freeze tables of the same ΔW′: {freeze[0]:.1f} s, peak RSS {freeze[1]:.2f} GB (targets: < 120 s, < 6 GB)")

@@ -23,11 +23,12 @@ rule freeze:
         "logs/{experiment}/freeze.log",
     params:
         settings=experiment_settings,
+    threads: 2
     resources:
         mem_mb=lambda w, attempt: analysis_mem_mb(w.experiment) * attempt,
         runtime=30,
     shell:
-        "thimble freeze --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
+        "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
         " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
         " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary} 2> {log}"
 

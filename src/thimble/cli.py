@@ -84,7 +84,7 @@ def _freeze(args) -> None:
 
     analyse(args.delta, args.recording, _settings(args.settings), {
         "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
-        "variance": args.variance, "token_steps": args.token_steps, "summary": args.summary})
+        "variance": args.variance, "token_steps": args.token_steps, "summary": args.summary}, args.threads)
 
 
 def _figures(args) -> None:
@@ -189,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recording", required=True)
     for name in ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze)
 
     p = sub.add_parser("figures", help="figures of an experiment")

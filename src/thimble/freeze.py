@@ -251,8 +251,12 @@ def _zstd_rows(reader, row_elements: int, dtype: np.dtype, valid_rows: int, bloc
         yield start, buffer[: rows * row_elements].reshape(rows, row_elements)
 
 
-def read_token_steps(delta_path: str, block_rows: int = 16) -> TokenSteps:
-    """One streaming pass over ΔW′ (T+1, V, D): TokenSteps, in memory O(T x V)."""
+def read_token_steps(delta_path: str, block_rows: int = 16, threads: int = 1) -> TokenSteps:
+    """One streaming pass over ΔW′ (T+1, V, D): TokenSteps, in memory O(T x V).
+
+    Tokens are split across ``threads`` (numpy releases the GIL in its loops)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import h5py
     import hdf5plugin  # noqa: F401
     from tqdm.auto import tqdm
@@ -267,15 +271,21 @@ def read_token_steps(delta_path: str, block_rows: int = 16) -> TokenSteps:
         fields = {name: np.zeros((n_steps, vocab), dtype=np.float32 if name == "norm" else np.int32)
                   for name in ("max_abs", "norm", "oscillatory", "quantum", "moved")}
         previous = None
-        for start, stop in tqdm(time_chunks(n_steps, rows), desc="freeze", unit="chunk", mininterval=5):
-            chunk = open_chunk(dataset, (start, 0, 0))
-            for offset, block in zstd_rows(chunk, vocab * hidden, dataset.dtype, stop - start, block_rows):
-                block = block.reshape(-1, vocab, hidden)
-                parts = summarise_block(block, previous)
-                step = start + offset
-                for name, values in parts.items():
-                    fields[name][step:step + len(block)] = values
-                previous = block[-1].copy()
+        parts = np.array_split(np.arange(vocab), threads)
+        bounds = [(int(part[0]), int(part[-1]) + 1) for part in parts if part.size]
+        with ThreadPoolExecutor(threads) as pool:
+            for start, stop in tqdm(time_chunks(n_steps, rows), desc="freeze", unit="chunk", mininterval=5):
+                chunk = open_chunk(dataset, (start, 0, 0))
+                for offset, block in zstd_rows(chunk, vocab * hidden, dataset.dtype, stop - start, block_rows):
+                    block = block.reshape(-1, vocab, hidden)
+                    step = start + offset
+                    futures = {(a, b): pool.submit(summarise_block, block[:, a:b],
+                                                   None if previous is None else previous[a:b])
+                               for a, b in bounds}
+                    for (a, b), future in futures.items():
+                        for name, values in future.result().items():
+                            fields[name][step:step + len(block), a:b] = values
+                    previous = block[-1].copy()
     return TokenSteps(**fields)
 
 
@@ -325,7 +335,7 @@ def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict]) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, str]) -> dict:
+def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, str], threads: int = 1) -> dict:
     """Write every freeze table and the summary of one experiment; return the summary."""
     import h5py
 
@@ -336,7 +346,7 @@ def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, 
         losses = handle["losses"][...]
         dead_mask = handle["dead_mask"][...]
     groups = group_masks(dead_mask)
-    steps = read_token_steps(delta_path)
+    steps = read_token_steps(delta_path, threads=threads)
     last_step = steps.max_abs.shape[0] - 1
     columns = freeze_table(steps, groups, losses, analysis["solid_max"], analysis["cold_max"])
     windows = default_windows(last_step, analysis["windows"])
