@@ -131,11 +131,9 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     Raises NonFiniteError (without a location: the caller names it) and _DoesNotFit.
     """
     both = np.concatenate([previous[None], bits])
-    magnitude = both & MAGNITUDE_BITS
-    if magnitude.max() >= NONFINITE_MAGNITUDE:
+    if (both & MAGNITUDE_BITS).max() >= NONFINITE_MAGNITUDE:
         raise NonFiniteError("W holds NaN or Inf")
-    signed = magnitude.astype(np.int32)
-    np.negative(signed, out=signed, where=both >= SIGN_BIT)
+    signed = ordinal(both)
     delta = np.subtract(signed[1:], signed[:-1])
     info = np.iinfo(out.dtype)
     if delta.min() < info.min or delta.max() > info.max:

@@ -119,16 +119,6 @@ def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int
     return group[name]
 
 
-def read_raw(dataset: h5py.Dataset, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
-    """Rows [start, stop) of a 2-byte dataset as its stored bit patterns (uint16), exactly."""
-    count = (stop - start, *dataset.shape[1:])
-    out = np.empty(count, dtype=np.uint16) if out is None else out
-    space = dataset.id.get_space()
-    space.select_hyperslab((start,) + (0,) * (len(count) - 1), count)
-    dataset.id.read(h5py.h5s.create_simple(count), space, out, mtype=dataset.id.get_type())
-    return out
-
-
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
                    pool: ThreadPoolExecutor, progress: tqdm) -> str:
     """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""

@@ -218,9 +218,9 @@ def run_plan(settings: dict, n_tokens: int) -> dict:
     }
 
 
-#: bf16 matrix-multiply rate of torch on a 2-core AVX2 CPU, measured with
-#: bench/step_rate.py (docs/benchmarks.md); the lm-head matmuls dominate a step
-CPU_BF16_FLOPS = 2.6e9
+#: bf16 matrix-multiply rate of torch on a 2-core AVX2 CPU: thimble_7 steps took ~25 s there
+#: (bench/record_bench.py, docs/benchmarks.md), 6 x 16384 x 10000 x 64 flops of lm head each
+CPU_BF16_FLOPS = 2.5e9
 
 
 def cpu_seconds_estimate(settings: dict) -> float:
