@@ -351,17 +351,18 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
             grad = wte.grad.detach().to("cpu", copy=True)
             optimizer.step()
             optimizer.zero_grad()
+            loss_value = loss.item()  # once: on a GPU each .item() waits for the device
             state = optimizer.state[wte]
             recorder.record(step, {
                 "W": wte.detach().to("cpu", copy=True),
                 "grad_W": grad,
                 "momentum_W": state["exp_avg"].to("cpu", copy=True),
                 "variance_W": state["exp_avg_sq"].to("cpu", copy=True),
-            }, loss.item())
+            }, loss_value)
             if recorder.is_segment_end(step):
                 recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, config_hash):
                                     save_checkpoint(partial_dir, snap))
-            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         recorder.close()
     except BaseException:
         recorder.abort()
