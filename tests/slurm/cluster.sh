@@ -7,6 +7,9 @@ set -euo pipefail
 node=$(hostname -s)
 conf_dir=/etc/slurm
 
+# alive, not a zombie left by an earlier daemon that nobody reaped
+running() { pgrep -x -r R,S,D "$1" >/dev/null; }
+
 up() {
     if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
         apt-get update -qq
@@ -19,7 +22,7 @@ up() {
     chown -R munge:munge /etc/munge /var/lib/munge /var/log/munge 2>/dev/null || true
     chmod 0700 /etc/munge && chmod 0400 /etc/munge/munge.key
     mkdir -p /run/munge && chown munge:munge /run/munge
-    pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
+    running munged || runuser -u munge -- /usr/sbin/munged
 
     mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
     cat > "$conf_dir/slurm.conf" <<CONF
@@ -46,8 +49,11 @@ SlurmdPidFile=/run/slurmd.pid
 NodeName=$node CPUs=$(nproc) RealMemory=20000 State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 CONF
-    pgrep -x slurmctld >/dev/null || slurmctld
-    pgrep -x slurmd >/dev/null || slurmd
+    if ! running slurmctld; then
+        pkill -x slurmscriptd || true  # a helper left by a killed controller holds its port
+        slurmctld
+    fi
+    running slurmd || slurmd
     for _ in $(seq 60); do
         if sinfo -h -N -o '%T' 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
             sinfo
@@ -64,6 +70,7 @@ CONF
 down() {
     pkill -x slurmd || true
     pkill -x slurmctld || true
+    pkill -x slurmscriptd || true
 }
 
 "${1:-up}"
