@@ -32,7 +32,7 @@ from thimble.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.config import load_config
 from thimble.lattice import from_ordinal, ordinal
 from thimble.rechunk import compress_shuffled, create_chunked
-from thimble.record import TENSORS, StreamRecorder, write_stream_file
+from thimble.record import TENSORS, StreamRecorder, write_stream_file, zstd_dcpl
 
 
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -93,10 +93,7 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
     walk: only its size matters here), losses and masks (a third of the tokens dead)."""
     walk = FreezingWalk(shape, steps)
     with h5py.File(path, "w") as out:
-        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-        dcpl.set_chunk((rows, *shape))
-        dcpl.set_shuffle()
-        dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (1,))
+        dcpl = zstd_dcpl((rows, *shape), 1)
         for name in (b"W", b"variance_W"):
             h5py.h5d.create(out.id, name, bfloat16_h5type(), h5py.h5s.create_simple((steps + 1, *shape)), dcpl=dcpl)
         for start in range(0, steps + 1, rows):

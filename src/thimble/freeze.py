@@ -295,9 +295,8 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     import hdf5plugin  # noqa: F401
 
     from thimble.bf16 import BFLOAT16
-    from thimble.lattice import stored_rows
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd, open_chunk
+    from thimble.record import has_shuffle_zstd, open_chunk, stored_rows
 
     with h5py.File(recording, "r") as handle:
         dataset = handle["variance_W"]

@@ -145,41 +145,6 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     return np.count_nonzero(moved, axis=1), np.count_nonzero(crossed, axis=1)
 
 
-def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
-    """Decode a stored shuffle+zstd chunk of uint16 rows (``reader``: ``record.open_chunk``) in blocks
-    of rows, holding half a chunk.
-
-    The shuffled stream is every low byte, then every high byte: the low plane is
-    kept, then the high plane is read a block at a time and joined with it.
-    """
-    with reader:
-        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows)
-
-
-def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int):
-    low = np.empty(n_elements, dtype=np.uint8)
-    view = memoryview(low)
-    filled = 0
-    while filled < n_elements:
-        got = reader.readinto(view[filled:])
-        if got == 0:
-            raise ValueError("a stored chunk ended early")
-        filled += got
-    high = np.empty(block_rows * row_elements, dtype=np.uint8)
-    for start in range(0, valid_rows, block_rows):
-        rows = min(block_rows, valid_rows - start)
-        size = rows * row_elements
-        target, got = memoryview(high)[:size], 0
-        while got < size:
-            read = reader.readinto(target[got:])
-            if read == 0:
-                raise ValueError("a stored chunk ended early")
-            got += read
-        block = np.left_shift(high[:size], 8, dtype=np.uint16)
-        block |= low[start * row_elements: start * row_elements + size]
-        yield start, block.reshape(rows, row_elements)
-
-
 def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: int = 1) -> dict:
     """ΔW′ of a rechunked recording, indexed by step (row 0 is 0: nothing moves before t = 0).
 
@@ -198,7 +163,7 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
 
     from thimble.files import atomic_output
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd, open_chunk
+    from thimble.record import has_shuffle_zstd, open_chunk, stored_rows, zstd_dcpl
 
     for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
         try:
@@ -218,9 +183,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                 splits = np.array_split(np.arange(row_elements), threads)
                 bounds = [(int(part[0]), int(part[-1]) + 1) for part in splits if part.size]
                 with h5py.File(tmp, "w") as out:
-                    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-                    dcpl.set_chunk((rows, *w.shape[1:]))
-                    dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (level,))
+                    # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
+                    dcpl = zstd_dcpl((rows, *w.shape[1:]), level, shuffle=False)
                     h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype),
                                     h5py.h5s.create_simple(w.shape), dcpl=dcpl)
                     target = out["delta_w_lattice"]

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 #: bytes fed to the compressor at a time while shuffling a chunk
 SHUFFLE_PIECE = 1 << 24
+#: rows decoded at a time when a written chunk is read back to verify it
+VERIFY_BLOCK_ROWS = 16
 
 
 class RechunkError(RuntimeError):
@@ -76,45 +78,19 @@ def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
     return pieces
 
 
-def hash_stored_chunk(reader, n_elements: int, n_valid: int, digest) -> None:
-    """Decode a stored shuffle+zstd chunk (``reader``: ``record.open_chunk``) in pieces and hash its
-    first ``n_valid`` elements in order.
+def hash_stored_chunk(reader, rows: int, row_elements: int, valid_rows: int, digest) -> None:
+    """Decode a stored shuffle+zstd chunk (``reader``: ``record.open_chunk``) block by block and hash
+    its first ``valid_rows`` rows in order, holding half a chunk at most."""
+    from thimble.record import stored_rows
 
-    Holds the low-byte plane (half the chunk) and one piece, not the whole decoded chunk.
-    """
-    with reader:
-        _hash_stored_chunk(reader, n_elements, n_valid, digest)
-
-
-def _hash_stored_chunk(reader, n_elements: int, n_valid: int, digest) -> None:
-    low = np.empty(n_elements, dtype=np.uint8)
-    filled = 0
-    while filled < n_elements:
-        data = reader.read(min(SHUFFLE_PIECE, n_elements - filled))
-        if not data:
-            raise RechunkError("a stored chunk ended early")
-        low[filled:filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        filled += len(data)
-    done = 0
-    while done < n_elements:
-        data = reader.read(min(SHUFFLE_PIECE, n_elements - done))
-        if not data:
-            raise RechunkError("a stored chunk ended early")
-        high = np.frombuffer(data, dtype=np.uint8)
-        elements = np.left_shift(high, 8, dtype=np.uint16)
-        elements |= low[done:done + high.size]
-        valid = max(0, min(high.size, n_valid - done))
-        digest.update(elements[:valid].data)
-        done += high.size
-    if reader.read(1):
-        raise RechunkError("a stored chunk is longer than its dataset's chunk")
+    for _, block in stored_rows(reader, rows, row_elements, valid_rows, VERIFY_BLOCK_ROWS):
+        digest.update(block.data)
 
 
 def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk((rows, *source.shape[1:]))
-    dcpl.set_shuffle()
-    dcpl.set_filter(32015, h5py.h5z.FLAG_OPTIONAL, (level,))
+    from thimble.record import zstd_dcpl
+
+    dcpl = zstd_dcpl((rows, *source.shape[1:]), level)
     h5py.h5d.create(group.id, name.encode(), source.id.get_type(), source.id.get_space(), dcpl=dcpl)
     return group[name]
 
@@ -141,7 +117,7 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
         del pieces
         # read the chunk back from the file and hash what it decodes to
         out.flush()
-        hash_stored_chunk(open_chunk(target, offset), rows * row_elements, (stop - start) * row_elements, stored)
+        hash_stored_chunk(open_chunk(target, offset), rows, row_elements, stop - start, stored)
         progress.update((stop - start) * row_elements * 2)
     if stored.hexdigest() != copied.hexdigest():
         raise RechunkError(f"{name}: the rechunked bits differ from the source "

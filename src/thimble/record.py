@@ -100,13 +100,20 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
                           level: int) -> h5py.Dataset:
     """A chunked (chunk_rows, V, D), shuffle+zstd compressed dataset of the storage dtype."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk((chunk_rows, *shape[1:]))
-    dcpl.set_shuffle()
-    dcpl.set_filter(ZSTD_FILTER, h5py.h5z.FLAG_OPTIONAL, (level,))
     space = h5py.h5s.create_simple(shape)
+    dcpl = zstd_dcpl((chunk_rows, *shape[1:]), level)
     h5py.h5d.create(group.id, name.encode(), storage_h5type(storage), space, dcpl=dcpl)
     return group[name]
+
+
+def zstd_dcpl(chunks: tuple[int, ...], level: int, shuffle: bool = True) -> h5py.h5p.PropDCID:
+    """Creation properties of every compressed tensor here: chunks, [shuffle ->] zstd (filter 32015)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk(tuple(chunks))
+    if shuffle:
+        dcpl.set_shuffle()
+    dcpl.set_filter(ZSTD_FILTER, h5py.h5z.FLAG_OPTIONAL, (level,))
+    return dcpl
 
 
 def is_bfloat16(dataset: h5py.Dataset) -> bool:
@@ -421,3 +428,38 @@ def open_chunk(dataset: h5py.Dataset, coords: tuple[int, ...]):
     handle.seek(info.byte_offset)
     # a zstd frame ends itself: the reader stops there, whatever follows in the file
     return zstandard.ZstdDecompressor().stream_reader(handle, read_size=1 << 20, closefd=True)
+
+
+def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
+    """Decode a stored shuffle+zstd chunk of uint16 rows (``reader``: ``record.open_chunk``) in blocks
+    of rows, holding half a chunk.
+
+    The shuffled stream is every low byte, then every high byte: the low plane is
+    kept, then the high plane is read a block at a time and joined with it.
+    """
+    with reader:
+        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows)
+
+
+def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int):
+    low = np.empty(n_elements, dtype=np.uint8)
+    view = memoryview(low)
+    filled = 0
+    while filled < n_elements:
+        got = reader.readinto(view[filled:])
+        if got == 0:
+            raise ValueError("a stored chunk ended early")
+        filled += got
+    high = np.empty(block_rows * row_elements, dtype=np.uint8)
+    for start in range(0, valid_rows, block_rows):
+        rows = min(block_rows, valid_rows - start)
+        size = rows * row_elements
+        target, got = memoryview(high)[:size], 0
+        while got < size:
+            read = reader.readinto(target[got:])
+            if read == 0:
+                raise ValueError("a stored chunk ended early")
+            got += read
+        block = np.left_shift(high[:size], 8, dtype=np.uint16)
+        block |= low[start * row_elements: start * row_elements + size]
+        yield start, block.reshape(rows, row_elements)
