@@ -102,6 +102,24 @@ def _series(args) -> None:
     series_outputs(args.name, args.summaries, args.figure, args.table)
 
 
+def _plan(args) -> int:
+    from pathlib import Path
+
+    from thimble.config import load_config
+    from thimble.files import atomic_output
+    from thimble.plan import SNAKEFILE, format_plan, make_plan
+
+    workdir = Path(args.directory)
+    config = load_config(workdir / args.configfile)
+    plan = make_plan(config, args.targets, workdir, Path(args.snakefile or SNAKEFILE), args.probe_steps,
+                     args.probe_device, args.threads)
+    print(format_plan(plan))
+    if args.json:
+        with atomic_output(args.json) as tmp:
+            Path(tmp).write_text(json.dumps(plan, indent=1) + "\n")
+    return 0 if plan["fits"] else 3
+
+
 def _validate(args) -> None:
     from thimble.config import load_config
 
@@ -118,6 +136,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="validate a config file against the schema")
     p.add_argument("configfile")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("plan", help="predict file sizes, peak RAM and training time of a target; check free disk",
+                       description="Probe each experiment of the targets for a few steps (cached in "
+                       "results/calibration/), then print per file its predicted size, per stage its peak RAM, "
+                       "and the training time on CPU and GPU. Exits 3 when the free disk cannot hold the plan.")
+    p.add_argument("targets", nargs="*", help="snakemake targets (default: the workflow's `all`)")
+    p.add_argument("--directory", default=".", help="the working directory snakemake runs in")
+    p.add_argument("--configfile", default="config.yaml", help="relative to --directory")
+    p.add_argument("--snakefile", help="default: the repository's Snakefile")
+    p.add_argument("--probe-steps", type=int, default=24,
+                   help="steps each probe trains (default 24; fewer for a quicker, coarser plan)")
+    p.add_argument("--probe-device", action="append", default=[], metavar="DEVICE",
+                   help="also probe on this device (e.g. cuda), to time training there")
+    p.add_argument("--threads", type=int, default=2, help="threads of the probe's stages")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("fetch-sdist", help="download a source distribution with pip and check its sha256")
     p.add_argument("--package", required=True)
@@ -208,8 +242,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: set by `thimble plan` when it probes a stage: the stage writes its own peak RSS (bytes) there
+PEAK_RSS_ENV = "THIMBLE_PEAK_RSS_FILE"
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (exec'd).
+
+    Linux's VmHWM belongs to the process image alone; ``ru_maxrss`` would also
+    count the memory of the parent it was forked from. Elsewhere ru_maxrss is
+    the best there is (kB on Linux, bytes on macOS).
+    """
+    import resource
+
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
 def main(argv: list[str] | None = None) -> int:
+    import os
+
     args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    finally:
+        if os.environ.get(PEAK_RSS_ENV):
+            with open(os.environ[PEAK_RSS_ENV], "w") as handle:
+                handle.write(f"{peak_rss_bytes()}\n")
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from thimble.config import ConfigError
@@ -220,13 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         from thimble.train import TrainingError
 
         expected += (TrainingError,)
+    if args.command == "plan":
+        from thimble.plan import PlanError
+
+        expected += (PlanError,)
     try:
-        args.func(args)
+        status = args.func(args)
     except expected as error:
         logging.getLogger("thimble").error("%s", error)
         print(f"thimble {args.command}: error: {error}", file=sys.stderr)
         return 1
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -377,6 +377,9 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
     attrs = {**hyperparameter_attrs(settings), **provenance(device, threads)}
+    # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
+    attrs["session_trained_steps"] = steps - start
+    attrs["session_training_seconds"] = elapsed
     attrs["n_live"] = int(masks["live_mask"].sum())
     attrs["n_dead"] = int(masks["dead_mask"].sum())
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
