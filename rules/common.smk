@@ -49,43 +49,39 @@ def experiment_settings(wildcards):
     return json.dumps(CFG["experiments"][wildcards.experiment], sort_keys=True)
 
 
-def train_mem_mb(experiment):
-    """Predicted peak RAM of training (the run's own safety-check figures) plus the interpreter."""
-    from thimble.train import run_plan
+def calibration_of(experiment):
+    """The probe that `thimble plan` cached for the experiment, or the nearest shipped or cached one."""
+    from thimble.plan import any_calibration
 
-    plan = run_plan(CFG["experiments"][experiment], n_tokens=0)
-    ram = sum(value for key, value in plan.items() if key.startswith("ram"))
-    return int(ram * 1.5 / 1e6) + 2000
+    calibration = any_calibration(CFG["experiments"][experiment], Path("."))
+    if calibration is None:
+        raise WorkflowError(f"no calibration to size the jobs of {experiment}: run `thimble plan "
+                            f"results/{experiment}/freeze.csv`, or restore workflow/calibration/ from the repository")
+    return calibration
+
+
+def stage_mem_mb(experiment, stage, attempt=1):
+    """Memory to ask for: the predicted peak of `thimble plan` (measured baseline + the run's arrays),
+    with half again as margin, times the attempt."""
+    from thimble.plan import peak_ram_bytes
+
+    peak = peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record)[stage]
+    return int(peak * 1.5 / 1e6 * attempt) + 1
 
 
 def train_runtime_min(experiment):
-    """Wall-clock minutes to ask a scheduler for: the CPU estimate, doubled."""
-    from thimble.train import cpu_seconds_estimate
+    """Minutes to ask a scheduler for training: the measured GPU step rate if probed (the profile asks for
+    a GPU), else the CPU one, doubled."""
+    from thimble.plan import training_seconds
 
-    return max(10, int(2 * cpu_seconds_estimate(CFG["experiments"][experiment]) / 60))
-
-
-def rechunk_mem_mb(experiment):
-    """About 1.5 destination chunks, plus the interpreter."""
-    from thimble.config import STORED_ELEMENT_BYTES
-    from thimble.rechunk import steps_per_chunk
-
-    exp = CFG["experiments"][experiment]
-    row_bytes = exp["model"]["vocab_size"] * exp["model"]["hidden_dim"] * STORED_ELEMENT_BYTES
-    rechunk = exp["rechunk"]
-    rows = steps_per_chunk(exp["training"]["steps"] + 1, row_bytes, rechunk["steps_per_chunk"],
-                           rechunk["max_chunk_bytes"])
-    return int(2 * rows * row_bytes / 1e6) + 1000
+    for device_kind in ("cuda", "cpu"):
+        timed = training_seconds(CFG["experiments"][experiment], device_kind, Path("."))
+        if timed is not None:
+            return max(10, int(2 * timed[0] / 60) + 1)
+    calibration_of(experiment)  # raises, saying what to do
 
 
 def experiment_pattern(keep_stream):
     """A wildcard pattern matching the experiments whose rechunk.keep_stream is ``keep_stream``."""
     names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
     return "|".join(map(re.escape, names)) or "(?!)"
-
-
-def analysis_mem_mb(experiment):
-    """Per-token, per-step summaries (five (T+1) x V arrays) and one ΔW′ chunk being decoded."""
-    exp = CFG["experiments"][experiment]
-    per_step_tokens = (exp["training"]["steps"] + 1) * exp["model"]["vocab_size"]
-    return int(per_step_tokens * 4 * 8 / 1e6) + rechunk_mem_mb(experiment)

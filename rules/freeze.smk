@@ -25,7 +25,7 @@ rule freeze:
         settings=experiment_settings,
     threads: 2
     resources:
-        mem_mb=lambda w, attempt: analysis_mem_mb(w.experiment) * attempt,
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
         runtime=30,
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
@@ -47,7 +47,7 @@ rule figures:
     log:
         "logs/{experiment}/figures.log",
     resources:
-        mem_mb=lambda w, attempt: analysis_mem_mb(w.experiment) * attempt,
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "figures", attempt),
         runtime=15,
     shell:
         "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"

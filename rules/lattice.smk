@@ -10,7 +10,7 @@ rule lattice:
         "logs/{experiment}/lattice.log",
     threads: 2
     resources:
-        mem_mb=lambda w: rechunk_mem_mb(w.experiment),
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "lattice", attempt),
         runtime=30,
     shell:
         "thimble lattice --recording {input} --output {output} --threads {threads} 2> {log}"

@@ -12,7 +12,7 @@ rule rechunk:
         settings=experiment_settings,
     threads: 2
     resources:
-        mem_mb=lambda w: rechunk_mem_mb(w.experiment),
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt),
         runtime=60,
     shell:
         "thimble rechunk --settings {params.settings:q} --stream {input} --output {output}"

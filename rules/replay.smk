@@ -11,7 +11,7 @@ rule replay:
     log:
         "logs/{experiment}/replay.log",
     resources:
-        mem_mb=2000,
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "replay", attempt),
         runtime=120,
     shell:
         "thimble replay --stream {input} --table {output.table} --summary {output.summary}"

@@ -18,7 +18,7 @@ rule train:
         experiment=experiment_pattern(keep_stream=True),
     threads: 2
     resources:
-        mem_mb=lambda w: train_mem_mb(w.experiment),
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"

@@ -94,11 +94,32 @@ def test_delta_w_lattice_names_a_nonfinite_step_and_element(rechunked, tmp_path)
     assert not (tmp_path / "delta.h5").exists()
 
 
-def test_delta_w_lattice_refuses_float16_recordings(data, tmp_path):  # noqa: F811
+def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay_that_counts(data, tmp_path):  # noqa: F811
     stream = run_train(data, tmp_path / "stream", tiny_settings(dtype="float16"))
     rechunk_stream(stream, tmp_path / "recording.h5", 8, 2**31)
-    with pytest.raises(ValueError, match="not stored as bfloat16"):
-        write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+    summary = write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+    assert summary["source_storage"] == "float16" and not summary["exact"]
+    with h5py.File(tmp_path / "recording.h5", "r") as recording, h5py.File(tmp_path / "delta.h5", "r") as delta:
+        stored = torch.from_numpy(read_steps(recording["W"]))
+        as_bf16 = stored.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).view(BFLOAT16)
+        np.testing.assert_array_equal(delta["delta_w_lattice"][1:], delta_w_lattice(as_bf16[:-1], as_bf16[1:]))
+        assert not delta["delta_w_lattice"].attrs["exact"]
+    replay = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+                           str(tmp_path / "ratio.csv"))
+    assert replay["storage_dtype"] == "float16"
+    # exp_avg_sq of these steps lies far below float16's range: stored as 0, the replay says so
+    assert replay["total_mismatches"]["variance_mismatches"] > 0 and not replay["bitwise_match"]
+
+
+def test_float16_to_bfloat16_bits_equal_torchs_cast_for_every_pattern():
+    from thimble.bf16 import bfloat16_bits_from_float16_bits
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ours = bfloat16_bits_from_float16_bits(bits)
+    theirs = torch.from_numpy(bits.view(np.float16)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    nan = np.isnan(bits.view(np.float16))
+    np.testing.assert_array_equal(ours[~nan], theirs[~nan])
+    assert np.isnan(ours[nan].view(BFLOAT16).astype(np.float32)).all()
 
 
 def test_adamw_step_equals_torch_adamw():

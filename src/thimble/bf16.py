@@ -69,3 +69,13 @@ def to_float16_counting(tensor: torch.Tensor) -> tuple[np.ndarray, int]:
     back = half.float()
     altered = int(((back != exact) & ~(torch.isnan(back) & torch.isnan(exact))).sum())
     return half.numpy(), altered
+
+
+def bfloat16_bits_from_float16_bits(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits of float16 values, rounded to nearest even (torch's ``.to(torch.bfloat16)``).
+
+    Exact for every float16 that came from a bf16 value in float16's normal
+    range; a recording stored as float16 (the seed's storage) is read this way.
+    """
+    with np.errstate(invalid="ignore"):  # NaN stays NaN
+        return bits.view(np.float16).astype(BFLOAT16).view(np.uint16)

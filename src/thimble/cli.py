@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: set by `thimble plan` when it probes a stage: the stage writes its own peak RSS (bytes) there
-PEAK_RSS_ENV = "THIMBLE_PEAK_RSS_FILE"
+#: a directory: each stage writes its own peak RSS in bytes to <dir>/<stage>.peak_rss there
+#: (`thimble plan` sets it for its probes; set it on a real run to compare with the plan)
+PEAK_RSS_ENV = "THIMBLE_PEAK_RSS_DIR"
 
 
 def peak_rss_bytes() -> int:
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     finally:
         if os.environ.get(PEAK_RSS_ENV):
-            with open(os.environ[PEAK_RSS_ENV], "w") as handle:
+            with open(os.path.join(os.environ[PEAK_RSS_ENV], f"{args.command}.peak_rss"), "w") as handle:
                 handle.write(f"{peak_rss_bytes()}\n")
 
 

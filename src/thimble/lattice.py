@@ -15,9 +15,13 @@ integer, while the step count still is.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from thimble.bf16 import BFLOAT16
+
+log = logging.getLogger(__name__)
 
 SIGN_BIT = np.uint16(0x8000)
 MAGNITUDE_BITS = np.uint16(0x7FFF)
@@ -163,16 +167,22 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
 
     from thimble.files import atomic_output
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd, open_chunk, stored_rows, zstd_dcpl
+    from thimble.bf16 import bfloat16_bits_from_float16_bits
+    from thimble.record import STORAGE_DTYPES, has_shuffle_zstd, open_chunk, stored_rows, zstd_dcpl
 
     for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
         try:
             with h5py.File(recording, "r") as source, atomic_output(output) as tmp, \
                     ThreadPoolExecutor(threads) as pool:
                 w = source["W"]
-                if w.dtype != np.float32 or w.id.get_type().get_size() != 2:
-                    raise ValueError(f"{recording}: W is not stored as bfloat16 ({source.attrs.get('storage_dtype')}); "
-                                     "ΔW′ counts bf16 lattice steps and needs the bit-faithful recording")
+                storage = source.attrs.get("storage_dtype")
+                if storage not in STORAGE_DTYPES or w.id.get_type().get_size() != 2:
+                    raise ValueError(f"{recording}: W is stored as {storage} ({w.dtype}); ΔW′ needs a "
+                                     "recording written by thimble train (bfloat16 or float16)")
+                from_float16 = storage == "float16"
+                if from_float16 and dtype == np.int16:
+                    log.warning("%s stores float16 (record.dtype float16): ΔW′ is of the stored values read "
+                                "back as bf16, not exact where float16 altered W", recording)
                 if not has_shuffle_zstd(w):
                     raise ValueError(f"{recording}: W is not shuffle+zstd compressed; rechunk it with thimble rechunk")
                 rows = w.chunks[0]
@@ -195,6 +205,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                         pieces = []
                         for offset, block in stored_rows(open_chunk(w, (start,) + (0,) * (w.ndim - 1)), rows,
                                                          row_elements, stop - start, BLOCK_ROWS):
+                            if from_float16:
+                                block = bfloat16_bits_from_float16_bits(block)
                             if previous is None:  # step 0: nothing moved before it
                                 previous = block[0].copy()
                             delta = np.empty(block.shape, dtype)
@@ -224,6 +236,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                         "moves": int(moves.sum()),
                         "crossed_binade_moves": int(crossed.sum()),
                         "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
+                        "source_storage": storage,
+                        "exact": not from_float16,
                     }
                     target.attrs.update(summary)
                     target.attrs["description"] = ("signed bf16 lattice steps from W[t-1] to W[t], indexed by t; "

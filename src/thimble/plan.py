@@ -51,7 +51,7 @@ SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 CALIBRATION_DIR = Path("results") / "calibration"
 #: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
 SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "workflow" / "calibration"
-CALIBRATION_FORMAT = 1
+CALIBRATION_FORMAT = 2
 PROBE_STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
 #: the rule that writes each file of an experiment, by its path under results/{experiment}/
 EXPERIMENT_FILES = {
@@ -110,15 +110,17 @@ def array_bytes(settings: dict, n_tokens: int = 0) -> dict[str, int]:
     per_token_step = (steps + 1) * model["vocab_size"]
     return {
         "train": sum(value for key, value in train.items() if key.startswith("ram")),
-        # a source chunk being filled and the compressed pieces of the one being written (measured ~2 chunks)
+        # the source chunk's bits and the compressed pieces of the chunk being written (measured 1.85-2.0
+        # chunks at thimble_7 size, docs/benchmarks.md)
         "rechunk": 2 * chunk,
-        # a decoded recording chunk and its ΔW′ (int16, or int32 when steps do not fit)
-        "lattice": 2 * chunk + chunk,
-        # W, grad and both moments in bf16 and float32 working copies, twice (before and after)
+        # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
+        "lattice": chunk,
+        # W, grad and both moments in bf16 and float32 working copies, before and after a step
         "replay": 2 * 4 * row_elements * (2 + 4),
-        # five (T+1) x V summaries in 8-byte words, and one ΔW′ chunk
-        "freeze": 5 * per_token_step * 8 + chunk,
-        "figures": 5 * per_token_step * 8,
+        # five (T+1) x V per-token summaries of 4 bytes, and the window statistics' working copies of them
+        "freeze": 2 * 5 * per_token_step * 4,
+        # max |ΔW′| and the norm per token and step
+        "figures": 2 * per_token_step * 4,
     }
 
 
@@ -260,8 +262,8 @@ def run_stage(stage: str, args: list[str], log_path: Path) -> dict:
     from thimble.cli import PEAK_RSS_ENV
 
     command = [sys.executable, "-m", "thimble", stage, *args]
-    peak_file = log_path.with_suffix(".peak_rss")
-    env = dict(os.environ, **{PEAK_RSS_ENV: str(peak_file)})
+    peak_file = log_path.parent / f"{stage}.peak_rss"
+    env = dict(os.environ, **{PEAK_RSS_ENV: str(log_path.parent)})
     started = time.perf_counter()
     with open(log_path, "w") as log_file:
         result = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
@@ -288,6 +290,16 @@ def probe_tokens(settings: dict, directory: Path, workdir: Path) -> tuple[Path, 
     masks = directory / "live_dead_tokens.safetensors"
     write_masks(str(tokens), model["vocab_size"], str(masks))
     return tokens, masks, "random"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) -> dict:
@@ -326,8 +338,6 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
                                            "update_ratio")
                           for arg in (f"--{name.replace('_', '-')}-png", str(out[f"figures/{name}.png"]))]],
         }
-        if probe_config["record"]["dtype"] != "bfloat16":
-            del stages["replay"]  # a bitwise replay needs bf16 storage; the rule fails the same way
         measured = {}
         for stage, args in stages.items():
             log.info("probe %s: %s (%d steps on %s)", settings["name"], stage, steps, device)
@@ -348,12 +358,15 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
         "torch_threads": int(attrs["torch_threads"]),
         "torch_version": str(attrs["torch_version"]),
         "host": socket.gethostname(),
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         # the loop's time over its steps: the first step's warm-up is included, so this is a slight overestimate
         "seconds_per_step": float(attrs["session_training_seconds"]) / int(attrs["session_trained_steps"]),
         "step_flops": step_flops(settings),
-        "array_bytes": array_bytes(probe_config, n_tokens),
+        "probe_settings": probe_config,
+        "n_tokens": n_tokens,
         "stages": measured,
         "files": files,
     }
@@ -414,6 +427,24 @@ def training_seconds(settings: dict, device_kind: str, workdir: Path,
         return None
     per_step = calibration.record["seconds_per_step"] * calibration.scale
     return per_step * settings["training"]["steps"], calibration
+
+
+def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
+    """A calibration for settings' stage baselines: its own shape if probed, else the nearest (CPU first)."""
+    for device_kind in ("cpu", "cuda"):
+        calibration = step_time_calibration(settings, device_kind, workdir)
+        if calibration is not None:
+            return calibration
+    return None
+
+
+def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0) -> dict[str, int]:
+    """Each probed stage's peak RSS at full size: its measured peak, less the probe's arrays, plus the
+    full run's arrays (``array_bytes``)."""
+    full = array_bytes(settings, n_tokens)
+    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"])
+    return {stage: max(0, round(measured["peak_rss_bytes"] - probed[stage] + full[stage]))
+            for stage, measured in calibration["stages"].items()}
 
 
 def ensure_probe(settings: dict, workdir: Path, device: str, steps: int, threads: int) -> tuple[dict, Path]:
@@ -483,8 +514,10 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
                                 "predicted": False})
             continue
         name, relative = found
+        # the stage, not the rule: train_temporary_stream is the train stage too
         experiments.setdefault(name, {"files": []})["files"].append(
-            {"path": row["output_file"], "relative": relative, "rule": row["rule"], "pending": row["pending"]})
+            {"path": row["output_file"], "relative": relative, "rule": EXPERIMENT_FILES.get(relative, row["rule"]),
+             "pending": row["pending"]})
 
     for name, entry in experiments.items():
         settings = config["experiments"][name]
@@ -508,12 +541,9 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
         tokens_file = workdir / "results" / "data" / settings["dataset"] / "tokens.npy"
         if tokens_file.exists():
             n_tokens = int(np.load(tokens_file, mmap_mode="r").shape[0])
-        full = array_bytes(settings, n_tokens)
         stages_needed = {file["rule"] for file in entry["files"]}
-        entry["peak_ram_bytes"] = {
-            stage: max(0, round(record["stages"][stage]["peak_rss_bytes"] - record["array_bytes"][stage]
-                                + full[stage]))
-            for stage in PROBE_STAGES if stage in record["stages"] and stage in stages_needed}
+        entry["peak_ram_bytes"] = {stage: value for stage, value in peak_ram_bytes(settings, record, n_tokens).items()
+                                   if stage in stages_needed}
         entry["training_seconds"] = {}
         for device_kind in ("cpu", "cuda"):
             timed = training_seconds(settings, device_kind, workdir, own.get(device_kind))
@@ -523,7 +553,9 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
             seconds, calibration = timed
             entry["training_seconds"][device_kind] = {
                 "seconds": seconds, "seconds_per_step": seconds / steps, "calibration": str(calibration.path),
-                "device_name": calibration.record["device_name"], "host": calibration.record["host"],
+                "device_name": calibration.record["device_name"] if device_kind == "cuda"
+                else f"{calibration.record['cpu_model']}, {calibration.record['torch_threads']} threads",
+                "host": calibration.record["host"],
                 "note": calibration.note}
 
     pending = [file for entry in experiments.values() for file in entry["files"] if file["pending"]]
@@ -587,6 +619,7 @@ def format_plan(plan: dict) -> str:
                  f"{human_bytes(plan['free_bytes'])}")
     if not plan["fits"]:
         lines.append(f"WARNING: the plan needs {human_bytes(plan['bytes_to_write'])} but only "
-                     f"{human_bytes(plan['free_bytes'])} are free in {plan['disk']}: free space, or set "
-                     "rechunk.keep_stream: false, or plan fewer experiments")
+                     f"{human_bytes(plan['free_bytes'])} are free in {plan['disk']}: free space, plan fewer "
+                     "experiments at a time, or set rechunk.keep_stream: false (each stream is deleted once "
+                     "rechunked and replayed)")
     return "\n".join(lines)

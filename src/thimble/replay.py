@@ -86,15 +86,17 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
 
     with open_stream(stream_dir) as stream:
         attrs = dict(stream.attrs)
-        if attrs.get("storage_dtype") != "bfloat16":
-            raise ValueError(f"{stream_dir} stores {attrs.get('storage_dtype')}: a bitwise replay needs the "
-                             "bit-faithful bf16 recording (record.dtype: bfloat16)")
+        storage = attrs.get("storage_dtype")
+        if storage == "float16":
+            log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                        "bf16, so it reports mismatches wherever float16 altered them", stream_dir)
         hyper = {"lr": float(attrs["learning_rate"]), "beta1": float(attrs["adam_beta1"]),
                  "beta2": float(attrs["adam_beta2"]), "eps": float(attrs["adam_epsilon"]),
                  "weight_decay": float(attrs["weight_decay"])}
         last = stream["W"].shape[0] - 1
         rows, histograms = [], []
-        read = lambda name, t: read_steps_torch(stream[name], t, t + 1)[0]  # noqa: E731
+        # float16 storage is read back as torch casts it to bf16 (round to nearest even)
+        read = lambda name, t: read_steps_torch(stream[name], t, t + 1)[0].to(torch.bfloat16)  # noqa: E731
         w_before, m_before, v_before = read("W", 0), read("momentum_W", 0), read("variance_W", 0)
         for step in tqdm(range(1, last + 1), desc="replay", unit="step", mininterval=5):
             w_after, m_after, v_after = read("W", step), read("momentum_W", step), read("variance_W", step)
@@ -123,6 +125,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     totals = {column: int(sum(row[column] for row in rows)) for column in COLUMNS[1:4]}
     summary = {
         "steps": last,
+        "storage_dtype": storage,
         "replayed_on": replay_env,
         "recorded_on": recorded_env,
         "same_kernel": replay_env == recorded_env,

@@ -218,18 +218,6 @@ def run_plan(settings: dict, n_tokens: int) -> dict:
     }
 
 
-#: bf16 matrix-multiply rate of torch on a 2-core AVX2 CPU: thimble_7 steps took ~25 s there
-#: (bench/record_bench.py, docs/benchmarks.md), 6 x 16384 x 10000 x 64 flops of lm head each
-CPU_BF16_FLOPS = 2.5e9
-
-
-def cpu_seconds_estimate(settings: dict) -> float:
-    """Rough CPU training time: 6 flops per (token, vocab, hidden) for the tied lm head."""
-    model, training = settings["model"], settings["training"]
-    tokens = training["batch_size"] * model["max_seq_len"]
-    return training["steps"] * 6 * tokens * model["vocab_size"] * model["hidden_dim"] / CPU_BF16_FLOPS
-
-
 def check_disk(plan: dict, directory: Path) -> None:
     free = shutil.disk_usage(directory).free
     need = plan["stream_bytes_uncompressed"]

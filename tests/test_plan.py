@@ -1,0 +1,134 @@
+"""`thimble plan`: the size, memory and time models, and the plan against a real thimble_mini run."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_snakemake
+from thimble import plan
+from thimble.config import load_config
+
+
+def test_size_models_scale_with_steps():
+    assert plan.predict_size({"kind": "constant", "bytes": 123}, 1000, 10) == 123
+    per_step = {"kind": "per_step", "fixed": 100, "per_row": 10.0, "row_offset": 1}
+    assert plan.predict_size(per_step, 59, 10) == 100 + 10 * 60
+    # 61 steps in segments of 20: 4 segment files and stream.h5
+    stream = {"kind": "stream", "per_row": 1000.0, "per_file": 50.0}
+    assert plan.predict_size(stream, 60, 20) == 61 * 1000 + 5 * 50
+    flat = {"kind": "decaying", "fixed": 7, "probe_stored": 240, "probe_steps": 24, "exponent": 0.0}
+    assert plan.predict_size(flat, 60, 20) == 7 + 600  # no decay: the probe's rate per step
+    decaying = dict(flat, exponent=-0.5)
+    assert plan.predict_size(decaying, 60, 20) < 7 + 600
+    assert plan.predict_size({"kind": "not_predicted"}, 60, 20) is None
+
+
+def test_power_sum_and_decay_exponent():
+    assert plan.power_sum(4, 0.0) == 4
+    assert plan.power_sum(3, 1.0) == 6
+    steps = np.arange(1, 40, dtype=float)
+    assert plan.decay_exponent(steps, 5000 * steps ** -0.3) == pytest.approx(-0.3)
+    assert plan.decay_exponent(steps, 5000 * steps ** 0.2) == 0.0  # growth is not extrapolated
+    assert plan.decay_exponent(np.array([1.0]), np.array([10.0])) == 0.0
+
+
+def test_csv_model_tells_per_step_tables_from_fixed_ones(tmp_path):
+    per_step = tmp_path / "per_step.csv"
+    per_step.write_text("step,value\n" + "".join(f"{t},{t * 2}\n" for t in range(1, 11)))
+    model = plan.measure_file(per_step, 10)
+    assert model["kind"] == "per_step" and model["row_offset"] == 0
+    assert plan.predict_size(model, 10, 5) == per_step.stat().st_size
+    per_token = tmp_path / "tokens.csv"
+    per_token.write_text("token,value\n" + "".join(f"{t},1\n" for t in range(384)))
+    assert plan.measure_file(per_token, 10) == {"kind": "constant", "bytes": per_token.stat().st_size,
+                                                "probe_bytes": per_token.stat().st_size}
+
+
+def test_step_time_from_another_shape_is_scaled_by_flops(tmp_path):
+    config = load_config(REPO / "config.yaml")
+    mini, big = config["experiments"]["thimble_mini"], config["experiments"]["thimble_7"]
+    calibrations = tmp_path / plan.CALIBRATION_DIR
+    calibrations.mkdir(parents=True)
+    record = {"format": plan.CALIBRATION_FORMAT, "device_kind": "cuda", "probed_as": "thimble_7",
+              "step_flops": plan.step_flops(big), "seconds_per_step": 0.5, "device_name": "a GPU", "host": "h"}
+    (calibrations / "x-cuda.json").write_text(json.dumps(record))
+    seconds, calibration = plan.training_seconds(mini, "cuda", tmp_path)
+    ratio = plan.step_flops(mini) / plan.step_flops(big)
+    assert seconds == pytest.approx(0.5 * ratio * mini["training"]["steps"])
+    assert "scaled by step FLOPs" in calibration.note and "thimble_7" in calibration.note
+    same, _ = plan.training_seconds(big, "cuda", tmp_path)
+    assert same == pytest.approx(0.5 * big["training"]["steps"])
+
+
+def test_targets_outside_the_config_fail_with_snakemakes_reason(workdir):
+    result = subprocess.run([sys.executable, "-m", "thimble", "plan", "--directory", str(workdir),
+                             "results/no_such_experiment/freeze.csv"], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "snakemake could not plan results/no_such_experiment/freeze.csv" in result.stderr
+
+
+def thimble_plan(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "thimble", "plan", "--directory", str(workdir), *args],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+MINI_TARGETS = ("results/thimble_mini/freeze.csv", "results/thimble_mini/replay.csv",
+                "results/thimble_mini/figures/loss.png")
+
+
+def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, monkeypatch):
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
+    first = thimble_plan(tmp_path, *MINI_TARGETS, "--json", str(tmp_path / "plan.json"))
+    assert "probing thimble_mini on cpu" in first.stderr
+    assert not list((tmp_path / plan.CALIBRATION_DIR).glob(".probe-*")), "the probe's scratch is removed"
+    predicted = json.loads((tmp_path / "plan.json").read_text())
+    mini = predicted["experiments"]["thimble_mini"]
+    assert mini["token_source"] == "dataset" and mini["probe_steps"] == 24
+    assert "to write" in first.stdout and "training on CPU" in first.stdout
+    assert "training on GPU: not measured" in first.stdout or mini["training_seconds"]["cuda"]
+    assert predicted["fits"] and predicted["bytes_to_write"] > 0
+
+    peaks = tmp_path / "peaks"
+    peaks.mkdir()
+    monkeypatch.setenv("THIMBLE_PEAK_RSS_DIR", str(peaks))
+    run_snakemake(tmp_path, "--cores", "2", *MINI_TARGETS)
+
+    checked = set()
+    for file in mini["files"]:
+        actual = plan.existing_bytes(tmp_path / file["path"])
+        if not file["predicted"]:
+            assert file["relative"].startswith("figures/"), file
+            continue
+        assert file["bytes"] == pytest.approx(actual, rel=0.2), (file["path"], file["bytes"], actual)
+        checked.add(file["relative"])
+    assert {"stream", "recording.h5", "delta_w_lattice.h5", "token_displacement.h5", "freeze.csv",
+            "replay.csv", "summary.json"} <= checked
+    for stage, bytes_predicted in mini["peak_ram_bytes"].items():
+        measured = int((peaks / f"{stage}.peak_rss").read_text())
+        assert bytes_predicted == pytest.approx(measured, rel=0.2), (stage, bytes_predicted, measured)
+    assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
+
+    again = thimble_plan(tmp_path, *MINI_TARGETS)
+    assert "probing" not in again.stderr, "a cached probe is reused"
+    assert "exists" in again.stdout and "to write: 0 B predicted" in again.stdout
+
+
+def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatch, capsys):
+    from thimble import cli
+
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
+    monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    status = cli.main(["plan", "--directory", str(tmp_path), "--probe-steps", "4", "results/thimble_mini/recording.h5"])
+    out = capsys.readouterr().out
+    assert status == 3
+    assert "WARNING: the plan needs" in out and "only 1.00 kB are free" in out
+    assert not (tmp_path / "results/thimble_mini").exists(), "planning runs nothing"
