@@ -55,14 +55,15 @@ def test_step_time_from_another_shape_is_scaled_by_flops(tmp_path):
     calibrations = tmp_path / plan.CALIBRATION_DIR
     calibrations.mkdir(parents=True)
     record = {"format": plan.CALIBRATION_FORMAT, "device_kind": "cuda", "probed_as": "thimble_7",
-              "step_flops": plan.step_flops(big), "seconds_per_step": 0.5, "device_name": "a GPU", "host": "h"}
+              "step_flops": plan.step_flops(big), "first_step_seconds": 2.0, "seconds_per_step": 0.5,
+              "device_name": "a GPU", "host": "h"}
     (calibrations / "x-cuda.json").write_text(json.dumps(record))
     seconds, calibration = plan.training_seconds(mini, "cuda", tmp_path)
     ratio = plan.step_flops(mini) / plan.step_flops(big)
-    assert seconds == pytest.approx(0.5 * ratio * mini["training"]["steps"])
+    assert seconds == pytest.approx((2.0 + 0.5 * (mini["training"]["steps"] - 1)) * ratio)
     assert "scaled by step FLOPs" in calibration.note and "thimble_7" in calibration.note
     same, _ = plan.training_seconds(big, "cuda", tmp_path)
-    assert same == pytest.approx(0.5 * big["training"]["steps"])
+    assert same == pytest.approx(2.0 + 0.5 * (big["training"]["steps"] - 1))
 
 
 def test_targets_outside_the_config_fail_with_snakemakes_reason(workdir):

@@ -51,7 +51,7 @@ SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 CALIBRATION_DIR = Path("results") / "calibration"
 #: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
 SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "workflow" / "calibration"
-CALIBRATION_FORMAT = 2
+CALIBRATION_FORMAT = 3
 PROBE_STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
 #: the rule that writes each file of an experiment, by its path under results/{experiment}/
 EXPERIMENT_FILES = {
@@ -344,6 +344,7 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
             measured[stage] = run_stage(stage, args, scratch / f"{stage}.log")
         with h5py.File(out["stream"] / "stream.h5", "r") as stream:
             attrs = dict(stream.attrs)
+        first = float(attrs["session_first_step_seconds"]) if steps > 1 else 0.0
         files = {name: measure_file(path, steps) for name, path in out.items() if path.exists()}
         n_tokens = int(np.load(tokens, mmap_mode="r").shape[0])
     return {
@@ -362,8 +363,9 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        # the loop's time over its steps: the first step's warm-up is included, so this is a slight overestimate
-        "seconds_per_step": float(attrs["session_training_seconds"]) / int(attrs["session_trained_steps"]),
+        # the steady rate after the first step, whose warm-up (allocations, kernel choice) is kept apart
+        "first_step_seconds": first,
+        "seconds_per_step": (float(attrs["session_training_seconds"]) - first) / max(1, steps - 1),
         "step_flops": step_flops(settings),
         "probe_settings": probe_config,
         "n_tokens": n_tokens,
@@ -425,8 +427,8 @@ def training_seconds(settings: dict, device_kind: str, workdir: Path,
     calibration = own or step_time_calibration(settings, device_kind, workdir)
     if calibration is None:
         return None
-    per_step = calibration.record["seconds_per_step"] * calibration.scale
-    return per_step * settings["training"]["steps"], calibration
+    record, steps = calibration.record, settings["training"]["steps"]
+    return (record["first_step_seconds"] + record["seconds_per_step"] * (steps - 1)) * calibration.scale, calibration
 
 
 def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
@@ -552,7 +554,8 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
                 continue
             seconds, calibration = timed
             entry["training_seconds"][device_kind] = {
-                "seconds": seconds, "seconds_per_step": seconds / steps, "calibration": str(calibration.path),
+                "seconds": seconds, "seconds_per_step": calibration.record["seconds_per_step"] * calibration.scale,
+                "calibration": str(calibration.path),
                 "device_name": calibration.record["device_name"] if device_kind == "cuda"
                 else f"{calibration.record['cpu_model']}, {calibration.record['torch_threads']} threads",
                 "host": calibration.record["host"],

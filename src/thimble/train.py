@@ -326,6 +326,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
 
     model.train()
     started = time.perf_counter()
+    first_step_seconds = 0.0
     progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
                     unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
                     ascii=not sys.stderr.isatty())
@@ -351,6 +352,8 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
                 recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, config_hash):
                                     save_checkpoint(partial_dir, snap))
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if step == start + 1:
+                first_step_seconds = time.perf_counter() - started  # warm-up: allocations, kernel choice
         recorder.close()
     except BaseException:
         recorder.abort()
@@ -368,6 +371,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
+    attrs["session_first_step_seconds"] = first_step_seconds if steps > start else 0.0
     attrs["n_live"] = int(masks["live_mask"].sum())
     attrs["n_dead"] = int(masks["dead_mask"].sum())
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
