@@ -52,8 +52,9 @@ CALIBRATION_DIR = Path("results") / "calibration"
 #: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
 SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "workflow" / "calibration"
 CALIBRATION_FORMAT = 3
-PROBE_STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
-#: the rule that writes each file of an experiment, by its path under results/{experiment}/
+#: an experiment's stages in pipeline order
+STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
+#: the stage that writes each file of an experiment, by its path under results/{experiment}/
 EXPERIMENT_FILES = {
     "stream": "train", "recording.h5": "rechunk", "delta_w_lattice.h5": "lattice",
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
@@ -249,11 +250,11 @@ def probe_settings(settings: dict, steps: int, device: str) -> dict:
     return probe
 
 
-def calibration_key(settings: dict, token_source: str, probe_steps: int) -> str:
+def calibration_key(settings: dict, token_source: str) -> str:
     """Hash of what a step's cost and size depend on: not the run's length or analysis windows."""
     relevant = {key: settings[key] for key in ("dataset", "model", "record", "rechunk")}
     relevant["training"] = {k: v for k, v in settings["training"].items() if k not in ("steps", "device")}
-    relevant.update(token_source=token_source, probe_steps=probe_steps, format=CALIBRATION_FORMAT)
+    relevant.update(token_source=token_source, format=CALIBRATION_FORMAT)
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -445,21 +446,25 @@ def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0) -> dict
     full run's arrays (``array_bytes``)."""
     full = array_bytes(settings, n_tokens)
     probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"])
-    return {stage: max(0, round(measured["peak_rss_bytes"] - probed[stage] + full[stage]))
-            for stage, measured in calibration["stages"].items()}
+    measured = calibration["stages"]
+    return {stage: max(0, round(measured[stage]["peak_rss_bytes"] - probed[stage] + full[stage]))
+            for stage in STAGES if stage in measured}
 
 
 def ensure_probe(settings: dict, workdir: Path, device: str, steps: int, threads: int) -> tuple[dict, Path]:
-    """This experiment's probe on ``device``: cached, or run now and cached."""
+    """This experiment's probe on ``device``: cached (when it probed at least ``steps`` steps), or run now
+    and cached."""
     data = workdir / "results" / "data" / settings["dataset"]
     token_source = "dataset" if (data / "tokens.npy").exists() and \
         (data / "live_dead_tokens.safetensors").exists() else "random"
     steps = min(steps, settings["training"]["steps"])
-    key = calibration_key(settings, token_source, steps)
+    key = calibration_key(settings, token_source)
     device_kind = "cuda" if device.startswith("cuda") else "cpu"
     path = calibration_path(workdir, key, device_kind)
     if path.exists():
-        return json.loads(path.read_text()), path
+        cached = json.loads(path.read_text())
+        if cached["probe_steps"] >= steps:
+            return cached, path
     log.info("probing %s on %s for %d steps (cached as %s)", settings["name"], device, steps, path)
     record = probe(settings, steps, device, workdir, threads)
     if record["device_kind"] != device_kind:
@@ -522,6 +527,7 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
              "pending": row["pending"]})
 
     for name, entry in experiments.items():
+        entry["files"].sort(key=lambda file: STAGES.index(file["rule"]) if file["rule"] in STAGES else len(STAGES))
         settings = config["experiments"][name]
         steps, segment_steps = settings["training"]["steps"], settings["record"]["segment_steps"]
         record, path = ensure_probe(settings, workdir, "cpu", probe_steps, threads)
