@@ -103,12 +103,15 @@ def _series(args) -> None:
 
 
 def _plan(args) -> int:
+    import signal
     from pathlib import Path
 
     from thimble.config import load_config
     from thimble.files import atomic_output
     from thimble.plan import SNAKEFILE, format_plan, make_plan
 
+    # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(args.directory)
     config = load_config(workdir / args.configfile)
     plan = make_plan(config, args.targets, workdir, Path(args.snakefile or SNAKEFILE), args.probe_steps,

@@ -271,7 +271,7 @@ def run_stage(stage: str, args: list[str], log_path: Path) -> dict:
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         tail = log_path.read_text()[-2000:]
-        raise PlanError(f"probe stage {stage} failed ({result.returncode}); its log {log_path} ends:\n{tail}")
+        raise PlanError(f"the probe's {stage} stage failed (exit status {result.returncode}); its log ended:\n{tail}")
     return {"seconds": seconds, "peak_rss_bytes": int(peak_file.read_text())}
 
 
