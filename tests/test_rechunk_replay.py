@@ -107,6 +107,12 @@ def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay
     replay = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                            str(tmp_path / "ratio.csv"))
     assert replay["storage_dtype"] == "float16"
+    from thimble.freeze import analyse
+
+    settings = tiny_settings(dtype="float16")
+    outputs = {name: str(tmp_path / f"{name}.out") for name in
+               ("freeze", "cycles", "tokens", "classes", "variance", "token_steps", "summary")}
+    assert analyse(str(tmp_path / "delta.h5"), str(tmp_path / "recording.h5"), settings, outputs)["delta_w_exact"] is False
     # exp_avg_sq of these steps lies far below float16's range: stored as 0, the replay says so
     assert replay["total_mismatches"]["variance_mismatches"] > 0 and not replay["bitwise_match"]
 

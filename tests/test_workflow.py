@@ -95,6 +95,7 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
         assert (results / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdicts = pd.read_csv(mini_data / "results/series/mini/verdicts.csv")
     assert set(verdicts["experiment"]) == {"thimble_mini"} and len(verdicts) == 3
+    assert verdicts["delta_w_exact"].all() and summary["delta_w_exact"] is True
     run_snakemake(mini_data, "--report", str(mini_data / "report.html"), "results/series/mini/global_freeze.png",
                   "--configfile", str(mini_data / "series.yaml"))
     report = (mini_data / "report.html").read_text(errors="replace")

@@ -184,6 +184,7 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str)
             fit = cooling["trend_last_half"]
             last_half = summary["windows"]["last_half"][group]
             rows.append({"experiment": summary["experiment"], "group": group, "steps": summary["steps"],
+                         "delta_w_exact": summary["delta_w_exact"],
                          "global_freeze_percent_last_half": last_half["global_freeze_percent"],
                          "slope_per_1000_steps": fit["slope_per_1000_steps"],
                          "ci95_low": fit["ci95"][0] if fit["ci95"] else None,

@@ -344,6 +344,8 @@ def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, 
     with h5py.File(recording, "r") as handle:
         losses = handle["losses"][...]
         dead_mask = handle["dead_mask"][...]
+    with h5py.File(delta_path, "r") as handle:
+        exact = bool(handle["delta_w_lattice"].attrs.get("exact", True))
     groups = group_masks(dead_mask)
     steps = read_token_steps(delta_path, threads=threads)
     last_step = steps.max_abs.shape[0] - 1
@@ -379,6 +381,8 @@ def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, 
     summary = {
         "experiment": settings["name"],
         "steps": last_step,
+        # false for a float16 recording: ΔW′ of its stored values, not of what training held
+        "delta_w_exact": exact,
         "thresholds": {"solid_max": analysis["solid_max"], "cold_max": analysis["cold_max"]},
         "windows": {name: {"start": a, "end": b, **window_stats(columns, steps, groups, (a, b))}
                     for name, (a, b) in windows.items()},
