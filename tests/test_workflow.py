@@ -73,7 +73,10 @@ def test_mini_training_through_snakemake(mini_data):
 @pytest.mark.workflow
 def test_mini_freeze_tables_figures_series_and_report(mini_data):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["series"]["mini"] = ["thimble_mini"]
+    # thimble_6's storage at mini size: a float16 recording goes through every stage too
+    config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
+                                                 "record": {"segment_steps": 20, "dtype": "float16"}}
+    config["series"]["mini"] = ["thimble_mini", "thimble_mini_f16"]
     (mini_data / "series.yaml").write_text(yaml.safe_dump(config))
     run_snakemake(mini_data, "--cores", "2", "results/series/mini/global_freeze.png",
                   "--configfile", str(mini_data / "series.yaml"))
@@ -94,8 +97,11 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
     for figure in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio"):
         assert (results / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdicts = pd.read_csv(mini_data / "results/series/mini/verdicts.csv")
-    assert set(verdicts["experiment"]) == {"thimble_mini"} and len(verdicts) == 3
-    assert verdicts["delta_w_exact"].all() and summary["delta_w_exact"] is True
+    assert set(verdicts["experiment"]) == {"thimble_mini", "thimble_mini_f16"} and len(verdicts) == 6
+    exact = dict(zip(verdicts["experiment"], verdicts["delta_w_exact"]))
+    assert exact == {"thimble_mini": True, "thimble_mini_f16": False} and summary["delta_w_exact"] is True
+    f16_replay = json.loads((mini_data / "results/thimble_mini_f16/replay.json").read_text())
+    assert f16_replay["storage_dtype"] == "float16" and not f16_replay["bitwise_match"]
     run_snakemake(mini_data, "--report", str(mini_data / "report.html"), "results/series/mini/global_freeze.png",
                   "--configfile", str(mini_data / "series.yaml"))
     report = (mini_data / "report.html").read_text(errors="replace")
