@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,7 @@ SNAKEFILE = Path(__file__).resolve().parents[2] / "Snakefile"
 CALIBRATION_DIR = Path("results") / "calibration"
 #: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
 SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[2] / "workflow" / "calibration"
-CALIBRATION_FORMAT = 3
+CALIBRATION_FORMAT = 4
 #: an experiment's stages in pipeline order
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
 #: the stage that writes each file of an experiment, by its path under results/{experiment}/
@@ -166,20 +166,19 @@ def decay_exponent(steps: np.ndarray, step_bytes: np.ndarray) -> float:
 # ---------------------------------------------------------- probe measurement
 
 
-def per_step_storage(path: Path, rows: int | None) -> tuple[int, int]:
-    """(stored bytes of the datasets with ``rows`` rows, or of every per-step dataset when None; their rows)."""
+def per_step_storage(path: Path, rows: int | None) -> int:
+    """Stored bytes of the datasets with ``rows`` rows (every per-step dataset when None)."""
     import h5py
 
-    stored, counted = 0, 0
+    stored = 0
     with h5py.File(path, "r") as handle:
         def visit(name, node):
-            nonlocal stored, counted
+            nonlocal stored
             if isinstance(node, h5py.Dataset) and node.shape and not node.is_virtual:
                 if rows is None or node.shape[0] == rows:
                     stored += node.id.get_storage_size()
-                    counted = max(counted, node.shape[0])
         handle.visititems(visit)
-    return stored, counted
+    return stored
 
 
 #: steps compressed together when measuring ΔW′'s trend: a chunk holds many steps, and much of what
@@ -213,17 +212,17 @@ def measure_file(path: Path, probe_steps: int) -> dict:
     if path.is_dir():  # the stream: segment files of per-step arrays, and stream.h5
         files = sorted(p for p in path.iterdir() if p.suffix == ".h5")
         total = sum(p.stat().st_size for p in files)
-        stored = sum(per_step_storage(p, None)[0] for p in files if p.name.startswith("segment_"))
+        stored = sum(per_step_storage(p, None) for p in files if p.name.startswith("segment_"))
         per_row = stored / (probe_steps + 1)
         return {"kind": "stream", "per_row": per_row, "per_file": (total - stored) / len(files),
                 "probe_bytes": total}
     size = path.stat().st_size
     if path.name == "delta_w_lattice.h5":
-        stored, _ = per_step_storage(path, probe_steps + 1)
+        stored = per_step_storage(path, probe_steps + 1)
         return {"kind": "decaying", "fixed": size - stored, "probe_stored": stored, "probe_steps": probe_steps,
                 "exponent": decay_exponent(*delta_w_block_bytes(path)), "probe_bytes": size}
     if path.suffix == ".h5":
-        stored, _ = per_step_storage(path, probe_steps + 1)
+        stored = per_step_storage(path, probe_steps + 1)
         return {"kind": "per_step", "fixed": size - stored, "per_row": stored / (probe_steps + 1),
                 "row_offset": 1, "probe_bytes": size}
     if path.suffix == ".csv":
@@ -293,16 +292,6 @@ def probe_tokens(settings: dict, directory: Path, workdir: Path) -> tuple[Path, 
     return tokens, masks, "random"
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) -> dict:
     """Run every stage of ``settings`` for ``steps`` steps in a scratch directory and measure it."""
     import h5py
@@ -360,7 +349,6 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
         "torch_threads": int(attrs["torch_threads"]),
         "torch_version": str(attrs["torch_version"]),
         "host": socket.gethostname(),
-        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -384,7 +372,7 @@ class Calibration:
     path: Path
     #: predicted step time = measured x scale (1 for the same shape)
     scale: float = 1.0
-    note: str = field(default="")
+    note: str = ""
 
 
 def load_calibrations(directories: list[Path]) -> list[tuple[Path, dict]]:
@@ -562,8 +550,8 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
             entry["training_seconds"][device_kind] = {
                 "seconds": seconds, "seconds_per_step": calibration.record["seconds_per_step"] * calibration.scale,
                 "calibration": str(calibration.path),
-                "device_name": calibration.record["device_name"] if device_kind == "cuda"
-                else f"{calibration.record['cpu_model']}, {calibration.record['torch_threads']} threads",
+                "device_name": f"{calibration.record['device_name']}, {calibration.record['torch_threads']} threads"
+                if device_kind == "cpu" else calibration.record["device_name"],
                 "host": calibration.record["host"],
                 "note": calibration.note}
 

@@ -155,6 +155,17 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what the platform module knows."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(device: torch.device, threads: int) -> dict:
     import h5py
     import transformers
@@ -170,7 +181,7 @@ def provenance(device: torch.device, threads: int) -> dict:
         "hdf5_version": h5py.version.hdf5_version,
         "python_version": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": threads,
         "git_commit": git_commit(),
