@@ -10,9 +10,10 @@ rule replay:
         ratio="results/{experiment}/update_ratio.csv",
     log:
         "logs/{experiment}/replay.log",
+    threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "replay", attempt),
         runtime=120,
     shell:
         "thimble replay --stream {input} --table {output.table} --summary {output.summary}"
-        " --ratio-table {output.ratio} 2> {log}"
+        " --ratio-table {output.ratio} --threads {threads} 2> {log}"

@@ -76,7 +76,8 @@ def _lattice(args) -> None:
 def _replay(args) -> None:
     from thimble.replay import replay_stream
 
-    replay_stream(args.stream, args.table, args.summary, args.ratio_table)
+    replay_stream(args.stream, args.table, args.summary, args.ratio_table, device=args.device,
+                  threads=args.threads)
 
 
 def _freeze(args) -> None:
@@ -218,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                   help="where to replay; auto: the recording's device type if this machine has it, else cpu")
+    p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("freeze", help="freeze/thaw tables and the cooling verdict of an experiment")

@@ -1,20 +1,17 @@
 """Replay AdamW from the recording, bit for bit, and test the freeze criterion.
 
-From W[t-1], exp_avg[t-1], exp_avg_sq[t-1], grad_W[t] and t, one AdamW step is
-recomputed with the operations, order and dtype of torch's single-tensor AdamW
-(the path torch takes on the CPU): ``lerp_`` for exp_avg; ``mul_`` then
-``addcmul_`` for exp_avg_sq; ``sqrt``, divide by sqrt of the bias correction,
-add eps; ``addcdiv_`` on the weight; every result rounded to bf16. The result is
-compared with the recorded W[t], exp_avg[t], exp_avg_sq[t] element by element.
+For every step t the optimizer that trained the run (the recorded
+``optimizer_impl``: single_tensor, foreach or fused) is rebuilt on the replay
+device, loaded with the recorded W[t-1], exp_avg[t-1], exp_avg_sq[t-1] and step
+count t-1, given the recorded grad_W[t], and its own ``step()`` is called. Its
+result is compared with the recorded W[t], exp_avg[t], exp_avg_sq[t] element by
+element: on the device and kernels that recorded the run, every mismatch is real.
+Steps are replayed in blocks (one parameter per step), decoded in parallel.
 
-Alongside, per element, the update before rounding u = -lr/bc1 * m/denom and
-the ratio of |u| to half the lattice spacing in the direction of the move:
-below 1 the rounded weight cannot move (the freeze criterion). The predicted
-frozen elements are compared with the observed ones (ΔW′ = 0).
-
-CPU results depend on the kernel torch dispatches to (ATEN_CPU_CAPABILITY:
-the default, AVX2 and AVX512 kernels differ in fused multiply-adds), so the
-replay reports what it ran on beside what the run recorded.
+Beside it, the freeze criterion (``thimble.adamw``): from the float32 sum that
+the weight update forms before rounding, predict which elements stay put, and
+compare with the observed ΔW′ = 0. Every disagreement is counted, and the first
+ones are listed in ``replay.json`` with the values involved and the reason.
 """
 
 from __future__ import annotations
@@ -22,14 +19,15 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.bf16 import BFLOAT16
-from thimble.lattice import ordinal, spacing_toward
+from thimble.adamw import hyperparameters, pre_rounding_weight, replay_steps, stays_put, update_ratio
+from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 
 log = logging.getLogger(__name__)
 
@@ -37,105 +35,165 @@ log = logging.getLogger(__name__)
 RATIO_EDGES = np.arange(-24, 9)
 RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
 
-COLUMNS = ("step", "W_mismatches", "momentum_mismatches", "variance_mismatches", "predicted_frozen",
-           "observed_frozen", "freeze_agreement", "elements")
+COLUMNS = ("step", "W_mismatches", "momentum_mismatches", "variance_mismatches", "replay_frozen",
+           "predicted_frozen", "observed_frozen", "criterion_disagreements", "ties", "freeze_agreement",
+           "elements")
+#: disagreements listed one by one in replay.json (all are counted)
+LISTED_DISAGREEMENTS = 50
+#: steps replayed per optimizer call
+BLOCK_STEPS = 32
 
 
-def adamw_step(w: torch.Tensor, m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, step: int, lr: float,
-               beta1: float, beta2: float, eps: float, weight_decay: float):
-    """One step of torch's single-tensor AdamW on copies; returns (w, m, v, denom, step_size)."""
-    w, m, v = w.clone(), m.clone(), v.clone()
-    if weight_decay != 0:
-        w.mul_(1 - lr * weight_decay)
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    step = float(step)  # torch keeps the step count in a float32 tensor and reads it with .item()
-    bias_correction1 = 1 - beta1**step
-    bias_correction2 = 1 - beta2**step
-    step_size = lr / bias_correction1
-    bias_correction2_sqrt = bias_correction2**0.5
-    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
-    w.addcdiv_(m, denom, value=-step_size)
-    return w, m, v, denom, step_size
+def ratio_histogram(ratio: torch.Tensor) -> np.ndarray:
+    """Counts of log2(ratio) in RATIO_COLUMNS' bins, exact: a bin is a power-of-two interval."""
+    _, exponent = torch.frexp(ratio.reshape(-1))  # ratio = f * 2**e, f in [0.5, 1): floor(log2) = e - 1
+    bins = (exponent.to(torch.int64) - 1 - int(RATIO_EDGES[0]) + 1).clamp(0, len(RATIO_EDGES))
+    bins = torch.where(ratio.reshape(-1) == 0, 0, bins)
+    return torch.bincount(bins, minlength=len(RATIO_COLUMNS)).numpy()
 
 
-def update_ratio(w_before: torch.Tensor, m: torch.Tensor, denom: torch.Tensor, step_size: float) -> np.ndarray:
-    """|u| / (half the lattice spacing toward the move), u = -step_size * m / denom before rounding."""
-    update = -step_size * m.double().numpy() / denom.double().numpy()
-    before = w_before.contiguous().view(torch.int16).numpy().view(BFLOAT16)
-    half_spacing = spacing_toward(before, np.sign(update)) / 2
-    return np.abs(update) / half_spacing
+def same_lattice_point(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Bitwise equal, or both zero (±0 are one lattice point)."""
+    return (a.view(torch.int16) == b.view(torch.int16)) | ((a == 0) & (b == 0))
 
 
-def mismatches(a: torch.Tensor, b: torch.Tensor) -> int:
-    return int((a.view(torch.int16) != b.view(torch.int16)).sum())
+def count_differing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Elements whose bits differ, per step (dimension 0)."""
+    return (a.view(torch.int16) != b.view(torch.int16)).flatten(1).sum(dim=1)
 
 
-def ratio_histogram(ratio: np.ndarray) -> np.ndarray:
-    """Counts of log2(ratio) in RATIO_COLUMNS' bins."""
-    with np.errstate(divide="ignore"):
-        bins = np.digitize(np.log2(ratio.reshape(-1)), RATIO_EDGES)
-    return np.bincount(bins, minlength=len(RATIO_COLUMNS))
+def replay_device(setting: str, recorded: str) -> torch.device:
+    """``auto``: the recording's device type where this machine has it, else the CPU."""
+    if setting != "auto":
+        return torch.device(setting)
+    kind = torch.device(recorded).type
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    return torch.device(kind if available.get(kind) else "cpu")
 
 
-def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv: str) -> dict:
+def explain(replay_differs: bool, storage: str, implementation: str) -> str:
+    if replay_differs:
+        return "the replay differs from the recording at this element (another device or kernel), so the " \
+               "criterion's inputs are not what trained the run"
+    if storage == "float16":
+        return "float16 storage altered a recorded value"
+    if implementation == "fused":
+        return "the fused kernel keeps m, v and the update in float32 registers; the criterion follows the " \
+               "single-tensor arithmetic (bf16 m, v and denom)"
+    return "the criterion's float32 arithmetic differs from the kernel's here (e.g. a fused multiply-add)"
+
+
+def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
+                  threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
     """Replay every step of a recorded stream; write the per-step table, the update-ratio histograms
     and a summary."""
     from thimble.files import atomic_output
-    from thimble.record import open_stream, read_steps_torch
+    from thimble.record import TENSORS, open_stream, read_stream_rows
 
+    torch.set_num_threads(threads)
     with open_stream(stream_dir) as stream:
-        attrs = dict(stream.attrs)
-        storage = attrs.get("storage_dtype")
-        if storage == "float16":
-            log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                        "bf16, so it reports mismatches wherever float16 altered them", stream_dir)
-        hyper = {"lr": float(attrs["learning_rate"]), "beta1": float(attrs["adam_beta1"]),
-                 "beta2": float(attrs["adam_beta2"]), "eps": float(attrs["adam_epsilon"]),
-                 "weight_decay": float(attrs["weight_decay"])}
-        last = stream["W"].shape[0] - 1
-        rows, histograms = [], []
-        # float16 storage is read back as torch casts it to bf16 (round to nearest even)
-        read = lambda name, t: read_steps_torch(stream[name], t, t + 1)[0].to(torch.bfloat16)  # noqa: E731
-        w_before, m_before, v_before = read("W", 0), read("momentum_W", 0), read("variance_W", 0)
-        for step in tqdm(range(1, last + 1), desc="replay", unit="step", mininterval=5):
-            w_after, m_after, v_after = read("W", step), read("momentum_W", step), read("variance_W", step)
-            w, m, v, denom, step_size = adamw_step(w_before, m_before, v_before, read("grad_W", step), step, **hyper)
-            ratio = update_ratio(w_before, m, denom, step_size)
-            predicted = ratio < 1
-            histograms.append(ratio_histogram(ratio))
-            w_bits = lambda t: t.contiguous().view(torch.int16).numpy().view(np.uint16)  # noqa: E731
-            observed = ordinal(w_bits(w_after)) == ordinal(w_bits(w_before))
-            rows.append({
-                "step": step,
-                "W_mismatches": mismatches(w, w_after),
-                "momentum_mismatches": mismatches(m, m_after),
-                "variance_mismatches": mismatches(v, v_after),
-                "predicted_frozen": int(predicted.sum()),
-                "observed_frozen": int(observed.sum()),
-                "freeze_agreement": float((predicted == observed).mean()),
-                "elements": int(observed.size),
-            })
-            w_before, m_before, v_before = w_after, m_after, v_after
+        attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in stream.attrs.items()}
+        shape = stream["W"].shape
+    storage = attrs.get("storage_dtype")
+    if storage == "float16":
+        log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                    "bf16, so it reports mismatches wherever float16 altered them", stream_dir)
+    hyper = hyperparameters(attrs)
+    # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
+    implementation = str(attrs.get("optimizer_impl", "single_tensor"))
+    recorded_device = str(attrs.get("device", "cpu"))
+    target = replay_device(device, recorded_device)
+    last = shape[0] - 1
+    rows, histograms, listed = [], [], []
+    disagreements = ties = 0
+    buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=np.uint16) for name in TENSORS}
 
-    replay_env = {"device": "cpu", "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                  "torch_version": str(torch.__version__)}
-    recorded_env = {key: attrs.get(key) for key in ("device", "cpu_capability", "torch_version")}
-    recorded_env = {key: (value.decode() if isinstance(value, bytes) else str(value)) for key, value in recorded_env.items()}
+    def load(name: str, start: int, stop: int) -> torch.Tensor:
+        out = buffers[name][: stop - start]
+        read_stream_rows(stream_dir, name, start, stop, out, pool)
+        bits = bfloat16_bits_from_float16_bits(out) if storage == "float16" else out
+        return bits_to_torch(bits.copy())
+
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
+        for first in range(1, last + 1, block_steps):
+            stop = min(first + block_steps, last + 1)
+            w, m, v = (load(name, first - 1, stop) for name in ("W", "momentum_W", "variance_W"))
+            grads = load("grad_W", first, stop)
+            replayed = replay_steps(*(x.to(target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, hyper,
+                                    implementation)
+            w_replay, m_replay, v_replay = (x.cpu() for x in replayed)
+            steps = torch.arange(first, stop)
+            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper)
+            predicted = stays_put(w[:-1], pre_rounding)
+            observed = same_lattice_point(w[1:], w[:-1])
+            replay_frozen = same_lattice_point(w_replay, w[:-1])
+            ratio = update_ratio(w[:-1], pre_rounding)
+            differs = predicted != observed
+            w_mismatch = count_differing(w_replay, w[1:])
+            columns = {
+                "W_mismatches": w_mismatch,
+                "momentum_mismatches": count_differing(m_replay, m[1:]),
+                "variance_mismatches": count_differing(v_replay, v[1:]),
+                "replay_frozen": replay_frozen.flatten(1).sum(dim=1),
+                "predicted_frozen": predicted.flatten(1).sum(dim=1),
+                "observed_frozen": observed.flatten(1).sum(dim=1),
+                "criterion_disagreements": differs.flatten(1).sum(dim=1),
+                "ties": (ratio == 1).flatten(1).sum(dim=1),
+            }
+            elements = int(np.prod(shape[1:]))
+            for index, step in enumerate(steps.tolist()):
+                row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
+                row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
+                row["elements"] = elements
+                rows.append(row)
+                histograms.append(ratio_histogram(ratio[index]))
+            disagreements += int(differs.sum())
+            ties += int(columns["ties"].sum())
+            for index, *element in torch.nonzero(differs)[: max(0, LISTED_DISAGREEMENTS - len(listed))].tolist():
+                at = (index, *element)
+                listed.append({
+                    "step": first + index, "element": element,
+                    "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
+                    "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
+                    "ratio": float(ratio[at]), "predicted_frozen": bool(predicted[at]),
+                    "observed_frozen": bool(observed[at]),
+                    "reason": explain(bool(w_replay[at].view(torch.int16) != w[1:][at].view(torch.int16)),
+                                      storage, implementation),
+                })
+            bar.update(stop - first)
+
+    replay_env = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                  "torch_version": str(torch.__version__), "optimizer_impl": implementation}
+    recorded_env = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
+    recorded_env["optimizer_impl"] = implementation
     totals = {column: int(sum(row[column] for row in rows)) for column in COLUMNS[1:4]}
+    same_device = torch.device(recorded_device).type == target.type
     summary = {
         "steps": last,
         "storage_dtype": storage,
         "replayed_on": replay_env,
         "recorded_on": recorded_env,
-        "same_kernel": replay_env == recorded_env,
+        "same_device": same_device,
+        "same_kernel": same_device and replay_env["torch_version"] == recorded_env["torch_version"] and (
+            target.type != "cpu" or replay_env["cpu_capability"] == recorded_env["cpu_capability"]),
         "total_mismatches": totals,
         "steps_with_mismatches": sum(1 for row in rows if row["W_mismatches"] or row["momentum_mismatches"]
                                      or row["variance_mismatches"]),
         "bitwise_match": not any(totals.values()),
-        "mean_freeze_agreement": float(np.mean([row["freeze_agreement"] for row in rows])) if rows else None,
-        "min_freeze_agreement": float(min(row["freeze_agreement"] for row in rows)) if rows else None,
+        "freeze_criterion": {
+            "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
+                    "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
+                    "move, or exactly half with an even last mantissa bit",
+            "elements": last * int(np.prod(shape[1:])),
+            "disagreements": disagreements,
+            "agreement": 1 - disagreements / (last * int(np.prod(shape[1:]))) if last else None,
+            "ties_at_half_spacing": ties,
+            "listed": listed,
+        },
     }
+    if not same_device:
+        summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
+                           "mismatches are expected where the kernels round differently")
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
@@ -148,10 +206,11 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     with atomic_output(output_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     if summary["bitwise_match"]:
-        log.info("replay matches the recording bit for bit at all %d steps (%s)", last, replay_env)
+        log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
+                 target, last)
     else:
         log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
                     "recorded on %s)", totals, summary["steps_with_mismatches"], replay_env, recorded_env)
-    log.info("freeze criterion vs observed ΔW′ = 0: mean agreement %.6f, min %.6f",
-             summary["mean_freeze_agreement"] or 0, summary["min_freeze_agreement"] or 0)
+    log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
+             "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
     return summary

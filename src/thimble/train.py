@@ -34,6 +34,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from thimble.adamw import build_adamw, resolve_implementation
 from thimble.config import settings_hash
 from thimble.files import atomic_output
 from thimble.record import TENSORS, StreamRecorder, list_segments, write_stream_file
@@ -136,14 +137,10 @@ def build_model(model_settings: dict, device: torch.device):
     return model.to(torch.bfloat16).to(device)
 
 
-def build_optimizer(model, training: dict) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        model.parameters(),
-        lr=training["learning_rate"],
-        betas=(training["adam_beta1"], training["adam_beta2"]),
-        eps=training["adam_epsilon"],
-        weight_decay=training["weight_decay"],
-    )
+def build_optimizer(model, training: dict, implementation: str) -> torch.optim.AdamW:
+    hyper = {"lr": training["learning_rate"], "betas": (training["adam_beta1"], training["adam_beta2"]),
+             "eps": training["adam_epsilon"], "weight_decay": training["weight_decay"]}
+    return build_adamw(model.parameters(), hyper, implementation)
 
 
 def git_commit() -> str:
@@ -307,7 +304,9 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     loader = DataLoader(dataset, batch_size=training["batch_size"], shuffle=True, generator=generator,
                         num_workers=0)
     model = build_model(model_settings, device)
-    optimizer = build_optimizer(model, training)
+    # explicit, so that the recording names the kernels that produced it (the replay rebuilds them)
+    implementation = resolve_implementation(training["optimizer_impl"], device)
+    optimizer = build_optimizer(model, training, implementation)
     batches = BatchStream(loader, generator)
     wte = model.transformer.wte.weight
 
@@ -378,7 +377,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads)}
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads), "optimizer_impl": implementation}
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
