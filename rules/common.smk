@@ -3,6 +3,8 @@
 import json
 import re
 
+from thimble.outputs import FIGURES
+
 
 def dataset_settings(wildcards):
     """The dataset's validated settings as JSON, for `thimble ... --settings`."""

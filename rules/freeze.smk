@@ -15,7 +15,11 @@ rule freeze:
         classes=report("results/{experiment}/displacement_classes.csv",
                        caption="../workflow/report/displacement_classes.rst", category="{experiment}",
                        subcategory="tables"),
-        exp_avg_sq="results/{experiment}/exp_avg_sq.csv",
+        lattice_positions=report("results/{experiment}/lattice_positions.csv",
+                                 caption="../workflow/report/lattice_positions_table.rst", category="{experiment}",
+                                 subcategory="tables"),
+        exp_avg_sq=report("results/{experiment}/exp_avg_sq.csv", caption="../workflow/report/exp_avg_sq.rst",
+                          category="{experiment}", subcategory="tables"),
         token_steps="results/{experiment}/token_displacement.h5",
         summary=report("results/{experiment}/summary.json", caption="../workflow/report/summary.rst",
                        category="{experiment}", subcategory="tables"),
@@ -30,6 +34,7 @@ rule freeze:
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
         " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
+        " --lattice-positions {output.lattice_positions}"
         " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary} 2> {log}"
 
 
@@ -40,10 +45,11 @@ rule figures:
         token_steps="results/{experiment}/token_displacement.h5",
         exp_avg_sq="results/{experiment}/exp_avg_sq.csv",
         ratio="results/{experiment}/update_ratio.csv",
+        lattice_positions="results/{experiment}/lattice_positions.csv",
     output:
         **{name: report(f"results/{{experiment}}/figures/{name}.png", caption=f"../workflow/report/{name}.rst",
                         category="{experiment}", subcategory="figures")
-           for name in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio")},
+           for name in FIGURES},
     log:
         "logs/{experiment}/figures.log",
     resources:
@@ -51,10 +57,8 @@ rule figures:
         runtime=15,
     shell:
         "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"
-        " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --loss-png {output.loss}"
-        " --displacement-png {output.displacement} --phases-png {output.phases}"
-        " --global-freeze-png {output.global_freeze} --variance-png {output.variance}"
-        " --update-ratio-png {output.update_ratio} 2> {log}"
+        " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --lattice-positions {input.lattice_positions}"
+        " --outdir results/{wildcards.experiment}/figures 2> {log}"
 
 
 rule series:

@@ -83,18 +83,17 @@ def _replay(args) -> None:
 def _freeze(args) -> None:
     from thimble.freeze import analyse
 
-    analyse(args.delta, args.recording, _settings(args.settings), {
+    analyse(args.recording, _settings(args.settings), {
         "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
-        "variance": args.variance, "token_steps": args.token_steps, "summary": args.summary}, args.threads)
+        "lattice_positions": args.lattice_positions, "variance": args.variance, "token_steps": args.token_steps,
+        "summary": args.summary}, delta_path=args.delta, threads=args.threads)
 
 
 def _figures(args) -> None:
     from thimble.figures import experiment_figures
 
-    experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio, {
-        "loss": args.loss_png, "displacement": args.displacement_png, "phases": args.phases_png,
-        "global_freeze": args.global_freeze_png, "variance": args.variance_png,
-        "update_ratio": args.update_ratio_png})
+    experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
+                       args.lattice_positions, args.outdir)
 
 
 def _series(args) -> None:
@@ -226,18 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("freeze", help="freeze/thaw tables and the cooling verdict of an experiment")
     p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
-    p.add_argument("--delta", required=True)
+    p.add_argument("--delta", help="the lattice stage's ΔW′ file (read for its exactness flag)")
     p.add_argument("--recording", required=True)
-    for name in ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary"):
+    for name in ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze)
 
     p = sub.add_parser("figures", help="figures of an experiment")
-    for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio"):
+    for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio", "lattice-positions"):
         p.add_argument(f"--{name}", required=True, help="an input table")
-    for name in ("loss", "displacement", "phases", "global-freeze", "variance", "update-ratio"):
-        p.add_argument(f"--{name}-png", required=True, help="an output figure")
+    p.add_argument("--outdir", required=True, help="writes {outdir}/{name}.png for every figure in thimble.outputs.FIGURES")
     p.set_defaults(func=_figures)
 
     p = sub.add_parser("series", help="compare the experiments of a series")

@@ -69,57 +69,94 @@ def displacement(norm: np.ndarray, dead_mask: np.ndarray, experiment: str, path:
 
 def phases(freeze: pd.DataFrame, thresholds: dict, experiment: str, path: str) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
-    labels = {"frozen": "frozen (0)", "solid": f"solid (1–{thresholds['solid_max']})",
-              "cold": f"cold ({thresholds['solid_max'] + 1}–{thresholds['cold_max']})",
-              "hot": f"hot (> {thresholds['cold_max']})"}
+    labels = {"frozen": "frozen (ΔW′ = 0)", "solid": f"solid (motion ≤ {thresholds['solid_max']})",
+              "cold": f"cold (≤ {thresholds['cold_max']})", "hot": f"hot (> {thresholds['cold_max']})"}
     for ax, group in zip(axes, ("dead", "live")):
-        stacks = [freeze[f"{group}_{phase}"] for phase in PHASES]
+        stacks = [freeze[f"{group}_phase_{phase}"] for phase in PHASES]
         ax.stackplot(freeze["step"], stacks, labels=[labels[p] for p in PHASES],
                      colors=[PHASE_COLORS[p] for p in PHASES], linewidth=0)
-        ax.set(title=f"{group} tokens by largest |ΔW′| (lattice steps)", ylabel="tokens")
+        ax.set(title=f"{group} tokens by largest motion (|ΔW| in steps of the coarser endpoint spacing)",
+               ylabel="tokens")
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
     fig.suptitle(f"{experiment}: phase populations")
     _save(fig, path)
 
 
+MEASURE_LABELS = {"global_freeze": "globally frozen share of steps", "token_frozen": "frozen share of tokens",
+                  "element_frozen": "frozen share of elements"}
+
+
 def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: str) -> None:
+    """Per measure: windowed frozen share per group with its verdict; below, the raster of global freeze."""
     groups = ("dead", "live", "all")
-    fig, (top, raster) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-    for group in groups:
-        cooling = summary["cooling"][group]
-        top.plot(cooling["window_centers"], cooling["global_freeze_fraction"], marker="o", ms=3,
-                 color=GROUP_COLORS[group], label=f"{group}: {cooling['verdict']}")
-    top.set(ylabel="globally frozen fraction", ylim=(-0.02, 1.02),
-            title=f"windows of {summary['cooling']['all']['window_steps']} steps; verdict from the last half's trend")
-    top.legend(fontsize=8)
-    top.grid(alpha=0.3)
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True, gridspec_kw={"height_ratios": [2, 2, 2, 1]})
+    width = summary["verdict_rule"]["window_steps"]
+    for ax, (measure, label) in zip(axes, MEASURE_LABELS.items()):
+        for group in groups:
+            series_ = summary["cooling"][group][measure]
+            ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
+                    color=GROUP_COLORS[group], label=f"{group}: {series_['verdict']}")
+        ax.axvline(summary["steps"] / 2, color="black", lw=0.6, ls=":")
+        ax.set(ylabel=label, ylim=(-0.02, 1.02), title=f"{label}, windows of {width} steps "
+               "(verdict from the trend right of the dotted line)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    raster = axes[-1]
     image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in groups])
     steps = freeze["step"].to_numpy()
     raster.imshow(image, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups) - 0.5, -0.5))
     raster.set_yticks(range(len(groups)), groups)
     raster.set(xlabel="step", title="globally frozen steps (dark: every token of the group has ΔW′ = 0)")
-    fig.suptitle(f"{experiment}: global freeze")
+    fig.suptitle(f"{experiment}: freezing by group and measure")
     _save(fig, path)
 
 
 def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    """exp_avg_sq per token (median, 10-90%), the share of its elements that change per step, and the
+    bias corrections AdamW divides by."""
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    steps = exp_avg_sq["step"][1:]
     for group in ("dead", "live"):
         if f"{group}_mean" not in exp_avg_sq:
             continue
-        steps = exp_avg_sq["step"][1:]
-        ax.plot(steps, exp_avg_sq[f"{group}_median"][1:], color=GROUP_COLORS[group], lw=1.2, label=f"{group} median")
-        ax.fill_between(steps, exp_avg_sq[f"{group}_p10"][1:], exp_avg_sq[f"{group}_p90"][1:],
-                        color=GROUP_COLORS[group], alpha=0.2, label=f"{group} 10–90%")
-    ax.set_yscale("log")
-    ax.set(title=f"{experiment}: AdamW exp_avg_sq per token (mean over its coordinates)", xlabel="step",
-           ylabel="exp_avg_sq (squared gradient units)")
-    ax.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
-            transform=ax.transAxes, fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        top.plot(steps, exp_avg_sq[f"{group}_median"][1:], color=GROUP_COLORS[group], lw=1.2, label=f"{group} median")
+        top.fill_between(steps, exp_avg_sq[f"{group}_p10"][1:], exp_avg_sq[f"{group}_p90"][1:],
+                         color=GROUP_COLORS[group], alpha=0.2, label=f"{group} 10–90%")
+        middle.plot(steps, exp_avg_sq[f"{group}_changed_share"][1:], color=GROUP_COLORS[group], lw=0.6,
+                    label=group)
+    top.set_yscale("log")
+    top.set(title=f"{experiment}: AdamW exp_avg_sq per token (mean over its coordinates)",
+            ylabel="exp_avg_sq (squared gradient units)")
+    top.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
+             transform=top.transAxes, fontsize=8)
+    middle.set(ylabel="share of elements changed", ylim=(-0.02, 1.02),
+               title="share of exp_avg_sq elements whose bf16 value changed at the step")
+    bottom.plot(steps, exp_avg_sq["bias_correction1"][1:], label="1 − β1^t (divides the step size)")
+    bottom.plot(steps, exp_avg_sq["bias_correction2"][1:], label="1 − β2^t (its square root divides sqrt(v))")
+    bottom.set(xlabel="step", ylabel="bias correction", ylim=(-0.02, 1.02), title="AdamW's bias corrections")
+    for ax in (top, middle, bottom):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def lattice_positions(table: pd.DataFrame, experiment: str, path: str) -> None:
+    """Share of frozen elements sitting exactly at ±2^k, in all and for the most common k, per group."""
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True, sharey=True)
+    for ax, group in zip(axes, ("dead", "live")):
+        ax.plot(table["step"], table[f"{group}_at_power_of_two_share"], color="black", lw=1.2, label="any k")
+        by_k = [c for c in table.columns if c.startswith(f"{group}_at_2^")]
+        top = sorted(by_k, key=lambda c: -np.nan_to_num(table[c].to_numpy()).sum())[:5]
+        for column in top:
+            ax.plot(table["step"], table[column], lw=0.8, label=column.removeprefix(f"{group}_at_").removesuffix("_share"))
+        ax.set(title=f"{group} tokens: frozen elements exactly at ±2^k", ylabel="share of frozen elements",
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{experiment}: where frozen weights sit on the lattice (the spacing doubles just above 2^k)")
     _save(fig, path)
 
 
@@ -143,33 +180,41 @@ def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: 
 
 
 def series(summaries: list[dict], name: str, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for summary in summaries:
-        group = "dead" if summary["windows"]["all"]["dead"]["tokens"] else "all"
-        cooling = summary["cooling"][group]
-        ax.plot(cooling["window_centers"], cooling["global_freeze_fraction"], marker="o", ms=3,
-                label=f"{summary['experiment']} ({group}): {cooling['verdict']}")
-    ax.set(title=f"series {name}: globally frozen fraction of dead tokens per window", xlabel="step",
-           ylabel="globally frozen fraction", ylim=(-0.02, 1.02))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    """Per measure, each experiment's windowed frozen share of its dead tokens (all tokens if none)."""
+    fig, axes = plt.subplots(len(MEASURE_LABELS), 1, figsize=(9, 9), sharex=True)
+    for ax, (measure, label) in zip(axes, MEASURE_LABELS.items()):
+        for summary in summaries:
+            group = "dead" if summary["windows"]["all"]["dead"]["tokens"] else "all"
+            series_ = summary["cooling"][group][measure]
+            ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
+                    label=f"{summary['experiment']} ({group}): {series_['verdict']}")
+        ax.set(title=f"{label}", ylabel="share", ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"series {name}: freezing of the dead tokens, per experiment")
     _save(fig, path)
 
 
 def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp_avg_sq_csv: str,
-                       ratio_csv: str, outputs: dict[str, str]) -> None:
+                       ratio_csv: str, lattice_positions_csv: str, outdir: str) -> None:
+    """Every figure of thimble.outputs.FIGURES, as {outdir}/{name}.png."""
     import h5py
+
+    from thimble.outputs import FIGURES
 
     summary = json.loads(Path(summary_json).read_text())
     frame = pd.read_csv(freeze_csv)
     name = summary["experiment"]
-    loss(frame, name, outputs["loss"])
+    out = {figure: str(Path(outdir) / f"{figure}.png") for figure in FIGURES}
+    loss(frame, name, out["loss"])
     with h5py.File(token_steps, "r") as handle:
-        displacement(handle["norm"][...], handle["dead_mask"][...], name, outputs["displacement"])
-    phases(frame, summary["thresholds"], name, outputs["phases"])
-    global_freeze(frame, summary, name, outputs["global_freeze"])
-    variance(pd.read_csv(exp_avg_sq_csv), name, outputs["variance"])
-    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, outputs["update_ratio"])
+        displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"])
+    phases(frame, summary["thresholds"], name, out["phases"])
+    global_freeze(frame, summary, name, out["global_freeze"])
+    variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"])
+    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"])
+    lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
 
 
 def series_outputs(name: str, summary_paths: list[str], figure: str, table: str) -> None:
@@ -180,14 +225,17 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str)
     series(summaries, name, figure)
     rows = []
     for summary in summaries:
-        for group, cooling in summary["cooling"].items():
-            fit = cooling["trend_last_half"]
+        for group, measures in summary["cooling"].items():
             last_half = summary["windows"]["last_half"][group]
-            rows.append({"experiment": summary["experiment"], "group": group, "steps": summary["steps"],
-                         "delta_w_exact": summary["delta_w_exact"],
-                         "global_freeze_percent_last_half": last_half["global_freeze_percent"],
-                         "slope_per_1000_steps": fit["slope_per_1000_steps"],
-                         "ci95_low": fit["ci95"][0] if fit["ci95"] else None,
-                         "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
-                         "verdict": cooling["verdict"]})
+            for measure, series_ in measures.items():
+                fit = series_["trend_last_half"]
+                rows.append({"experiment": summary["experiment"], "group": group, "measure": measure,
+                             "steps": summary["steps"], "delta_w_exact": summary["delta_w_exact"],
+                             "share_last_half": last_half[{"global_freeze": "global_freeze_share",
+                                                           "token_frozen": "token_frozen_share",
+                                                           "element_frozen": "element_frozen_share"}[measure]],
+                             "slope_per_1000_steps": fit["slope_per_1000_steps"],
+                             "ci95_low": fit["ci95"][0] if fit["ci95"] else None,
+                             "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
+                             "verdict": series_["verdict"]})
     write_csv(table, rows)
