@@ -6,11 +6,13 @@ import shutil
 
 import h5py
 import numpy as np
-import yaml
 import pytest
+import yaml
 
 from conftest import REPO, run_snakemake
 from thimble.config import load_config
+from thimble.freeze import MEASURES, VERDICTS
+from thimble.outputs import FIGURES
 from thimble.record import open_stream
 
 
@@ -91,13 +93,17 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
     np.testing.assert_array_equal(freeze["dead_moved_tokens"], moved[:, dead].sum(axis=1))
     summary = json.loads((results / "summary.json").read_text())
     assert set(summary["windows"]) == {"all", "last_half", "last_third"}
-    assert summary["verdict"] in ("still cooling", "stabilised", "inconclusive")
-    for table in ("freeze_cycles.csv", "token_freeze.csv", "displacement_classes.csv", "exp_avg_sq.csv"):
+    assert summary["verdict"] in VERDICTS
+    assert {m: v in VERDICTS for group in summary["verdicts"].values() for m, v in group.items()} == \
+        {m: True for m in MEASURES}
+    for table in ("freeze_cycles.csv", "token_freeze.csv", "displacement_classes.csv", "exp_avg_sq.csv",
+                  "lattice_positions.csv"):
         assert len(pd.read_csv(results / table)) > 0
-    for figure in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio"):
+    for figure in FIGURES:
         assert (results / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     verdicts = pd.read_csv(mini_data / "results/series/mini/verdicts.csv")
-    assert set(verdicts["experiment"]) == {"thimble_mini", "thimble_mini_f16"} and len(verdicts) == 6
+    # two experiments x three groups x three measures
+    assert set(verdicts["experiment"]) == {"thimble_mini", "thimble_mini_f16"} and len(verdicts) == 18
     exact = dict(zip(verdicts["experiment"], verdicts["delta_w_exact"]))
     assert exact == {"thimble_mini": True, "thimble_mini_f16": False} and summary["delta_w_exact"] is True
     f16_replay = json.loads((mini_data / "results/thimble_mini_f16/replay.json").read_text())

@@ -44,6 +44,7 @@ import numpy as np
 
 from thimble.config import STORED_ELEMENT_BYTES
 from thimble.files import atomic_output
+from thimble.outputs import FIGURES
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,9 @@ EXPERIMENT_FILES = {
     "stream": "train", "recording.h5": "rechunk", "delta_w_lattice.h5": "lattice",
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
     "freeze.csv": "freeze", "freeze_cycles.csv": "freeze", "token_freeze.csv": "freeze",
-    "displacement_classes.csv": "freeze", "exp_avg_sq.csv": "freeze", "token_displacement.h5": "freeze",
-    "summary.json": "freeze",
-    **{f"figures/{name}.png": "figures"
-       for name in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio")},
+    "displacement_classes.csv": "freeze", "lattice_positions.csv": "freeze", "exp_avg_sq.csv": "freeze",
+    "token_displacement.h5": "freeze", "summary.json": "freeze",
+    **{f"figures/{name}.png": "figures" for name in FIGURES},
 }
 
 
@@ -118,8 +118,9 @@ def array_bytes(settings: dict, n_tokens: int = 0) -> dict[str, int]:
         "lattice": chunk,
         # W, grad and both moments in bf16 and float32 working copies, before and after a step
         "replay": 2 * 4 * row_elements * (2 + 4),
-        # five (T+1) x V per-token summaries of 4 bytes, and the window statistics' working copies of them
-        "freeze": 2 * 5 * per_token_step * 4,
+        # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
+        # (its low bytes) held while the chunk is decoded
+        "freeze": 2 * 9 * per_token_step * 4 + chunk // 2,
         # max |ΔW′| and the norm per token and step
         "figures": 2 * per_token_step * 4,
     }
@@ -314,19 +315,18 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
             "lattice": ["--recording", str(out["recording.h5"]), "--output", str(out["delta_w_lattice.h5"]),
                         *threads_arg],
             "replay": ["--stream", str(out["stream"]), "--table", str(out["replay.csv"]), "--summary",
-                       str(out["replay.json"]), "--ratio-table", str(out["update_ratio.csv"])],
+                       str(out["replay.json"]), "--ratio-table", str(out["update_ratio.csv"]), *threads_arg],
             "freeze": ["--settings", text, "--delta", str(out["delta_w_lattice.h5"]), "--recording",
                        str(out["recording.h5"]), "--freeze", str(out["freeze.csv"]), "--cycles",
                        str(out["freeze_cycles.csv"]), "--tokens", str(out["token_freeze.csv"]), "--classes",
-                       str(out["displacement_classes.csv"]), "--variance", str(out["exp_avg_sq.csv"]),
+                       str(out["displacement_classes.csv"]), "--lattice-positions", str(out["lattice_positions.csv"]),
+                       "--variance", str(out["exp_avg_sq.csv"]),
                        "--token-steps", str(out["token_displacement.h5"]), "--summary", str(out["summary.json"]),
                        *threads_arg],
             "figures": ["--freeze", str(out["freeze.csv"]), "--summary", str(out["summary.json"]), "--token-steps",
                         str(out["token_displacement.h5"]), "--exp-avg-sq", str(out["exp_avg_sq.csv"]), "--ratio",
-                        str(out["update_ratio.csv"]),
-                        *[arg for name in ("loss", "displacement", "phases", "global_freeze", "variance",
-                                           "update_ratio")
-                          for arg in (f"--{name.replace('_', '-')}-png", str(out[f"figures/{name}.png"]))]],
+                        str(out["update_ratio.csv"]), "--lattice-positions", str(out["lattice_positions.csv"]),
+                        "--outdir", str(scratch / "figures")],
         }
         measured = {}
         for stage, args in stages.items():
