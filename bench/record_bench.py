@@ -33,6 +33,7 @@ import torch
 from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
 from thimble.record import TENSORS, StreamRecorder, list_segments, read_steps
+from thimble.adamw import resolve_implementation
 from thimble.train import build_model, build_optimizer, select_device
 
 
@@ -42,7 +43,8 @@ class Trainer:
     def __init__(self, settings: dict, tokens: np.ndarray, batch_size: int, device, seed: int):
         torch.manual_seed(settings["training"]["seed"])
         self.model = build_model(settings["model"], device)
-        self.optimizer = build_optimizer(self.model, settings["training"])
+        self.optimizer = build_optimizer(self.model, settings["training"],
+                                         resolve_implementation(settings["training"]["optimizer_impl"], device))
         self.wte = self.model.transformer.wte.weight
         self.tokens, self.batch_size, self.device = tokens, batch_size, device
         self.seq = settings["model"]["max_seq_len"]

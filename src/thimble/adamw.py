@@ -113,3 +113,34 @@ def update_ratio(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> torch.Te
     target_bits = torch.where(target_bits >= 0x8000, target_bits - 0x10000, target_bits).to(torch.int16)
     neighbour = target_bits.view(torch.bfloat16).double()
     return update.abs() / ((neighbour - w).abs() / 2)
+
+
+def half_spacing_exponent(w_before: torch.Tensor, downward: torch.Tensor) -> torch.Tensor:
+    """log2 of half the lattice spacing from w towards the move (int32); spacings are powers of two.
+
+    Away from zero it is the spacing of w's binade, 2**(e - 134) (e the biased exponent field, 1 for
+    zero and subnormals); towards zero from a binade's bottom (a zero mantissa) it is half that.
+    """
+    bits = w_before.view(torch.int16).to(torch.int32)
+    magnitude = bits & 0x7FFF
+    field = (magnitude >> 7).clamp(min=1)
+    negative = bits < 0
+    towards_zero = (magnitude != 0) & (downward != negative)
+    finer = towards_zero & ((magnitude & 0x7F) == 0) & (magnitude >= 0x100)
+    return field - 134 - finer.to(torch.int32) - 1
+
+
+def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """floor(log2(update_ratio)) (int32; a very negative number where the update is 0) and where the
+    ratio is exactly 1 (a tie), in integer arithmetic on float32 exponents: the fast form of
+    ``update_ratio`` for histograms.
+
+    ``pre_rounding - w`` is exact in float32 whenever the update is smaller than w (Sterbenz); a larger
+    one has a ratio of at least 2**8, the histogram's last bin, where rounding cannot change the bin.
+    """
+    update = pre_rounding - w_before.float()
+    mantissa, exponent = torch.frexp(update)  # |update| = |mantissa| * 2**exponent, |mantissa| in [0.5, 1)
+    half = half_spacing_exponent(w_before, update < 0)
+    floor = torch.where(update == 0, torch.iinfo(torch.int32).min // 2, exponent - 1 - half)
+    floor = torch.where(torch.isinf(update), torch.iinfo(torch.int32).max // 2, floor)  # past float32's range
+    return floor, (mantissa.abs() == 0.5) & (floor == 0)

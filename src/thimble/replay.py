@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.adamw import hyperparameters, pre_rounding_weight, replay_steps, stays_put, update_ratio
+from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_steps, stays_put,
+                           update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,29 @@ LISTED_DISAGREEMENTS = 50
 BLOCK_STEPS = 32
 
 
-def ratio_histogram(ratio: torch.Tensor) -> np.ndarray:
-    """Counts of log2(ratio) in RATIO_COLUMNS' bins, exact: a bin is a power-of-two interval."""
-    _, exponent = torch.frexp(ratio.reshape(-1))  # ratio = f * 2**e, f in [0.5, 1): floor(log2) = e - 1
-    bins = (exponent.to(torch.int64) - 1 - int(RATIO_EDGES[0]) + 1).clamp(0, len(RATIO_EDGES))
-    bins = torch.where(ratio.reshape(-1) == 0, 0, bins)
-    return torch.bincount(bins, minlength=len(RATIO_COLUMNS)).numpy()
+def ratio_histograms(log2_floor: torch.Tensor) -> np.ndarray:
+    """Per step (dimension 0), counts of floor(log2(ratio)) in RATIO_COLUMNS' bins (power-of-two intervals;
+    the first also takes a zero update, the last everything above)."""
+    bins = (log2_floor.flatten(1) - int(RATIO_EDGES[0]) + 1).clamp_(0, len(RATIO_EDGES)).to(torch.int64)
+    offsets = torch.arange(bins.shape[0]).unsqueeze(1) * len(RATIO_COLUMNS)
+    counts = torch.bincount((bins + offsets).flatten(), minlength=bins.shape[0] * len(RATIO_COLUMNS))
+    return counts.reshape(bins.shape[0], len(RATIO_COLUMNS)).numpy()
 
 
 def same_lattice_point(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Bitwise equal, or both zero (±0 are one lattice point)."""
-    return (a.view(torch.int16) == b.view(torch.int16)) | ((a == 0) & (b == 0))
+    a, b = a.view(torch.int16), b.view(torch.int16)
+    return (a == b) | (((a & 0x7FFF) == 0) & ((b & 0x7FFF) == 0))
+
+
+def per_step(flags: torch.Tensor) -> torch.Tensor:
+    """True elements per step (dimension 0)."""
+    return torch.count_nonzero(flags.flatten(1), dim=1)
 
 
 def count_differing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Elements whose bits differ, per step (dimension 0)."""
-    return (a.view(torch.int16) != b.view(torch.int16)).flatten(1).sum(dim=1)
+    return per_step(a.view(torch.int16) != b.view(torch.int16))
 
 
 def replay_device(setting: str, recorded: str) -> torch.device:
@@ -111,8 +119,8 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     def load(name: str, start: int, stop: int) -> torch.Tensor:
         out = buffers[name][: stop - start]
         read_stream_rows(stream_dir, name, start, stop, out, pool)
-        bits = bfloat16_bits_from_float16_bits(out) if storage == "float16" else out
-        return bits_to_torch(bits.copy())
+        bits = bfloat16_bits_from_float16_bits(out) if storage == "float16" else out.copy()
+        return bits_to_torch(bits)
 
     with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
         for first in range(1, last + 1, block_steps):
@@ -127,18 +135,17 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             predicted = stays_put(w[:-1], pre_rounding)
             observed = same_lattice_point(w[1:], w[:-1])
             replay_frozen = same_lattice_point(w_replay, w[:-1])
-            ratio = update_ratio(w[:-1], pre_rounding)
+            log2_floor, tie = log2_ratio_floor(w[:-1], pre_rounding)
             differs = predicted != observed
-            w_mismatch = count_differing(w_replay, w[1:])
             columns = {
-                "W_mismatches": w_mismatch,
+                "W_mismatches": count_differing(w_replay, w[1:]),
                 "momentum_mismatches": count_differing(m_replay, m[1:]),
                 "variance_mismatches": count_differing(v_replay, v[1:]),
-                "replay_frozen": replay_frozen.flatten(1).sum(dim=1),
-                "predicted_frozen": predicted.flatten(1).sum(dim=1),
-                "observed_frozen": observed.flatten(1).sum(dim=1),
-                "criterion_disagreements": differs.flatten(1).sum(dim=1),
-                "ties": (ratio == 1).flatten(1).sum(dim=1),
+                "replay_frozen": per_step(replay_frozen),
+                "predicted_frozen": per_step(predicted),
+                "observed_frozen": per_step(observed),
+                "criterion_disagreements": per_step(differs),
+                "ties": per_step(tie),
             }
             elements = int(np.prod(shape[1:]))
             for index, step in enumerate(steps.tolist()):
@@ -146,16 +153,18 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                 row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
                 row["elements"] = elements
                 rows.append(row)
-                histograms.append(ratio_histogram(ratio[index]))
-            disagreements += int(differs.sum())
+            histograms.extend(ratio_histograms(log2_floor))
+            disagreements += int(columns["criterion_disagreements"].sum())
             ties += int(columns["ties"].sum())
-            for index, *element in torch.nonzero(differs)[: max(0, LISTED_DISAGREEMENTS - len(listed))].tolist():
+            room = LISTED_DISAGREEMENTS - len(listed)
+            for index, *element in (torch.nonzero(differs)[:room].tolist() if room > 0 and disagreements else []):
                 at = (index, *element)
                 listed.append({
                     "step": first + index, "element": element,
                     "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
                     "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
-                    "ratio": float(ratio[at]), "predicted_frozen": bool(predicted[at]),
+                    "ratio": float(update_ratio(w[:-1][at].reshape(1), pre_rounding[at].reshape(1))[0]),
+                    "predicted_frozen": bool(predicted[at]),
                     "observed_frozen": bool(observed[at]),
                     "reason": explain(bool(w_replay[at].view(torch.int16) != w[1:][at].view(torch.int16)),
                                       storage, implementation),

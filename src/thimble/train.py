@@ -113,6 +113,20 @@ def select_device(setting: str) -> torch.device:
     return torch.device(setting)
 
 
+def make_deterministic(device: torch.device) -> dict:
+    """Deterministic kernels on accelerators (a rerun and a resume give the same bits); what was set.
+
+    The CPU kernels this model uses are deterministic already, and the CPU trajectory must stay the
+    seed notebook's, so nothing changes there. cuBLAS needs a fixed workspace before its first call.
+    """
+    if device.type == "cpu":
+        return {"deterministic_algorithms": False, "cublas_workspace_config": ""}
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    return {"deterministic_algorithms": True, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
+
+
 def build_model(model_settings: dict, device: torch.device):
     """GPT2LMHeadModel as in the seed: dropout 0, tied embeddings, wte ~ N(0, init_scale), all bf16.
 
@@ -278,6 +292,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     config_hash = settings_hash(settings)
     torch.set_num_threads(threads)
     device = select_device(training["device"])
+    determinism = make_deterministic(device)
 
     tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
     masks = load_file(masks_path)
@@ -377,7 +392,8 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads), "optimizer_impl": implementation}
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads), "optimizer_impl": implementation,
+             **determinism}
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
