@@ -1,9 +1,10 @@
-"""Benchmark of the post-training stages at thimble size: rechunk vs h5repack, and ΔW′ throughput.
+"""Benchmark of the post-training stages at thimble size: rechunk vs h5repack, replay, ΔW′ and freeze.
 
 1. A synthetic stream of ``--rechunk-steps`` + 1 thimble-size steps (W a random walk on the bf16
    lattice that slowly freezes, gradients and moments of the recorded magnitudes) is written with
    the StreamRecorder, then rechunked into ``--rechunk-steps``-step chunks twice: by
    ``thimble rechunk`` and by ``h5repack -l`` (Debian's hdf5-tools). Both times and peak RSS print.
+   ``thimble replay`` then replays that stream (its speed only: the walk is no AdamW trajectory).
 2. A rechunked W of ``--lattice-steps`` + 1 steps (thimble_7: 6000) in 1500-step chunks is written
    directly, and ``thimble lattice`` computes ΔW′ from it; time and peak RSS print.
 
@@ -85,7 +86,11 @@ def synthetic_stream(directory: Path, steps: int, shape: tuple[int, int]) -> Non
     recorder.close()
     masks = {"live_mask": np.ones(shape[0], bool), "dead_mask": np.zeros(shape[0], bool),
              "live_ids": np.arange(shape[0]), "dead_ids": np.arange(0)}
-    write_stream_file(directory, shape, steps, "bfloat16", masks, {"num_steps": steps})
+    # the seed's optimizer settings, so that the replay can run on it (the walk is no AdamW trajectory:
+    # it measures the replay's speed, its mismatch counts mean nothing)
+    write_stream_file(directory, shape, steps, "bfloat16", masks, {
+        "num_steps": steps, "learning_rate": 1e-3, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8,
+        "weight_decay": 0.0, "device": "cpu"})
 
 
 def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: int, threads: int) -> None:
@@ -106,7 +111,7 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
             print(f"  rows {start}..{min(start + rows, steps + 1) - 1} written", flush=True)
         out.create_dataset("losses", data=np.linspace(9, 3, steps + 1, dtype=np.float32))
         out.create_dataset("dead_mask", data=np.arange(shape[0]) % 3 == 0)
-        out.attrs["storage_dtype"] = "bfloat16"
+        out.attrs.update({"storage_dtype": "bfloat16", "adam_beta1": 0.9, "adam_beta2": 0.999})
 
 
 def main() -> None:
@@ -163,8 +168,19 @@ def main() -> None:
         print(f"thimble rechunk is {theirs[0] / ours[0]:.1f}x faster with {ours[1] / theirs[1]:.2f}x the memory")
         results["rechunk"]["h5repack"] = theirs
         (workdir / "repack.h5").unlink()
-    shutil.rmtree(stream)
     (workdir / "recording.h5").unlink()
+
+    # the replay of the same stream: every step through the optimizer's step() and the freeze criterion
+    os.sync()
+    replay = run_measured([sys.executable, "-m", "thimble", "replay", "--stream", str(stream), "--table",
+                           str(workdir / "replay.csv"), "--summary", str(workdir / "replay.json"), "--ratio-table",
+                           str(workdir / "ratio.csv"), "--threads", str(args.threads)])
+    per_step = replay[0] / args.rechunk_steps
+    print(f"replay of {args.rechunk_steps} steps: {replay[0]:.1f} s ({per_step * 1000:.0f} ms/step, "
+          f"{per_step * settings['training']['steps'] / 60:.1f} min for {settings['training']['steps']} steps), "
+          f"peak RSS {replay[1]:.2f} GB (target: the experiment's steps in < 2 min)")
+    results["replay"] = {"steps": args.rechunk_steps, "seconds": replay[0], "peak_rss_gb": replay[1]}
+    shutil.rmtree(stream)
 
     if args.skip_lattice:
         shutil.rmtree(workdir)
@@ -193,7 +209,7 @@ def main() -> None:
     freeze_settings["training"]["steps"] = lattice_steps
     os.sync()
     tables = {name: str(workdir / f"{name}.out") for name in
-              ("freeze", "cycles", "tokens", "classes", "variance", "token-steps", "summary")}
+              ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary")}
     freeze = run_measured([sys.executable, "-m", "thimble", "freeze", "--threads", str(args.threads),
                            "--settings", json.dumps(freeze_settings),
                            "--delta", str(workdir / "delta.h5"), "--recording", str(recording),
