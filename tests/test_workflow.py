@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, offline_config, run_snakemake
 from thimble.config import load_config
 from thimble.record import open_stream
 
@@ -72,7 +72,7 @@ def test_mini_training_through_snakemake(mini_data):
 
 @pytest.mark.workflow
 def test_mini_freeze_tables_figures_series_and_report(mini_data):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = offline_config()
     # thimble_6's storage at mini size: a float16 recording goes through every stage too
     config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
                                                  "record": {"segment_steps": 20, "dtype": "float16"}}
@@ -110,7 +110,7 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
 
 @pytest.mark.workflow
 def test_stream_is_temporary_when_not_kept(mini_data, tmp_path):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = offline_config()
     config["experiments"]["thimble_mini"]["rechunk"]["keep_stream"] = False
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
