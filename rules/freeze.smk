@@ -21,6 +21,8 @@ rule freeze:
                        category="{experiment}", subcategory="tables"),
     log:
         "logs/{experiment}/freeze.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         settings=experiment_settings,
     threads: 2
@@ -46,6 +48,8 @@ rule figures:
            for name in ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio")},
     log:
         "logs/{experiment}/figures.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "figures", attempt),
         runtime=15,
@@ -68,6 +72,8 @@ rule series:
                      category="series {series}"),
     log:
         "logs/series/{series}.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=1000,
         runtime=5,

@@ -30,11 +30,14 @@ def test_data_targets_of_every_dataset_plan(workdir):
     assert not (workdir / "results").exists()
 
 
-def test_lint_only_asks_for_software_environments(workdir):
+def test_lint_is_clean_and_every_rule_names_the_conda_environment(workdir):
     result = run_snakemake(workdir, "--lint", check=False)
-    lints = re.findall(r"^\s+\* (.+?):$", result.stdout + result.stderr, re.M)
-    assert lints, "expected the conda/container suggestion per rule"
-    assert set(lints) == {"Specify a conda environment or container for each rule."}
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and not re.findall(r"^\s+\* (.+?):$", output, re.M), output
+    environment = yaml.safe_load((REPO / "workflow/envs/thimble.yaml").read_text())
+    assert "-e ../.." in environment["dependencies"][-1]["pip"]  # the package itself, from the working directory
+    rules = "".join(path.read_text() for path in (REPO / "rules").glob("*.smk"))
+    assert rules.count('conda:\n        "../workflow/envs/thimble.yaml"') == len(re.findall(r"^rule \w+:", rules, re.M))
 
 
 def test_experiment_and_series_targets_plan(workdir):
