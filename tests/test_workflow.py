@@ -11,6 +11,7 @@ import pytest
 
 from conftest import REPO, offline_config, run_snakemake
 from thimble.config import load_config
+from thimble.plan import any_calibration, peak_ram_bytes
 from thimble.record import open_stream
 
 
@@ -68,6 +69,11 @@ def test_mini_training_through_snakemake(mini_data):
         assert np.isfinite(stream["losses"][1:]).all()
     log = (mini_data / "logs/thimble_mini/train.log").read_text()
     assert "safety check" in log and "step/s" in log and "loss=" in log
+    assert "[transformers]" not in log and "warning" not in log.lower(), log
+    # one RAM estimate: the one `thimble plan` and the rules' mem_mb use
+    n_tokens = len(np.load(mini_data / "results/data/shakespeare_mini/tokens.npy"))
+    peak = peak_ram_bytes(settings, any_calibration(settings, mini_data).record, n_tokens)["train"]
+    assert f"peak RAM about {peak / 1e9:.2f} GB (thimble plan's model" in log
     assert not (mini_data / "results/thimble_mini/.partial").exists()
     for stage in ("rechunk", "lattice", "replay"):
         assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0
