@@ -52,7 +52,8 @@ def step_range(index, n_steps: int) -> tuple[int, int, int] | int:
 def make_target(directory: Path, filename: str) -> str:
     """What to run to make ``filename`` of the experiment in ``directory`` (results/{experiment})."""
     target = f"results/{directory.name}/{filename}"
-    where = directory.resolve().parent.parent
+    results = directory.resolve().parent
+    where = results.parent if results.name == "results" else "that made the others"
     return f"`snakemake --cores 1 {target}` (in the workflow directory {where})"
 
 

@@ -239,9 +239,13 @@ def log_peak_ram(settings: dict, n_tokens: int) -> None:
     """Log the stage's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
     measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
     (``run_plan``) leave out the few hundred MB of the interpreter, torch and transformers."""
-    from thimble.plan import any_calibration, peak_ram_bytes
+    from thimble.plan import PlanError, any_calibration, peak_ram_bytes
 
-    calibration = any_calibration(settings, Path("."))
+    try:
+        calibration = any_calibration(settings, Path("."))
+    except PlanError as error:  # an unreadable cached probe must not stop training
+        log.warning("safety check: peak RAM not predicted: %s", error)
+        return
     if calibration is None:
         log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
                  "(thimble plan makes one)")
