@@ -2,6 +2,7 @@
 
 import ctypes
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,19 @@ def test_the_stored_bf16_type_equals_hdf5_2s_predefined_bfloat16():
         pytest.skip(f"h5py links HDF5 {h5py.version.hdf5_version} without a reachable H5T_FLOAT_BFLOAT16LE")
     assert float_type_fields(predefined) == HDF5_2_BFLOAT16LE
     assert predefined == bfloat16_h5type()  # H5Tequal
+
+
+def test_h5dump_decodes_with_the_h5_env_export(compressed, capsys):
+    path, values = compressed
+    if shutil.which("h5dump") is None:
+        pytest.skip("h5dump is not installed (Debian: hdf5-tools)")
+    cli.main(["h5-env"])
+    plugin_path = capsys.readouterr().out.strip().split("=", 1)[1].strip("'")
+    command = ["h5dump", "-d", "/W", "-c", "1,1,4", str(path)]
+    bare = subprocess.run(command, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "HDF5_PLUGIN_PATH"})
+    assert "(0,0,0)" not in bare.stdout, "without the filter h5dump prints no data (and exits 0)"
+    dumped = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, HDF5_PLUGIN_PATH=plugin_path))
+    assert dumped.returncode == 0, dumped.stderr
+    expected = ", ".join(f"{value:g}" for value in values[0, 0].astype(np.float32))
+    assert f"(0,0,0): {expected}" in dumped.stdout, dumped.stdout
