@@ -19,9 +19,9 @@ def offline_config() -> dict:
     return config
 
 
-def write_offline_config(directory: Path, name: str = "config.yaml", config: dict | None = None) -> Path:
-    path = directory / name
-    path.write_text(yaml.safe_dump(config or offline_config(), sort_keys=False))
+def write_offline_config(directory: Path) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(offline_config(), sort_keys=False))
     return path
 
 
