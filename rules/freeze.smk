@@ -25,6 +25,8 @@ rule freeze:
                        category="{experiment}", subcategory="tables"),
     log:
         "logs/{experiment}/freeze.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         settings=experiment_settings,
     threads: 2
@@ -52,6 +54,8 @@ rule figures:
            for name in FIGURES},
     log:
         "logs/{experiment}/figures.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "figures", attempt),
         runtime=15,
@@ -72,6 +76,8 @@ rule series:
                      category="series {series}"),
     log:
         "logs/series/{series}.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=1000,
         runtime=5,

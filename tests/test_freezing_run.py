@@ -1,5 +1,6 @@
-"""The CPU-sized experiment that freezes (thimble_small, cut to 1200 steps), end to end through the workflow:
-dead tokens freeze, the replay matches bit for bit and the freeze criterion agrees element for element."""
+"""The CPU-sized experiment that freezes (thimble_small's model, cut to 1200 steps, on the committed mini
+texts so that it runs offline), end to end through the workflow: dead tokens freeze, the replay matches
+bit for bit and the freeze criterion agrees element for element."""
 
 import json
 
@@ -7,14 +8,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import offline_config, run_snakemake
 
 STEPS = 1200
 
 
 @pytest.mark.workflow
 def test_thimble_small_freezes_and_its_analysis_is_exact(tmp_path):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = offline_config()
+    config["experiments"]["thimble_small"]["dataset"] = "shakespeare_mini"
     config["experiments"]["thimble_small"]["training"]["steps"] = STEPS
     config["experiments"]["thimble_small"]["rechunk"]["steps_per_chunk"] = 400
     config["experiments"]["thimble_small"]["analysis"]["trend_window_steps"] = 50

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, run_snakemake, write_offline_config
 from thimble import plan
 from thimble.config import load_config
 
@@ -85,7 +85,7 @@ MINI_TARGETS = ("results/thimble_mini/freeze.csv", "results/thimble_mini/replay.
 
 
 def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, monkeypatch):
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    write_offline_config(tmp_path)
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
     first = thimble_plan(tmp_path, *MINI_TARGETS, "--json", str(tmp_path / "plan.json"))
     assert "probing thimble_mini on cpu" in first.stderr
@@ -125,7 +125,7 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
 def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatch, capsys):
     from thimble import cli
 
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    write_offline_config(tmp_path)
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
     monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     status = cli.main(["plan", "--directory", str(tmp_path), "--probe-steps", "4", "results/thimble_mini/recording.h5"])

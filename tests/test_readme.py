@@ -1,3 +1,8 @@
+import re
+import tomllib
+
+from packaging.requirements import Requirement
+
 from conftest import REPO
 
 
@@ -7,3 +12,20 @@ def test_ci_runs_the_readme_test_command_verbatim():
     assert f"\n   {command}\n" in readme
     ci_lines = (REPO / ".ci/run").read_text().splitlines()
     assert command in ci_lines
+
+
+def test_constraints_pin_every_dependency_within_pyproject_ranges():
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    required = [Requirement(text) for text in
+                project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]]
+    assert "thimble" not in pins, "the project itself is not a constraint"
+    for requirement in required:
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert name in pins, f"constraints.txt does not pin {name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (requirement, pins[name])
+    assert "+" not in pins["torch"], "a build label would exclude the CPU or the CUDA build"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, offline_config, run_snakemake
 from thimble.config import load_config
 from thimble.freeze import MEASURES, VERDICTS
 from thimble.outputs import FIGURES
+from thimble.plan import any_calibration, peak_ram_bytes
 from thimble.record import open_stream
 
 
@@ -32,11 +33,14 @@ def test_data_targets_of_every_dataset_plan(workdir):
     assert not (workdir / "results").exists()
 
 
-def test_lint_only_asks_for_software_environments(workdir):
+def test_lint_is_clean_and_every_rule_names_the_conda_environment(workdir):
     result = run_snakemake(workdir, "--lint", check=False)
-    lints = re.findall(r"^\s+\* (.+?):$", result.stdout + result.stderr, re.M)
-    assert lints, "expected the conda/container suggestion per rule"
-    assert set(lints) == {"Specify a conda environment or container for each rule."}
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and not re.findall(r"^\s+\* (.+?):$", output, re.M), output
+    environment = yaml.safe_load((REPO / "workflow/envs/thimble.yaml").read_text())
+    assert "-e ../.." in environment["dependencies"][-1]["pip"]  # the package itself, from the working directory
+    rules = "".join(path.read_text() for path in (REPO / "rules").glob("*.smk"))
+    assert rules.count('conda:\n        "../workflow/envs/thimble.yaml"') == len(re.findall(r"^rule \w+:", rules, re.M))
 
 
 def test_experiment_and_series_targets_plan(workdir):
@@ -67,6 +71,11 @@ def test_mini_training_through_snakemake(mini_data):
         assert np.isfinite(stream["losses"][1:]).all()
     log = (mini_data / "logs/thimble_mini/train.log").read_text()
     assert "safety check" in log and "step/s" in log and "loss=" in log
+    assert "[transformers]" not in log and "warning" not in log.lower(), log
+    # one RAM estimate: the one `thimble plan` and the rules' mem_mb use
+    n_tokens = len(np.load(mini_data / "results/data/shakespeare_mini/tokens.npy"))
+    peak = peak_ram_bytes(settings, any_calibration(settings, mini_data).record, n_tokens)["train"]
+    assert f"peak RAM about {peak / 1e9:.2f} GB (thimble plan's model" in log
     assert not (mini_data / "results/thimble_mini/.partial").exists()
     for stage in ("rechunk", "lattice", "replay"):
         assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0
@@ -74,7 +83,7 @@ def test_mini_training_through_snakemake(mini_data):
 
 @pytest.mark.workflow
 def test_mini_freeze_tables_figures_series_and_report(mini_data):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = offline_config()
     # thimble_6's storage at mini size: a float16 recording goes through every stage too
     config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
                                                  "record": {"segment_steps": 20, "dtype": "float16"}}
@@ -116,7 +125,7 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
 
 @pytest.mark.workflow
 def test_stream_is_temporary_when_not_kept(mini_data, tmp_path):
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config = offline_config()
     config["experiments"]["thimble_mini"]["rechunk"]["keep_stream"] = False
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")

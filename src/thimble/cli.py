@@ -131,6 +131,16 @@ def _validate(args) -> None:
           f"experiments {', '.join(resolved['experiments'])}")
 
 
+def _h5_env(args) -> None:
+    import shlex
+
+    import hdf5plugin
+
+    # h5dump, h5ls, h5diff and h5py load HDF5 filters from HDF5_PLUGIN_PATH; without it h5dump prints an
+    # empty DATA { } for the zstd-compressed tensors and still exits 0
+    print(f"export HDF5_PLUGIN_PATH={shlex.quote(hdf5plugin.PLUGIN_PATH)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="thimble", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -155,6 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads of the probe's stages")
     p.add_argument("--json", help="also write the plan as JSON here")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("h5-env", help="print the HDF5_PLUGIN_PATH export that lets h5dump/h5diff/h5py decode "
+                       "the recordings: eval \"$(thimble h5-env)\"")
+    p.set_defaults(func=_h5_env)
 
     p = sub.add_parser("fetch-sdist", help="download a source distribution with pip and check its sha256")
     p.add_argument("--package", required=True)

@@ -116,6 +116,18 @@ def zstd_dcpl(chunks: tuple[int, ...], level: int, shuffle: bool = True) -> h5py
     return dcpl
 
 
+def require_zstd_filter() -> None:
+    """Fail naming the remedy when HDF5 cannot decode zstd chunks (filter 32015).
+
+    Plain h5py says only "can't open directory (/usr/local/lib/plugin)", and
+    h5dump prints an empty ``DATA { }`` and exits 0.
+    """
+    if not h5py.h5z.filter_avail(ZSTD_FILTER):
+        raise OSError("HDF5 has no zstd filter (32015) registered, so it cannot decode thimble's compressed "
+                      "tensors: `import hdf5plugin` before reading with h5py (reinstall hdf5plugin if that "
+                      "does not register it); for h5dump, h5ls or h5diff: eval \"$(thimble h5-env)\"")
+
+
 def is_bfloat16(dataset: h5py.Dataset) -> bool:
     return dataset.id.get_type() == bfloat16_h5type()
 
@@ -127,6 +139,7 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
     untouched (h5py's own ``dataset[...]`` gives the same values as float32);
     float16 datasets come back as float16.
     """
+    require_zstd_filter()
     stop = dataset.shape[0] if stop is None else stop
     count = (stop - start, *dataset.shape[1:])
     if not is_bfloat16(dataset):
@@ -376,6 +389,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
 
 def open_stream(directory: str | Path) -> h5py.File:
     """Open a finished stream's ``stream.h5`` for reading; refuse an incomplete one."""
+    require_zstd_filter()
     path = Path(directory) / STREAM_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: the recording is missing or was not finished")

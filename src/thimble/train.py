@@ -144,8 +144,14 @@ def build_model(model_settings: dict, device: torch.device):
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=True,
+        # GPT-2's own vocabulary ends with <|endoftext|> = 50256; ours is a byte-level BPE with no special
+        # tokens. Only generation reads these ids, never the forward pass or the loss.
+        bos_token_id=None,
+        eos_token_id=None,
     )
     model = GPT2LMHeadModel(config)
+    # the loss GPT2LMHeadModel falls back to anyway (transformers finds no loss in the class name and warns)
+    model.loss_type = "ForCausalLM"
     with torch.no_grad():
         nn.init.normal_(model.transformer.wte.weight, mean=0.0, std=model_settings["init_scale"])
     return model.to(torch.bfloat16).to(device)
@@ -240,6 +246,26 @@ def run_plan(settings: dict, n_tokens: int) -> dict:
     }
 
 
+def log_peak_ram(settings: dict, n_tokens: int) -> None:
+    """Log the stage's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
+    measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
+    (``run_plan``) leave out the few hundred MB of the interpreter, torch and transformers."""
+    from thimble.plan import PlanError, any_calibration, peak_ram_bytes
+
+    try:
+        calibration = any_calibration(settings, Path("."))
+    except PlanError as error:  # an unreadable cached probe must not stop training
+        log.warning("safety check: peak RAM not predicted: %s", error)
+        return
+    if calibration is None:
+        log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
+                 "(thimble plan makes one)")
+        return
+    peak = peak_ram_bytes(settings, calibration.record, n_tokens)["train"]
+    log.info("safety check: peak RAM about %.2f GB (thimble plan's model: the measured peak of the probe %s, "
+             "its arrays replaced by this run's)", peak / 1e9, calibration.path.name)
+
+
 def check_disk(plan: dict, directory: Path) -> None:
     free = shutil.disk_usage(directory).free
     need = plan["stream_bytes_uncompressed"]
@@ -299,10 +325,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     if masks["live_mask"].numel() != vocab:
         raise TrainingError(f"{masks_path} has {masks['live_mask'].numel()} tokens, the model {vocab}")
     plan = run_plan(settings, len(tokens))
-    log.info("safety check: peak RAM about %.2f GB (model+optimizer %.3f, logits %.3f, corpus %.3f, "
-             "write queue %.3f GB)", sum(v for k, v in plan.items() if k.startswith("ram")) / 1e9,
-             plan["ram_model_optimizer"] / 1e9, plan["ram_logits"] / 1e9, plan["ram_corpus"] / 1e9,
-             plan["ram_queue"] / 1e9)
+    log_peak_ram(settings, len(tokens))
     partial_dir.parent.mkdir(parents=True, exist_ok=True)
     check_disk(plan, partial_dir.parent)
 
