@@ -52,6 +52,8 @@ rule figures:
         **{name: report(f"results/{{experiment}}/figures/{name}.png", caption=f"../workflow/report/{name}.rst",
                         category="{experiment}", subcategory="figures")
            for name in FIGURES},
+        summary_page=report("results/{experiment}/summary.html", caption="../workflow/report/summary_page.rst",
+                            category="{experiment}", subcategory="verdicts"),
     log:
         "logs/{experiment}/figures.log",
     conda:
@@ -62,7 +64,7 @@ rule figures:
     shell:
         "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"
         " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --lattice-positions {input.lattice_positions}"
-        " --outdir results/{wildcards.experiment}/figures 2> {log}"
+        " --outdir results/{wildcards.experiment}/figures --summary-html {output.summary_page} 2> {log}"
 
 
 rule series:
@@ -74,6 +76,8 @@ rule series:
                       category="series {series}"),
         table=report("results/series/{series}/verdicts.csv", caption="../workflow/report/series_table.rst",
                      category="series {series}"),
+        page=report("results/series/{series}/verdicts.html", caption="../workflow/report/series_table.rst",
+                    category="series {series}"),
     log:
         "logs/series/{series}.log",
     conda:
@@ -83,4 +87,4 @@ rule series:
         runtime=5,
     shell:
         "thimble series --name {wildcards.series} --summaries {input.summaries} --figure {output.figure}"
-        " --table {output.table} 2> {log}"
+        " --table {output.table} --page {output.page} 2> {log}"

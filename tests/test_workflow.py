@@ -121,6 +121,10 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
                   "--configfile", str(mini_data / "series.yaml"))
     report = (mini_data / "report.html").read_text(errors="replace")
     assert "freeze.csv" in report and "global_freeze.png" in report
+    # the answers are readable inside the report, not only downloadable
+    assert "summary.html" in report and "verdicts.html" in report
+    page = (results / "summary.html").read_text()
+    assert "<table" in page and summary["verdict"] in page
 
 
 @pytest.mark.workflow

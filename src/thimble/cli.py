@@ -93,13 +93,13 @@ def _figures(args) -> None:
     from thimble.figures import experiment_figures
 
     experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
-                       args.lattice_positions, args.outdir)
+                       args.lattice_positions, args.outdir, args.summary_html)
 
 
 def _series(args) -> None:
     from thimble.figures import series_outputs
 
-    series_outputs(args.name, args.summaries, args.figure, args.table)
+    series_outputs(args.name, args.summaries, args.figure, args.table, args.page)
 
 
 def _plan(args) -> int:
@@ -250,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio", "lattice-positions"):
         p.add_argument(f"--{name}", required=True, help="an input table")
     p.add_argument("--outdir", required=True, help="writes {outdir}/{name}.png for every figure in thimble.outputs.FIGURES")
+    p.add_argument("--summary-html", help="the verdicts and the summary as HTML tables (for the report)")
     p.set_defaults(func=_figures)
 
     p = sub.add_parser("series", help="compare the experiments of a series")
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summaries", nargs="+", required=True)
     p.add_argument("--figure", required=True)
     p.add_argument("--table", required=True)
+    p.add_argument("--page", help="the verdicts table as an HTML page (for the report)")
     p.set_defaults(func=_series)
     return parser
 

@@ -196,9 +196,44 @@ def series(summaries: list[dict], name: str, path: str) -> None:
     _save(fig, path)
 
 
+HTML_STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse;margin:8px 0}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}</style>")
+
+
+def _html_page(title: str, parts: list[str]) -> str:
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{HTML_STYLE}</head><body>" \
+           f"<h3>{title}</h3>{''.join(parts)}</body></html>\n"
+
+
+def summary_html(summary: dict) -> str:
+    """The summary's answers as HTML tables: verdicts per group and measure, then the windows' statistics."""
+    verdict_rows = []
+    for group, measures in summary["cooling"].items():
+        for measure, series_ in measures.items():
+            fit = series_["trend_last_half"]
+            verdict_rows.append({"group": group, "measure": measure, "verdict": series_["verdict"],
+                                 "slope per 1000 steps": fit["slope_per_1000_steps"],
+                                 "95% CI": None if fit["ci95"] is None else
+                                 f"[{fit['ci95'][0]:.4f}, {fit['ci95'][1]:.4f}]",
+                                 "windows in the last half": fit["windows"]})
+    window_rows = [{"window": f"{name} (t={window['start']}–{window['end']})", "group": group,
+                    **{key: value for key, value in stats.items()}}
+                   for name, window in summary["windows"].items()
+                   for group, stats in window.items() if isinstance(stats, dict)]
+    rule = summary["verdict_rule"]
+    parts = [f"<p>The lab's question (dead tokens, global freeze): <b>{summary['verdict']}</b>. "
+             f"{summary['steps']} steps; ΔW′ exact: {summary['delta_w_exact']}. Shares are fractions 0–1.</p>",
+             pd.DataFrame(verdict_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+             "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in
+                                             ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive"))
+             + f". {rule['windows'][0].upper()}{rule['windows'][1:]}.</p>",
+             pd.DataFrame(window_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]
+    return _html_page(f"{summary['experiment']}: verdicts and summary", parts)
+
+
 def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp_avg_sq_csv: str,
-                       ratio_csv: str, lattice_positions_csv: str, outdir: str) -> None:
-    """Every figure of thimble.outputs.FIGURES, as {outdir}/{name}.png."""
+                       ratio_csv: str, lattice_positions_csv: str, outdir: str, summary_page: str | None = None) -> None:
+    """Every figure of thimble.outputs.FIGURES, as {outdir}/{name}.png, and the summary as an HTML page."""
     import h5py
 
     from thimble.outputs import FIGURES
@@ -215,9 +250,18 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"])
     update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"])
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
+    if summary_page:
+        _write_text(summary_page, summary_html(summary))
 
 
-def series_outputs(name: str, summary_paths: list[str], figure: str, table: str) -> None:
+def _write_text(path: str, text: str) -> None:
+    from thimble.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None) -> None:
     """The series figure and a table of each experiment's verdict and the numbers behind it."""
     from thimble.freeze import write_csv
 
@@ -239,3 +283,8 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str)
                              "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
                              "verdict": series_["verdict"]})
     write_csv(table, rows)
+    if page:
+        _write_text(page, _html_page(f"series {name}: verdicts", [
+            "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
+            "with a 95% CI, and the verdict (rule: docs/outputs.md).</p>",
+            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]))

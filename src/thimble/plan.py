@@ -61,7 +61,7 @@ EXPERIMENT_FILES = {
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
     "freeze.csv": "freeze", "freeze_cycles.csv": "freeze", "token_freeze.csv": "freeze",
     "displacement_classes.csv": "freeze", "lattice_positions.csv": "freeze", "exp_avg_sq.csv": "freeze",
-    "token_displacement.h5": "freeze", "summary.json": "freeze",
+    "token_displacement.h5": "freeze", "summary.json": "freeze", "summary.html": "figures",
     **{f"figures/{name}.png": "figures" for name in FIGURES},
 }
 
@@ -326,7 +326,7 @@ def probe(settings: dict, steps: int, device: str, workdir: Path, threads: int) 
             "figures": ["--freeze", str(out["freeze.csv"]), "--summary", str(out["summary.json"]), "--token-steps",
                         str(out["token_displacement.h5"]), "--exp-avg-sq", str(out["exp_avg_sq.csv"]), "--ratio",
                         str(out["update_ratio.csv"]), "--lattice-positions", str(out["lattice_positions.csv"]),
-                        "--outdir", str(scratch / "figures")],
+                        "--outdir", str(scratch / "figures"), "--summary-html", str(out["summary.html"])],
         }
         measured = {}
         for stage, args in stages.items():
