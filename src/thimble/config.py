@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from thimble.errors import ThimbleError
 from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -29,7 +30,7 @@ RESERVED_NAMES = {"data", "downloads", "series"}
 STORED_ELEMENT_BYTES = 2
 
 
-class ConfigError(ValueError):
+class ConfigError(ThimbleError, ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 

@@ -262,9 +262,9 @@ def read_token_steps(delta_path: str, block_rows: int = 16, threads: int = 1) ->
     from tqdm.auto import tqdm
 
     from thimble.rechunk import time_chunks
-    from thimble.record import open_chunk
+    from thimble.record import open_chunk, open_h5
 
-    with h5py.File(delta_path, "r") as handle:
+    with open_h5(delta_path) as handle:
         dataset = handle["delta_w_lattice"]
         n_steps, vocab, hidden = dataset.shape
         rows = dataset.chunks[0]
@@ -296,9 +296,9 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
 
     from thimble.bf16 import BFLOAT16
     from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd, open_chunk, stored_rows
+    from thimble.record import has_shuffle_zstd, open_chunk, open_h5, stored_rows
 
-    with h5py.File(recording, "r") as handle:
+    with open_h5(recording) as handle:
         dataset = handle["variance_W"]
         if dataset.id.get_type().get_size() != 2 or not has_shuffle_zstd(dataset):
             raise ValueError(f"{recording}: variance_W is not a shuffle+zstd 2-byte dataset")
@@ -339,12 +339,13 @@ def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, 
     import h5py
 
     from thimble.files import atomic_output
+    from thimble.record import open_h5, read_checked
 
     analysis = settings["analysis"]
-    with h5py.File(recording, "r") as handle:
-        losses = handle["losses"][...]
-        dead_mask = handle["dead_mask"][...]
-    with h5py.File(delta_path, "r") as handle:
+    with open_h5(recording) as handle:
+        losses = read_checked(handle["losses"])
+        dead_mask = read_checked(handle["dead_mask"])
+    with open_h5(delta_path) as handle:
         exact = bool(handle["delta_w_lattice"].attrs.get("exact", True))
     groups = group_masks(dead_mask)
     steps = read_token_steps(delta_path, threads=threads)
@@ -358,9 +359,10 @@ def analyse(delta_path: str, recording: str, settings: dict, outputs: dict[str, 
     write_csv(outputs["variance"], variance_by_group(recording, groups))
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
-            out.create_dataset("max_abs", data=steps.max_abs, compression="gzip", compression_opts=1)
-            out.create_dataset("norm", data=steps.norm, compression="gzip", compression_opts=1)
-            out.create_dataset("dead_mask", data=dead_mask)
+            # Fletcher32: HDF5 verifies every chunk as the figures read it
+            out.create_dataset("max_abs", data=steps.max_abs, compression="gzip", compression_opts=1, fletcher32=True)
+            out.create_dataset("norm", data=steps.norm, compression="gzip", compression_opts=1, fletcher32=True)
+            out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
 
     series = {}
     width = analysis["trend_window_steps"]

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from thimble.config import settings_hash
+from thimble.errors import ThimbleError
 from thimble.files import atomic_output
 from thimble.record import TENSORS, StreamRecorder, list_segments, write_stream_file
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ThimbleError):
     """Training cannot start or go on; the message says why and what to do."""
 
 
