@@ -105,6 +105,35 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: what each stage reads of an experiment's settings: its rule passes only these (a
+#: section name alone means the whole section), so editing any other key, `description`
+#: included, reruns only the stages that read it
+STAGE_SETTINGS = {
+    "train": ("name", "dataset", "model", "training", "record"),
+    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("record", "compression_level")),
+    "freeze": ("name", "analysis"),
+}
+
+
+def stage_settings(experiment: dict, stage: str) -> dict:
+    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``)."""
+    selected: dict = {}
+    for key in STAGE_SETTINGS[stage]:
+        if isinstance(key, tuple):
+            section, name = key
+            selected.setdefault(section, {})[name] = copy.deepcopy(experiment[section][name])
+        else:
+            selected[key] = copy.deepcopy(experiment[key])
+    return selected
+
+
+def trajectory_settings(settings: dict) -> dict:
+    """The settings that shape a recorded trajectory, bit for bit, and the layout of its resume state:
+    model, training (math threads included), the stored dtype and the segment length."""
+    return {"model": copy.deepcopy(settings["model"]), "training": copy.deepcopy(settings["training"]),
+            "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"]}}
+
+
 def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
     problems = []
     key = f"experiments.{name}"
