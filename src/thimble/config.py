@@ -176,7 +176,7 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
 
 
 def resolve_config(config: dict, schema: dict | None = None) -> dict:
-    """Validate ``config`` and return ``{"datasets", "experiments", "series"}``, fully resolved.
+    """Validate ``config`` and return ``{"datasets", "experiments", "series", "cluster"}``, fully resolved.
 
     Each resolved experiment holds ``name``, ``dataset``, ``description`` and the
     settings sections, with ``model.vocab_size`` taken from its dataset.
@@ -208,7 +208,9 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
                                 f"defined experiments: {', '.join(sorted(experiments))}")
     if problems:
         raise ConfigError("\n".join(problems))
-    return {"datasets": copy.deepcopy(datasets), "experiments": experiments, "series": copy.deepcopy(series)}
+    cluster_defaults = {name: node["default"] for name, node in schema["properties"]["cluster"]["properties"].items()}
+    return {"datasets": copy.deepcopy(datasets), "experiments": experiments, "series": copy.deepcopy(series),
+            "cluster": deep_merge(cluster_defaults, config.get("cluster", {}))}
 
 
 def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:

@@ -52,7 +52,7 @@ def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_b
     if setting == "auto":
         rows_fit = max_chunk_bytes // row_bytes
         if rows_fit < 1:
-            raise ValueError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
+            raise RechunkError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
         n_chunks = math.ceil(n_rows / rows_fit)
         return math.ceil(n_rows / n_chunks)
     return min(int(setting), n_rows)
@@ -148,7 +148,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
         row_bytes = vocab * hidden * stream["W"].id.get_type().get_size()  # h5py shows bf16 as float32
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
-            raise ValueError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
+            raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
         log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}

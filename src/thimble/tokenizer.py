@@ -43,7 +43,7 @@ def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
     tokenizer = train_bpe(read_text(tokenizer_texts).splitlines(keepends=True), vocab_size)
     got = tokenizer.get_vocab_size()
     if got != vocab_size:
-        raise ValueError(f"the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
+        raise DataError(f"{tokenizer_texts}: the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
                          f"{vocab_size}; lower the dataset's vocab_size or add tokenizer texts")
     with atomic_output(output) as tmp:
         tokenizer.save(str(tmp))
