@@ -342,17 +342,21 @@ def hdf5_failure_message(error: BaseException, args) -> str | None:
     """One line for an HDF5 read failure (a Fletcher32 mismatch, a truncated file) in a stage that
     reads HDF5 with h5py directly, naming the stage's input files."""
     import os
+    import traceback
+    from pathlib import PurePath
 
     if not isinstance(error, OSError) or error.__traceback__ is None:
         return None
-    frame = error.__traceback__
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    if f"{os.sep}h5py{os.sep}" not in frame.tb_frame.f_code.co_filename:
+    if not any("h5py" in PurePath(frame.filename).parts for frame in traceback.extract_tb(error.__traceback__)):
         return None
-    inputs = [str(value) for name, value in sorted(vars(args).items()) if name not in OUTPUT_ARGS
-              and isinstance(value, str) and value.endswith(".h5") and os.path.exists(value)]
-    return (f"HDF5 cannot read {' or '.join(inputs) or 'an input file'} ({error}); the file is damaged: "
+    import h5py
+
+    # the dataset h5py was reading, from its frames; else every .h5 file the command was given
+    read = [f"{value.file.filename}:{value.name}" for frame, _ in traceback.walk_tb(error.__traceback__)
+            if isinstance(value := frame.f_locals.get("self"), h5py.Dataset) and value.id.valid]
+    files = read[-1:] or [str(value) for value in vars(args).values()
+                          if isinstance(value, str) and value.endswith(".h5") and os.path.exists(value)]
+    return (f"HDF5 cannot read {' or '.join(files) or 'an input file'} ({error}); the file is damaged: "
             "delete it and rerun the stage that wrote it")
 
 
