@@ -348,7 +348,7 @@ def test_a_second_trainer_on_a_locked_partial_is_refused(run, tmp_path, capsys):
     # the kernel drops a dead holder's lock: the next trainer runs
     status, _ = thimble(capsys, "train", "--settings", json.dumps(settings(run)), "--tokens", tokens,
                         "--masks", masks, "--output", out, "--partial", str(out) + ".partial")
-    assert status == 0
+    assert status == 0 and not lock.exists()  # a finished run leaves no lock behind
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 

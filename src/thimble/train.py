@@ -407,10 +407,12 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     output_dir, partial_dir = Path(output_dir), Path(partial_dir)
     if output_dir.exists():
         raise TrainingError(f"{output_dir} already exists; remove it to record again")
-    with PartialLock(partial_dir):
+    with PartialLock(partial_dir) as lock:
         if output_dir.exists():  # a trainer that held the lock before us finished the run
             raise TrainingError(f"{output_dir} already exists; remove it to record again")
         _train(settings, tokens_path, masks_path, output_dir, partial_dir, threads)
+        # done: no resume state is left to guard (a trainer that opened the file before this finds the output)
+        lock.path.unlink(missing_ok=True)
 
 
 def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, partial_dir: Path,
