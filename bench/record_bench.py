@@ -3,7 +3,8 @@
 Prints, side by side, on the same real data:
 - the seed notebook's recorder (float16, gzip level 1, one synchronous write per tensor per step);
 - plain uncompressed h5py writes of the bf16 bits (one synchronous write per tensor per step);
-- thimble's StreamRecorder (background thread, shuffle+zstd in worker threads, direct chunk writes);
+- thimble's StreamRecorder (background thread, shuffle+zstd in worker threads, direct chunk writes),
+  with zstd's frame checksums (as shipped) and without them, alternating, to give their ratio;
 - what the disk takes (raw bytes written and fsynced);
 then the ratio of training speed with recording to without, at the experiment's size.
 
@@ -16,6 +17,7 @@ tokens (at ``--data-batch-size``, so that they take a minute on a CPU), cycled t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -30,6 +32,9 @@ import h5py
 import numpy as np
 import torch
 
+import zstandard
+
+import thimble.record
 from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
 from thimble.record import TENSORS, StreamRecorder, list_segments, read_steps
@@ -133,6 +138,20 @@ def thimble_recorder(data: list[dict], n_steps: int, directory: Path, threads: i
     return rate, dir_bytes(directory)
 
 
+@contextlib.contextmanager
+def checksums(enabled: bool):
+    """The recorder's compressor with or without zstd's frame checksum (thimble always writes it; off is
+    only for this comparison: thimble's readers refuse such frames)."""
+    shipped = thimble.record.zstd_compressor
+    if not enabled:
+        thimble.record.zstd_compressor = lambda level, threads=0: zstandard.ZstdCompressor(level=level,
+                                                                                          threads=threads)
+    try:
+        yield
+    finally:
+        thimble.record.zstd_compressor = shipped
+
+
 def disk_rate(data: list[dict], n_steps: int, path: Path) -> float:
     payload = b"".join(torch_to_bits(data[0][name]).tobytes() for name in TENSORS)
     start = time.perf_counter()
@@ -192,6 +211,8 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=2, help="steps per timed training round")
     parser.add_argument("--train-rounds", type=int, default=3, help="alternating rounds without/with recording")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--checksum-rounds", type=int, default=2,
+                        help="alternating rounds of the StreamRecorder with checksums on and off")
     parser.add_argument("--workdir", default=None, help="where the files go (default: a temporary folder)")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
@@ -226,11 +247,19 @@ def main() -> None:
     os.sync()
     plain_rate, plain_size = plain_h5py(data, args.steps, workdir / "plain.h5")
     results["plain h5py, uncompressed bf16, sync"] = (plain_rate, plain_size / args.steps)
-    shutil.rmtree(workdir / "stream", ignore_errors=True)
-    os.sync()
-    ours_rate, ours_size = thimble_recorder(data, args.steps, workdir / "stream", args.threads,
-                                            settings["record"]["compression_level"])
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    sizes: dict[bool, int] = {}
+    for _ in range(max(1, args.checksum_rounds)):
+        for enabled in (True, False):
+            shutil.rmtree(workdir / "stream", ignore_errors=True)
+            os.sync()
+            with checksums(enabled):
+                rate, sizes[enabled] = thimble_recorder(data, args.steps, workdir / "stream", args.threads,
+                                                        settings["record"]["compression_level"])
+            rates[enabled].append(rate)
+    ours_rate, ours_size = statistics.median(rates[True]), sizes[True]
     results["thimble StreamRecorder (bf16, shuffle+zstd)"] = (ours_rate, ours_size / args.steps)
+    results["  the same, zstd checksums off"] = (statistics.median(rates[False]), sizes[False] / args.steps)
     os.sync()
     results["disk (raw bytes + fsync)"] = (disk_rate(data, args.steps, workdir / "raw.bin"), None)
 
@@ -238,6 +267,9 @@ def main() -> None:
     for name, (rate, per_step) in results.items():
         size = f"{per_step / 1e6:9.3f}" if per_step is not None else f"{'-':>9}"
         print(f"{name:<46} {rate:9.1f} {size}")
+    print(f"StreamRecorder with checksums, per round: {', '.join(f'{r:.1f}' for r in rates[True])} steps/s; "
+          f"without: {', '.join(f'{r:.1f}' for r in rates[False])}; median ratio on/off "
+          f"{ours_rate / statistics.median(rates[False]):.3f}")
     size_ratio = (ours_size / args.steps) / (seed_size / args.seed_steps)
     print(f"thimble vs seed: {ours_rate / seed_rate:.1f}x the steps/s, file {size_ratio:.3f} of the seed's size "
           f"(lossless vs lossy float16)")
@@ -249,6 +281,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "recorders": {name: {"steps_per_s": rate, "bytes_per_step": size} for name, (rate, size) in results.items()},
             "size_ratio_vs_seed": size_ratio,
+            "checksum_rounds": {"on": rates[True], "off": rates[False]},
             "training": {"seconds_per_step_without": plain_s, "seconds_per_step_with": recorded_s, "ratio": ratio},
         }, indent=2))
     if args.workdir is None:

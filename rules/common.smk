@@ -24,10 +24,13 @@ def corpus_archive(wildcards):
 
 
 def local_texts(wildcards):
-    """A local source's files, so that editing one reruns the corpus stage."""
+    """A local source's files, so that editing one reruns the corpus stage (a missing folder stops `-n`)."""
     folder = CFG["datasets"][wildcards.dataset]["source"].get("local")
     if folder is None:
         return []
+    if not Path(folder).is_dir():
+        raise WorkflowError(f"config key datasets.{wildcards.dataset}.source.local: folder {folder} does not exist "
+                            f"(relative paths start at {Path.cwd()}); point it at a folder of UTF-8 text files")
     return sorted(str(path) for path in Path(folder).glob("*") if path.is_file())
 
 
@@ -46,9 +49,42 @@ def datasets_using(wildcards):
             and sdist_of(name)["version"] == wildcards.version]
 
 
-def experiment_settings(wildcards):
-    """The experiment's resolved settings as JSON, for `thimble ... --settings`."""
-    return json.dumps(CFG["experiments"][wildcards.experiment], sort_keys=True)
+def stage_settings_of(stage):
+    """An input function: the part of the experiment's settings that ``stage`` reads, as JSON, for
+    `thimble ... --settings`. Rules take only these as params, so that editing another key (the
+    description, an analysis threshold) reruns only the stages that read it."""
+    from thimble.config import stage_settings
+
+    return lambda wildcards: json.dumps(stage_settings(CFG["experiments"][wildcards.experiment], stage),
+                                        sort_keys=True)
+
+
+def training_tokens(wildcards):
+    """The experiment's tokens.npy; once it exists, a batch larger than its windows stops `-n`."""
+    experiment = CFG["experiments"][wildcards.experiment]
+    path = Path(f"results/data/{experiment['dataset']}/tokens.npy")
+    if path.exists():
+        import numpy as np
+
+        from thimble.train import batch_problem
+
+        try:
+            n_tokens = np.load(path, mmap_mode="r", allow_pickle=False).shape[0]
+        except (ValueError, OSError):
+            n_tokens = None  # the train job itself says what is wrong with the file
+        problem = batch_problem(n_tokens, experiment) if n_tokens is not None else None
+        if problem:
+            raise WorkflowError(f"{path}: {problem}")
+    return str(path)
+
+
+def train_gpus(experiment):
+    """GPUs a training job asks the scheduler for: 1 for training.device cuda, 0 for cpu and mps, and for
+    auto as the config's cluster.auto_device_requests_gpu says."""
+    device = CFG["experiments"][experiment]["training"]["device"]
+    if device == "auto":
+        return int(CFG["cluster"]["auto_device_requests_gpu"])
+    return int(device == "cuda")
 
 
 def calibration_of(experiment):
@@ -72,11 +108,11 @@ def stage_mem_mb(experiment, stage, attempt=1):
 
 
 def train_runtime_min(experiment):
-    """Minutes to ask a scheduler for training: the measured GPU step rate if probed (the profile asks for
-    a GPU), else the CPU one, doubled."""
+    """Minutes to ask a scheduler for training: the measured GPU step rate if probed and the job asks for a
+    GPU, else the CPU one, doubled."""
     from thimble.plan import training_seconds
 
-    for device_kind in ("cuda", "cpu"):
+    for device_kind in ("cuda", "cpu") if train_gpus(experiment) else ("cpu",):
         timed = training_seconds(CFG["experiments"][experiment], device_kind, Path("."))
         if timed is not None:
             return max(10, int(2 * timed[0] / 60) + 1)

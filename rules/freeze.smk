@@ -28,7 +28,7 @@ rule freeze:
     conda:
         "../workflow/envs/thimble.yaml"
     params:
-        settings=experiment_settings,
+        settings=stage_settings_of("freeze"),
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),

@@ -11,7 +11,7 @@ rule rechunk:
     conda:
         "../workflow/envs/thimble.yaml"
     params:
-        settings=experiment_settings,
+        settings=stage_settings_of("rechunk"),
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt),

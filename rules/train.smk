@@ -5,7 +5,7 @@
 
 rule train:
     input:
-        tokens=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/tokens.npy",
+        tokens=training_tokens,
         masks=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/live_dead_tokens.safetensors",
     output:
         directory("results/{experiment}/stream"),
@@ -14,14 +14,17 @@ rule train:
     conda:
         "../workflow/envs/thimble.yaml"
     params:
-        settings=experiment_settings,
+        settings=stage_settings_of("train"),
         partial="results/{experiment}/.partial",
     wildcard_constraints:
         experiment=experiment_pattern(keep_stream=True),
+    # the cores the job gets compress the recording; the model's math runs on training.math_threads,
+    # so the trajectory does not depend on --cores or on what a scheduler grants
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
+        gpu=lambda w: train_gpus(w.experiment),
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads} 2> {log}"

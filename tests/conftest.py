@@ -49,3 +49,23 @@ def mini_data(tmp_path_factory):
     write_offline_config(root)
     run_snakemake(root, "--cores", "2", "results/data/shakespeare_mini/live_dead_tokens.safetensors")
     return root
+
+
+def rewrite_steps(dataset, first: int, bits) -> None:
+    """Store new bits (uint16, rows first..) in a thimble tensor dataset the way thimble writes them:
+    each chunk holding those rows is re-encoded whole with thimble's codec (checksummed zstd frames).
+    HDF5's own filter would write frames without a checksum, which thimble's readers refuse."""
+    import numpy as np
+
+    from thimble.rechunk import compress_shuffled
+    from thimble.record import read_steps
+
+    rows = dataset.chunks[0]
+    last = first + len(bits)
+    for start in range(first - first % rows, last, rows):
+        stop = min(start + rows, dataset.shape[0])
+        chunk = np.zeros((rows, *dataset.shape[1:]), dtype=np.uint16)
+        chunk[:stop - start] = read_steps(dataset, start, stop).view(np.uint16)
+        low, high = max(first, start), min(last, stop)
+        chunk[low - start:high - start] = bits[low - first:high - first]
+        dataset.id.write_direct_chunk((start,) + (0,) * (dataset.ndim - 1), b"".join(compress_shuffled(chunk, 1, 1)))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import rewrite_steps
 from test_train_record import VOCAB, data, recorded, run_train, tiny_settings  # noqa: F401  (fixtures)
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import delta_w_lattice, write_delta_w_lattice
@@ -88,7 +89,9 @@ def test_delta_w_lattice_names_a_nonfinite_step_and_element(rechunked, tmp_path)
     copy = tmp_path / "recording.h5"
     shutil.copy(rechunked, copy)
     with h5py.File(copy, "r+") as handle:
-        handle["W"][17, 5, 3] = np.nan  # through HDF5's own filter pipeline
+        bits = read_steps(handle["W"], 17, 18).view(np.uint16).copy()
+        bits[0, 5, 3] = 0x7FC0  # NaN, stored through thimble's checksummed codec
+        rewrite_steps(handle["W"], 17, bits)
     with pytest.raises(NonFiniteError, match=r"nan at step 17, element \(5, 3\)"):
         write_delta_w_lattice(str(copy), str(tmp_path / "delta.h5"))
     assert not (tmp_path / "delta.h5").exists()
@@ -176,7 +179,7 @@ def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):  
     with h5py.File(segment, "r+") as handle:
         values = read_steps(handle["W"])
         values[3, 0, :5] = (values[3, 0, :5].astype(np.float32) * 1.5).astype(BFLOAT16)  # step 10
-        handle["W"][3] = values[3].astype(np.float32)
+        rewrite_steps(handle["W"], 3, values[3:4].view(np.uint16))
     summary = replay_stream(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     rows = {int(row["step"]): row for row in csv.DictReader(open(tmp_path / "replay.csv"))}

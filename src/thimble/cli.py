@@ -3,6 +3,10 @@
 Rules pass the resolved settings of their dataset or experiment as JSON
 (``--settings``), so a stage sees exactly what the workflow validated.
 Logging goes to stderr, which each rule redirects into its log file.
+
+A problem the user can fix (``thimble.errors.ThimbleError``, a full disk, an HDF5
+file that cannot be read) ends the command with one line naming the file and
+the fix, and exit status 1; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import sys
 
 
 def _settings(text: str) -> dict:
+    from thimble.errors import ThimbleError
+
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
-        raise SystemExit(f"--settings is not valid JSON: {error}") from None
+        raise ThimbleError(f"--settings is not valid JSON: {error}") from None
 
 
 def _fetch_sdist(args) -> None:
@@ -211,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masks", required=True)
     p.add_argument("--output", required=True, help="the stream directory to create")
     p.add_argument("--partial", required=True, help="resume state, kept across failed attempts")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads compressing the recording (the model's math runs on training.math_threads)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("rechunk", help="rewrite a stream in large time chunks, verified bit for bit")
@@ -299,26 +306,94 @@ def main(argv: list[str] | None = None) -> int:
                 handle.write(f"{peak_rss_bytes()}\n")
 
 
+#: arguments naming files a command writes (for the disk-full message)
+OUTPUT_ARGS = ("output", "partial", "table", "summary", "ratio_table", "freeze", "cycles", "tokens", "classes",
+               "variance", "token_steps", "figure", "json", "tokenizer_texts", "model_corpus", "manifest")
+
+
+def _causes(error: BaseException):
+    """The error and the errors it was raised from (a writer thread's failure is re-raised from it)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def disk_full_message(error: BaseException, args) -> str | None:
+    """One line for a failure caused by a full disk: which file, how much is free, how much was needed."""
+    import errno
+    import os
+    import shutil
+
+    full = next((cause for cause in _causes(error) if isinstance(cause, OSError)
+                 and (cause.errno == errno.ENOSPC or "No space left on device" in str(cause))), None)
+    if full is None:
+        return None
+    written = [str(value) for name in OUTPUT_ARGS if isinstance(value := getattr(args, name, None), str)]
+    target = getattr(full, "filename", None) or ", ".join(written) or "its output"
+    folder = os.path.dirname(os.path.abspath(written[0] if written else str(target))) or "."
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    needed = needed_bytes(args)
+    need = f"; it needs about {needed / 1e9:.3g} GB" if needed else ""
+    return (f"the disk is full writing {target} ({free / 1e9:.3g} GB free in {folder}{need}): free space there "
+            "(or point results/ elsewhere) and run again; `thimble plan TARGET` predicts every file's size")
+
+
+def needed_bytes(args) -> int | None:
+    """What the stage writes, where the inputs say it without running it: training's stream bound,
+    the rechunked copy of a stream."""
+    from pathlib import Path
+
+    if args.command == "train":
+        from thimble.train import run_plan
+
+        return run_plan(_settings(args.settings), 0)["stream_bytes_uncompressed"]
+    if args.command == "rechunk" and Path(args.stream).is_dir():
+        return sum(path.stat().st_size for path in Path(args.stream).iterdir())
+    return None
+
+
+def hdf5_failure_message(error: BaseException, args) -> str | None:
+    """One line for an HDF5 read failure (a Fletcher32 mismatch, a truncated file) in a stage that
+    reads HDF5 with h5py directly, naming the stage's input files."""
+    import os
+    import traceback
+    from pathlib import PurePath
+
+    if not isinstance(error, OSError) or error.__traceback__ is None:
+        return None
+    if not any("h5py" in PurePath(frame.filename).parts for frame in traceback.extract_tb(error.__traceback__)):
+        return None
+    import h5py
+
+    # the dataset h5py was reading, from its frames; else every .h5 file the command was given
+    read = [f"{value.file.filename}:{value.name}" for frame, _ in traceback.walk_tb(error.__traceback__)
+            if isinstance(value := frame.f_locals.get("self"), h5py.Dataset) and value.id.valid]
+    files = read[-1:] or [str(value) for value in vars(args).values()
+                          if isinstance(value, str) and value.endswith(".h5") and os.path.exists(value)]
+    return (f"HDF5 cannot read {' or '.join(files) or 'an input file'} ({error}); the file is damaged: "
+            "delete it and rerun the stage that wrote it")
+
+
 def _run(args) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from thimble.config import ConfigError
-    from thimble.corpus import CorpusError
+    from thimble.errors import ThimbleError
 
-    expected: tuple[type[Exception], ...] = (ConfigError, CorpusError, ValueError)
-    if args.command == "train":  # torch loads only for the stages that need it
-        from thimble.train import TrainingError
-
-        expected += (TrainingError,)
-    if args.command == "plan":
-        from thimble.plan import PlanError
-
-        expected += (PlanError,)
     try:
         status = args.func(args)
-    except expected as error:
-        logging.getLogger("thimble").error("%s", error)
-        print(f"thimble {args.command}: error: {error}", file=sys.stderr)
+    except Exception as error:
+        message = disk_full_message(error, args) or hdf5_failure_message(error, args)
+        if message is None and isinstance(error, ThimbleError):
+            message = str(error)
+        if message is None:
+            raise  # a bug: keep the traceback
+        message = " ".join(message.split("\n")) if args.command != "validate" else message
+        logging.getLogger("thimble").error("%s", message)
+        print(f"thimble {args.command}: error: {message}", file=sys.stderr)
         return 1
     return status or 0
 

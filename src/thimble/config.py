@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from thimble.errors import ThimbleError
 from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -29,7 +30,7 @@ RESERVED_NAMES = {"data", "downloads", "series"}
 STORED_ELEMENT_BYTES = 2
 
 
-class ConfigError(ValueError):
+class ConfigError(ThimbleError, ValueError):
     """A configuration problem; the message names the key and the fix."""
 
 
@@ -104,6 +105,35 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: what each stage reads of an experiment's settings: its rule passes only these (a
+#: section name alone means the whole section), so editing any other key, `description`
+#: included, reruns only the stages that read it
+STAGE_SETTINGS = {
+    "train": ("name", "dataset", "model", "training", "record"),
+    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("record", "compression_level")),
+    "freeze": ("name", "analysis"),
+}
+
+
+def stage_settings(experiment: dict, stage: str) -> dict:
+    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``)."""
+    selected: dict = {}
+    for key in STAGE_SETTINGS[stage]:
+        if isinstance(key, tuple):
+            section, name = key
+            selected.setdefault(section, {})[name] = copy.deepcopy(experiment[section][name])
+        else:
+            selected[key] = copy.deepcopy(experiment[key])
+    return selected
+
+
+def trajectory_settings(settings: dict) -> dict:
+    """The settings that shape a recorded trajectory, bit for bit, and the layout of its resume state:
+    model, training (math threads included), the stored dtype and the segment length."""
+    return {"model": copy.deepcopy(settings["model"]), "training": copy.deepcopy(settings["training"]),
+            "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"]}}
+
+
 def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
     problems = []
     key = f"experiments.{name}"
@@ -146,7 +176,7 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
 
 
 def resolve_config(config: dict, schema: dict | None = None) -> dict:
-    """Validate ``config`` and return ``{"datasets", "experiments", "series"}``, fully resolved.
+    """Validate ``config`` and return ``{"datasets", "experiments", "series", "cluster"}``, fully resolved.
 
     Each resolved experiment holds ``name``, ``dataset``, ``description`` and the
     settings sections, with ``model.vocab_size`` taken from its dataset.
@@ -178,7 +208,9 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
                                 f"defined experiments: {', '.join(sorted(experiments))}")
     if problems:
         raise ConfigError("\n".join(problems))
-    return {"datasets": copy.deepcopy(datasets), "experiments": experiments, "series": copy.deepcopy(series)}
+    cluster_defaults = {name: node["default"] for name, node in schema["properties"]["cluster"]["properties"].items()}
+    return {"datasets": copy.deepcopy(datasets), "experiments": experiments, "series": copy.deepcopy(series),
+            "cluster": deep_merge(cluster_defaults, config.get("cluster", {}))}
 
 
 def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:

@@ -19,12 +19,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from thimble.errors import ThimbleError
 from thimble.files import atomic_output, sha256_file
 
 log = logging.getLogger(__name__)
 
 
-class CorpusError(RuntimeError):
+class CorpusError(ThimbleError):
     """A corpus cannot be fetched or assembled; the message says how to fix it."""
 
 

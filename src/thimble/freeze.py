@@ -437,11 +437,12 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    import h5py
     import hdf5plugin  # noqa: F401
     from tqdm.auto import tqdm
 
-    with h5py.File(recording, "r") as handle:
+    from thimble.record import open_h5
+
+    with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["W"].shape
         fields = {name: np.zeros((n_steps, vocab), dtype=np.float32 if name in ("norm", "motion", "start_spacings")
                                  else np.int32) for name in TOKEN_FIELDS}
@@ -475,10 +476,11 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
     share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
-    import h5py
     import hdf5plugin  # noqa: F401
 
-    with h5py.File(recording, "r") as handle:
+    from thimble.record import open_h5
+
+    with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
         beta1, beta2 = float(handle.attrs["adam_beta1"]), float(handle.attrs["adam_beta2"])
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
@@ -526,14 +528,15 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     import h5py
 
     from thimble.files import atomic_output
+    from thimble.record import open_h5, read_checked
 
     analysis = settings["analysis"]
-    with h5py.File(recording, "r") as handle:
-        losses = handle["losses"][...]
-        dead_mask = handle["dead_mask"][...].astype(bool)
+    with open_h5(recording) as handle:
+        losses = read_checked(handle["losses"])
+        dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         exact = handle.attrs.get("storage_dtype") != "float16"
     if delta_path is not None:
-        with h5py.File(delta_path, "r") as handle:
+        with open_h5(delta_path) as handle:
             exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
     groups = group_masks(dead_mask)
     steps = read_token_steps(recording, dead_mask, threads=threads)
@@ -548,9 +551,11 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     write_csv(outputs["variance"], variance_by_group(recording, groups))
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
+            # Fletcher32: HDF5 verifies every chunk as the figures read it
             for name in ("max_abs", "norm", "motion", "start_spacings"):
-                out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1)
-            out.create_dataset("dead_mask", data=dead_mask)
+                out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1,
+                                   fletcher32=True)
+            out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
 
     width, tolerance = analysis["trend_window_steps"], analysis["verdict_tolerance_per_1000_steps"]
     series = cooling(columns, width, tolerance)

@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from thimble.bf16 import BFLOAT16
+from thimble.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ NONFINITE_MAGNITUDE = 0x7F80
 EXPONENT_SHIFT = 7
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(DataError, ValueError):
     """W holds NaN or Inf; the message names the step and element."""
 
 
@@ -162,29 +163,29 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
 
     import h5py
     import hdf5plugin  # noqa: F401
-    import zstandard
     from tqdm.auto import tqdm
 
     from thimble.files import atomic_output
     from thimble.rechunk import time_chunks
     from thimble.bf16 import bfloat16_bits_from_float16_bits
-    from thimble.record import STORAGE_DTYPES, has_shuffle_zstd, open_chunk, stored_rows, zstd_dcpl
+    from thimble.record import (CHUNK_CHECKSUM, STORAGE_DTYPES, create_checked_array, has_shuffle_zstd, open_chunk,
+                                open_h5, stored_rows, zstd_compressor, zstd_dcpl)
 
     for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
         try:
-            with h5py.File(recording, "r") as source, atomic_output(output) as tmp, \
+            with open_h5(recording) as source, atomic_output(output) as tmp, \
                     ThreadPoolExecutor(threads) as pool:
                 w = source["W"]
                 storage = source.attrs.get("storage_dtype")
                 if storage not in STORAGE_DTYPES or w.id.get_type().get_size() != 2:
-                    raise ValueError(f"{recording}: W is stored as {storage} ({w.dtype}); ΔW′ needs a "
+                    raise DataError(f"{recording}: W is stored as {storage} ({w.dtype}); ΔW′ needs a "
                                      "recording written by thimble train (bfloat16 or float16)")
                 from_float16 = storage == "float16"
                 if from_float16 and dtype == np.int16:
                     log.warning("%s stores float16 (record.dtype float16): ΔW′ is of the stored values read "
                                 "back as bf16, not exact where float16 altered W", recording)
                 if not has_shuffle_zstd(w):
-                    raise ValueError(f"{recording}: W is not shuffle+zstd compressed; rechunk it with thimble rechunk")
+                    raise DataError(f"{recording}: W is not shuffle+zstd compressed; rechunk it with thimble rechunk")
                 rows = w.chunks[0]
                 n_steps, row_elements = w.shape[0], int(np.prod(w.shape[1:]))
                 moves = np.zeros(n_steps, np.int64)
@@ -200,7 +201,7 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                     target = out["delta_w_lattice"]
                     previous = None
                     for start, stop in tqdm(time_chunks(n_steps, rows), desc="ΔW′", unit="chunk", mininterval=5):
-                        compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(
+                        compressor = zstd_compressor(level, threads).compressobj(
                             size=rows * row_elements * dtype.itemsize)
                         pieces = []
                         for offset, block in stored_rows(open_chunk(w, (start,) + (0,) * (w.ndim - 1)), rows,
@@ -227,8 +228,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                             pieces.append(compressor.compress(np.zeros((rows - (stop - start)) * row_elements, dtype)))
                         pieces.append(compressor.flush())
                         target.id.write_direct_chunk((start,) + (0,) * (w.ndim - 1), b"".join(pieces), 0)
-                    out.create_dataset("moves_per_step", data=moves)
-                    out.create_dataset("crossed_binade_per_step", data=crossed)
+                    create_checked_array(out, "moves_per_step", moves)
+                    create_checked_array(out, "crossed_binade_per_step", crossed)
                     summary = {
                         "first_step": 1,
                         "last_step": n_steps - 1,
@@ -245,6 +246,7 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
                     out.attrs.update({key: value for key, value in source.attrs.items()
                                       if key not in ("sha256", "steps_per_chunk")})
                     out.attrs["source"] = str(recording)
+                    out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
             return summary
         except _DoesNotFit:
             continue

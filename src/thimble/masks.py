@@ -32,7 +32,9 @@ def load_masks(path: str) -> dict[str, torch.Tensor]:
 
 
 def write_masks(tokens_path: str, vocab_size: int, output: str) -> None:
-    token_ids = np.load(tokens_path)
+    from thimble.tokenizer import load_token_ids
+
+    token_ids = load_token_ids(tokens_path, vocab_size)
     masks = live_dead_masks(token_ids, vocab_size)
     with atomic_output(output) as tmp:
         save_file(masks, str(tmp))

@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from thimble.config import STORED_ELEMENT_BYTES
+from thimble.errors import ThimbleError
 from thimble.files import atomic_output
 from thimble.outputs import FIGURES
 
@@ -66,7 +67,7 @@ EXPERIMENT_FILES = {
 }
 
 
-class PlanError(RuntimeError):
+class PlanError(ThimbleError):
     """The plan cannot be made; the message says why and what to do."""
 
 
@@ -191,9 +192,8 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ΔW′ bytes per step, compressed in blocks of steps with the writer's zstd level: (mid steps, bytes)."""
     import h5py
     import hdf5plugin  # noqa: F401  (the zstd filter)
-    import zstandard
 
-    from thimble.record import ZSTD_FILTER
+    from thimble.record import ZSTD_FILTER, zstd_compressor
 
     with h5py.File(path, "r") as handle:
         dataset = handle["delta_w_lattice"]
@@ -201,7 +201,7 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
         filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
         level = next(int(values[0]) for code, _, values, _ in filters if code == ZSTD_FILTER)
         values = dataset[()]
-    compressor = zstandard.ZstdCompressor(level=level)
+    compressor = zstd_compressor(level)
     starts = np.arange(1, len(values) - TREND_BLOCK_STEPS + 1, TREND_BLOCK_STEPS)  # row 0 is all zero
     step_bytes = [len(compressor.compress(values[start:start + TREND_BLOCK_STEPS].tobytes())) / TREND_BLOCK_STEPS
                   for start in starts]

@@ -6,9 +6,12 @@ The lab's analysis loads whole tensors at a time, so ``W``, ``grad_W``,
 
 Each destination chunk is read whole, shuffled and zstd-compressed in a
 streaming, multi-threaded pass, and written with one direct chunk write, so
-peak memory stays near 1.5 x one destination chunk whatever T is. A checksum
-of every dataset is taken while copying and again by reading the destination
-back; the two must agree or the stage fails and leaves no output.
+peak memory stays near 1.5 x one destination chunk whatever T is. A sha256 of
+every dataset is taken of the rows as they decode from the stream's segments
+(each segment chunk verified against its zstd checksum, every step accounted
+for) and again by reading the destination back; the two must agree or the
+stage fails and leaves no output. The destination's frames carry zstd
+checksums too.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import zstandard
 from tqdm.auto import tqdm
+
+from thimble.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ SHUFFLE_PIECE = 1 << 24
 VERIFY_BLOCK_ROWS = 16
 
 
-class RechunkError(RuntimeError):
+class RechunkError(DataError):
     """The rechunked file would not hold the same bits as its source."""
 
 
@@ -48,7 +52,7 @@ def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_b
     if setting == "auto":
         rows_fit = max_chunk_bytes // row_bytes
         if rows_fit < 1:
-            raise ValueError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
+            raise RechunkError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
         n_chunks = math.ceil(n_rows / rows_fit)
         return math.ceil(n_rows / n_chunks)
     return min(int(setting), n_rows)
@@ -62,7 +66,9 @@ def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
 def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
     """zstd(shuffle(raw)) for 2-byte elements, streamed in pieces (no shuffled copy of the chunk)."""
     flat = raw.reshape(-1).view(np.uint16)
-    compressor = zstandard.ZstdCompressor(level=level, threads=threads).compressobj(size=flat.size * 2)
+    from thimble.record import zstd_compressor
+
+    compressor = zstd_compressor(level, threads).compressobj(size=flat.size * 2)
     piece = np.empty(min(SHUFFLE_PIECE, flat.size), dtype=np.uint8)
     pieces = []
     for plane in ("low", "high"):  # HDF5's shuffle: every element's low byte, then every high byte
@@ -108,8 +114,8 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
     for start, stop in time_chunks(source.shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
         chunk = np.zeros((rows, *source.shape[1:]), dtype=np.uint16)
-        read_stream_rows(stream_dir, name, start, stop, chunk, pool)
-        copied.update(chunk[:stop - start].data)
+        # `copied` hashes each row as it decodes from the stream's segments (a missing one is an error)
+        read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=copied)
         pieces = compress_shuffled(chunk, level, threads)
         del chunk  # the source chunk goes before the compressed one is joined: peak ~1.5 chunks
         offset = (start,) + (0,) * (source.ndim - 1)
@@ -134,7 +140,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     name only when complete and verified.
     """
     from thimble.files import atomic_output
-    from thimble.record import TENSORS, open_stream
+    from thimble.record import CHUNK_CHECKSUM, TENSORS, create_checked_array, open_stream, read_checked
 
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
@@ -142,7 +148,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
         row_bytes = vocab * hidden * stream["W"].id.get_type().get_size()  # h5py shows bf16 as float32
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
-            raise ValueError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
+            raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
         log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}
@@ -154,7 +160,8 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
                 log.info("%s: verified, sha256 %s", name, checksums[name])
             for name in stream:
                 if name not in TENSORS:
-                    out.create_dataset(name, data=stream[name][...])
+                    create_checked_array(out, name, read_checked(stream[name]))
             out.attrs.update(dict(stream.attrs))
             out.attrs["steps_per_chunk"] = rows
+            out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
     return checksums

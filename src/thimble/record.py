@@ -16,6 +16,14 @@ transform as HDF5's shuffle filter, then zstd, which releases the GIL) and
 written with direct chunk writes. The datasets declare the filter pipeline
 shuffle -> zstd (filter 32015), so any HDF5 reader with hdf5plugin loaded
 (``import hdf5plugin``, or ``HDF5_PLUGIN_PATH`` for h5dump) decodes them.
+
+Integrity: every zstd frame thimble writes (here, in the rechunked recording and in
+ΔW′) carries zstd's content checksum (XXH64 of the decoded bytes), which zstd
+verifies as it decodes, in HDF5's filter as in the readers below; the readers
+refuse a frame without one (a flipped header bit could otherwise drop it). The
+small uncompressed datasets (losses, masks, counts) carry HDF5's Fletcher32.
+Every reader here turns a damaged, truncated or missing file into a
+``DataError`` naming the file, the dataset and the steps.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import numpy as np
 import zstandard
 
 from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
+from thimble.errors import DataError
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +54,10 @@ TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
 ZSTD_FILTER = 32015
 STREAM_FILE = "stream.h5"
 STORAGE_DTYPES = ("bfloat16", "float16")
+#: the ``chunk_checksum`` attribute of every file written here: what guards its chunks
+CHUNK_CHECKSUM = "zstd-xxh64"
+#: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
+ZSTD_MAX_HEADER = 18
 
 
 def storage_h5type(storage: str) -> h5py.h5t.TypeID:
@@ -73,9 +86,44 @@ def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
     np.bitwise_or(flat, low, out=flat)
 
 
-def decode_chunk(raw: bytes, out: np.ndarray) -> None:
-    """Decode one shuffle -> zstd chunk into ``out`` (uint16): what HDF5's filter pipeline does."""
-    unshuffle_into(np.frombuffer(zstandard.ZstdDecompressor().decompress(raw), dtype=np.uint8), out)
+def damaged(where: str, problem: str) -> DataError:
+    """The error for a stored chunk or file that cannot be trusted, saying what to do about it."""
+    return DataError(f"{where}: {problem}; the file is damaged: restore it, or delete it and rerun the stage "
+                     "that wrote it (for a stream segment: delete the stream folder and train again)")
+
+
+def chunk_location(dataset: h5py.Dataset, first_step: int, last_step: int) -> str:
+    """'file:dataset steps a..b', how errors name a stored chunk."""
+    return f"{dataset.file.filename}:{dataset.name} steps {first_step}..{last_step}"
+
+
+def check_frame_header(header: bytes, where: str) -> zstandard.FrameParameters:
+    """The zstd frame's parameters; a DataError unless it is a frame that carries a checksum."""
+    try:
+        params = zstandard.get_frame_parameters(header)
+    except zstandard.ZstdError as error:
+        raise damaged(where, f"not a zstd frame ({error})") from None
+    if not params.has_checksum:
+        raise damaged(where, "its zstd frame carries no checksum (thimble writes one into every frame)")
+    return params
+
+
+def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
+    """Decode one shuffle -> zstd chunk into ``out`` (uint16), verifying its checksum: what HDF5's
+    filter pipeline does."""
+    check_frame_header(raw[:ZSTD_MAX_HEADER], where)
+    try:
+        decoded = zstandard.ZstdDecompressor().decompress(raw)
+    except zstandard.ZstdError as error:
+        raise damaged(where, str(error)) from None
+    if len(decoded) != out.nbytes:
+        raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {out.nbytes}")
+    unshuffle_into(np.frombuffer(decoded, dtype=np.uint8), out)
+
+
+def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
+    """The compressor of every stored chunk: its frames carry zstd's content checksum."""
+    return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
 
 
 def has_shuffle_zstd(dataset: h5py.Dataset) -> bool:
@@ -93,7 +141,7 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
     # a compressor per thread and level: creating one per chunk costs a fifth of the throughput
     compressors = _compressors.__dict__.setdefault("by_level", {})
     if level not in compressors:
-        compressors[level] = zstandard.ZstdCompressor(level=level)
+        compressors[level] = zstd_compressor(level)
     return compressors[level].compress(shuffle_bytes(values))
 
 
@@ -128,6 +176,26 @@ def require_zstd_filter() -> None:
                       "does not register it); for h5dump, h5ls or h5diff: eval \"$(thimble h5-env)\"")
 
 
+def create_checked_array(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
+    """A small array (losses, masks, counts) with HDF5's Fletcher32 checksum, which HDF5 verifies on
+    every read (an empty array has no chunk to guard)."""
+    data = np.asarray(data)
+    if data.size == 0:
+        return group.create_dataset(name, data=data)
+    return group.create_dataset(name, data=data, chunks=data.shape, fletcher32=True)
+
+
+def open_h5(path: str | Path, mode: str = "r") -> h5py.File:
+    """Open an HDF5 file; a missing, truncated or unreadable one is a DataError naming it."""
+    path = Path(path)
+    if mode == "r" and not path.exists():
+        raise DataError(f"{path} does not exist; rerun the stage that writes it")
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:
+        raise damaged(str(path), f"HDF5 cannot open it ({error})") from None
+
+
 def is_bfloat16(dataset: h5py.Dataset) -> bool:
     return dataset.id.get_type() == bfloat16_h5type()
 
@@ -143,13 +211,35 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
     stop = dataset.shape[0] if stop is None else stop
     count = (stop - start, *dataset.shape[1:])
     if not is_bfloat16(dataset):
-        return dataset[start:stop]
+        try:
+            return dataset[start:stop]
+        except OSError as error:
+            raise damaged(_stored_in(dataset, start, stop - 1), f"HDF5 cannot decode it ({error})") from None
     out = np.empty(count, dtype=np.uint16)
     if count[0] > 0:
         file_space = dataset.id.get_space()
         file_space.select_hyperslab((start,) + (0,) * (len(count) - 1), count)
-        dataset.id.read(h5py.h5s.create_simple(count), file_space, out, mtype=bfloat16_h5type())
+        try:
+            dataset.id.read(h5py.h5s.create_simple(count), file_space, out, mtype=bfloat16_h5type())
+        except OSError as error:  # HDF5's filter failed: a bad checksum or a corrupt frame
+            raise damaged(_stored_in(dataset, start, stop - 1), f"HDF5 cannot decode it ({error})") from None
     return out.view(BFLOAT16)
+
+
+def _stored_in(dataset: h5py.Dataset, first: int, last: int) -> str:
+    """Where steps first..last of a dataset are stored: the segment files of a virtual dataset."""
+    where = chunk_location(dataset, first, last)
+    if not dataset.is_virtual:
+        return where
+    files = sorted({source.file_name for source in dataset.virtual_sources()
+                    if _virtual_rows(source)[0] <= last and _virtual_rows(source)[1] >= first})
+    return f"{where} (stored in {', '.join(files)})"
+
+
+def _virtual_rows(source) -> tuple[int, int]:
+    """First and last step a virtual dataset's source maps."""
+    low, high = source.vspace.get_select_bounds()
+    return low[0], high[0]
 
 
 def read_steps_torch(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -191,8 +281,9 @@ class _Segment:
         rows = last - first + 1
         self.datasets = {name: create_tensor_dataset(self.file, name, (rows, *shape), 1, storage, level)
                          for name in TENSORS}
-        self.losses = self.file.create_dataset("losses", shape=(rows,), dtype="float32")
-        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage)
+        # written whole at close: one Fletcher32-guarded chunk
+        self.losses = np.full(rows, np.nan, dtype=np.float32)
+        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage, chunk_checksum=CHUNK_CHECKSUM)
         self.written = 0
 
     def write(self, step: int, chunks: dict[str, bytes], loss: float) -> None:
@@ -205,6 +296,7 @@ class _Segment:
     def close(self) -> None:
         if self.written != self.last - self.first + 1:
             raise RuntimeError(f"segment {self.first}-{self.last} got {self.written} steps")
+        create_checked_array(self.file, "losses", self.losses)
         self.file.close()
 
     def commit(self) -> Path:
@@ -352,14 +444,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
     Fails if the segments do not cover steps 0..last_step exactly.
     """
     directory = Path(directory)
-    segments = list_segments(directory)
-    expected = 0
-    for first, last, path in segments:
-        if first != expected:
-            raise RuntimeError(f"{directory}: segments do not cover step {expected} (next starts at {first})")
-        expected = last + 1
-    if expected != last_step + 1:
-        raise RuntimeError(f"{directory}: segments end at step {expected - 1}, expected {last_step}")
+    segments = covering_segments(directory, 0, last_step + 1)
     full = (last_step + 1, *shape)
     losses = np.empty(last_step + 1, dtype=np.float32)
     final = directory / STREAM_FILE
@@ -374,13 +459,14 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
                 dcpl.set_virtual(virtual_space, path.name.encode(), name.encode(), h5py.h5s.create_simple(rows))
             h5py.h5d.create(out.id, name.encode(), storage_h5type(storage), virtual_space, dcpl=dcpl)
         for first, last, path in segments:
-            with h5py.File(path, "r") as segment:
-                losses[first:last + 1] = segment["losses"][...]
-        out.create_dataset("losses", data=losses)
+            with open_h5(path) as segment:
+                losses[first:last + 1] = read_checked(segment["losses"])
+        create_checked_array(out, "losses", losses)
         for key, values in masks.items():
-            out.create_dataset(key, data=values)
+            create_checked_array(out, key, values)
         out.attrs.update(attrs)
         out.attrs["storage_dtype"] = storage
+        out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
         out.attrs["complete"] = True
     fsync_path(tmp)
     os.replace(tmp, final)
@@ -392,56 +478,205 @@ def open_stream(directory: str | Path) -> h5py.File:
     require_zstd_filter()
     path = Path(directory) / STREAM_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: the recording is missing or was not finished")
-    handle = h5py.File(path, "r")
-    if not handle.attrs.get("complete", False):
+        raise DataError(f"{path} does not exist: the recording is missing or was not finished; train again")
+    handle = open_h5(path)
+    try:
+        if not handle.attrs.get("complete", False):
+            raise DataError(f"{path} is not marked complete; delete {directory} and train again")
+        # HDF5 reads a missing source of a virtual dataset as zeros: check every source first
+        for name in TENSORS:
+            check_virtual_sources(handle[name], Path(directory))
+    except BaseException:
         handle.close()
-        raise RuntimeError(f"{path} is not marked complete")
+        raise
     return handle
 
 
+def check_virtual_sources(dataset: h5py.Dataset, directory: Path) -> None:
+    """A DataError unless the segments behind a virtual dataset cover every step and are whole."""
+    mapped = sorted((*_virtual_rows(source), source.file_name, source.dset_name)
+                    for source in dataset.virtual_sources())
+    expected = 0
+    for first, last, file_name, dset_name in mapped:
+        where = f"{directory / file_name}:{dset_name} steps {first}..{last}"
+        if first != expected:
+            raise DataError(f"{dataset.file.filename}:{dataset.name}: no segment holds steps {expected}..{first - 1}; "
+                            f"delete {directory} and train again")
+        if not (directory / file_name).is_file():
+            raise DataError(f"{where}: the segment file is missing (HDF5 would read zeros); restore it, or "
+                            f"delete {directory} and train again")
+        with open_h5(directory / file_name) as segment:
+            if dset_name not in segment or segment[dset_name].shape[0] != last - first + 1:
+                raise damaged(where, f"the segment does not hold {last - first + 1} steps of {dset_name}")
+        expected = last + 1
+    if expected != dataset.shape[0]:
+        raise DataError(f"{dataset.file.filename}:{dataset.name}: no segment holds steps {expected}.."
+                        f"{dataset.shape[0] - 1}; delete {directory} and train again")
+
+
+def covering_segments(directory: str | Path, start: int, stop: int) -> list[tuple[int, int, Path]]:
+    """The segments holding steps [start, stop), in order; a DataError naming the steps no segment holds."""
+    directory = Path(directory)
+    found = [(first, last, path) for first, last, path in list_segments(directory) if last >= start and first < stop]
+    expected = start
+    for first, last, path in found:
+        if first > expected:
+            raise DataError(f"{directory}: no segment file holds steps {expected}..{first - 1} (a segment is missing); "
+                            f"restore it, or delete {directory} and train again")
+        if first < expected and expected > start:
+            raise DataError(f"{directory}: segments overlap at step {first} ({path.name}); delete {directory} "
+                            "and train again")
+        expected = last + 1
+    if expected < stop:
+        raise DataError(f"{directory}: no segment file holds steps {expected}..{stop - 1} (a segment is missing); "
+                        f"restore it, or delete {directory} and train again")
+    return found
+
+
+def read_checked(dataset: h5py.Dataset) -> np.ndarray:
+    """A small dataset, whole; a Fletcher32 mismatch is a DataError naming it."""
+    try:
+        return dataset[...]
+    except OSError as error:
+        raise damaged(f"{dataset.file.filename}:{dataset.name}", f"HDF5 cannot read it ({error})") from None
+
+
 def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, out: np.ndarray,
-                     pool: ThreadPoolExecutor) -> None:
+                     pool: ThreadPoolExecutor, digest=None) -> None:
     """Rows [start, stop) of a recorded tensor, as stored bits, into ``out`` (uint16).
 
     Reads the segments' compressed chunks and decodes them in ``pool``'s threads
-    (HDF5 decodes one chunk at a time on one core); at most a few chunks wait
-    at once, so memory stays at ``out`` plus a handful of chunks.
+    (HDF5 decodes one chunk at a time on one core), each verified against its
+    checksum; at most a few chunks wait at once, so memory stays at ``out`` plus
+    a handful of chunks. Every row comes from a segment, or it is a DataError
+    (never a row left as it was). ``digest`` (hashlib) gets each row as decoded
+    from the source, in step order.
     """
     window = 2 * pool._max_workers
-    for first, last, path in list_segments(stream_dir):
+    for first, last, path in covering_segments(stream_dir, start, stop):
         low, high = max(start, first), min(stop, last + 1)
-        if low >= high:
-            continue
-        with h5py.File(path, "r") as segment:
+        with open_h5(path) as segment:
+            if name not in segment or segment[name].shape[0] != last - first + 1:
+                raise damaged(f"{path}:/{name} steps {first}..{last}", f"it does not hold {last - first + 1} steps")
             dataset = segment[name]
             if not has_shuffle_zstd(dataset):
-                raise ValueError(f"{path}:{name} is not shuffle+zstd compressed; not a thimble stream segment")
-            pending: collections.deque[Future] = collections.deque()
+                raise DataError(f"{path}:{name} is not shuffle+zstd compressed; not a thimble stream segment")
+            pending: collections.deque[tuple[int, Future]] = collections.deque()
+
+            def finish(step: int, future: Future) -> None:
+                future.result()
+                if digest is not None:
+                    digest.update(out[step - start].data)
+
             for step in range(low, high):
-                filter_mask, raw = dataset.id.read_direct_chunk((step - first, 0, 0))
+                where = chunk_location(dataset, step, step)
+                try:
+                    filter_mask, raw = dataset.id.read_direct_chunk((step - first, 0, 0))
+                except (OSError, KeyError) as error:
+                    raise damaged(where, f"HDF5 cannot read its chunk ({error})") from None
                 if filter_mask != 0:
-                    raise ValueError(f"{path}:{name} step {step} skipped filters (mask {filter_mask})")
-                pending.append(pool.submit(decode_chunk, raw, out[step - start]))
+                    raise damaged(where, f"its chunk skipped filters (mask {filter_mask})")
+                pending.append((step, pool.submit(decode_chunk, raw, out[step - start], where)))
                 while len(pending) >= window:
-                    pending.popleft().result()
+                    finish(*pending.popleft())
             while pending:
-                pending.popleft().result()
+                finish(*pending.popleft())
 
 
-def open_chunk(dataset: h5py.Dataset, coords: tuple[int, ...]):
-    """A zstd decompression stream over one stored chunk, read from the file as it goes.
+def open_chunk(dataset: h5py.Dataset, coords: tuple[int, ...]) -> CheckedChunk:
+    """A zstd decompression stream over one stored chunk, read from the file as it goes, checksum verified.
 
     For chunks of a gigabyte or more: neither the compressed nor the decoded
     chunk is ever whole in memory. The dataset's file must be flushed.
     """
-    info = dataset.id.get_chunk_info_by_coord(coords)
-    if info.filter_mask != 0:
-        raise ValueError(f"{dataset.file.filename}:{dataset.name} chunk {coords} skipped filters")
-    handle = open(dataset.file.filename, "rb")
-    handle.seek(info.byte_offset)
-    # a zstd frame ends itself: the reader stops there, whatever follows in the file
-    return zstandard.ZstdDecompressor().stream_reader(handle, read_size=1 << 20, closefd=True)
+    rows = dataset.chunks[0]
+    first = coords[0]
+    return CheckedChunk(dataset, coords, chunk_location(dataset, first, min(first + rows, dataset.shape[0]) - 1))
+
+
+class _StoredBytes:
+    """The ``size`` stored bytes of one chunk, from an open file positioned at its start."""
+
+    def __init__(self, handle, size: int, where: str):
+        self.handle, self.remaining, self.where = handle, size, where
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.remaining if size < 0 else min(size, self.remaining)
+        data = self.handle.read(size)
+        if len(data) < size:
+            raise damaged(self.where, "the file ends inside its chunk (truncated)")
+        self.remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class CheckedChunk:
+    """A stored chunk's zstd frame, decoded as it is read; every failure is a DataError naming the chunk.
+
+    zstd checks the frame's checksum when the decoder reaches the frame's end, so
+    leaving the ``with`` block normally reads the rest of the frame (an edge
+    chunk's padding) to get there.
+    """
+
+    def __init__(self, dataset: h5py.Dataset, coords: tuple[int, ...], where: str):
+        self.where = where
+        try:
+            info = dataset.id.get_chunk_info_by_coord(coords)
+        except (OSError, KeyError, ValueError) as error:
+            raise damaged(where, f"HDF5 cannot find its chunk ({error})") from None
+        if info.byte_offset is None or info.size == 0:
+            raise damaged(where, "its chunk was never written")
+        if info.filter_mask != 0:
+            raise damaged(where, f"its chunk skipped filters (mask {info.filter_mask})")
+        handle = open(dataset.file.filename, "rb")
+        handle.seek(info.byte_offset)
+        try:
+            params = check_frame_header(handle.read(ZSTD_MAX_HEADER), where)
+        except BaseException:
+            handle.close()
+            raise
+        # the compressors here always write the decoded size; 0 is unknown
+        self.size = params.content_size if 0 <= params.content_size < zstandard.CONTENTSIZE_UNKNOWN else None
+        self.decoded = 0
+        handle.seek(info.byte_offset)
+        # the decoder sees the chunk's bytes and nothing after them, so it stops at the frame's end
+        self.stored = _StoredBytes(handle, info.size, where)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(self.stored, read_size=1 << 20, closefd=True)
+
+    def readinto(self, buffer) -> int:
+        try:
+            got = self.reader.readinto(buffer)
+        except zstandard.ZstdError as error:
+            raise damaged(self.where, str(error)) from None
+        if got == 0 and len(buffer) and self.size is not None and self.decoded < self.size:
+            raise damaged(self.where, f"its chunk ended after {self.decoded} of {self.size} bytes")
+        self.decoded += got
+        return got
+
+    def verify(self) -> None:
+        """Read to the frame's end, where zstd checks the checksum."""
+        scratch = bytearray(1 << 20)
+        while self.readinto(scratch):
+            pass
+        if self.size is not None and self.decoded != self.size:
+            raise damaged(self.where, f"its chunk decodes to {self.decoded} bytes, expected {self.size}")
+        if self.stored.remaining:
+            raise damaged(self.where, f"{self.stored.remaining} bytes of its chunk follow the end of its zstd frame")
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> CheckedChunk:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.verify()
+        finally:
+            self.close()
 
 
 def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
@@ -462,7 +697,7 @@ def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, bl
     while filled < n_elements:
         got = reader.readinto(view[filled:])
         if got == 0:
-            raise ValueError("a stored chunk ended early")
+            raise DataError("a stored chunk ended early")
         filled += got
     high = np.empty(block_rows * row_elements, dtype=np.uint8)
     for start in range(0, valid_rows, block_rows):
@@ -472,7 +707,7 @@ def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, bl
         while got < size:
             read = reader.readinto(target[got:])
             if read == 0:
-                raise ValueError("a stored chunk ended early")
+                raise DataError("a stored chunk ended early")
             got += read
         block = np.left_shift(high[:size], 8, dtype=np.uint16)
         block |= low[start * row_elements: start * row_elements + size]

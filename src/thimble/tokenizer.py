@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from thimble.errors import DataError
 from thimble.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,35 @@ def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
     tokenizer = train_bpe(read_text(tokenizer_texts).splitlines(keepends=True), vocab_size)
     got = tokenizer.get_vocab_size()
     if got != vocab_size:
-        raise ValueError(f"the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
+        raise DataError(f"{tokenizer_texts}: the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
                          f"{vocab_size}; lower the dataset's vocab_size or add tokenizer texts")
     with atomic_output(output) as tmp:
         tokenizer.save(str(tmp))
     log.info("trained BPE tokenizer: %d tokens -> %s", got, output)
+
+
+def load_token_ids(path: str | Path, vocab_size: int) -> np.ndarray:
+    """The token ids of ``tokens.npy``: a 1-D integer array of ids in [0, vocab_size), or a DataError
+    naming the file and the fix."""
+    fix = "rebuild it with `thimble encode` (snakemake reruns it when you delete it)"
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; {fix}") from None
+    except ValueError as error:  # a pickled object array, or not an .npy file at all
+        raise DataError(f"{path} is not a plain .npy array of token ids ({error}); {fix}") from None
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path} cannot be read ({error}); {fix}") from None
+    if not isinstance(ids, np.ndarray) or ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise DataError(f"{path} holds {getattr(ids, 'dtype', type(ids).__name__)} of shape "
+                        f"{getattr(ids, 'shape', '?')}, not a 1-D array of integer token ids; {fix}")
+    if ids.size:
+        outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+        if outside.size:
+            raise DataError(f"{path}: {outside.size} token ids lie outside the vocabulary [0, {vocab_size}) (the "
+                            f"first, at position {outside[0]}, is {ids[outside[0]]}); was it encoded with another "
+                            f"tokenizer or vocab_size? {fix}")
+    return ids
 
 
 def write_encoded(tokenizer_path: str, model_corpus: str, output: str) -> None:

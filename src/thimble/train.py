@@ -12,14 +12,30 @@ every segment a checkpoint (model, optimizer, data-order state) is saved once
 that segment is durable. A rerun resumes from the last checkpoint and the
 result is bitwise identical to an uninterrupted run. Only when training is
 complete is ``partial_dir`` renamed to the output directory.
+
+A checkpoint is resumed only when it is provably the same run: its resume key
+(the settings that shape the trajectory, ``training.math_threads`` among them,
+and the sha256 of the tokens and masks) must equal this run's; otherwise
+``partial_dir`` is discarded with one log line naming what changed. An
+exclusive lock (``<partial_dir>.lock``, held by the live process, released by
+the kernel when it dies) refuses a second trainer on the same ``partial_dir``.
+
+The trajectory depends on the config alone: torch's intra-op threads are
+``training.math_threads``, whatever cores the scheduler gave the job (those
+run the recorder's compression), and on CUDA and MPS torch's deterministic
+algorithms are switched on.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
+import json
+import fcntl
 import logging
 import math
 import os
+import tempfile
 import platform
 import shutil
 import subprocess
@@ -35,16 +51,20 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from thimble.adamw import build_adamw, resolve_implementation
-from thimble.config import settings_hash
-from thimble.files import atomic_output
+from thimble.config import settings_hash, trajectory_settings
+from thimble.errors import ThimbleError
+from thimble.files import sha256_file
 from thimble.record import TENSORS, StreamRecorder, list_segments, write_stream_file
+from thimble.tokenizer import load_token_ids
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: cuBLAS's setting for deterministic GEMMs; read when CUDA creates its cuBLAS handle
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(ThimbleError):
     """Training cannot start or go on; the message says why and what to do."""
 
 
@@ -99,6 +119,24 @@ class BatchStream:
         self.consumed = state["consumed"]
 
 
+def deterministic_math(device: torch.device) -> dict:
+    """Switch torch to deterministic algorithms on CUDA and MPS; return what was set (provenance).
+
+    CPU kernels are deterministic at a fixed thread count, and are left as the seed ran them.
+    ``CUBLAS_WORKSPACE_CONFIG`` must be set before CUDA creates its cuBLAS handle: ``train``
+    sets it before choosing the device.
+    """
+    deterministic = device.type in ("cuda", "mps")
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    if device.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
+
+
 def select_device(setting: str) -> torch.device:
     if setting == "auto":
         if torch.cuda.is_available():
@@ -111,20 +149,6 @@ def select_device(setting: str) -> torch.device:
     if setting == "mps" and not torch.backends.mps.is_available():
         raise TrainingError("training.device is 'mps' but MPS is not available; set it to auto or cpu")
     return torch.device(setting)
-
-
-def make_deterministic(device: torch.device) -> dict:
-    """Deterministic kernels on accelerators (a rerun and a resume give the same bits); what was set.
-
-    The CPU kernels this model uses are deterministic already, and the CPU trajectory must stay the
-    seed notebook's, so nothing changes there. cuBLAS needs a fixed workspace before its first call.
-    """
-    if device.type == "cpu":
-        return {"deterministic_algorithms": False, "cublas_workspace_config": ""}
-    if device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    return {"deterministic_algorithms": True, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
 
 
 def build_model(model_settings: dict, device: torch.device):
@@ -183,7 +207,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def provenance(device: torch.device, threads: int) -> dict:
+def provenance(device: torch.device, math_threads: int, compression_threads: int) -> dict:
     import h5py
     import transformers
 
@@ -200,7 +224,8 @@ def provenance(device: torch.device, threads: int) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": threads,
+        "torch_threads": math_threads,  # training.math_threads: torch's intra-op threads
+        "compression_threads": compression_threads,
         "git_commit": git_commit(),
     }
 
@@ -225,6 +250,7 @@ def hyperparameter_attrs(settings: dict) -> dict:
         "adam_beta2": training["adam_beta2"],
         "adam_epsilon": training["adam_epsilon"],
         "seed": training["seed"],
+        "math_threads": training["math_threads"],
         "config_hash": settings_hash(settings),
     }
 
@@ -278,12 +304,46 @@ def check_disk(plan: dict, directory: Path) -> None:
 
 
 def save_checkpoint(partial_dir: Path, state: dict) -> None:
-    with atomic_output(partial_dir / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
+    """Write the checkpoint under a unique temporary name, sync it, then rename it into place."""
+    handle, tmp = tempfile.mkstemp(prefix=f"{CHECKPOINT}.", suffix=".tmp", dir=partial_dir)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            torch.save(state, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, partial_dir / CHECKPOINT)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def load_resume_state(partial_dir: Path, config_hash: str) -> dict | None:
-    """The checkpoint to resume from, after removing whatever came after it; None to start afresh."""
+def resume_key(settings: dict, tokens_path: str, masks_path: str) -> dict:
+    """What a checkpoint must match to be resumed: the trajectory's settings and its inputs' content."""
+    return {"settings": trajectory_settings(settings),
+            "inputs": {"tokens_sha256": sha256_file(tokens_path), "masks_sha256": sha256_file(masks_path)}}
+
+
+def key_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """The leaves where two resume keys differ, as 'key: recorded -> current'."""
+    changes = []
+    for name in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += key_differences(old, new, f"{prefix}{name}.")
+        elif old != new:
+            changes.append(f"{prefix}{name}: {old!r} -> {new!r}")
+    return changes
+
+
+def _discard(partial_dir: Path, why: str) -> None:
+    log.warning("discarding %s and training from step 0: %s", partial_dir, why)
+    shutil.rmtree(partial_dir)
+
+
+def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
+    """The checkpoint to resume from, after removing whatever came after it; None to start afresh.
+
+    The caller holds the lock on ``partial_dir``.
+    """
     checkpoint = partial_dir / CHECKPOINT
     for stale in partial_dir.glob("*.tmp"):
         stale.unlink()
@@ -291,39 +351,113 @@ def load_resume_state(partial_dir: Path, config_hash: str) -> dict | None:
         if partial_dir.exists():
             shutil.rmtree(partial_dir)
         return None
-    state = torch.load(checkpoint, weights_only=False)
-    if state["config_hash"] != config_hash:
-        log.warning("discarding %s: it was recorded with different settings", partial_dir)
-        shutil.rmtree(partial_dir)
+    try:
+        state = torch.load(checkpoint, weights_only=False)
+    except Exception as error:  # noqa: BLE001  (any unreadable checkpoint: torch raises many kinds)
+        _discard(partial_dir, f"its checkpoint cannot be read ({type(error).__name__}: {str(error)[:200]})")
+        return None
+    if not isinstance(state, dict) or "resume_key" not in state:
+        _discard(partial_dir, "its checkpoint has no resume key (written by an older thimble)")
+        return None
+    changes = key_differences(state["resume_key"], key)
+    if changes:
+        _discard(partial_dir, f"it is not the same run ({'; '.join(changes)})")
         return None
     for first, last, path in list_segments(partial_dir):
         if last > state["step"]:
             path.unlink()  # written after the checkpoint; will be recorded again
     covered = sum(last - first + 1 for first, last, _ in list_segments(partial_dir))
     if covered != state["step"] + 1:
-        log.warning("discarding %s: its segments do not cover steps 0..%d", partial_dir, state["step"])
-        shutil.rmtree(partial_dir)
+        _discard(partial_dir, f"its segments do not cover steps 0..{state['step']}")
         return None
     return state
 
 
+class PartialLock:
+    """An exclusive lock on a run's resume state: ``<partial_dir>.lock``, holding the owner's PID.
+
+    ``flock`` locks die with their process (even on SIGKILL), so a stale lock never blocks a rerun.
+    """
+
+    def __init__(self, partial_dir: Path):
+        self.path = partial_dir.with_name(partial_dir.name + ".lock")
+        self.handle = None
+
+    def __enter__(self) -> PartialLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                handle.close()
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise TrainingError(f"another trainer (PID {holder}) is using {self.path.with_suffix('')}: wait for it "
+                                f"to finish, or stop it (kill {holder}) and run again") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.close()  # releases the lock
+
+
+def batch_problem(n_tokens: int, settings: dict) -> str | None:
+    """Why the corpus cannot fill one batch of ``settings``, or None."""
+    windows = max(0, n_tokens - settings["model"]["max_seq_len"])
+    batch = settings["training"]["batch_size"]
+    if windows < 1:
+        return (f"the corpus has {n_tokens} tokens, fewer than model.max_seq_len + 1; use a larger corpus or a "
+                "shorter max_seq_len")
+    if batch > windows:
+        return (f"config key experiments.{settings['name']}.training.batch_size: {batch} is more than the corpus's "
+                f"{windows} windows of max_seq_len + 1 tokens; lower it to at most {windows}")
+    return None
+
+
 def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, partial_dir: str,
           threads: int = 1) -> None:
-    """Train one experiment and record its stream into ``output_dir`` (resuming from ``partial_dir``)."""
+    """Train one experiment and record its stream into ``output_dir`` (resuming from ``partial_dir``).
+
+    ``threads`` compress the recording; the model's math runs on ``training.math_threads``.
+    """
     output_dir, partial_dir = Path(output_dir), Path(partial_dir)
     if output_dir.exists():
         raise TrainingError(f"{output_dir} already exists; remove it to record again")
+    with PartialLock(partial_dir) as lock:
+        if output_dir.exists():  # a trainer that held the lock before us finished the run
+            raise TrainingError(f"{output_dir} already exists; remove it to record again")
+        _train(settings, tokens_path, masks_path, output_dir, partial_dir, threads)
+        # done: no resume state is left to guard (a trainer that opened the file before this finds the output)
+        lock.path.unlink(missing_ok=True)
+
+
+def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, partial_dir: Path,
+           threads: int) -> None:
     model_settings, training, record = settings["model"], settings["training"], settings["record"]
     steps, vocab, hidden = training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"]
-    config_hash = settings_hash(settings)
-    torch.set_num_threads(threads)
+    math_threads = training["math_threads"]
+    torch.set_num_threads(math_threads)
+    # before anything can initialise CUDA (it reads this when it creates the cuBLAS handle)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     device = select_device(training["device"])
-    determinism = make_deterministic(device)
+    determinism = deterministic_math(device)
 
-    tokens = torch.from_numpy(np.load(tokens_path).astype(np.int64))
+    token_ids = load_token_ids(tokens_path, vocab)
+    problem = batch_problem(len(token_ids), settings)
+    if problem:
+        raise TrainingError(f"{tokens_path}: {problem}")
+    tokens = torch.from_numpy(token_ids.astype(np.int64))
     masks = load_file(masks_path)
     if masks["live_mask"].numel() != vocab:
         raise TrainingError(f"{masks_path} has {masks['live_mask'].numel()} tokens, the model {vocab}")
+    key = resume_key(settings, tokens_path, masks_path)
     plan = run_plan(settings, len(tokens))
     log_peak_ram(settings, len(tokens))
     partial_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -335,8 +469,6 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(training["seed"])
     dataset = TokenWindows(tokens, model_settings["max_seq_len"])
-    if len(dataset) < 1:
-        raise TrainingError(f"{tokens_path} has {len(tokens)} tokens, fewer than max_seq_len + 1")
     generator = torch.Generator()
     generator.manual_seed(training["seed"])
     loader = DataLoader(dataset, batch_size=training["batch_size"], shuffle=True, generator=generator,
@@ -348,17 +480,19 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     batches = BatchStream(loader, generator)
     wte = model.transformer.wte.weight
 
-    resume = load_resume_state(partial_dir, config_hash)
+    resume = load_resume_state(partial_dir, key)
     recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"],
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
                               level=record["compression_level"], threads=max(1, threads))
+    log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; %s",
+             math_threads, max(1, threads), determinism)
     if resume is None:
         start = 0
         zeros = torch.zeros((vocab, hidden), dtype=torch.bfloat16)
         recorder.record(0, {"W": wte.detach().to("cpu", copy=True), "grad_W": zeros, "momentum_W": zeros,
                             "variance_W": zeros}, float("nan"))
         if recorder.is_segment_end(0):
-            recorder.checkpoint(0, lambda s, snap=snapshot(0, model, optimizer, batches, config_hash):
+            recorder.checkpoint(0, lambda s, snap=snapshot(0, model, optimizer, batches, key):
                                 save_checkpoint(partial_dir, snap))
         log.info("recording %s: steps 0..%d, %d x %d, stored as %s, on %s", settings["name"], steps, vocab,
                  hidden, record["dtype"], device)
@@ -367,9 +501,6 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         batches.restore(resume["data"])
-        if resume["torch_threads"] != threads:
-            log.warning("resuming with %d threads, recorded with %d: CPU results may differ in the last bits",
-                        threads, resume["torch_threads"])
         log.info("resuming %s after step %d of %d", settings["name"], start, steps)
 
     model.train()
@@ -397,7 +528,7 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
                 "variance_W": state["exp_avg_sq"].to("cpu", copy=True),
             }, loss_value)
             if recorder.is_segment_end(step):
-                recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, config_hash):
+                recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, key):
                                     save_checkpoint(partial_dir, snap))
             progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if step == start + 1:
@@ -415,8 +546,9 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, threads), "optimizer_impl": implementation,
-             **determinism}
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, max(1, threads)), **determinism,
+             "optimizer_impl": implementation}
+    attrs["resume_key"] = json.dumps(key, sort_keys=True)
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
@@ -431,12 +563,11 @@ def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, pa
     log.info("recorded stream -> %s", output_dir)
 
 
-def snapshot(step: int, model, optimizer, batches: BatchStream, config_hash: str) -> dict:
+def snapshot(step: int, model, optimizer, batches: BatchStream, key: dict) -> dict:
     """A copy of everything needed to resume after ``step`` (the originals keep training)."""
     return {
         "step": step,
-        "config_hash": config_hash,
-        "torch_threads": torch.get_num_threads(),
+        "resume_key": key,
         "model": {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
         "optimizer": copy.deepcopy(optimizer.state_dict()),
         "data": batches.state(),
