@@ -97,34 +97,37 @@ def chunk_rows(settings: dict) -> int:
                            rechunk["max_chunk_bytes"])
 
 
-def array_bytes(settings: dict, n_tokens: int = 0) -> dict[str, int]:
-    """Bytes of the large arrays each stage holds at its peak (interpreter and libraries excluded).
+def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+    """Bytes of the large arrays each of ``stages`` holds at its peak (interpreter and libraries excluded).
 
-    The rules' ``mem_mb`` and the plan both use this; the plan adds each stage's
-    measured baseline.
+    The rules' ``mem_mb`` and the plan both use this; the plan adds each stage's measured baseline.
+    Only the settings the asked stages depend on are read (training sees no rechunk settings).
     """
     from thimble.train import run_plan
 
     model, steps = settings["model"], settings["training"]["steps"]
     row_elements = model["vocab_size"] * model["hidden_dim"]
-    chunk = chunk_rows(settings) * row_elements * STORED_ELEMENT_BYTES
-    train = run_plan(settings, n_tokens)
     per_token_step = (steps + 1) * model["vocab_size"]
-    return {
-        "train": sum(value for key, value in train.items() if key.startswith("ram")),
+
+    def chunk() -> int:
+        return chunk_rows(settings) * row_elements * STORED_ELEMENT_BYTES
+
+    formulas = {
+        "train": lambda: sum(value for key, value in run_plan(settings, n_tokens).items() if key.startswith("ram")),
         # the source chunk's bits and the compressed pieces of the chunk being written (measured 1.85-2.0
         # chunks at thimble_7 size, docs/benchmarks.md)
-        "rechunk": 2 * chunk,
+        "rechunk": lambda: 2 * chunk(),
         # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
         "lattice": chunk,
-        # W, grad and both moments in bf16 and float32 working copies, before and after a step
-        "replay": 2 * 4 * row_elements * (2 + 4),
+        # W, grad and both moments in bf16 and float32 working copies, before and after a step, per block
+        "replay": lambda: 2 * 4 * row_elements * (2 + 4),
         # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
         # (its low bytes) held while the chunk is decoded
-        "freeze": 2 * 9 * per_token_step * 4 + chunk // 2,
+        "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,
         # max |ΔW′| and the norm per token and step
-        "figures": 2 * per_token_step * 4,
+        "figures": lambda: 2 * per_token_step * 4,
     }
+    return {stage: formulas[stage]() for stage in stages}
 
 
 def segment_count(steps: int, segment_steps: int) -> int:
@@ -429,14 +432,15 @@ def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
     return None
 
 
-def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0) -> dict[str, int]:
+def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0,
+                   stages: tuple[str, ...] = STAGES) -> dict[str, int]:
     """Each probed stage's peak RSS at full size: its measured peak, less the probe's arrays, plus the
     full run's arrays (``array_bytes``)."""
-    full = array_bytes(settings, n_tokens)
-    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"])
     measured = calibration["stages"]
-    return {stage: max(0, round(measured[stage]["peak_rss_bytes"] - probed[stage] + full[stage]))
-            for stage in STAGES if stage in measured}
+    stages = tuple(stage for stage in stages if stage in measured)
+    full = array_bytes(settings, n_tokens, stages)
+    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"], stages)
+    return {stage: max(0, round(measured[stage]["peak_rss_bytes"] - probed[stage] + full[stage])) for stage in stages}
 
 
 def ensure_probe(settings: dict, workdir: Path, device: str, steps: int, threads: int) -> tuple[dict, Path]:

@@ -18,9 +18,11 @@ shuffle -> zstd (filter 32015), so any HDF5 reader with hdf5plugin loaded
 (``import hdf5plugin``, or ``HDF5_PLUGIN_PATH`` for h5dump) decodes them.
 
 Integrity: every zstd frame thimble writes (here, in the rechunked recording and in
-ΔW′) carries zstd's content checksum (XXH64 of the decoded bytes), which zstd
-verifies as it decodes, in HDF5's filter as in the readers below; the readers
-refuse a frame without one (a flipped header bit could otherwise drop it). The
+ΔW′) carries zstd's content checksum (XXH64 of the decoded bytes), which the
+readers below verify as they decode them with zstandard. HDF5's own zstd filter
+(hdf5plugin 7.1) does not check it: a plain h5py read of a flipped chunk returns
+wrong numbers, so every thimble reader decodes the frames itself. The readers
+refuse a frame without a checksum (a flipped header bit could otherwise drop it). The
 small uncompressed datasets (losses, masks, counts) carry HDF5's Fletcher32.
 Every reader here turns a damaged, truncated or missing file into a
 ``DataError`` naming the file, the dataset and the steps.
@@ -201,29 +203,63 @@ def is_bfloat16(dataset: h5py.Dataset) -> bool:
 
 
 def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -> np.ndarray:
-    """Rows [start, stop) of a recorded tensor in its stored precision.
+    """Rows [start, stop) of a recorded tensor in its stored precision, every zstd frame's checksum verified.
 
     bf16 datasets come back as ``ml_dtypes.bfloat16`` with the stored bits
     untouched (h5py's own ``dataset[...]`` gives the same values as float32);
-    float16 datasets come back as float16.
+    float16 datasets come back as float16, others (ΔW′) in their own dtype.
+    The zstd chunks are decoded here, not by HDF5's filter, which does not check
+    zstd's content checksum: a flipped byte is a DataError naming file, dataset and steps.
     """
     require_zstd_filter()
     stop = dataset.shape[0] if stop is None else stop
-    count = (stop - start, *dataset.shape[1:])
-    if not is_bfloat16(dataset):
-        try:
+    itemsize = dataset.id.get_type().get_size()
+    dtype = BFLOAT16 if is_bfloat16(dataset) else dataset.dtype
+    if dataset.is_virtual:  # a stream: decode from its segment files
+        out = np.empty((stop - start, *dataset.shape[1:]), dtype=np.uint16)
+        with ThreadPoolExecutor(1) as pool:
+            read_stream_rows(Path(dataset.file.filename).parent, dataset.name.lstrip("/"), start, stop, out, pool)
+        return out.view(dtype)
+    if ZSTD_FILTER not in _filters(dataset) or (h5py.h5z.FILTER_SHUFFLE in _filters(dataset) and itemsize != 2):
+        try:  # no zstd frame to check (HDF5 verifies a Fletcher32 checksum itself)
             return dataset[start:stop]
         except OSError as error:
             raise damaged(_stored_in(dataset, start, stop - 1), f"HDF5 cannot decode it ({error})") from None
-    out = np.empty(count, dtype=np.uint16)
-    if count[0] > 0:
-        file_space = dataset.id.get_space()
-        file_space.select_hyperslab((start,) + (0,) * (len(count) - 1), count)
-        try:
-            dataset.id.read(h5py.h5s.create_simple(count), file_space, out, mtype=bfloat16_h5type())
-        except OSError as error:  # HDF5's filter failed: a bad checksum or a corrupt frame
-            raise damaged(_stored_in(dataset, start, stop - 1), f"HDF5 cannot decode it ({error})") from None
-    return out.view(BFLOAT16)
+    return _checked_chunk_rows(dataset, start, stop).view(dtype)
+
+
+def _filters(dataset: h5py.Dataset) -> list[int]:
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
+
+
+def _checked_chunk_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a chunked [shuffle ->] zstd dataset, decoded chunk by chunk with the
+    frame checksum verified; as unsigned integers of the element size."""
+    rows, shape = dataset.chunks[0], dataset.shape
+    unsigned = np.dtype(f"u{dataset.id.get_type().get_size()}")
+    shuffled = h5py.h5z.FILTER_SHUFFLE in _filters(dataset)
+    out = np.empty((stop - start, *shape[1:]), dtype=unsigned)
+    for first in range(start - start % rows, stop, rows):
+        where = chunk_location(dataset, first, min(first + rows, shape[0]) - 1)
+        filter_mask, raw = dataset.id.read_direct_chunk((first,) + (0,) * (len(shape) - 1))
+        if filter_mask != 0:
+            raise damaged(where, f"it skipped filters (mask {filter_mask})")
+        chunk = np.empty((rows, *shape[1:]), dtype=unsigned)
+        if shuffled:
+            decode_chunk(raw, chunk, where)
+        else:
+            check_frame_header(raw[:ZSTD_MAX_HEADER], where)
+            try:
+                decoded = zstandard.ZstdDecompressor().decompress(raw)
+            except zstandard.ZstdError as error:
+                raise damaged(where, str(error)) from None
+            if len(decoded) != chunk.nbytes:
+                raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {chunk.nbytes}")
+            chunk = np.frombuffer(decoded, dtype=unsigned).reshape(rows, *shape[1:])
+        low, high = max(start, first), min(stop, first + rows)
+        out[low - start: high - start] = chunk[low - first: high - first]
+    return out
 
 
 def _stored_in(dataset: h5py.Dataset, first: int, last: int) -> str:

@@ -287,7 +287,10 @@ def log_peak_ram(settings: dict, n_tokens: int) -> None:
         log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
                  "(thimble plan makes one)")
         return
-    peak = peak_ram_bytes(settings, calibration.record, n_tokens)["train"]
+    peak = peak_ram_bytes(settings, calibration.record, n_tokens, stages=("train",)).get("train")
+    if peak is None:
+        log.info("safety check: peak RAM not predicted: the probe %s measured no training", calibration.path.name)
+        return
     log.info("safety check: peak RAM about %.2f GB (thimble plan's model: the measured peak of the probe %s, "
              "its arrays replaced by this run's)", peak / 1e9, calibration.path.name)
 
