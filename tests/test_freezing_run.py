@@ -42,7 +42,8 @@ def test_thimble_small_freezes_and_its_analysis_is_exact(tmp_path):
     assert not freeze["live_globally_frozen"].any()
     summary = json.loads((results / "summary.json").read_text())
     assert summary["verdicts"]["live"]["global_freeze"] == "never frozen"
-    assert summary["verdicts"]["dead"]["global_freeze"] in ("still cooling", "stabilised")
+    # a 1200-step run is young: its last half may be rising or too noisy to call, but it has frozen
+    assert summary["verdicts"]["dead"]["global_freeze"] not in ("never frozen", "thawing")
     positions = pd.read_csv(results / "lattice_positions.csv")
     # frozen dead weights pile up at powers of two
     assert positions["dead_at_power_of_two_share"].iloc[-1] > 0.5

@@ -238,7 +238,7 @@ def measure_file(path: Path, probe_steps: int) -> dict:
             return {"kind": "per_step", "fixed": header, "per_row": (size - header) / rows,
                     "row_offset": rows - probe_steps, "probe_bytes": size}
         return {"kind": "constant", "bytes": size, "probe_bytes": size}
-    if path.suffix == ".json":
+    if path.suffix in (".json", ".html"):  # the probe keeps the run's windows: the same shape
         return {"kind": "constant", "bytes": size, "probe_bytes": size}
     return {"kind": "not_predicted", "probe_bytes": size}
 
@@ -249,7 +249,9 @@ def probe_settings(settings: dict, steps: int, device: str) -> dict:
     probe["training"]["steps"] = steps
     probe["training"]["device"] = device
     probe["analysis"]["windows"] = []
-    probe["analysis"]["trend_window_steps"] = max(1, min(probe["analysis"]["trend_window_steps"], steps // 2))
+    # as many windows as the full run has, so that summary.json (a series per window) has its full shape
+    windows = max(1, settings["training"]["steps"] // settings["analysis"]["trend_window_steps"])
+    probe["analysis"]["trend_window_steps"] = max(1, steps // windows)
     return probe
 
 
