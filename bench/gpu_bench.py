@@ -202,8 +202,9 @@ def main() -> None:
     rows.append(("replay", f"{'bitwise' if replay['bitwise_match'] else replay['total_mismatches']} on "
                            f"{replay['replayed_on']['device']}; freeze criterion disagreements "
                            f"{replay['freeze_criterion']['disagreements']} of {replay['freeze_criterion']['elements']}"))
-    rows.append(("deterministic settings", str({key: attrs.get(key) for key in
-                                                ("deterministic_algorithms", "cublas_workspace_config")})))
+    rows.append(("deterministic settings", ", ".join(f"{key}={attrs.get(key)!s}" for key in (
+        "deterministic_algorithms", "cudnn_deterministic", "cublas_workspace_config", "math_threads",
+        "compression_threads"))))
 
     repro = json.loads(json.dumps(settings))
     repro["training"]["steps"] = args.repro_steps
