@@ -62,8 +62,9 @@ def slurm_run(mini_data, tmp_path_factory):
     result = run_snakemake(
         workdir, "--profile", str(REPO / "workflow/profiles/slurm"), "results/thimble_mini/freeze.csv",
         "results/thimble_mini/replay.json",
-        # the cluster's default partition, no accounting assumed (so no sacct: poll squeue), no GPU
-        "--slurm-no-account", "--slurm-status-command", "squeue", "--set-resources", "train:gpu=0",
+        # the cluster's default partition, no accounting assumed (so no sacct: poll squeue); no GPU
+        # override: thimble_mini trains on the CPU, so the train rule itself asks for none (gpu=0)
+        "--slurm-no-account", "--slurm-status-command", "squeue", "--set-resources",
         "train:cpus_per_task=2", "--default-resources", f"slurm_partition={partition}", "mem_mb=1000", "runtime=30",
         "--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2", "--jobs", "2")
     return workdir, result.stdout + result.stderr

@@ -110,17 +110,22 @@ def check_frame_header(header: bytes, where: str) -> zstandard.FrameParameters:
     return params
 
 
-def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
-    """Decode one shuffle -> zstd chunk into ``out`` (uint16), verifying its checksum: what HDF5's
-    filter pipeline does."""
+def decode_frame(raw: bytes, size: int, where: str = "a stored chunk") -> bytes:
+    """One stored zstd frame, decoded with its checksum verified, of exactly ``size`` bytes."""
     check_frame_header(raw[:ZSTD_MAX_HEADER], where)
     try:
         decoded = zstandard.ZstdDecompressor().decompress(raw)
     except zstandard.ZstdError as error:
         raise damaged(where, str(error)) from None
-    if len(decoded) != out.nbytes:
-        raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {out.nbytes}")
-    unshuffle_into(np.frombuffer(decoded, dtype=np.uint8), out)
+    if len(decoded) != size:
+        raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {size}")
+    return decoded
+
+
+def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
+    """Decode one shuffle -> zstd chunk into ``out`` (uint16), verifying its checksum: what HDF5's
+    filter pipeline does, and what it leaves out (its zstd filter does not check the checksum)."""
+    unshuffle_into(np.frombuffer(decode_frame(raw, out.nbytes, where), dtype=np.uint8), out)
 
 
 def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
@@ -249,14 +254,7 @@ def _checked_chunk_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndar
         if shuffled:
             decode_chunk(raw, chunk, where)
         else:
-            check_frame_header(raw[:ZSTD_MAX_HEADER], where)
-            try:
-                decoded = zstandard.ZstdDecompressor().decompress(raw)
-            except zstandard.ZstdError as error:
-                raise damaged(where, str(error)) from None
-            if len(decoded) != chunk.nbytes:
-                raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {chunk.nbytes}")
-            chunk = np.frombuffer(decoded, dtype=unsigned).reshape(rows, *shape[1:])
+            chunk = np.frombuffer(decode_frame(raw, chunk.nbytes, where), dtype=unsigned).reshape(chunk.shape)
         low, high = max(start, first), min(stop, first + rows)
         out[low - start: high - start] = chunk[low - first: high - first]
     return out
