@@ -92,16 +92,17 @@ def test_the_fast_ratio_exponent_equals_the_exact_ratio_on_every_bf16_weight():
     w = torch.from_numpy(values.astype(np.float32)[np.isfinite(values.astype(np.float32))]).to(torch.bfloat16)
     w32 = w.float()
     rng = np.random.default_rng(0)
-    for scale in (2.0**-12, 2.0**-9, 2.0**-8, 2.0**-7, 2.0**-3, 1.0):
+    for scale in (2.0**-12, 2.0**-9, 2.0**-8, 2.0**-7, 2.0**-3, 1.0, 0.0):
         update = torch.from_numpy(rng.choice([-1.0, 1.0], w.numel()) * scale).float() * w32.abs().clamp(min=2**-140)
         pre = w32 + update
-        exact = update_ratio(w[None], pre[None])[0]
+        exact = update_ratio(w[None], pre[None])[0].numpy()
         floor, tie = log2_ratio_floor(w[None], pre[None])
         nonzero = exact > 0
         below_top = nonzero & (exact < 2**8)
-        np.testing.assert_array_equal(floor[0][below_top].numpy(), np.floor(np.log2(exact[below_top].numpy())))
-        assert bool((floor[0][nonzero & (exact >= 2**8)] >= 8).all())
-        assert torch.equal(tie[0], exact == 1)
+        np.testing.assert_array_equal(floor[0][below_top], np.floor(np.log2(exact[below_top])))
+        assert (floor[0][nonzero & (exact >= 2**8)] >= 8).all()
+        assert (floor[0][(pre - w32).numpy() == 0] == -200).all()
+        np.testing.assert_array_equal(tie[0], exact == 1)
     # exact half spacings both ways, from above and below powers of two: ties
     w = torch.tensor([1.0, 1.0, 0.75, -1.0], dtype=torch.bfloat16)
     pre = torch.tensor([1.0 + 2**-8, 1.0 - 2**-9, 0.75 - 2**-9, -1.0 + 2**-9])

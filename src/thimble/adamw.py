@@ -15,6 +15,7 @@ mantissa bit is even.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
@@ -115,32 +116,44 @@ def update_ratio(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> torch.Te
     return update.abs() / ((neighbour - w).abs() / 2)
 
 
-def half_spacing_exponent(w_before: torch.Tensor, downward: torch.Tensor) -> torch.Tensor:
-    """log2 of half the lattice spacing from w towards the move (int32); spacings are powers of two.
+def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarray:
+    """log2 of half the lattice spacing from w (bf16 bit patterns) towards the move (int16); spacings
+    are powers of two.
 
     Away from zero it is the spacing of w's binade, 2**(e - 134) (e the biased exponent field, 1 for
     zero and subnormals); towards zero from a binade's bottom (a zero mantissa) it is half that.
     """
-    bits = w_before.view(torch.int16).to(torch.int32)
-    magnitude = bits & 0x7FFF
-    field = (magnitude >> 7).clamp(min=1)
-    negative = bits < 0
+    magnitude = w_bits & np.uint16(0x7FFF)
+    field = np.maximum(magnitude >> np.uint16(7), np.uint16(1)).astype(np.int16)
+    negative = w_bits >= np.uint16(0x8000)
     towards_zero = (magnitude != 0) & (downward != negative)
-    finer = towards_zero & ((magnitude & 0x7F) == 0) & (magnitude >= 0x100)
-    return field - 134 - finer.to(torch.int32) - 1
+    finer = towards_zero & ((magnitude & np.uint16(0x7F)) == 0) & (magnitude >= np.uint16(0x100))
+    field -= finer
+    field -= 135
+    return field
 
 
-def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """floor(log2(update_ratio)) (int32; a very negative number where the update is 0) and where the
-    ratio is exactly 1 (a tie), in integer arithmetic on float32 exponents: the fast form of
-    ``update_ratio`` for histograms.
+def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """floor(log2(update_ratio)) (int16, clipped to [-200, 200]: -200 where the update is 0, 200 past
+    float32's range) and where the ratio is exactly 1 (a tie), from the float32 update's exponent
+    bits and the bf16 weight's: the fast, exact form of ``update_ratio`` for histograms.
 
     ``pre_rounding - w`` is exact in float32 whenever the update is smaller than w (Sterbenz); a larger
     one has a ratio of at least 2**8, the histogram's last bin, where rounding cannot change the bin.
     """
-    update = pre_rounding - w_before.float()
-    mantissa, exponent = torch.frexp(update)  # |update| = |mantissa| * 2**exponent, |mantissa| in [0.5, 1)
-    half = half_spacing_exponent(w_before, update < 0)
-    floor = torch.where(update == 0, torch.iinfo(torch.int32).min // 2, exponent - 1 - half)
-    floor = torch.where(torch.isinf(update), torch.iinfo(torch.int32).max // 2, floor)  # past float32's range
-    return floor, (mantissa.abs() == 0.5) & (floor == 0)
+    w_bits = w_before.contiguous().view(torch.int16).numpy().view(np.uint16)
+    update = pre_rounding.numpy() - w_before.float().numpy()
+    bits = update.view(np.uint32)
+    field = ((bits >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int16)
+    mantissa_zero = (bits & np.uint32(0x7FFFFF)) == 0
+    floor = field - 127  # floor(log2 |update|) of a normal float32
+    subnormal = np.flatnonzero((field == 0) & ~mantissa_zero)
+    if subnormal.size:  # below 2**-126: rare, and exact through frexp
+        fraction, exponent = np.frexp(update.reshape(-1)[subnormal])
+        floor.reshape(-1)[subnormal] = exponent - 1
+        mantissa_zero.reshape(-1)[subnormal] = np.abs(fraction) == 0.5
+    floor -= half_spacing_exponent(w_bits, bits >= np.uint32(0x80000000))
+    np.clip(floor, -199, 199, out=floor)
+    floor[update == 0] = -200
+    floor[field == 255] = 200
+    return floor, mantissa_zero & (floor == 0)

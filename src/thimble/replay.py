@@ -45,13 +45,14 @@ LISTED_DISAGREEMENTS = 50
 BLOCK_STEPS = 32
 
 
-def ratio_histograms(log2_floor: torch.Tensor) -> np.ndarray:
+def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
     """Per step (dimension 0), counts of floor(log2(ratio)) in RATIO_COLUMNS' bins (power-of-two intervals;
     the first also takes a zero update, the last everything above)."""
-    bins = (log2_floor.flatten(1) - int(RATIO_EDGES[0]) + 1).clamp_(0, len(RATIO_EDGES)).to(torch.int64)
-    offsets = torch.arange(bins.shape[0]).unsqueeze(1) * len(RATIO_COLUMNS)
-    counts = torch.bincount((bins + offsets).flatten(), minlength=bins.shape[0] * len(RATIO_COLUMNS))
-    return counts.reshape(bins.shape[0], len(RATIO_COLUMNS)).numpy()
+    steps = log2_floor.shape[0]
+    bins = np.clip(log2_floor.reshape(steps, -1), RATIO_EDGES[0] - 1, RATIO_EDGES[-1]).astype(np.int16)
+    bins -= RATIO_EDGES[0] - 1  # 0 .. len(RATIO_EDGES)
+    bins += (np.arange(steps, dtype=np.int16) * len(RATIO_COLUMNS))[:, None]
+    return np.bincount(bins.reshape(-1), minlength=steps * len(RATIO_COLUMNS)).reshape(steps, len(RATIO_COLUMNS))
 
 
 def same_lattice_point(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -145,7 +146,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                 "predicted_frozen": per_step(predicted),
                 "observed_frozen": per_step(observed),
                 "criterion_disagreements": per_step(differs),
-                "ties": per_step(tie),
+                "ties": np.count_nonzero(tie.reshape(len(tie), -1), axis=1),
             }
             elements = int(np.prod(shape[1:]))
             for index, step in enumerate(steps.tolist()):
