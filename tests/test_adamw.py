@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from thimble.adamw import (build_adamw, log2_ratio_floor, pre_rounding_weight, replay_steps, resolve_implementation,
-                           stays_put, update_ratio)
-from thimble.bf16 import all_bfloat16
+                           stays_from_ratio, stays_put, update_ratio)
+from thimble.bf16 import all_bfloat16, torch_to_bits as bits_of
 from thimble.lattice import ordinal, spacing_toward
 
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
@@ -65,6 +65,9 @@ def test_criterion_is_exact_against_torchs_own_step_including_ties():
         assert torch.equal(m_after[0], m) and torch.equal(v_after[0], v)  # lerp of equal values; bf16 v stays 1
         pre = pre_rounding_weight(w[None], m_after, v_after, steps, hyper)
         stays = stays_put(w[None], pre)[0]
+        # the replay's form, from the ratio's exponent, is the same rule
+        floor, tie = log2_ratio_floor(bits_of(w)[None], pre.numpy())
+        np.testing.assert_array_equal(stays_from_ratio(bits_of(w)[None], floor, tie)[0], stays.numpy())
         moved = torch.from_numpy(ordinal(w_after[0].view(torch.int16).numpy().view(np.uint16))
                                  != ordinal(w.view(torch.int16).numpy().view(np.uint16)))
         assert torch.equal(stays, ~moved)
@@ -96,7 +99,7 @@ def test_the_fast_ratio_exponent_equals_the_exact_ratio_on_every_bf16_weight():
         update = torch.from_numpy(rng.choice([-1.0, 1.0], w.numel()) * scale).float() * w32.abs().clamp(min=2**-140)
         pre = w32 + update
         exact = update_ratio(w[None], pre[None])[0].numpy()
-        floor, tie = log2_ratio_floor(w[None], pre[None])
+        floor, tie = log2_ratio_floor(bits_of(w)[None], pre[None].numpy())
         nonzero = exact > 0
         below_top = nonzero & (exact < 2**8)
         np.testing.assert_array_equal(floor[0][below_top], np.floor(np.log2(exact[below_top])))
@@ -106,4 +109,4 @@ def test_the_fast_ratio_exponent_equals_the_exact_ratio_on_every_bf16_weight():
     # exact half spacings both ways, from above and below powers of two: ties
     w = torch.tensor([1.0, 1.0, 0.75, -1.0], dtype=torch.bfloat16)
     pre = torch.tensor([1.0 + 2**-8, 1.0 - 2**-9, 0.75 - 2**-9, -1.0 + 2**-9])
-    assert log2_ratio_floor(w[None], pre[None])[1].tolist() == [[True, True, True, True]]
+    assert log2_ratio_floor(bits_of(w)[None], pre[None].numpy())[1].tolist() == [[True, True, True, True]]

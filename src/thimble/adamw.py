@@ -133,7 +133,7 @@ def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarra
     return field
 
 
-def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+def log2_ratio_floor(w_bits: np.ndarray, pre_rounding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """floor(log2(update_ratio)) (int16, clipped to [-200, 200]: -200 where the update is 0, 200 past
     float32's range) and where the ratio is exactly 1 (a tie), from the float32 update's exponent
     bits and the bf16 weight's: the fast, exact form of ``update_ratio`` for histograms.
@@ -141,8 +141,7 @@ def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tupl
     ``pre_rounding - w`` is exact in float32 whenever the update is smaller than w (Sterbenz); a larger
     one has a ratio of at least 2**8, the histogram's last bin, where rounding cannot change the bin.
     """
-    w_bits = w_before.contiguous().view(torch.int16).numpy().view(np.uint16)
-    update = pre_rounding.numpy() - w_before.float().numpy()
+    update = pre_rounding - (w_bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
     bits = update.view(np.uint32)
     field = ((bits >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int16)
     mantissa_zero = (bits & np.uint32(0x7FFFFF)) == 0
@@ -157,3 +156,8 @@ def log2_ratio_floor(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> tupl
     floor[update == 0] = -200
     floor[field == 255] = 200
     return floor, mantissa_zero & (floor == 0)
+
+
+def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """``stays_put`` from the ratio's exponent: below half a spacing, or exactly half with an even w."""
+    return (log2_floor < 0) | (tie & ((w_bits & np.uint16(1)) == 0))

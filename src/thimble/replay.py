@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_steps, stays_put,
+from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_steps, stays_from_ratio,
                            update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 
@@ -55,20 +55,38 @@ def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
     return np.bincount(bins.reshape(-1), minlength=steps * len(RATIO_COLUMNS)).reshape(steps, len(RATIO_COLUMNS))
 
 
-def same_lattice_point(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Bitwise equal, or both zero (±0 are one lattice point)."""
-    a, b = a.view(torch.int16), b.view(torch.int16)
-    return (a == b) | (((a & 0x7FFF) == 0) & ((b & 0x7FFF) == 0))
+def same_lattice_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns equal, or both zero (±0 are one lattice point)."""
+    return (a == b) | (((a | b) & np.uint16(0x7FFF)) == 0)
 
 
-def per_step(flags: torch.Tensor) -> np.ndarray:
-    """True elements per step (dimension 0); numpy's count is ten times torch's on the CPU."""
-    return np.count_nonzero(flags.flatten(1).numpy(), axis=1)
+def per_step(flags: np.ndarray) -> np.ndarray:
+    """True elements per step (dimension 0)."""
+    return np.count_nonzero(flags.reshape(len(flags), -1), axis=1)
 
 
-def count_differing(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Elements whose bits differ, per step (dimension 0)."""
-    return per_step(a.view(torch.int16) != b.view(torch.int16))
+def step_statistics(w: np.ndarray, m: np.ndarray, v: np.ndarray, replayed: tuple, pre_rounding: np.ndarray) -> dict:
+    """Per-step counts of a run of steps, from bf16 bit patterns: ``w``, ``m``, ``v`` hold the recorded
+    rows t-1 and t (one more row than steps), ``replayed`` the optimizer's W, m, v after each step,
+    ``pre_rounding`` the criterion's float32 weights. Also the ratio histograms and where the criterion
+    and the recording disagree."""
+    w_before, w_after = w[:-1], w[1:]
+    log2_floor, tie = log2_ratio_floor(w_before, pre_rounding)
+    predicted = stays_from_ratio(w_before, log2_floor, tie)
+    observed = same_lattice_point(w_after, w_before)
+    differs = predicted != observed
+    columns = {
+        "W_mismatches": per_step(replayed[0] != w_after),
+        "momentum_mismatches": per_step(replayed[1] != m[1:]),
+        "variance_mismatches": per_step(replayed[2] != v[1:]),
+        "replay_frozen": per_step(same_lattice_point(replayed[0], w_before)),
+        "predicted_frozen": per_step(predicted),
+        "observed_frozen": per_step(observed),
+        "criterion_disagreements": per_step(differs),
+        "ties": per_step(tie),
+    }
+    return {"columns": columns, "histograms": ratio_histograms(log2_floor), "differs": differs,
+            "predicted": predicted, "observed": observed}
 
 
 def replay_device(setting: str, recorded: str) -> torch.device:
@@ -123,6 +141,9 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
         bits = bfloat16_bits_from_float16_bits(out) if storage == "float16" else out.copy()
         return bits_to_torch(bits)
 
+    def bits(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+
     with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
         for first in range(1, last + 1, block_steps):
             stop = min(first + block_steps, last + 1)
@@ -130,45 +151,41 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             grads = load("grad_W", first, stop)
             replayed = replay_steps(*(x.to(target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, hyper,
                                     implementation)
-            w_replay, m_replay, v_replay = (x.cpu() for x in replayed)
+            replayed = tuple(bits(x.cpu()) for x in replayed)
             steps = torch.arange(first, stop)
-            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper)
-            predicted = stays_put(w[:-1], pre_rounding)
-            observed = same_lattice_point(w[1:], w[:-1])
-            replay_frozen = same_lattice_point(w_replay, w[:-1])
-            log2_floor, tie = log2_ratio_floor(w[:-1], pre_rounding)
-            differs = predicted != observed
-            columns = {
-                "W_mismatches": count_differing(w_replay, w[1:]),
-                "momentum_mismatches": count_differing(m_replay, m[1:]),
-                "variance_mismatches": count_differing(v_replay, v[1:]),
-                "replay_frozen": per_step(replay_frozen),
-                "predicted_frozen": per_step(predicted),
-                "observed_frozen": per_step(observed),
-                "criterion_disagreements": per_step(differs),
-                "ties": np.count_nonzero(tie.reshape(len(tie), -1), axis=1),
-            }
+            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper).numpy()
+            w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
+            # numpy releases the GIL: the block's steps are counted in parallel, split across the threads
+            parts = [part for part in np.array_split(np.arange(stop - first), threads) if part.size]
+            results = [pool.submit(step_statistics, w_bits[p[0]: p[-1] + 2], m_bits[p[0]: p[-1] + 2],
+                                   v_bits[p[0]: p[-1] + 2], tuple(x[p[0]: p[-1] + 1] for x in replayed),
+                                   pre_rounding[p[0]: p[-1] + 1]) for p in parts]
+            results = [result.result() for result in results]
+            columns = {key: np.concatenate([r["columns"][key] for r in results]) for key in results[0]["columns"]}
+            differs = np.concatenate([r["differs"] for r in results])
+            predicted = np.concatenate([r["predicted"] for r in results])
+            observed = np.concatenate([r["observed"] for r in results])
             elements = int(np.prod(shape[1:]))
             for index, step in enumerate(steps.tolist()):
                 row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
                 row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
                 row["elements"] = elements
                 rows.append(row)
-            histograms.extend(ratio_histograms(log2_floor))
+            for result in results:
+                histograms.extend(result["histograms"])
             disagreements += int(columns["criterion_disagreements"].sum())
             ties += int(columns["ties"].sum())
             room = LISTED_DISAGREEMENTS - len(listed)
-            for index, *element in (torch.nonzero(differs)[:room].tolist() if room > 0 and disagreements else []):
+            for index, *element in (np.argwhere(differs)[:room].tolist() if room > 0 and disagreements else []):
                 at = (index, *element)
                 listed.append({
                     "step": first + index, "element": element,
                     "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
                     "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
-                    "ratio": float(update_ratio(w[:-1][at].reshape(1), pre_rounding[at].reshape(1))[0]),
+                    "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
                     "predicted_frozen": bool(predicted[at]),
                     "observed_frozen": bool(observed[at]),
-                    "reason": explain(bool(w_replay[at].view(torch.int16) != w[1:][at].view(torch.int16)),
-                                      storage, implementation),
+                    "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
                 })
             bar.update(stop - first)
 
