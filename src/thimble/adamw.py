@@ -102,18 +102,15 @@ def update_ratio(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> torch.Te
     """|update| / half the lattice spacing towards the move (float64, exact for float32 and bf16 inputs).
 
     Below 1 the element stays, above 1 it moves; at exactly 1 rounding goes to the even neighbour.
+    The reference form of ``log2_ratio_floor``, for single elements and tests.
     """
+    from thimble.lattice import spacing_toward
+
     w = w_before.double()
     update = pre_rounding.double() - w
-    bits = w_before.view(torch.int16).to(torch.int32)
-    magnitude = bits & 0x7FFF
-    # the neighbour towards the move: one ordinal away, through zero to the other sign's smallest value
-    ordinal = torch.where(bits < 0, -magnitude, magnitude)
-    target = ordinal + torch.where(update < 0, -1, 1)
-    target_bits = target.abs() | torch.where(target < 0, 0x8000, 0)
-    target_bits = torch.where(target_bits >= 0x8000, target_bits - 0x10000, target_bits).to(torch.int16)
-    neighbour = target_bits.view(torch.bfloat16).double()
-    return update.abs() / ((neighbour - w).abs() / 2)
+    bits = w_before.contiguous().view(torch.int16).numpy().view(np.uint16)
+    half = spacing_toward(bits, np.where(update.numpy() < 0, -1, 1)) / 2
+    return update.abs() / torch.from_numpy(half)
 
 
 def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from thimble.bf16 import BFLOAT16
-from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal
+from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,6 @@ def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str,
     }
 
 
-def spacing_float32(bits: np.ndarray) -> np.ndarray:
-    """The lattice spacing within each value's binade (float32): 2**(e - 127 - 7), 2**-133 below the normals."""
-    field = ((bits & MAGNITUDE_BITS) >> EXPONENT_SHIFT).astype(np.int32)
-    return np.ldexp(np.float32(1), np.maximum(field, 1) - EXPONENT_BIAS - 7).astype(np.float32)
-
-
 def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np.ndarray | None,
                       dead: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Summaries of W rows ``bits`` (rows, V, D) uint16 after the row ``previous`` (V, D).
@@ -105,7 +99,7 @@ def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np
     delta = signed[1:] - signed[:-1]
     tokens = summarise_block(delta, previous_delta)
     before, after = both[:-1], both[1:]
-    spacing_before, spacing_after = spacing_float32(before), spacing_float32(after)
+    spacing_before, spacing_after = ulp(before, np.float32), ulp(after, np.float32)
     size = np.abs(after.view(BFLOAT16).astype(np.float32) - before.view(BFLOAT16).astype(np.float32))
     tokens["motion"] = (size / np.maximum(spacing_before, spacing_after)).max(axis=2)
     tokens["start_spacings"] = (size / spacing_before).max(axis=2)

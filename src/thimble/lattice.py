@@ -104,10 +104,11 @@ def crossed_binade(w_before: np.ndarray, w_after: np.ndarray) -> np.ndarray:
     return moved & ~same
 
 
-def ulp(values: np.ndarray) -> np.ndarray:
-    """The lattice spacing (float64) within x's binade: 2**(e - 127 - 7), and 2**-133 for zero and subnormals."""
+def ulp(values: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """The lattice spacing within x's binade: 2**(e - 127 - 7), and 2**-133 for zero and subnormals
+    (exact in float64 and float32)."""
     field = exponent(values).astype(np.int32)
-    return np.ldexp(1.0, np.maximum(field, 1) - 127 - 7)
+    return np.ldexp(dtype(1), np.maximum(field, 1) - 127 - 7).astype(dtype, copy=False)
 
 
 def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:

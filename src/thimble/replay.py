@@ -86,7 +86,7 @@ def step_statistics(w: np.ndarray, m: np.ndarray, v: np.ndarray, replayed: tuple
         "ties": per_step(tie),
     }
     return {"columns": columns, "histograms": ratio_histograms(log2_floor), "differs": differs,
-            "predicted": predicted, "observed": observed}
+            "predicted": predicted}
 
 
 def replay_device(setting: str, recorded: str) -> torch.device:
@@ -162,9 +162,6 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                                    pre_rounding[p[0]: p[-1] + 1]) for p in parts]
             results = [result.result() for result in results]
             columns = {key: np.concatenate([r["columns"][key] for r in results]) for key in results[0]["columns"]}
-            differs = np.concatenate([r["differs"] for r in results])
-            predicted = np.concatenate([r["predicted"] for r in results])
-            observed = np.concatenate([r["observed"] for r in results])
             elements = int(np.prod(shape[1:]))
             for index, step in enumerate(steps.tolist()):
                 row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
@@ -176,7 +173,11 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             disagreements += int(columns["criterion_disagreements"].sum())
             ties += int(columns["ties"].sum())
             room = LISTED_DISAGREEMENTS - len(listed)
-            for index, *element in (np.argwhere(differs)[:room].tolist() if room > 0 and disagreements else []):
+            # the elements behind the counts are gathered only for the few disagreements listed
+            listing = room > 0 and columns["criterion_disagreements"].any()
+            differs, predicted = ((np.concatenate([r[key] for r in results]) for key in ("differs", "predicted"))
+                                  if listing else (np.zeros((0, len(shape)), bool), None))
+            for index, *element in np.argwhere(differs)[:room].tolist():
                 at = (index, *element)
                 listed.append({
                     "step": first + index, "element": element,
@@ -184,7 +185,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                     "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
                     "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
                     "predicted_frozen": bool(predicted[at]),
-                    "observed_frozen": bool(observed[at]),
+                    "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
                     "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
                 })
             bar.update(stop - first)
