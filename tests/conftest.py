@@ -19,6 +19,16 @@ def offline_config() -> dict:
     return config
 
 
+def mini_series_config() -> dict:
+    """The offline config plus thimble_mini_f16 (thimble_6's float16 storage at mini size, so a float16
+    recording goes through every stage too) and the series ``mini`` of both."""
+    config = offline_config()
+    config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
+                                                 "record": {"segment_steps": 20, "dtype": "float16"}}
+    config["series"]["mini"] = ["thimble_mini", "thimble_mini_f16"]
+    return config
+
+
 def write_offline_config(directory: Path) -> Path:
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(offline_config(), sort_keys=False))

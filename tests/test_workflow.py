@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, offline_config, run_snakemake
+from conftest import REPO, mini_series_config, offline_config, run_snakemake
 from thimble.config import load_config
 from thimble.freeze import MEASURES, VERDICTS
 from thimble.outputs import FIGURES
@@ -83,12 +83,7 @@ def test_mini_training_through_snakemake(mini_data):
 
 @pytest.mark.workflow
 def test_mini_freeze_tables_figures_series_and_report(mini_data):
-    config = offline_config()
-    # thimble_6's storage at mini size: a float16 recording goes through every stage too
-    config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
-                                                 "record": {"segment_steps": 20, "dtype": "float16"}}
-    config["series"]["mini"] = ["thimble_mini", "thimble_mini_f16"]
-    (mini_data / "series.yaml").write_text(yaml.safe_dump(config))
+    (mini_data / "series.yaml").write_text(yaml.safe_dump(mini_series_config()))
     run_snakemake(mini_data, "--cores", "2", "results/series/mini/global_freeze.png",
                   "--configfile", str(mini_data / "series.yaml"))
     results = mini_data / "results/thimble_mini"
