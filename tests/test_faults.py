@@ -129,15 +129,14 @@ def test_a_missing_segment_is_an_error_at_every_stage(run, tmp_path, capsys):
 
 
 def test_the_rechunk_reads_no_step_twice_and_none_from_a_missing_segment(run, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
+    from thimble.codec import WorkerPool
     from thimble.record import read_stream_rows
 
     stream = tmp_path / "stream"
     shutil.copytree(run / f"results/{EXPERIMENT}/stream", stream)
     (stream / "segment_000020-000029.h5").unlink()
     out = np.zeros((16, 300, 8), np.uint16)
-    with ThreadPoolExecutor(2) as pool, pytest.raises(DataError, match=r"no segment file holds steps 20\.\.29"):
+    with WorkerPool(2) as pool, pytest.raises(DataError, match=r"no segment file holds steps 20\.\.29"):
         read_stream_rows(stream, "W", 16, 32, out, pool)
 
 

@@ -13,7 +13,8 @@ import pytest
 
 from thimble import cli
 from thimble.bf16 import BFLOAT16, bfloat16_h5type
-from thimble.record import create_tensor_dataset, encode_chunk
+from thimble.codec import encode_chunk
+from thimble.record import create_tensor_dataset
 
 
 @pytest.fixture
@@ -52,7 +53,8 @@ def test_thimble_readers_without_the_zstd_filter_name_hdf5plugin(compressed):
     os.link(path, path.parent / "experiment" / "recording.h5")
     script = """
 import sys, h5py
-from thimble.record import ZSTD_FILTER, open_stream, read_steps
+from thimble.codec import ZSTD_FILTER
+from thimble.record import open_stream, read_steps
 from thimble.run import open_run
 h5py.h5z.unregister_filter(ZSTD_FILTER)  # as if hdf5plugin had not registered it
 messages = []

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import rewrite_steps
-from test_train_record import VOCAB, data, recorded, run_train, tiny_settings  # noqa: F401  (fixtures)
+from conftest import VOCAB, rewrite_steps, run_train, tiny_settings
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import delta_w_lattice, write_delta_w_lattice
 from thimble.rechunk import RechunkError, rechunk_stream, steps_per_chunk
@@ -18,13 +17,13 @@ from thimble.replay import replay_stream
 
 
 @pytest.fixture(scope="module")
-def rechunked(recorded, tmp_path_factory):  # noqa: F811
+def rechunked(recorded, tmp_path_factory):
     out = tmp_path_factory.mktemp("rechunk") / "recording.h5"
     rechunk_stream(recorded, out, 8, 2**31)
     return out
 
 
-def test_rechunked_file_matches_the_stream_bit_for_bit(recorded, rechunked):  # noqa: F811
+def test_rechunked_file_matches_the_stream_bit_for_bit(recorded, rechunked):
     with open_stream(recorded) as stream, h5py.File(rechunked, "r") as out:
         for name in TENSORS:
             assert out[name].chunks == (8, VOCAB, 8)  # 31 rows: three full chunks and an edge chunk
@@ -36,7 +35,7 @@ def test_rechunked_file_matches_the_stream_bit_for_bit(recorded, rechunked):  # 
         assert out.attrs["steps_per_chunk"] == 8 and out.attrs["num_steps"] == stream.attrs["num_steps"]
 
 
-def test_rechunk_fails_loudly_when_bits_differ(recorded, tmp_path, monkeypatch):  # noqa: F811
+def test_rechunk_fails_loudly_when_bits_differ(recorded, tmp_path, monkeypatch):
     import thimble.rechunk as rechunk
 
     original = rechunk.compress_shuffled
@@ -52,7 +51,7 @@ def test_rechunk_fails_loudly_when_bits_differ(recorded, tmp_path, monkeypatch):
     assert not (tmp_path / "bad.h5").exists() and not list(tmp_path.iterdir())
 
 
-def test_auto_chunks_and_whole_run_chunks(recorded, tmp_path):  # noqa: F811
+def test_auto_chunks_and_whole_run_chunks(recorded, tmp_path):
     row_bytes = VOCAB * 8 * 2
     rechunk_stream(recorded, tmp_path / "auto.h5", "auto", 10 * row_bytes)
     with h5py.File(tmp_path / "auto.h5", "r") as out:
@@ -97,7 +96,7 @@ def test_delta_w_lattice_names_a_nonfinite_step_and_element(rechunked, tmp_path)
     assert not (tmp_path / "delta.h5").exists()
 
 
-def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay_that_counts(data, tmp_path):  # noqa: F811
+def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay_that_counts(data, tmp_path):
     stream = run_train(data, tmp_path / "stream", tiny_settings(dtype="float16"))
     rechunk_stream(stream, tmp_path / "recording.h5", 8, 2**31)
     summary = write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
@@ -132,7 +131,7 @@ def test_float16_to_bfloat16_bits_equal_torchs_cast_for_every_pattern():
     assert np.isnan(ours[nan].view(BFLOAT16).astype(np.float32)).all()
 
 
-def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):  # noqa: F811
+def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):
     summary = replay_stream(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert summary == json.loads((tmp_path / "replay.json").read_text())
@@ -153,7 +152,7 @@ def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):
 
 
 @pytest.mark.parametrize("implementation", ["single_tensor", "foreach", "fused"])
-def test_each_optimizer_implementation_is_recorded_and_replayed_bit_for_bit(data, tmp_path, implementation):  # noqa: F811
+def test_each_optimizer_implementation_is_recorded_and_replayed_bit_for_bit(data, tmp_path, implementation):
     settings = tiny_settings()
     settings["training"]["optimizer_impl"] = implementation
     settings["training"]["steps"] = 12
@@ -170,7 +169,7 @@ def test_each_optimizer_implementation_is_recorded_and_replayed_bit_for_bit(data
         assert "fused kernel" in listed["reason"]
 
 
-def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):  # noqa: F811
+def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):
     import shutil
 
     copy = tmp_path / "stream"

@@ -20,41 +20,7 @@ from thimble.masks import live_dead_masks
 from thimble.record import TENSORS, list_segments, open_stream, read_steps, read_steps_torch
 from thimble.train import TrainingError, train
 
-VOCAB = 300
-
-
-def tiny_settings(**record):
-    config = {
-        "datasets": {"toy": {"source": {"local": "texts"}, "tokenizer_texts": ["*"], "model_texts": ["*"],
-                             "vocab_size": VOCAB}},
-        "experiments": {"tiny": {"dataset": "toy",
-                                 "model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
-                                 "training": {"steps": 30, "batch_size": 4, "device": "cpu"},
-                                 "record": {"segment_steps": 7, **record}}},
-    }
-    return resolve_config(config)["experiments"]["tiny"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny_data")
-    # a skewed token distribution, so that some tokens never occur (dead rows) and some rarely
-    rng = np.random.default_rng(0)
-    tokens = np.minimum(rng.zipf(1.3, size=400), VOCAB - 1).astype(np.int32)
-    np.save(root / "tokens.npy", tokens)
-    save_file(live_dead_masks(tokens, VOCAB), str(root / "masks.safetensors"))
-    return root
-
-
-def run_train(data, out, settings, threads=1):
-    train(settings, str(data / "tokens.npy"), str(data / "masks.safetensors"), str(out), str(out) + ".partial",
-          threads=threads)
-    return out
-
-
-@pytest.fixture(scope="module")
-def recorded(data, tmp_path_factory):
-    return run_train(data, tmp_path_factory.mktemp("run") / "stream", tiny_settings())
+from conftest import VOCAB, run_train, tiny_settings  # the fixtures data and recorded live there too
 
 
 def seed_notebook_trajectory(settings, tokens):

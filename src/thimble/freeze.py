@@ -401,43 +401,15 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
 
 # -- file I/O edge -------------------------------------------------------------------------------
 
-def recorded_bf16_rows(handle, name: str, block_rows: int, float32_too: bool = False):
-    """(first step, rows) blocks of a recorded tensor's bf16 bit patterns, decoded chunk by chunk.
-
-    A float16 recording (the seed's storage) is read back as bf16, as every stage reads it.
-    With ``float32_too`` a float32 tensor (optimizer state under fp32_master) comes back as its uint32 bits.
-    """
-    from thimble.bf16 import bfloat16_bits_from_float16_bits
-    from thimble.rechunk import time_chunks
-    from thimble.record import has_shuffle_zstd, open_chunk, stored_rows
-
-    dataset = handle[name]
-    element_bytes = dataset.id.get_type().get_size()
-    if element_bytes not in ((2, 4) if float32_too else (2,)) or not has_shuffle_zstd(dataset):
-        raise ValueError(f"{handle.filename}: {name} is not a shuffle+zstd 2-byte dataset; rechunk it with "
-                         "thimble rechunk")
-    n_steps, *row_shape = dataset.shape
-    from_float16 = handle.attrs.get("storage_dtype") == "float16"
-    for start, stop in time_chunks(n_steps, dataset.chunks[0]):
-        chunk = open_chunk(dataset, (start, 0, 0))
-        for offset, block in stored_rows(chunk, dataset.chunks[0], int(np.prod(row_shape)), stop - start, block_rows,
-                                         element_bytes):
-            if from_float16:
-                block = bfloat16_bits_from_float16_bits(block)
-            yield start + offset, block.reshape(-1, *row_shape)
-
-
 def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, threads: int = 1) -> TokenSteps:
     """One streaming pass over the recorded W (T+1, V, D): TokenSteps, in memory O(T x V).
 
     Tokens are split across ``threads`` (numpy releases the GIL in its loops).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    import hdf5plugin  # noqa: F401
     from tqdm.auto import tqdm
 
-    from thimble.record import open_h5
+    from thimble.codec import WorkerPool, thread_spans
+    from thimble.record import open_h5, recorded_bf16_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["W"].shape
@@ -445,11 +417,10 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
                                  else np.int32) for name in TOKEN_FIELDS}
         fields["frozen_elements"] = np.zeros((n_steps, 2), np.int64)
         fields["frozen_at_power_of_two"] = np.zeros((n_steps, 2, EXPONENT_FIELDS), np.int64)
-        parts = [part for part in np.array_split(np.arange(vocab), threads) if part.size]
-        bounds = [(int(part[0]), int(part[-1]) + 1) for part in parts]
+        bounds = thread_spans(vocab, threads)
         previous = previous_delta = None
-        with ThreadPoolExecutor(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
-            for step, block in recorded_bf16_rows(handle, "W", block_rows):
+        with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
+            for step, block in recorded_bf16_blocks(handle, "W", block_rows):
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
                     if not len(block):
@@ -473,9 +444,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
     share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
-    import hdf5plugin  # noqa: F401
-
-    from thimble.record import open_h5
+    from thimble.record import open_h5, recorded_bf16_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
@@ -483,7 +452,7 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
-        for start, block in recorded_bf16_rows(handle, "variance_W", block_rows, float32_too=True):
+        for start, block in recorded_bf16_blocks(handle, "variance_W", block_rows, float32_too=True):
             values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
             token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])

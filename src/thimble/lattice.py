@@ -123,18 +123,15 @@ def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:
     return np.abs(neighbour - as_bits(values).view(BFLOAT16).astype(np.float64))
 
 
-class _DoesNotFit(Exception):
-    pass
-
-
 #: rows of W turned into ΔW′ at a time (bounds the temporaries)
 BLOCK_ROWS = 32
 
 
-def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """ΔW′ of ``bits`` (rows, n) after the row ``previous`` (n,) into ``out``; (moves, crossed) per row.
+def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """ΔW′ of ``bits`` (rows, n) after the row ``previous`` (n,) into ``out``; (moves, crossed) per row,
+    or None when a step count does not fit ``out``'s integer type.
 
-    Raises NonFiniteError (without a location: the caller names it) and _DoesNotFit.
+    Raises NonFiniteError without a location (the caller names it).
     """
     both = np.concatenate([previous[None], bits])
     if (both & MAGNITUDE_BITS).max() >= NONFINITE_MAGNITUDE:
@@ -143,7 +140,7 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     delta = np.subtract(signed[1:], signed[:-1])
     info = np.iinfo(out.dtype)
     if delta.min() < info.min or delta.max() > info.max:
-        raise _DoesNotFit
+        return None
     out[...] = delta
     binade = both >> EXPONENT_SHIFT  # sign and exponent field
     moved = delta != 0
@@ -160,95 +157,82 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: 
     W is decoded from its stored chunks block by block, so memory stays near
     half a chunk of W plus the compressed output.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from thimble.codec import WorkerPool
+    from thimble.files import atomic_output
+    from thimble.record import open_h5
 
+    with open_h5(recording) as source, WorkerPool(threads) as pool, atomic_output(output) as tmp:
+        if source.attrs.get("storage_dtype") == "float16":
+            log.warning("%s stores float16 (record.dtype float16): ΔW′ is of the stored values read back as bf16, "
+                        "not exact where float16 altered W", recording)
+        summary = _write_delta(source, recording, tmp, np.dtype(np.int16), level, pool)
+        if summary is None:  # a step count beyond int16: walk W again into int32, which holds every one
+            summary = _write_delta(source, recording, tmp, np.dtype(np.int32), level, pool)
+    return summary
+
+
+def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool) -> dict | None:
+    """Write ΔW′ of ``source``'s W (the file ``recording``) as ``dtype`` to ``path``; None (and a file to discard) when a step
+    count does not fit ``dtype``."""
     import h5py
-    import hdf5plugin  # noqa: F401
     from tqdm.auto import tqdm
 
-    from thimble.files import atomic_output
-    from thimble.rechunk import time_chunks
-    from thimble.bf16 import bfloat16_bits_from_float16_bits
-    from thimble.record import (CHUNK_CHECKSUM, STORAGE_DTYPES, create_checked_array, has_shuffle_zstd, open_chunk,
-                                open_h5, stored_rows, zstd_compressor, zstd_dcpl)
+    from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, thread_spans, write_chunk, zstd_dcpl
+    from thimble.record import create_checked_array, recorded_bf16_blocks
 
-    for dtype in (np.dtype(np.int16), np.dtype(np.int32)):
-        try:
-            with open_h5(recording) as source, atomic_output(output) as tmp, \
-                    ThreadPoolExecutor(threads) as pool:
-                w = source["W"]
-                storage = source.attrs.get("storage_dtype")
-                if storage not in STORAGE_DTYPES or w.id.get_type().get_size() != 2:
-                    raise DataError(f"{recording}: W is stored as {storage} ({w.dtype}); ΔW′ needs a "
-                                     "recording written by thimble train (bfloat16 or float16)")
-                from_float16 = storage == "float16"
-                if from_float16 and dtype == np.int16:
-                    log.warning("%s stores float16 (record.dtype float16): ΔW′ is of the stored values read "
-                                "back as bf16, not exact where float16 altered W", recording)
-                if not has_shuffle_zstd(w):
-                    raise DataError(f"{recording}: W is not shuffle+zstd compressed; rechunk it with thimble rechunk")
-                rows = w.chunks[0]
-                n_steps, row_elements = w.shape[0], int(np.prod(w.shape[1:]))
-                moves = np.zeros(n_steps, np.int64)
-                crossed = np.zeros(n_steps, np.int64)
-                # columns split across threads: numpy releases the GIL in its loops
-                splits = np.array_split(np.arange(row_elements), threads)
-                bounds = [(int(part[0]), int(part[-1]) + 1) for part in splits if part.size]
-                with h5py.File(tmp, "w") as out:
-                    # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
-                    dcpl = zstd_dcpl((rows, *w.shape[1:]), level, shuffle=False)
-                    h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype),
-                                    h5py.h5s.create_simple(w.shape), dcpl=dcpl)
-                    target = out["delta_w_lattice"]
-                    previous = None
-                    for start, stop in tqdm(time_chunks(n_steps, rows), desc="ΔW′", unit="chunk", mininterval=5):
-                        compressor = zstd_compressor(level, threads).compressobj(
-                            size=rows * row_elements * dtype.itemsize)
-                        pieces = []
-                        for offset, block in stored_rows(open_chunk(w, (start,) + (0,) * (w.ndim - 1)), rows,
-                                                         row_elements, stop - start, BLOCK_ROWS):
-                            if from_float16:
-                                block = bfloat16_bits_from_float16_bits(block)
-                            if previous is None:  # step 0: nothing moved before it
-                                previous = block[0].copy()
-                            delta = np.empty(block.shape, dtype)
-                            futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b])
-                                       for a, b in bounds]
-                            step = start + offset
-                            try:
-                                results = [future.result() for future in futures]
-                            except NonFiniteError:
-                                both = np.concatenate([previous[None], block]).reshape(-1, *w.shape[1:])
-                                check_finite(both, first_step=step - 1)  # raises, naming step and element
-                                raise
-                            moves[step:step + len(block)] = sum(r[0] for r in results)
-                            crossed[step:step + len(block)] = sum(r[1] for r in results)
-                            pieces.append(compressor.compress(delta))
-                            previous = block[-1].copy()
-                        if stop - start < rows:  # edge chunk: stored full size, zero padded
-                            pieces.append(compressor.compress(np.zeros((rows - (stop - start)) * row_elements, dtype)))
-                        pieces.append(compressor.flush())
-                        target.id.write_direct_chunk((start,) + (0,) * (w.ndim - 1), b"".join(pieces), 0)
-                    create_checked_array(out, "moves_per_step", moves)
-                    create_checked_array(out, "crossed_binade_per_step", crossed)
-                    summary = {
-                        "first_step": 1,
-                        "last_step": n_steps - 1,
-                        "dtype": dtype.name,
-                        "moves": int(moves.sum()),
-                        "crossed_binade_moves": int(crossed.sum()),
-                        "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
-                        "source_storage": storage,
-                        "exact": not from_float16,
-                    }
-                    target.attrs.update(summary)
-                    target.attrs["description"] = ("signed bf16 lattice steps from W[t-1] to W[t], indexed by t; "
-                                                   "row 0 is 0 (no step before t = 0)")
-                    out.attrs.update({key: value for key, value in source.attrs.items()
-                                      if key not in ("sha256", "steps_per_chunk")})
-                    out.attrs["source"] = str(recording)
-                    out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
-            return summary
-        except _DoesNotFit:
-            continue
-    raise AssertionError("unreachable: int32 holds every ordinal difference")
+    w = source["W"]
+    rows, (n_steps, *row_shape) = w.chunks[0], w.shape
+    row_elements = int(np.prod(row_shape))
+    moves, crossed = np.zeros(n_steps, np.int64), np.zeros(n_steps, np.int64)
+    # columns split across threads: numpy releases the GIL in its loops
+    spans = thread_spans(row_elements, pool.threads)
+    with h5py.File(path, "w") as out:
+        # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
+        h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype), h5py.h5s.create_simple(w.shape),
+                        dcpl=zstd_dcpl(w.chunks, level, shuffle=False))
+        target = out["delta_w_lattice"]
+        previous = encoder = None
+        for step, block in tqdm(recorded_bf16_blocks(source, "W", BLOCK_ROWS), desc="ΔW′", unit="block",
+                                mininterval=5):
+            block = block.reshape(len(block), row_elements)
+            chunk_start, end = step - step % rows, step + len(block)
+            if step == chunk_start:
+                encoder = FrameEncoder(rows * row_elements * dtype.itemsize, level, pool.threads)
+            if previous is None:  # step 0: nothing moved before it
+                previous = block[0].copy()
+            delta = np.empty(block.shape, dtype)
+            futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b]) for a, b in spans]
+            try:
+                counts = [future.result() for future in futures]
+            except NonFiniteError:
+                check_finite(np.concatenate([previous[None], block]).reshape(-1, *row_shape), first_step=step - 1)
+                raise  # check_finite raised, naming the step and element
+            if any(count is None for count in counts):
+                return None
+            moves[step:end] = sum(count[0] for count in counts)
+            crossed[step:end] = sum(count[1] for count in counts)
+            encoder.add(delta)
+            previous = block[-1].copy()
+            if end == min(chunk_start + rows, n_steps):
+                if end - chunk_start < rows:  # edge chunk: stored full size, zero padded
+                    encoder.add(np.zeros((rows - (end - chunk_start)) * row_elements, dtype))
+                write_chunk(target, chunk_start, b"".join(encoder.finish()))
+        create_checked_array(out, "moves_per_step", moves)
+        create_checked_array(out, "crossed_binade_per_step", crossed)
+        summary = {
+            "first_step": 1,
+            "last_step": n_steps - 1,
+            "dtype": dtype.name,
+            "moves": int(moves.sum()),
+            "crossed_binade_moves": int(crossed.sum()),
+            "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
+            "source_storage": source.attrs.get("storage_dtype"),
+            "exact": source.attrs.get("storage_dtype") != "float16",
+        }
+        target.attrs.update(summary)
+        target.attrs["description"] = ("signed bf16 lattice steps from W[t-1] to W[t], indexed by t; "
+                                       "row 0 is 0 (no step before t = 0)")
+        out.attrs.update({key: value for key, value in source.attrs.items() if key not in ("sha256", "steps_per_chunk")})
+        out.attrs["source"] = str(recording)
+        out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
+    return summary

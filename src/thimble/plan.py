@@ -196,7 +196,7 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     import h5py
     import hdf5plugin  # noqa: F401  (the zstd filter)
 
-    from thimble.record import ZSTD_FILTER, zstd_compressor
+    from thimble.codec import ZSTD_FILTER, zstd_compressor
 
     with h5py.File(path, "r") as handle:
         dataset = handle["delta_w_lattice"]

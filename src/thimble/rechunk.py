@@ -19,21 +19,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
+from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, WorkerPool, chunk_row_blocks, compress_shuffled,
+                           time_chunks, write_chunk, zstd_dcpl)
 from thimble.errors import DataError
 
 log = logging.getLogger(__name__)
 
 #: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
-#: bytes fed to the compressor at a time while shuffling a chunk
-SHUFFLE_PIECE = 1 << 24
 #: rows decoded at a time when a written chunk is read back to verify it
 VERIFY_BLOCK_ROWS = 16
 
@@ -58,76 +57,35 @@ def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_b
     return min(int(setting), n_rows)
 
 
-def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
-    """[start, stop) row ranges of consecutive chunks."""
-    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
-
-
-def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
-    """zstd(shuffle(raw)) for 2- or 4-byte elements, streamed in pieces (no shuffled copy of the chunk)."""
-    from thimble.record import BITS_DTYPES, zstd_compressor
-
-    size = raw.dtype.itemsize
-    flat = raw.reshape(-1).view(BITS_DTYPES[size])
-    compressor = zstd_compressor(level, threads).compressobj(size=flat.size * size)
-    piece = np.empty(min(SHUFFLE_PIECE, flat.size), dtype=np.uint8)
-    pieces = []
-    for plane in range(size):  # HDF5's shuffle: every element's lowest byte, then the next, ...
-        for begin in range(0, flat.size, piece.size):
-            part = flat[begin:begin + piece.size]
-            out = piece[:part.size]
-            if plane == 0:
-                np.bitwise_and(part, 0xFF, out=out, casting="unsafe")
-            elif plane == size - 1:
-                np.right_shift(part, 8 * plane, out=out, casting="unsafe")
-            else:
-                np.bitwise_and(part >> (8 * plane), 0xFF, out=out, casting="unsafe")
-            pieces.append(compressor.compress(out))
-    pieces.append(compressor.flush())
-    return pieces
-
-
-def hash_stored_chunk(reader, rows: int, row_elements: int, valid_rows: int, digest, element_bytes: int = 2) -> None:
-    """Decode a stored shuffle+zstd chunk (``reader``: ``record.open_chunk``) block by block and hash
-    its first ``valid_rows`` rows in order, holding half a chunk at most."""
-    from thimble.record import stored_rows
-
-    for _, block in stored_rows(reader, rows, row_elements, valid_rows, VERIFY_BLOCK_ROWS, element_bytes):
-        digest.update(block.data)
-
-
 def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:
-    from thimble.record import zstd_dcpl
-
     dcpl = zstd_dcpl((rows, *source.shape[1:]), level)
     h5py.h5d.create(group.id, name.encode(), source.id.get_type(), source.id.get_space(), dcpl=dcpl)
     return group[name]
 
 
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
-                   pool: ThreadPoolExecutor, progress: tqdm) -> str:
+                   pool: WorkerPool, progress: tqdm) -> str:
     """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record import BITS_DTYPES, open_chunk, read_stream_rows
+    from thimble.record import read_stream_rows
 
     name = source.name.lstrip("/")
     target = create_chunked(out, name, source, rows, level)
     row_elements = math.prod(source.shape[1:])
     element_bytes = source.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
     copied, stored = hashlib.sha256(), hashlib.sha256()
-    threads = pool._max_workers
     for start, stop in time_chunks(source.shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
         chunk = np.zeros((rows, *source.shape[1:]), dtype=BITS_DTYPES[element_bytes])
         # `copied` hashes each row as it decodes from the stream's segments (a missing one is an error)
         read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=copied)
-        pieces = compress_shuffled(chunk, level, threads)
+        pieces = compress_shuffled(chunk, level, pool.threads)
         del chunk  # the source chunk goes before the compressed one is joined: peak ~1.5 chunks
-        offset = (start,) + (0,) * (source.ndim - 1)
-        target.id.write_direct_chunk(offset, b"".join(pieces), 0)
+        write_chunk(target, start, b"".join(pieces))
         del pieces
-        # read the chunk back from the file and hash what it decodes to
+        # read the chunk back from the file and hash what it decodes to, a block of rows at a time
         out.flush()
-        hash_stored_chunk(open_chunk(target, offset), rows, row_elements, stop - start, stored, element_bytes)
+        for _, block in chunk_row_blocks(target, start, VERIFY_BLOCK_ROWS):
+            stored.update(block.data)
         progress.update((stop - start) * row_elements * element_bytes)
     if stored.hexdigest() != copied.hexdigest():
         raise RechunkError(f"{name}: the rechunked bits differ from the source "
@@ -144,7 +102,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     name only when complete and verified.
     """
     from thimble.files import atomic_output
-    from thimble.record import CHUNK_CHECKSUM, create_checked_array, open_stream, read_checked, stream_tensors
+    from thimble.record import create_checked_array, open_stream, read_checked, stream_tensors
 
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
@@ -158,7 +116,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
         log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}
-        with h5py.File(tmp, "w") as out, ThreadPoolExecutor(threads) as pool, \
+        with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
                 tqdm(total=n_rows * vocab * hidden * sum(stream[name].id.get_type().get_size() for name in tensors),
                      unit="B", unit_scale=True, desc="rechunk",
                      mininterval=5) as progress:

@@ -11,21 +11,12 @@ Layout of a recorded stream (a directory):
   segments (relative paths: move the directory as a whole), with the seed's
   ``losses``, masks and attributes, and ``complete = True``.
 
-Chunks are compressed losslessly in worker threads (byte shuffle, the same
-transform as HDF5's shuffle filter, then zstd, which releases the GIL) and
-written with direct chunk writes. The datasets declare the filter pipeline
-shuffle -> zstd (filter 32015), so any HDF5 reader with hdf5plugin loaded
-(``import hdf5plugin``, or ``HDF5_PLUGIN_PATH`` for h5dump) decodes them.
-
-Integrity: every zstd frame thimble writes (here, in the rechunked recording and in
-ΔW′) carries zstd's content checksum (XXH64 of the decoded bytes), which the
-readers below verify as they decode them with zstandard. HDF5's own zstd filter
-(hdf5plugin 7.1) does not check it: a plain h5py read of a flipped chunk returns
-wrong numbers, so every thimble reader decodes the frames itself. The readers
-refuse a frame without a checksum (a flipped header bit could otherwise drop it). The
-small uncompressed datasets (losses, masks, counts) carry HDF5's Fletcher32.
-Every reader here turns a damaged, truncated or missing file into a
-``DataError`` naming the file, the dataset and the steps.
+Chunks are encoded in worker threads by ``thimble.codec`` (byte shuffle -> zstd
+with the frame checksum, the same encoding in every file thimble writes) and
+written with direct chunk writes; the readers here decode them there too, each
+frame's checksum verified. The small uncompressed datasets (losses, masks,
+counts) carry HDF5's Fletcher32. Every reader here turns a damaged, truncated or
+missing file into a ``DataError`` naming the file, the dataset and the steps.
 """
 
 from __future__ import annotations
@@ -35,16 +26,19 @@ import logging
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
-import hdf5plugin  # noqa: F401  (registers the zstd filter with HDF5)
 import numpy as np
-import zstandard
 
-from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
+from thimble.bf16 import BFLOAT16, bfloat16_bits_from_float16_bits, bfloat16_h5type, torch_to_bits, \
+    to_float16_counting
+from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, ZSTD_FILTER, WorkerPool, chunk_location, damaged,
+                           dataset_filters, decode_chunk, decode_rows, encode_chunk, has_shuffle_zstd,
+                           read_stored_chunk, require_zstd_filter, row_blocks, zstd_dcpl)
 from thimble.errors import DataError
 
 if TYPE_CHECKING:
@@ -54,15 +48,10 @@ log = logging.getLogger(__name__)
 
 #: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
 TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
-ZSTD_FILTER = 32015
 STREAM_FILE = "stream.h5"
 STORAGE_DTYPES = ("bfloat16", "float16")
 #: the stored dtype of a tensor: record.dtype for bf16 tensors, float32 for float32 optimizer state
 TENSOR_DTYPES = ("bfloat16", "float16", "float32")
-#: the ``chunk_checksum`` attribute of every file written here: what guards its chunks
-CHUNK_CHECKSUM = "zstd-xxh64"
-#: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
-ZSTD_MAX_HEADER = 18
 
 
 def storage_h5type(storage: str) -> h5py.h5t.TypeID:
@@ -75,10 +64,6 @@ def storage_h5type(storage: str) -> h5py.h5t.TypeID:
     raise ValueError(f"unknown stored dtype {storage!r}; use one of {TENSOR_DTYPES}")
 
 
-#: the unsigned integer type that holds an element's bits, by element size
-BITS_DTYPES = {2: np.uint16, 4: np.uint32}
-
-
 def stream_tensors(handle: h5py.File) -> dict[str, str]:
     """The recorded tensors of a stream or rechunked file, each with its stored dtype."""
     import json
@@ -88,95 +73,6 @@ def stream_tensors(handle: h5py.File) -> dict[str, str]:
     return dict.fromkeys(TENSORS, str(handle.attrs.get("storage_dtype", "bfloat16")))
 
 
-def shuffle_bytes(values: np.ndarray) -> np.ndarray:
-    """HDF5's shuffle filter: all first bytes of the elements, then all second bytes, and so on."""
-    values = np.ascontiguousarray(values)
-    if values.dtype.itemsize != 2:
-        return np.ascontiguousarray(values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T).reshape(-1)
-    flat = values.reshape(-1).view(np.uint16)
-    out = np.empty(flat.size * 2, dtype=np.uint8)
-    # arithmetic, not strided byte copies: four times faster
-    np.bitwise_and(flat, 0xFF, out=out[:flat.size], casting="unsafe")
-    np.right_shift(flat, 8, out=out[flat.size:], casting="unsafe")
-    return out
-
-
-def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
-    """Inverse of ``shuffle_bytes``: write the elements into ``out`` (any shape, contiguous)."""
-    if out.dtype.itemsize != 2:
-        size = out.dtype.itemsize
-        out.reshape(-1).view(np.uint8).reshape(-1, size)[...] = shuffled.reshape(size, -1).T
-        return
-    flat = out.reshape(-1)
-    low, high = shuffled[:flat.size], shuffled[flat.size:]
-    np.left_shift(high, 8, out=flat, dtype=np.uint16)
-    np.bitwise_or(flat, low, out=flat)
-
-
-def damaged(where: str, problem: str) -> DataError:
-    """The error for a stored chunk or file that cannot be trusted, saying what to do about it."""
-    return DataError(f"{where}: {problem}; the file is damaged: restore it, or delete it and rerun the stage "
-                     "that wrote it (for a stream segment: delete the stream folder and train again)")
-
-
-def chunk_location(dataset: h5py.Dataset, first_step: int, last_step: int) -> str:
-    """'file:dataset steps a..b', how errors name a stored chunk."""
-    return f"{dataset.file.filename}:{dataset.name} steps {first_step}..{last_step}"
-
-
-def check_frame_header(header: bytes, where: str) -> zstandard.FrameParameters:
-    """The zstd frame's parameters; a DataError unless it is a frame that carries a checksum."""
-    try:
-        params = zstandard.get_frame_parameters(header)
-    except zstandard.ZstdError as error:
-        raise damaged(where, f"not a zstd frame ({error})") from None
-    if not params.has_checksum:
-        raise damaged(where, "its zstd frame carries no checksum (thimble writes one into every frame)")
-    return params
-
-
-def decode_frame(raw: bytes, size: int, where: str = "a stored chunk") -> bytes:
-    """One stored zstd frame, decoded with its checksum verified, of exactly ``size`` bytes."""
-    check_frame_header(raw[:ZSTD_MAX_HEADER], where)
-    try:
-        decoded = zstandard.ZstdDecompressor().decompress(raw)
-    except zstandard.ZstdError as error:
-        raise damaged(where, str(error)) from None
-    if len(decoded) != size:
-        raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {size}")
-    return decoded
-
-
-def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
-    """Decode one shuffle -> zstd chunk into ``out`` (its element size), verifying its checksum: what HDF5's
-    filter pipeline does, and what it leaves out (its zstd filter does not check the checksum)."""
-    unshuffle_into(np.frombuffer(decode_frame(raw, out.nbytes, where), dtype=np.uint8), out)
-
-
-def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
-    """The compressor of every stored chunk: its frames carry zstd's content checksum."""
-    return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
-
-
-def has_shuffle_zstd(dataset: h5py.Dataset) -> bool:
-    plist = dataset.id.get_create_plist()
-    return [plist.get_filter(i)[0] for i in range(plist.get_nfilters())] == [h5py.h5z.FILTER_SHUFFLE, ZSTD_FILTER]
-
-
-_compressors = threading.local()
-
-
-def encode_chunk(values: np.ndarray, level: int) -> bytes:
-    """One chunk as the filter pipeline shuffle -> zstd stores it."""
-    if values.dtype.itemsize not in BITS_DTYPES:
-        raise TypeError(f"expected 2- or 4-byte elements, got {values.dtype}")
-    # a compressor per thread and level: creating one per chunk costs a fifth of the throughput
-    compressors = _compressors.__dict__.setdefault("by_level", {})
-    if level not in compressors:
-        compressors[level] = zstd_compressor(level)
-    return compressors[level].compress(shuffle_bytes(values))
-
-
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
                           level: int) -> h5py.Dataset:
     """A chunked (chunk_rows, V, D), shuffle+zstd compressed dataset of the storage dtype."""
@@ -184,28 +80,6 @@ def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows
     dcpl = zstd_dcpl((chunk_rows, *shape[1:]), level)
     h5py.h5d.create(group.id, name.encode(), storage_h5type(storage), space, dcpl=dcpl)
     return group[name]
-
-
-def zstd_dcpl(chunks: tuple[int, ...], level: int, shuffle: bool = True) -> h5py.h5p.PropDCID:
-    """Creation properties of every compressed tensor here: chunks, [shuffle ->] zstd (filter 32015)."""
-    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-    dcpl.set_chunk(tuple(chunks))
-    if shuffle:
-        dcpl.set_shuffle()
-    dcpl.set_filter(ZSTD_FILTER, h5py.h5z.FLAG_OPTIONAL, (level,))
-    return dcpl
-
-
-def require_zstd_filter() -> None:
-    """Fail naming the remedy when HDF5 cannot decode zstd chunks (filter 32015).
-
-    Plain h5py says only "can't open directory (/usr/local/lib/plugin)", and
-    h5dump prints an empty ``DATA { }`` and exits 0.
-    """
-    if not h5py.h5z.filter_avail(ZSTD_FILTER):
-        raise OSError("HDF5 has no zstd filter (32015) registered, so it cannot decode thimble's compressed "
-                      "tensors: `import hdf5plugin` before reading with h5py (reinstall hdf5plugin if that "
-                      "does not register it); for h5dump, h5ls or h5diff: eval \"$(thimble h5-env)\"")
 
 
 def create_checked_array(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
@@ -247,42 +121,16 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
     dtype = BFLOAT16 if is_bfloat16(dataset) else dataset.dtype
     if dataset.is_virtual:  # a stream: decode from its segment files
         out = np.empty((stop - start, *dataset.shape[1:]), dtype=BITS_DTYPES[itemsize])
-        with ThreadPoolExecutor(1) as pool:
+        with WorkerPool(1) as pool:
             read_stream_rows(Path(dataset.file.filename).parent, dataset.name.lstrip("/"), start, stop, out, pool)
         return out.view(dtype)
-    if ZSTD_FILTER not in _filters(dataset) or (h5py.h5z.FILTER_SHUFFLE in _filters(dataset) and itemsize != 2):
+    filters = dataset_filters(dataset)
+    if ZSTD_FILTER not in filters or (h5py.h5z.FILTER_SHUFFLE in filters and itemsize not in BITS_DTYPES):
         try:  # no zstd frame to check (HDF5 verifies a Fletcher32 checksum itself)
             return dataset[start:stop]
         except OSError as error:
             raise damaged(_stored_in(dataset, start, stop - 1), f"HDF5 cannot decode it ({error})") from None
-    return _checked_chunk_rows(dataset, start, stop).view(dtype)
-
-
-def _filters(dataset: h5py.Dataset) -> list[int]:
-    plist = dataset.id.get_create_plist()
-    return [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
-
-
-def _checked_chunk_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a chunked [shuffle ->] zstd dataset, decoded chunk by chunk with the
-    frame checksum verified; as unsigned integers of the element size."""
-    rows, shape = dataset.chunks[0], dataset.shape
-    unsigned = np.dtype(f"u{dataset.id.get_type().get_size()}")
-    shuffled = h5py.h5z.FILTER_SHUFFLE in _filters(dataset)
-    out = np.empty((stop - start, *shape[1:]), dtype=unsigned)
-    for first in range(start - start % rows, stop, rows):
-        where = chunk_location(dataset, first, min(first + rows, shape[0]) - 1)
-        filter_mask, raw = dataset.id.read_direct_chunk((first,) + (0,) * (len(shape) - 1))
-        if filter_mask != 0:
-            raise damaged(where, f"it skipped filters (mask {filter_mask})")
-        chunk = np.empty((rows, *shape[1:]), dtype=unsigned)
-        if shuffled:
-            decode_chunk(raw, chunk, where)
-        else:
-            chunk = np.frombuffer(decode_frame(raw, chunk.nbytes, where), dtype=unsigned).reshape(chunk.shape)
-        low, high = max(start, first), min(stop, first + rows)
-        out[low - start: high - start] = chunk[low - first: high - first]
-    return out
+    return decode_rows(dataset, start, stop).view(dtype)
 
 
 def _stored_in(dataset: h5py.Dataset, first: int, last: int) -> str:
@@ -624,7 +472,7 @@ def read_checked(dataset: h5py.Dataset) -> np.ndarray:
 
 
 def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, out: np.ndarray,
-                     pool: ThreadPoolExecutor, digest=None) -> None:
+                     pool: WorkerPool, digest=None) -> None:
     """Rows [start, stop) of a recorded tensor, as stored bits, into ``out`` (uint16 or uint32).
 
     Reads the segments' compressed chunks and decodes them in ``pool``'s threads
@@ -634,7 +482,7 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
     (never a row left as it was). ``digest`` (hashlib) gets each row as decoded
     from the source, in step order.
     """
-    window = 2 * pool._max_workers
+    window = 2 * pool.threads
     for first, last, path in covering_segments(stream_dir, start, stop):
         low, high = max(start, first), min(stop, last + 1)
         with open_h5(path) as segment:
@@ -652,12 +500,7 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
 
             for step in range(low, high):
                 where = chunk_location(dataset, step, step)
-                try:
-                    filter_mask, raw = dataset.id.read_direct_chunk((step - first, 0, 0))
-                except (OSError, KeyError) as error:
-                    raise damaged(where, f"HDF5 cannot read its chunk ({error})") from None
-                if filter_mask != 0:
-                    raise damaged(where, f"its chunk skipped filters (mask {filter_mask})")
+                raw = read_stored_chunk(dataset, step - first, where)
                 pending.append((step, pool.submit(decode_chunk, raw, out[step - start], where)))
                 while len(pending) >= window:
                     finish(*pending.popleft())
@@ -665,135 +508,23 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
                 finish(*pending.popleft())
 
 
-def open_chunk(dataset: h5py.Dataset, coords: tuple[int, ...]) -> CheckedChunk:
-    """A zstd decompression stream over one stored chunk, read from the file as it goes, checksum verified.
+def recorded_bf16_blocks(handle: h5py.File, name: str, block_rows: int,
+                         float32_too: bool = False) -> Iterator[tuple[int, np.ndarray]]:
+    """(first step, rows) blocks of a rechunked recording's tensor as bf16 bit patterns (uint16, shaped
+    (rows, V, D)), decoded chunk by chunk with every checksum verified, holding half a chunk.
 
-    For chunks of a gigabyte or more: neither the compressed nor the decoded
-    chunk is ever whole in memory. The dataset's file must be flushed.
+    A float16 recording (the seed's storage) is read back as bf16, as every stage reads it. With
+    ``float32_too`` a float32 tensor (optimizer state under fp32_master) comes back as its uint32 bits.
     """
-    rows = dataset.chunks[0]
-    first = coords[0]
-    return CheckedChunk(dataset, coords, chunk_location(dataset, first, min(first + rows, dataset.shape[0]) - 1))
-
-
-class _StoredBytes:
-    """The ``size`` stored bytes of one chunk, from an open file positioned at its start."""
-
-    def __init__(self, handle, size: int, where: str):
-        self.handle, self.remaining, self.where = handle, size, where
-
-    def read(self, size: int = -1) -> bytes:
-        size = self.remaining if size < 0 else min(size, self.remaining)
-        data = self.handle.read(size)
-        if len(data) < size:
-            raise damaged(self.where, "the file ends inside its chunk (truncated)")
-        self.remaining -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.handle.close()
-
-
-class CheckedChunk:
-    """A stored chunk's zstd frame, decoded as it is read; every failure is a DataError naming the chunk.
-
-    zstd checks the frame's checksum when the decoder reaches the frame's end, so
-    leaving the ``with`` block normally reads the rest of the frame (an edge
-    chunk's padding) to get there.
-    """
-
-    def __init__(self, dataset: h5py.Dataset, coords: tuple[int, ...], where: str):
-        self.where = where
-        try:
-            info = dataset.id.get_chunk_info_by_coord(coords)
-        except (OSError, KeyError, ValueError) as error:
-            raise damaged(where, f"HDF5 cannot find its chunk ({error})") from None
-        if info.byte_offset is None or info.size == 0:
-            raise damaged(where, "its chunk was never written")
-        if info.filter_mask != 0:
-            raise damaged(where, f"its chunk skipped filters (mask {info.filter_mask})")
-        handle = open(dataset.file.filename, "rb")
-        handle.seek(info.byte_offset)
-        try:
-            params = check_frame_header(handle.read(ZSTD_MAX_HEADER), where)
-        except BaseException:
-            handle.close()
-            raise
-        # the compressors here always write the decoded size; 0 is unknown
-        self.size = params.content_size if 0 <= params.content_size < zstandard.CONTENTSIZE_UNKNOWN else None
-        self.decoded = 0
-        handle.seek(info.byte_offset)
-        # the decoder sees the chunk's bytes and nothing after them, so it stops at the frame's end
-        self.stored = _StoredBytes(handle, info.size, where)
-        self.reader = zstandard.ZstdDecompressor().stream_reader(self.stored, read_size=1 << 20, closefd=True)
-
-    def readinto(self, buffer) -> int:
-        try:
-            got = self.reader.readinto(buffer)
-        except zstandard.ZstdError as error:
-            raise damaged(self.where, str(error)) from None
-        if got == 0 and len(buffer) and self.size is not None and self.decoded < self.size:
-            raise damaged(self.where, f"its chunk ended after {self.decoded} of {self.size} bytes")
-        self.decoded += got
-        return got
-
-    def verify(self) -> None:
-        """Read to the frame's end, where zstd checks the checksum."""
-        scratch = bytearray(1 << 20)
-        while self.readinto(scratch):
-            pass
-        if self.size is not None and self.decoded != self.size:
-            raise damaged(self.where, f"its chunk decodes to {self.decoded} bytes, expected {self.size}")
-        if self.stored.remaining:
-            raise damaged(self.where, f"{self.stored.remaining} bytes of its chunk follow the end of its zstd frame")
-
-    def close(self) -> None:
-        self.reader.close()
-
-    def __enter__(self) -> CheckedChunk:
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        try:
-            if kind is None:
-                self.verify()
-        finally:
-            self.close()
-
-
-def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int, element_bytes: int = 2):
-    """Decode a stored shuffle+zstd chunk of 2- or 4-byte rows (``reader``: ``record.open_chunk``) in
-    blocks of rows, as uint16 or uint32 bits, holding all but the last byte plane of the chunk.
-
-    The shuffled stream is every element's first byte, then every second byte, and so on: the
-    lower planes are kept, then the top plane is read a block at a time and joined with them.
-    """
-    with reader:
-        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows, element_bytes)
-
-
-def _read_exactly(reader, target: memoryview) -> None:
-    got = 0
-    while got < len(target):
-        read = reader.readinto(target[got:])
-        if read == 0:
-            raise DataError("a stored chunk ended early")
-        got += read
-
-
-def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int,
-                 element_bytes: int = 2):
-    lower = np.empty((element_bytes - 1, n_elements), dtype=np.uint8)
-    _read_exactly(reader, memoryview(lower.reshape(-1)))
-    top = np.empty(block_rows * row_elements, dtype=np.uint8)
-    bits = BITS_DTYPES[element_bytes]
-    for start in range(0, valid_rows, block_rows):
-        rows = min(block_rows, valid_rows - start)
-        size = rows * row_elements
-        _read_exactly(reader, memoryview(top)[:size])
-        first = start * row_elements
-        block = np.left_shift(top[:size], 8 * (element_bytes - 1), dtype=bits)
-        block |= lower[0, first: first + size]
-        for plane in range(1, element_bytes - 1):
-            block |= np.left_shift(lower[plane, first: first + size], 8 * plane, dtype=bits)
-        yield start, block.reshape(rows, row_elements)
+    dataset = handle[name]
+    storage = handle.attrs.get("storage_dtype")
+    element_bytes = dataset.id.get_type().get_size()
+    if storage not in STORAGE_DTYPES or element_bytes not in ((2, 4) if float32_too else (2,)):
+        raise DataError(f"{handle.filename}: {name} is stored as {storage} ({dataset.dtype}); the analysis needs "
+                        "a recording written by thimble train (bfloat16 or float16)")
+    if not has_shuffle_zstd(dataset):
+        raise DataError(f"{handle.filename}: {name} is not shuffle+zstd compressed; rechunk it with thimble rechunk")
+    for first, block in row_blocks(dataset, block_rows):
+        if storage == "float16" and element_bytes == 2:
+            block = bfloat16_bits_from_float16_bits(block)
+        yield first, block.reshape(-1, *dataset.shape[1:])

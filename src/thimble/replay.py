@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_rule_step, replay_steps,
                            stays_from_ratio, update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
+from thimble.codec import WorkerPool, thread_spans
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     def bits(tensor: torch.Tensor) -> np.ndarray:
         return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
 
-    with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
+    with WorkerPool(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
         for first in range(1, last + 1, block_steps):
             stop = min(first + block_steps, last + 1)
             w, m, v = (load(name, first - 1, stop) for name in ("W", "momentum_W", "variance_W"))
@@ -161,10 +161,9 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper).numpy()
             w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
             # numpy releases the GIL: the block's steps are counted in parallel, split across the threads
-            parts = [part for part in np.array_split(np.arange(stop - first), threads) if part.size]
-            results = [pool.submit(step_statistics, w_bits[p[0]: p[-1] + 2], m_bits[p[0]: p[-1] + 2],
-                                   v_bits[p[0]: p[-1] + 2], tuple(x[p[0]: p[-1] + 1] for x in replayed),
-                                   pre_rounding[p[0]: p[-1] + 1]) for p in parts]
+            results = [pool.submit(step_statistics, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
+                                   tuple(x[a: b] for x in replayed), pre_rounding[a: b])
+                       for a, b in thread_spans(stop - first, threads)]
             results = [result.result() for result in results]
             columns = {key: np.concatenate([r["columns"][key] for r in results]) for key in results[0]["columns"]}
             elements = int(np.prod(shape[1:]))
@@ -282,7 +281,7 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
         signed = {2: np.int16, 4: np.int32}[out.dtype.itemsize]  # torch has no uint16/uint32 views to cast
         return torch.from_numpy(out.view(signed)).view(torch_dtypes[tensors[name]])
 
-    with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc=f"replay ({rule})", unit="step",
+    with WorkerPool(threads) as pool, tqdm(total=last, desc=f"replay ({rule})", unit="step",
                                                    mininterval=5) as bar:
         for first in range(1, last + 1, BLOCK_STEPS):
             stop = min(first + BLOCK_STEPS, last + 1)

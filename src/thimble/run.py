@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from thimble.record import STREAM_FILE, open_stream, read_steps_torch, require_zstd_filter
+from thimble.codec import require_zstd_filter
+from thimble.record import STREAM_FILE, open_stream, read_steps_torch
 
 if TYPE_CHECKING:
     import pandas

@@ -1,0 +1,414 @@
+"""The stored-chunk codec: how every compressed tensor chunk thimble writes is encoded, read and verified.
+
+A chunk is the filter pipeline [byte shuffle ->] zstd (filter 32015): the shuffle
+is HDF5's (every element's first byte, then every second byte, ...; 2- and 4-byte
+elements, handled as their unsigned bits),
+and the zstd frame carries zstd's content checksum (XXH64 of the decoded bytes).
+The datasets declare that pipeline, so any HDF5 reader with hdf5plugin loaded
+(``import hdf5plugin``, or ``HDF5_PLUGIN_PATH`` for h5dump) decodes them.
+
+Integrity: HDF5's own zstd filter (hdf5plugin 7.1) does not check the checksum,
+so a plain h5py read of a flipped chunk returns wrong numbers. Thimble's readers
+therefore take the stored bytes (direct chunk reads) and decode the frames here,
+verifying each checksum, and refuse a frame without one (a flipped header bit
+could otherwise drop it). Every failure is a ``DataError`` naming the file, the
+dataset and the steps. Chunks are written with direct chunk writes, so HDF5
+never writes a frame without a checksum.
+
+Work is split across threads (zstd and numpy release the GIL) by ``WorkerPool``
+and ``thread_spans``.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+
+import h5py
+import hdf5plugin  # noqa: F401  (registers the zstd filter with HDF5)
+import numpy as np
+import zstandard
+
+from thimble.errors import DataError
+
+ZSTD_FILTER = 32015
+#: the ``chunk_checksum`` attribute of every file holding such chunks: what guards them
+CHUNK_CHECKSUM = "zstd-xxh64"
+#: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
+ZSTD_MAX_HEADER = 18
+#: bytes fed to the compressor at a time while shuffling a large chunk
+SHUFFLE_PIECE = 1 << 24
+#: bytes the streaming decoder reads from the file at a time
+READ_SIZE = 1 << 20
+#: the unsigned integer type that holds an element's bits, by element size
+BITS_DTYPES = {2: np.uint16, 4: np.uint32}
+
+
+# -- threads -------------------------------------------------------------------------------------
+
+class WorkerPool(ThreadPoolExecutor):
+    """A thread pool that says how many threads it has (ThreadPoolExecutor keeps that private)."""
+
+    def __init__(self, threads: int, name: str = "thimble"):
+        super().__init__(max_workers=threads, thread_name_prefix=name)
+        self.threads = threads
+
+
+def thread_spans(n: int, threads: int) -> list[tuple[int, int]]:
+    """[start, stop) spans cutting range(n) into ``threads`` near-equal parts, the larger first (as
+    numpy's array_split), empty ones left out: the work each thread takes."""
+    base, larger = divmod(n, threads)
+    spans, start = [], 0
+    for index in range(threads):
+        stop = start + base + (index < larger)
+        if stop > start:
+            spans.append((start, stop))
+        start = stop
+    return spans
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+def damaged(where: str, problem: str) -> DataError:
+    """The error for a stored chunk or file that cannot be trusted, saying what to do about it."""
+    return DataError(f"{where}: {problem}; the file is damaged: restore it, or delete it and rerun the stage "
+                     "that wrote it (for a stream segment: delete the stream folder and train again)")
+
+
+def chunk_location(dataset: h5py.Dataset, first_step: int, last_step: int) -> str:
+    """'file:dataset steps a..b', how errors name a stored chunk."""
+    return f"{dataset.file.filename}:{dataset.name} steps {first_step}..{last_step}"
+
+
+def chunk_steps(dataset: h5py.Dataset, first: int) -> str:
+    """How errors name the chunk that starts at row ``first``: the steps it holds."""
+    return chunk_location(dataset, first, min(first + dataset.chunks[0], dataset.shape[0]) - 1)
+
+
+# -- byte shuffle --------------------------------------------------------------------------------
+
+def shuffle_bytes(values: np.ndarray) -> np.ndarray:
+    """HDF5's shuffle filter: all first bytes of the elements, then all second bytes, and so on."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.itemsize != 2:
+        return np.ascontiguousarray(values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T).reshape(-1)
+    flat = values.reshape(-1).view(np.uint16)
+    out = np.empty(flat.size * 2, dtype=np.uint8)
+    # arithmetic, not strided byte copies: four times faster
+    np.bitwise_and(flat, 0xFF, out=out[:flat.size], casting="unsafe")
+    np.right_shift(flat, 8, out=out[flat.size:], casting="unsafe")
+    return out
+
+
+def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
+    """Inverse of ``shuffle_bytes``: write the elements into ``out`` (any shape, contiguous)."""
+    if out.dtype.itemsize != 2:
+        size = out.dtype.itemsize
+        out.reshape(-1).view(np.uint8).reshape(-1, size)[...] = shuffled.reshape(size, -1).T
+        return
+    flat = out.reshape(-1)
+    low, high = shuffled[:flat.size], shuffled[flat.size:]
+    np.left_shift(high, 8, out=flat, dtype=np.uint16)
+    np.bitwise_or(flat, low, out=flat)
+
+
+# -- zstd frames ---------------------------------------------------------------------------------
+
+def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
+    """The compressor of every stored chunk: its frames carry zstd's content checksum."""
+    return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+
+
+_compressors = threading.local()
+
+
+def encode_chunk(values: np.ndarray, level: int) -> bytes:
+    """One chunk as the filter pipeline shuffle -> zstd stores it."""
+    if values.dtype.itemsize not in BITS_DTYPES:
+        raise TypeError(f"expected 2- or 4-byte elements, got {values.dtype}")
+    # a compressor per thread and level: creating one per chunk costs a fifth of the throughput
+    compressors = _compressors.__dict__.setdefault("by_level", {})
+    if level not in compressors:
+        compressors[level] = zstd_compressor(level)
+    return compressors[level].compress(shuffle_bytes(values))
+
+
+class FrameEncoder:
+    """One zstd frame of ``size`` decoded bytes, compressed piece by piece as the pieces come."""
+
+    def __init__(self, size: int, level: int, threads: int = 0):
+        self._compressor = zstd_compressor(level, threads).compressobj(size=size)
+        self.pieces: list[bytes] = []
+
+    def add(self, values: np.ndarray) -> None:
+        self.pieces.append(self._compressor.compress(np.ascontiguousarray(values)))
+
+    def add_shuffled(self, values: np.ndarray) -> None:
+        """2- or 4-byte ``values`` shuffled as they are compressed, a piece at a time (no shuffled copy)."""
+        size = values.dtype.itemsize
+        flat = values.reshape(-1).view(BITS_DTYPES[size])
+        piece = np.empty(min(SHUFFLE_PIECE, flat.size), dtype=np.uint8)
+        for plane in range(size):  # every element's lowest byte, then the next, ...
+            for begin in range(0, flat.size, piece.size):
+                part = flat[begin:begin + piece.size]
+                out = piece[:part.size]
+                if plane == 0:
+                    np.bitwise_and(part, 0xFF, out=out, casting="unsafe")
+                elif plane == size - 1:
+                    np.right_shift(part, 8 * plane, out=out, casting="unsafe")
+                else:
+                    np.bitwise_and(part >> (8 * plane), 0xFF, out=out, casting="unsafe")
+                self.add(out)
+
+    def finish(self) -> list[bytes]:
+        """The frame's compressed pieces (join them to write the chunk)."""
+        self.pieces.append(self._compressor.flush())
+        return self.pieces
+
+
+def compress_shuffled(values: np.ndarray, level: int, threads: int) -> list[bytes]:
+    """zstd(shuffle(values)) for 2- or 4-byte elements as compressed pieces, streamed (no shuffled copy)."""
+    encoder = FrameEncoder(values.nbytes, level, threads)
+    encoder.add_shuffled(values)
+    return encoder.finish()
+
+
+def check_frame_header(header: bytes, where: str) -> zstandard.FrameParameters:
+    """The zstd frame's parameters; a DataError unless it is a frame that carries a checksum."""
+    try:
+        params = zstandard.get_frame_parameters(header)
+    except zstandard.ZstdError as error:
+        raise damaged(where, f"not a zstd frame ({error})") from None
+    if not params.has_checksum:
+        raise damaged(where, "its zstd frame carries no checksum (thimble writes one into every frame)")
+    return params
+
+
+def decode_frame(raw: bytes, size: int, where: str = "a stored chunk") -> bytes:
+    """One stored zstd frame, decoded with its checksum verified, of exactly ``size`` bytes."""
+    check_frame_header(raw[:ZSTD_MAX_HEADER], where)
+    try:
+        decoded = zstandard.ZstdDecompressor().decompress(raw)
+    except zstandard.ZstdError as error:
+        raise damaged(where, str(error)) from None
+    if len(decoded) != size:
+        raise damaged(where, f"it decodes to {len(decoded)} bytes, expected {size}")
+    return decoded
+
+
+def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
+    """Decode one shuffle -> zstd chunk into ``out`` (its element size), verifying its checksum: what HDF5's
+    filter pipeline does, and what it leaves out (its zstd filter does not check the checksum)."""
+    unshuffle_into(np.frombuffer(decode_frame(raw, out.nbytes, where), dtype=np.uint8), out)
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+def zstd_dcpl(chunks: tuple[int, ...], level: int, shuffle: bool = True) -> h5py.h5p.PropDCID:
+    """Creation properties of every compressed tensor: chunks, [shuffle ->] zstd (filter 32015)."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_chunk(tuple(chunks))
+    if shuffle:
+        dcpl.set_shuffle()
+    dcpl.set_filter(ZSTD_FILTER, h5py.h5z.FLAG_OPTIONAL, (level,))
+    return dcpl
+
+
+def dataset_filters(dataset: h5py.Dataset) -> list[int]:
+    plist = dataset.id.get_create_plist()
+    return [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
+
+
+def has_shuffle_zstd(dataset: h5py.Dataset) -> bool:
+    return dataset_filters(dataset) == [h5py.h5z.FILTER_SHUFFLE, ZSTD_FILTER]
+
+
+def require_zstd_filter() -> None:
+    """Fail naming the remedy when HDF5 cannot decode zstd chunks (filter 32015).
+
+    Plain h5py says only "can't open directory (/usr/local/lib/plugin)", and
+    h5dump prints an empty ``DATA { }`` and exits 0.
+    """
+    if not h5py.h5z.filter_avail(ZSTD_FILTER):
+        raise OSError("HDF5 has no zstd filter (32015) registered, so it cannot decode thimble's compressed "
+                      "tensors: `import hdf5plugin` before reading with h5py (reinstall hdf5plugin if that "
+                      "does not register it); for h5dump, h5ls or h5diff: eval \"$(thimble h5-env)\"")
+
+
+def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of consecutive chunks of ``rows`` rows."""
+    return [(start, min(start + rows, n_rows)) for start in range(0, n_rows, rows)]
+
+
+def chunk_origin(dataset: h5py.Dataset, first_row: int) -> tuple[int, ...]:
+    """The coordinates of the chunk whose first row is ``first_row`` (chunks span every other axis)."""
+    return (first_row,) + (0,) * (dataset.ndim - 1)
+
+
+def write_chunk(dataset: h5py.Dataset, first_row: int, frame: bytes) -> None:
+    """Store an encoded chunk as it is (its frame carries a checksum, which HDF5's filter would not write)."""
+    dataset.id.write_direct_chunk(chunk_origin(dataset, first_row), frame, 0)
+
+
+def read_stored_chunk(dataset: h5py.Dataset, first_row: int, where: str) -> bytes:
+    """The stored (still encoded) bytes of the chunk starting at ``first_row``."""
+    try:
+        filter_mask, raw = dataset.id.read_direct_chunk(chunk_origin(dataset, first_row))
+    except (OSError, KeyError) as error:
+        raise damaged(where, f"HDF5 cannot read its chunk ({error})") from None
+    if filter_mask != 0:
+        raise damaged(where, f"its chunk skipped filters (mask {filter_mask})")
+    return raw
+
+
+def decode_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a chunked [shuffle ->] zstd dataset, decoded chunk by chunk with every
+    frame checksum verified; as unsigned integers of the element size."""
+    rows, shape = dataset.chunks[0], dataset.shape
+    unsigned = np.dtype(f"u{dataset.id.get_type().get_size()}")
+    shuffled = h5py.h5z.FILTER_SHUFFLE in dataset_filters(dataset)
+    out = np.empty((stop - start, *shape[1:]), dtype=unsigned)
+    chunk = np.empty((rows, *shape[1:]), dtype=unsigned)
+    for first in range(start - start % rows, stop, rows):
+        where = chunk_steps(dataset, first)
+        raw = read_stored_chunk(dataset, first, where)
+        if shuffled:
+            decode_chunk(raw, chunk, where)
+        else:
+            chunk[...] = np.frombuffer(decode_frame(raw, chunk.nbytes, where), dtype=unsigned).reshape(chunk.shape)
+        low, high = max(start, first), min(stop, first + rows)
+        out[low - start: high - start] = chunk[low - first: high - first]
+    return out
+
+
+# -- streaming a chunk too large to hold twice -----------------------------------------------------
+
+class _StoredBytes:
+    """The ``size`` stored bytes of one chunk, from an open file positioned at its start."""
+
+    def __init__(self, handle, size: int, where: str):
+        self.handle, self.remaining, self.where = handle, size, where
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.remaining if size < 0 else min(size, self.remaining)
+        data = self.handle.read(size)
+        if len(data) < size:
+            raise damaged(self.where, "the file ends inside its chunk (truncated)")
+        self.remaining -= len(data)
+        return data
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+class CheckedChunk:
+    """A stored chunk's zstd frame, decoded as it is read from the file; every failure is a DataError
+    naming the chunk. For chunks of a gigabyte or more: neither the compressed nor the decoded chunk
+    is ever whole in memory. The dataset's file must be flushed.
+
+    zstd checks the frame's checksum when the decoder reaches the frame's end, so
+    leaving the ``with`` block normally reads the rest of the frame (an edge
+    chunk's padding) to get there.
+    """
+
+    def __init__(self, dataset: h5py.Dataset, first_row: int):
+        self.where = where = chunk_steps(dataset, first_row)
+        try:
+            info = dataset.id.get_chunk_info_by_coord(chunk_origin(dataset, first_row))
+        except (OSError, KeyError, ValueError) as error:
+            raise damaged(where, f"HDF5 cannot find its chunk ({error})") from None
+        if info.byte_offset is None or info.size == 0:
+            raise damaged(where, "its chunk was never written")
+        if info.filter_mask != 0:
+            raise damaged(where, f"its chunk skipped filters (mask {info.filter_mask})")
+        handle = open(dataset.file.filename, "rb")
+        handle.seek(info.byte_offset)
+        try:
+            params = check_frame_header(handle.read(ZSTD_MAX_HEADER), where)
+        except BaseException:
+            handle.close()
+            raise
+        # the compressors here always write the decoded size; 0 is unknown
+        self.size = params.content_size if 0 <= params.content_size < zstandard.CONTENTSIZE_UNKNOWN else None
+        self.decoded = 0
+        handle.seek(info.byte_offset)
+        # the decoder sees the chunk's bytes and nothing after them, so it stops at the frame's end
+        self.stored = _StoredBytes(handle, info.size, where)
+        self.reader = zstandard.ZstdDecompressor().stream_reader(self.stored, read_size=READ_SIZE, closefd=True)
+
+    def readinto(self, buffer) -> int:
+        try:
+            got = self.reader.readinto(buffer)
+        except zstandard.ZstdError as error:
+            raise damaged(self.where, str(error)) from None
+        if got == 0 and len(buffer) and self.size is not None and self.decoded < self.size:
+            raise damaged(self.where, f"its chunk ended after {self.decoded} of {self.size} bytes")
+        self.decoded += got
+        return got
+
+    def read_exactly(self, buffer) -> None:
+        """Fill ``buffer`` (a writable buffer) from the frame."""
+        view, filled = memoryview(buffer).cast("B"), 0
+        while filled < len(view):
+            got = self.readinto(view[filled:])
+            if got == 0:
+                raise damaged(self.where, f"its chunk ended after {self.decoded} bytes")
+            filled += got
+
+    def verify(self) -> None:
+        """Read to the frame's end, where zstd checks the checksum."""
+        scratch = bytearray(READ_SIZE)
+        while self.readinto(scratch):
+            pass
+        if self.size is not None and self.decoded != self.size:
+            raise damaged(self.where, f"its chunk decodes to {self.decoded} bytes, expected {self.size}")
+        if self.stored.remaining:
+            raise damaged(self.where, f"{self.stored.remaining} bytes of its chunk follow the end of its zstd frame")
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> CheckedChunk:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        try:
+            if kind is None:
+                self.verify()
+        finally:
+            self.close()
+
+
+def chunk_row_blocks(dataset: h5py.Dataset, first_row: int, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The valid rows of one stored shuffle+zstd chunk of 2- or 4-byte elements, as (first row, block)
+    with blocks of up to ``block_rows`` rows of bits (uint16 or uint32, (rows, elements per row)),
+    holding all but the last byte plane of the chunk.
+
+    The shuffled stream is every element's first byte, then every second byte, and so on: the lower
+    planes are kept, then the top plane is read a block at a time and joined with them. The frame's
+    checksum is verified after the last block.
+    """
+    rows, element_bytes = dataset.chunks[0], dataset.id.get_type().get_size()
+    valid_rows = min(rows, dataset.shape[0] - first_row)
+    row_elements = int(np.prod(dataset.shape[1:]))
+    bits = BITS_DTYPES[element_bytes]
+    with CheckedChunk(dataset, first_row) as chunk:
+        lower = np.empty((element_bytes - 1, rows * row_elements), dtype=np.uint8)  # edge chunks are full size
+        chunk.read_exactly(lower)
+        top = np.empty(block_rows * row_elements, dtype=np.uint8)
+        for start in range(0, valid_rows, block_rows):
+            first, size = start * row_elements, min(block_rows, valid_rows - start) * row_elements
+            chunk.read_exactly(top[:size])
+            block = np.left_shift(top[:size], 8 * (element_bytes - 1), dtype=bits)
+            block |= lower[0, first: first + size]
+            for plane in range(1, element_bytes - 1):
+                block |= np.left_shift(lower[plane, first: first + size], 8 * plane, dtype=bits)
+            yield first_row + start, block.reshape(-1, row_elements)
+
+
+def row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Every row of a chunked shuffle+zstd dataset in order, as (first row, block) (see
+    ``chunk_row_blocks``), each chunk's checksum verified."""
+    for start, _ in time_chunks(dataset.shape[0], dataset.chunks[0]):
+        yield from chunk_row_blocks(dataset, start, block_rows)
