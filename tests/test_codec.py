@@ -1,0 +1,81 @@
+"""The stored-chunk codec: thread split, round trips of 2- and 4-byte chunks, and ΔW′'s int32 pass."""
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import rewrite_steps, run_train, tiny_settings
+from thimble.codec import (WorkerPool, chunk_row_blocks, compress_shuffled, decode_chunk, decode_rows, encode_chunk,
+                           thread_spans, write_chunk, zstd_dcpl)
+from thimble.errors import DataError
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 7, 64, 384])
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_thread_spans_are_numpys_array_split(n, threads):
+    expected = [(int(part[0]), int(part[-1]) + 1) for part in np.array_split(np.arange(n), threads) if part.size]
+    assert thread_spans(n, threads) == expected
+
+
+def test_the_worker_pool_says_its_threads():
+    with WorkerPool(3) as pool:
+        assert pool.threads == 3 and pool.submit(sum, [1, 2]).result() == 3
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_chunks_round_trip_whole_and_in_blocks(tmp_path, dtype):
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, np.iinfo(dtype).max, size=(11, 6, 5), dtype=dtype)
+    out = np.empty_like(values[:4])
+    decode_chunk(encode_chunk(values[:4], 1), out)
+    np.testing.assert_array_equal(out, values[:4])
+    with h5py.File(tmp_path / "t.h5", "w") as handle:
+        h5py.h5d.create(handle.id, b"x", h5py.h5t.py_create(np.dtype(dtype)), h5py.h5s.create_simple(values.shape),
+                        dcpl=zstd_dcpl((4, 6, 5), 1))
+        dataset = handle["x"]
+        for start in range(0, 11, 4):  # an edge chunk of 3 rows, stored full size
+            chunk = np.zeros((4, 6, 5), dtype)
+            chunk[:min(4, 11 - start)] = values[start:start + 4]
+            write_chunk(dataset, start, b"".join(compress_shuffled(chunk, 1, 2)))
+        handle.flush()
+        np.testing.assert_array_equal(decode_rows(dataset, 2, 10), values[2:10])
+        np.testing.assert_array_equal(dataset[...], values)  # HDF5's own filters read the same chunks
+        blocks = list(chunk_row_blocks(dataset, 8, 2))
+        assert [first for first, _ in blocks] == [8, 10]
+        np.testing.assert_array_equal(np.concatenate([block for _, block in blocks]), values[8:].reshape(3, -1))
+
+
+def test_a_flipped_byte_names_file_dataset_and_steps(tmp_path):
+    values = np.arange(8 * 30, dtype=np.uint16).reshape(8, 30)
+    with h5py.File(tmp_path / "t.h5", "w") as handle:
+        h5py.h5d.create(handle.id, b"x", h5py.h5t.py_create(np.dtype(np.uint16)), h5py.h5s.create_simple(values.shape),
+                        dcpl=zstd_dcpl((4, 30), 1))
+        for start in (0, 4):
+            frame = bytearray(b"".join(compress_shuffled(values[start:start + 4], 1, 1)))
+            if start == 4:
+                frame[-6] ^= 0x10
+            write_chunk(handle["x"], start, bytes(frame))
+        with pytest.raises(DataError, match=r"t\.h5:/x steps 4\.\.7"):
+            decode_rows(handle["x"], 0, 8)
+
+
+def test_delta_w_takes_int32_when_a_step_count_passes_int16(data, tmp_path):
+    """A sign flip of a huge weight walks more than 32767 lattice points: ΔW′ is written again as int32,
+    and only the finished file is left."""
+    from thimble.lattice import ordinal, write_delta_w_lattice
+    from thimble.rechunk import rechunk_stream
+
+    recording = tmp_path / "recording.h5"
+    rechunk_stream(run_train(data, tmp_path / "stream", tiny_settings()), recording, 8, 2**31)
+    huge, minus_huge = 0x7F00, 0xFF00  # ±2^127: ordinals ±32512
+    with h5py.File(recording, "r+") as handle:
+        steps = np.full((2, *handle["W"].shape[1:]), huge, np.uint16)
+        steps[1, 0, 0] = minus_huge  # step 9 flips element (0, 0) from 2^127 to -2^127
+        rewrite_steps(handle["W"], 8, steps)
+    summary = write_delta_w_lattice(str(recording), str(tmp_path / "delta.h5"), threads=2)
+    with h5py.File(tmp_path / "delta.h5", "r") as out:
+        delta = out["delta_w_lattice"]
+        assert summary["dtype"] == "int32" and delta.dtype == np.int32
+        flip = ordinal(np.array([minus_huge], np.uint16)) - ordinal(np.array([huge], np.uint16))
+        assert delta[9, 0, 0] == flip[0] == -65024 and delta[9, 0, 1] == 0
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("delta")) == ["delta.h5"]
