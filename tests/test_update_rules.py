@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_train_record import data, run_train, tiny_settings  # noqa: F401  (fixtures)
+from conftest import run_train, tiny_settings
 from thimble.adamw import build_update_rule
 from thimble.config import ConfigError, resolve_config
 from thimble.rechunk import rechunk_stream
@@ -25,7 +25,7 @@ def rule_settings(rule: str, steps: int = 12) -> dict:
 
 
 @pytest.mark.parametrize("rule", OTHER_RULES)
-def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rule):  # noqa: F811
+def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rule):
     stream = run_train(data, tmp_path / "stream", rule_settings(rule))
     with open_stream(stream) as handle:
         tensors = stream_tensors(handle)
@@ -55,7 +55,7 @@ def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rul
             assert np.array_equal(read_steps(out[name]), read_steps(handle[name]))
 
 
-def test_a_replay_with_other_random_bits_differs(data, tmp_path, monkeypatch):  # noqa: F811
+def test_a_replay_with_other_random_bits_differs(data, tmp_path, monkeypatch):
     """Stochastic rounding's replay is exact because it draws the training's bits, and only then."""
     stream = run_train(data, tmp_path / "stream", rule_settings("stochastic_rounding", steps=6))
     monkeypatch.setattr("thimble.update_rules.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
