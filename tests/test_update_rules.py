@@ -98,3 +98,30 @@ def test_rule_settings_that_cannot_work_are_config_errors():
                                                                  "optimizer_impl": "foreach"}}
     with pytest.raises(ConfigError, match="experiments.x.training.optimizer_impl"):
         resolve_config(config)
+
+
+def test_the_eager_step_is_torchaos_kernel():
+    """Without stochastic rounding, the eager kernel and torchao's compiled step give the same bits:
+    the rule runs torchao's arithmetic, only not through torch.compile."""
+    from torchao.optim import _AdamW
+
+    from thimble.adamw import torchao_stochastic_rounding_adamw
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(64, 8), (8,)]
+    values = [(torch.randn(shape, generator=generator) * 0.02).bfloat16() for shape in shapes]
+    grads = [[(torch.randn(shape, generator=generator) * 1e-3).bfloat16() for shape in shapes] for _ in range(4)]
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+    results = []
+    for build in (lambda ps: _AdamW(ps, **hyper), lambda ps: torchao_stochastic_rounding_adamw(ps, hyper)):
+        params = [torch.nn.Parameter(value.clone()) for value in values]
+        optimizer = build(params)
+        optimizer.bf16_stochastic_round = False
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+        results.append([param.detach().view(torch.int16) for param in params]
+                       + [optimizer.state[param][key].view(torch.int16) for param in params
+                          for key in ("exp_avg", "exp_avg_sq")])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -54,6 +54,21 @@ def test_experiment_and_series_targets_plan(workdir):
     assert jobs["replay"] == len(series) and jobs["corpus"] == 1 and jobs["series"] == 1
 
 
+def test_the_update_rule_series_plans_one_run_per_rule(workdir):
+    from thimble.update_rules import UPDATE_RULES
+
+    config = load_config(REPO / "config.yaml")
+    members = config["series"]["small_update_rules"]
+    assert sorted(config["experiments"][name]["training"]["update_rule"] for name in members) == sorted(UPDATE_RULES)
+    # the same experiment but for its rule: what the series compares
+    comparable = [{**config["experiments"][name]["training"], "update_rule": None} for name in members]
+    assert all(training == comparable[0] for training in comparable)
+    result = run_snakemake(workdir, "-n", "results/series/small_update_rules/global_freeze.png")
+    jobs = planned_jobs(result.stdout)
+    assert jobs["train"] == jobs["replay"] == jobs["freeze"] == jobs["figures"] == len(UPDATE_RULES)
+    assert jobs["corpus"] == 1 and jobs["series"] == 1
+
+
 @pytest.mark.workflow
 def test_mini_training_through_snakemake(mini_data):
     run_snakemake(mini_data, "--cores", "2", "results/thimble_mini/delta_w_lattice.h5",

@@ -163,8 +163,8 @@ def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray
 # -- the update rules (thimble.update_rules declares them and what each records) ---------------------------
 
 
-def _quiet_import_torchao_optim():
-    """torchao's AdamW; torchao's import warns about CUDA-only libraries it cannot load on other hosts."""
+def _quiet_import_torchao_adam():
+    """torchao's AdamW module; torchao's import warns about CUDA-only libraries it cannot load here."""
     import logging
 
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
@@ -172,11 +172,50 @@ def _quiet_import_torchao_optim():
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        from torchao.optim import _AdamW
+        from torchao.optim import adam
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
-    return _AdamW
+    return adam
+
+
+_stochastic_rounding_class: list = []
+
+
+def torchao_stochastic_rounding_adamw(params, hyper: dict):
+    """torchao's ``_AdamW(bf16_stochastic_round=True)``, its per-parameter kernel run eagerly.
+
+    torchao's ``step()`` hands its kernel, ``single_param_adam``, to ``torch.compile`` once per
+    parameter per step; on a CPU each such call costs ~1.5 ms of dynamo dispatch (most of a small
+    model's step) and the first step ~30 s of compiling. Here the same kernel runs eagerly: torchao's
+    arithmetic (float32 AdamW, bf16 moments, ``_fp32_to_bf16_sr``), with the rounding bits drawn by
+    ``torch.randint`` from torch's global generator, which the rule seeds before every step.
+    """
+    adam = _quiet_import_torchao_adam()
+    if not _stochastic_rounding_class:
+
+        class EagerStochasticRoundingAdamW(adam._AdamW):
+            @torch.no_grad()
+            def step(self, closure=None):
+                if closure is not None:
+                    raise ValueError("the stochastic-rounding AdamW takes no closure")
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        if p.grad is None:
+                            continue
+                        state = self.state[p]
+                        if len(state) == 0:  # torchao's state: a float32 step count, moments like p
+                            state["step"] = torch.tensor(0.0)
+                            state["exp_avg"] = self._new_buffer(p, True)
+                            state["exp_avg_sq"] = self._new_buffer(p, False)
+                        state["step"] += 1
+                        adam.single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"],
+                                               state["exp_avg_sq"], None, group["lr"], group["betas"][0],
+                                               group["betas"][1], group["weight_decay"], group["eps"],
+                                               self.is_adamw, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+
+        _stochastic_rounding_class.append(EagerStochasticRoundingAdamW)
+    return _stochastic_rounding_class[0](params, **hyper, bf16_stochastic_round=True)
 
 
 class UpdateRule:
@@ -218,16 +257,14 @@ class Bf16AdamW(UpdateRule):
 class StochasticRoundingAdamW(UpdateRule):
     """torchao's AdamW with bf16 stochastic rounding of the weight update.
 
-    torchao draws the rounding bits inside a compiled kernel from torch's global generator;
-    that generator is seeded from (training.seed, t) just before step t, and the recorded
-    parameter is stepped first, so a replay of step t draws the same bits.
+    The rounding bits come from torch's global generator, seeded from (training.seed, t) just
+    before step t; the recorded parameter is stepped first, so a replay of step t draws the same bits.
     """
 
     name = "stochastic_rounding"
 
     def __init__(self, params, hyper: dict, seed: int):
-        _AdamW = _quiet_import_torchao_optim()
-        super().__init__(_AdamW(params, **hyper, bf16_stochastic_round=True), "torchao_compiled")
+        super().__init__(torchao_stochastic_rounding_adamw(params, hyper), "torchao_eager")
         self.seed = seed
 
     def step(self, step: int) -> None:
