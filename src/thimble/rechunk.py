@@ -27,11 +27,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from thimble.errors import DataError
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk  # noqa: F401  (steps_per_chunk: its old home)
 
 log = logging.getLogger(__name__)
 
-#: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
-HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 #: bytes fed to the compressor at a time while shuffling a chunk
 SHUFFLE_PIECE = 1 << 24
 #: rows decoded at a time when a written chunk is read back to verify it
@@ -40,22 +39,6 @@ VERIFY_BLOCK_ROWS = 16
 
 class RechunkError(DataError):
     """The rechunked file would not hold the same bits as its source."""
-
-
-def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:
-    """Rows (time steps) per chunk for a dataset of ``n_rows`` rows of ``row_bytes`` each.
-
-    ``setting`` is an explicit count (clamped to ``n_rows``: a chunk cannot
-    exceed a fixed-size dataset) or ``"auto"``: the fewest equal chunks whose
-    bytes stay within ``max_chunk_bytes``.
-    """
-    if setting == "auto":
-        rows_fit = max_chunk_bytes // row_bytes
-        if rows_fit < 1:
-            raise RechunkError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
-        n_chunks = math.ceil(n_rows / rows_fit)
-        return math.ceil(n_rows / n_chunks)
-    return min(int(setting), n_rows)
 
 
 def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:

@@ -46,13 +46,13 @@ import zstandard
 
 from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
 from thimble.errors import DataError
+from thimble.sizes import TENSORS
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
 ZSTD_FILTER = 32015
 STREAM_FILE = "stream.h5"
 STORAGE_DTYPES = ("bfloat16", "float16")
