@@ -38,7 +38,6 @@ import thimble.record
 from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
 from thimble.record import TENSORS, StreamRecorder, list_segments, unshuffle_into
-from thimble.adamw import resolve_implementation
 from thimble.train import build_model, build_optimizer, select_device
 
 
@@ -48,8 +47,7 @@ class Trainer:
     def __init__(self, settings: dict, tokens: np.ndarray, batch_size: int, device, seed: int):
         torch.manual_seed(settings["training"]["seed"])
         self.model = build_model(settings["model"], device)
-        self.optimizer = build_optimizer(self.model, settings["training"],
-                                         resolve_implementation(settings["training"]["optimizer_impl"], device))
+        self.optimizer = build_optimizer(self.model, settings["training"], device)
         self.wte = self.model.transformer.wte.weight
         self.tokens, self.batch_size, self.device = tokens, batch_size, device
         self.seq = settings["model"]["max_seq_len"]
@@ -63,14 +61,12 @@ class Trainer:
         loss = self.model(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
         loss.backward()
         grad = self.wte.grad.detach().to("cpu", copy=True)
-        self.optimizer.step()
+        self.optimizer.step(0)  # step numbers matter only to stochastic rounding's seeds
         self.optimizer.zero_grad()
         captured = None
         if capture:
-            state = self.optimizer.state[self.wte]
             captured = {"W": self.wte.detach().to("cpu", copy=True), "grad_W": grad,
-                        "momentum_W": state["exp_avg"].to("cpu", copy=True),
-                        "variance_W": state["exp_avg_sq"].to("cpu", copy=True), "loss": loss.item()}
+                        **self.optimizer.recorded_state(self.wte), "loss": loss.item()}
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return captured

@@ -71,6 +71,8 @@ rule series:
     input:
         summaries=lambda w: expand("results/{experiment}/summary.json", experiment=CFG["series"][w.series]),
         figures=lambda w: expand("results/{experiment}/figures/loss.png", experiment=CFG["series"][w.series]),
+        lattice_positions=lambda w: expand("results/{experiment}/lattice_positions.csv",
+                                           experiment=CFG["series"][w.series]),
     output:
         figure=report("results/series/{series}/global_freeze.png", caption="../workflow/report/series.rst",
                       category="series {series}"),
@@ -78,6 +80,8 @@ rule series:
                      category="series {series}"),
         page=report("results/series/{series}/verdicts.html", caption="../workflow/report/series_table.rst",
                     category="series {series}"),
+        lattice_positions=report("results/series/{series}/lattice_positions.csv",
+                                 caption="../workflow/report/series_lattice_positions.rst", category="series {series}"),
     log:
         "logs/series/{series}.log",
     conda:
@@ -87,4 +91,5 @@ rule series:
         runtime=5,
     shell:
         "thimble series --name {wildcards.series} --summaries {input.summaries} --figure {output.figure}"
-        " --table {output.table} --page {output.page} 2> {log}"
+        " --table {output.table} --page {output.page} --lattice-positions {input.lattice_positions}"
+        " --lattice-table {output.lattice_positions} 2> {log}"

@@ -158,3 +158,192 @@ def log2_ratio_floor(w_bits: np.ndarray, pre_rounding: np.ndarray) -> tuple[np.n
 def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray) -> np.ndarray:
     """``stays_put`` from the ratio's exponent: below half a spacing, or exactly half with an even w."""
     return (log2_floor < 0) | (tie & ((w_bits & np.uint16(1)) == 0))
+
+
+# -- the update rules (thimble.update_rules declares them and what each records) ---------------------------
+
+
+def _quiet_import_torchao_optim():
+    """torchao's AdamW; torchao's import warns about CUDA-only libraries it cannot load on other hosts."""
+    import logging
+
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.optim import _AdamW
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
+    return _AdamW
+
+
+class UpdateRule:
+    """One experiment's optimizer behind the interface training and replay use.
+
+    ``step(t)`` applies optimizer step t; ``recorded_state(param)`` gives CPU copies of the
+    state recorded with W and grad_W (names as in ``thimble.update_rules.recorded_tensors``).
+    """
+
+    name = ""
+
+    def __init__(self, optimizer, implementation: str):
+        self.optimizer, self.implementation = optimizer, implementation
+
+    def step(self, step: int) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+    def state_dict(self) -> dict:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        state = self.optimizer.state[param]
+        return {"momentum_W": state["exp_avg"].to("cpu", copy=True),
+                "variance_W": state["exp_avg_sq"].to("cpu", copy=True)}
+
+
+class Bf16AdamW(UpdateRule):
+    """torch's AdamW on the bf16 parameters: the seed's rule."""
+
+    name = "bf16"
+
+
+class StochasticRoundingAdamW(UpdateRule):
+    """torchao's AdamW with bf16 stochastic rounding of the weight update.
+
+    torchao draws the rounding bits inside a compiled kernel from torch's global generator;
+    that generator is seeded from (training.seed, t) just before step t, and the recorded
+    parameter is stepped first, so a replay of step t draws the same bits.
+    """
+
+    name = "stochastic_rounding"
+
+    def __init__(self, params, hyper: dict, seed: int):
+        _AdamW = _quiet_import_torchao_optim()
+        super().__init__(_AdamW(params, **hyper, bf16_stochastic_round=True), "torchao_compiled")
+        self.seed = seed
+
+    def step(self, step: int) -> None:
+        from thimble.update_rules import stochastic_rounding_seed
+
+        torch.manual_seed(stochastic_rounding_seed(self.seed, step))
+        self.optimizer.step()
+
+
+class KahanAdamW(UpdateRule):
+    """torch-optimi's AdamW with Kahan-compensated bf16 updates (``kahan_sum=True``)."""
+
+    name = "kahan"
+
+    def __init__(self, params, hyper: dict, implementation: str):
+        import optimi
+
+        # optimi's for-loop on the CPU by default: it deprecates foreach in favour of Triton (GPU only)
+        implementation = "single_tensor" if implementation == "auto" else implementation
+        optimizer = optimi.AdamW(params, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"],
+                                 weight_decay=hyper["weight_decay"], kahan_sum=True,
+                                 foreach=implementation == "foreach", triton=False)
+        super().__init__(optimizer, implementation)
+
+    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**super().recorded_state(param),
+                "kahan_compensation_W": self.optimizer.state[param]["kahan_comp"].to("cpu", copy=True)}
+
+
+class Fp32MasterAdamW(UpdateRule):
+    """torch's AdamW on float32 master copies of the parameters; the model holds their bf16 rounding.
+
+    Each step: the bf16 gradients are widened (exactly) onto the masters, AdamW steps the
+    masters and its float32 moments, and each bf16 parameter becomes its master rounded to
+    nearest (ties to even).
+    """
+
+    name = "fp32_master"
+
+    def __init__(self, params, hyper: dict, implementation: str, device: torch.device):
+        self.params = list(params)
+        self.masters = [torch.nn.Parameter(param.detach().to(torch.float32, copy=True)) for param in self.params]
+        implementation = resolve_implementation(implementation, device) if implementation == "auto" else implementation
+        super().__init__(build_adamw(self.masters, hyper, implementation), implementation)
+        self._master_of = {id(param): master for param, master in zip(self.params, self.masters)}
+
+    @torch.no_grad()
+    def step(self, step: int) -> None:
+        for param, master in zip(self.params, self.masters):
+            master.grad = None if param.grad is None else param.grad.to(torch.float32)
+        self.optimizer.step()
+        for param, master in zip(self.params, self.masters):
+            param.copy_(master)
+
+    def zero_grad(self) -> None:
+        for param in self.params:
+            param.grad = None
+        self.optimizer.zero_grad()
+
+    def state_dict(self) -> dict:
+        return {"masters": [master.detach().clone() for master in self.masters],
+                "adamw": self.optimizer.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for master, saved in zip(self.masters, state["masters"]):
+            master.copy_(saved)
+        self.optimizer.load_state_dict(state["adamw"])
+
+    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        master = self._master_of[id(param)]
+        return {**super().recorded_state(master), "master_W": master.detach().to("cpu", copy=True)}
+
+
+def build_update_rule(rule: str, params, hyper: dict, implementation: str, device: torch.device,
+                      seed: int) -> UpdateRule:
+    """The optimizer of ``training.update_rule`` over ``params`` (the recorded parameter first).
+
+    ``implementation`` is ``training.optimizer_impl``; the rule reports the one it resolved to.
+    """
+    params = list(params)
+    if rule == "bf16":
+        implementation = resolve_implementation(implementation, device)
+        return Bf16AdamW(build_adamw(params, hyper, implementation), implementation)
+    if rule == "stochastic_rounding":
+        return StochasticRoundingAdamW(params, hyper, seed)
+    if rule == "kahan":
+        return KahanAdamW(params, hyper, implementation)
+    if rule == "fp32_master":
+        return Fp32MasterAdamW(params, hyper, implementation, device)
+    raise ValueError(f"unknown training.update_rule {rule!r}")
+
+
+def replay_rule_step(rule: str, before: dict[str, torch.Tensor], grad: torch.Tensor, step: int, hyper: dict,
+                     implementation: str, seed: int) -> dict[str, torch.Tensor]:
+    """Optimizer step ``step`` of one recorded parameter, recomputed by the rule's own ``step()``.
+
+    ``before``: the recorded tensors after step t-1 (W and the rule's state, names as recorded);
+    ``grad``: the recorded gradient of step t. Returns the tensors after step t, W included.
+    The optimizer is built afresh and its state loaded through ``load_state_dict``, as a resume would.
+    """
+    param = torch.nn.Parameter(before["W"].clone())
+    optimizer = build_update_rule(rule, [param], hyper, implementation, before["W"].device, seed)
+    state = optimizer.state_dict()
+    moments = {"exp_avg": before["momentum_W"].clone(), "exp_avg_sq": before["variance_W"].clone()}
+    if rule == "stochastic_rounding":
+        state["state"] = {0: {"step": torch.tensor(float(step - 1)), **moments}}
+    elif rule == "kahan":
+        state["state"] = {0: {**moments, "kahan_comp": before["kahan_compensation_W"].clone()}}
+        state["param_groups"][0].update(setup=True, step=torch.tensor(step - 1, dtype=torch.int32))
+    elif rule == "fp32_master":
+        state["masters"] = [before["master_W"].clone()]
+        state["adamw"]["state"] = {0: {"step": torch.tensor(float(step - 1)), **moments}}
+    else:
+        raise ValueError(f"replay_rule_step replays stochastic_rounding, kahan and fp32_master, not {rule!r}")
+    optimizer.load_state_dict(state)
+    param.grad = grad.clone()
+    optimizer.step(step)
+    return {"W": param.detach().clone(), **optimizer.recorded_state(param)}

@@ -107,7 +107,8 @@ def _figures(args) -> None:
 def _series(args) -> None:
     from thimble.figures import series_outputs
 
-    series_outputs(args.name, args.summaries, args.figure, args.table, args.page)
+    series_outputs(args.name, args.summaries, args.figure, args.table, args.page, args.lattice_positions,
+                   args.lattice_table)
 
 
 def _plan(args) -> int:
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", required=True)
     p.add_argument("--table", required=True)
     p.add_argument("--page", help="the verdicts table as an HTML page (for the report)")
+    p.add_argument("--lattice-positions", nargs="+", help="each experiment's lattice_positions.csv, in the "
+                   "order of --summaries")
+    p.add_argument("--lattice-table", help="where to write the series' lattice-position table")
     p.set_defaults(func=_series)
     return parser
 

@@ -22,6 +22,7 @@ import yaml
 
 from thimble.errors import ThimbleError
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, STORED_ELEMENT_BYTES, steps_per_chunk
+from thimble.update_rules import rule_problems, widest_element_bytes
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 #: names that are directories of their own under results/, not experiments
@@ -147,7 +148,10 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
         problems.append(f"config key {key}.model.n_heads: {model['n_heads']} does not divide "
                         f"model.hidden_dim {model['hidden_dim']}; choose heads that divide it")
     rechunk = exp["rechunk"]
-    step_bytes = datasets[exp["dataset"]]["vocab_size"] * model["hidden_dim"] * STORED_ELEMENT_BYTES
+    problems += rule_problems(key, exp["training"], exp["record"])
+    # the widest recorded tensor (float32 state under fp32_master) sizes the largest chunk
+    step_bytes = (datasets[exp["dataset"]]["vocab_size"] * model["hidden_dim"]
+                  * widest_element_bytes(exp["training"]["update_rule"], exp["record"]["dtype"]))
     if rechunk["max_chunk_bytes"] > HDF5_MAX_CHUNK_BYTES:
         problems.append(f"config key {key}.rechunk.max_chunk_bytes: {rechunk['max_chunk_bytes']} is over "
                         f"HDF5's chunk limit of {HDF5_MAX_CHUNK_BYTES} bytes (4 GiB - 1)")

@@ -160,11 +160,23 @@ def lattice_positions(table: pd.DataFrame, experiment: str, path: str) -> None:
     _save(fig, path)
 
 
-def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: str) -> None:
-    """Distribution of |update| / half the lattice spacing per window, against the threshold 1."""
+def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: str,
+                 update_rule: str = "bf16") -> None:
+    """Distribution of |update| / half the lattice spacing per window, against the threshold 1.
+
+    The ratio is the bf16 rule's (round to nearest from the addcdiv_ sum); the replay of another rule
+    writes no rows, and the figure says why instead of drawing an empty plot.
+    """
     edges = np.array([float(c.split("_")[1]) for c in histogram.columns if c.startswith("log2ratio_")])
     columns = [c for c in histogram.columns if c.startswith("log2ratio_")]
     fig, ax = plt.subplots(figsize=(9, 4.5))
+    if histogram.empty:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"{experiment} trains with update rule {update_rule}:\nthe update ratio (round to "
+                "nearest from AdamW's float32 sum)\nis defined for the bf16 rule only; see replay.json",
+                ha="center", va="center", fontsize=11)
+        _save(fig, path)
+        return
     for name, window in windows.items():
         inside = (histogram["step"] >= window["start"]) & (histogram["step"] <= window["end"])
         counts = histogram.loc[inside, columns].sum().to_numpy(dtype=float)
@@ -179,21 +191,50 @@ def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: 
     _save(fig, path)
 
 
+def experiment_label(summary: dict) -> str:
+    """An experiment's name, with its update rule where that is not the seed's."""
+    rule = summary.get("update_rule", "bf16")
+    return summary["experiment"] if rule == "bf16" else f"{summary['experiment']} [{rule}]"
+
+
 def series(summaries: list[dict], name: str, path: str) -> None:
-    """Per measure, each experiment's windowed frozen share of its dead tokens (all tokens if none)."""
-    fig, axes = plt.subplots(len(MEASURE_LABELS), 1, figsize=(9, 9), sharex=True)
-    for ax, (measure, label) in zip(axes, MEASURE_LABELS.items()):
-        for summary in summaries:
-            group = "dead" if summary["windows"]["all"]["dead"]["tokens"] else "all"
-            series_ = summary["cooling"][group][measure]
-            ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
-                    label=f"{summary['experiment']} ({group}): {series_['verdict']}")
-        ax.set(title=f"{label}", ylabel="share", ylim=(-0.02, 1.02))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
-    axes[-1].set_xlabel("step")
-    fig.suptitle(f"series {name}: freezing of the dead tokens, per experiment")
+    """Per measure (rows) and group (columns: dead and live tokens, or all tokens where none is dead),
+    each experiment's windowed frozen share, labelled with its update rule and verdict."""
+    groups = ["dead", "live"] if any(s["windows"]["all"]["dead"]["tokens"] for s in summaries) else ["all"]
+    fig, axes = plt.subplots(len(MEASURE_LABELS), len(groups), figsize=(7 * len(groups), 9), sharex=True,
+                             squeeze=False)
+    for row, (measure, label) in enumerate(MEASURE_LABELS.items()):
+        for column, group in enumerate(groups):
+            ax = axes[row, column]
+            for summary in summaries:
+                series_ = summary["cooling"][group][measure]
+                ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
+                        label=f"{experiment_label(summary)}: {series_['verdict']}")
+            ax.set(title=f"{group} tokens: {label}", ylabel="share", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle(f"series {name}: frozen shares per experiment")
     _save(fig, path)
+
+
+def lattice_position_summary(experiment: str, update_rule: str, table: pd.DataFrame) -> list[dict]:
+    """One row per group of an experiment's lattice_positions.csv: frozen elements at the last step and
+    the share of them at exactly ±2^k (in all, and by k), at the last step and over the last half."""
+    last, last_half = table.iloc[-1], table[table["step"] > table["step"].iloc[-1] / 2]
+    rows = []
+    for group in ("dead", "live", "all"):
+        if f"{group}_frozen_elements" not in table:
+            continue
+        row = {"experiment": experiment, "update_rule": update_rule, "group": group, "step": int(last["step"]),
+               "frozen_elements": int(last[f"{group}_frozen_elements"]),
+               "at_power_of_two_share": last[f"{group}_at_power_of_two_share"],
+               "at_power_of_two_share_last_half_mean": last_half[f"{group}_at_power_of_two_share"].mean()}
+        prefix = f"{group}_at_2^"
+        row.update({column[len(group) + 1:]: last[column] for column in table.columns if column.startswith(prefix)})
+        rows.append(row)
+    return rows
 
 
 HTML_STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse;margin:8px 0}"
@@ -248,7 +289,8 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
     variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"])
-    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"])
+    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
+                 summary.get("update_rule", "bf16"))
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
     if summary_page:
         _write_text(summary_page, summary_html(summary))
@@ -261,8 +303,10 @@ def _write_text(path: str, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None) -> None:
-    """The series figure and a table of each experiment's verdict and the numbers behind it."""
+def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None,
+                   lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
+    """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
+    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
     from thimble.freeze import write_csv
 
     summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
@@ -273,7 +317,8 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
             last_half = summary["windows"]["last_half"][group]
             for measure, series_ in measures.items():
                 fit = series_["trend_last_half"]
-                rows.append({"experiment": summary["experiment"], "group": group, "measure": measure,
+                rows.append({"experiment": summary["experiment"],
+                             "update_rule": summary.get("update_rule", "bf16"), "group": group, "measure": measure,
                              "steps": summary["steps"], "delta_w_exact": summary["delta_w_exact"],
                              "share_last_half": last_half[{"global_freeze": "global_freeze_share",
                                                            "token_frozen": "token_frozen_share",
@@ -283,8 +328,18 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
                              "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
                              "verdict": series_["verdict"]})
     write_csv(table, rows)
+    lattice_rows = []
+    if lattice_table:
+        for summary, path in zip(summaries, lattice_paths, strict=True):
+            lattice_rows += lattice_position_summary(summary["experiment"], summary.get("update_rule", "bf16"),
+                                                     pd.read_csv(path))
+        write_csv(lattice_table, lattice_rows)
     if page:
         _write_text(page, _html_page(f"series {name}: verdicts", [
             "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
             "with a 95% CI, and the verdict (rule: docs/outputs.md).</p>",
-            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]))
+            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+            *(["<p>Frozen elements sitting exactly at ±2^k, per experiment and group: at the last step, and the "
+               "share at a power of two averaged over the last half (lattice_positions.csv).</p>",
+               pd.DataFrame(lattice_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]
+              if lattice_rows else [])]))

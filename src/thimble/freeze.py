@@ -401,24 +401,27 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
 
 # -- file I/O edge -------------------------------------------------------------------------------
 
-def recorded_bf16_rows(handle, name: str, block_rows: int):
+def recorded_bf16_rows(handle, name: str, block_rows: int, float32_too: bool = False):
     """(first step, rows) blocks of a recorded tensor's bf16 bit patterns, decoded chunk by chunk.
 
     A float16 recording (the seed's storage) is read back as bf16, as every stage reads it.
+    With ``float32_too`` a float32 tensor (optimizer state under fp32_master) comes back as its uint32 bits.
     """
     from thimble.bf16 import bfloat16_bits_from_float16_bits
     from thimble.rechunk import time_chunks
     from thimble.record import has_shuffle_zstd, open_chunk, stored_rows
 
     dataset = handle[name]
-    if dataset.id.get_type().get_size() != 2 or not has_shuffle_zstd(dataset):
+    element_bytes = dataset.id.get_type().get_size()
+    if element_bytes not in ((2, 4) if float32_too else (2,)) or not has_shuffle_zstd(dataset):
         raise ValueError(f"{handle.filename}: {name} is not a shuffle+zstd 2-byte dataset; rechunk it with "
                          "thimble rechunk")
     n_steps, *row_shape = dataset.shape
     from_float16 = handle.attrs.get("storage_dtype") == "float16"
     for start, stop in time_chunks(n_steps, dataset.chunks[0]):
         chunk = open_chunk(dataset, (start, 0, 0))
-        for offset, block in stored_rows(chunk, dataset.chunks[0], int(np.prod(row_shape)), stop - start, block_rows):
+        for offset, block in stored_rows(chunk, dataset.chunks[0], int(np.prod(row_shape)), stop - start, block_rows,
+                                         element_bytes):
             if from_float16:
                 block = bfloat16_bits_from_float16_bits(block)
             yield start + offset, block.reshape(-1, *row_shape)
@@ -480,8 +483,9 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
-        for start, block in recorded_bf16_rows(handle, "variance_W", block_rows):
-            token_mean[start: start + len(block)] = block.view(BFLOAT16).astype(np.float64).mean(axis=2)
+        for start, block in recorded_bf16_rows(handle, "variance_W", block_rows, float32_too=True):
+            values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
+            token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])
             changed[start: start + len(block)] = np.count_nonzero(block != before, axis=2)
             previous = block[-1].copy()
@@ -529,6 +533,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         losses = read_checked(handle["losses"])
         dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         exact = handle.attrs.get("storage_dtype") != "float16"
+        update_rule = str(handle.attrs.get("update_rule", "bf16"))
     if delta_path is not None:
         with open_h5(delta_path) as handle:
             exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
@@ -555,6 +560,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     series = cooling(columns, width, tolerance)
     summary = {
         "experiment": settings["name"],
+        "update_rule": update_rule,
         "steps": last_step,
         # false for a float16 recording: ΔW′ of its stored values, not of what training held
         "delta_w_exact": exact,

@@ -47,32 +47,35 @@ def time_chunks(n_rows: int, rows: int) -> list[tuple[int, int]]:
 
 
 def compress_shuffled(raw: np.ndarray, level: int, threads: int) -> list[bytes]:
-    """zstd(shuffle(raw)) for 2-byte elements, streamed in pieces (no shuffled copy of the chunk)."""
-    flat = raw.reshape(-1).view(np.uint16)
-    from thimble.record import zstd_compressor
+    """zstd(shuffle(raw)) for 2- or 4-byte elements, streamed in pieces (no shuffled copy of the chunk)."""
+    from thimble.record import BITS_DTYPES, zstd_compressor
 
-    compressor = zstd_compressor(level, threads).compressobj(size=flat.size * 2)
+    size = raw.dtype.itemsize
+    flat = raw.reshape(-1).view(BITS_DTYPES[size])
+    compressor = zstd_compressor(level, threads).compressobj(size=flat.size * size)
     piece = np.empty(min(SHUFFLE_PIECE, flat.size), dtype=np.uint8)
     pieces = []
-    for plane in ("low", "high"):  # HDF5's shuffle: every element's low byte, then every high byte
+    for plane in range(size):  # HDF5's shuffle: every element's lowest byte, then the next, ...
         for begin in range(0, flat.size, piece.size):
             part = flat[begin:begin + piece.size]
             out = piece[:part.size]
-            if plane == "low":
+            if plane == 0:
                 np.bitwise_and(part, 0xFF, out=out, casting="unsafe")
+            elif plane == size - 1:
+                np.right_shift(part, 8 * plane, out=out, casting="unsafe")
             else:
-                np.right_shift(part, 8, out=out, casting="unsafe")
+                np.bitwise_and(part >> (8 * plane), 0xFF, out=out, casting="unsafe")
             pieces.append(compressor.compress(out))
     pieces.append(compressor.flush())
     return pieces
 
 
-def hash_stored_chunk(reader, rows: int, row_elements: int, valid_rows: int, digest) -> None:
+def hash_stored_chunk(reader, rows: int, row_elements: int, valid_rows: int, digest, element_bytes: int = 2) -> None:
     """Decode a stored shuffle+zstd chunk (``reader``: ``record.open_chunk``) block by block and hash
     its first ``valid_rows`` rows in order, holding half a chunk at most."""
     from thimble.record import stored_rows
 
-    for _, block in stored_rows(reader, rows, row_elements, valid_rows, VERIFY_BLOCK_ROWS):
+    for _, block in stored_rows(reader, rows, row_elements, valid_rows, VERIFY_BLOCK_ROWS, element_bytes):
         digest.update(block.data)
 
 
@@ -87,16 +90,17 @@ def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
                    pool: ThreadPoolExecutor, progress: tqdm) -> str:
     """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record import open_chunk, read_stream_rows
+    from thimble.record import BITS_DTYPES, open_chunk, read_stream_rows
 
     name = source.name.lstrip("/")
     target = create_chunked(out, name, source, rows, level)
     row_elements = math.prod(source.shape[1:])
+    element_bytes = source.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
     copied, stored = hashlib.sha256(), hashlib.sha256()
     threads = pool._max_workers
     for start, stop in time_chunks(source.shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
-        chunk = np.zeros((rows, *source.shape[1:]), dtype=np.uint16)
+        chunk = np.zeros((rows, *source.shape[1:]), dtype=BITS_DTYPES[element_bytes])
         # `copied` hashes each row as it decodes from the stream's segments (a missing one is an error)
         read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=copied)
         pieces = compress_shuffled(chunk, level, threads)
@@ -106,8 +110,8 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
         del pieces
         # read the chunk back from the file and hash what it decodes to
         out.flush()
-        hash_stored_chunk(open_chunk(target, offset), rows, row_elements, stop - start, stored)
-        progress.update((stop - start) * row_elements * 2)
+        hash_stored_chunk(open_chunk(target, offset), rows, row_elements, stop - start, stored, element_bytes)
+        progress.update((stop - start) * row_elements * element_bytes)
     if stored.hexdigest() != copied.hexdigest():
         raise RechunkError(f"{name}: the rechunked bits differ from the source "
                            f"(sha256 {stored.hexdigest()} != {copied.hexdigest()})")
@@ -123,12 +127,14 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     name only when complete and verified.
     """
     from thimble.files import atomic_output
-    from thimble.record import CHUNK_CHECKSUM, TENSORS, create_checked_array, open_stream, read_checked
+    from thimble.record import CHUNK_CHECKSUM, create_checked_array, open_stream, read_checked, stream_tensors
 
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
         n_rows, vocab, hidden = stream["W"].shape
-        row_bytes = vocab * hidden * stream["W"].id.get_type().get_size()  # h5py shows bf16 as float32
+        tensors = stream_tensors(stream)
+        # the widest tensor sets the steps per chunk (h5py shows bf16 as float32: ask HDF5 for sizes)
+        row_bytes = vocab * hidden * max(stream[name].id.get_type().get_size() for name in tensors)
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
             raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
@@ -136,13 +142,14 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}
         with h5py.File(tmp, "w") as out, ThreadPoolExecutor(threads) as pool, \
-                tqdm(total=len(TENSORS) * n_rows * row_bytes, unit="B", unit_scale=True, desc="rechunk",
+                tqdm(total=n_rows * vocab * hidden * sum(stream[name].id.get_type().get_size() for name in tensors),
+                     unit="B", unit_scale=True, desc="rechunk",
                      mininterval=5) as progress:
-            for name in TENSORS:
+            for name in tensors:
                 checksums[name] = copy_rechunked(Path(stream_dir), stream[name], out, rows, level, pool, progress)
                 log.info("%s: verified, sha256 %s", name, checksums[name])
             for name in stream:
-                if name not in TENSORS:
+                if name not in tensors:
                     create_checked_array(out, name, read_checked(stream[name]))
             out.attrs.update(dict(stream.attrs))
             out.attrs["steps_per_chunk"] = rows

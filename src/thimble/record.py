@@ -46,16 +46,19 @@ import zstandard
 
 from thimble.bf16 import BFLOAT16, bfloat16_h5type, torch_to_bits, to_float16_counting
 from thimble.errors import DataError
-from thimble.sizes import TENSORS
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
+#: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
+TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
 ZSTD_FILTER = 32015
 STREAM_FILE = "stream.h5"
 STORAGE_DTYPES = ("bfloat16", "float16")
+#: the stored dtype of a tensor: record.dtype for bf16 tensors, float32 for float32 optimizer state
+TENSOR_DTYPES = ("bfloat16", "float16", "float32")
 #: the ``chunk_checksum`` attribute of every file written here: what guards its chunks
 CHUNK_CHECKSUM = "zstd-xxh64"
 #: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
@@ -67,12 +70,30 @@ def storage_h5type(storage: str) -> h5py.h5t.TypeID:
         return bfloat16_h5type()
     if storage == "float16":
         return h5py.h5t.IEEE_F16LE.copy()
-    raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
+    if storage == "float32":
+        return h5py.h5t.IEEE_F32LE.copy()
+    raise ValueError(f"unknown stored dtype {storage!r}; use one of {TENSOR_DTYPES}")
+
+
+#: the unsigned integer type that holds an element's bits, by element size
+BITS_DTYPES = {2: np.uint16, 4: np.uint32}
+
+
+def stream_tensors(handle: h5py.File) -> dict[str, str]:
+    """The recorded tensors of a stream or rechunked file, each with its stored dtype."""
+    import json
+
+    if "recorded_tensors" in handle.attrs:
+        return json.loads(handle.attrs["recorded_tensors"])
+    return dict.fromkeys(TENSORS, str(handle.attrs.get("storage_dtype", "bfloat16")))
 
 
 def shuffle_bytes(values: np.ndarray) -> np.ndarray:
-    """HDF5's shuffle filter for 2-byte elements: all low bytes, then all high bytes."""
-    flat = np.ascontiguousarray(values).reshape(-1).view(np.uint16)
+    """HDF5's shuffle filter: all first bytes of the elements, then all second bytes, and so on."""
+    values = np.ascontiguousarray(values)
+    if values.dtype.itemsize != 2:
+        return np.ascontiguousarray(values.reshape(-1).view(np.uint8).reshape(-1, values.dtype.itemsize).T).reshape(-1)
+    flat = values.reshape(-1).view(np.uint16)
     out = np.empty(flat.size * 2, dtype=np.uint8)
     # arithmetic, not strided byte copies: four times faster
     np.bitwise_and(flat, 0xFF, out=out[:flat.size], casting="unsafe")
@@ -81,7 +102,11 @@ def shuffle_bytes(values: np.ndarray) -> np.ndarray:
 
 
 def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
-    """Inverse of ``shuffle_bytes``: write the uint16 elements into ``out`` (any shape, contiguous)."""
+    """Inverse of ``shuffle_bytes``: write the elements into ``out`` (any shape, contiguous)."""
+    if out.dtype.itemsize != 2:
+        size = out.dtype.itemsize
+        out.reshape(-1).view(np.uint8).reshape(-1, size)[...] = shuffled.reshape(size, -1).T
+        return
     flat = out.reshape(-1)
     low, high = shuffled[:flat.size], shuffled[flat.size:]
     np.left_shift(high, 8, out=flat, dtype=np.uint16)
@@ -123,7 +148,7 @@ def decode_frame(raw: bytes, size: int, where: str = "a stored chunk") -> bytes:
 
 
 def decode_chunk(raw: bytes, out: np.ndarray, where: str = "a stored chunk") -> None:
-    """Decode one shuffle -> zstd chunk into ``out`` (uint16), verifying its checksum: what HDF5's
+    """Decode one shuffle -> zstd chunk into ``out`` (its element size), verifying its checksum: what HDF5's
     filter pipeline does, and what it leaves out (its zstd filter does not check the checksum)."""
     unshuffle_into(np.frombuffer(decode_frame(raw, out.nbytes, where), dtype=np.uint8), out)
 
@@ -143,8 +168,8 @@ _compressors = threading.local()
 
 def encode_chunk(values: np.ndarray, level: int) -> bytes:
     """One chunk as the filter pipeline shuffle -> zstd stores it."""
-    if values.dtype.itemsize != 2:
-        raise TypeError(f"expected 2-byte elements, got {values.dtype}")
+    if values.dtype.itemsize not in BITS_DTYPES:
+        raise TypeError(f"expected 2- or 4-byte elements, got {values.dtype}")
     # a compressor per thread and level: creating one per chunk costs a fifth of the throughput
     compressors = _compressors.__dict__.setdefault("by_level", {})
     if level not in compressors:
@@ -221,7 +246,7 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
     itemsize = dataset.id.get_type().get_size()
     dtype = BFLOAT16 if is_bfloat16(dataset) else dataset.dtype
     if dataset.is_virtual:  # a stream: decode from its segment files
-        out = np.empty((stop - start, *dataset.shape[1:]), dtype=np.uint16)
+        out = np.empty((stop - start, *dataset.shape[1:]), dtype=BITS_DTYPES[itemsize])
         with ThreadPoolExecutor(1) as pool:
             read_stream_rows(Path(dataset.file.filename).parent, dataset.name.lstrip("/"), start, stop, out, pool)
         return out.view(dtype)
@@ -307,17 +332,18 @@ def fsync_path(path: Path) -> None:
 class _Segment:
     """One open segment file, steps first..last, written under a .tmp name."""
 
-    def __init__(self, directory: Path, first: int, last: int, shape: tuple, storage: str, level: int):
+    def __init__(self, directory: Path, first: int, last: int, shape: tuple, tensors: dict[str, str], level: int):
         self.first, self.last = first, last
         self.final = directory / segment_name(first, last)
         self.tmp = self.final.with_suffix(".h5.tmp")
         self.file = h5py.File(self.tmp, "w")
         rows = last - first + 1
         self.datasets = {name: create_tensor_dataset(self.file, name, (rows, *shape), 1, storage, level)
-                         for name in TENSORS}
+                         for name, storage in tensors.items()}
         # written whole at close: one Fletcher32-guarded chunk
         self.losses = np.full(rows, np.nan, dtype=np.float32)
-        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage, chunk_checksum=CHUNK_CHECKSUM)
+        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=tensors["W"],
+                               recorded_tensors=tensors_attr(tensors), chunk_checksum=CHUNK_CHECKSUM)
         self.written = 0
 
     def write(self, step: int, chunks: dict[str, bytes], loss: float) -> None:
@@ -340,24 +366,37 @@ class _Segment:
         return self.final
 
 
+def tensors_attr(tensors: dict[str, str]) -> str:
+    """The ``recorded_tensors`` attribute: which tensors a file holds and how each is stored."""
+    import json
+
+    return json.dumps(tensors)
+
+
 class StreamRecorder:
     """Absorbs steps from the training loop and writes them in the background.
 
-    ``record`` hands over CPU copies of the four tensors; it blocks only when
+    ``tensors`` names the recorded tensors and their stored dtypes (default: the bf16 rule's four,
+    stored as ``storage``). ``record`` hands over CPU copies of them; it blocks only when
     ``queue_steps`` steps are already waiting, which bounds memory whatever T
     is. ``checkpoint`` closes the current segment and then calls ``on_durable``
     (in the writer thread) once everything up to that step is on disk.
     """
 
     def __init__(self, directory: str | Path, shape: tuple[int, int], last_step: int, storage: str = "bfloat16",
-                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2):
+                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2,
+                 tensors: dict[str, str] | None = None):
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
+        self.tensors = dict(tensors) if tensors is not None else dict.fromkeys(TENSORS, storage)
+        for name, dtype in self.tensors.items():
+            if dtype not in TENSOR_DTYPES:
+                raise ValueError(f"unknown stored dtype {dtype!r} for {name}; use one of {TENSOR_DTYPES}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.shape, self.last_step, self.storage = tuple(shape), last_step, storage
         self.segment_steps, self.level = segment_steps, level
-        self.float16_altered = dict.fromkeys(TENSORS, 0)
+        self.float16_altered = dict.fromkeys(self.tensors, 0)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_steps)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="thimble-compress")
         # fsync, rename and checkpoints run in order on their own thread, so that compression
@@ -417,10 +456,16 @@ class StreamRecorder:
                 continue
 
     # -- writer thread ---------------------------------------------------------
-    def _encode(self, tensor: torch.Tensor) -> tuple[bytes, int]:
+    def _encode(self, tensor: torch.Tensor, storage: str) -> tuple[bytes, int]:
         """(compressed chunk, number of values the storage dtype altered)."""
-        if self.storage == "bfloat16":
+        if storage == "bfloat16":
             return encode_chunk(torch_to_bits(tensor), self.level), 0
+        if storage == "float32":
+            import torch
+
+            if tensor.dtype != torch.float32:
+                raise TypeError(f"float32 storage got a {tensor.dtype} tensor")
+            return encode_chunk(tensor.contiguous().numpy(), self.level), 0
         values, altered = to_float16_counting(tensor)
         return encode_chunk(values, self.level), altered
 
@@ -433,7 +478,8 @@ class StreamRecorder:
                     break
                 if item[0] == "step":
                     _, step, tensors, loss = item
-                    futures = {name: self._pool.submit(self._encode, tensors[name]) for name in TENSORS}
+                    futures = {name: self._pool.submit(self._encode, tensors[name], storage)
+                               for name, storage in self.tensors.items()}
                     pending.append((step, futures, loss))
                     self._drain(pending, keep=2)
                 else:
@@ -455,7 +501,7 @@ class StreamRecorder:
                 self.float16_altered[name] += altered
             if self._segment is None:
                 first, last = self.segment_bounds(step)
-                self._segment = _Segment(self.directory, first, last, self.shape, self.storage, self.level)
+                self._segment = _Segment(self.directory, first, last, self.shape, self.tensors, self.level)
             self._segment.write(step, chunks, loss)
             if step == self._segment.last:
                 self._segment.close()
@@ -472,26 +518,27 @@ class StreamRecorder:
 
 
 def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: int, storage: str,
-                      masks: dict[str, np.ndarray], attrs: dict) -> Path:
+                      masks: dict[str, np.ndarray], attrs: dict, tensors: dict[str, str] | None = None) -> Path:
     """Write ``stream.h5``: virtual (T+1, V, D) datasets over the segments, losses, masks, attributes.
 
     Fails if the segments do not cover steps 0..last_step exactly.
     """
     directory = Path(directory)
+    tensors = dict(tensors) if tensors is not None else dict.fromkeys(TENSORS, storage)
     segments = covering_segments(directory, 0, last_step + 1)
     full = (last_step + 1, *shape)
     losses = np.empty(last_step + 1, dtype=np.float32)
     final = directory / STREAM_FILE
     tmp = final.with_suffix(".h5.tmp")
     with h5py.File(tmp, "w") as out:
-        for name in TENSORS:
+        for name, dtype in tensors.items():
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             virtual_space = h5py.h5s.create_simple(full)
             for first, last, path in segments:
                 rows = (last - first + 1, *shape)
                 virtual_space.select_hyperslab((first, 0, 0), rows)
                 dcpl.set_virtual(virtual_space, path.name.encode(), name.encode(), h5py.h5s.create_simple(rows))
-            h5py.h5d.create(out.id, name.encode(), storage_h5type(storage), virtual_space, dcpl=dcpl)
+            h5py.h5d.create(out.id, name.encode(), storage_h5type(dtype), virtual_space, dcpl=dcpl)
         for first, last, path in segments:
             with open_h5(path) as segment:
                 losses[first:last + 1] = read_checked(segment["losses"])
@@ -500,6 +547,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
             create_checked_array(out, key, values)
         out.attrs.update(attrs)
         out.attrs["storage_dtype"] = storage
+        out.attrs["recorded_tensors"] = tensors_attr(tensors)
         out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
         out.attrs["complete"] = True
     fsync_path(tmp)
@@ -518,7 +566,7 @@ def open_stream(directory: str | Path) -> h5py.File:
         if not handle.attrs.get("complete", False):
             raise DataError(f"{path} is not marked complete; delete {directory} and train again")
         # HDF5 reads a missing source of a virtual dataset as zeros: check every source first
-        for name in TENSORS:
+        for name in stream_tensors(handle):
             check_virtual_sources(handle[name], Path(directory))
     except BaseException:
         handle.close()
@@ -577,7 +625,7 @@ def read_checked(dataset: h5py.Dataset) -> np.ndarray:
 
 def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, out: np.ndarray,
                      pool: ThreadPoolExecutor, digest=None) -> None:
-    """Rows [start, stop) of a recorded tensor, as stored bits, into ``out`` (uint16).
+    """Rows [start, stop) of a recorded tensor, as stored bits, into ``out`` (uint16 or uint32).
 
     Reads the segments' compressed chunks and decodes them in ``pool``'s threads
     (HDF5 decodes one chunk at a time on one core), each verified against its
@@ -713,36 +761,39 @@ class CheckedChunk:
             self.close()
 
 
-def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int):
-    """Decode a stored shuffle+zstd chunk of uint16 rows (``reader``: ``record.open_chunk``) in blocks
-    of rows, holding half a chunk.
+def stored_rows(reader, n_rows: int, row_elements: int, valid_rows: int, block_rows: int, element_bytes: int = 2):
+    """Decode a stored shuffle+zstd chunk of 2- or 4-byte rows (``reader``: ``record.open_chunk``) in
+    blocks of rows, as uint16 or uint32 bits, holding all but the last byte plane of the chunk.
 
-    The shuffled stream is every low byte, then every high byte: the low plane is
-    kept, then the high plane is read a block at a time and joined with it.
+    The shuffled stream is every element's first byte, then every second byte, and so on: the
+    lower planes are kept, then the top plane is read a block at a time and joined with them.
     """
     with reader:
-        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows)
+        yield from _stored_rows(reader, n_rows * row_elements, row_elements, valid_rows, block_rows, element_bytes)
 
 
-def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int):
-    low = np.empty(n_elements, dtype=np.uint8)
-    view = memoryview(low)
-    filled = 0
-    while filled < n_elements:
-        got = reader.readinto(view[filled:])
-        if got == 0:
+def _read_exactly(reader, target: memoryview) -> None:
+    got = 0
+    while got < len(target):
+        read = reader.readinto(target[got:])
+        if read == 0:
             raise DataError("a stored chunk ended early")
-        filled += got
-    high = np.empty(block_rows * row_elements, dtype=np.uint8)
+        got += read
+
+
+def _stored_rows(reader, n_elements: int, row_elements: int, valid_rows: int, block_rows: int,
+                 element_bytes: int = 2):
+    lower = np.empty((element_bytes - 1, n_elements), dtype=np.uint8)
+    _read_exactly(reader, memoryview(lower.reshape(-1)))
+    top = np.empty(block_rows * row_elements, dtype=np.uint8)
+    bits = BITS_DTYPES[element_bytes]
     for start in range(0, valid_rows, block_rows):
         rows = min(block_rows, valid_rows - start)
         size = rows * row_elements
-        target, got = memoryview(high)[:size], 0
-        while got < size:
-            read = reader.readinto(target[got:])
-            if read == 0:
-                raise DataError("a stored chunk ended early")
-            got += read
-        block = np.left_shift(high[:size], 8, dtype=np.uint16)
-        block |= low[start * row_elements: start * row_elements + size]
+        _read_exactly(reader, memoryview(top)[:size])
+        first = start * row_elements
+        block = np.left_shift(top[:size], 8 * (element_bytes - 1), dtype=bits)
+        block |= lower[0, first: first + size]
+        for plane in range(1, element_bytes - 1):
+            block |= np.left_shift(lower[plane, first: first + size], 8 * plane, dtype=bits)
         yield start, block.reshape(rows, row_elements)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_steps, stays_from_ratio,
-                           update_ratio)
+from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_rule_step, replay_steps,
+                           stays_from_ratio, update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 
 log = logging.getLogger(__name__)
@@ -115,12 +115,17 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     """Replay every step of a recorded stream; write the per-step table, the update-ratio histograms
     and a summary."""
     from thimble.files import atomic_output
-    from thimble.record import TENSORS, open_stream, read_stream_rows
+    from thimble.record import TENSORS, open_stream, read_stream_rows, stream_tensors
 
     torch.set_num_threads(threads)
     with open_stream(stream_dir) as stream:
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in stream.attrs.items()}
         shape = stream["W"].shape
+        tensors = stream_tensors(stream)
+    rule = str(attrs.get("update_rule", "bf16"))
+    if rule != "bf16":
+        return replay_other_rule(stream_dir, attrs, tensors, shape, output_csv, output_json, ratio_csv, device,
+                                 threads)
     storage = attrs.get("storage_dtype")
     if storage == "float16":
         log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
@@ -198,6 +203,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     same_device = torch.device(recorded_device).type == target.type
     summary = {
         "steps": last,
+        "update_rule": "bf16",
         "storage_dtype": storage,
         "replayed_on": replay_env,
         "recorded_on": recorded_env,
@@ -242,3 +248,111 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
              "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
     return summary
+
+
+#: replay.csv's columns for a rule other than bf16, beside one ``<tensor>_mismatches`` column per recorded tensor
+OTHER_RULE_COLUMNS = ("step", "observed_frozen", "elements")
+
+
+def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], shape: tuple, output_csv: str,
+                      output_json: str, ratio_csv: str, device: str, threads: int) -> dict:
+    """Replay a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
+    through the rule's own ``step()``, comparing every recorded tensor bit for bit.
+
+    The freeze criterion and the update-ratio histograms are the bf16 rule's (round to nearest from the
+    addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
+    """
+    from thimble.files import atomic_output
+    from thimble.record import BITS_DTYPES, read_stream_rows
+    from thimble.update_rules import ELEMENT_BYTES
+
+    rule = str(attrs["update_rule"])
+    hyper = hyperparameters(attrs)
+    implementation, seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
+    recorded_device = str(attrs.get("device", "cpu"))
+    target = replay_device(device, recorded_device)
+    last, elements = shape[0] - 1, int(np.prod(shape[1:]))
+    torch_dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    state_names = [name for name in tensors if name != "grad_W"]
+    rows = []
+
+    def load(pool, name: str, start: int, stop: int) -> torch.Tensor:
+        out = np.empty((stop - start, *shape[1:]), dtype=BITS_DTYPES[ELEMENT_BYTES[tensors[name]]])
+        read_stream_rows(stream_dir, name, start, stop, out, pool)
+        signed = {2: np.int16, 4: np.int32}[out.dtype.itemsize]  # torch has no uint16/uint32 views to cast
+        return torch.from_numpy(out.view(signed)).view(torch_dtypes[tensors[name]])
+
+    with ThreadPoolExecutor(threads) as pool, tqdm(total=last, desc=f"replay ({rule})", unit="step",
+                                                   mininterval=5) as bar:
+        for first in range(1, last + 1, BLOCK_STEPS):
+            stop = min(first + BLOCK_STEPS, last + 1)
+            recorded = {name: load(pool, name, first - 1, stop) for name in state_names}
+            grads = load(pool, "grad_W", first, stop)
+            for index, step in enumerate(range(first, stop)):
+                before = {name: values[index].to(target) for name, values in recorded.items()}
+                after = replay_rule_step(rule, before, grads[index].to(target), step, hyper, implementation, seed)
+                row = {"step": step}
+                for name in state_names:
+                    expected = recorded[name][index + 1]
+                    got = after[name].cpu()
+                    row[f"{name}_mismatches"] = int((got.view(_int_view(got)) != expected.view(_int_view(expected)))
+                                                    .sum())
+                w_bits = recorded["W"][index: index + 2].view(torch.int16).numpy().view(np.uint16)
+                row["observed_frozen"] = int(same_lattice_point(w_bits[1], w_bits[0]).sum())
+                row["elements"] = elements
+                rows.append(row)
+            bar.update(stop - first)
+
+    mismatch_columns = [f"{name}_mismatches" for name in state_names]
+    totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
+    replay_env = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                  "torch_version": str(torch.__version__), "optimizer_impl": implementation}
+    recorded_env = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
+    recorded_env["optimizer_impl"] = implementation
+    same_device = torch.device(recorded_device).type == target.type
+    summary = {
+        "steps": last,
+        "update_rule": rule,
+        "storage_dtype": attrs.get("storage_dtype"),
+        "recorded_tensors": tensors,
+        "replayed_on": replay_env,
+        "recorded_on": recorded_env,
+        "same_device": same_device,
+        "same_kernel": same_device and replay_env["torch_version"] == recorded_env["torch_version"] and (
+            target.type != "cpu" or replay_env["cpu_capability"] == recorded_env["cpu_capability"]),
+        "total_mismatches": totals,
+        "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
+        "bitwise_match": not any(totals.values()),
+        "freeze_criterion": {
+            "applies": False,
+            "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under {rule} "
+                   "the weight is rounded another way, so only the replay's bits are compared",
+        },
+    }
+    if rule == "stochastic_rounding":
+        summary["random_bits"] = ("torch's generator is seeded from (training.seed, t) before step t "
+                                  "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
+                                  "training's bits")
+    if not same_device:
+        summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
+                           "mismatches are expected where the kernels round differently")
+    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]])
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
+        csv.writer(handle).writerow(["step", *RATIO_COLUMNS])
+    with atomic_output(output_json) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    if summary["bitwise_match"]:
+        log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
+                 target, last)
+    else:
+        log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", rule, totals,
+                    summary["steps_with_mismatches"])
+    return summary
+
+
+def _int_view(tensor: torch.Tensor) -> torch.dtype:
+    """The integer dtype of ``tensor``'s width: compare bits, not values (NaNs, ±0)."""
+    return {2: torch.int16, 4: torch.int32}[tensor.element_size()]

@@ -162,6 +162,25 @@ class Run:
         return self._tensor("variance_W")
 
     @property
+    def update_rule(self) -> str:
+        """training.update_rule of the run (docs/update_rules.md)."""
+        return str(self._recording().attrs.get("update_rule", "bf16"))
+
+    @property
+    def recorded_tensors(self) -> dict[str, str]:
+        """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
+        from thimble.record import stream_tensors
+
+        return stream_tensors(self._recording())
+
+    def tensor(self, name: str) -> StepSeries:
+        """Any recorded tensor by name, e.g. ``master_W`` (fp32_master) or ``kahan_compensation_W`` (kahan)."""
+        if name not in self.recorded_tensors:
+            raise KeyError(f"{name!r} is not recorded under update rule {self.update_rule}; recorded: "
+                           f"{', '.join(self.recorded_tensors)}")
+        return self._tensor(name)
+
+    @property
     def losses(self) -> torch.Tensor:
         """Training loss per step, float32 (NaN at t = 0)."""
         import torch

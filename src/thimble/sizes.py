@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 
 from thimble.errors import ThimbleError
+from thimble.update_rules import step_bytes as recorded_step_bytes, widest_element_bytes
 
-#: the recorded per-step tensors, each (V, D) per step
-TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
-#: bytes of one stored element of W, grad_W, momentum_W, variance_W
+#: bytes of one stored element of W, grad_W, momentum_W, variance_W under the bf16 rule
 STORED_ELEMENT_BYTES = 2
 #: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
@@ -36,9 +35,11 @@ def step_flops(settings: dict) -> float:
     return 6.0 * tokens * n_parameters(model) + tokens * attention
 
 
-def row_bytes(model: dict) -> int:
-    """Stored bytes of one step of one recorded tensor (V x D elements)."""
-    return model["vocab_size"] * model["hidden_dim"] * STORED_ELEMENT_BYTES
+def row_bytes(settings: dict) -> int:
+    """Stored bytes of one step of the widest recorded tensor (V x D elements): what sizes a chunk."""
+    model = settings["model"]
+    element = widest_element_bytes(settings["training"].get("update_rule", "bf16"), settings["record"]["dtype"])
+    return model["vocab_size"] * model["hidden_dim"] * element
 
 
 def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:
@@ -61,7 +62,7 @@ def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_b
 def chunk_rows(settings: dict) -> int:
     """Steps per chunk of the experiment's recording.h5 (and ΔW′)."""
     rechunk = settings["rechunk"]
-    return steps_per_chunk(settings["training"]["steps"] + 1, row_bytes(settings["model"]),
+    return steps_per_chunk(settings["training"]["steps"] + 1, row_bytes(settings),
                            rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"])
 
 
@@ -70,7 +71,7 @@ def training_footprint(settings: dict, n_tokens: int) -> dict:
     model, training, record = settings["model"], settings["training"], settings["record"]
     vocab, steps = model["vocab_size"], training["steps"]
     tokens_per_batch = training["batch_size"] * model["max_seq_len"]
-    step_bytes = len(TENSORS) * row_bytes(model)
+    step_bytes = recorded_step_bytes(training.get("update_rule", "bf16"), record["dtype"], vocab, model["hidden_dim"])
     return {
         "stream_bytes_uncompressed": (steps + 1) * step_bytes,
         # bf16 weights and AdamW's two bf16 moments

@@ -50,12 +50,13 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from thimble.adamw import build_adamw, resolve_implementation
+from thimble.adamw import UpdateRule, build_update_rule
 from thimble.config import settings_hash, trajectory_settings
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
-from thimble.sizes import training_footprint
 from thimble.record import StreamRecorder, list_segments, write_stream_file
+from thimble.sizes import training_footprint
+from thimble.update_rules import recorded_tensors
 from thimble.tokenizer import load_token_ids
 
 log = logging.getLogger(__name__)
@@ -182,10 +183,19 @@ def build_model(model_settings: dict, device: torch.device):
     return model.to(torch.bfloat16).to(device)
 
 
-def build_optimizer(model, training: dict, implementation: str) -> torch.optim.AdamW:
+def build_optimizer(model, training: dict, device: torch.device) -> UpdateRule:
+    """The optimizer of ``training.update_rule`` over the model's parameters, the embedding first.
+
+    The recorded parameter must come first: under stochastic rounding it draws the step's
+    random bits first, which is what lets the replay draw them again.
+    """
     hyper = {"lr": training["learning_rate"], "betas": (training["adam_beta1"], training["adam_beta2"]),
              "eps": training["adam_epsilon"], "weight_decay": training["weight_decay"]}
-    return build_adamw(model.parameters(), hyper, implementation)
+    params = list(model.parameters())
+    if params[0] is not model.transformer.wte.weight:
+        raise TrainingError("the token embedding is not the model's first parameter; the recording needs it first")
+    return build_update_rule(training["update_rule"], params, hyper, training["optimizer_impl"], device,
+                             training["seed"])
 
 
 def git_commit() -> str:
@@ -466,27 +476,27 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
                         num_workers=0)
     model = build_model(model_settings, device)
     # explicit, so that the recording names the kernels that produced it (the replay rebuilds them)
-    implementation = resolve_implementation(training["optimizer_impl"], device)
-    optimizer = build_optimizer(model, training, implementation)
+    optimizer = build_optimizer(model, training, device)
+    implementation = optimizer.implementation
     batches = BatchStream(loader, generator)
     wte = model.transformer.wte.weight
 
     resume = load_resume_state(partial_dir, key)
-    recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"],
+    tensors = recorded_tensors(training["update_rule"], record["dtype"])
+    recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"], tensors=tensors,
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
                               level=record["compression_level"], threads=max(1, threads))
     log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; %s",
              math_threads, max(1, threads), determinism)
     if resume is None:
         start = 0
-        zeros = torch.zeros((vocab, hidden), dtype=torch.bfloat16)
-        recorder.record(0, {"W": wte.detach().to("cpu", copy=True), "grad_W": zeros, "momentum_W": zeros,
-                            "variance_W": zeros}, float("nan"))
+        recorder.record(0, {"W": wte.detach().to("cpu", copy=True), **initial_state(tensors, wte)}, float("nan"))
         if recorder.is_segment_end(0):
             recorder.checkpoint(0, lambda s, snap=snapshot(0, model, optimizer, batches, key):
                                 save_checkpoint(partial_dir, snap))
-        log.info("recording %s: steps 0..%d, %d x %d, stored as %s, on %s", settings["name"], steps, vocab,
-                 hidden, record["dtype"], device)
+        log.info("recording %s: steps 0..%d, %d x %d, update rule %s (%s), tensors %s, on %s", settings["name"],
+                 steps, vocab, hidden, training["update_rule"], implementation,
+                 ", ".join(f"{name} as {dtype}" for name, dtype in tensors.items()), device)
     else:
         start = resume["step"]
         model.load_state_dict(resume["model"])
@@ -508,16 +518,11 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
             loss = model(input_ids=input_ids, labels=labels).loss
             loss.backward()
             grad = wte.grad.detach().to("cpu", copy=True)
-            optimizer.step()
+            optimizer.step(step)
             optimizer.zero_grad()
             loss_value = loss.item()  # once: on a GPU each .item() waits for the device
-            state = optimizer.state[wte]
-            recorder.record(step, {
-                "W": wte.detach().to("cpu", copy=True),
-                "grad_W": grad,
-                "momentum_W": state["exp_avg"].to("cpu", copy=True),
-                "variance_W": state["exp_avg_sq"].to("cpu", copy=True),
-            }, loss_value)
+            recorder.record(step, {"W": wte.detach().to("cpu", copy=True), "grad_W": grad,
+                                   **optimizer.recorded_state(wte)}, loss_value)
             if recorder.is_segment_end(step):
                 recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, key):
                                     save_checkpoint(partial_dir, snap))
@@ -538,7 +543,7 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
     attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, max(1, threads)), **determinism,
-             "optimizer_impl": implementation}
+             "optimizer_impl": implementation, "update_rule": training["update_rule"]}
     attrs["resume_key"] = json.dumps(key, sort_keys=True)
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
@@ -548,10 +553,20 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     attrs["n_dead"] = int(masks["dead_mask"].sum())
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
                    "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
-    write_stream_file(partial_dir, (vocab, hidden), steps, record["dtype"], mask_arrays, attrs)
+    write_stream_file(partial_dir, (vocab, hidden), steps, record["dtype"], mask_arrays, attrs, tensors)
     (partial_dir / CHECKPOINT).unlink()
     os.replace(partial_dir, output_dir)
     log.info("recorded stream -> %s", output_dir)
+
+
+def initial_state(tensors: dict[str, str], wte: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What step 0 records beside W: no gradient and empty optimizer state (zeros), and under
+    fp32_master the float32 master W starts from (W widened, exactly)."""
+    state = {name: torch.zeros(wte.shape, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+             for name, dtype in tensors.items() if name != "W"}
+    if "master_W" in state:
+        state["master_W"] = wte.detach().to("cpu", torch.float32, copy=True)
+    return state
 
 
 def snapshot(step: int, model, optimizer, batches: BatchStream, key: dict) -> dict:

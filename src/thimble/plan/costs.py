@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from thimble.sizes import STORED_ELEMENT_BYTES, chunk_rows, training_footprint
+from thimble.sizes import chunk_rows, row_bytes, training_footprint
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
@@ -41,7 +41,7 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
     per_token_step = (steps + 1) * model["vocab_size"]
 
     def chunk() -> int:
-        return chunk_rows(settings) * row_elements * STORED_ELEMENT_BYTES
+        return chunk_rows(settings) * row_bytes(settings)
 
     formulas = {
         "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
