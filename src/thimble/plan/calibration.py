@@ -60,11 +60,13 @@ def probed_settings(record: dict) -> dict:
 
     A probe made before ``training.math_threads`` existed lacks it in its settings; its torch ran on the
     threads it recorded as ``torch_threads``, so that is its value. One made before
-    ``training.optimizer_impl`` existed built torch's default AdamW, which is what ``auto`` names.
+    ``training.optimizer_impl`` existed built torch's default AdamW, which is what ``auto`` names; one
+    made before ``training.update_rule`` existed trained with plain bf16 AdamW, the rule ``bf16``.
     """
     settings = copy.deepcopy(record["probe_settings"])
     settings["training"].setdefault("math_threads", int(record["torch_threads"]))
     settings["training"].setdefault("optimizer_impl", "auto")
+    settings["training"].setdefault("update_rule", "bf16")
     return settings
 
 
