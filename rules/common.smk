@@ -101,21 +101,20 @@ def calibration_of(experiment):
 def stage_mem_mb(experiment, stage, attempt=1):
     """Memory to ask for: the predicted peak of `thimble plan` (measured baseline + the run's arrays),
     with half again as margin, times the attempt."""
-    from thimble.plan import peak_ram_bytes
+    from thimble.plan import job_mem_mb, peak_ram_bytes
 
-    peak = peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record)[stage]
-    return int(peak * 1.5 / 1e6 * attempt) + 1
+    return job_mem_mb(peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record)[stage], attempt)
 
 
 def train_runtime_min(experiment):
-    """Minutes to ask a scheduler for training: the measured GPU step rate if probed and the job asks for a
-    GPU, else the CPU one, doubled."""
-    from thimble.plan import training_seconds
+    """Minutes (Snakemake's unit for runtime) to ask a scheduler for training: the measured GPU step rate if
+    probed and the job asks for a GPU, else the CPU one, doubled."""
+    from thimble.plan import job_runtime_min, training_seconds
 
     for device_kind in ("cuda", "cpu") if train_gpus(experiment) else ("cpu",):
         timed = training_seconds(CFG["experiments"][experiment], device_kind, Path("."))
         if timed is not None:
-            return max(10, int(2 * timed[0] / 60) + 1)
+            return job_runtime_min(timed[0])
     calibration_of(experiment)  # raises, saying what to do
 
 

@@ -12,40 +12,43 @@ import pytest
 from conftest import REPO, run_snakemake, write_offline_config
 from thimble import plan
 from thimble.config import load_config
+from thimble.outputs import EXPERIMENT_FILES
+from thimble.plan import calibration, costs, measure
+from thimble.sizes import step_flops
 
 
 def test_size_models_scale_with_steps():
-    assert plan.predict_size({"kind": "constant", "bytes": 123}, 1000, 10) == 123
+    assert costs.predict_size({"kind": "constant", "bytes": 123}, 1000, 10) == 123
     per_step = {"kind": "per_step", "fixed": 100, "per_row": 10.0, "row_offset": 1}
-    assert plan.predict_size(per_step, 59, 10) == 100 + 10 * 60
+    assert costs.predict_size(per_step, 59, 10) == 100 + 10 * 60
     # 61 steps in segments of 20: 4 segment files and stream.h5
     stream = {"kind": "stream", "per_row": 1000.0, "per_file": 50.0}
-    assert plan.predict_size(stream, 60, 20) == 61 * 1000 + 5 * 50
+    assert costs.predict_size(stream, 60, 20) == 61 * 1000 + 5 * 50
     flat = {"kind": "decaying", "fixed": 7, "probe_stored": 240, "probe_steps": 24, "exponent": 0.0}
-    assert plan.predict_size(flat, 60, 20) == 7 + 600  # no decay: the probe's rate per step
+    assert costs.predict_size(flat, 60, 20) == 7 + 600  # no decay: the probe's rate per step
     decaying = dict(flat, exponent=-0.5)
-    assert plan.predict_size(decaying, 60, 20) < 7 + 600
-    assert plan.predict_size({"kind": "not_predicted"}, 60, 20) is None
+    assert costs.predict_size(decaying, 60, 20) < 7 + 600
+    assert costs.predict_size({"kind": "not_predicted"}, 60, 20) is None
 
 
 def test_power_sum_and_decay_exponent():
-    assert plan.power_sum(4, 0.0) == 4
-    assert plan.power_sum(3, 1.0) == 6
+    assert costs.power_sum(4, 0.0) == 4
+    assert costs.power_sum(3, 1.0) == 6
     steps = np.arange(1, 40, dtype=float)
-    assert plan.decay_exponent(steps, 5000 * steps ** -0.3) == pytest.approx(-0.3)
-    assert plan.decay_exponent(steps, 5000 * steps ** 0.2) == 0.0  # growth is not extrapolated
-    assert plan.decay_exponent(np.array([1.0]), np.array([10.0])) == 0.0
+    assert measure.decay_exponent(steps, 5000 * steps ** -0.3) == pytest.approx(-0.3)
+    assert measure.decay_exponent(steps, 5000 * steps ** 0.2) == 0.0  # growth is not extrapolated
+    assert measure.decay_exponent(np.array([1.0]), np.array([10.0])) == 0.0
 
 
 def test_csv_model_tells_per_step_tables_from_fixed_ones(tmp_path):
     per_step = tmp_path / "per_step.csv"
     per_step.write_text("step,value\n" + "".join(f"{t},{t * 2}\n" for t in range(1, 11)))
-    model = plan.measure_file(per_step, 10)
+    model = measure.measure_file(per_step, 10)
     assert model["kind"] == "per_step" and model["row_offset"] == 0
-    assert plan.predict_size(model, 10, 5) == per_step.stat().st_size
+    assert costs.predict_size(model, 10, 5) == per_step.stat().st_size
     per_token = tmp_path / "tokens.csv"
     per_token.write_text("token,value\n" + "".join(f"{t},1\n" for t in range(384)))
-    assert plan.measure_file(per_token, 10) == {"kind": "constant", "bytes": per_token.stat().st_size,
+    assert measure.measure_file(per_token, 10) == {"kind": "constant", "bytes": per_token.stat().st_size,
                                                 "probe_bytes": per_token.stat().st_size}
 
 
@@ -55,11 +58,11 @@ def test_step_time_from_another_shape_is_scaled_by_flops(tmp_path):
     calibrations = tmp_path / plan.CALIBRATION_DIR
     calibrations.mkdir(parents=True)
     record = {"format": plan.CALIBRATION_FORMAT, "device_kind": "cuda", "probed_as": "thimble_7",
-              "step_flops": plan.step_flops(big), "first_step_seconds": 2.0, "seconds_per_step": 0.5,
+              "step_flops": step_flops(big), "first_step_seconds": 2.0, "seconds_per_step": 0.5,
               "device_name": "a GPU", "host": "h"}
     (calibrations / "x-cuda.json").write_text(json.dumps(record))
     seconds, calibration = plan.training_seconds(mini, "cuda", tmp_path)
-    ratio = plan.step_flops(mini) / plan.step_flops(big)
+    ratio = step_flops(mini) / step_flops(big)
     assert seconds == pytest.approx((2.0 + 0.5 * (mini["training"]["steps"] - 1)) * ratio)
     assert "scaled by step FLOPs" in calibration.note and "thimble_7" in calibration.note
     same, _ = plan.training_seconds(big, "cuda", tmp_path)
@@ -89,6 +92,9 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
     first = thimble_plan(tmp_path, *MINI_TARGETS, "--json", str(tmp_path / "plan.json"))
     assert "probing thimble_mini on cpu" in first.stderr
+    # progress while probing: each stage of both probe lengths, as the workflow starts it
+    for stage in plan.STAGES:
+        assert f"probe thimble_mini (2/2: 24 steps on cpu): {stage}" in first.stderr, first.stderr
     assert not list((tmp_path / plan.CALIBRATION_DIR).glob(".probe-*")), "the probe's scratch is removed"
     predicted = json.loads((tmp_path / "plan.json").read_text())
     mini = predicted["experiments"]["thimble_mini"]
@@ -116,10 +122,14 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
         measured = int((peaks / f"{stage}.peak_rss").read_text())
         assert bytes_predicted == pytest.approx(measured, rel=0.2), (stage, bytes_predicted, measured)
     assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
+    # every stage after training has a time fitted to the two probe lengths, not an upper bound
+    assert set(mini["stage_seconds"]) == set(costs.AFTER_TRAINING)
+    assert not any(timed["upper_bound"] for timed in mini["stage_seconds"].values())
 
     again = thimble_plan(tmp_path, *MINI_TARGETS)
     assert "probing" not in again.stderr, "a cached probe is reused"
     assert "exists" in again.stdout and "to write: 0 B predicted" in again.stdout
+    assert ", cached (" in again.stdout
 
 
 def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatch, capsys):
@@ -127,9 +137,51 @@ def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatc
 
     write_offline_config(tmp_path)
     shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
-    monkeypatch.setattr(plan.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr("thimble.plan.target.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     status = cli.main(["plan", "--directory", str(tmp_path), "--probe-steps", "4", "results/thimble_mini/recording.h5"])
     out = capsys.readouterr().out
     assert status == 3
     assert "WARNING: the plan needs" in out and "only 1.00 kB are free" in out
     assert not (tmp_path / "results/thimble_mini").exists(), "planning runs nothing"
+
+
+def test_stage_time_is_fitted_to_two_probe_lengths():
+    # 2 s of start-up and 0.5 s per row (steps + 1): probes of 4 and 24 steps
+    fitted = costs.fit_stage_time((4, 2 + 0.5 * 5), (24, 2 + 0.5 * 25))
+    assert fitted == pytest.approx({"fixed": 2.0, "per_step": 0.5})
+    record = {"stages": {"rechunk": {"seconds": 10.0}}, "probe_steps": 9,
+              "stage_times": {"lattice": fitted}}
+    times = costs.stage_seconds(record, 99)
+    assert times["lattice"] == {"seconds": pytest.approx(2 + 0.5 * 100), "upper_bound": False}
+    # a probe of one length scales its whole time: an upper bound, and said to be one
+    assert times["rechunk"] == {"seconds": pytest.approx(10.0 * 100 / 10), "upper_bound": True}
+    assert costs.fit_stage_time((4, 3.0), (24, 2.5)) == {"fixed": 2.5, "per_step": 0.0}  # noise, not a negative rate
+
+
+def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
+    config = load_config(REPO / "config.yaml")
+    thimble_7 = config["experiments"]["thimble_7"]
+    shipped = calibration.SHIPPED_CALIBRATION_DIR / "thimble_7-cpu.json"
+    record = json.loads(shipped.read_text())
+    # the shipped probe ran torch on 2 math threads; thimble_7 trains on 1, which changes the step rate
+    assert record["torch_threads"] == 2 and thimble_7["training"]["math_threads"] == 1
+    assert calibration.own_calibration(thimble_7, "random", "cpu", tmp_path) is None
+    why = calibration.why_not_shipped(thimble_7, "random", "cpu")
+    assert "training.math_threads 2 there, 1 here" in why
+    # the same experiment on 2 math threads, any length, keeping or deleting its stream: the shipped probe
+    two_threads = json.loads(json.dumps(thimble_7))
+    two_threads["training"].update(math_threads=2, steps=100)
+    two_threads["rechunk"]["keep_stream"] = False
+    found = calibration.own_calibration(two_threads, "random", "cpu", tmp_path)
+    assert found is not None and found.path == shipped and found.shipped
+    assert calibration.own_calibration(two_threads, "dataset", "cpu", tmp_path) is None
+
+
+def test_experiment_files_are_what_the_rules_make(workdir):
+    from thimble.plan.target import snakemake_summary, stage_of_rule
+
+    rows = snakemake_summary(workdir, ["results/thimble_mini/figures/loss.png", "results/thimble_mini/replay.json"],
+                             REPO / "Snakefile")
+    made = {row["output_file"].removeprefix("results/thimble_mini/"): stage_of_rule(row["rule"])
+            for row in rows if row["output_file"].startswith("results/thimble_mini/")}
+    assert made == EXPERIMENT_FILES

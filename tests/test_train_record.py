@@ -231,3 +231,15 @@ def test_resume_state_of_other_settings_is_discarded(data, tmp_path):
     run_train(data, out, changed)
     with open_stream(out) as stream:
         assert stream.attrs["learning_rate"] == 2e-3
+
+
+def test_parameter_count_is_the_trained_models():
+    from thimble.sizes import n_parameters
+    from thimble.train import build_model
+
+    for model in ({"vocab_size": 384, "hidden_dim": 16, "max_seq_len": 32, "n_layers": 2, "n_heads": 2,
+                   "init_scale": 0.02},
+                  {"vocab_size": 1000, "hidden_dim": 64, "max_seq_len": 128, "n_layers": 3, "n_heads": 4,
+                   "init_scale": 0.02}):
+        built = build_model(model, torch.device("cpu"))
+        assert n_parameters(model) == sum(p.numel() for p in built.parameters())  # tied: wte counted once

@@ -16,6 +16,8 @@ import json
 import logging
 import sys
 
+from thimble.usage import PEAK_RSS_ENV, peak_rss_bytes, write_usage  # noqa: F401  (PEAK_RSS_ENV, peak_rss_bytes: their old home)
+
 
 def _settings(text: str) -> dict:
     from thimble.errors import ThimbleError
@@ -122,7 +124,7 @@ def _plan(args) -> int:
     workdir = Path(args.directory)
     config = load_config(workdir / args.configfile)
     plan = make_plan(config, args.targets, workdir, Path(args.snakefile or SNAKEFILE), args.probe_steps,
-                     args.probe_device, args.threads)
+                     args.probe_device, args.threads, args.reprobe)
     print(format_plan(plan))
     if args.json:
         with atomic_output(args.json) as tmp:
@@ -158,15 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_validate)
 
     p = sub.add_parser("plan", help="predict file sizes, peak RAM and training time of a target; check free disk",
-                       description="Probe each experiment of the targets for a few steps (cached in "
-                       "results/calibration/), then print per file its predicted size, per stage its peak RAM, "
-                       "and the training time on CPU and GPU. Exits 3 when the free disk cannot hold the plan.")
+                       description="Probe each experiment of the targets: run its stages through the workflow "
+                       "for a few steps (cached in results/calibration/; a probe shipped in workflow/calibration/ "
+                       "is used when its settings match), then print per file its predicted size, per stage its "
+                       "peak RAM and time, and the training time on CPU and GPU. Exits 3 when the free disk or "
+                       "this machine's memory cannot hold the plan.")
     p.add_argument("targets", nargs="*", help="snakemake targets (default: the workflow's `all`)")
     p.add_argument("--directory", default=".", help="the working directory snakemake runs in")
     p.add_argument("--configfile", default="config.yaml", help="relative to --directory")
     p.add_argument("--snakefile", help="default: the repository's Snakefile")
-    p.add_argument("--probe-steps", type=int, default=24,
-                   help="steps each probe trains (default 24; fewer for a quicker, coarser plan)")
+    p.add_argument("--probe-steps", type=int,
+                   help="steps the probe trains (default: any cached or shipped probe of the experiment's settings, "
+                   "else 24); a cached probe of fewer steps is made again; fewer for a quicker, coarser plan")
+    p.add_argument("--reprobe", action="store_true", help="probe again even when a cached or shipped probe fits")
     p.add_argument("--probe-device", action="append", default=[], metavar="DEVICE",
                    help="also probe on this device (e.g. cuda), to time training there")
     p.add_argument("--threads", type=int, default=2, help="threads of the probe's stages")
@@ -274,40 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: a directory: each stage writes its own peak RSS in bytes to <dir>/<stage>.peak_rss there
-#: (`thimble plan` sets it for its probes; set it on a real run to compare with the plan)
-PEAK_RSS_ENV = "THIMBLE_PEAK_RSS_DIR"
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started (exec'd).
-
-    Linux's VmHWM belongs to the process image alone; ``ru_maxrss`` would also
-    count the memory of the parent it was forked from. Elsewhere ru_maxrss is
-    the best there is (kB on Linux, bytes on macOS).
-    """
-    import resource
-
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 def main(argv: list[str] | None = None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
     finally:
-        if os.environ.get(PEAK_RSS_ENV):
-            with open(os.path.join(os.environ[PEAK_RSS_ENV], f"{args.command}.peak_rss"), "w") as handle:
-                handle.write(f"{peak_rss_bytes()}\n")
+        write_usage(args.command)  # for `thimble plan`'s probe, when THIMBLE_PEAK_RSS_DIR is set
 
 
 #: arguments naming files a command writes (for the disk-full message)

@@ -21,14 +21,12 @@ import jsonschema
 import yaml
 
 from thimble.errors import ThimbleError
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, STORED_ELEMENT_BYTES, steps_per_chunk
 from thimble.update_rules import rule_problems, widest_element_bytes
-from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 #: names that are directories of their own under results/, not experiments
 RESERVED_NAMES = {"data", "downloads", "series"}
-#: bytes of one stored element of W, grad_W, momentum_W, variance_W
-STORED_ELEMENT_BYTES = 2
 
 
 class ConfigError(ThimbleError, ValueError):

@@ -20,3 +20,7 @@ class DataError(ThimbleError):
 
 class DiskFullError(ThimbleError):
     """The disk filled up while a stage wrote a file."""
+
+
+class PlanError(ThimbleError):
+    """`thimble plan` cannot make the plan; the message says why and what to do."""

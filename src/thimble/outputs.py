@@ -1,7 +1,19 @@
-"""The names of an experiment's figures: declared once, for the rules, the CLI and the plan.
+"""The names of an experiment's outputs: declared once, for the rules, the CLI and the notebook API.
 
 Kept free of heavy imports: the Snakefile reads it while building the DAG.
 """
 
 #: figures/{name}.png of an experiment, each with a caption workflow/report/{name}.rst
 FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions")
+
+#: the files of an experiment under results/{experiment}/, each with the stage (rule) that writes it, for the
+#: notebook API's messages; the rules declare them, and tests/test_plan.py checks this list against
+#: what Snakemake says the rules make
+EXPERIMENT_FILES = {
+    "stream": "train", "recording.h5": "rechunk", "delta_w_lattice.h5": "lattice",
+    "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
+    "freeze.csv": "freeze", "freeze_cycles.csv": "freeze", "token_freeze.csv": "freeze",
+    "displacement_classes.csv": "freeze", "lattice_positions.csv": "freeze", "exp_avg_sq.csv": "freeze",
+    "token_displacement.h5": "freeze", "summary.json": "freeze", "summary.html": "figures",
+    **{f"figures/{name}.png": "figures" for name in FIGURES},
+}

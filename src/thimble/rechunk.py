@@ -28,11 +28,10 @@ from tqdm.auto import tqdm
 from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, WorkerPool, chunk_row_blocks, compress_shuffled,
                            time_chunks, write_chunk, zstd_dcpl)
 from thimble.errors import DataError
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk  # noqa: F401  (steps_per_chunk: its old home)
 
 log = logging.getLogger(__name__)
 
-#: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
-HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 #: rows decoded at a time when a written chunk is read back to verify it
 VERIFY_BLOCK_ROWS = 16
 
@@ -41,20 +40,6 @@ class RechunkError(DataError):
     """The rechunked file would not hold the same bits as its source."""
 
 
-def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:
-    """Rows (time steps) per chunk for a dataset of ``n_rows`` rows of ``row_bytes`` each.
-
-    ``setting`` is an explicit count (clamped to ``n_rows``: a chunk cannot
-    exceed a fixed-size dataset) or ``"auto"``: the fewest equal chunks whose
-    bytes stay within ``max_chunk_bytes``.
-    """
-    if setting == "auto":
-        rows_fit = max_chunk_bytes // row_bytes
-        if rows_fit < 1:
-            raise RechunkError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes")
-        n_chunks = math.ceil(n_rows / rows_fit)
-        return math.ceil(n_rows / n_chunks)
-    return min(int(setting), n_rows)
 
 
 def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:

@@ -263,7 +263,7 @@ class Run:
         return self.json("replay")
 
     def _existing(self, filename: str) -> Path:
-        from thimble.plan import EXPERIMENT_FILES
+        from thimble.outputs import EXPERIMENT_FILES
 
         path = self.directory / filename
         if path.exists():

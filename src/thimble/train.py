@@ -54,7 +54,8 @@ from thimble.adamw import UpdateRule, build_update_rule
 from thimble.config import settings_hash, trajectory_settings
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
-from thimble.record import TENSORS, StreamRecorder, list_segments, write_stream_file
+from thimble.record import StreamRecorder, list_segments, write_stream_file
+from thimble.sizes import training_footprint
 from thimble.update_rules import recorded_tensors
 from thimble.tokenizer import load_token_ids
 
@@ -265,27 +266,14 @@ def hyperparameter_attrs(settings: dict) -> dict:
     }
 
 
-def run_plan(settings: dict, n_tokens: int) -> dict:
-    """Predicted bytes on disk and peak RAM of the run (the seed's safety check)."""
-    model, training, record = settings["model"], settings["training"], settings["record"]
-    vocab, hidden, steps = model["vocab_size"], model["hidden_dim"], training["steps"]
-    tokens_per_batch = training["batch_size"] * model["max_seq_len"]
-    step_bytes = len(TENSORS) * vocab * hidden * 2
-    n_params = vocab * hidden + model["max_seq_len"] * hidden + model["n_layers"] * (12 * hidden**2 + 13 * hidden)
-    return {
-        "stream_bytes_uncompressed": (steps + 1) * step_bytes,
-        "ram_model_optimizer": 3 * n_params * 2,
-        # logits in bf16 plus their float32 upcast and gradient in the loss
-        "ram_logits": tokens_per_batch * vocab * (2 + 4 + 4),
-        "ram_corpus": n_tokens * 8,
-        "ram_queue": record["queue_steps"] * step_bytes,
-    }
+#: the name the CLI's disk-full message imports
+run_plan = training_footprint
 
 
 def log_peak_ram(settings: dict, n_tokens: int) -> None:
     """Log the stage's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
     measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
-    (``run_plan``) leave out the few hundred MB of the interpreter, torch and transformers."""
+    (``training_footprint``) leave out the few hundred MB of the interpreter, torch and transformers."""
     from thimble.plan import PlanError, any_calibration, peak_ram_bytes
 
     try:
@@ -471,7 +459,7 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     if masks["live_mask"].numel() != vocab:
         raise TrainingError(f"{masks_path} has {masks['live_mask'].numel()} tokens, the model {vocab}")
     key = resume_key(settings, tokens_path, masks_path)
-    plan = run_plan(settings, len(tokens))
+    plan = training_footprint(settings, len(tokens))
     log_peak_ram(settings, len(tokens))
     partial_dir.parent.mkdir(parents=True, exist_ok=True)
     check_disk(plan, partial_dir.parent)

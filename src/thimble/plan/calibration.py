@@ -1,0 +1,174 @@
+"""The calibration store: probes cached in ``results/calibration/`` and shipped in ``workflow/calibration/``.
+
+A calibration is one probe's measurements as JSON (``thimble.plan.probe.run_probe`` writes them). It is
+keyed by the settings that change what a step costs and writes (``cost_settings``), not by the run's
+length or its analysis windows, so experiments that differ only in steps share one.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from thimble.errors import PlanError
+from thimble.files import atomic_output
+from thimble.plan import costs
+from thimble.sizes import step_flops
+
+CALIBRATION_DIR = Path("results") / "calibration"
+#: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
+SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[3] / "workflow" / "calibration"
+CALIBRATION_FORMAT = 4
+
+
+@dataclass
+class Calibration:
+    record: dict
+    path: Path
+    #: predicted step time = measured x scale (1 for the same shape)
+    scale: float = 1.0
+    note: str = ""
+
+    @property
+    def shipped(self) -> bool:
+        return self.path.parent.resolve() == SHIPPED_CALIBRATION_DIR.resolve()
+
+
+def cost_settings(settings: dict, token_source: str) -> dict:
+    """The settings a step's cost and output depend on: everything but the run's length (``training.steps``,
+    scaled by the cost model), the device (a calibration per device kind), whether the stream is kept
+    (``rechunk.keep_stream`` deletes a file, it does not change one) and the analysis windows. The math
+    threads stay: they set the step rate as well as the trajectory."""
+    relevant = {key: copy.deepcopy(settings[key]) for key in ("dataset", "model", "record", "rechunk")}
+    relevant["rechunk"].pop("keep_stream", None)
+    relevant["training"] = {k: v for k, v in settings["training"].items() if k not in ("steps", "device")}
+    relevant.update(token_source=token_source, format=CALIBRATION_FORMAT)
+    return relevant
+
+
+def calibration_key(settings: dict, token_source: str) -> str:
+    """Hash of ``cost_settings``: the name of a probe's cache file."""
+    return hashlib.sha256(json.dumps(cost_settings(settings, token_source), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def probed_settings(record: dict) -> dict:
+    """The settings a calibration was measured with, complete for ``cost_settings``.
+
+    A probe made before ``training.math_threads`` existed lacks it in its settings; its torch ran on the
+    threads it recorded as ``torch_threads``, so that is its value. One made before
+    ``training.optimizer_impl`` existed built torch's default AdamW, which is what ``auto`` names; one
+    made before ``training.update_rule`` existed trained with plain bf16 AdamW, the rule ``bf16``.
+    """
+    settings = copy.deepcopy(record["probe_settings"])
+    settings["training"].setdefault("math_threads", int(record["torch_threads"]))
+    settings["training"].setdefault("optimizer_impl", "auto")
+    settings["training"].setdefault("update_rule", "bf16")
+    return settings
+
+
+def record_key(record: dict) -> str:
+    return calibration_key(probed_settings(record), record["token_source"])
+
+
+def load_calibrations(directories: list[Path]) -> list[tuple[Path, dict]]:
+    found = []
+    for directory in directories:
+        for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise PlanError(f"{path} is not a readable calibration ({error}); delete it to probe again") from None
+            if record.get("format") == CALIBRATION_FORMAT:
+                found.append((path, record))
+    return found
+
+
+def calibration_directories(workdir: Path) -> list[Path]:
+    """Where calibrations are looked for, the experiment's own cache first."""
+    return [workdir / CALIBRATION_DIR, SHIPPED_CALIBRATION_DIR]
+
+
+def calibration_path(workdir: Path, key: str, device_kind: str) -> Path:
+    return workdir / CALIBRATION_DIR / f"{key}-{device_kind}.json"
+
+
+def save_calibration(record: dict, workdir: Path) -> Path:
+    path = calibration_path(workdir, record_key(record), record["device_kind"])
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def own_calibration(settings: dict, token_source: str, device_kind: str, workdir: Path) -> Calibration | None:
+    """A probe of exactly these cost settings on ``device_kind``, cached or shipped (the most steps first)."""
+    key = calibration_key(settings, token_source)
+    matching = [(path, record) for path, record in load_calibrations(calibration_directories(workdir))
+                if record["device_kind"] == device_kind and record_key(record) == key]
+    if not matching:
+        return None
+    path, record = max(matching, key=lambda item: item[1]["probe_steps"])
+    return Calibration(record, path)
+
+
+def flatten(settings: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def why_not_shipped(settings: dict, token_source: str, device_kind: str) -> str | None:
+    """Why a shipped probe of this experiment does not fit it: the cost settings that differ, or None
+    when none of the shipped probes was made for an experiment of this name."""
+    ours = flatten(cost_settings(settings, token_source))
+    for path, record in load_calibrations([SHIPPED_CALIBRATION_DIR]):
+        if record["probed_as"] != settings["name"] or record["device_kind"] != device_kind:
+            continue
+        theirs = flatten(cost_settings(probed_settings(record), record["token_source"]))
+        differ = [f"{key} {theirs.get(key, 'unset')} there, {ours.get(key, 'unset')} here"
+                  for key in sorted(set(ours) | set(theirs)) if ours.get(key) != theirs.get(key)]
+        if differ:
+            return f"the shipped probe {path.name} differs in {'; '.join(differ)}"
+    return None
+
+
+def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Calibration | None:
+    """The calibration that times this experiment's steps on ``device_kind``: one of the same step FLOPs
+    (its own probe, cached or shipped) if there is one, else the one nearest in FLOPs, scaled by the ratio."""
+    flops = step_flops(settings)
+    candidates = [(path, record) for path, record in load_calibrations(calibration_directories(workdir))
+                  if record["device_kind"] == device_kind]
+    if not candidates:
+        return None
+    same = [(path, record) for path, record in candidates if math.isclose(record["step_flops"], flops)]
+    if same:
+        path, record = same[0]
+        return Calibration(record, path)
+    path, record = min(candidates, key=lambda item: abs(math.log(item[1]["step_flops"] / flops)))
+    scale = flops / record["step_flops"]
+    return Calibration(record, path, scale, f"scaled by step FLOPs ({scale:.3g}x) from {record['probed_as']}")
+
+
+def training_seconds(settings: dict, device_kind: str, workdir: Path,
+                     own: Calibration | None = None) -> tuple[float, Calibration] | None:
+    """Predicted training time on ``device_kind``: from the experiment's ``own`` probe when given."""
+    calibration = own or step_time_calibration(settings, device_kind, workdir)
+    if calibration is None:
+        return None
+    return costs.training_seconds(calibration.record, settings["training"]["steps"], calibration.scale), calibration
+
+
+def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
+    """A calibration for settings' stage baselines: its own shape if probed, else the nearest (CPU first)."""
+    for device_kind in ("cpu", "cuda"):
+        calibration = step_time_calibration(settings, device_kind, workdir)
+        if calibration is not None:
+            return calibration
+    return None

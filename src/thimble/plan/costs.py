@@ -1,0 +1,144 @@
+"""The cost model: what a run needs, from its settings and a probe's measurements. No I/O.
+
+A probe (``thimble.plan.probe``) measures a short run of the experiment; these functions scale what
+it measured to the full run:
+
+- a file's size: a constant, a fixed part plus bytes per step, ΔW′'s power-law decay, or the stream's
+  segment files (``predict_size``);
+- a stage's peak RAM: the probe's measured peak RSS, less the large arrays at the probe's size, plus
+  those arrays at the full size (``array_bytes``, ``peak_ram_bytes``);
+- a stage's time: training from the probe's steady seconds per step, the stages after training from
+  a fixed part and seconds per step fitted to two probe lengths (``stage_seconds``);
+- what the rules ask a scheduler for (``job_mem_mb``, ``job_runtime_min``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from thimble.sizes import chunk_rows, row_bytes, training_footprint
+
+#: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
+STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
+#: the stages that read the recorded run (timed by ``stage_seconds``; training has its own step rate)
+AFTER_TRAINING = STAGES[1:]
+#: margin on the predicted peak RAM that a job asks for (times the attempt on a retry)
+MEM_MARGIN = 1.5
+#: margin on the predicted time that a job asks for
+RUNTIME_MARGIN = 2
+#: the least runtime a job asks for, in minutes: a scheduler's queue and the job's start-up
+MIN_RUNTIME_MIN = 10
+
+
+def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+    """Bytes of the large arrays each of ``stages`` holds at its peak (interpreter and libraries excluded).
+
+    The rules' ``mem_mb`` and the plan both use this; the plan adds each stage's measured baseline.
+    Only the settings the asked stages depend on are read (training sees no rechunk settings).
+    """
+    model, steps = settings["model"], settings["training"]["steps"]
+    row_elements = model["vocab_size"] * model["hidden_dim"]
+    per_token_step = (steps + 1) * model["vocab_size"]
+
+    def chunk() -> int:
+        return chunk_rows(settings) * row_bytes(settings)
+
+    formulas = {
+        "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
+                             if key.startswith("ram")),
+        # the source chunk's bits and the compressed pieces of the chunk being written (measured 1.85-2.0
+        # chunks at thimble_7 size, docs/benchmarks.md)
+        "rechunk": lambda: 2 * chunk(),
+        # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
+        "lattice": chunk,
+        # W, grad and both moments in bf16 and float32 working copies, before and after a step, per block
+        "replay": lambda: 2 * 4 * row_elements * (2 + 4),
+        # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
+        # (its low bytes) held while the chunk is decoded
+        "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,
+        # max |ΔW′| and the norm per token and step
+        "figures": lambda: 2 * per_token_step * 4,
+    }
+    return {stage: formulas[stage]() for stage in stages}
+
+
+def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0,
+                   stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+    """Each probed stage's peak RSS at full size: its measured peak, less the probe's arrays, plus the
+    full run's arrays (``array_bytes``)."""
+    measured = calibration["stages"]
+    stages = tuple(stage for stage in stages if stage in measured)
+    full = array_bytes(settings, n_tokens, stages)
+    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"], stages)
+    return {stage: max(0, round(measured[stage]["peak_rss_bytes"] - probed[stage] + full[stage])) for stage in stages}
+
+
+def segment_count(steps: int, segment_steps: int) -> int:
+    return math.ceil((steps + 1) / segment_steps)
+
+
+def power_sum(steps: int, exponent: float) -> float:
+    """sum of t**exponent over t = 1..steps (the bytes of steps 1..T under a power-law decay)."""
+    return math.fsum(t**exponent for t in range(1, steps + 1))
+
+
+def predict_size(model: dict, steps: int, segment_steps: int) -> int | None:
+    """A file's size at ``steps`` from its probe measurement (``thimble.plan.measure.measure_file``)."""
+    kind = model["kind"]
+    if kind == "constant":
+        return model["bytes"]
+    if kind == "per_step":
+        return round(model["fixed"] + model["per_row"] * (steps + model["row_offset"]))
+    if kind == "decaying":
+        return round(model["fixed"] + model["probe_stored"] * power_sum(steps, model["exponent"])
+                     / power_sum(model["probe_steps"], model["exponent"]))
+    if kind == "stream":
+        files = segment_count(steps, segment_steps) + 1  # the segments and stream.h5
+        return round(model["per_row"] * (steps + 1) + model["per_file"] * files)
+    return None
+
+
+def training_seconds(calibration: dict, steps: int, scale: float = 1.0) -> float:
+    """Training time of ``steps`` steps: the probe's first step (warm-up), then its steady rate, x ``scale``."""
+    return (calibration["first_step_seconds"] + calibration["seconds_per_step"] * (steps - 1)) * scale
+
+
+def fit_stage_time(short: tuple[int, float], long: tuple[int, float]) -> dict:
+    """A stage's time as fixed + per_step x (steps + 1), through two probes' (steps, seconds).
+
+    The fixed part is the interpreter, the imports and opening the files; a probe of a few steps is
+    mostly that, so scaling its total by the steps would overstate a long run many times. Both parts
+    are kept at 0 or above (a short probe's noise can exceed its per-step work).
+    """
+    (short_steps, short_seconds), (long_steps, long_seconds) = short, long
+    per_step = max(0.0, (long_seconds - short_seconds) / (long_steps - short_steps))
+    fixed = max(0.0, long_seconds - per_step * (long_steps + 1))
+    return {"fixed": fixed, "per_step": per_step}
+
+
+def stage_seconds(calibration: dict, steps: int) -> dict[str, dict]:
+    """Each stage after training: its predicted seconds at ``steps`` and how they were found.
+
+    From the fit of two probe lengths (``fit_stage_time``) when the probe made one; a probe without it
+    (one length only) scales its whole time by the steps, an upper bound that the result says it is.
+    """
+    times = {}
+    for stage in AFTER_TRAINING:
+        fitted = calibration.get("stage_times", {}).get(stage)
+        if fitted is not None:
+            times[stage] = {"seconds": fitted["fixed"] + fitted["per_step"] * (steps + 1), "upper_bound": False}
+        elif stage in calibration["stages"]:
+            seconds = calibration["stages"][stage]["seconds"] * (steps + 1) / (calibration["probe_steps"] + 1)
+            times[stage] = {"seconds": seconds, "upper_bound": True}
+    return times
+
+
+def job_mem_mb(peak_bytes: int, attempt: int = 1) -> int:
+    """The memory a stage's job asks for, in MB: the predicted peak with a margin, times the attempt."""
+    return int(peak_bytes * MEM_MARGIN / 1e6 * attempt) + 1
+
+
+def job_runtime_min(seconds: float) -> int:
+    """The runtime a job asks for, in minutes (Snakemake's unit for ``runtime``): the predicted time with
+    a margin, at least ``MIN_RUNTIME_MIN``."""
+    return max(MIN_RUNTIME_MIN, int(RUNTIME_MARGIN * seconds / 60) + 1)

@@ -1,0 +1,91 @@
+"""The plan as text for the terminal."""
+
+from __future__ import annotations
+
+from thimble.plan import costs
+
+
+def human_bytes(count: float | None) -> str:
+    if count is None:
+        return "not predicted"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(count) < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
+        count /= 1000
+    raise AssertionError
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+PROBE_SOURCES = {
+    "probed now": "probed now",
+    "cached": "cached",
+    "shipped": "shipped with the workflow",
+}
+
+
+def format_plan(plan: dict) -> str:
+    lines = []
+    for name, entry in plan["experiments"].items():
+        lines.append(f"{name}: {entry['settings_summary']}")
+        lines.append(f"  probe: {entry['probe_steps']} steps on {entry['token_source']} tokens, "
+                     f"{PROBE_SOURCES[entry['probe_source']]} ({entry['probe']}); `thimble plan --reprobe` probes again")
+        for file in entry["files"]:
+            state = "to write" if file["pending"] else "exists"
+            size = human_bytes(file["bytes"]) if file["predicted"] or not file["pending"] else \
+                "not predicted (figure)"
+            lines.append(f"  {file['stage']:<8} {file['path']:<52} {size:>22}  {state}")
+        lines.append("  stage     peak RAM     job mem_mb   time")
+        for stage in costs.STAGES:
+            if stage not in entry["peak_ram_bytes"]:
+                continue
+            if stage == "train":
+                timed = entry["training_seconds"]["cpu"]
+                when = f"{human_seconds(timed['seconds'])} on CPU" if timed else "not measured"
+            else:
+                timed = entry["stage_seconds"].get(stage)
+                when = "not measured" if timed is None else human_seconds(timed["seconds"]) + \
+                    (" (at most: the probe ran one length)" if timed["upper_bound"] else "")
+            lines.append(f"  {stage:<8} {human_bytes(entry['peak_ram_bytes'][stage]):>10} "
+                         f"{entry['mem_mb'][stage]:>12}   {when}")
+        for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")):
+            timed = entry["training_seconds"][device_kind]
+            if timed is None:
+                hint = "run `thimble plan --probe-device cuda ...` on a GPU machine" if device_kind == "cuda" \
+                    else "no CPU calibration"
+                lines.append(f"  training on {label}: not measured ({hint})")
+                continue
+            how = f"; {timed['note']}" if timed["note"] else ""
+            lines.append(f"  training on {label}: {human_seconds(timed['seconds'])} "
+                         f"({timed['seconds_per_step']:.3g} s/step on {timed['device_name']}, "
+                         f"host {timed['host']}{how}); a job on it asks runtime={timed['runtime_min']} "
+                         f"(minutes, as `snakemake -n` prints it without a unit)")
+    others = [file for file in plan["other_files"] if file["pending"]]
+    if others:
+        lines.append(f"data stages: {len(others)} files to write (sizes depend on the corpus; not predicted)")
+    lines.append(f"to write: {human_bytes(plan['bytes_to_write'])} predicted; free in {plan['disk']}: "
+                 f"{human_bytes(plan['free_bytes'])}")
+    memory, largest = plan["memory"], plan["largest_peak"]
+    if largest:
+        lines.append(f"largest peak RAM: {human_bytes(largest['bytes'])} ({largest['experiment']} {largest['stage']}); "
+                     f"this machine: {human_bytes(memory['total'])}, {human_bytes(memory['available'])} available now")
+    if not plan["fits_disk"]:
+        lines.append(f"WARNING: the plan needs {human_bytes(plan['bytes_to_write'])} but only "
+                     f"{human_bytes(plan['free_bytes'])} are free in {plan['disk']}: free space, plan fewer "
+                     "experiments at a time, or set rechunk.keep_stream: false (each stream is deleted once "
+                     "rechunked and replayed)")
+    if largest and not plan["fits_memory"]:
+        lines.append(f"WARNING: {largest['experiment']}'s {largest['stage']} stage needs about "
+                     f"{human_bytes(largest['bytes'])} of RAM, more than this machine's {human_bytes(memory['total'])}: "
+                     "run it on a larger machine (the cluster profile asks for it) or shrink the experiment")
+    elif largest and largest["bytes"] > memory["available"]:
+        lines.append(f"note: {largest['experiment']}'s {largest['stage']} stage needs about "
+                     f"{human_bytes(largest['bytes'])} of RAM, more than the {human_bytes(memory['available'])} "
+                     "available now: close other programs before it runs")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""The plan of a target: the files Snakemake would make for it, each experiment's probe, and what the
+cost model predicts for them, against this machine's free disk and memory."""
+
+from __future__ import annotations
+
+import csv
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from thimble.errors import PlanError
+from thimble.plan import costs
+from thimble.plan.calibration import Calibration, training_seconds
+from thimble.plan.probe import ensure_probe
+
+
+def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path) -> list[dict]:
+    """The files the targets need and whether Snakemake would (re)make them (``snakemake --summary``)."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
+               "--summary", *targets]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PlanError(f"snakemake could not plan {' '.join(targets) or 'the default target'}:\n"
+                        f"{(result.stdout + result.stderr)[-3000:]}")
+    lines = [line for line in result.stdout.splitlines() if "\t" in line]
+    if not lines or not lines[0].startswith("output_file"):
+        raise PlanError(f"unexpected output of {' '.join(command)}:\n{result.stdout[-2000:]}")
+    rows = list(csv.DictReader(lines, delimiter="\t"))
+    for row in rows:
+        row["pending"] = row["plan"] != "no update"
+    return rows
+
+
+def stage_of_rule(rule: str) -> str:
+    """The stage a rule runs: a stage's rule is named after it, and its variants start with that name and
+    '_' (``train_temporary_stream``, the train rule for experiments that delete their stream)."""
+    return next((stage for stage in costs.STAGES if rule == stage or rule.startswith(stage + "_")), rule)
+
+
+def experiment_of(path: str, experiments: dict) -> tuple[str, str] | None:
+    match = re.match(r"results/([^/]+)/(.+)$", path)
+    if match and match.group(1) in experiments:
+        return match.group(1), match.group(2)
+    return None
+
+
+def existing_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.exists() else 0
+
+
+def machine_memory() -> dict:
+    """This machine's memory in bytes: all of it, and what is available now."""
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return {"total": memory.total, "available": memory.available}
+
+
+def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, snakefile: Path,
+                    probe_steps: int | None, probe_devices: list[str], threads: int, reprobe: bool) -> dict:
+    settings = config["experiments"][name]
+    steps, segment_steps = settings["training"]["steps"], settings["record"]["segment_steps"]
+    files.sort(key=lambda file: costs.STAGES.index(file["stage"]) if file["stage"] in costs.STAGES
+               else len(costs.STAGES))
+    cpu, source = ensure_probe(config, settings, workdir, "cpu", probe_steps, threads, reprobe, snakefile)
+    own: dict[str, Calibration] = {"cpu": cpu}
+    for device in probe_devices:
+        calibration, _ = ensure_probe(config, settings, workdir, device, probe_steps, threads, reprobe, snakefile)
+        own[calibration.record["device_kind"]] = calibration
+    record = cpu.record
+    for file in files:
+        model = record["files"].get(file["relative"])
+        predicted = costs.predict_size(model, steps, segment_steps) if model else None
+        file.update(bytes=predicted, predicted=predicted is not None)
+        if predicted is None and not file["pending"]:
+            file["bytes"] = existing_bytes(workdir / file["path"])
+    n_tokens = 0
+    tokens_file = workdir / "results" / "data" / settings["dataset"] / "tokens.npy"
+    if tokens_file.exists():
+        import numpy as np
+
+        n_tokens = int(np.load(tokens_file, mmap_mode="r").shape[0])
+    stages = {file["stage"] for file in files}
+    peak = {stage: value for stage, value in costs.peak_ram_bytes(settings, record, n_tokens).items()
+            if stage in stages}
+    training = {}
+    for device_kind in ("cpu", "cuda"):
+        timed = training_seconds(settings, device_kind, workdir, own.get(device_kind))
+        if timed is None:
+            training[device_kind] = None
+            continue
+        seconds, calibration = timed
+        training[device_kind] = {
+            "seconds": seconds, "seconds_per_step": calibration.record["seconds_per_step"] * calibration.scale,
+            "runtime_min": costs.job_runtime_min(seconds),
+            "calibration": str(calibration.path),
+            "device_name": f"{calibration.record['device_name']}, {calibration.record['torch_threads']} math threads"
+            if device_kind == "cpu" else calibration.record["device_name"],
+            "host": calibration.record["host"], "note": calibration.note}
+    return {
+        "settings_summary": f"dataset {settings['dataset']}, {steps} steps, {settings['model']['vocab_size']} x "
+                            f"{settings['model']['hidden_dim']}, stored as {settings['record']['dtype']}, "
+                            f"training.math_threads {settings['training']['math_threads']}",
+        "probe": str(cpu.path), "probe_source": source, "probe_steps": record["probe_steps"],
+        "token_source": record["token_source"], "files": files,
+        "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
+        "stage_seconds": {stage: value for stage, value in costs.stage_seconds(record, steps).items()
+                          if stage in stages},
+        "training_seconds": training,
+    }
+
+
+def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, probe_steps: int | None,
+              probe_devices: list[str], threads: int, reprobe: bool = False) -> dict:
+    """Everything ``thimble plan`` prints, as data."""
+    rows = snakemake_summary(workdir, targets, snakefile)
+    files_of: dict[str, list[dict]] = {}
+    other_files = []
+    for row in rows:
+        found = experiment_of(row["output_file"], config["experiments"])
+        if found is None:
+            other_files.append({"path": row["output_file"], "rule": row["rule"], "pending": row["pending"],
+                                "bytes": existing_bytes(workdir / row["output_file"]) or None,
+                                "predicted": False})
+            continue
+        name, relative = found
+        files_of.setdefault(name, []).append({"path": row["output_file"], "relative": relative,
+                                              "stage": stage_of_rule(row["rule"]), "pending": row["pending"]})
+    experiments = {name: plan_experiment(config, name, files, workdir, snakefile, probe_steps, probe_devices,
+                                         threads, reprobe) for name, files in files_of.items()}
+
+    pending = [file for entry in experiments.values() for file in entry["files"] if file["pending"]]
+    pending += [file for file in other_files if file["pending"]]
+    need = sum(file["bytes"] or 0 for file in pending if file["predicted"])
+    disk_dir = workdir / "results" if (workdir / "results").exists() else workdir
+    free = shutil.disk_usage(disk_dir).free
+    memory = machine_memory()
+    peaks = [(value, stage, name) for name, entry in experiments.items()
+             for stage, value in entry["peak_ram_bytes"].items()]
+    largest = max(peaks, default=None)
+    return {"targets": targets, "experiments": experiments, "other_files": other_files,
+            "bytes_to_write": need, "unpredicted_to_write": [f["path"] for f in pending if not f["predicted"]],
+            "free_bytes": free, "disk": str(disk_dir), "fits_disk": need <= free,
+            "memory": memory, "largest_peak": {"bytes": largest[0], "stage": largest[1], "experiment": largest[2]}
+            if largest else None,
+            "fits_memory": largest is None or largest[0] <= memory["total"],
+            "fits": need <= free and (largest is None or largest[0] <= memory["total"])}

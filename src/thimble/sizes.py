@@ -1,0 +1,83 @@
+"""Sizes that follow from an experiment's settings alone: parameters, bytes per step, rows per chunk.
+
+Pure arithmetic with no torch, h5py or numpy: config validation and the Snakefile (building the DAG,
+`snakemake -n`) use it, as do training, the rechunk stage and ``thimble plan``, so that each formula
+exists once.
+"""
+
+from __future__ import annotations
+
+import math
+
+from thimble.errors import ThimbleError
+from thimble.update_rules import step_bytes as recorded_step_bytes, widest_element_bytes
+
+#: bytes of one stored element of W, grad_W, momentum_W, variance_W under the bf16 rule
+STORED_ELEMENT_BYTES = 2
+#: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
+HDF5_MAX_CHUNK_BYTES = 2**32 - 1
+
+
+def n_parameters(model: dict) -> int:
+    """Parameters of the GPT-2 that training builds (tied embeddings, so wte is counted once): wte and
+    wpe; per layer two layer norms (2 x 2h), attention c_attn (3h^2 + 3h) and c_proj (h^2 + h), the MLP
+    c_fc (4h^2 + 4h) and c_proj (4h^2 + h); the final layer norm (2h). tests/test_train_record.py checks
+    it against the model's own count."""
+    vocab, hidden, layers = model["vocab_size"], model["hidden_dim"], model["n_layers"]
+    return vocab * hidden + model["max_seq_len"] * hidden + layers * (12 * hidden**2 + 13 * hidden) + 2 * hidden
+
+
+def step_flops(settings: dict) -> float:
+    """Training FLOPs of one step: 6 per token and weight (the lm head included), plus attention scores."""
+    model, training = settings["model"], settings["training"]
+    tokens = training["batch_size"] * model["max_seq_len"]
+    attention = 12 * model["n_layers"] * model["max_seq_len"] * model["hidden_dim"]
+    return 6.0 * tokens * n_parameters(model) + tokens * attention
+
+
+def row_bytes(settings: dict) -> int:
+    """Stored bytes of one step of the widest recorded tensor (V x D elements): what sizes a chunk."""
+    model = settings["model"]
+    element = widest_element_bytes(settings["training"].get("update_rule", "bf16"), settings["record"]["dtype"])
+    return model["vocab_size"] * model["hidden_dim"] * element
+
+
+def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:
+    """Rows (time steps) per chunk for a dataset of ``n_rows`` rows of ``row_bytes`` each.
+
+    ``setting`` is an explicit count (clamped to ``n_rows``: a chunk cannot
+    exceed a fixed-size dataset) or ``"auto"``: the fewest equal chunks whose
+    bytes stay within ``max_chunk_bytes``.
+    """
+    if setting == "auto":
+        rows_fit = max_chunk_bytes // row_bytes
+        if rows_fit < 1:
+            raise ThimbleError(f"one row of {row_bytes} bytes exceeds the chunk cap of {max_chunk_bytes} bytes; "
+                               "raise rechunk.max_chunk_bytes")
+        n_chunks = math.ceil(n_rows / rows_fit)
+        return math.ceil(n_rows / n_chunks)
+    return min(int(setting), n_rows)
+
+
+def chunk_rows(settings: dict) -> int:
+    """Steps per chunk of the experiment's recording.h5 (and ΔW′)."""
+    rechunk = settings["rechunk"]
+    return steps_per_chunk(settings["training"]["steps"] + 1, row_bytes(settings),
+                           rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"])
+
+
+def training_footprint(settings: dict, n_tokens: int) -> dict:
+    """Training's bytes on disk (uncompressed bound) and its large arrays in RAM (the seed's safety check)."""
+    model, training, record = settings["model"], settings["training"], settings["record"]
+    vocab, steps = model["vocab_size"], training["steps"]
+    tokens_per_batch = training["batch_size"] * model["max_seq_len"]
+    step_bytes = recorded_step_bytes(training.get("update_rule", "bf16"), record["dtype"], vocab, model["hidden_dim"])
+    return {
+        "stream_bytes_uncompressed": (steps + 1) * step_bytes,
+        # bf16 weights and AdamW's two bf16 moments
+        "ram_model_optimizer": 3 * n_parameters(model) * 2,
+        # logits in bf16 plus their float32 upcast and gradient in the loss
+        "ram_logits": tokens_per_batch * vocab * (2 + 4 + 4),
+        "ram_corpus": n_tokens * 8,
+        "ram_queue": record["queue_steps"] * step_bytes,
+    }
