@@ -15,8 +15,15 @@ mantissa bit is even.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+# torchao, imported by the stochastic-rounding rule and by transformers wherever it is installed, warns
+# at import about its CUDA-only extensions and Triton, which a CPU host lacks and no rule here uses
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
 
@@ -163,22 +170,6 @@ def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray
 # -- the update rules (thimble.update_rules declares them and what each records) ---------------------------
 
 
-def _quiet_import_torchao_adam():
-    """torchao's AdamW module; torchao's import warns about CUDA-only libraries it cannot load here."""
-    import logging
-
-    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        from torchao.optim import adam
-    finally:
-        for logger, level in zip(quiet, levels):
-            logger.setLevel(level)
-    return adam
-
-
 _stochastic_rounding_class: list = []
 
 
@@ -191,7 +182,7 @@ def torchao_stochastic_rounding_adamw(params, hyper: dict):
     arithmetic (float32 AdamW, bf16 moments, ``_fp32_to_bf16_sr``), with the rounding bits drawn by
     ``torch.randint`` from torch's global generator, which the rule seeds before every step.
     """
-    adam = _quiet_import_torchao_adam()
+    from torchao.optim import adam
     if not _stochastic_rounding_class:
 
         class EagerStochasticRoundingAdamW(adam._AdamW):

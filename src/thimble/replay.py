@@ -98,6 +98,18 @@ def replay_device(setting: str, recorded: str) -> torch.device:
     return torch.device(kind if available.get(kind) else "cpu")
 
 
+def replay_environments(attrs: dict, target: torch.device, implementation: str) -> dict:
+    """Where the run was recorded and where it is replayed, and whether the kernels can be the same."""
+    replayed = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch_version": str(torch.__version__), "optimizer_impl": implementation}
+    recorded = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
+    recorded["optimizer_impl"] = implementation
+    same_device = torch.device(str(attrs.get("device", "cpu"))).type == target.type
+    return {"replayed_on": replayed, "recorded_on": recorded, "same_device": same_device,
+            "same_kernel": same_device and replayed["torch_version"] == recorded["torch_version"] and (
+                target.type != "cpu" or replayed["cpu_capability"] == recorded["cpu_capability"])}
+
+
 def explain(replay_differs: bool, storage: str, implementation: str) -> str:
     if replay_differs:
         return "the replay differs from the recording at this element (another device or kernel), so the " \
@@ -194,21 +206,13 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                 })
             bar.update(stop - first)
 
-    replay_env = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                  "torch_version": str(torch.__version__), "optimizer_impl": implementation}
-    recorded_env = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
-    recorded_env["optimizer_impl"] = implementation
+    where = replay_environments(attrs, target, implementation)
     totals = {column: int(sum(row[column] for row in rows)) for column in COLUMNS[1:4]}
-    same_device = torch.device(recorded_device).type == target.type
     summary = {
         "steps": last,
         "update_rule": "bf16",
         "storage_dtype": storage,
-        "replayed_on": replay_env,
-        "recorded_on": recorded_env,
-        "same_device": same_device,
-        "same_kernel": same_device and replay_env["torch_version"] == recorded_env["torch_version"] and (
-            target.type != "cpu" or replay_env["cpu_capability"] == recorded_env["cpu_capability"]),
+        **where,
         "total_mismatches": totals,
         "steps_with_mismatches": sum(1 for row in rows if row["W_mismatches"] or row["momentum_mismatches"]
                                      or row["variance_mismatches"]),
@@ -224,7 +228,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             "listed": listed,
         },
     }
-    if not same_device:
+    if not where["same_device"]:
         summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
                            "mismatches are expected where the kernels round differently")
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
@@ -243,7 +247,8 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                  target, last)
     else:
         log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
-                    "recorded on %s)", totals, summary["steps_with_mismatches"], replay_env, recorded_env)
+                    "recorded on %s)", totals, summary["steps_with_mismatches"], where["replayed_on"],
+                    where["recorded_on"])
     log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
              "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
     return summary
@@ -304,21 +309,13 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
 
     mismatch_columns = [f"{name}_mismatches" for name in state_names]
     totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
-    replay_env = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                  "torch_version": str(torch.__version__), "optimizer_impl": implementation}
-    recorded_env = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
-    recorded_env["optimizer_impl"] = implementation
-    same_device = torch.device(recorded_device).type == target.type
+    where = replay_environments(attrs, target, implementation)
     summary = {
         "steps": last,
         "update_rule": rule,
         "storage_dtype": attrs.get("storage_dtype"),
         "recorded_tensors": tensors,
-        "replayed_on": replay_env,
-        "recorded_on": recorded_env,
-        "same_device": same_device,
-        "same_kernel": same_device and replay_env["torch_version"] == recorded_env["torch_version"] and (
-            target.type != "cpu" or replay_env["cpu_capability"] == recorded_env["cpu_capability"]),
+        **where,
         "total_mismatches": totals,
         "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
         "bitwise_match": not any(totals.values()),
@@ -332,7 +329,7 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
         summary["random_bits"] = ("torch's generator is seeded from (training.seed, t) before step t "
                                   "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
                                   "training's bits")
-    if not same_device:
+    if not where["same_device"]:
         summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
                            "mismatches are expected where the kernels round differently")
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
