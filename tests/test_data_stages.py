@@ -111,3 +111,23 @@ def test_the_sdist_from_the_index_holds_the_committed_mini_texts(tmp_path):
     texts = read_archive_texts(archive, sdist["texts_dir"])
     for path in sorted(MINI_TEXTS.iterdir()):
         assert texts[path.name].startswith(path.read_bytes()), path.name
+
+
+def test_a_failed_job_shows_its_error_in_the_terminal(tmp_path):
+    """profiles/default (Snakemake's default workflow profile) prints a failed job's log: the stage's
+    one-line error reaches the terminal, not only `message: None` and a log path."""
+    import yaml
+
+    from conftest import run_snakemake
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    (texts / "note.txt").write_text("a short text that cannot support thousands of BPE tokens\n")
+    config = {"datasets": {"small_texts": {"source": {"local": str(texts)}, "tokenizer_texts": ["*"],
+                                           "model_texts": ["*"], "vocab_size": 5000}},
+              "experiments": {"small": {"dataset": "small_texts"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "1", "results/data/small_texts/tokenizer.json", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "fewer than vocab_size 5000; lower the dataset's vocab_size or add tokenizer texts" in output
