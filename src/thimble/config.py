@@ -1,6 +1,6 @@
 """Load, validate and resolve the workflow configuration.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source
+The JSON schema (``config.schema.yaml`` beside this module, package data) is the single source
 of the settings' types and defaults. ``resolve_config`` checks a config dict
 against it, then the cross-key rules a schema cannot express, and returns
 every experiment with its settings fully merged:
@@ -24,7 +24,8 @@ from thimble.errors import ThimbleError
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, STORED_ELEMENT_BYTES, steps_per_chunk
 from thimble.update_rules import rule_problems, widest_element_bytes
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: package data, so that validating a config works in any install, with or without a clone of the workflow
+SCHEMA_PATH = Path(__file__).resolve().parent / "config.schema.yaml"
 #: names that are directories of their own under results/, not experiments
 RESERVED_NAMES = {"data", "downloads", "series"}
 
