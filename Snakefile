@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from thimble.config import ConfigError, resolve_config
+from thimble.config import SCHEMA_IN_WORKFLOW, ConfigError, load_schema, resolve_config
 from thimble.workflow_dir import WORKFLOW_ENV
 
 min_version("9.0")
@@ -27,7 +27,7 @@ os.environ[WORKFLOW_ENV] = workflow.basedir
 
 # Validate before anything is planned: a bad config fails `snakemake -n` too, and writes nothing.
 try:
-    CFG = resolve_config(config)
+    CFG = resolve_config(config, load_schema(Path(workflow.basedir) / SCHEMA_IN_WORKFLOW))
 except ConfigError as error:
     raise WorkflowError(f"invalid configuration in {', '.join(map(str, workflow.configfiles))}:\n{error}")
 

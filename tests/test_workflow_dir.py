@@ -58,9 +58,10 @@ def test_an_installed_copy_outside_a_clone_says_what_to_do(installed_copy, tmp_p
     assert str(elsewhere) in message and "run inside a clone" in message and WORKFLOW_ENV in message
 
 
-def test_a_copied_package_validates_anywhere_and_plans_only_in_a_clone(tmp_path):
-    """The package copied out of the checkout, as pip installs it: the schema travels with it, so
-    `thimble validate` works anywhere; `thimble plan` needs the workflow and says so in one line."""
+def test_a_copied_package_needs_the_workflow_and_says_so(tmp_path):
+    """The package copied out of the checkout, as pip installs it: `thimble validate` reads the schema
+    from the workflow's workflow/schemas/ and `thimble plan` runs its Snakefile, so outside a clone both
+    stop with the one-line error; THIMBLE_WORKFLOW points the copy at the clone."""
     site = tmp_path / "site"
     shutil.copytree(REPO / "src" / "thimble", site / "thimble", ignore=shutil.ignore_patterns("__pycache__"))
     elsewhere = tmp_path / "elsewhere"
@@ -76,8 +77,13 @@ def test_a_copied_package_validates_anywhere_and_plans_only_in_a_clone(tmp_path)
     where = subprocess.run([sys.executable, "-c", "import thimble; print(thimble.__file__)"], cwd=elsewhere, env=env,
                            capture_output=True, text=True, check=True)
     assert where.stdout.strip() == str(site / "thimble" / "__init__.py"), "the copy, not the checkout, is imported"
+    refused = thimble("validate", "config.yaml")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "run inside a clone of the workflow repository or set THIMBLE_WORKFLOW" in refused.stderr
+    env[WORKFLOW_ENV] = str(REPO)
     validated = thimble("validate", "config.yaml")
     assert validated.returncode == 0 and "config.yaml: valid" in validated.stdout, validated.stderr
+    del env[WORKFLOW_ENV]
     planned = thimble("plan", "results/thimble_mini/freeze.csv")
     assert planned.returncode == 1, planned.stdout + planned.stderr
     assert "Traceback" not in planned.stderr, planned.stderr

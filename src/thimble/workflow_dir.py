@@ -10,7 +10,7 @@ install .``, a wheel) has only ``site-packages``, so the clone is looked for, in
 2. the source checkout the package was installed from in editable mode;
 3. the current working directory and its parents.
 
-The config schema is package data (``thimble/config.schema.yaml``): validating a config needs no clone.
+The config schema is part of the workflow too (``workflow/schemas/config.schema.yaml``).
 Kept free of torch and h5py: the Snakefile imports it while building the DAG.
 """
 
