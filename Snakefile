@@ -2,12 +2,14 @@
 # This file only loads and validates the config and includes one .smk per stage;
 # the work lives in the `thimble` Python package (src/thimble).
 
+import os
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from thimble.config import ConfigError, load_schema, resolve_config
+from thimble.config import SCHEMA_IN_WORKFLOW, ConfigError, load_schema, resolve_config
+from thimble.workflow_dir import WORKFLOW_ENV
 
 min_version("9.0")
 
@@ -18,9 +20,14 @@ configfile: "config.yaml"
 report: "workflow/report/workflow.rst"
 
 
+# The package finds this workflow's files (the shipped calibrations) through this variable; its jobs
+# inherit it, so they find the workflow that started them even with --directory elsewhere.
+os.environ[WORKFLOW_ENV] = workflow.basedir
+
+
 # Validate before anything is planned: a bad config fails `snakemake -n` too, and writes nothing.
 try:
-    CFG = resolve_config(config, load_schema(Path(workflow.basedir) / "workflow/schemas/config.schema.yaml"))
+    CFG = resolve_config(config, load_schema(Path(workflow.basedir) / SCHEMA_IN_WORKFLOW))
 except ConfigError as error:
     raise WorkflowError(f"invalid configuration in {', '.join(map(str, workflow.configfiles))}:\n{error}")
 

@@ -10,6 +10,7 @@ import torch
 from conftest import MINI_TEXTS, REPO
 from thimble.config import load_config
 from thimble.corpus import CorpusError, build_corpus, fetch_sdist, read_archive_texts, select
+from thimble.errors import DataError
 from thimble.masks import live_dead_masks, load_masks
 from thimble.tokenizer import encode, train_bpe
 
@@ -75,8 +76,8 @@ def test_masks_mark_exactly_the_tokens_that_occur():
     assert torch.equal(masks["dead_mask"], ~masks["live_mask"])
     assert masks["live_indices"].tolist() == [0, 1, 3] and masks["dead_indices"].tolist() == [2, 4, 5]
     assert masks["live_indices"].dtype == torch.int64
-    with pytest.raises(ValueError, match="outside a vocabulary of 6"):
-        live_dead_masks(np.array([6]), 6)
+    with pytest.raises(DataError, match=r"tokens\.npy: token ids span \[6, 6\], outside a vocabulary of 6; encode"):
+        live_dead_masks(np.array([6]), 6, "tokens.npy")
 
 
 @pytest.mark.workflow

@@ -161,7 +161,7 @@ def test_stage_time_is_fitted_to_two_probe_lengths():
 def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
     config = load_config(REPO / "config.yaml")
     thimble_7 = config["experiments"]["thimble_7"]
-    shipped = calibration.SHIPPED_CALIBRATION_DIR / "thimble_7-cpu.json"
+    shipped = calibration.shipped_calibration_dir() / "thimble_7-cpu.json"
     record = json.loads(shipped.read_text())
     # the shipped probe ran torch on 2 math threads; thimble_7 trains on 1, which changes the step rate
     assert record["torch_threads"] == 2 and thimble_7["training"]["math_threads"] == 1

@@ -11,7 +11,10 @@ def test_ci_runs_the_readme_test_command_verbatim():
     command = "pip install -e '.[test]' && python -m pytest -q"
     assert f"\n   {command}\n" in readme
     ci_lines = (REPO / ".ci/run").read_text().splitlines()
-    assert command in ci_lines
+    assert ci_lines[-1] == command
+    # before it, a non-editable install (pip install .) is checked in an environment of its own
+    assert any(line.startswith("bash .ci/check_installed ") for line in ci_lines[:-1])
+    assert "pip\" install --quiet .\n" in (REPO / ".ci/check_installed").read_text()
 
 
 def test_constraints_pin_every_dependency_within_pyproject_ranges():

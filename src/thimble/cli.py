@@ -117,14 +117,15 @@ def _plan(args) -> int:
 
     from thimble.config import load_config
     from thimble.files import atomic_output
-    from thimble.plan import SNAKEFILE, format_plan, make_plan
+    from thimble.plan import default_snakefile, format_plan, make_plan
 
     # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(args.directory)
     config = load_config(workdir / args.configfile)
-    plan = make_plan(config, args.targets, workdir, Path(args.snakefile or SNAKEFILE), args.probe_steps,
-                     args.probe_device, args.threads, args.reprobe)
+    snakefile = Path(args.snakefile) if args.snakefile else default_snakefile()
+    plan = make_plan(config, args.targets, workdir, snakefile, args.probe_steps, args.probe_device, args.threads,
+                     args.reprobe)
     print(format_plan(plan))
     if args.json:
         with atomic_output(args.json) as tmp:
@@ -168,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="snakemake targets (default: the workflow's `all`)")
     p.add_argument("--directory", default=".", help="the working directory snakemake runs in")
     p.add_argument("--configfile", default="config.yaml", help="relative to --directory")
-    p.add_argument("--snakefile", help="default: the repository's Snakefile")
+    p.add_argument("--snakefile", help="default: the Snakefile of $THIMBLE_WORKFLOW, of the checkout the package "
+                   "was installed from (editable), or of the current directory or a parent")
     p.add_argument("--probe-steps", type=int,
                    help="steps the probe trains (default: any cached or shipped probe of the experiment's settings, "
                    "else 24); a cached probe of fewer steps is made again; fewer for a quicker, coarser plan")

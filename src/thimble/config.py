@@ -1,6 +1,6 @@
 """Load, validate and resolve the workflow configuration.
 
-The JSON schema (``workflow/schemas/config.schema.yaml``) is the single source
+The JSON schema (``workflow/schemas/config.schema.yaml`` of the workflow) is the single source
 of the settings' types and defaults. ``resolve_config`` checks a config dict
 against it, then the cross-key rules a schema cannot express, and returns
 every experiment with its settings fully merged:
@@ -24,7 +24,8 @@ from thimble.errors import ThimbleError
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, STORED_ELEMENT_BYTES, steps_per_chunk
 from thimble.update_rules import rule_problems, widest_element_bytes
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+#: the schema's place in the workflow directory (the design's workflow/schemas/)
+SCHEMA_IN_WORKFLOW = Path("workflow") / "schemas" / "config.schema.yaml"
 #: names that are directories of their own under results/, not experiments
 RESERVED_NAMES = {"data", "downloads", "series"}
 
@@ -38,8 +39,15 @@ def load_yaml(path: str | Path) -> dict:
         return yaml.safe_load(handle) or {}
 
 
-def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
-    return load_yaml(path)
+def schema_path() -> Path:
+    """``workflow/schemas/config.schema.yaml`` of the workflow this package runs (thimble.workflow_dir)."""
+    from thimble.workflow_dir import find_workflow_dir
+
+    return find_workflow_dir() / SCHEMA_IN_WORKFLOW
+
+
+def load_schema(path: str | Path | None = None) -> dict:
+    return load_yaml(schema_path() if path is None else path)
 
 
 def _key(path) -> str:
@@ -215,9 +223,9 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
             "cluster": deep_merge(cluster_defaults, config.get("cluster", {}))}
 
 
-def load_config(path: str | Path, schema_path: str | Path = SCHEMA_PATH) -> dict:
-    """Read a config file and resolve it; errors name the file."""
+def load_config(path: str | Path, schema: str | Path | None = None) -> dict:
+    """Read a config file and resolve it against ``schema`` (default: the workflow's); errors name the file."""
     try:
-        return resolve_config(load_yaml(path), load_schema(schema_path))
+        return resolve_config(load_yaml(path), load_schema(schema))
     except ConfigError as error:
         raise ConfigError(f"invalid configuration in {path}:\n{error}") from None

@@ -8,15 +8,22 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from thimble.errors import DataError
 from thimble.files import atomic_output
 
 log = logging.getLogger(__name__)
 
 
-def live_dead_masks(token_ids: np.ndarray, vocab_size: int) -> dict[str, torch.Tensor]:
-    """The seed's mask tensors: ``live_mask``, ``dead_mask`` (bool), ``live_indices``, ``dead_indices`` (int64)."""
+def live_dead_masks(token_ids: np.ndarray, vocab_size: int, source: str = "the token ids") -> dict[str, torch.Tensor]:
+    """The seed's mask tensors: ``live_mask``, ``dead_mask`` (bool), ``live_indices``, ``dead_indices`` (int64).
+
+    ``source`` names where the ids came from (their file) in the ``DataError`` raised for ids outside the
+    vocabulary: such ids were encoded with another tokenizer or vocab_size, which the user fixes.
+    """
     if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= vocab_size):
-        raise ValueError(f"token ids span [{token_ids.min()}, {token_ids.max()}], outside a vocabulary of {vocab_size}")
+        raise DataError(f"{source}: token ids span [{token_ids.min()}, {token_ids.max()}], outside a vocabulary of "
+                        f"{vocab_size}; encode the corpus with the dataset's tokenizer (`thimble encode`; snakemake "
+                        f"reruns it when you delete tokens.npy) or set the dataset's vocab_size to the tokenizer's")
     live = np.zeros(vocab_size, dtype=bool)
     live[token_ids] = True
     return {
@@ -35,7 +42,7 @@ def write_masks(tokens_path: str, vocab_size: int, output: str) -> None:
     from thimble.tokenizer import load_token_ids
 
     token_ids = load_token_ids(tokens_path, vocab_size)
-    masks = live_dead_masks(token_ids, vocab_size)
+    masks = live_dead_masks(token_ids, vocab_size, tokens_path)
     with atomic_output(output) as tmp:
         save_file(masks, str(tmp))
     n_live = int(masks["live_mask"].sum())

@@ -29,6 +29,8 @@ from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weigh
                            stays_from_ratio, update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 from thimble.codec import WorkerPool, thread_spans
+from thimble.errors import DataError
+from thimble.update_rules import UPDATE_RULES
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +137,10 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
         shape = stream["W"].shape
         tensors = stream_tensors(stream)
     rule = str(attrs.get("update_rule", "bf16"))
+    if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
+        raise DataError(f"{stream_dir} was recorded under training.update_rule {rule!r}, which this version of "
+                        f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
+                        f"version that recorded it (its git_commit attribute), or train it again")
     if rule != "bf16":
         return replay_other_rule(stream_dir, attrs, tensors, shape, output_csv, output_json, ratio_csv, device,
                                  threads)

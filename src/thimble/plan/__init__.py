@@ -14,15 +14,16 @@ the DAG.
 """
 
 from thimble.errors import PlanError
-from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, SHIPPED_CALIBRATION_DIR, Calibration,
-                                      any_calibration, calibration_key, step_time_calibration, training_seconds)
+from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, Calibration,
+                                      any_calibration, calibration_key, shipped_calibration_dir,
+                                      step_time_calibration, training_seconds)
 from thimble.plan.costs import (STAGES, array_bytes, job_mem_mb, job_runtime_min, peak_ram_bytes, power_sum,
                                 predict_size)
-from thimble.plan.probe import SNAKEFILE
+from thimble.plan.probe import default_snakefile
 from thimble.plan.report import format_plan, human_bytes, human_seconds
 from thimble.plan.target import existing_bytes, make_plan
 
-__all__ = ["CALIBRATION_DIR", "CALIBRATION_FORMAT", "SHIPPED_CALIBRATION_DIR", "SNAKEFILE", "STAGES", "Calibration",
-           "PlanError", "any_calibration", "array_bytes", "calibration_key", "existing_bytes", "format_plan",
+__all__ = ["CALIBRATION_DIR", "CALIBRATION_FORMAT", "STAGES", "Calibration", "PlanError", "any_calibration",
+           "array_bytes", "calibration_key", "default_snakefile", "existing_bytes", "format_plan",
            "human_bytes", "human_seconds", "job_mem_mb", "job_runtime_min", "make_plan", "peak_ram_bytes",
-           "power_sum", "predict_size", "step_time_calibration", "training_seconds"]
+           "power_sum", "predict_size", "shipped_calibration_dir", "step_time_calibration", "training_seconds"]

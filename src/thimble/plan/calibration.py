@@ -18,10 +18,9 @@ from thimble.errors import PlanError
 from thimble.files import atomic_output
 from thimble.plan import costs
 from thimble.sizes import step_flops
+from thimble.workflow_dir import WorkflowNotFoundError, find_workflow_dir
 
 CALIBRATION_DIR = Path("results") / "calibration"
-#: calibrations shipped with the workflow (probes measured by the developers; provenance inside)
-SHIPPED_CALIBRATION_DIR = Path(__file__).resolve().parents[3] / "workflow" / "calibration"
 CALIBRATION_FORMAT = 4
 
 
@@ -35,7 +34,18 @@ class Calibration:
 
     @property
     def shipped(self) -> bool:
-        return self.path.parent.resolve() == SHIPPED_CALIBRATION_DIR.resolve()
+        shipped = shipped_calibration_dir()
+        return shipped is not None and self.path.parent.resolve() == shipped.resolve()
+
+
+def shipped_calibration_dir() -> Path | None:
+    """The calibrations shipped with the workflow (probes measured by the developers; provenance inside):
+    ``workflow/calibration/`` of the workflow directory, or None when there is none (an installed package
+    used outside a clone: then only the cached probes count, and training's safety check still runs)."""
+    try:
+        return find_workflow_dir() / "workflow" / "calibration"
+    except WorkflowNotFoundError:
+        return None
 
 
 def cost_settings(settings: dict, token_source: str) -> dict:
@@ -89,7 +99,8 @@ def load_calibrations(directories: list[Path]) -> list[tuple[Path, dict]]:
 
 def calibration_directories(workdir: Path) -> list[Path]:
     """Where calibrations are looked for, the experiment's own cache first."""
-    return [workdir / CALIBRATION_DIR, SHIPPED_CALIBRATION_DIR]
+    shipped = shipped_calibration_dir()
+    return [workdir / CALIBRATION_DIR, *([shipped] if shipped else [])]
 
 
 def calibration_path(workdir: Path, key: str, device_kind: str) -> Path:
@@ -128,7 +139,8 @@ def why_not_shipped(settings: dict, token_source: str, device_kind: str) -> str 
     """Why a shipped probe of this experiment does not fit it: the cost settings that differ, or None
     when none of the shipped probes was made for an experiment of this name."""
     ours = flatten(cost_settings(settings, token_source))
-    for path, record in load_calibrations([SHIPPED_CALIBRATION_DIR]):
+    shipped = shipped_calibration_dir()
+    for path, record in load_calibrations([shipped] if shipped else []):
         if record["probed_as"] != settings["name"] or record["device_kind"] != device_kind:
             continue
         theirs = flatten(cost_settings(probed_settings(record), record["token_source"]))

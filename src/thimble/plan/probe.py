@@ -36,16 +36,22 @@ from thimble.plan.report import human_seconds
 from thimble.plan.measure import experiment_outputs, measure_file
 from thimble.sizes import step_flops
 from thimble.usage import PEAK_RSS_ENV, read_usage
+from thimble.workflow_dir import find_workflow_dir
 
 log = logging.getLogger("thimble.plan")
 
-SNAKEFILE = Path(__file__).resolve().parents[3] / "Snakefile"
 #: steps the default probe trains
 DEFAULT_PROBE_STEPS = 24
 #: the short probe beside it: its stage times against the long probe's separate start-up from per-step work
 SHORT_PROBE_STEPS = 4
 #: seconds between progress lines while a stage runs
 HEARTBEAT_SECONDS = 30
+
+
+def default_snakefile() -> Path:
+    """The workflow's Snakefile (``thimble.workflow_dir``: $THIMBLE_WORKFLOW, the source checkout, the
+    current directory or a parent); an error naming the fix outside a clone."""
+    return find_workflow_dir() / "Snakefile"
 
 
 def probe_settings(settings: dict, steps: int, device: str) -> dict:
@@ -170,7 +176,7 @@ def _forward_lines(stream, lines: queue.Queue) -> None:
 
 
 def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Path, threads: int,
-              snakefile: Path = SNAKEFILE) -> dict:
+              snakefile: Path | None = None) -> dict:
     """Run the experiment's stages for ``steps`` steps (and ``SHORT_PROBE_STEPS``) and measure them."""
     import h5py
     import yaml
@@ -188,7 +194,7 @@ def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Pa
             (run_dir / "config.yaml").write_text(yaml.safe_dump(probe_config(config, probe_config_of[length])))
             place_tokens(settings, workdir, run_dir)
             label = f"probe {name} ({index}/{len(lengths)}: {length} steps on {device})"
-            usage[length] = run_workflow(run_dir, snakefile, name, threads, label)
+            usage[length] = run_workflow(run_dir, snakefile or default_snakefile(), name, threads, label)
         results = run_dir / "results" / name
         measured = {stage: read_usage(usage[steps], stage) for stage in costs.STAGES}
         stage_times = {stage: costs.fit_stage_time((SHORT_PROBE_STEPS, read_usage(usage[SHORT_PROBE_STEPS], stage)
@@ -229,7 +235,7 @@ def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Pa
 
 
 def ensure_probe(config: dict, settings: dict, workdir: Path, device: str, steps: int | None, threads: int,
-                 reprobe: bool = False, snakefile: Path = SNAKEFILE) -> tuple[Calibration, str]:
+                 reprobe: bool = False, snakefile: Path | None = None) -> tuple[Calibration, str]:
     """This experiment's probe on ``device`` and where it came from ("cached", "shipped", "probed now").
 
     A cached or shipped probe of the same cost settings is used unless ``reprobe``, or ``steps`` asks for
