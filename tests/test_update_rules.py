@@ -58,7 +58,7 @@ def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rul
 def test_a_replay_with_other_random_bits_differs(data, tmp_path, monkeypatch):
     """Stochastic rounding's replay is exact because it draws the training's bits, and only then."""
     stream = run_train(data, tmp_path / "stream", rule_settings("stochastic_rounding", steps=6))
-    monkeypatch.setattr("thimble.update_rules.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
+    monkeypatch.setattr("thimble.adamw.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
     summary = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert not summary["bitwise_match"] and summary["total_mismatches"]["W_mismatches"] > 0

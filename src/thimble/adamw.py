@@ -15,10 +15,13 @@ mantissa bit is even.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import torch
+
+from thimble.update_rules import stochastic_rounding_seed
 
 # torchao, imported by the stochastic-rounding rule and by transformers wherever it is installed, warns
 # at import about its CUDA-only extensions and Triton, which a CPU host lacks and no rule here uses
@@ -170,9 +173,6 @@ def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray
 # -- the update rules (thimble.update_rules declares them and what each records) ---------------------------
 
 
-_stochastic_rounding_class: list = []
-
-
 def torchao_stochastic_rounding_adamw(params, hyper: dict):
     """torchao's ``_AdamW(bf16_stochastic_round=True)``, its per-parameter kernel run eagerly.
 
@@ -182,31 +182,36 @@ def torchao_stochastic_rounding_adamw(params, hyper: dict):
     arithmetic (float32 AdamW, bf16 moments, ``_fp32_to_bf16_sr``), with the rounding bits drawn by
     ``torch.randint`` from torch's global generator, which the rule seeds before every step.
     """
+    return _eager_stochastic_rounding_adamw()(params, **hyper, bf16_stochastic_round=True)
+
+
+@functools.cache
+def _eager_stochastic_rounding_adamw() -> type:
+    """The subclass of torchao's ``_AdamW`` whose step runs its kernel eagerly (built once, on first use:
+    torchao is imported only by this rule)."""
     from torchao.optim import adam
-    if not _stochastic_rounding_class:
 
-        class EagerStochasticRoundingAdamW(adam._AdamW):
-            @torch.no_grad()
-            def step(self, closure=None):
-                if closure is not None:
-                    raise ValueError("the stochastic-rounding AdamW takes no closure")
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        if p.grad is None:
-                            continue
-                        state = self.state[p]
-                        if len(state) == 0:  # torchao's state: a float32 step count, moments like p
-                            state["step"] = torch.tensor(0.0)
-                            state["exp_avg"] = self._new_buffer(p, True)
-                            state["exp_avg_sq"] = self._new_buffer(p, False)
-                        state["step"] += 1
-                        adam.single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"],
-                                               state["exp_avg_sq"], None, group["lr"], group["betas"][0],
-                                               group["betas"][1], group["weight_decay"], group["eps"],
-                                               self.is_adamw, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+    class EagerStochasticRoundingAdamW(adam._AdamW):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:
+                raise ValueError("the stochastic-rounding AdamW takes no closure")
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    state = self.state[p]
+                    if len(state) == 0:  # torchao's state: a float32 step count, moments like p
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)
+                        state["exp_avg_sq"] = self._new_buffer(p, False)
+                    state["step"] += 1
+                    adam.single_param_adam(p.detach(), p.grad, state["step"], state["exp_avg"],
+                                           state["exp_avg_sq"], None, group["lr"], group["betas"][0],
+                                           group["betas"][1], group["weight_decay"], group["eps"],
+                                           self.is_adamw, self.bf16_stochastic_round and p.dtype is torch.bfloat16)
 
-        _stochastic_rounding_class.append(EagerStochasticRoundingAdamW)
-    return _stochastic_rounding_class[0](params, **hyper, bf16_stochastic_round=True)
+    return EagerStochasticRoundingAdamW
 
 
 class UpdateRule:
@@ -238,6 +243,17 @@ class UpdateRule:
         return {"momentum_W": state["exp_avg"].to("cpu", copy=True),
                 "variance_W": state["exp_avg_sq"].to("cpu", copy=True)}
 
+    def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
+        """Load the state of a one-parameter optimizer from ``recorded`` (the recorded tensors after
+        step ``step``), through ``load_state_dict`` as a resume would: the inverse of ``recorded_state``."""
+        state = self.state_dict()
+        state["state"] = {0: {"step": torch.tensor(float(step)), **_moments(recorded)}}
+        self.load_state_dict(state)
+
+
+def _moments(recorded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"exp_avg": recorded["momentum_W"].clone(), "exp_avg_sq": recorded["variance_W"].clone()}
+
 
 class Bf16AdamW(UpdateRule):
     """torch's AdamW on the bf16 parameters: the seed's rule."""
@@ -259,8 +275,6 @@ class StochasticRoundingAdamW(UpdateRule):
         self.seed = seed
 
     def step(self, step: int) -> None:
-        from thimble.update_rules import stochastic_rounding_seed
-
         torch.manual_seed(stochastic_rounding_seed(self.seed, step))
         self.optimizer.step()
 
@@ -283,6 +297,13 @@ class KahanAdamW(UpdateRule):
     def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {**super().recorded_state(param),
                 "kahan_compensation_W": self.optimizer.state[param]["kahan_comp"].to("cpu", copy=True)}
+
+    def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
+        # optimi counts steps per parameter group, as an int32 tensor, once the group is set up
+        state = self.state_dict()
+        state["state"] = {0: {**_moments(recorded), "kahan_comp": recorded["kahan_compensation_W"].clone()}}
+        state["param_groups"][0].update(setup=True, step=torch.tensor(step, dtype=torch.int32))
+        self.load_state_dict(state)
 
 
 class Fp32MasterAdamW(UpdateRule):
@@ -329,6 +350,12 @@ class Fp32MasterAdamW(UpdateRule):
         master = self._master_of[id(param)]
         return {**super().recorded_state(master), "master_W": master.detach().to("cpu", copy=True)}
 
+    def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
+        state = self.state_dict()
+        state["masters"] = [recorded["master_W"].clone()]
+        state["adamw"]["state"] = {0: {"step": torch.tensor(float(step)), **_moments(recorded)}}
+        self.load_state_dict(state)
+
 
 def build_update_rule(rule: str, params, hyper: dict, implementation: str, device: torch.device,
                       seed: int) -> UpdateRule:
@@ -359,19 +386,7 @@ def replay_rule_step(rule: str, before: dict[str, torch.Tensor], grad: torch.Ten
     """
     param = torch.nn.Parameter(before["W"].clone())
     optimizer = build_update_rule(rule, [param], hyper, implementation, before["W"].device, seed)
-    state = optimizer.state_dict()
-    moments = {"exp_avg": before["momentum_W"].clone(), "exp_avg_sq": before["variance_W"].clone()}
-    if rule == "stochastic_rounding":
-        state["state"] = {0: {"step": torch.tensor(float(step - 1)), **moments}}
-    elif rule == "kahan":
-        state["state"] = {0: {**moments, "kahan_comp": before["kahan_compensation_W"].clone()}}
-        state["param_groups"][0].update(setup=True, step=torch.tensor(step - 1, dtype=torch.int32))
-    elif rule == "fp32_master":
-        state["masters"] = [before["master_W"].clone()]
-        state["adamw"]["state"] = {0: {"step": torch.tensor(float(step - 1)), **moments}}
-    else:
-        raise ValueError(f"replay_rule_step replays stochastic_rounding, kahan and fp32_master, not {rule!r}")
-    optimizer.load_state_dict(state)
+    optimizer.load_recorded_state(before, step - 1)
     param.grad = grad.clone()
     optimizer.step(step)
     return {"W": param.detach().clone(), **optimizer.recorded_state(param)}

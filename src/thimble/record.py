@@ -40,6 +40,7 @@ from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, ZSTD_FILTER, WorkerPool,
                            dataset_filters, decode_chunk, decode_rows, encode_chunk, has_shuffle_zstd,
                            read_stored_chunk, require_zstd_filter, row_blocks, zstd_dcpl)
 from thimble.errors import DataError
+from thimble.update_rules import recorded_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
-TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
+TENSORS = tuple(recorded_tensors("bf16"))
 STREAM_FILE = "stream.h5"
 STORAGE_DTYPES = ("bfloat16", "float16")
 #: the stored dtype of a tensor: record.dtype for bf16 tensors, float32 for float32 optimizer state
@@ -70,7 +71,7 @@ def stream_tensors(handle: h5py.File) -> dict[str, str]:
 
     if "recorded_tensors" in handle.attrs:
         return json.loads(handle.attrs["recorded_tensors"])
-    return dict.fromkeys(TENSORS, str(handle.attrs.get("storage_dtype", "bfloat16")))
+    return recorded_tensors("bf16", str(handle.attrs.get("storage_dtype", "bfloat16")))
 
 
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
@@ -236,7 +237,7 @@ class StreamRecorder:
                  tensors: dict[str, str] | None = None):
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
-        self.tensors = dict(tensors) if tensors is not None else dict.fromkeys(TENSORS, storage)
+        self.tensors = dict(tensors) if tensors is not None else recorded_tensors("bf16", storage)
         for name, dtype in self.tensors.items():
             if dtype not in TENSOR_DTYPES:
                 raise ValueError(f"unknown stored dtype {dtype!r} for {name}; use one of {TENSOR_DTYPES}")
@@ -309,9 +310,7 @@ class StreamRecorder:
         if storage == "bfloat16":
             return encode_chunk(torch_to_bits(tensor), self.level), 0
         if storage == "float32":
-            import torch
-
-            if tensor.dtype != torch.float32:
+            if tensor.element_size() != 4:
                 raise TypeError(f"float32 storage got a {tensor.dtype} tensor")
             return encode_chunk(tensor.contiguous().numpy(), self.level), 0
         values, altered = to_float16_counting(tensor)
@@ -372,7 +371,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
     Fails if the segments do not cover steps 0..last_step exactly.
     """
     directory = Path(directory)
-    tensors = dict(tensors) if tensors is not None else dict.fromkeys(TENSORS, storage)
+    tensors = dict(tensors) if tensors is not None else recorded_tensors("bf16", storage)
     segments = covering_segments(directory, 0, last_step + 1)
     full = (last_step + 1, *shape)
     losses = np.empty(last_step + 1, dtype=np.float32)
