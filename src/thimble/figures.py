@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from thimble.freeze import PHASES  # noqa: E402
+from thimble.update_rules import recorded_tensors  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
@@ -113,9 +114,9 @@ def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: st
     _save(fig, path)
 
 
-def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str) -> None:
+def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str = "bfloat16") -> None:
     """exp_avg_sq per token (median, 10-90%), the share of its elements that change per step, and the
-    bias corrections AdamW divides by."""
+    bias corrections AdamW divides by. ``stored``: the dtype the update rule keeps exp_avg_sq in."""
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     steps = exp_avg_sq["step"][1:]
     for group in ("dead", "live"):
@@ -129,10 +130,12 @@ def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str) -> None:
     top.set_yscale("log")
     top.set(title=f"{experiment}: AdamW exp_avg_sq per token (mean over its coordinates)",
             ylabel="exp_avg_sq (squared gradient units)")
-    top.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
-             transform=top.transAxes, fontsize=8)
+    if stored != "float32":  # a float32 v (fp32_master) does decay
+        top.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
+                 transform=top.transAxes, fontsize=8)
     middle.set(ylabel="share of elements changed", ylim=(-0.02, 1.02),
-               title="share of exp_avg_sq elements whose bf16 value changed at the step")
+               title=f"share of exp_avg_sq elements whose {'float32' if stored == 'float32' else 'bf16'} "
+                     "value changed at the step")
     bottom.plot(steps, exp_avg_sq["bias_correction1"][1:], label="1 − β1^t (divides the step size)")
     bottom.plot(steps, exp_avg_sq["bias_correction2"][1:], label="1 − β2^t (its square root divides sqrt(v))")
     bottom.set(xlabel="step", ylabel="bias correction", ylim=(-0.02, 1.02), title="AdamW's bias corrections")
@@ -288,7 +291,8 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
         displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"])
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
-    variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"])
+    variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"],
+             recorded_tensors(summary.get("update_rule", "bf16"))["variance_W"])
     update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
                  summary.get("update_rule", "bf16"))
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
