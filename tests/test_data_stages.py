@@ -123,12 +123,43 @@ def test_a_failed_job_shows_its_error_in_the_terminal(tmp_path):
 
     texts = tmp_path / "texts"
     texts.mkdir()
-    (texts / "note.txt").write_text("a short text that cannot support thousands of BPE tokens\n")
+    (texts / "note.txt").write_text("a text the tokenizer learns from\n")
+    (texts / "latin1.txt").write_bytes("a model text in Latin-1: caf\u00e9\n".encode("latin-1"))
+    config = {"datasets": {"texts": {"source": {"local": str(texts)}, "tokenizer_texts": ["note.txt"],
+                                     "model_texts": ["*"], "vocab_size": 260}},
+              "experiments": {"small": {"dataset": "texts"}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    result = run_snakemake(tmp_path, "--cores", "1", "results/data/texts/corpus.json", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "text latin1.txt is not valid UTF-8" in output and "convert it to UTF-8" in output
+
+
+def test_a_vocab_size_larger_than_local_texts_support_stops_a_dry_run(tmp_path):
+    """Own texts too small for their vocab_size: `snakemake -n` says so before anything runs, naming the
+    config key and the largest vocab_size that fits (what the tokenizer stage would reach)."""
+    import yaml
+
+    from conftest import run_snakemake
+    from thimble.tokenizer import train_bpe_on_text
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    text = "a short text that cannot support thousands of BPE tokens\n"
+    (texts / "note.txt").write_text(text)
     config = {"datasets": {"small_texts": {"source": {"local": str(texts)}, "tokenizer_texts": ["*"],
                                            "model_texts": ["*"], "vocab_size": 5000}},
               "experiments": {"small": {"dataset": "small_texts"}}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    result = run_snakemake(tmp_path, "--cores", "1", "results/data/small_texts/tokenizer.json", check=False)
+    result = run_snakemake(tmp_path, "-n", "results/small/stream", check=False)
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "fewer than vocab_size 5000; lower the dataset's vocab_size or add tokenizer texts" in output
+    largest = train_bpe_on_text(text, 5000).get_vocab_size()
+    assert largest < 5000
+    assert (f"config key datasets.small_texts.vocab_size: the tokenizer texts only support {largest} BPE tokens, "
+            f"fewer than vocab_size 5000; lower the dataset's vocab_size (to {largest} at most)") in output
+    assert not (tmp_path / "results").exists(), "a dry run writes no results"
+    # the largest value it names fits: the dry run then plans the jobs
+    config["datasets"]["small_texts"]["vocab_size"] = largest
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert run_snakemake(tmp_path, "-n", "results/data/small_texts/tokenizer.json", check=False).returncode == 0

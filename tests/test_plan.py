@@ -122,9 +122,12 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
         measured = int((peaks / f"{stage}.peak_rss").read_text())
         assert bytes_predicted == pytest.approx(measured, rel=0.2), (stage, bytes_predicted, measured)
     assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
-    # every stage after training has a time fitted to the two probe lengths, not an upper bound
+    # every stage after training has a time: fitted to the two probe lengths where they resolve its
+    # per-step part, else an upper bound that says it is one
     assert set(mini["stage_seconds"]) == set(costs.AFTER_TRAINING)
-    assert not any(timed["upper_bound"] for timed in mini["stage_seconds"].values())
+    record = json.loads(Path(mini["probe"]).read_text())
+    for stage, timed in mini["stage_seconds"].items():
+        assert timed["upper_bound"] == (not costs.per_step_resolved(record, stage)), stage
 
     again = thimble_plan(tmp_path, *MINI_TARGETS)
     assert "probing" not in again.stderr, "a cached probe is reused"
@@ -146,16 +149,25 @@ def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatc
 
 
 def test_stage_time_is_fitted_to_two_probe_lengths():
-    # 2 s of start-up and 0.5 s per row (steps + 1): probes of 4 and 24 steps
-    fitted = costs.fit_stage_time((4, 2 + 0.5 * 5), (24, 2 + 0.5 * 25))
+    # 2 s of start-up and 0.5 s per row (steps + 1): probes of 4 and 9 steps
+    fitted = costs.fit_stage_time((4, 2 + 0.5 * 5), (9, 2 + 0.5 * 10))
     assert fitted == pytest.approx({"fixed": 2.0, "per_step": 0.5})
-    record = {"stages": {"rechunk": {"seconds": 10.0}}, "probe_steps": 9,
-              "stage_times": {"lattice": fitted}}
+    # steps that cost little beside the start-up are not resolved: the fit would be noise
+    start_up = costs.fit_stage_time((4, 3.0), (9, 3.2))
+    record = {"stages": {"rechunk": {"seconds": 10.0}, "lattice": {"seconds": 7.0}, "freeze": {"seconds": 3.2}},
+              "probe_steps": 9, "short_probe_steps": 4, "stage_times": {"lattice": fitted, "freeze": start_up}}
+    assert costs.per_step_resolved(record, "lattice") and not costs.per_step_resolved(record, "freeze")
     times = costs.stage_seconds(record, 99)
-    assert times["lattice"] == {"seconds": pytest.approx(2 + 0.5 * 100), "upper_bound": False}
+    assert times["lattice"] == {"seconds": pytest.approx(2 + 0.5 * 100), "upper_bound": False, "scaled": 1.0}
     # a probe of one length scales its whole time: an upper bound, and said to be one
-    assert times["rechunk"] == {"seconds": pytest.approx(10.0 * 100 / 10), "upper_bound": True}
-    assert costs.fit_stage_time((4, 3.0), (24, 2.5)) == {"fixed": 2.5, "per_step": 0.0}  # noise, not a negative rate
+    assert times["rechunk"] == {"seconds": pytest.approx(10.0 * 100 / 10), "upper_bound": True, "scaled": 1.0}
+    assert times["freeze"] == {"seconds": pytest.approx(3.2 * 100 / 10), "upper_bound": True, "scaled": 1.0}
+    # a probe of another shape: the per-step part scales with W's elements, the fixed start-up does not
+    record["probe_settings"] = {"model": {"vocab_size": 100, "hidden_dim": 8}}
+    larger = costs.stage_seconds(record, 99, {"vocab_size": 400, "hidden_dim": 8})
+    assert larger["lattice"]["seconds"] == pytest.approx(2 + 0.5 * 100 * 4) and larger["lattice"]["scaled"] == 4
+    # noise, not a negative rate
+    assert costs.fit_stage_time((4, 3.0), (24, 2.5)) == {"fixed": 2.5, "per_step": 0.0}
 
 
 def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
@@ -163,18 +175,22 @@ def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
     thimble_7 = config["experiments"]["thimble_7"]
     shipped = calibration.shipped_calibration_dir() / "thimble_7-cpu.json"
     record = json.loads(shipped.read_text())
-    # the shipped probe ran torch on 2 math threads; thimble_7 trains on 1, which changes the step rate
-    assert record["torch_threads"] == 2 and thimble_7["training"]["math_threads"] == 1
-    assert calibration.own_calibration(thimble_7, "random", "cpu", tmp_path) is None
-    why = calibration.why_not_shipped(thimble_7, "random", "cpu")
-    assert "training.math_threads 2 there, 1 here" in why
-    # the same experiment on 2 math threads, any length, keeping or deleting its stream: the shipped probe
+    # the shipped probe is thimble_7 as configured, on random tokens (a fresh clone has no dataset yet)
+    assert record["probed_as"] == "thimble_7" and record["torch_threads"] == thimble_7["training"]["math_threads"]
+    # any length, keeping or deleting its stream: the shipped probe
+    shorter = json.loads(json.dumps(thimble_7))
+    shorter["training"]["steps"] = 100
+    shorter["rechunk"]["keep_stream"] = False
+    for settings in (thimble_7, shorter):
+        found = calibration.own_calibration(settings, "random", "cpu", tmp_path)
+        assert found is not None and found.path == shipped and found.shipped
+    assert calibration.why_not_shipped(thimble_7, "random", "cpu") is None
+    # another step rate (math threads) or other tokens: not this probe, and the plan says why
     two_threads = json.loads(json.dumps(thimble_7))
-    two_threads["training"].update(math_threads=2, steps=100)
-    two_threads["rechunk"]["keep_stream"] = False
-    found = calibration.own_calibration(two_threads, "random", "cpu", tmp_path)
-    assert found is not None and found.path == shipped and found.shipped
-    assert calibration.own_calibration(two_threads, "dataset", "cpu", tmp_path) is None
+    two_threads["training"]["math_threads"] = 2
+    assert calibration.own_calibration(two_threads, "random", "cpu", tmp_path) is None
+    assert "training.math_threads 1 there, 2 here" in calibration.why_not_shipped(two_threads, "random", "cpu")
+    assert calibration.own_calibration(thimble_7, "dataset", "cpu", tmp_path) is None
 
 
 def test_experiment_files_are_what_the_rules_make(workdir):

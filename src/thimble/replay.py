@@ -30,17 +30,16 @@ from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weigh
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 from thimble.codec import WorkerPool, thread_spans
 from thimble.errors import DataError
+from thimble.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
 from thimble.update_rules import UPDATE_RULES
 
 log = logging.getLogger(__name__)
 
 #: bin edges of log2(|u| / half spacing); the first bin also takes u = 0, the last everything above
-RATIO_EDGES = np.arange(-24, 9)
+RATIO_EDGES = np.arange(RATIO_LOW + 1, RATIO_HIGH + 1)
 RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
 
-COLUMNS = ("step", "W_mismatches", "momentum_mismatches", "variance_mismatches", "replay_frozen",
-           "predicted_frozen", "observed_frozen", "criterion_disagreements", "ties", "freeze_agreement",
-           "elements")
+COLUMNS = ("step", *COUNT_COLUMNS, "freeze_agreement", "elements")
 #: disagreements listed one by one in replay.json (all are counted)
 LISTED_DISAGREEMENTS = 50
 #: steps replayed per optimizer call
@@ -71,7 +70,10 @@ def step_statistics(w: np.ndarray, m: np.ndarray, v: np.ndarray, replayed: tuple
     """Per-step counts of a run of steps, from bf16 bit patterns: ``w``, ``m``, ``v`` hold the recorded
     rows t-1 and t (one more row than steps), ``replayed`` the optimizer's W, m, v after each step,
     ``pre_rounding`` the criterion's float32 weights. Also the ratio histograms and where the criterion
-    and the recording disagree."""
+    and the recording disagree.
+
+    The numpy reference of ``thimble.replay_kernel.count_steps`` (which the replay runs: one compiled
+    pass instead of these dozen); the replay uses it to find the elements behind a disagreement."""
     w_before, w_after = w[:-1], w[1:]
     log2_floor, tie = log2_ratio_floor(w_before, pre_rounding)
     predicted = stays_from_ratio(w_before, log2_floor, tie)
@@ -178,27 +180,30 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             steps = torch.arange(first, stop)
             pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper).numpy()
             w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
-            # numpy releases the GIL: the block's steps are counted in parallel, split across the threads
-            results = [pool.submit(step_statistics, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
+            # one compiled pass per element; it releases the GIL, so the block's steps are split across threads
+            results = [pool.submit(count_steps, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
                                    tuple(x[a: b] for x in replayed), pre_rounding[a: b])
                        for a, b in thread_spans(stop - first, threads)]
             results = [result.result() for result in results]
-            columns = {key: np.concatenate([r["columns"][key] for r in results]) for key in results[0]["columns"]}
+            columns = {key: np.concatenate([counted[key] for counted, _ in results]) for key in COUNT_COLUMNS}
             elements = int(np.prod(shape[1:]))
             for index, step in enumerate(steps.tolist()):
                 row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
                 row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
                 row["elements"] = elements
                 rows.append(row)
-            for result in results:
-                histograms.extend(result["histograms"])
+            for _, block_histograms in results:
+                histograms.extend(block_histograms)
             disagreements += int(columns["criterion_disagreements"].sum())
             ties += int(columns["ties"].sum())
             room = LISTED_DISAGREEMENTS - len(listed)
-            # the elements behind the counts are gathered only for the few disagreements listed
+            # the elements behind the counts are found (by the numpy reference) only for the few listed
             listing = room > 0 and columns["criterion_disagreements"].any()
-            differs, predicted = ((np.concatenate([r[key] for r in results]) for key in ("differs", "predicted"))
-                                  if listing else (np.zeros((0, len(shape)), bool), None))
+            if listing:
+                reference = step_statistics(w_bits, m_bits, v_bits, replayed, pre_rounding)
+                differs, predicted = reference["differs"], reference["predicted"]
+            else:
+                differs, predicted = np.zeros((0, len(shape)), bool), None
             for index, *element in np.argwhere(differs)[:room].tolist():
                 at = (index, *element)
                 listed.append({

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -38,13 +40,40 @@ def read_text(path: str | Path) -> str:
         return handle.read()
 
 
-def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
+def train_bpe_on_text(text: str, vocab_size: int) -> Tokenizer:
     # lines, as Tokenizer.train(files) would read them; the trainer works on them in parallel
-    tokenizer = train_bpe(read_text(tokenizer_texts).splitlines(keepends=True), vocab_size)
+    return train_bpe(text.splitlines(keepends=True), vocab_size)
+
+
+def too_few_tokens(where: str, supported: int, vocab_size: int) -> str:
+    """The message for a vocab_size larger than the texts support: BPE stops merging when no pair is left,
+    so ``supported`` (what training for ``vocab_size`` reached) is the largest that fits."""
+    return (f"{where}: the tokenizer texts only support {supported} BPE tokens, fewer than vocab_size {vocab_size}; "
+            f"lower the dataset's vocab_size (to {supported} at most) or add tokenizer texts")
+
+
+def supported_vocab_size(text: str, vocab_size: int, cache_dir: Path) -> int:
+    """min(vocab_size, the most BPE tokens ``text`` supports), remembered in ``cache_dir`` by the text's hash:
+    checking a config trains the tokenizer once, not at every `snakemake -n`."""
+    import tokenizers
+
+    key = hashlib.sha256(f"{tokenizers.__version__}\0{vocab_size}\0{text}".encode()).hexdigest()[:20]
+    cached = cache_dir / f"vocab-{key}.json"
+    try:
+        return int(json.loads(cached.read_text())["supported"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    supported = train_bpe_on_text(text, vocab_size).get_vocab_size()
+    with atomic_output(cached) as tmp:
+        Path(tmp).write_text(json.dumps({"vocab_size": vocab_size, "supported": supported}) + "\n")
+    return supported
+
+
+def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
+    tokenizer = train_bpe_on_text(read_text(tokenizer_texts), vocab_size)
     got = tokenizer.get_vocab_size()
     if got != vocab_size:
-        raise DataError(f"{tokenizer_texts}: the tokenizer texts only support {got} BPE tokens, fewer than vocab_size "
-                         f"{vocab_size}; lower the dataset's vocab_size or add tokenizer texts")
+        raise DataError(too_few_tokens(tokenizer_texts, got, vocab_size))
     with atomic_output(output) as tmp:
         tokenizer.save(str(tmp))
     log.info("trained BPE tokenizer: %d tokens -> %s", got, output)

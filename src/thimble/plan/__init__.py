@@ -18,7 +18,7 @@ from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, Calib
                                       any_calibration, calibration_key, shipped_calibration_dir,
                                       step_time_calibration, training_seconds)
 from thimble.plan.costs import (STAGES, array_bytes, job_mem_mb, job_runtime_min, peak_ram_bytes, power_sum,
-                                predict_size)
+                                predict_size, stage_seconds)
 from thimble.plan.probe import default_snakefile
 from thimble.plan.report import format_plan, human_bytes, human_seconds
 from thimble.plan.target import existing_bytes, make_plan
@@ -26,4 +26,5 @@ from thimble.plan.target import existing_bytes, make_plan
 __all__ = ["CALIBRATION_DIR", "CALIBRATION_FORMAT", "STAGES", "Calibration", "PlanError", "any_calibration",
            "array_bytes", "calibration_key", "default_snakefile", "existing_bytes", "format_plan",
            "human_bytes", "human_seconds", "job_mem_mb", "job_runtime_min", "make_plan", "peak_ram_bytes",
-           "power_sum", "predict_size", "shipped_calibration_dir", "step_time_calibration", "training_seconds"]
+           "power_sum", "predict_size", "shipped_calibration_dir", "stage_seconds", "step_time_calibration",
+           "training_seconds"]

@@ -26,6 +26,8 @@ AFTER_TRAINING = STAGES[1:]
 MEM_MARGIN = 1.5
 #: margin on the predicted time that a job asks for
 RUNTIME_MARGIN = 2
+#: the share of the longer probe's time a stage's per-step part must make to count as measured
+RESOLVED_SHARE = 0.2
 #: the least runtime a job asks for, in minutes: a scheduler's queue and the job's start-up
 MIN_RUNTIME_MIN = 10
 
@@ -116,20 +118,43 @@ def fit_stage_time(short: tuple[int, float], long: tuple[int, float]) -> dict:
     return {"fixed": fixed, "per_step": per_step}
 
 
-def stage_seconds(calibration: dict, steps: int) -> dict[str, dict]:
+def per_step_resolved(calibration: dict, stage: str) -> bool:
+    """Whether the probe's two lengths measured ``stage``'s per-step time rather than noise: the steps
+    between them make at least ``RESOLVED_SHARE`` of the longer probe's time. A stage whose steps cost
+    little beside its start-up is not resolved by a short probe, and its fit would understate a long run."""
+    fitted = calibration.get("stage_times", {}).get(stage)
+    if fitted is None or calibration.get("short_probe_steps") is None:
+        return False
+    between = calibration["probe_steps"] - calibration["short_probe_steps"]
+    return fitted["per_step"] * between >= RESOLVED_SHARE * calibration["stages"][stage]["seconds"]
+
+
+def embedding_elements(model: dict) -> int:
+    """Elements of W per step: what every stage after training reads, compares or counts."""
+    return model["vocab_size"] * model["hidden_dim"]
+
+
+def stage_seconds(calibration: dict, steps: int, model: dict | None = None) -> dict[str, dict]:
     """Each stage after training: its predicted seconds at ``steps`` and how they were found.
 
-    From the fit of two probe lengths (``fit_stage_time``) when the probe made one; a probe without it
-    (one length only) scales its whole time by the steps, an upper bound that the result says it is.
+    From the fit of two probe lengths (``fit_stage_time``) where it resolved the per-step part; else
+    (one probe length, or steps too cheap to time beside the start-up) the whole time scaled by the
+    steps, an upper bound that the result says it is. A probe of another shape than ``model`` (the
+    experiment's) has its per-step part scaled by the elements of W, which these stages' work is
+    proportional to (``scaled`` gives the factor).
     """
+    scale = 1.0
+    if model is not None:
+        scale = embedding_elements(model) / embedding_elements(calibration["probe_settings"]["model"])
     times = {}
     for stage in AFTER_TRAINING:
-        fitted = calibration.get("stage_times", {}).get(stage)
-        if fitted is not None:
-            times[stage] = {"seconds": fitted["fixed"] + fitted["per_step"] * (steps + 1), "upper_bound": False}
+        if per_step_resolved(calibration, stage):
+            fitted = calibration["stage_times"][stage]
+            seconds = fitted["fixed"] + fitted["per_step"] * (steps + 1) * scale
+            times[stage] = {"seconds": seconds, "upper_bound": False, "scaled": scale}
         elif stage in calibration["stages"]:
             seconds = calibration["stages"][stage]["seconds"] * (steps + 1) / (calibration["probe_steps"] + 1)
-            times[stage] = {"seconds": seconds, "upper_bound": True}
+            times[stage] = {"seconds": seconds * max(1.0, scale), "upper_bound": True, "scaled": scale}
     return times
 
 

@@ -41,7 +41,7 @@ def format_plan(plan: dict) -> str:
             size = human_bytes(file["bytes"]) if file["predicted"] or not file["pending"] else \
                 "not predicted (figure)"
             lines.append(f"  {file['stage']:<8} {file['path']:<52} {size:>22}  {state}")
-        lines.append("  stage     peak RAM     job mem_mb   time")
+        lines.append("  stage     peak RAM     job mem_mb   job runtime (min)   time")
         for stage in costs.STAGES:
             if stage not in entry["peak_ram_bytes"]:
                 continue
@@ -51,9 +51,10 @@ def format_plan(plan: dict) -> str:
             else:
                 timed = entry["stage_seconds"].get(stage)
                 when = "not measured" if timed is None else human_seconds(timed["seconds"]) + \
-                    (" (at most: the probe ran one length)" if timed["upper_bound"] else "")
+                    (" (at most: the probe's steps are too few to time it per step)" if timed["upper_bound"] else "")
+            runtime = costs.job_runtime_min(timed["seconds"]) if timed else "-"
             lines.append(f"  {stage:<8} {human_bytes(entry['peak_ram_bytes'][stage]):>10} "
-                         f"{entry['mem_mb'][stage]:>12}   {when}")
+                         f"{entry['mem_mb'][stage]:>12}   {runtime:>17}   {when}")
         for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")):
             timed = entry["training_seconds"][device_kind]
             if timed is None:

@@ -108,7 +108,7 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
         "probe": str(cpu.path), "probe_source": source, "probe_steps": record["probe_steps"],
         "token_source": record["token_source"], "files": files,
         "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
-        "stage_seconds": {stage: value for stage, value in costs.stage_seconds(record, steps).items()
+        "stage_seconds": {stage: value for stage, value in costs.stage_seconds(record, steps, settings["model"]).items()
                           if stage in stages},
         "training_seconds": training,
     }
