@@ -56,30 +56,44 @@ def build_adamw(params, hyper: dict, implementation: str) -> torch.optim.AdamW:
 
 
 def replay_steps(w_before: torch.Tensor, m_before: torch.Tensor, v_before: torch.Tensor, grads: torch.Tensor,
-                 first_step: int, hyper: dict, implementation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 first_step: int, hyper: dict, implementation: str,
+                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps ``first_step .. first_step + B - 1`` recomputed by the optimizer's own ``step()``.
 
     Inputs are (B, ...) bf16 stacks: the recorded state after step t-1 and the gradient of step t.
     Each step is its own parameter (one optimizer, B parameters, each with its own step count),
-    loaded through ``load_state_dict`` as a resume would be. Returns W, exp_avg, exp_avg_sq after each step.
+    loaded through ``load_state_dict`` as a resume would be. Returns W, exp_avg, exp_avg_sq after each step:
+    the first B rows of ``out`` when given (buffers reused across blocks: the parameters and moments are
+    views of them, which the optimizer updates in place), else new tensors.
     """
-    params = [torch.nn.Parameter(w.clone()) for w in w_before]
+    if out is None:
+        out = tuple(torch.empty_like(x) for x in (w_before, m_before, v_before))
+    w_after, m_after, v_after = (buffer[: len(w_before)] for buffer in out)
+    for buffer, before in ((w_after, w_before), (m_after, m_before), (v_after, v_before)):
+        buffer.copy_(before)
+    params = [torch.nn.Parameter(w) for w in w_after]  # shares w_after's memory
     optimizer = build_adamw(params, hyper, implementation)
     state = optimizer.state_dict()
     state["state"] = {index: {"step": torch.tensor(float(first_step + index - 1), dtype=torch.float32),
-                              "exp_avg": m_before[index].clone(), "exp_avg_sq": v_before[index].clone()}
+                              "exp_avg": m_after[index], "exp_avg_sq": v_after[index]}
                       for index in range(len(params))}
     optimizer.load_state_dict(state)
     for param, grad in zip(params, grads):
         param.grad = grad
     optimizer.step()
-    after = [optimizer.state[param] for param in params]
-    return (torch.stack([param.detach() for param in params]), torch.stack([s["exp_avg"] for s in after]),
-            torch.stack([s["exp_avg_sq"] for s in after]))
+    for index, param in enumerate(params):  # the results are where the optimizer wrote: check it kept our views
+        state = optimizer.state[param]
+        if any(tensor.data_ptr() != buffer[index].data_ptr() for tensor, buffer in
+               ((param, w_after), (state["exp_avg"], m_after), (state["exp_avg_sq"], v_after))):
+            raise RuntimeError(f"torch {torch.__version__}'s optimizer copied the state the replay loaded into it, "
+                               "so the replayed values are not in the replay's buffers; thimble.adamw.replay_steps "
+                               "needs adapting to this torch version")
+    return w_after, m_after, v_after
 
 
 def pre_rounding_weight(w_before: torch.Tensor, m_after: torch.Tensor, v_after: torch.Tensor, steps: torch.Tensor,
-                        hyper: dict) -> torch.Tensor:
+                        hyper: dict, out: torch.Tensor | None = None) -> torch.Tensor:
     """The float32 weight ``addcdiv_`` forms before rounding to bf16 (single-tensor and foreach arithmetic).
 
     ``steps`` (B,) are the step numbers t; m and v are the moments after step t (what the optimizer
@@ -89,7 +103,7 @@ def pre_rounding_weight(w_before: torch.Tensor, m_after: torch.Tensor, v_after: 
     """
     lr, (beta1, beta2), eps, weight_decay = hyper["lr"], hyper["betas"], hyper["eps"], hyper["weight_decay"]
     w = w_before.mul(1 - lr * weight_decay) if weight_decay != 0 else w_before
-    out = torch.empty(w.shape, dtype=torch.float32)
+    out = torch.empty(w.shape, dtype=torch.float32) if out is None else out[: len(w)]
     for index, step in enumerate(steps.tolist()):
         step = float(step)  # torch keeps the count in a float32 tensor and reads it with .item()
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5

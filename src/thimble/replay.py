@@ -158,13 +158,16 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     last = shape[0] - 1
     rows, histograms, listed = [], [], []
     disagreements = ties = 0
+    # buffers reused by every block: fresh ones each block would cost more in page faults than the copies
     buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=np.uint16) for name in TENSORS}
+    replayed_out = tuple(torch.empty((block_steps, *shape[1:]), dtype=torch.bfloat16, device=target)
+                         for _ in range(3))
+    pre_rounding_out = torch.empty((block_steps, *shape[1:]), dtype=torch.float32)
 
     def load(name: str, start: int, stop: int) -> torch.Tensor:
         out = buffers[name][: stop - start]
         read_stream_rows(stream_dir, name, start, stop, out, pool)
-        bits = bfloat16_bits_from_float16_bits(out) if storage == "float16" else out.copy()
-        return bits_to_torch(bits)
+        return bits_to_torch(bfloat16_bits_from_float16_bits(out) if storage == "float16" else out)
 
     def bits(tensor: torch.Tensor) -> np.ndarray:
         return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -175,10 +178,10 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
             w, m, v = (load(name, first - 1, stop) for name in ("W", "momentum_W", "variance_W"))
             grads = load("grad_W", first, stop)
             replayed = replay_steps(*(x.to(target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, hyper,
-                                    implementation)
+                                    implementation, out=replayed_out)
             replayed = tuple(bits(x.cpu()) for x in replayed)
             steps = torch.arange(first, stop)
-            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper).numpy()
+            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper, out=pre_rounding_out).numpy()
             w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
             # one compiled pass per element; it releases the GIL, so the block's steps are split across threads
             results = [pool.submit(count_steps, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
