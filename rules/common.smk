@@ -36,23 +36,28 @@ def local_texts(wildcards):
 
 def tokenizer_texts(wildcards):
     """The dataset's assembled tokenizer texts. For a local source, whose texts can be read before anything
-    runs, a vocab_size larger than they support stops `-n` with the largest that fits (until the tokenizer
-    is built; the check trains the BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
-    dataset = CFG["datasets"][wildcards.dataset]
-    built = Path(f"results/data/{wildcards.dataset}/tokenizer.json").exists()
-    if "local" in dataset["source"] and not built:
-        from thimble.corpus import CorpusError, local_tokenizer_text
-        from thimble.tokenizer import supported_vocab_size, too_few_tokens
+    runs, a vocab_size larger than they support stops `-n` with the largest that fits (unless the tokenizer
+    is built with that vocab_size; the check trains the BPE once per text and vocab_size, cached in
+    .snakemake/thimble/)."""
+    dataset, texts = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    if "local" not in dataset["source"]:
+        return texts
+    local_texts(wildcards)  # a missing folder: that error first
+    from thimble.corpus import CorpusError, local_tokenizer_text
+    from thimble.tokenizer import built_vocab_size, supported_vocab_size, too_few_tokens
 
-        try:
-            text = local_tokenizer_text(dataset, wildcards.dataset)
-        except CorpusError as error:
-            raise WorkflowError(str(error))
-        supported = supported_vocab_size(text, dataset["vocab_size"], Path(".snakemake/thimble"))
-        if supported < dataset["vocab_size"]:
-            raise WorkflowError(too_few_tokens(f"config key datasets.{wildcards.dataset}.vocab_size",
-                                               supported, dataset["vocab_size"]))
-    return f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    built = Path(f"results/data/{wildcards.dataset}/tokenizer.json")
+    if built.exists() and built_vocab_size(built) == dataset["vocab_size"]:
+        return texts
+    try:
+        text = local_tokenizer_text(dataset, wildcards.dataset)
+    except CorpusError as error:
+        raise WorkflowError(str(error))
+    supported = supported_vocab_size(text, dataset["vocab_size"], Path(".snakemake/thimble"))
+    if supported < dataset["vocab_size"]:
+        raise WorkflowError(too_few_tokens(f"config key datasets.{wildcards.dataset}.vocab_size", supported,
+                                           dataset["vocab_size"]))
+    return texts
 
 
 def sdist_setting(wildcards, key):

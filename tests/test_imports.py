@@ -27,7 +27,9 @@ def test_dry_run_imports_neither_torch_nor_h5py(workdir):
     code = ("import atexit, sys\n"
             f"atexit.register(lambda: print('LOADED', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr))\n"
             "from snakemake.cli import main\n"
-            f"sys.argv = ['snakemake', 'results/thimble_7/freeze.csv', 'results/thimble_small/figures/loss.png', '-n',"
+            # thimble_mini's dataset is local here: the dry run checks its vocab_size on the texts
+            f"sys.argv = ['snakemake', 'results/thimble_7/freeze.csv', 'results/thimble_small/figures/loss.png',"
+            f" 'results/thimble_mini/figures/loss.png', '-n',"
             f" '--snakefile', {str(REPO / 'Snakefile')!r}, '--directory', {str(workdir)!r}]\n"
             "main()\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -35,6 +37,7 @@ def test_dry_run_imports_neither_torch_nor_h5py(workdir):
     assert result.returncode == 0, output
     assert "mem_mb=" in output and "runtime=" in output, "the dry run evaluated the jobs' resources"
     assert "LOADED []" in output, output
+    assert list((workdir / ".snakemake" / "thimble").glob("vocab-*.json")), "the vocab_size check ran"
 
 
 def imports_of(path) -> set[str]:

@@ -162,6 +162,8 @@ def test_stage_time_is_fitted_to_two_probe_lengths():
     # a probe of one length scales its whole time: an upper bound, and said to be one
     assert times["rechunk"] == {"seconds": pytest.approx(10.0 * 100 / 10), "upper_bound": True, "scaled": 1.0}
     assert times["freeze"] == {"seconds": pytest.approx(3.2 * 100 / 10), "upper_bound": True, "scaled": 1.0}
+    # a run shorter than the probe: never below the probe's own time (its start-up does not shrink)
+    assert costs.stage_seconds(record, 3)["rechunk"]["seconds"] == pytest.approx(10.0)
     # a probe of another shape: the per-step part scales with W's elements, the fixed start-up does not
     record["probe_settings"] = {"model": {"vocab_size": 100, "hidden_dim": 8}}
     larger = costs.stage_seconds(record, 99, {"vocab_size": 400, "hidden_dim": 8})

@@ -31,6 +31,7 @@ from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 from thimble.codec import WorkerPool, thread_spans
 from thimble.errors import DataError
 from thimble.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
+from thimble.sizes import REPLAY_BLOCK_STEPS
 from thimble.update_rules import UPDATE_RULES
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ COLUMNS = ("step", *COUNT_COLUMNS, "freeze_agreement", "elements")
 #: disagreements listed one by one in replay.json (all are counted)
 LISTED_DISAGREEMENTS = 50
 #: steps replayed per optimizer call
-BLOCK_STEPS = 32
+BLOCK_STEPS = REPLAY_BLOCK_STEPS
 
 
 def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
@@ -199,25 +200,27 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                 histograms.extend(block_histograms)
             disagreements += int(columns["criterion_disagreements"].sum())
             ties += int(columns["ties"].sum())
-            room = LISTED_DISAGREEMENTS - len(listed)
-            # the elements behind the counts are found (by the numpy reference) only for the few listed
-            listing = room > 0 and columns["criterion_disagreements"].any()
-            if listing:
-                reference = step_statistics(w_bits, m_bits, v_bits, replayed, pre_rounding)
-                differs, predicted = reference["differs"], reference["predicted"]
-            else:
-                differs, predicted = np.zeros((0, len(shape)), bool), None
-            for index, *element in np.argwhere(differs)[:room].tolist():
-                at = (index, *element)
-                listed.append({
-                    "step": first + index, "element": element,
-                    "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
-                    "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
-                    "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
-                    "predicted_frozen": bool(predicted[at]),
-                    "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
-                    "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
-                })
+            # the elements behind the counts are found by the numpy reference, one step at a time and only
+            # for the steps with disagreements, until LISTED_DISAGREEMENTS are listed
+            for index in np.flatnonzero(columns["criterion_disagreements"]).tolist():
+                room = LISTED_DISAGREEMENTS - len(listed)
+                if room <= 0:
+                    break
+                one = slice(index, index + 1)
+                reference = step_statistics(w_bits[index: index + 2], m_bits[index: index + 2],
+                                            v_bits[index: index + 2], tuple(x[one] for x in replayed),
+                                            pre_rounding[one])
+                for element in np.argwhere(reference["differs"][0])[:room].tolist():
+                    at = (index, *element)
+                    listed.append({
+                        "step": first + index, "element": element,
+                        "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
+                        "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
+                        "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
+                        "predicted_frozen": bool(reference["predicted"][(0, *element)]),
+                        "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
+                        "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
+                    })
             bar.update(stop - first)
 
     where = replay_environments(attrs, target, implementation)

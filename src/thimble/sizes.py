@@ -16,6 +16,8 @@ from thimble.update_rules import step_bytes as recorded_step_bytes, widest_eleme
 STORED_ELEMENT_BYTES = 2
 #: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
+#: steps the replay holds and replays at once (its memory grows with them; the plan's model counts them)
+REPLAY_BLOCK_STEPS = 32
 
 
 def n_parameters(model: dict) -> int:

@@ -52,21 +52,37 @@ def too_few_tokens(where: str, supported: int, vocab_size: int) -> str:
             f"lower the dataset's vocab_size (to {supported} at most) or add tokenizer texts")
 
 
+#: part of the vocab check's cache key: change it with ``train_bpe``'s settings
+BPE_FORMAT = 1
+
+
 def supported_vocab_size(text: str, vocab_size: int, cache_dir: Path) -> int:
     """min(vocab_size, the most BPE tokens ``text`` supports), remembered in ``cache_dir`` by the text's hash:
-    checking a config trains the tokenizer once, not at every `snakemake -n`."""
+    checking a config trains the tokenizer once, not at every `snakemake -n` (an unwritable cache only
+    costs the training again)."""
     import tokenizers
 
-    key = hashlib.sha256(f"{tokenizers.__version__}\0{vocab_size}\0{text}".encode()).hexdigest()[:20]
-    cached = cache_dir / f"vocab-{key}.json"
+    key_text = f"{BPE_FORMAT}\0{tokenizers.__version__}\0{vocab_size}\0{text}"
+    cached = cache_dir / f"vocab-{hashlib.sha256(key_text.encode()).hexdigest()[:20]}.json"
     try:
         return int(json.loads(cached.read_text())["supported"])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     supported = train_bpe_on_text(text, vocab_size).get_vocab_size()
-    with atomic_output(cached) as tmp:
-        Path(tmp).write_text(json.dumps({"vocab_size": vocab_size, "supported": supported}) + "\n")
+    try:
+        with atomic_output(cached) as tmp:
+            Path(tmp).write_text(json.dumps({"vocab_size": vocab_size, "supported": supported}) + "\n")
+    except OSError as error:
+        log.warning("could not cache the vocab_size check in %s (%s)", cache_dir, error)
     return supported
+
+
+def built_vocab_size(path: Path) -> int | None:
+    """The vocabulary size of a saved tokenizer.json, or None when it cannot be read."""
+    try:
+        return Tokenizer.from_file(str(path)).get_vocab_size()
+    except Exception:  # tokenizers raises its own exception type for a damaged file
+        return None
 
 
 def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:

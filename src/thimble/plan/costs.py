@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from thimble.sizes import chunk_rows, row_bytes, training_footprint
+from thimble.sizes import REPLAY_BLOCK_STEPS, chunk_rows, row_bytes, training_footprint
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
@@ -45,6 +45,9 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
     def chunk() -> int:
         return chunk_rows(settings) * row_bytes(settings)
 
+    def replay_rows() -> int:
+        return min(steps, REPLAY_BLOCK_STEPS)
+
     formulas = {
         "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
                              if key.startswith("ram")),
@@ -53,8 +56,10 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         "rechunk": lambda: 2 * chunk(),
         # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
         "lattice": chunk,
-        # W, grad and both moments in bf16 and float32 working copies, before and after a step, per block
-        "replay": lambda: 2 * 4 * row_elements * (2 + 4),
+        # per block of steps (thimble.replay.BLOCK_STEPS): the decoded rows of W, grad and both moments
+        # (bf16, one more row than steps), the optimizer's W, m, v (bf16) and the criterion's float32 sums;
+        # and one step's temporaries (the criterion's float32 arithmetic, a listed step's numpy reference)
+        "replay": lambda: row_elements * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40),
         # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
         # (its low bytes) held while the chunk is decoded
         "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,
@@ -153,8 +158,10 @@ def stage_seconds(calibration: dict, steps: int, model: dict | None = None) -> d
             seconds = fitted["fixed"] + fitted["per_step"] * (steps + 1) * scale
             times[stage] = {"seconds": seconds, "upper_bound": False, "scaled": scale}
         elif stage in calibration["stages"]:
-            seconds = calibration["stages"][stage]["seconds"] * (steps + 1) / (calibration["probe_steps"] + 1)
-            times[stage] = {"seconds": seconds * max(1.0, scale), "upper_bound": True, "scaled": scale}
+            # never below the probe's own time: its start-up alone does not shrink with fewer steps
+            steps_ratio = (max(steps, calibration["probe_steps"]) + 1) / (calibration["probe_steps"] + 1)
+            seconds = calibration["stages"][stage]["seconds"] * steps_ratio * max(1.0, scale)
+            times[stage] = {"seconds": seconds, "upper_bound": True, "scaled": scale}
     return times
 
 
