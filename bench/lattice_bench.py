@@ -35,7 +35,6 @@ from thimble.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.config import load_config
 from thimble.lattice import from_ordinal, ordinal
 from thimble.codec import compress_shuffled, zstd_dcpl
-from thimble.rechunk import create_chunked
 from thimble.record import TENSORS, StreamRecorder, write_stream_file
 
 

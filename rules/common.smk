@@ -1,5 +1,6 @@
 # Helpers for the stage files: settings handed to the CLI and input functions.
 
+import functools
 import json
 import re
 
@@ -113,8 +114,10 @@ def train_gpus(experiment):
     return int(device == "cuda")
 
 
+@functools.cache
 def calibration_of(experiment):
-    """The probe that `thimble plan` cached for the experiment, or the nearest shipped or cached one."""
+    """The probe that `thimble plan` cached for the experiment, or the nearest shipped or cached one (read
+    once per Snakemake process: every job's resources ask for it)."""
     from thimble.plan import any_calibration
 
     calibration = any_calibration(CFG["experiments"][experiment], Path("."))
@@ -129,7 +132,8 @@ def stage_mem_mb(experiment, stage, attempt=1):
     with half again as margin, times the attempt."""
     from thimble.plan import job_mem_mb, peak_ram_bytes
 
-    return job_mem_mb(peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record)[stage], attempt)
+    peak = peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record, stages=(stage,))
+    return job_mem_mb(peak[stage], attempt)
 
 
 def train_runtime_min(experiment):

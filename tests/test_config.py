@@ -5,7 +5,7 @@ import pytest
 from conftest import REPO, offline_config, run_snakemake
 from thimble.config import (ConfigError, deep_merge, load_config, load_schema, load_yaml, resolve_config,
                             schema_defaults, settings_hash)
-from thimble.rechunk import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 
 SCHEMA = load_schema()
 SHIPPED = load_yaml(REPO / "config.yaml")

@@ -5,7 +5,7 @@ import ast
 import subprocess
 import sys
 
-from conftest import REPO, SNAKEMAKE
+from conftest import REPO
 
 HEAVY = ("torch", "h5py")
 

@@ -195,8 +195,14 @@ def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
     assert calibration.own_calibration(thimble_7, "dataset", "cpu", tmp_path) is None
 
 
+def stage_of_rule(rule: str) -> str:
+    """The stage a rule runs: a stage's rule is named after it, and its variants start with that name and
+    '_' (``train_temporary_stream``, the train rule for experiments that delete their stream)."""
+    return next((stage for stage in costs.STAGES if rule == stage or rule.startswith(stage + "_")), rule)
+
+
 def test_experiment_files_are_what_the_rules_make(workdir):
-    from thimble.plan.target import snakemake_summary, stage_of_rule
+    from thimble.plan.target import snakemake_summary
 
     rows = snakemake_summary(workdir, ["results/thimble_mini/figures/loss.png", "results/thimble_mini/replay.json"],
                              REPO / "Snakefile")

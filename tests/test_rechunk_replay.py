@@ -11,7 +11,8 @@ import torch
 from conftest import VOCAB, rewrite_steps, run_train, tiny_settings
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import delta_w_lattice, write_delta_w_lattice
-from thimble.rechunk import RechunkError, rechunk_stream, steps_per_chunk
+from thimble.rechunk import RechunkError, rechunk_stream
+from thimble.sizes import steps_per_chunk
 from thimble.record import TENSORS, open_stream, read_steps
 from thimble.replay import replay_stream
 

@@ -12,13 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
-from thimble.bf16 import BFLOAT16, bits_to_torch
-from thimble.config import resolve_config
-from thimble.masks import live_dead_masks
 from thimble.record import TENSORS, list_segments, open_stream, read_steps, read_steps_torch
-from thimble.train import TrainingError, train
+from thimble.train import TrainingError
 
 from conftest import VOCAB, run_train, tiny_settings  # the fixtures data and recorded live there too
 

@@ -1,7 +1,5 @@
 """The update rules: each trains, records what it keeps, and replays bit for bit through its own step()."""
 
-import json
-
 import h5py
 import numpy as np
 import pytest

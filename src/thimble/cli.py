@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from thimble.usage import PEAK_RSS_ENV, peak_rss_bytes, write_usage  # noqa: F401  (PEAK_RSS_ENV, peak_rss_bytes: their old home)
+from thimble.usage import write_usage
 
 
 def _settings(text: str) -> dict:
@@ -332,9 +332,9 @@ def needed_bytes(args) -> int | None:
     from pathlib import Path
 
     if args.command == "train":
-        from thimble.train import run_plan
+        from thimble.sizes import training_footprint
 
-        return run_plan(_settings(args.settings), 0)["stream_bytes_uncompressed"]
+        return training_footprint(_settings(args.settings), 0)["stream_bytes_uncompressed"]
     if args.command == "rechunk" and Path(args.stream).is_dir():
         return sum(path.stat().st_size for path in Path(args.stream).iterdir())
     return None

@@ -216,8 +216,17 @@ def zstd_dcpl(chunks: tuple[int, ...], level: int, shuffle: bool = True) -> h5py
 
 
 def dataset_filters(dataset: h5py.Dataset) -> list[int]:
+    return [code for code, _ in _filters_with_values(dataset)]
+
+
+def zstd_level(dataset: h5py.Dataset) -> int:
+    """The zstd level a dataset's chunks were written with (its filter's parameter)."""
+    return next(int(values[0]) for code, values in _filters_with_values(dataset) if code == ZSTD_FILTER)
+
+
+def _filters_with_values(dataset: h5py.Dataset) -> list[tuple[int, tuple]]:
     plist = dataset.id.get_create_plist()
-    return [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
+    return [plist.get_filter(index)[:3:2] for index in range(plist.get_nfilters())]
 
 
 def has_shuffle_zstd(dataset: h5py.Dataset) -> bool:

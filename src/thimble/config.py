@@ -21,8 +21,8 @@ import jsonschema
 import yaml
 
 from thimble.errors import ThimbleError
-from thimble.sizes import HDF5_MAX_CHUNK_BYTES, STORED_ELEMENT_BYTES, steps_per_chunk
-from thimble.update_rules import rule_problems, widest_element_bytes
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, row_bytes, steps_per_chunk
+from thimble.update_rules import rule_problems
 
 #: the schema's place in the workflow directory (the design's workflow/schemas/)
 SCHEMA_IN_WORKFLOW = Path("workflow") / "schemas" / "config.schema.yaml"
@@ -158,8 +158,7 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
     rechunk = exp["rechunk"]
     problems += rule_problems(key, exp["training"], exp["record"])
     # the widest recorded tensor (float32 state under fp32_master) sizes the largest chunk
-    step_bytes = (datasets[exp["dataset"]]["vocab_size"] * model["hidden_dim"]
-                  * widest_element_bytes(exp["training"]["update_rule"], exp["record"]["dtype"]))
+    step_bytes = row_bytes(exp)
     if rechunk["max_chunk_bytes"] > HDF5_MAX_CHUNK_BYTES:
         problems.append(f"config key {key}.rechunk.max_chunk_bytes: {rechunk['max_chunk_bytes']} is over "
                         f"HDF5's chunk limit of {HDF5_MAX_CHUNK_BYTES} bytes (4 GiB - 1)")
@@ -204,9 +203,9 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
         overrides = {k: v for k, v in raw.items() if k not in ("dataset", "description")}
         exp = deep_merge(defaults, overrides)
         exp.update(name=name, dataset=raw["dataset"], description=raw.get("description", ""))
-        problems += _check_experiment(name, exp, datasets)
         if raw["dataset"] in datasets:
             exp["model"]["vocab_size"] = datasets[raw["dataset"]]["vocab_size"]
+        problems += _check_experiment(name, exp, datasets)
         experiments[name] = exp
     series = config.get("series", {})
     for name, members in series.items():

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from thimble.freeze import PHASES  # noqa: E402
-from thimble.update_rules import recorded_tensors  # noqa: E402
+from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
@@ -196,7 +196,7 @@ def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: 
 
 def experiment_label(summary: dict) -> str:
     """An experiment's name, with its update rule where that is not the seed's."""
-    rule = summary.get("update_rule", "bf16")
+    rule = rule_of(summary)
     return summary["experiment"] if rule == "bf16" else f"{summary['experiment']} [{rule}]"
 
 
@@ -292,9 +292,9 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
     variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"],
-             recorded_tensors(summary.get("update_rule", "bf16"))["variance_W"])
+             recorded_tensors(rule_of(summary))["variance_W"])
     update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
-                 summary.get("update_rule", "bf16"))
+                 rule_of(summary))
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
     if summary_page:
         _write_text(summary_page, summary_html(summary))
@@ -322,7 +322,7 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
             for measure, series_ in measures.items():
                 fit = series_["trend_last_half"]
                 rows.append({"experiment": summary["experiment"],
-                             "update_rule": summary.get("update_rule", "bf16"), "group": group, "measure": measure,
+                             "update_rule": rule_of(summary), "group": group, "measure": measure,
                              "steps": summary["steps"], "delta_w_exact": summary["delta_w_exact"],
                              "share_last_half": last_half[{"global_freeze": "global_freeze_share",
                                                            "token_frozen": "token_frozen_share",
@@ -335,7 +335,7 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
     lattice_rows = []
     if lattice_table:
         for summary, path in zip(summaries, lattice_paths, strict=True):
-            lattice_rows += lattice_position_summary(summary["experiment"], summary.get("update_rule", "bf16"),
+            lattice_rows += lattice_position_summary(summary["experiment"], rule_of(summary),
                                                      pd.read_csv(path))
         write_csv(lattice_table, lattice_rows)
     if page:

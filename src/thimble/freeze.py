@@ -32,6 +32,7 @@ import numpy as np
 
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
+from thimble.update_rules import rule_of
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +410,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     from tqdm.auto import tqdm
 
     from thimble.codec import WorkerPool, thread_spans
-    from thimble.record import open_h5, recorded_bf16_blocks
+    from thimble.record import open_h5, recorded_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["W"].shape
@@ -420,7 +421,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
         bounds = thread_spans(vocab, threads)
         previous = previous_delta = None
         with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
-            for step, block in recorded_bf16_blocks(handle, "W", block_rows):
+            for step, block in recorded_blocks(handle, "W", block_rows):
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
                     if not len(block):
@@ -444,7 +445,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
     share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
-    from thimble.record import open_h5, recorded_bf16_blocks
+    from thimble.record import open_h5, recorded_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
@@ -452,7 +453,7 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
-        for start, block in recorded_bf16_blocks(handle, "variance_W", block_rows, float32_too=True):
+        for start, block in recorded_blocks(handle, "variance_W", block_rows):
             values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
             token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])
@@ -502,7 +503,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         losses = read_checked(handle["losses"])
         dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         exact = handle.attrs.get("storage_dtype") != "float16"
-        update_rule = str(handle.attrs.get("update_rule", "bf16"))
+        update_rule = rule_of(handle.attrs)
     if delta_path is not None:
         with open_h5(delta_path) as handle:
             exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))

@@ -178,7 +178,7 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     from tqdm.auto import tqdm
 
     from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, thread_spans, write_chunk, zstd_dcpl
-    from thimble.record import create_checked_array, recorded_bf16_blocks
+    from thimble.record import create_checked_array, recorded_blocks
 
     w = source["W"]
     rows, (n_steps, *row_shape) = w.chunks[0], w.shape
@@ -192,7 +192,7 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
                         dcpl=zstd_dcpl(w.chunks, level, shuffle=False))
         target = out["delta_w_lattice"]
         previous = encoder = None
-        for step, block in tqdm(recorded_bf16_blocks(source, "W", BLOCK_ROWS), desc="ΔW′", unit="block",
+        for step, block in tqdm(recorded_blocks(source, "W", BLOCK_ROWS), desc="ΔW′", unit="block",
                                 mininterval=5):
             block = block.reshape(len(block), row_elements)
             chunk_start, end = step - step % rows, step + len(block)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, WorkerPool, chunk_row_blocks, compress_shuffled,
                            time_chunks, write_chunk, zstd_dcpl)
 from thimble.errors import DataError
-from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk  # noqa: F401  (steps_per_chunk: its old home)
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,9 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
         n_rows, vocab, hidden = stream["W"].shape
-        tensors = stream_tensors(stream)
-        # the widest tensor sets the steps per chunk (h5py shows bf16 as float32: ask HDF5 for sizes)
-        row_bytes = vocab * hidden * max(stream[name].id.get_type().get_size() for name in tensors)
+        # each tensor's element bytes (h5py shows bf16 as float32: ask HDF5); the widest sets the steps per chunk
+        element_bytes = {name: stream[name].id.get_type().get_size() for name in stream_tensors(stream)}
+        row_bytes = vocab * hidden * max(element_bytes.values())
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
             raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
@@ -102,14 +102,13 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
                  hidden, rows, rows * row_bytes / 1e9)
         checksums = {}
         with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
-                tqdm(total=n_rows * vocab * hidden * sum(stream[name].id.get_type().get_size() for name in tensors),
-                     unit="B", unit_scale=True, desc="rechunk",
-                     mininterval=5) as progress:
-            for name in tensors:
+                tqdm(total=n_rows * vocab * hidden * sum(element_bytes.values()), unit="B", unit_scale=True,
+                     desc="rechunk", mininterval=5) as progress:
+            for name in element_bytes:
                 checksums[name] = copy_rechunked(Path(stream_dir), stream[name], out, rows, level, pool, progress)
                 log.info("%s: verified, sha256 %s", name, checksums[name])
             for name in stream:
-                if name not in tensors:
+                if name not in element_bytes:
                     create_checked_array(out, name, read_checked(stream[name]))
             out.attrs.update(dict(stream.attrs))
             out.attrs["steps_per_chunk"] = rows

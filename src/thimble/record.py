@@ -22,6 +22,7 @@ missing file into a ``DataError`` naming the file, the dataset and the steps.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import queue
@@ -40,7 +41,7 @@ from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, ZSTD_FILTER, WorkerPool,
                            dataset_filters, decode_chunk, decode_rows, encode_chunk, has_shuffle_zstd,
                            read_stored_chunk, require_zstd_filter, row_blocks, zstd_dcpl)
 from thimble.errors import DataError
-from thimble.update_rules import recorded_tensors
+from thimble.update_rules import ELEMENT_BYTES, recorded_tensors
 
 if TYPE_CHECKING:
     import torch
@@ -67,8 +68,6 @@ def storage_h5type(storage: str) -> h5py.h5t.TypeID:
 
 def stream_tensors(handle: h5py.File) -> dict[str, str]:
     """The recorded tensors of a stream or rechunked file, each with its stored dtype."""
-    import json
-
     if "recorded_tensors" in handle.attrs:
         return json.loads(handle.attrs["recorded_tensors"])
     return recorded_tensors("bf16", str(handle.attrs.get("storage_dtype", "bfloat16")))
@@ -217,8 +216,6 @@ class _Segment:
 
 def tensors_attr(tensors: dict[str, str]) -> str:
     """The ``recorded_tensors`` attribute: which tensors a file holds and how each is stored."""
-    import json
-
     return json.dumps(tensors)
 
 
@@ -507,23 +504,23 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
                 finish(*pending.popleft())
 
 
-def recorded_bf16_blocks(handle: h5py.File, name: str, block_rows: int,
-                         float32_too: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-    """(first step, rows) blocks of a rechunked recording's tensor as bf16 bit patterns (uint16, shaped
-    (rows, V, D)), decoded chunk by chunk with every checksum verified, holding half a chunk.
+def recorded_blocks(handle: h5py.File, name: str, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first step, rows) blocks of a rechunked recording's tensor as stored bits, shaped (rows, V, D),
+    decoded chunk by chunk with every checksum verified, holding half a chunk.
 
-    A float16 recording (the seed's storage) is read back as bf16, as every stage reads it. With
-    ``float32_too`` a float32 tensor (optimizer state under fp32_master) comes back as its uint32 bits.
+    bf16 tensors come back as uint16 bit patterns, a float16 recording's (the seed's storage) read back as
+    bf16 as every stage reads it; float32 optimizer state (fp32_master) as its uint32 bits.
     """
     dataset = handle[name]
     storage = handle.attrs.get("storage_dtype")
+    stored = stream_tensors(handle).get(name)
     element_bytes = dataset.id.get_type().get_size()
-    if storage not in STORAGE_DTYPES or element_bytes not in ((2, 4) if float32_too else (2,)):
-        raise DataError(f"{handle.filename}: {name} is stored as {storage} ({dataset.dtype}); the analysis needs "
-                        "a recording written by thimble train (bfloat16 or float16)")
+    if storage not in STORAGE_DTYPES or stored not in TENSOR_DTYPES or element_bytes != ELEMENT_BYTES[stored]:
+        raise DataError(f"{handle.filename}: {name} is stored as {stored or storage} ({dataset.dtype}); the analysis "
+                        "needs a recording written by thimble train (bfloat16 or float16)")
     if not has_shuffle_zstd(dataset):
         raise DataError(f"{handle.filename}: {name} is not shuffle+zstd compressed; rechunk it with thimble rechunk")
     for first, block in row_blocks(dataset, block_rows):
-        if storage == "float16" and element_bytes == 2:
+        if stored == "float16":
             block = bfloat16_bits_from_float16_bits(block)
         yield first, block.reshape(-1, *dataset.shape[1:])

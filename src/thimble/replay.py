@@ -32,7 +32,7 @@ from thimble.codec import WorkerPool, thread_spans
 from thimble.errors import DataError
 from thimble.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
 from thimble.sizes import REPLAY_BLOCK_STEPS
-from thimble.update_rules import UPDATE_RULES
+from thimble.update_rules import UPDATE_RULES, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,43 @@ def explain(replay_differs: bool, storage: str, implementation: str) -> str:
     return "the criterion's float32 arithmetic differs from the kernel's here (e.g. a fused multiply-add)"
 
 
+def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, freeze_criterion: dict,
+                   tail: dict | None = None) -> dict:
+    """replay.json: ``head`` (steps, rule, storage), where it ran, the mismatch totals of ``rows``, the
+    freeze criterion's account, ``tail``, and a note on a cross-device replay."""
+    totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
+    summary = {**head, **where, "total_mismatches": totals,
+               "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
+               "bitwise_match": not any(totals.values()), "freeze_criterion": freeze_criterion, **(tail or {})}
+    if not where["same_device"]:
+        summary["note"] = (f"recorded on {where['recorded_on']['device']}, replayed on "
+                           f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
+                           "where the kernels round differently")
+    return summary
+
+
+def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
+                         output_json: str, summary: dict) -> None:
+    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all."""
+    from thimble.files import atomic_output
+
+    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *RATIO_COLUMNS])
+        for step, counts in enumerate(histograms, start=1):
+            writer.writerow([step, *counts.tolist()])
+    with atomic_output(output_json) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
                   threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
     """Replay every step of a recorded stream; write the per-step table, the update-ratio histograms
     and a summary."""
-    from thimble.files import atomic_output
     from thimble.record import TENSORS, open_stream, read_stream_rows, stream_tensors
 
     torch.set_num_threads(threads)
@@ -139,7 +171,7 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in stream.attrs.items()}
         shape = stream["W"].shape
         tensors = stream_tensors(stream)
-    rule = str(attrs.get("update_rule", "bf16"))
+    rule = rule_of(attrs)
     if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
         raise DataError(f"{stream_dir} was recorded under training.update_rule {rule!r}, which this version of "
                         f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
@@ -223,49 +255,26 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
                     })
             bar.update(stop - first)
 
-    where = replay_environments(attrs, target, implementation)
-    totals = {column: int(sum(row[column] for row in rows)) for column in COLUMNS[1:4]}
-    summary = {
-        "steps": last,
-        "update_rule": "bf16",
-        "storage_dtype": storage,
-        **where,
-        "total_mismatches": totals,
-        "steps_with_mismatches": sum(1 for row in rows if row["W_mismatches"] or row["momentum_mismatches"]
-                                     or row["variance_mismatches"]),
-        "bitwise_match": not any(totals.values()),
-        "freeze_criterion": {
-            "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
-                    "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
-                    "move, or exactly half with an even last mantissa bit",
-            "elements": last * int(np.prod(shape[1:])),
-            "disagreements": disagreements,
-            "agreement": 1 - disagreements / (last * int(np.prod(shape[1:]))) if last else None,
-            "ties_at_half_spacing": ties,
-            "listed": listed,
-        },
+    criterion = {
+        "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
+                "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
+                "move, or exactly half with an even last mantissa bit",
+        "elements": last * int(np.prod(shape[1:])),
+        "disagreements": disagreements,
+        "agreement": 1 - disagreements / (last * int(np.prod(shape[1:]))) if last else None,
+        "ties_at_half_spacing": ties,
+        "listed": listed,
     }
-    if not where["same_device"]:
-        summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
-                           "mismatches are expected where the kernels round differently")
-    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", *RATIO_COLUMNS])
-        for step, counts in enumerate(histograms, start=1):
-            writer.writerow([step, *counts.tolist()])
-    with atomic_output(output_json) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
+                             replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
+    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary)
     if summary["bitwise_match"]:
         log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
                  target, last)
     else:
         log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
-                    "recorded on %s)", totals, summary["steps_with_mismatches"], where["replayed_on"],
-                    where["recorded_on"])
+                    "recorded on %s)", summary["total_mismatches"], summary["steps_with_mismatches"],
+                    summary["replayed_on"], summary["recorded_on"])
     log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
              "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
     return summary
@@ -283,8 +292,8 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
     The freeze criterion and the update-ratio histograms are the bf16 rule's (round to nearest from the
     addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
     """
-    from thimble.files import atomic_output
-    from thimble.record import BITS_DTYPES, read_stream_rows
+    from thimble.codec import BITS_DTYPES
+    from thimble.record import read_stream_rows
     from thimble.update_rules import ELEMENT_BYTES
 
     rule = str(attrs["update_rule"])
@@ -325,43 +334,23 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
             bar.update(stop - first)
 
     mismatch_columns = [f"{name}_mismatches" for name in state_names]
-    totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
-    where = replay_environments(attrs, target, implementation)
-    summary = {
-        "steps": last,
-        "update_rule": rule,
-        "storage_dtype": attrs.get("storage_dtype"),
-        "recorded_tensors": tensors,
-        **where,
-        "total_mismatches": totals,
-        "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
-        "bitwise_match": not any(totals.values()),
-        "freeze_criterion": {
-            "applies": False,
-            "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under {rule} "
-                   "the weight is rounded another way, so only the replay's bits are compared",
-        },
-    }
-    if rule == "stochastic_rounding":
-        summary["random_bits"] = ("torch's generator is seeded from (training.seed, t) before step t "
+    criterion = {"applies": False,
+                 "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under {rule} "
+                        "the weight is rounded another way, so only the replay's bits are compared"}
+    random_bits = {"random_bits": "torch's generator is seeded from (training.seed, t) before step t "
                                   "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
-                                  "training's bits")
-    if not where["same_device"]:
-        summary["note"] = (f"recorded on {recorded_device}, replayed on {target}: a cross-device replay; "
-                           "mismatches are expected where the kernels round differently")
-    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]])
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
-        csv.writer(handle).writerow(["step", *RATIO_COLUMNS])
-    with atomic_output(output_json) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+                                  "training's bits"} if rule == "stochastic_rounding" else {}
+    summary = replay_summary({"steps": last, "update_rule": rule, "storage_dtype": attrs.get("storage_dtype"),
+                              "recorded_tensors": tensors}, replay_environments(attrs, target, implementation),
+                             rows, mismatch_columns, criterion, random_bits)
+    # the ratio table has its header only: the ratio is the bf16 rule's
+    write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
+                         output_json, summary)
     if summary["bitwise_match"]:
         log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
                  target, last)
     else:
-        log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", rule, totals,
+        log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", rule, summary["total_mismatches"],
                     summary["steps_with_mismatches"])
     return summary
 

@@ -165,7 +165,9 @@ class Run:
     @property
     def update_rule(self) -> str:
         """training.update_rule of the run (docs/update_rules.md)."""
-        return str(self._recording().attrs.get("update_rule", "bf16"))
+        from thimble.update_rules import rule_of
+
+        return rule_of(self._recording().attrs)
 
     @property
     def recorded_tensors(self) -> dict[str, str]:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import math
 
 from thimble.errors import ThimbleError
-from thimble.update_rules import step_bytes as recorded_step_bytes, widest_element_bytes
+from thimble.update_rules import rule_of, step_bytes as recorded_step_bytes, widest_element_bytes
 
-#: bytes of one stored element of W, grad_W, momentum_W, variance_W under the bf16 rule
-STORED_ELEMENT_BYTES = 2
 #: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 #: steps the replay holds and replays at once (its memory grows with them; the plan's model counts them)
@@ -40,7 +38,7 @@ def step_flops(settings: dict) -> float:
 def row_bytes(settings: dict) -> int:
     """Stored bytes of one step of the widest recorded tensor (V x D elements): what sizes a chunk."""
     model = settings["model"]
-    element = widest_element_bytes(settings["training"].get("update_rule", "bf16"), settings["record"]["dtype"])
+    element = widest_element_bytes(rule_of(settings["training"]), settings["record"]["dtype"])
     return model["vocab_size"] * model["hidden_dim"] * element
 
 
@@ -73,7 +71,7 @@ def training_footprint(settings: dict, n_tokens: int) -> dict:
     model, training, record = settings["model"], settings["training"], settings["record"]
     vocab, steps = model["vocab_size"], training["steps"]
     tokens_per_batch = training["batch_size"] * model["max_seq_len"]
-    step_bytes = recorded_step_bytes(training.get("update_rule", "bf16"), record["dtype"], vocab, model["hidden_dim"])
+    step_bytes = recorded_step_bytes(rule_of(training), record["dtype"], vocab, model["hidden_dim"])
     return {
         "stream_bytes_uncompressed": (steps + 1) * step_bytes,
         # bf16 weights and AdamW's two bf16 moments

@@ -266,10 +266,6 @@ def hyperparameter_attrs(settings: dict) -> dict:
     }
 
 
-#: the name the CLI's disk-full message imports
-run_plan = training_footprint
-
-
 def log_peak_ram(settings: dict, n_tokens: int) -> None:
     """Log the stage's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
     measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone

@@ -27,8 +27,11 @@ UPDATE_RULES = ("bf16", "stochastic_rounding", "kahan", "fp32_master")
 #: bytes of one stored element, by storage dtype
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
-#: the freeze criterion (thimble.adamw.stays_put) predicts round-to-nearest bf16 AdamW only
-CRITERION_RULES = ("bf16",)
+
+def rule_of(mapping) -> str:
+    """``update_rule`` of a recording's attributes, a summary or the training settings: ``bf16`` for those
+    made before the setting existed, which trained with it."""
+    return str(mapping.get("update_rule", "bf16"))
 
 
 def recorded_tensors(update_rule: str, storage: str = "bfloat16") -> dict[str, str]:

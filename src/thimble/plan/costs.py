@@ -39,7 +39,7 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
     Only the settings the asked stages depend on are read (training sees no rechunk settings).
     """
     model, steps = settings["model"], settings["training"]["steps"]
-    row_elements = model["vocab_size"] * model["hidden_dim"]
+    row_elements = embedding_elements(model)
     per_token_step = (steps + 1) * model["vocab_size"]
 
     def chunk() -> int:

@@ -41,17 +41,13 @@ def decay_exponent(steps: np.ndarray, step_bytes: np.ndarray) -> float:
 
 def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ΔW′ bytes per step, compressed in blocks of steps with the writer's zstd level: (mid steps, bytes)."""
-    import h5py
-    import hdf5plugin  # noqa: F401  (the zstd filter)
+    from thimble.codec import zstd_compressor, zstd_level
+    from thimble.record import open_h5, read_steps
 
-    from thimble.codec import ZSTD_FILTER, zstd_compressor
-
-    with h5py.File(path, "r") as handle:
+    with open_h5(path) as handle:
         dataset = handle["delta_w_lattice"]
-        plist = dataset.id.get_create_plist()
-        filters = [plist.get_filter(i) for i in range(plist.get_nfilters())]
-        level = next(int(values[0]) for code, _, values, _ in filters if code == ZSTD_FILTER)
-        values = dataset[()]
+        level = zstd_level(dataset)
+        values = read_steps(dataset)  # checksums verified
     compressor = zstd_compressor(level)
     starts = np.arange(1, len(values) - TREND_BLOCK_STEPS + 1, TREND_BLOCK_STEPS)  # row 0 is all zero
     step_bytes = [len(compressor.compress(values[start:start + TREND_BLOCK_STEPS].tobytes())) / TREND_BLOCK_STEPS

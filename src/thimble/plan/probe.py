@@ -176,7 +176,7 @@ def _forward_lines(stream, lines: queue.Queue) -> None:
 
 
 def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Path, threads: int,
-              snakefile: Path | None = None) -> dict:
+              snakefile: Path) -> dict:
     """Run the experiment's stages for ``steps`` steps (and ``SHORT_PROBE_STEPS``) and measure them."""
     import h5py
     import yaml
@@ -194,7 +194,7 @@ def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Pa
             (run_dir / "config.yaml").write_text(yaml.safe_dump(probe_config(config, probe_config_of[length])))
             place_tokens(settings, workdir, run_dir)
             label = f"probe {name} ({index}/{len(lengths)}: {length} steps on {device})"
-            usage[length] = run_workflow(run_dir, snakefile or default_snakefile(), name, threads, label)
+            usage[length] = run_workflow(run_dir, snakefile, name, threads, label)
         results = run_dir / "results" / name
         measured = {stage: read_usage(usage[steps], stage) for stage in costs.STAGES}
         stage_times = {stage: costs.fit_stage_time((SHORT_PROBE_STEPS, read_usage(usage[SHORT_PROBE_STEPS], stage)
@@ -235,7 +235,7 @@ def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Pa
 
 
 def ensure_probe(config: dict, settings: dict, workdir: Path, device: str, steps: int | None, threads: int,
-                 reprobe: bool = False, snakefile: Path | None = None) -> tuple[Calibration, str]:
+                 reprobe: bool, snakefile: Path) -> tuple[Calibration, str]:
     """This experiment's probe on ``device`` and where it came from ("cached", "shipped", "probed now").
 
     A cached or shipped probe of the same cost settings is used unless ``reprobe``, or ``steps`` asks for

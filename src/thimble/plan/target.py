@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from thimble.errors import PlanError
+from thimble.outputs import EXPERIMENT_FILES
 from thimble.plan import costs
 from thimble.plan.calibration import Calibration, training_seconds
 from thimble.plan.probe import ensure_probe
@@ -31,12 +32,6 @@ def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path) -> lis
     for row in rows:
         row["pending"] = row["plan"] != "no update"
     return rows
-
-
-def stage_of_rule(rule: str) -> str:
-    """The stage a rule runs: a stage's rule is named after it, and its variants start with that name and
-    '_' (``train_temporary_stream``, the train rule for experiments that delete their stream)."""
-    return next((stage for stage in costs.STAGES if rule == stage or rule.startswith(stage + "_")), rule)
 
 
 def experiment_of(path: str, experiments: dict) -> tuple[str, str] | None:
@@ -101,6 +96,12 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
             "device_name": f"{calibration.record['device_name']}, {calibration.record['torch_threads']} math threads"
             if device_kind == "cpu" else calibration.record["device_name"],
             "host": calibration.record["host"], "note": calibration.note}
+    stage_seconds = {stage: value for stage, value in costs.stage_seconds(record, steps, settings["model"]).items()
+                     if stage in stages}
+    # what each job asks a scheduler for (the train row: on the CPU, as the plan's table shows it)
+    runtime_min = {stage: costs.job_runtime_min(value["seconds"]) for stage, value in stage_seconds.items()}
+    if training["cpu"] is not None and "train" in stages:
+        runtime_min["train"] = training["cpu"]["runtime_min"]
     return {
         "settings_summary": f"dataset {settings['dataset']}, {steps} steps, {settings['model']['vocab_size']} x "
                             f"{settings['model']['hidden_dim']}, stored as {settings['record']['dtype']}, "
@@ -108,8 +109,7 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
         "probe": str(cpu.path), "probe_source": source, "probe_steps": record["probe_steps"],
         "token_source": record["token_source"], "files": files,
         "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
-        "stage_seconds": {stage: value for stage, value in costs.stage_seconds(record, steps, settings["model"]).items()
-                          if stage in stages},
+        "stage_seconds": stage_seconds, "runtime_min": runtime_min,
         "training_seconds": training,
     }
 
@@ -129,7 +129,7 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
             continue
         name, relative = found
         files_of.setdefault(name, []).append({"path": row["output_file"], "relative": relative,
-                                              "stage": stage_of_rule(row["rule"]), "pending": row["pending"]})
+                                              "stage": EXPERIMENT_FILES.get(relative, row["rule"]), "pending": row["pending"]})
     experiments = {name: plan_experiment(config, name, files, workdir, snakefile, probe_steps, probe_devices,
                                          threads, reprobe) for name, files in files_of.items()}
 
@@ -142,10 +142,10 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
     peaks = [(value, stage, name) for name, entry in experiments.items()
              for stage, value in entry["peak_ram_bytes"].items()]
     largest = max(peaks, default=None)
+    fits_disk, fits_memory = need <= free, largest is None or largest[0] <= memory["total"]
     return {"targets": targets, "experiments": experiments, "other_files": other_files,
             "bytes_to_write": need, "unpredicted_to_write": [f["path"] for f in pending if not f["predicted"]],
-            "free_bytes": free, "disk": str(disk_dir), "fits_disk": need <= free,
+            "free_bytes": free, "disk": str(disk_dir), "fits_disk": fits_disk,
             "memory": memory, "largest_peak": {"bytes": largest[0], "stage": largest[1], "experiment": largest[2]}
             if largest else None,
-            "fits_memory": largest is None or largest[0] <= memory["total"],
-            "fits": need <= free and (largest is None or largest[0] <= memory["total"])}
+            "fits_memory": fits_memory, "fits": fits_disk and fits_memory}
