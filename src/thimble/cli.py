@@ -69,9 +69,8 @@ def _rechunk(args) -> None:
     from thimble.rechunk import rechunk_stream
 
     rechunk = _settings(args.settings)["rechunk"]
-    record = _settings(args.settings)["record"]
     rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
-                   level=record["compression_level"], threads=args.threads)
+                   level=rechunk["compression_level"], threads=args.threads)
 
 
 def _lattice(args) -> None:

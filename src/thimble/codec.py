@@ -37,6 +37,8 @@ ZSTD_FILTER = 32015
 CHUNK_CHECKSUM = "zstd-xxh64"
 #: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
 ZSTD_MAX_HEADER = 18
+#: the largest zstd window any decoder accepts without being told to (zstd's ZSTD_WINDOWLOG_LIMIT_DEFAULT)
+ZSTD_MAX_WINDOW_LOG = 27
 #: bytes fed to the compressor at a time while shuffling a large chunk
 SHUFFLE_PIECE = 1 << 24
 #: bytes the streaming decoder reads from the file at a time
@@ -115,9 +117,32 @@ def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
 
 # -- zstd frames ---------------------------------------------------------------------------------
 
-def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
-    """The compressor of every stored chunk: its frames carry zstd's content checksum."""
-    return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+def window_log_for(row_elements: int, level: int) -> int:
+    """The zstd window (log2 bytes) of a chunk of many steps of ``row_elements`` elements each.
+
+    A shuffled byte plane holds one byte per element, so the same element one step earlier lies
+    ``row_elements`` bytes back: at thimble_7's width (640,000 elements) beyond level 1's own window
+    (2^19 for large inputs), which then codes every step from scratch. The window reaches eight steps
+    back (a frozen weight or a stalled exp_avg_sq is a match against the previous step; eight, so that
+    the multithreaded compressor's jobs, each a few windows long, overlap by whole steps), never below
+    the level's own and never above ZSTD_MAX_WINDOW_LOG, so the frames stay ones every decoder reads.
+    """
+    own = zstandard.ZstdCompressionParameters.from_level(level, source_size=1 << 30).window_log
+    reach = max(1, 8 * row_elements - 1).bit_length()
+    return min(ZSTD_MAX_WINDOW_LOG, max(own, reach))
+
+
+def zstd_compressor(level: int, threads: int = 0, window_log: int | None = None) -> zstandard.ZstdCompressor:
+    """The compressor of every stored chunk: its frames carry zstd's content checksum. ``window_log``
+    widens the level's window (``window_log_for``) and turns on long-distance matching, whose own hash
+    table finds the previous step's bytes where the level's small one has long forgotten them; the frames
+    stay standard (HDF5's zstd filter and any zstd decoder read them)."""
+    if window_log is None:
+        return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    params = zstandard.ZstdCompressionParameters.from_level(level, source_size=1 << 30, window_log=window_log,
+                                                            enable_ldm=True, threads=threads, write_checksum=1,
+                                                            write_content_size=1)
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 _compressors = threading.local()
@@ -137,8 +162,8 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
 class FrameEncoder:
     """One zstd frame of ``size`` decoded bytes, compressed piece by piece as the pieces come."""
 
-    def __init__(self, size: int, level: int, threads: int = 0):
-        self._compressor = zstd_compressor(level, threads).compressobj(size=size)
+    def __init__(self, size: int, level: int, threads: int = 0, window_log: int | None = None):
+        self._compressor = zstd_compressor(level, threads, window_log).compressobj(size=size)
         self.pieces: list[bytes] = []
 
     def add(self, values: np.ndarray) -> None:
@@ -168,8 +193,9 @@ class FrameEncoder:
 
 
 def compress_shuffled(values: np.ndarray, level: int, threads: int) -> list[bytes]:
-    """zstd(shuffle(values)) for 2- or 4-byte elements as compressed pieces, streamed (no shuffled copy)."""
-    encoder = FrameEncoder(values.nbytes, level, threads)
+    """zstd(shuffle(values)) for a chunk of steps (rows) of 2- or 4-byte elements as compressed pieces,
+    streamed (no shuffled copy), with a window that reaches the previous steps (``window_log_for``)."""
+    encoder = FrameEncoder(values.nbytes, level, threads, window_log_for(int(np.prod(values.shape[1:])), level))
     encoder.add_shuffled(values)
     return encoder.finish()
 

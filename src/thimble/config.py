@@ -117,7 +117,7 @@ def settings_hash(settings: dict) -> str:
 #: included, reruns only the stages that read it
 STAGE_SETTINGS = {
     "train": ("name", "dataset", "model", "training", "record"),
-    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("record", "compression_level")),
+    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("rechunk", "compression_level")),
     "freeze": ("name", "analysis"),
 }
 

@@ -262,7 +262,9 @@ class StreamRecorder:
     def is_segment_end(self, step: int) -> bool:
         return step == self.segment_bounds(step)[1]
 
-    def record(self, step: int, tensors: dict[str, torch.Tensor], loss: float) -> None:
+    def record(self, step: int, tensors: dict[str, torch.Tensor], loss) -> None:
+        """Queue a step: its host tensors and its loss, a float or the ``thimble.host_copy.HostStep`` whose
+        copies (still running on a GPU) fill ``tensors``; the writer thread waits for them."""
         self._put(("step", step, tensors, loss))
 
     def checkpoint(self, step: int, on_durable) -> None:
@@ -322,6 +324,9 @@ class StreamRecorder:
                     break
                 if item[0] == "step":
                     _, step, tensors, loss = item
+                    if hasattr(loss, "wait"):  # a thimble.host_copy.HostStep: its device copies end here
+                        loss.wait()
+                        loss = loss.loss
                     futures = {name: self._pool.submit(self._encode, tensors[name], storage)
                                for name, storage in self.tensors.items()}
                     pending.append((step, futures, loss))

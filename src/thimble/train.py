@@ -54,6 +54,7 @@ from thimble.adamw import UpdateRule, build_update_rule
 from thimble.config import settings_hash, trajectory_settings
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
+from thimble.host_copy import HostCopies
 from thimble.record import StreamRecorder, list_segments, write_stream_file
 from thimble.sizes import training_footprint
 from thimble.update_rules import recorded_tensors
@@ -501,6 +502,7 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
         log.info("resuming %s after step %d of %d", settings["name"], start, steps)
 
     model.train()
+    copies = HostCopies(device)
     started = time.perf_counter()
     first_step_seconds = 0.0
     progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
@@ -513,16 +515,17 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
             labels = batch["labels"].to(device)
             loss = model(input_ids=input_ids, labels=labels).loss
             loss.backward()
-            grad = wte.grad.detach().to("cpu", copy=True)
+            host = copies.copy({"grad_W": wte.grad})  # before the step, which may change the gradient
             optimizer.step(step)
             optimizer.zero_grad()
-            loss_value = loss.item()  # once: on a GPU each .item() waits for the device
-            recorder.record(step, {"W": wte.detach().to("cpu", copy=True), "grad_W": grad,
-                                   **optimizer.recorded_state(wte)}, loss_value)
+            # the recorder waits for the copies and reads the loss, not this loop (thimble.host_copy)
+            host = copies.copy({"W": wte, **optimizer.device_state(wte)}, into=host, loss=loss)
+            recorder.record(step, host.tensors, host)
             if recorder.is_segment_end(step):
                 recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, key):
                                     save_checkpoint(partial_dir, snap))
-            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if host.ready:  # on a GPU, only a loss already on the host: reading it must not wait
+                progress.set_postfix(loss=f"{host.loss:.4f}", refresh=False)
             if step == start + 1:
                 first_step_seconds = time.perf_counter() - started  # warm-up: allocations, kernel choice
         recorder.close()
