@@ -167,7 +167,7 @@ def main() -> None:
                                  str(out / "recording.h5"), "--threads", str(args.threads), log=logs / "rechunk.log")
     seconds["lattice"] = thimble("lattice", "--recording", str(out / "recording.h5"), "--output",
                                  str(out / "delta_w_lattice.h5"), "--threads", str(args.threads), log=logs / "lattice.log")
-    seconds["replay"] = thimble("replay", "--stream", str(stream), "--table", str(out / "replay.csv"), "--summary",
+    seconds["replay"] = thimble("replay", "--recording", str(out / "recording.h5"), "--table", str(out / "replay.csv"), "--summary",
                                 str(out / "replay.json"), "--ratio-table", str(out / "update_ratio.csv"),
                                 "--threads", str(args.threads), log=logs / "replay.log")
     seconds["freeze"] = thimble("freeze", "--settings", main_text, "--recording", str(out / "recording.h5"),

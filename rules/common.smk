@@ -114,6 +114,13 @@ def train_gpus(experiment):
     return int(device == "cuda")
 
 
+def train_threads(wildcards):
+    """Cores of a training job: the recorder's compression threads and the loop. A GPU job needs enough to keep
+    pace with the device (cluster.gpu_train_threads); on the CPU the model's math runs on its own
+    training.math_threads, so 2 suffice. Results do not depend on either."""
+    return CFG["cluster"]["gpu_train_threads"] if train_gpus(wildcards.experiment) else 2
+
+
 @functools.cache
 def calibration_of(experiment):
     """The probe that `thimble plan` cached for the experiment, or the nearest shipped or cached one (read

@@ -20,7 +20,7 @@ rule train:
         experiment=experiment_pattern(keep_stream=True),
     # the cores the job gets compress the recording; the model's math runs on training.math_threads,
     # so the trajectory does not depend on --cores or on what a scheduler grants
-    threads: 2
+    threads: train_threads
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),

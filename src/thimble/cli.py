@@ -81,9 +81,9 @@ def _lattice(args) -> None:
 
 
 def _replay(args) -> None:
-    from thimble.replay import replay_stream
+    from thimble.replay import replay_recording
 
-    replay_stream(args.stream, args.table, args.summary, args.ratio_table, device=args.device,
+    replay_recording(args.recording, args.table, args.summary, args.ratio_table, device=args.device,
                   threads=args.threads)
 
 
@@ -243,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lattice)
 
     p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
-    p.add_argument("--stream", required=True)
+    p.add_argument("--recording", required=True, help="recording.h5, or the stream folder it was rechunked from")
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")

@@ -529,3 +529,35 @@ def recorded_blocks(handle: h5py.File, name: str, block_rows: int) -> Iterator[t
         if stored == "float16":
             block = bfloat16_bits_from_float16_bits(block)
         yield first, block.reshape(-1, *dataset.shape[1:])
+
+
+class RecordingRows:
+    """Rows of a rechunked recording's tensors, each tensor's asked for in order (a window may start
+    inside the one before: the replay's windows overlap by a step), as stored bits like
+    ``recorded_blocks`` gives them (a float16 recording's read back as bf16). Each chunk is decoded once,
+    with its checksum verified; a tensor holds half a chunk (its lower byte planes) and the rows between
+    the windows."""
+
+    def __init__(self, handle: h5py.File, block_rows: int):
+        self.handle, self.block_rows = handle, block_rows
+        self._blocks: dict[str, Iterator[tuple[int, np.ndarray]]] = {}
+        self._held: dict[str, tuple[int, np.ndarray]] = {}
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of ``name`` into ``out``."""
+        if name not in self._blocks:
+            self._blocks[name] = recorded_blocks(self.handle, name, self.block_rows)
+        first, rows = self._held.get(name, (0, None))
+        if rows is not None and start < first:
+            raise ValueError(f"{name}: rows {start}.. asked for after rows {first}.. (read in order)")
+        while rows is None or first + len(rows) < stop:
+            try:
+                block_first, block = next(self._blocks[name])
+            except StopIteration:
+                raise DataError(f"{self.handle.filename}:/{name} ends before step {stop - 1}") from None
+            first, rows = (block_first, block) if rows is None else (first, np.concatenate([rows, block]))
+            if start > first:  # rows before the window are not asked for again
+                drop = min(start - first, len(rows))
+                first, rows = first + drop, rows[drop:]
+        self._held[name] = (first, rows)
+        out[...] = rows[start - first: stop - first]
