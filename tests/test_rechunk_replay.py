@@ -187,3 +187,23 @@ def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):
     assert int(rows[10]["W_mismatches"]) == 5  # step 10 predicted from 9 no longer matches
     assert int(rows[11]["W_mismatches"]) > 0   # and step 11 starts from the tampered W[10]
     assert all(int(rows[t]["W_mismatches"]) == 0 for t in rows if t not in (10, 11))
+
+
+@pytest.mark.parametrize("block_rows", [16, 5])
+def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(recorded, tmp_path, block_rows):
+    """freeze reads ΔW′ from the lattice stage's file; what it reads is what W gives, bit for bit (blocks that
+    do not divide the chunks included)."""
+    import dataclasses
+
+    from thimble.freeze import read_token_steps
+
+    rechunk_stream(recorded, tmp_path / "recording.h5", 8, 2**31)
+    write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+    with h5py.File(tmp_path / "recording.h5", "r") as recording:
+        dead = recording["dead_mask"][...].astype(bool)
+    read = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2,
+                            delta_path=str(tmp_path / "delta.h5"))
+    computed = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2)
+    for field in dataclasses.fields(computed):
+        np.testing.assert_array_equal(getattr(read, field.name), getattr(computed, field.name), err_msg=field.name)
+    assert read.moved[1:].sum() > 0
