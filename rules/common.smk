@@ -36,11 +36,12 @@ def local_texts(wildcards):
 
 
 def tokenizer_texts(wildcards):
-    """The dataset's assembled tokenizer texts. For a local source, whose texts can be read before anything
+    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``). For a local source, whose texts can be read before anything
     runs, a vocab_size larger than they support stops `-n` with the largest that fits (unless the tokenizer
     is built with that vocab_size; the check trains the BPE once per text and vocab_size, cached in
     .snakemake/thimble/)."""
-    dataset, texts = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    dataset, path = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    texts = by_content("texts", path)
     if "local" not in dataset["source"]:
         return texts
     local_texts(wildcards)  # a missing folder: that error first
@@ -80,10 +81,32 @@ def stage_settings_of(stage):
                                         sort_keys=True)
 
 
-def training_tokens(wildcards):
-    """The experiment's tokens.npy; once it exists, a batch larger than its windows stops `-n`."""
+def by_content(name, path):
+    """Input ``name`` (a large workflow file: Snakemake compares content only up to 1 MB, the rest by
+    modification time) compared by its content: its digest ``<path>.sha256``, written by the stage that
+    makes it, is an input too (small, so Snakemake checksums it against what the job last read), and
+    the file's own timestamp is ignored (``ancient``), so a copy or a touch of identical bytes reruns
+    nothing. A file newer than its digest must still match it, or `-n` stops; a file made before digests
+    were written keeps the timestamp comparison."""
+    from thimble.files import read_digest, sha256_file
+
+    path, digest = Path(path), Path(f"{path}.sha256")
+    if not path.exists():
+        return {name: str(path), f"{name}_digest": str(digest)}
+    if not digest.exists():
+        return {name: str(path)}
+    if path.stat().st_mtime_ns > digest.stat().st_mtime_ns and sha256_file(path) != read_digest(digest):
+        raise WorkflowError(f"{path} does not match its digest {digest} (written with it by the workflow): it "
+                            "was changed outside the workflow; delete both to make it again")
+    return {name: ancient(str(path)), f"{name}_digest": str(digest)}
+
+
+def training_inputs(wildcards):
+    """The experiment's tokens (by content, see ``by_content``) and masks; once the tokens exist, a
+    batch larger than their windows stops `-n`."""
     experiment = CFG["experiments"][wildcards.experiment]
-    path = Path(f"results/data/{experiment['dataset']}/tokens.npy")
+    data = f"results/data/{experiment['dataset']}"
+    path = Path(f"{data}/tokens.npy")
     if path.exists():
         import numpy as np
 
@@ -96,7 +119,7 @@ def training_tokens(wildcards):
         problem = batch_problem(n_tokens, experiment) if n_tokens is not None else None
         if problem:
             raise WorkflowError(f"{path}: {problem}")
-    return str(path)
+    return {**by_content("tokens", path), "masks": f"{data}/live_dead_tokens.safetensors"}
 
 
 def train_gpus(experiment):
@@ -156,3 +179,4 @@ def experiment_pattern(keep_stream):
     """A wildcard pattern matching the experiments whose rechunk.keep_stream is ``keep_stream``."""
     names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
     return "|".join(map(re.escape, names)) or "(?!)"
+

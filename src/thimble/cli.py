@@ -38,7 +38,7 @@ def _corpus(args) -> None:
     from thimble.corpus import write_corpus
 
     write_corpus(_settings(args.settings), args.dataset, args.archive,
-                 args.tokenizer_texts, args.model_corpus, args.manifest)
+                 args.tokenizer_texts, args.model_corpus, args.manifest, args.digests)
 
 
 def _tokenizer(args) -> None:
@@ -50,7 +50,7 @@ def _tokenizer(args) -> None:
 def _encode(args) -> None:
     from thimble.tokenizer import write_encoded
 
-    write_encoded(args.tokenizer, args.corpus, args.output)
+    write_encoded(args.tokenizer, args.corpus, args.output, args.digest)
 
 
 def _masks(args) -> None:
@@ -199,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-texts", required=True)
     p.add_argument("--model-corpus", required=True)
     p.add_argument("--manifest", required=True)
+    p.add_argument("--digests", action="store_true", help="write each corpus's sha256 beside it (<file>.sha256)")
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser("tokenizer", help="train the BPE tokenizer")
@@ -211,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--digest", help="where to write the output's sha256 (sha256sum's format)")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("masks", help="live/dead token masks")

