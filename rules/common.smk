@@ -180,3 +180,86 @@ def experiment_pattern(keep_stream):
     names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
     return "|".join(map(re.escape, names)) or "(?!)"
 
+
+# -- checks before a job starts ----------------------------------------------------------------------
+# Snakemake evaluates a job's resources only for the jobs it will run (at `-n` too), and before it removes
+# their outputs: a check run there stops a job that cannot succeed while what it would replace is intact.
+
+
+def checked_before_start(check, resource):
+    """A resource callable that runs ``check(wildcards)`` first (on the first attempt), then gives
+    ``resource(wildcards, attempt)``."""
+
+    def evaluate(wildcards, attempt):
+        if attempt == 1:
+            check(wildcards)
+        return resource(wildcards, attempt)
+
+    return evaluate
+
+
+def jobs_run_here():
+    """Whether jobs run on this machine: a local run, or a dry run without --jobs (under -n Snakemake hides
+    the executor; a cluster profile sets --jobs, so a dry run with it is taken for a cluster one)."""
+    if not workflow.local_exec:
+        return False
+    return not (workflow.dryrun and workflow.resource_settings.nodes)
+
+
+@functools.cache
+def local_accelerators():
+    """{"cuda": bool, "mps": bool}: what torch sees on this machine (asked in a subprocess, once: the DAG
+    does not import torch)."""
+    import subprocess
+    import sys
+
+    code = ("import json, torch; print(json.dumps({'cuda': torch.cuda.is_available(), "
+            "'mps': torch.backends.mps.is_available()}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None  # no torch in this interpreter: the job's own environment decides
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def training_can_start(wildcards):
+    """No other trainer holds the experiment's resume state (a second snakemake with --nolock would
+    otherwise remove the running job's log before the trainer's lock refuses it), and training.device
+    is available where the job runs."""
+    import fcntl
+
+    lock = Path(f"results/{wildcards.experiment}/.partial.lock")
+    if lock.exists():
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = handle.read().strip() or "unknown"
+                raise WorkflowError(f"another trainer (PID {holder}) is training {wildcards.experiment} in "
+                                    f"{lock.with_suffix('')} (a second snakemake with --nolock?): wait for it "
+                                    f"to finish, or stop it (kill {holder}) and run again")
+    device = CFG["experiments"][wildcards.experiment]["training"]["device"]
+    if device in ("cuda", "mps") and jobs_run_here():
+        available = local_accelerators()
+        if available is not None and not available[device]:
+            raise WorkflowError(f"config key experiments.{wildcards.experiment}.training.device: {device}, but "
+                                f"torch sees no {device.upper()} device on this machine, where the job would "
+                                "run; set it to auto or cpu, or run on a machine (or cluster profile) with one")
+
+
+def stream_intact_before_rechunk(wildcards):
+    """The stream decodes whole, checksums verified, before a rerun of rechunk gives up the recording.h5 it
+    replaces (the last intact copy of those steps, if the stream was damaged since). Only when both exist:
+    otherwise there is nothing to lose, and rechunk verifies what it reads anyway."""
+    import subprocess
+    import sys
+
+    stream = Path(f"results/{wildcards.experiment}/stream")
+    recording = Path(f"results/{wildcards.experiment}/recording.h5")
+    if not (stream.is_dir() and recording.exists()):
+        return
+    result = subprocess.run([sys.executable, "-m", "thimble", "verify-stream", "--stream", str(stream), "--threads", "2"],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        raise WorkflowError(f"{problem}\n{recording} is kept: rechunk would replace it with a recording of a damaged "
+                            f"stream; restore {stream} or delete it and retrain")

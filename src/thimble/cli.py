@@ -74,6 +74,12 @@ def _rechunk(args) -> None:
                    level=record["compression_level"], threads=args.threads)
 
 
+def _verify_stream(args) -> None:
+    from thimble.record import verify_stream
+
+    verify_stream(args.stream, threads=args.threads)
+
+
 def _lattice(args) -> None:
     from thimble.lattice import write_delta_w_lattice
 
@@ -237,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_rechunk)
+
+    p = sub.add_parser("verify-stream", help="decode every chunk of a recorded stream against its checksum")
+    p.add_argument("--stream", required=True, help="the stream directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_verify_stream)
 
     p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
     p.add_argument("--recording", required=True, help="the rechunked recording")
