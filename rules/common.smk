@@ -261,5 +261,5 @@ def stream_intact_before_rechunk(wildcards):
                             capture_output=True, text=True)
     if result.returncode != 0:
         problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
-        raise WorkflowError(f"{problem}\n{recording} is kept: rechunk would replace it with a recording of a damaged "
-                            f"stream; restore {stream} or delete it and retrain")
+        raise WorkflowError(f"{problem}\n{recording} is kept (a rerun of rechunk would remove it before reading the "
+                            f"stream): restore {stream}, or delete it and train again")
