@@ -36,10 +36,10 @@ def local_texts(wildcards):
 
 
 def tokenizer_texts(wildcards):
-    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``). For a local source, whose texts can be read before anything
-    runs, a vocab_size larger than they support stops `-n` with the largest that fits (unless the tokenizer
-    is built with that vocab_size; the check trains the BPE once per text and vocab_size, cached in
-    .snakemake/thimble/)."""
+    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``). For a
+    local source, whose texts can be read before anything runs, a vocab_size larger than they support stops
+    `-n` with the largest that fits (unless the tokenizer is built with that vocab_size; the check trains the
+    BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
     dataset, path = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
     texts = by_content("texts", path)
     if "local" not in dataset["source"]:
@@ -257,8 +257,8 @@ def stream_intact_before_rechunk(wildcards):
     recording = Path(f"results/{wildcards.experiment}/recording.h5")
     if not (stream.is_dir() and recording.exists()):
         return
-    result = subprocess.run([sys.executable, "-m", "thimble", "verify-stream", "--stream", str(stream), "--threads", "2"],
-                            capture_output=True, text=True)
+    command = [sys.executable, "-m", "thimble", "verify-stream", "--stream", str(stream), "--threads", "2"]
+    result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
         raise WorkflowError(f"{problem}\n{recording} is kept (a rerun of rechunk would remove it before reading the "
