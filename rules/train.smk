@@ -5,8 +5,7 @@
 
 rule train:
     input:
-        tokens=training_tokens,
-        masks=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/live_dead_tokens.safetensors",
+        unpack(training_inputs),
     output:
         directory("results/{experiment}/stream"),
     log:
@@ -24,7 +23,8 @@ rule train:
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
-        gpu=lambda w: train_gpus(w.experiment),
+        # checked first: no other trainer on the resume state, and training.device available where it runs
+        gpu=checked_before_start(training_can_start, lambda w, attempt: train_gpus(w.experiment)),
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads} 2> {log}"

@@ -208,6 +208,18 @@ def test_flipped_bytes_in_delta_w_are_an_error(run, tmp_path):
         delta[20]
 
 
+def test_freeze_reads_delta_w_and_names_its_damage(run, tmp_path, capsys):
+    """freeze's ΔW′ is the lattice stage's file (the DAG's edge is true): damage there stops it, naming
+    the file, dataset and steps, and nothing is written."""
+    delta = tmp_path / "delta_w_lattice.h5"
+    shutil.copy(run / f"results/{EXPERIMENT}/delta_w_lattice.h5", delta)
+    flip_chunk_bytes(delta, "delta_w_lattice", chunk=1)
+    status, err = freeze(run, capsys, tmp_path, delta=delta)
+    line = error_line(err, "freeze")
+    assert status == 1 and "delta_w_lattice.h5:/delta_w_lattice steps 16..31" in line, line
+    assert not list(tmp_path.glob("*.out"))
+
+
 def test_flipped_bytes_in_the_token_displacement_are_an_error(run, tmp_path, capsys):
     results = run / f"results/{EXPERIMENT}"
     token_steps = tmp_path / "token_displacement.h5"

@@ -212,3 +212,23 @@ def test_recording_rows_are_read_in_order(recorded, tmp_path):
         np.testing.assert_array_equal(out, read_steps(handle["W"])[4:9].view(np.uint16))
         with pytest.raises(ValueError, match="read in order"):
             rows.read("W", 2, 4, out[:2])
+
+
+@pytest.mark.parametrize("block_rows", [16, 5])
+def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(recorded, tmp_path, block_rows):
+    """freeze reads ΔW′ from the lattice stage's file; what it reads is what W gives, bit for bit (blocks that
+    do not divide the chunks included)."""
+    import dataclasses
+
+    from thimble.freeze import read_token_steps
+
+    rechunk_stream(recorded, tmp_path / "recording.h5", 8, 2**31)
+    write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+    with h5py.File(tmp_path / "recording.h5", "r") as recording:
+        dead = recording["dead_mask"][...].astype(bool)
+    read = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2,
+                            delta_path=str(tmp_path / "delta.h5"))
+    computed = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2)
+    for field in dataclasses.fields(computed):
+        np.testing.assert_array_equal(getattr(read, field.name), getattr(computed, field.name), err_msg=field.name)
+    assert read.moved[1:].sum() > 0

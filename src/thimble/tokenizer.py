@@ -119,10 +119,16 @@ def load_token_ids(path: str | Path, vocab_size: int) -> np.ndarray:
     return ids
 
 
-def write_encoded(tokenizer_path: str, model_corpus: str, output: str) -> None:
+def write_encoded(tokenizer_path: str, model_corpus: str, output: str, digest: str | None = None) -> None:
+    """Encode the model corpus into ``output`` (and its sha256 into ``digest``, by which the workflow
+    compares the file's content rather than its modification time)."""
+    from thimble.files import write_digest
+
     tokenizer = Tokenizer.from_file(tokenizer_path)
     ids = encode(tokenizer, read_text(model_corpus))
     with atomic_output(output) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, ids)
+    if digest is not None:
+        write_digest(output, digest)
     log.info("encoded model corpus: %d tokens -> %s", ids.size, output)
