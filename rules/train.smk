@@ -15,6 +15,11 @@ rule train:
     params:
         settings=stage_settings_of("train"),
         partial="results/{experiment}/.partial",
+        # not in settings (thimble.config.UNTRACKED_SETTINGS): the check changes no recorded bit, so an edit
+        # of it reruns nothing. Snakemake's rerun trigger skips a param whose function reads the job's threads
+        # (a derived param), which is why this one names them; tests/test_workflow.py holds that.
+        determinism_check_steps=lambda w, threads: CFG["experiments"][w.experiment]["training"][
+            "determinism_check_steps"],
     wildcard_constraints:
         experiment=experiment_pattern(keep_stream=True),
     # the cores the job gets compress the recording; the model's math runs on training.math_threads,
@@ -27,7 +32,8 @@ rule train:
         gpu=checked_before_start(training_can_start, lambda w, attempt: train_gpus(w.experiment)),
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
-        " --output {output} --partial {params.partial} --threads {threads} 2> {log}"
+        " --output {output} --partial {params.partial} --threads {threads}"
+        " --determinism-check-steps {params.determinism_check_steps} 2> {log}"
 
 
 # rechunk.keep_stream: false -> the stream is removed once the rechunked file and replay exist

@@ -34,7 +34,8 @@ BYTE_FILES = ("freeze.csv", "freeze_cycles.csv", "token_freeze.csv", "displaceme
               "lattice_positions.csv", "exp_avg_sq.csv", "replay.csv", "update_ratio.csv", "summary.json",
               "replay.json")
 #: attributes that name where a file was made, or how long it took, not what it holds
-UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds"}
+UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds",
+                  "session_determinism_check_seconds"}
 
 
 def environment() -> dict:

@@ -62,7 +62,8 @@ def _masks(args) -> None:
 def _train(args) -> None:
     from thimble.train import train
 
-    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads)
+    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads,
+          args.determinism_check_steps)
 
 
 def _rechunk(args) -> None:
@@ -234,6 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", required=True, help="resume state, kept across failed attempts")
     p.add_argument("--threads", type=int, default=1,
                    help="threads compressing the recording (the model's math runs on training.math_threads)")
+    p.add_argument("--determinism-check-steps", type=int, default=None,
+                   help="steps run twice and compared bit for bit before recording (default: the settings' "
+                        "training.determinism_check_steps; 0 turns the check off)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("rechunk", help="rewrite a stream in large time chunks, verified bit for bit")
