@@ -42,6 +42,7 @@ from thimble.bf16 import BFLOAT16
 from thimble.errors import DataError
 from thimble.freeze import GROUPS, group_masks
 from thimble.replay_kernel import _compiled, _float32_from_bits
+from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import rule_of
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ SUMS = ("ratio", "log2_abs_m_hat", "log2_denominator", "log2_half_spacing", "log
 #: bf16 magnitudes (sign bit off): the bins of the |W| histograms the medians come from
 MAGNITUDES = 1 << 15
 #: steps decoded and analysed at a time
-BLOCK_ROWS = 16
+BLOCK_ROWS = DRIVERS_BLOCK_STEPS
 with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
     #: the value of every bf16 magnitude, indexed by its bits
     MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
