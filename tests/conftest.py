@@ -134,10 +134,11 @@ def write_recording(path, tensors: dict, dead_mask, attrs: dict | None = None, r
     settings (``attrs`` override them)."""
     import h5py
 
-    from thimble.codec import compress_shuffled, zstd_dcpl
+    from thimble.codec import compress_shuffled
     from thimble.record import create_checked_array, create_tensor_dataset
 
     shape = next(iter(tensors.values())).shape
+    rows = min(rows, shape[0])
     with h5py.File(path, "w") as out:
         for name, bits in tensors.items():
             dataset = create_tensor_dataset(out, name, shape, rows, "bfloat16", 1)

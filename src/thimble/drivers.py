@@ -256,6 +256,19 @@ class DriverPass:
                              math.log2(self.lr), self.sums[r, a:b], self.counts[r, a:b], histograms[r])
         return bad
 
+    def _name_non_finite(self, first_step: int, w_previous, w, m, v) -> None:
+        """Raise a DataError naming the first NaN or Inf of the block (step, token, coordinate)."""
+        for name, bits, first in (("W", w_previous[None], first_step - 1), ("W", w, first_step),
+                                  ("exp_avg", m, first_step), ("exp_avg_sq", v, first_step)):
+            where = np.argwhere((bits & 0x7FFF) >= 0x7F80)
+            if where.size:
+                row, element = (int(x) for x in where[0])
+                value = float(bits[row, element].view(BFLOAT16))
+                raise DataError(f"{name} is {value} at step {first + row}, token {element // self.hidden}, "
+                                f"coordinate {element % self.hidden}: the bf16 spacing and AdamW's update are "
+                                "undefined there, so the freeze drivers cannot be formed")
+        raise AssertionError("the compiled pass met a non-finite value that the check does not find")
+
     def block(self, first_step: int, w_previous: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray,
               g: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """Per group, the columns of steps ``first_step ..`` (one per row of the (rows, V·D) bit blocks)."""
@@ -271,8 +284,7 @@ class DriverPass:
                                     c2) for span, histograms in zip(self.spans, self.histograms)]
         bad = sum(future.result() for future in futures)
         if bad:
-            raise DataError(f"{bad} elements of W, exp_avg or exp_avg_sq are NaN or Inf in steps {first_step}.."
-                            f"{first_step + rows - 1}: the lattice spacing and the update are undefined there")
+            self._name_non_finite(first_step, w_previous, w, m, v)
         histogram = sum(h[:rows] for h in self.histograms)
         by_side = {"dead": self.dead, "live": ~self.dead}
         totals = {group: (sums[:, mask].sum(axis=1), counts[:, mask].sum(axis=1)) for group, mask in by_side.items()}
