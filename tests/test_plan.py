@@ -209,3 +209,17 @@ def test_experiment_files_are_what_the_rules_make(workdir):
     made = {row["output_file"].removeprefix("results/thimble_mini/"): stage_of_rule(row["rule"])
             for row in rows if row["output_file"].startswith("results/thimble_mini/")}
     assert made == EXPERIMENT_FILES
+
+
+def test_a_stage_newer_than_the_probe_is_sized_by_its_stand_in():
+    # the shipped thimble_7 probe predates freeze_drivers: its memory is freeze's baseline plus its own arrays,
+    # its time freeze's (which it stays within at thimble_7 size, docs/benchmarks.md)
+    record = json.loads((REPO / "workflow/calibration/thimble_7-cpu.json").read_text())
+    assert "freeze_drivers" not in record["stages"]
+    settings = load_config(REPO / "config.yaml")["experiments"]["thimble_7"]
+    peaks = costs.peak_ram_bytes(settings, record)
+    arrays = costs.array_bytes(settings, stages=("freeze", "freeze_drivers"))
+    assert peaks["freeze_drivers"] - peaks["freeze"] == arrays["freeze_drivers"] - arrays["freeze"]
+    times = costs.stage_seconds(record, settings["training"]["steps"], settings["model"])
+    assert times["freeze_drivers"] == {**times["freeze"], "stand_in": "freeze"}
+    assert list(times) == list(costs.AFTER_TRAINING)
