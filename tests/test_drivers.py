@@ -11,6 +11,7 @@ import pytest
 
 from conftest import write_recording
 from thimble import drivers
+from thimble.adamw import half_spacing_exponent
 from thimble.bf16 import BFLOAT16
 from thimble.codec import WorkerPool
 from thimble.lattice import spacing_toward
@@ -56,11 +57,18 @@ def run_drivers(tmp_path, tensors, dead, lr, rows=8, threads=2, **attrs):
     return pd.read_csv(tmp_path / "freeze_drivers.csv"), result
 
 
+def test_optimizer_settings_are_read_as_the_replay_reads_them():
+    from thimble.adamw import hyperparameters
+
+    attrs = {"learning_rate": 3e-4, "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6, "weight_decay": 0.1}
+    assert drivers.optimizer_settings(attrs) == hyperparameters(attrs)
+
+
 def test_half_spacing_is_half_the_distance_to_the_next_value_toward_the_move():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     bits = bits[(bits & 0x7FFF) < 0x7F7F]  # finite, with a finite neighbour both ways
     for downward in (False, True):
-        exponent = drivers.half_spacing_exponent(bits, np.full(bits.shape, downward))
+        exponent = half_spacing_exponent(bits, np.full(bits.shape, downward))
         expected = spacing_toward(bits, np.full(bits.shape, -1 if downward else 1)) / 2
         np.testing.assert_array_equal(np.ldexp(1.0, exponent.astype(np.int64)), expected)
 

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-from thimble.adamw import half_spacing_exponent, hyperparameters
 from thimble.bf16 import BFLOAT16
 from thimble.errors import DataError
 from thimble.freeze import GROUPS, group_masks
@@ -61,6 +60,13 @@ BLOCK_ROWS = DRIVERS_BLOCK_STEPS
 with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
     #: the value of every bf16 magnitude, indexed by its bits
     MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
+
+
+def optimizer_settings(attrs) -> dict:
+    """AdamW's settings from a recording's attributes, as ``thimble.adamw.hyperparameters`` reads them; here
+    without torch, which this stage does not otherwise load (its start-up is a share of its time)."""
+    return {"lr": float(attrs["learning_rate"]), "betas": (float(attrs["adam_beta1"]), float(attrs["adam_beta2"])),
+            "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
 
 
 def not_applicable(update_rule: str) -> str | None:
@@ -103,6 +109,8 @@ def element_terms(w_before: np.ndarray, m: np.ndarray, v: np.ndarray, v_exact: n
     """Per element of one step t, from bf16 bit patterns (``w_before`` W[t−1], ``m`` and ``v`` the moments
     of row t) and the exact average ``v_exact`` after step t (float64): the terms of log2(|u|/h), with
     ``ratio`` formed directly from u = −lr·m̂/(√v̂+ε) and h (float64), and ``included`` (m ≠ 0)."""
+    from thimble.adamw import half_spacing_exponent
+
     lr, (beta1, beta2), eps = hyper["lr"], hyper["betas"], hyper["eps"]
     c1, c2 = bias_corrections(step, beta1, beta2)
     m_value = m.view(BFLOAT16).astype(np.float64)
@@ -415,7 +423,7 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
             log.info("freeze drivers: not computed for update rule %s: %s", rule, why)
             _write_json(summary_path, result)
             return result
-        hyper = hyperparameters(attrs)
+        hyper = optimizer_settings(attrs)
         dead = read_checked(handle["dead_mask"]).astype(bool)
         n_steps, vocab, hidden = handle["W"].shape
         groups: dict[str, list[dict]] = {group: [] for group in GROUPS}
