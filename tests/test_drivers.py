@@ -177,6 +177,13 @@ def test_an_exp_avg_sq_inflated_at_constant_spacing_is_driven_by_v_stall(tmp_pat
     # at the last step the stall holds the denominator √(2^(s·T)) above the exact one
     assert result["all"]["v_stall_bits_last"] == pytest.approx(rate.mean() * steps / 2, abs=0.02)
     assert "driven by v_stall" in result["dead"]["answer"] and "supported" in result["dead"]["answer"]
+    # the figure and summary.html's part
+    from thimble import figures
+
+    figures.drivers(table, {"experiment": "synthetic", "drivers": result}, "synthetic", str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    page = "".join(figures.drivers_html(result))
+    assert all(result[group]["answer"] in page for group in ("dead", "live", "all")) and "<table" in page
 
 
 def test_a_group_that_never_freezes_has_no_onset():
@@ -196,6 +203,12 @@ def test_other_update_rules_say_why_the_split_does_not_apply(tmp_path, rule):
     table, result = run_drivers(tmp_path, tensors, np.zeros(4, bool), 1e-3, update_rule=rule)
     assert table.empty and list(table.columns) == ["step", "group", *drivers.COLUMNS]
     assert result["applies"] is False and result["update_rule"] == rule and result["why"]
+    from thimble import figures
+
+    summary = {"experiment": "other", "update_rule": rule, "drivers": result}
+    figures.drivers(table, summary, "other", str(tmp_path / "d.png"))
+    assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["why"] in "".join(figures.drivers_html(result))
 
 
 def test_non_finite_weights_are_named(tmp_path):

@@ -205,9 +205,11 @@ def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> N
     if not answer.get("applies", False) or not groups:
         fig, ax = plt.subplots(figsize=(9, 3))
         ax.set_axis_off()
-        why = answer.get("why", "no freeze_drivers rows")
+        import textwrap
+
+        why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
         ax.text(0.5, 0.5, f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do "
-                f"not apply:\n{why}", ha="center", va="center", fontsize=9, wrap=True)
+                f"not apply:\n{why}", ha="center", va="center", fontsize=9)
         _save(fig, path)
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.5), sharex=True, squeeze=False)
@@ -227,7 +229,7 @@ def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> N
             at = lambda values: values - values[peak]  # noqa: E731  (bits gained since the peak)
             statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
             ratio = rows["mean_log2_ratio"].to_numpy()
-            bottom.plot(steps, -at(ratio), color="black", lw=1.2, label="drop of the mean ratio")
+            bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
             bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
             bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
             bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
