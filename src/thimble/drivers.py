@@ -55,6 +55,11 @@ TERMS = ("spacing", "statistics", "v_stall")
 SUMS = ("ratio", "log2_abs_m_hat", "log2_denominator", "log2_half_spacing", "log2_exact_denominator")
 #: bf16 magnitudes (sign bit off): the bins of the |W| histograms the medians come from
 MAGNITUDES = 1 << 15
+#: significant digits the log2 means are written with: float64 means of log2 hold ~15, whose last ones
+#: depend on the CPU's log2 (numpy's SIMD kernels), so the files are the same on every machine
+SIGNIFICANT_DIGITS = 12
+#: the columns written to SIGNIFICANT_DIGITS (the shares and medians are exact as they are)
+LOG2_COLUMNS = COLUMNS[:6]
 #: steps decoded and analysed at a time
 BLOCK_ROWS = DRIVERS_BLOCK_STEPS
 with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
@@ -318,8 +323,13 @@ class DriverPass:
 
 # -- the per-group answer ------------------------------------------------------------------------------
 
+def significant(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to SIGNIFICANT_DIGITS significant digits (NaN stays NaN)."""
+    return np.array([float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in np.asarray(values, dtype=np.float64)])
+
+
 def _number(value) -> float | None:
-    return None if value is None or not np.isfinite(value) else float(value)
+    return None if value is None or not np.isfinite(value) else float(f"{value:.{SIGNIFICANT_DIGITS}g}")
 
 
 def drivers_of(columns: dict[str, np.ndarray]) -> dict:
@@ -353,9 +363,9 @@ def drivers_of(columns: dict[str, np.ndarray]) -> dict:
              "v_stall": stall[onset] - stall[peak]}
     drop = ratio[peak] - ratio[onset]
     driver = max(TERMS, key=lambda term: terms[term]) if peak != onset else None
-    return {**result, "onset_step": int(steps[onset]), "peak_step": int(steps[peak]), "drop_bits": float(drop),
-            **{f"{term}_bits": float(value) for term, value in terms.items()},
-            "residual_bits": float(drop - sum(terms.values())), "driver": driver,
+    return {**result, "onset_step": int(steps[onset]), "peak_step": int(steps[peak]), "drop_bits": _number(drop),
+            **{f"{term}_bits": _number(value) for term, value in terms.items()},
+            "residual_bits": _number(drop - sum(terms.values())), "driver": driver,
             "claim_supported": None if driver is None else driver == "v_stall"}
 
 
@@ -447,6 +457,8 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
                 bar.update(len(block["W"]))
     tables = {group: {name: np.concatenate([part[name] for part in parts]) for name in ("step", *COLUMNS)}
               for group, parts in groups.items()}
+    for table in tables.values():  # the answer is computed from the table as written
+        table.update({name: significant(table[name]) for name in LOG2_COLUMNS})
     # step-major: each step's dead, live and all rows together
     steps = tables[GROUPS[0]]["step"]
     frame = {"step": np.repeat(steps, len(GROUPS)), "group": np.tile(np.array(GROUPS, dtype=object), len(steps))}
