@@ -97,10 +97,10 @@ def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, floa
     return 1 - beta1 ** float(step), 1 - beta2 ** float(step)
 
 
-def exact_ema(grads: np.ndarray, beta2: float, before: np.ndarray | None = None) -> np.ndarray:
-    """The exact exponential average of squared gradients after each row of ``grads`` (rows, ...):
-    v ← β2·v + (1−β2)·g² in float64, from ``before`` (the value after the row before; 0 before step 1)."""
-    v = np.zeros(grads.shape[1:]) if before is None else np.array(before, dtype=np.float64)
+def exact_ema(grads: np.ndarray, beta2: float) -> np.ndarray:
+    """The exact exponential average of squared gradients after each row of ``grads`` (rows 1.., ...):
+    v ← β2·v + (1−β2)·g² in float64, from v = 0 before step 1."""
+    v = np.zeros(grads.shape[1:])
     out = np.empty(grads.shape, dtype=np.float64)
     for row, g in enumerate(grads):
         g = np.asarray(g, dtype=np.float64)
