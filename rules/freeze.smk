@@ -1,10 +1,31 @@
 # Freeze/thaw tables, the cooling verdict, figures, and the series comparison.
 
 
+rule freeze_drivers:
+    input:
+        recording="results/{experiment}/recording.h5",
+    output:
+        table=report("results/{experiment}/freeze_drivers.csv", caption="../workflow/report/freeze_drivers.rst",
+                     category="{experiment}", subcategory="tables"),
+        summary="results/{experiment}/freeze_drivers.json",
+    log:
+        "logs/{experiment}/freeze_drivers.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
+    threads: 2
+    resources:
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze_drivers", attempt),
+        runtime=lambda w: stage_runtime_min(w.experiment, "freeze_drivers"),
+    shell:
+        "thimble freeze-drivers --threads {threads} --recording {input.recording} --table {output.table}"
+        " --summary {output.summary} 2> {log}"
+
+
 rule freeze:
     input:
         delta="results/{experiment}/delta_w_lattice.h5",
         recording="results/{experiment}/recording.h5",
+        drivers="results/{experiment}/freeze_drivers.json",
     output:
         freeze=report("results/{experiment}/freeze.csv", caption="../workflow/report/freeze.rst",
                       category="{experiment}", subcategory="tables"),
@@ -37,7 +58,8 @@ rule freeze:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
         " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
         " --lattice-positions {output.lattice_positions}"
-        " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary} 2> {log}"
+        " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary}"
+        " --drivers {input.drivers} 2> {log}"
 
 
 rule figures:
@@ -48,6 +70,7 @@ rule figures:
         exp_avg_sq="results/{experiment}/exp_avg_sq.csv",
         ratio="results/{experiment}/update_ratio.csv",
         lattice_positions="results/{experiment}/lattice_positions.csv",
+        drivers="results/{experiment}/freeze_drivers.csv",
     output:
         **{name: report(f"results/{{experiment}}/figures/{name}.png", caption=f"../workflow/report/{name}.rst",
                         category="{experiment}", subcategory="figures")
@@ -64,7 +87,7 @@ rule figures:
     shell:
         "thimble figures --freeze {input.freeze} --summary {input.summary} --token-steps {input.token_steps}"
         " --exp-avg-sq {input.exp_avg_sq} --ratio {input.ratio} --lattice-positions {input.lattice_positions}"
-        " --outdir results/{wildcards.experiment}/figures --summary-html {output.summary_page} 2> {log}"
+        " --drivers {input.drivers} --outdir results/{wildcards.experiment}/figures --summary-html {output.summary_page} 2> {log}"
 
 
 rule series:

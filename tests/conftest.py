@@ -126,3 +126,29 @@ def run_train(data, out, settings, threads=1):
 @pytest.fixture(scope="module")
 def recorded(data, tmp_path_factory):
     return run_train(data, tmp_path_factory.mktemp("run") / "stream", tiny_settings())
+
+
+def write_recording(path, tensors: dict, dead_mask, attrs: dict | None = None, rows: int = 8):
+    """A rechunked-format recording.h5 of synthetic tensors ((T+1, V, D) uint16 bf16 bits each, named as
+    recorded) in chunks of ``rows`` steps, checksummed as thimble writes them, with the seed's AdamW
+    settings (``attrs`` override them)."""
+    import h5py
+
+    from thimble.codec import compress_shuffled
+    from thimble.record import create_checked_array, create_tensor_dataset
+
+    shape = next(iter(tensors.values())).shape
+    rows = min(rows, shape[0])
+    with h5py.File(path, "w") as out:
+        for name, bits in tensors.items():
+            dataset = create_tensor_dataset(out, name, shape, rows, "bfloat16", 1)
+            for start in range(0, shape[0], rows):
+                chunk = np.zeros((rows, *shape[1:]), dtype=np.uint16)
+                chunk[: min(rows, shape[0] - start)] = bits[start: start + rows]
+                dataset.id.write_direct_chunk((start, 0, 0), b"".join(compress_shuffled(chunk, 1, 1)), 0)
+        create_checked_array(out, "losses", np.zeros(shape[0], np.float32))
+        create_checked_array(out, "dead_mask", np.asarray(dead_mask, bool))
+        out.attrs.update({"storage_dtype": "bfloat16", "update_rule": "bf16", "learning_rate": 1e-3,
+                          "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
+                          **(attrs or {})})
+    return path

@@ -4,6 +4,7 @@ bit for bit and the freeze criterion agrees element for element."""
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -50,3 +51,14 @@ def test_thimble_small_freezes_and_its_analysis_is_exact(tmp_path):
     cycles = pd.read_csv(results / "freeze_cycles.csv")
     assert cycles[cycles["group"] == "live"]["kind"].tolist() == ["not yet frozen"]
     assert cycles[cycles["group"] == "dead"]["kind"].iloc[0] == "not yet frozen"
+
+    # what drives the freeze: the dead tokens' onset found and its drop split exactly, frozen_share as
+    # freeze.csv counts it, and the stall of bf16's exp_avg_sq above the exact average by the end
+    drivers = pd.read_csv(results / "freeze_drivers.csv")
+    for group in ("dead", "live", "all"):
+        rows = drivers[drivers["group"] == group]
+        np.testing.assert_array_equal(rows["frozen_share"], freeze[f"{group}_frozen_element_share"])
+    dead = summary["drivers"]["dead"]
+    assert dead["onset_step"] is not None and dead["driver"] in ("spacing", "statistics", "v_stall")
+    assert abs(dead["residual_bits"]) < 1e-9 and dead["drop_bits"] > 0
+    assert dead["v_stall_bits_last"] > 0

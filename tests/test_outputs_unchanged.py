@@ -32,7 +32,7 @@ HDF5_FILES = ("stream/stream.h5", "recording.h5", "delta_w_lattice.h5", "token_d
 #: tables and summaries (replay.json names the torch build and CPU, which the environment check pins)
 BYTE_FILES = ("freeze.csv", "freeze_cycles.csv", "token_freeze.csv", "displacement_classes.csv",
               "lattice_positions.csv", "exp_avg_sq.csv", "replay.csv", "update_ratio.csv", "summary.json",
-              "replay.json")
+              "replay.json", "freeze_drivers.csv")
 #: attributes that name where a file was made, or how long it took, not what it holds
 UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds",
                   "session_determinism_check_seconds"}

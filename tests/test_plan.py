@@ -248,3 +248,18 @@ def test_a_probe_of_another_cpu_is_rescaled_by_steps_timed_here(tmp_path):
     assert not timed.foreign and "rescaled" in timed.note
     assert elsewhere["seconds_per_step"] * timed.scale == pytest.approx(timing["seconds_per_step"])
     assert seconds == pytest.approx((9.0 + 3.0 * (mini["training"]["steps"] - 1)) * timed.scale)
+
+
+def test_a_stage_newer_than_the_probe_is_sized_by_its_stand_in():
+    # the shipped thimble_7 probe predates freeze_drivers: its memory is freeze's baseline plus its own arrays,
+    # its time freeze's (which it stays within at thimble_7 size, docs/benchmarks.md)
+    record = json.loads((REPO / "workflow/calibration/thimble_7-cpu.json").read_text())
+    record["stages"].pop("freeze_drivers", None)  # as a probe made before the stage existed
+    record["stage_times"].pop("freeze_drivers", None)
+    settings = load_config(REPO / "config.yaml")["experiments"]["thimble_7"]
+    peaks = costs.peak_ram_bytes(settings, record)
+    arrays = costs.array_bytes(settings, stages=("freeze", "freeze_drivers"))
+    assert peaks["freeze_drivers"] - peaks["freeze"] == arrays["freeze_drivers"] - arrays["freeze"]
+    times = costs.stage_seconds(record, settings["training"]["steps"], settings["model"])
+    assert times["freeze_drivers"] == {**times["freeze"], "stand_in": "freeze"}
+    assert list(times) == list(costs.AFTER_TRAINING)

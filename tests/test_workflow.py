@@ -46,11 +46,13 @@ def test_lint_is_clean_and_every_rule_names_the_conda_environment(workdir):
 def test_experiment_and_series_targets_plan(workdir):
     result = run_snakemake(workdir, "-n", "results/thimble_7/freeze.csv")
     assert planned_jobs(result.stdout) == {"fetch_sdist": 1, "corpus": 1, "tokenizer": 1, "encode": 1, "masks": 1,
-                                           "train": 1, "rechunk": 1, "lattice": 1, "freeze": 1}
+                                           "train": 1, "rechunk": 1, "lattice": 1, "freeze_drivers": 1,
+                                           "freeze": 1}
     series = load_config(REPO / "config.yaml")["series"]["thimble"]
     result = run_snakemake(workdir, "-n", "results/series/thimble/global_freeze.png")
     jobs = planned_jobs(result.stdout)
     assert jobs["train"] == jobs["rechunk"] == jobs["lattice"] == jobs["freeze"] == jobs["figures"] == len(series)
+    assert jobs["freeze_drivers"] == len(series)
     assert jobs["replay"] == len(series) and jobs["corpus"] == 1 and jobs["series"] == 1
 
 
@@ -65,7 +67,8 @@ def test_the_update_rule_series_plans_one_run_per_rule(workdir):
     assert all(training == comparable[0] for training in comparable)
     result = run_snakemake(workdir, "-n", "results/series/small_update_rules/global_freeze.png")
     jobs = planned_jobs(result.stdout)
-    assert jobs["train"] == jobs["replay"] == jobs["freeze"] == jobs["figures"] == len(UPDATE_RULES)
+    assert jobs["train"] == jobs["replay"] == jobs["freeze"] == jobs["freeze_drivers"] == jobs["figures"] == \
+        len(UPDATE_RULES)
     assert jobs["corpus"] == 1 and jobs["series"] == 1
 
 
@@ -152,6 +155,20 @@ def test_mini_freeze_tables_figures_series_and_report(mini_data):
     assert "summary.html" in report and "verdicts.html" in report
     page = (results / "summary.html").read_text()
     assert "<table" in page and summary["verdict"] in page
+    # the freeze drivers: every step and group, the identity to float rounding, frozen_share as freeze.csv
+    # counts it, and the answer per group in summary.json and on the page
+    drivers = pd.read_csv(results / "freeze_drivers.csv")
+    assert len(drivers) == 3 * 60 and "freeze_drivers.csv" in report
+    split = (np.log2(1e-3) + drivers["mean_log2_abs_m_hat"] - drivers["mean_log2_denominator"]
+             - drivers["mean_log2_half_spacing"])
+    np.testing.assert_allclose(drivers["mean_log2_ratio"], split, rtol=0, atol=1e-9)
+    for group in ("dead", "live", "all"):
+        rows = drivers[drivers["group"] == group]
+        np.testing.assert_array_equal(rows["frozen_share"], freeze[f"{group}_frozen_element_share"])
+        assert summary["drivers"][group]["answer"] in page
+    assert summary["drivers"]["applies"] and summary["drivers"]["inputs_exact"]
+    f16 = json.loads((mini_data / "results/thimble_mini_f16/summary.json").read_text())
+    assert f16["drivers"]["inputs_exact"] is False
 
 
 @pytest.mark.workflow

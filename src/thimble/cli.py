@@ -100,14 +100,20 @@ def _freeze(args) -> None:
     analyse(args.recording, _settings(args.settings), {
         "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
         "lattice_positions": args.lattice_positions, "variance": args.variance, "token_steps": args.token_steps,
-        "summary": args.summary}, delta_path=args.delta, threads=args.threads)
+        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers)
+
+
+def _freeze_drivers(args) -> None:
+    from thimble.drivers import write_drivers
+
+    write_drivers(args.recording, args.table, args.summary, threads=args.threads)
 
 
 def _figures(args) -> None:
     from thimble.figures import experiment_figures
 
     experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
-                       args.lattice_positions, args.outdir, args.summary_html)
+                       args.lattice_positions, args.outdir, args.summary_html, args.drivers)
 
 
 def _series(args) -> None:
@@ -274,14 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recording", required=True)
     for name in ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary"):
         p.add_argument(f"--{name}", required=True)
+    p.add_argument("--drivers", help="the freeze_drivers stage's JSON, copied into the summary as `drivers`")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze)
+
+    p = sub.add_parser("freeze-drivers", help="what drives the freeze: the update ratio split into its causes",
+                       description="Per step and group, the mean log2 of AdamW's update over half the bf16 spacing "
+                       "toward the move, split exactly into lr, |m̂|, the denominator (bf16's and exact AdamW's) "
+                       "and the spacing; per group, the onset's drop split into spacing, statistics and v_stall.")
+    p.add_argument("--recording", required=True, help="the rechunked recording")
+    p.add_argument("--table", required=True, help="freeze_drivers.csv")
+    p.add_argument("--summary", required=True, help="the per-group answer (JSON)")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_freeze_drivers)
 
     p = sub.add_parser("figures", help="figures of an experiment")
     for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio", "lattice-positions"):
         p.add_argument(f"--{name}", required=True, help="an input table")
     p.add_argument("--outdir", required=True, help="writes {outdir}/{name}.png for every figure in thimble.outputs.FIGURES")
     p.add_argument("--summary-html", help="the verdicts and the summary as HTML tables (for the report)")
+    p.add_argument("--drivers", required=True, help="freeze_drivers.csv (the drivers figure)")
     p.set_defaults(func=_figures)
 
     p = sub.add_parser("series", help="compare the experiments of a series")
@@ -302,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     finally:
-        write_usage(args.command)  # for `thimble plan`'s probe, when THIMBLE_PEAK_RSS_DIR is set
+        # for `thimble plan`'s probe, when THIMBLE_PEAK_RSS_DIR is set; a stage's rule spells it with "_"
+        write_usage(args.command.replace("-", "_"))
 
 
 #: arguments naming files a command writes (for the disk-full message)

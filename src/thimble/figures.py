@@ -194,6 +194,79 @@ def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: 
     _save(fig, path)
 
 
+def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> None:
+    """Per group: the mean log2(|u|/h) and the frozen share (top), and below, from the peak on, the three terms
+    the ratio's drop splits into (spacing, statistics, v_stall) beside the drop itself; onset and peak marked.
+
+    Outside the bf16 rule the decomposition does not apply: the figure says why instead (summary.json).
+    """
+    answer = summary.get("drivers", {})
+    groups = [group for group in ("dead", "live", "all") if group in set(table.get("group", []))]
+    if not answer.get("applies", False) or not groups:
+        fig, ax = plt.subplots(figsize=(9, 3))
+        ax.set_axis_off()
+        import textwrap
+
+        why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
+        ax.text(0.5, 0.5, f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do "
+                f"not apply:\n{why}", ha="center", va="center", fontsize=9)
+        _save(fig, path)
+        return
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.5), sharex=True, squeeze=False)
+    for column, group in enumerate(groups):
+        rows = table[table["group"] == group]
+        steps = rows["step"].to_numpy()
+        result = answer[group]
+        top, bottom = axes[0, column], axes[1, column]
+        top.plot(steps, rows["mean_log2_ratio"], color="black", lw=1, label="mean log2(|u| / h)")
+        top.axhline(0, color="black", ls="--", lw=0.6)
+        share = top.twinx()
+        share.plot(steps, rows["frozen_share"], color=GROUP_COLORS[group], lw=0.8, label="frozen share")
+        share.set(ylim=(-0.02, 1.02), ylabel="frozen share of elements")
+        top.set(title=f"{group}: driver {result['driver'] or '–'}", ylabel="bits (below 0: cannot move)")
+        if result["peak_step"] is not None:
+            peak = int(np.searchsorted(steps, result["peak_step"]))
+            at = lambda values: values - values[peak]  # noqa: E731  (bits gained since the peak)
+            statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
+            ratio = rows["mean_log2_ratio"].to_numpy()
+            bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
+            bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
+            bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
+            bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
+            for ax in (top, bottom):
+                ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
+        if result["onset_step"] is not None:
+            for ax in (top, bottom):
+                ax.axvline(result["onset_step"], color="red", lw=0.8, ls="--")
+            top.text(result["onset_step"], 0.02, " onset", color="red", fontsize=8, transform=top.get_xaxis_transform())
+        bottom.set(xlabel="step", ylabel="bits since the peak (sum of the terms = the drop)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=7, loc="upper right")
+        share.legend(fontsize=7, loc="center right")
+        bottom.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{experiment}: what drives the freeze (dotted: the peak; dashed: the onset, more than half frozen)")
+    _save(fig, path)
+
+
+def drivers_html(answer: dict) -> list[str]:
+    """summary.html's part on the freeze drivers: per group, which term drove the onset and the numbers."""
+    if not answer:
+        return []
+    if not answer.get("applies", False):
+        return [f"<p>Freeze drivers: not computed: {answer.get('why', '')}</p>"]
+    keys = ("onset_step", "peak_step", "drop_bits", "spacing_bits", "statistics_bits", "v_stall_bits", "driver",
+            "claim_supported", "v_stall_bits_last")
+    rows = [{"group": group, **{key: answer[group][key] for key in keys}} for group in ("dead", "live", "all")
+            if group in answer]
+    return ["<p>What drives the freeze (the lab: \"it's really the variance term\"): from the peak of the mean "
+            "log2(|u|/h) to the onset (more than half of the group frozen), its drop splits into the weights' "
+            "coarser spacing, the gradient statistics as exact AdamW sees them, and bf16's stalled exp_avg_sq "
+            "(v_stall); bits, freeze_drivers.csv, docs/outputs.md.</p><ul>"
+            + "".join(f"<li>{answer[row['group']]['answer']}</li>" for row in rows) + "</ul>",
+            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–")]
+
+
 def experiment_label(summary: dict) -> str:
     """An experiment's name, with its update rule where that is not the seed's."""
     rule = rule_of(summary)
@@ -271,12 +344,14 @@ def summary_html(summary: dict) -> str:
              "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in
                                              ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive"))
              + f". {rule['windows'][0].upper()}{rule['windows'][1:]}.</p>",
-             pd.DataFrame(window_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]
+             pd.DataFrame(window_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+             *drivers_html(summary.get("drivers", {}))]
     return _html_page(f"{summary['experiment']}: verdicts and summary", parts)
 
 
 def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp_avg_sq_csv: str,
-                       ratio_csv: str, lattice_positions_csv: str, outdir: str, summary_page: str | None = None) -> None:
+                       ratio_csv: str, lattice_positions_csv: str, outdir: str, summary_page: str | None = None,
+                       drivers_csv: str | None = None) -> None:
     """Every figure of thimble.outputs.FIGURES, as {outdir}/{name}.png, and the summary as an HTML page."""
     import h5py
 
@@ -296,6 +371,7 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
                  rule_of(summary))
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
+    drivers(pd.read_csv(drivers_csv) if drivers_csv else pd.DataFrame(), summary, name, out["drivers"])
     if summary_page:
         _write_text(summary_page, summary_html(summary))
 

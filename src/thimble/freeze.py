@@ -539,8 +539,10 @@ def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict]) -> None:
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
-            threads: int = 1) -> dict:
+            threads: int = 1, drivers_path: str | None = None) -> dict:
     """Write every freeze table and the summary of one experiment; return the summary.
+
+    ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``.
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from W.
@@ -597,6 +599,8 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         # the lab's question, for the dead tokens (all tokens when none is dead): the global freeze
         "verdict": series["dead" if groups["dead"].any() else "all"]["global_freeze"]["verdict"],
     }
+    if drivers_path is not None:
+        summary["drivers"] = json.loads(Path(drivers_path).read_text())
     with atomic_output(outputs["summary"]) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
     whole = summary["windows"]["all"]

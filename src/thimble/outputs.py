@@ -4,7 +4,8 @@ Kept free of heavy imports: the Snakefile reads it while building the DAG.
 """
 
 #: figures/{name}.png of an experiment, each with a caption workflow/report/{name}.rst
-FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions")
+FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions",
+           "drivers")
 
 #: the files of an experiment under results/{experiment}/, each with the stage (rule) that writes it, for the
 #: notebook API's messages; the rules declare them, and tests/test_plan.py checks this list against
@@ -14,6 +15,7 @@ EXPERIMENT_FILES = {
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
     "freeze.csv": "freeze", "freeze_cycles.csv": "freeze", "token_freeze.csv": "freeze",
     "displacement_classes.csv": "freeze", "lattice_positions.csv": "freeze", "exp_avg_sq.csv": "freeze",
-    "token_displacement.h5": "freeze", "summary.json": "freeze", "summary.html": "figures",
+    "token_displacement.h5": "freeze", "summary.json": "freeze",
+    "freeze_drivers.csv": "freeze_drivers", "freeze_drivers.json": "freeze_drivers", "summary.html": "figures",
     **{f"figures/{name}.png": "figures" for name in FIGURES},
 }

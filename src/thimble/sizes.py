@@ -16,6 +16,8 @@ from thimble.update_rules import rule_of, step_bytes as recorded_step_bytes, wid
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 #: steps the replay holds and replays at once (its memory grows with them; the plan's model counts them)
 REPLAY_BLOCK_STEPS = 32
+#: steps the freeze_drivers stage decodes and analyses at once (as REPLAY_BLOCK_STEPS)
+DRIVERS_BLOCK_STEPS = 16
 
 
 def n_parameters(model: dict) -> int:

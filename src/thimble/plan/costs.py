@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import math
 
-from thimble.sizes import REPLAY_BLOCK_STEPS, chunk_rows, row_bytes, training_footprint
+from thimble.sizes import DRIVERS_BLOCK_STEPS, REPLAY_BLOCK_STEPS, chunk_rows, row_bytes, training_footprint
 from thimble.update_rules import ELEMENT_BYTES, recorded_tensors, rule_of
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
-STAGES = ("train", "rechunk", "lattice", "replay", "freeze", "figures")
+STAGES = ("train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze", "figures")
 #: the stages that read the recorded run (timed by ``stage_seconds``; training has its own step rate)
 AFTER_TRAINING = STAGES[1:]
+#: a stage added after a calibration was probed is sized by the stage it was measured against: it reads the
+#: same recording with the same libraries (its baseline memory), and its time at thimble_7 size is within
+#: the stand-in's (docs/benchmarks.md)
+STAND_INS = {"freeze_drivers": "freeze"}
 #: margin on the predicted peak RAM that a job asks for (times the attempt on a retry)
 MEM_MARGIN = 1.5
 #: margin on the predicted time that a job asks for
@@ -71,6 +75,10 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
         # (its low bytes) held while the chunk is decoded
         "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,
+        # per tensor (W, grad, both moments), half a chunk (its low bytes) held while the chunk is decoded and
+        # a block of decoded rows (2 bytes) with its top bytes (1); the exact average and two float64 rows
+        "freeze_drivers": lambda: 4 * (chunk() // 2 + min(steps, DRIVERS_BLOCK_STEPS) * row_elements * 3)
+        + row_elements * 3 * 8,
         # max |ΔW′| and the norm per token and step
         "figures": lambda: 2 * per_token_step * 4,
     }
@@ -82,10 +90,12 @@ def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0,
     """Each probed stage's peak RSS at full size: its measured peak, less the probe's arrays, plus the
     full run's arrays (``array_bytes``)."""
     measured = calibration["stages"]
-    stages = tuple(stage for stage in stages if stage in measured)
-    full = array_bytes(settings, n_tokens, stages)
-    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"], stages)
-    return {stage: max(0, round(measured[stage]["peak_rss_bytes"] - probed[stage] + full[stage])) for stage in stages}
+    measured_as = {stage: stage if stage in measured else STAND_INS.get(stage) for stage in stages}
+    measured_as = {stage: probed_stage for stage, probed_stage in measured_as.items() if probed_stage in measured}
+    full = array_bytes(settings, n_tokens, tuple(measured_as))
+    probed = array_bytes(calibration["probe_settings"], calibration["n_tokens"], tuple(set(measured_as.values())))
+    return {stage: max(0, round(measured[probed_stage]["peak_rss_bytes"] - probed[probed_stage] + full[stage]))
+            for stage, probed_stage in measured_as.items()}
 
 
 def segment_count(steps: int, segment_steps: int) -> int:
@@ -161,6 +171,8 @@ def stage_seconds(calibration: dict, steps: int, model: dict | None = None) -> d
         scale = embedding_elements(model) / embedding_elements(calibration["probe_settings"]["model"])
     times = {}
     for stage in AFTER_TRAINING:
+        if stage not in calibration["stages"] and STAND_INS.get(stage) in calibration["stages"]:
+            continue  # below, from its stand-in's
         if per_step_resolved(calibration, stage):
             fitted = calibration["stage_times"][stage]
             seconds = fitted["fixed"] + fitted["per_step"] * (steps + 1) * scale
@@ -170,7 +182,10 @@ def stage_seconds(calibration: dict, steps: int, model: dict | None = None) -> d
             steps_ratio = (max(steps, calibration["probe_steps"]) + 1) / (calibration["probe_steps"] + 1)
             seconds = calibration["stages"][stage]["seconds"] * steps_ratio * max(1.0, scale)
             times[stage] = {"seconds": seconds, "upper_bound": True, "scaled": scale}
-    return times
+    for stage in AFTER_TRAINING:
+        if stage not in times and STAND_INS.get(stage) in times:
+            times[stage] = {**times[STAND_INS[stage]], "stand_in": STAND_INS[stage]}
+    return {stage: times[stage] for stage in AFTER_TRAINING if stage in times}
 
 
 def job_mem_mb(peak_bytes: int, attempt: int = 1) -> int:
