@@ -480,14 +480,18 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     return columns
 
 
-def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict]) -> None:
+def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict], quote_text: bool = False) -> None:
+    """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
+    a NUL or a quote read back exactly."""
+    import csv
+
     import pandas as pd
 
     from thimble.files import atomic_output
 
     frame = pd.DataFrame(columns)
     with atomic_output(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC if quote_text else csv.QUOTE_MINIMAL)
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
@@ -526,7 +530,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     write_csv(outputs["freeze"], columns)
     write_csv(outputs["cycles"], cycles_table(columns))
     token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(dead_mask))
-    write_csv(outputs["tokens"], token_table(steps, groups, windows, token_text))
+    write_csv(outputs["tokens"], token_table(steps, groups, windows, token_text), quote_text=token_text is not None)
     write_csv(outputs["classes"], displacement_table(steps, groups))
     write_csv(outputs["lattice_positions"], lattice_position_table(steps))
     write_csv(outputs["variance"], variance_by_group(recording, groups))
