@@ -52,6 +52,23 @@ def stored_bits(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
     return values.view(BITS_DTYPES[values.dtype.itemsize])
 
 
+@dataclass(frozen=True)
+class TensorChunks:
+    """What the cache needs to know of a dataset, read from h5py once (each h5py property costs tens of µs,
+    more than serving a kept chunk)."""
+
+    dataset: h5py.Dataset
+    key: tuple[str, str]
+    shape: tuple[int, ...]
+    steps_per_chunk: int
+    bits_dtype: np.dtype
+
+    @classmethod
+    def of(cls, dataset: h5py.Dataset) -> TensorChunks:
+        return cls(dataset, (dataset.file.filename, dataset.name), tuple(dataset.shape), chunk_steps(dataset),
+                   np.dtype(BITS_DTYPES[dataset.id.get_type().get_size()]))
+
+
 @dataclass
 class CacheStats:
     """What the cache did: chunks decoded, reads served from a kept chunk, chunks too large to keep."""
@@ -73,14 +90,14 @@ class ChunkCache:
         self.held_bytes = 0
         self.stats = CacheStats()
 
-    def chunk(self, dataset: h5py.Dataset, first: int) -> np.ndarray:
-        """The decoded chunk of ``dataset`` whose first step is ``first`` (its valid steps only)."""
-        key = (dataset.file.filename, dataset.name, first)
+    def chunk(self, tensor: TensorChunks, first: int) -> np.ndarray:
+        """The decoded chunk of ``tensor`` whose first step is ``first`` (its valid steps only)."""
+        key = (*tensor.key, first)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             self.stats.hits += 1
             return self._chunks[key]
-        bits = stored_bits(dataset, first, min(first + chunk_steps(dataset), dataset.shape[0]))
+        bits = stored_bits(tensor.dataset, first, min(first + tensor.steps_per_chunk, tensor.shape[0]))
         self.stats.decoded += 1
         self.stats.decoded_bytes += bits.nbytes
         if bits.nbytes > self.budget_bytes:
@@ -94,18 +111,17 @@ class ChunkCache:
         self.held_bytes += bits.nbytes
         return bits
 
-    def rows(self, dataset: h5py.Dataset, steps: np.ndarray, tokens: slice | np.ndarray) -> np.ndarray:
+    def rows(self, tensor: TensorChunks, steps: np.ndarray, tokens: slice | np.ndarray) -> np.ndarray:
         """The stored bits of ``steps`` (an int array, any order, repeats allowed) and ``tokens`` (a slice or an
-        int array over axis 1) of ``dataset``, shaped (len(steps), tokens, ...): each chunk they touch is
+        int array over axis 1) of ``tensor``, shaped (len(steps), tokens, ...): each chunk they touch is
         decoded at most once, and only the chunks they touch."""
-        per_chunk = chunk_steps(dataset)
-        n_tokens = len(range(*tokens.indices(dataset.shape[1]))) if isinstance(tokens, slice) else len(tokens)
-        element = BITS_DTYPES[dataset.id.get_type().get_size()]
-        out = np.empty((len(steps), n_tokens, *dataset.shape[2:]), dtype=element)
+        per_chunk = tensor.steps_per_chunk
+        n_tokens = len(range(*tokens.indices(tensor.shape[1]))) if isinstance(tokens, slice) else len(tokens)
+        out = np.empty((len(steps), n_tokens, *tensor.shape[2:]), dtype=tensor.bits_dtype)
         firsts = steps - steps % per_chunk
-        for first in np.unique(firsts):
-            where = np.flatnonzero(firsts == first)
-            chunk = self.chunk(dataset, int(first))
+        for first in (np.unique(firsts) if len(firsts) > 1 else firsts):
+            where = np.flatnonzero(firsts == first) if len(firsts) > 1 else slice(None)
+            chunk = self.chunk(tensor, int(first))
             local = steps[where] - first
             # one indexing operation, so that only the rows asked for are copied out of the chunk
             out[where] = chunk[local, tokens] if isinstance(tokens, slice) else chunk[local[:, None], tokens[None, :]]

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from thimble.bf16 import BFLOAT16
-from thimble.chunk_cache import ChunkCache
+from thimble.chunk_cache import ChunkCache, TensorChunks
 
 if TYPE_CHECKING:
     import torch
@@ -98,6 +98,7 @@ class StepSeries:
 
     def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache):
         self._dataset, self.name, self._cache = dataset, name, cache
+        self._chunks = TensorChunks.of(dataset)
         from thimble.record import is_bfloat16
 
         self.bfloat16 = is_bfloat16(dataset)
@@ -106,7 +107,7 @@ class StepSeries:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._dataset.shape)
+        return self._chunks.shape
 
     @property
     def source(self) -> str:
@@ -114,14 +115,14 @@ class StepSeries:
         return self._dataset.file.filename
 
     def __len__(self) -> int:
-        return self._dataset.shape[0]
+        return self._chunks.shape[0]
 
     def bits(self, key=slice(None)) -> np.ndarray:
         """The stored bit patterns (uint16 or uint32) of ``series[key]``."""
         steps_index, tokens_index, dims_index = split_key(key)
         steps, drop_step = axis_selection(steps_index, self.shape[0], "step")
         tokens, drop_token = axis_selection(tokens_index, self.shape[1], "token", keep_slice=True)
-        out = self._cache.rows(self._dataset, steps, tokens)
+        out = self._cache.rows(self._chunks, steps, tokens)
         if len(self.shape) > 2:
             dims, drop_dim = axis_selection(dims_index, self.shape[2], "dim", keep_slice=True)
             out = out[:, :, dims]
