@@ -157,16 +157,16 @@ def _stale_tables(directory: Path, stage: str, manifest: str, identity: str, rec
     return stale
 
 
-def describe(directory: str | Path, stale: list[Stale]) -> str:
-    """One message naming every stale file, why, and the Snakemake command that rebuilds them."""
-    from thimble.run import make_target
+def rebuild_targets(stale: list[Stale]) -> list[str]:
+    """The experiment files whose Snakemake targets rebuild every stale output."""
+    return sorted({item.target for item in stale})
 
-    directory = Path(directory)
+
+def describe(directory: str | Path, stale: list[Stale]) -> str:
+    """One message naming every stale file and why (the caller adds the command that rebuilds them)."""
     by_reason: dict[str, list[str]] = {}
     for item in stale:
         by_reason.setdefault(item.why, []).append(item.file)
     reasons = "; ".join(f"{', '.join(files)}: {why}" for why, files in by_reason.items())
-    targets = sorted({item.target for item in stale})
     verb = "do not belong" if all(item.certain for item in stale) else "may not belong"
-    return (f"{directory}: {len(stale)} file(s) {verb} to the recording beside them. {reasons}. "
-            f"Rebuild them with {make_target(directory, *targets)}")
+    return f"{directory}: {len(stale)} file(s) {verb} to the recording beside them. {reasons}"

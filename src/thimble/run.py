@@ -4,7 +4,7 @@ Per-step tensors are read lazily (``thimble.step_series``): ``run.W[t]`` is the
 (V, D) embedding matrix after step t as a bf16 torch tensor, bit for bit;
 ``run.W[10:20]`` is steps 10..19, ``run.W[1000:1500, run.dead_ids]`` only the
 dead tokens' rows. Tables come back as pandas DataFrames and the JSON summaries
-as dicts; ``run.to_xarray()`` is the labelled view (``thimble.xarray_backend``).
+as dicts; ``run.to_xarray()`` is the labelled view (``thimble.xarray_view``).
 A missing file is named, with the Snakemake target that makes it.
 
 The tensors come from ``recording.h5`` when it exists (the rechunked file,
@@ -276,15 +276,18 @@ class Run:
         those that cannot be told (written before thimble recorded provenance)."""
         if self._checked:
             return
-        from thimble.provenance import StaleResultError, StaleResultWarning, describe
+        from thimble.provenance import StaleResultError, StaleResultWarning, describe, rebuild_targets
+
+        def message(items) -> str:
+            return (f"{describe(self.directory, items)}. Rebuild them with "
+                    f"{make_target(self.directory, *rebuild_targets(items))}")
 
         stale = self.stale
         certain = [item for item in stale if item.certain]
         if certain and not self.allow_stale:
-            raise StaleResultError(describe(self.directory, certain) + "; or open_run(..., allow_stale=True) to "
-                                   "read them anyway")
+            raise StaleResultError(message(certain) + "; or open_run(..., allow_stale=True) to read them anyway")
         if stale:
-            warnings.warn(describe(self.directory, stale), StaleResultWarning, stacklevel=3)
+            warnings.warn(message(stale), StaleResultWarning, stacklevel=3)
         self._checked = True
 
     # -- tokens and the labelled view -------------------------------------------
@@ -305,8 +308,8 @@ class Run:
 
     def to_xarray(self, dtype: str = "float32") -> xarray.Dataset:
         """The recorded tensors as a lazy xarray Dataset labelled (step, token, dim), with token text and
-        group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see thimble.xarray_backend)."""
-        from thimble.xarray_backend import run_dataset
+        group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see thimble.xarray_view)."""
+        from thimble.xarray_view import run_dataset
 
         return run_dataset(self, dtype)
 
