@@ -100,7 +100,8 @@ def _freeze(args) -> None:
     analyse(args.recording, _settings(args.settings), {
         "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
         "lattice_positions": args.lattice_positions, "variance": args.variance, "token_steps": args.token_steps,
-        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers)
+        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers,
+        tokenizer_path=args.tokenizer)
 
 
 def _freeze_drivers(args) -> None:
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
     p.add_argument("--delta", help="the lattice stage's ΔW′ file (read for its exactness flag)")
     p.add_argument("--recording", required=True)
+    p.add_argument("--tokenizer", help="the dataset's tokenizer.json, for token_freeze.csv's token_text column")
     for name in ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--drivers", help="the freeze_drivers stage's JSON, copied into the summary as `drivers`")

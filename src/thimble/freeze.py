@@ -261,8 +261,9 @@ def window_stats(columns: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     return out
 
 
-def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[str, tuple[int, int]]) -> dict:
-    """token_freeze.csv columns: one row per token."""
+def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[str, tuple[int, int]],
+                token_text: list[str] | None = None) -> dict:
+    """token_freeze.csv columns: one row per token (with its text as the tokenizer decodes it, when given)."""
     vocab = steps.max_abs.shape[1]
     frozen = steps.max_abs == 0
     t = np.arange(steps.max_abs.shape[0])
@@ -271,7 +272,10 @@ def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[
     longest = np.empty(vocab, dtype=np.int64)
     for token in range(vocab):
         longest[token] = longest_true_run(frozen[1:, token], t[1:])[0]
-    columns = {"token": np.arange(vocab), "group": np.where(groups["dead"], "dead", "live")}
+    columns = {"token": np.arange(vocab)}
+    if token_text is not None:
+        columns["token_text"] = token_text
+    columns["group"] = np.where(groups["dead"], "dead", "live")
     for name, (start, end) in windows.items():
         columns[f"frozen_share_{name}"] = frozen[start:end + 1].mean(axis=0)
     columns["last_moved_step"] = last_moved
@@ -528,29 +532,38 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     return columns
 
 
-def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict]) -> None:
+def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict], quote_text: bool = False) -> None:
+    """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
+    a NUL or a quote read back exactly."""
+    import csv
+
     import pandas as pd
 
     from thimble.files import atomic_output
 
     frame = pd.DataFrame(columns)
     with atomic_output(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC if quote_text else csv.QUOTE_MINIMAL)
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
-            threads: int = 1, drivers_path: str | None = None) -> dict:
+            threads: int = 1, drivers_path: str | None = None, tokenizer_path: str | None = None) -> dict:
     """Write every freeze table and the summary of one experiment; return the summary.
 
     ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``.
+    ``tokenizer_path``: the dataset's tokenizer, for token_freeze.csv's token_text column. The summary's
+    ``provenance`` names the recording read and the sha256 of every table (thimble.provenance).
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from W.
     """
     import h5py
 
+    from thimble.config import settings_hash
     from thimble.files import atomic_output
+    from thimble.provenance import stage_provenance
     from thimble.record import open_h5, read_checked
+    from thimble.tokenizer import token_texts
 
     analysis = settings["analysis"]
     with open_h5(recording) as handle:
@@ -558,6 +571,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         exact = handle.attrs.get("storage_dtype") != "float16"
         update_rule = rule_of(handle.attrs)
+        source_attrs = dict(handle.attrs)
     if delta_path is not None:
         with open_h5(delta_path) as handle:
             exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
@@ -568,10 +582,14 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     windows = default_windows(last_step, analysis["windows"])
     write_csv(outputs["freeze"], columns)
     write_csv(outputs["cycles"], cycles_table(columns))
-    write_csv(outputs["tokens"], token_table(steps, groups, windows))
+    token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(dead_mask))
+    write_csv(outputs["tokens"], token_table(steps, groups, windows, token_text), quote_text=token_text is not None)
     write_csv(outputs["classes"], displacement_table(steps, groups))
     write_csv(outputs["lattice_positions"], lattice_position_table(steps))
     write_csv(outputs["variance"], variance_by_group(recording, groups))
+    provenance = stage_provenance(recording, source_attrs, settings_hash(settings),
+                                  [outputs[name] for name in ("freeze", "cycles", "tokens", "classes",
+                                                              "lattice_positions", "variance")])
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
             # Fletcher32: HDF5 verifies every chunk as the figures read it
@@ -579,6 +597,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
                 out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1,
                                    fletcher32=True)
             out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
+            out.attrs["computed_from"] = json.dumps(provenance["computed_from"], sort_keys=True)
 
     width, tolerance = analysis["trend_window_steps"], analysis["verdict_tolerance_per_1000_steps"]
     series = cooling(columns, width, tolerance)
@@ -598,6 +617,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in GROUPS},
         # the lab's question, for the dead tokens (all tokens when none is dead): the global freeze
         "verdict": series["dead" if groups["dead"].any() else "all"]["global_freeze"]["verdict"],
+        "provenance": provenance,
     }
     if drivers_path is not None:
         summary["drivers"] = json.loads(Path(drivers_path).read_text())

@@ -143,9 +143,11 @@ def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, 
 
 
 def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
-                         output_json: str, summary: dict) -> None:
-    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all."""
+                         output_json: str, summary: dict, stream_dir: str, attrs: dict) -> None:
+    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
+    replay.json's ``provenance`` names the stream (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
     from thimble.files import atomic_output
+    from thimble.provenance import PROVENANCE_KEY, stage_provenance
 
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -156,6 +158,8 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
         writer.writerow(["step", *RATIO_COLUMNS])
         for step, counts in enumerate(histograms, start=1):
             writer.writerow([step, *counts.tolist()])
+    # the replay reads no settings: its hyperparameters are the recording's
+    summary[PROVENANCE_KEY] = stage_provenance(Path(stream_dir) / "stream.h5", attrs, None, [output_csv, ratio_csv])
     with atomic_output(output_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -306,7 +310,7 @@ def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: 
     }
     summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
                              replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
-    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary)
+    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, stream_dir, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
                  target, last)
@@ -384,7 +388,7 @@ def replay_other_rule(source: RecordedRows, output_csv: str, output_json: str, r
                              rows, mismatch_columns, criterion, random_bits)
     # the ratio table has its header only: the ratio is the bf16 rule's
     write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
-                         output_json, summary)
+                         output_json, summary, stream_dir, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
                  target, last)
