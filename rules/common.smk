@@ -3,6 +3,7 @@
 import functools
 import json
 import re
+import sys
 
 from thimble.outputs import FIGURES
 
@@ -168,8 +169,16 @@ def train_runtime_min(experiment):
     for device_kind in ("cuda", "cpu") if train_gpus(experiment) else ("cpu",):
         timed = training_seconds(CFG["experiments"][experiment], device_kind, Path("."))
         if timed is not None:
+            if timed[1].foreign:
+                warn_foreign_probe(experiment, timed[1].note)
             return job_runtime_min(timed[0])
     calibration_of(experiment)  # raises, saying what to do
+
+
+@functools.cache
+def warn_foreign_probe(experiment, note):
+    """Once per experiment and Snakemake process: its training runtime comes from another CPU's probe."""
+    print(f"warning: {experiment}: the training runtime a job asks for comes from a probe {note}", file=sys.stderr)
 
 
 def stage_runtime_min(experiment, stage):
