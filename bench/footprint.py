@@ -53,7 +53,7 @@ def write_seed_layout(recording: Path, out_path: Path, threads: int) -> dict:
                 frames = pool.map(lambda step: zlib.compress(values[step].tobytes(), 1), range(len(values)))
                 for offset, frame in enumerate(frames):
                     target.id.write_direct_chunk((first + offset, 0, 0), frame, 0)
-        out.create_dataset("losses", data=source["losses"][...].astype(np.float32), chunks=(1000,),
+        out.create_dataset("losses", data=source["losses"][...].astype(np.float32), chunks=(min(1000, n_steps),),
                            compression="gzip", compression_opts=1)
         for name in ("live_mask", "dead_mask", "live_ids", "dead_ids"):
             if name in source:
