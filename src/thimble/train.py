@@ -337,14 +337,14 @@ def save_checkpoint(partial_dir: Path, state: dict) -> None:
     tmp = _write_synced(partial_dir, CHECKPOINT, lambda out: torch.save(state, out))
     try:
         digest = sha256_file(tmp)
-        # every checkpoint here was verified by the resume or written by this session: its listed sum holds
-        listed = read_checkpoint_checksums(partial_dir)
+        # by content, not name: after a crash mid-save a listed sum can sit under the other file's name
+        listed = set(read_checkpoint_checksums(partial_dir).values())
         kept = {}
-        if checkpoint.exists() and CHECKPOINT in listed:
-            os.replace(checkpoint, previous)  # its sum stays listed (under its old name) until the list is replaced
-            kept = {PREVIOUS_CHECKPOINT: listed[CHECKPOINT]}
-        elif previous.exists() and PREVIOUS_CHECKPOINT in listed:
-            kept = {PREVIOUS_CHECKPOINT: listed[PREVIOUS_CHECKPOINT]}
+        if checkpoint.exists() and (current := sha256_file(checkpoint)) in listed:
+            os.replace(checkpoint, previous)  # its sum stays listed until the new list replaces the old
+            kept = {PREVIOUS_CHECKPOINT: current}
+        elif previous.exists() and (earlier := sha256_file(previous)) in listed:
+            kept = {PREVIOUS_CHECKPOINT: earlier}
         os.replace(tmp, checkpoint)
         _fsync_directory(partial_dir)
         checksums = json.dumps({"sha256": {CHECKPOINT: digest, **kept}, "step": state.get("step")}, sort_keys=True)
