@@ -363,6 +363,7 @@ def test_with_both_checkpoints_damaged_training_restarts_from_step_0(run, tmp_pa
     tokens, masks = data_paths(run)
     train(run_settings, str(tokens), str(masks), str(out), str(out) + ".partial")
     assert len(discarded_checkpoints(caplog)) == 2 and "resuming" not in caplog.text
+    assert "training from step 0: none of its checkpoints passes its checksum" in caplog.text
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 

@@ -427,9 +427,13 @@ def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
         stale.unlink()
     if not partial_dir.exists():
         return None
+    had_checkpoint = any((partial_dir / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
     state = verified_checkpoint(partial_dir)
     if state is None:
-        shutil.rmtree(partial_dir)  # nothing to resume from; any discarded checkpoint was logged above
+        if had_checkpoint:
+            _discard(partial_dir, "none of its checkpoints passes its checksum and loads (each is named above)")
+        else:
+            shutil.rmtree(partial_dir)  # killed before its first checkpoint: nothing to resume from
         return None
     changes = key_differences(state["resume_key"], key)
     if changes:
