@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import thimble.determinism as determinism
 import thimble.train as train_module
+from thimble import open_run
 from thimble.config import resolve_config, stage_settings, trajectory_settings
 from thimble.determinism import DeterminismError, LookupBackwardOnCpu, differences, use_lookup_backward
 from thimble.record import list_segments, open_stream, read_steps, stream_tensors
@@ -91,6 +92,7 @@ def test_the_check_changes_no_recorded_bit_and_says_what_it_compared(data, recor
     settings = tiny_settings()
     assert settings["training"]["determinism_check_steps"] == 2  # the schema's default
     check = check_attr(recorded)
+    assert json.loads(open_run(recorded.parent, source="stream").attrs["determinism_check"]) == check
     assert check["result"] == "bitwise identical" and check["device"] == "cpu"
     assert check["steps_compared"] == [1, 2]
     # per step W, grad_W, both moments (300 x 8 each) and the loss; then the whole model and optimizer state
