@@ -3,6 +3,7 @@ refuses to record when they disagree; the check changes no recorded bit; the MPS
 selected on the CPU, gives the CPU's own bits."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -12,10 +13,11 @@ import torch.nn.functional as F
 
 import thimble.determinism as determinism
 import thimble.train as train_module
+from thimble import open_run
 from thimble.config import resolve_config, stage_settings, trajectory_settings
 from thimble.determinism import DeterminismError, LookupBackwardOnCpu, differences, use_lookup_backward
 from thimble.record import list_segments, open_stream, read_steps, stream_tensors
-from thimble.train import CHECKPOINT, build_model
+from thimble.train import CHECKPOINT, CHECKPOINT_SHA256, build_model
 
 from conftest import run_train, tiny_settings  # the fixtures data and recorded live there too
 
@@ -90,6 +92,7 @@ def test_the_check_changes_no_recorded_bit_and_says_what_it_compared(data, recor
     settings = tiny_settings()
     assert settings["training"]["determinism_check_steps"] == 2  # the schema's default
     check = check_attr(recorded)
+    assert json.loads(open_run(recorded.parent, source="stream").attrs["determinism_check"]) == check
     assert check["result"] == "bitwise identical" and check["device"] == "cpu"
     assert check["steps_compared"] == [1, 2]
     # per step W, grad_W, both moments (300 x 8 each) and the loss; then the whole model and optimizer state
@@ -120,7 +123,12 @@ def test_a_resumed_session_checks_from_its_checkpoint(data, recorded, tmp_path, 
     real_step = train_module.train_step
 
     def crash_at_step_17(step, *args, **kwargs):
-        if step == 17:
+        if step == 17:  # once the checkpoint after step 13 is durable (the recorder writes it in the background)
+            listing = tmp_path / "stream.partial" / CHECKPOINT_SHA256
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not (
+                    listing.exists() and json.loads(listing.read_text())["step"] == 13):
+                time.sleep(0.01)
             raise KeyboardInterrupt
         return real_step(step, *args, **kwargs)
 
@@ -187,3 +195,16 @@ def test_only_mps_moves_the_lookup_backward():
     assert determinism.lookup_backward(torch.device("mps")) == "cpu"
     assert determinism.lookup_backward(torch.device("cpu")) == determinism.lookup_backward(
         torch.device("cuda")) == "device"
+
+
+def test_an_op_without_a_deterministic_kernel_is_a_one_line_refusal(data, tmp_path, monkeypatch):
+    """What torch raises under use_deterministic_algorithms on MPS for an atomic scatter (pytorch#195754)."""
+    def no_kernel(step, *args):
+        raise RuntimeError("index_put_ with accumulate=True does not have a deterministic implementation on mps\n"
+                           "You can turn off determinism just for this operation ...")
+
+    monkeypatch.setattr(train_module, "train_step", no_kernel)
+    with pytest.raises(DeterminismError, match=r"not deterministic on cpu: torch has no deterministic kernel .*"
+                                               r"index_put_ with accumulate=True"):
+        run_train(data, tmp_path / "stream", tiny_settings())
+    assert not (tmp_path / "stream").exists()

@@ -375,6 +375,7 @@ def test_with_both_checkpoints_damaged_training_restarts_from_step_0(run, tmp_pa
     tokens, masks = data_paths(run)
     train(run_settings, str(tokens), str(masks), str(out), str(out) + ".partial")
     assert len(discarded_checkpoints(caplog)) == 2 and "resuming" not in caplog.text
+    assert "training from step 0: none of its checkpoints passes its checksum" in caplog.text
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 
@@ -438,6 +439,31 @@ def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_chec
     assert read_checkpoint_checksums(tmp_path) == {name: sha256_file(tmp_path / name)
                                                    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT_SHA256])
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_a_verified_checkpoint(tmp_path, monkeypatch):
+    from thimble.train import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
+
+    save_checkpoint(tmp_path, {"step": 1, "resume_key": {}})
+    save_checkpoint(tmp_path, {"step": 2, "resume_key": {}})
+    original = os.replace
+
+    def crash_before_the_new_one_is_in_place(src, dst):
+        if os.path.basename(dst) == CHECKPOINT:
+            raise KeyboardInterrupt
+        original(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash_before_the_new_one_is_in_place)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, {"step": 3, "resume_key": {}})
+    assert not (tmp_path / CHECKPOINT).exists()  # step 2 was moved aside, step 3 never arrived
+    assert verified_checkpoint(tmp_path)["step"] == 2
+    # the next save keeps step 2 as the previous one, still vouched for
+    save_checkpoint(tmp_path, {"step": 4, "resume_key": {}})
+    assert set(read_checkpoint_checksums(tmp_path)) == {CHECKPOINT, PREVIOUS_CHECKPOINT}
+    (tmp_path / CHECKPOINT).write_bytes(b"damaged")
+    assert verified_checkpoint(tmp_path)["step"] == 2
 
 
 # -- bad inputs and a full disk: one line, exit 1 ------------------------------------------------

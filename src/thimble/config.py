@@ -137,7 +137,7 @@ def without_untracked(settings: dict, stage: str) -> dict:
 
 
 def stage_settings(experiment: dict, stage: str) -> dict:
-    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``)."""
+    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``), less its ``UNTRACKED_SETTINGS``."""
     selected: dict = {}
     for key in STAGE_SETTINGS[stage]:
         if isinstance(key, tuple):

@@ -52,8 +52,8 @@ from tqdm.auto import tqdm
 
 from thimble.adamw import UpdateRule, build_update_rule
 from thimble.config import settings_hash, trajectory_settings, without_untracked
-from thimble.determinism import (DeterminismCheck, StepBits, determinism_attr, lookup_backward,
-                                 use_lookup_backward)
+from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, determinism_attr,
+                                 lookup_backward, use_lookup_backward)
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
 from thimble.host_copy import HostCopies
@@ -338,14 +338,14 @@ def save_checkpoint(partial_dir: Path, state: dict) -> None:
     tmp = _write_synced(partial_dir, CHECKPOINT, lambda out: torch.save(state, out))
     try:
         digest = sha256_file(tmp)
-        # every checkpoint here was verified by the resume or written by this session: its listed sum holds
-        listed = read_checkpoint_checksums(partial_dir)
+        # by content, not name: after a crash mid-save a listed sum can sit under the other file's name
+        listed = set(read_checkpoint_checksums(partial_dir).values())
         kept = {}
-        if checkpoint.exists() and CHECKPOINT in listed:
-            os.replace(checkpoint, previous)  # its sum stays listed (under its old name) until the list is replaced
-            kept = {PREVIOUS_CHECKPOINT: listed[CHECKPOINT]}
-        elif previous.exists() and PREVIOUS_CHECKPOINT in listed:
-            kept = {PREVIOUS_CHECKPOINT: listed[PREVIOUS_CHECKPOINT]}
+        if checkpoint.exists() and (current := sha256_file(checkpoint)) in listed:
+            os.replace(checkpoint, previous)  # its sum stays listed until the new list replaces the old
+            kept = {PREVIOUS_CHECKPOINT: current}
+        elif previous.exists() and (earlier := sha256_file(previous)) in listed:
+            kept = {PREVIOUS_CHECKPOINT: earlier}
         os.replace(tmp, checkpoint)
         _fsync_directory(partial_dir)
         checksums = json.dumps({"sha256": {CHECKPOINT: digest, **kept}, "step": state.get("step")}, sort_keys=True)
@@ -428,9 +428,13 @@ def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
         stale.unlink()
     if not partial_dir.exists():
         return None
+    had_checkpoint = any((partial_dir / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
     state = verified_checkpoint(partial_dir)
     if state is None:
-        shutil.rmtree(partial_dir)  # nothing to resume from; any discarded checkpoint was logged above
+        if had_checkpoint:
+            _discard(partial_dir, "none of its checkpoints passes its checksum and loads (each is named above)")
+        else:
+            shutil.rmtree(partial_dir)  # killed before its first checkpoint: nothing to resume from
         return None
     changes = key_differences(state["resume_key"], key)
     if changes:
@@ -553,8 +557,17 @@ def first_pass(check: DeterminismCheck, model, optimizer: UpdateRule, batches: B
         before["cuda_rng"] = torch.cuda.get_rng_state_all()
     if device.type == "mps":
         before["mps_rng"] = torch.mps.get_rng_state()
-    for step in range(check.first_step, check.last_step + 1):
-        check.reference.append(train_step(step, model, optimizer, batches, device, copies))
+    try:
+        for step in range(check.first_step, check.last_step + 1):
+            check.reference.append(train_step(step, model, optimizer, batches, device, copies))
+    except RuntimeError as error:
+        # torch under use_deterministic_algorithms: an op without a deterministic kernel on this device raises
+        if "determinis" not in str(error):
+            raise
+        raise DeterminismError(f"training is not deterministic on {device}: torch has no deterministic kernel "
+                               f"for an operation of the first step ({str(error).splitlines()[0][:300]}); "
+                               "nothing was recorded. Train on another device (training.device: cpu) or "
+                               "another torch version") from error
     check.reference_state = whole_state(model, optimizer)
     model.load_state_dict(before["model"])
     optimizer.load_state_dict(before["optimizer"])
@@ -638,8 +651,6 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     copies = HostCopies(device)
     check = DeterminismCheck(str(device), start + 1, min(determinism_check_steps, steps - start),
                              determinism_check_steps)
-    if check.steps:
-        first_pass(check, model, optimizer, batches, device, copies)
 
     def session_checks() -> list[dict]:
         return earlier_checks + [check.result()] if steps > start else earlier_checks
@@ -650,12 +661,14 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
             checkpoint_state["determinism_checks"] = session_checks()
             recorder.checkpoint(bits.step, lambda s, state=checkpoint_state: save_checkpoint(partial_dir, state))
 
-    started = time.perf_counter()
-    first_step_seconds = 0.0
-    progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
-                    unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-                    ascii=not sys.stderr.isatty())
     try:
+        if check.steps:  # before the clock starts: the session's step rate stays the recorded run's own
+            first_pass(check, model, optimizer, batches, device, copies)
+        started = time.perf_counter()
+        first_step_seconds = 0.0
+        progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
+                        unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                        ascii=not sys.stderr.isatty())
         for step in progress:
             bits = train_step(step, model, optimizer, batches, device, copies, wait=check.covers(step))
             held.append((bits, snapshot(step, model, optimizer, batches, key) if recorder.is_segment_end(step)
@@ -684,8 +697,8 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     if check.steps:
         log.info("determinism check on %s: steps %d..%d ran twice and agree bit for bit (%d elements; %.1f s)",
                  device, check.first_step, check.last_step, check.elements_compared, check.seconds)
-    else:
-        log.info("determinism check off (training.determinism_check_steps: %d)", determinism_check_steps)
+    elif steps > start:
+        log.info("determinism check off (training.determinism_check_steps: 0)")
     if record["dtype"] == "float16":
         total = vocab * hidden * steps
         for name, altered in recorder.float16_altered.items():

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from thimble.config import without_untracked
 from thimble.errors import PlanError
 from thimble.files import atomic_output
 from thimble.plan import costs
@@ -59,7 +60,9 @@ def cost_settings(settings: dict, token_source: str) -> dict:
     threads stay: they set the step rate as well as the trajectory."""
     relevant = {key: copy.deepcopy(settings[key]) for key in ("dataset", "model", "record", "rechunk")}
     relevant["rechunk"].pop("keep_stream", None)
-    relevant["training"] = {k: v for k, v in settings["training"].items() if k not in ("steps", "device")}
+    # less UNTRACKED_SETTINGS too: the determinism check adds a few steps per session, not a per-step cost
+    relevant["training"] = {k: v for k, v in without_untracked(settings, "train")["training"].items()
+                            if k not in ("steps", "device")}
     relevant.update(token_source=token_source, format=CALIBRATION_FORMAT)
     return relevant
 
