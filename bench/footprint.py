@@ -26,7 +26,7 @@ import h5py
 import hdf5plugin  # noqa: F401
 import numpy as np
 
-from thimble.codec import FrameEncoder, WorkerPool, decode_rows, window_log_for
+from thimble.codec import FrameEncoder, WorkerPool, decode_rows, window_log_for, zstd_level
 from thimble.record import recorded_blocks
 
 TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
@@ -71,7 +71,7 @@ def default_window_bytes(recording: Path, threads: int) -> dict[str, int]:
     with h5py.File(recording, "r") as source, WorkerPool(threads) as pool:
         for name in TENSORS:
             dataset = source[name]
-            rows, level = dataset.chunks[0], 1
+            rows, level = dataset.chunks[0], zstd_level(dataset)
             total = 0
             for first in range(0, dataset.shape[0], rows):
                 chunk = np.zeros((rows, *dataset.shape[1:]), dtype=np.uint16)
@@ -103,20 +103,20 @@ def main(argv=None) -> int:
     parser.add_argument("--seed-file", type=Path, required=True, help="where to write the seed's layout")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--default-window", action="store_true",
-                        help="also recompress recording.h5 with the level's own zstd window")
+                        help="also recompress recording.h5 at its level with the level's own zstd window")
     parser.add_argument("--json", type=Path, help="write the measurements here")
     args = parser.parse_args(argv)
     recording = args.results / "recording.h5"
     with h5py.File(recording, "r") as handle:
         n_steps, vocab, hidden = handle["W"].shape
-        steps_per_chunk = handle["W"].chunks[0]
+        steps_per_chunk, level = handle["W"].chunks[0], zstd_level(handle["W"])
     raw = n_steps * vocab * hidden * 2 * len(TENSORS)
     seed = write_seed_layout(recording, args.seed_file, args.threads)
     seed_bytes = args.seed_file.stat().st_size
     files = run_files(args.results)
     left = sum(files.values())
     report = {"results": str(args.results), "steps": n_steps, "vocab": vocab, "hidden": hidden,
-              "steps_per_chunk": steps_per_chunk, "window_log": window_log_for(vocab * hidden, 1),
+              "steps_per_chunk": steps_per_chunk, "zstd_level": level, "window_log": window_log_for(vocab * hidden, level),
               "raw_bf16_bytes": raw, "seed_layout_bytes": seed_bytes, "seed": seed,
               "recording_bytes": recording.stat().st_size, "recording_tensor_bytes": stored_bytes(recording),
               "files": files, "all_files_bytes": left}

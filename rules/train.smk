@@ -36,7 +36,8 @@ rule train:
         " --determinism-check-steps {params.determinism_check_steps} 2> {log}"
 
 
-# rechunk.keep_stream: false -> the stream is removed once the rechunked file and replay exist
+# rechunk.keep_stream: false (the default) -> the stream is removed once recording.h5 exists (rechunk is its
+# only reader). Editing a rechunk.* setting afterwards needs the stream again: it trains the run again.
 use rule train as train_temporary_stream with:
     output:
         temp(directory("results/{experiment}/stream")),

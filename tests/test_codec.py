@@ -101,7 +101,7 @@ def zstandard_window(frame: bytes) -> int:
 
 def test_a_frozen_step_at_full_width_costs_almost_nothing_and_h5py_reads_it(tmp_path):
     """Eight steps of thimble_7's width where W does not move after step 0: with the window reaching the
-    previous step (and level 2's hash tables, which find it) the chunk is about one step's size; with zstd
+    previous step (and level 2's larger hash table, which finds it) the chunk is about one step's size; with zstd
     level 1's own window it is eight. Stock
     h5py + hdf5plugin decode the frame (HDF5's own filter), as thimble's checked reader does."""
     from thimble.codec import FrameEncoder

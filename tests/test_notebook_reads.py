@@ -185,7 +185,7 @@ def test_token_text_is_what_the_tokenizer_decodes_and_token_freeze_carries_it(mi
             dataset = run.to_xarray()
         assert list(dataset.token_text.values) == texts
         assert run.summary["provenance"]["computed_from"]["file"] == "recording.h5"
-        assert run.replay["provenance"]["computed_from"]["file"] == "stream.h5"
+        assert run.replay["provenance"]["computed_from"]["file"] == "recording.h5"  # the replay reads it
         assert run.stale == []
 
 

@@ -243,7 +243,9 @@ def test_a_probe_of_another_cpu_is_rescaled_by_steps_timed_here(tmp_path):
 
     timing = machine.ensure_step_time(tmp_path, elsewhere, mini, logging.getLogger("test"))
     assert timing["cpu"] == machine.this_cpu() and 0 < timing["seconds_per_step"] < 3.0
-    assert machine.load_step_time(tmp_path, elsewhere) == timing  # cached for the rules
+    threads = mini["training"]["math_threads"]
+    assert machine.load_step_time(tmp_path, elsewhere, threads) == timing  # cached for the rules
+    assert machine.load_step_time(tmp_path, elsewhere, threads + 1) is None  # another step rate
     seconds, timed = plan.training_seconds(mini, "cpu", tmp_path)
     assert not timed.foreign and "rescaled" in timed.note
     assert elsewhere["seconds_per_step"] * timed.scale == pytest.approx(timing["seconds_per_step"])

@@ -18,8 +18,9 @@ from thimble.config import STAGE_SETTINGS
 EXPERIMENT = "thimble_mini"
 TARGETS = (f"results/{EXPERIMENT}/figures/loss.png", f"results/{EXPERIMENT}/replay.json")
 DATA = {"corpus", "tokenizer", "encode", "masks"}
-AFTER_TRAINING = {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
-AFTER_RECHUNK = {"rechunk", "lattice", "freeze", "figures"}
+AFTER_TRAINING = {"train", "rechunk", "freeze_drivers", "lattice", "replay", "freeze", "figures"}
+# every stage after rechunk reads recording.h5, the replay included
+AFTER_RECHUNK = AFTER_TRAINING - {"train"}
 AFTER_FREEZE = {"freeze", "figures"}
 
 
@@ -83,6 +84,7 @@ EDITS = [
     ("record", lambda c: mini(c)["record"].update(segment_steps=30), AFTER_TRAINING),
     ("rechunk.steps_per_chunk", lambda c: mini(c)["rechunk"].update(steps_per_chunk=30), AFTER_RECHUNK),
     ("rechunk.max_chunk_bytes", lambda c: mini(c)["rechunk"].update(max_chunk_bytes=2**30), AFTER_RECHUNK),
+    ("rechunk.compression_level", lambda c: mini(c)["rechunk"].update(compression_level=3), AFTER_RECHUNK),
     # the recorder reads it too (training's stream): all that follows training
     ("record.compression_level", lambda c: mini(c)["record"].update(compression_level=3), AFTER_TRAINING),
     ("analysis", lambda c: mini(c)["analysis"].update(solid_max=4), AFTER_FREEZE),

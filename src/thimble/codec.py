@@ -134,14 +134,16 @@ def window_log_for(row_elements: int, level: int) -> int:
 
 def zstd_compressor(level: int, threads: int = 0, window_log: int | None = None) -> zstandard.ZstdCompressor:
     """The compressor of every stored chunk: its frames carry zstd's content checksum. ``window_log``
-    widens the level's window (``window_log_for``) and turns on long-distance matching, whose own hash
-    table finds the previous step's bytes where the level's small one has long forgotten them; the frames
-    stay standard (HDF5's zstd filter and any zstd decoder read them)."""
+    widens the level's window (``window_log_for``); with threads, each job of the multithreaded
+    compressor spans several windows and starts from the whole window before it (its defaults, jobs of a
+    few MB with a small overlap, lose the step before at every job start). The frames stay standard
+    (HDF5's zstd filter and any zstd decoder read them)."""
     if window_log is None:
         return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    jobs = {"job_size": max(1 << 25, 4 << window_log), "overlap_log": 9} if threads else {}
     params = zstandard.ZstdCompressionParameters.from_level(level, source_size=1 << 30, window_log=window_log,
-                                                            enable_ldm=True, threads=threads, write_checksum=1,
-                                                            write_content_size=1)
+                                                            threads=threads, write_checksum=1,
+                                                            write_content_size=1, **jobs)
     return zstandard.ZstdCompressor(compression_params=params)
 
 

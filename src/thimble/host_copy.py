@@ -81,7 +81,7 @@ class HostCopies:
         self._copy_async(tensors, step.tensors)
         if loss is not None:
             step._loss = step.tensors.pop("__loss__")
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # the recorder's thread sleeps on it rather than spinning
         event.record(self._side)
         step._event = event
         return step

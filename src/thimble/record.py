@@ -562,6 +562,17 @@ class RecordingRows:
         self._held[name] = (first, rows)
         out[...] = rows[start - first: stop - first]
 
+    def finish(self, n_rows: int) -> None:
+        """Read each tensor to its end: zstd checks a frame's checksum at the frame's end, which the last
+        window of rows may stop short of; rows left unread or missing are an error."""
+        for name, blocks in self._blocks.items():
+            first, rows = self._held.get(name, (0, None))
+            end = first + (0 if rows is None else len(rows))
+            for block_first, block in blocks:
+                end = block_first + len(block)
+            if end != n_rows:
+                raise DataError(f"{self.handle.filename}:/{name} holds rows up to {end - 1}, expected {n_rows - 1}")
+
 
 def verify_stream(directory: str | Path, threads: int = 1, block_rows: int = 16) -> None:
     """Decode every stored chunk of a finished stream, each against its checksum, and read its losses: a

@@ -143,9 +143,9 @@ def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, 
 
 
 def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
-                         output_json: str, summary: dict, stream_dir: str, attrs: dict) -> None:
+                         output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
     """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
-    replay.json's ``provenance`` names the stream (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
+    replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
     from thimble.files import atomic_output
     from thimble.provenance import PROVENANCE_KEY, stage_provenance
 
@@ -159,7 +159,7 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
         for step, counts in enumerate(histograms, start=1):
             writer.writerow([step, *counts.tolist()])
     # the replay reads no settings: its hyperparameters are the recording's
-    summary[PROVENANCE_KEY] = stage_provenance(Path(stream_dir) / "stream.h5", attrs, None, [output_csv, ratio_csv])
+    summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
     with atomic_output(output_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -190,6 +190,17 @@ class RecordedRows:
         read_stream_rows(self.path, name, start, stop, out, pool)
         if self.attrs.get("storage_dtype") == "float16" and self.tensors.get(name) == "float16":
             out[...] = bfloat16_bits_from_float16_bits(out)
+
+    @property
+    def file(self) -> Path:
+        """The HDF5 file the attributes come from (a stream's stream.h5)."""
+        return Path(self.path) / "stream.h5" if self.is_stream else Path(self.path)
+
+    def finish(self) -> None:
+        """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
+        the checksums (a stream's chunks are checked as they are read)."""
+        if self._rows is not None:
+            self._rows.finish(self.shape[0])
 
     def close(self) -> None:
         self._handle.close()
@@ -310,7 +321,8 @@ def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: 
     }
     summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
                              replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
-    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, stream_dir, attrs)
+    source.finish()
+    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, source.file, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
                  target, last)
@@ -387,8 +399,9 @@ def replay_other_rule(source: RecordedRows, output_csv: str, output_json: str, r
                               "recorded_tensors": tensors}, replay_environments(attrs, target, implementation),
                              rows, mismatch_columns, criterion, random_bits)
     # the ratio table has its header only: the ratio is the bf16 rule's
+    source.finish()
     write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
-                         output_json, summary, stream_dir, attrs)
+                         output_json, summary, source.file, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
                  target, last)

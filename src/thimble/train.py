@@ -626,11 +626,13 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
 
     resume = load_resume_state(partial_dir, key)
     tensors = recorded_tensors(training["update_rule"], record["dtype"])
+    # on a GPU the loop keeps a core busy launching kernels: the recorder compresses on the others
+    compression_threads = max(1, threads - 1) if device.type == "cuda" else max(1, threads)
     recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"], tensors=tensors,
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
-                              level=record["compression_level"], threads=max(1, threads))
+                              level=record["compression_level"], threads=compression_threads)
     log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; lookups' "
-             "backward on the %s; %s", math_threads, max(1, threads), lookup, determinism)
+             "backward on the %s; %s", math_threads, compression_threads, lookup, determinism)
     # held back until the determinism check has passed: (what a step records, its checkpoint's state or None)
     held: list[tuple[StepBits, dict | None]] = []
     if resume is None:
@@ -705,7 +707,7 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, max(1, threads)), **determinism,
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, compression_threads), **determinism,
              "optimizer_impl": implementation, "update_rule": training["update_rule"], "lookup_backward": lookup}
     attrs["resume_key"] = json.dumps(key, sort_keys=True)
     attrs["determinism_check"] = determinism_attr(session_checks())

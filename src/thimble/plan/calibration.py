@@ -158,7 +158,7 @@ def why_not_shipped(settings: dict, token_source: str, device_kind: str) -> str 
     return None
 
 
-def on_this_cpu(calibration: Calibration, workdir: Path) -> Calibration:
+def on_this_cpu(calibration: Calibration, workdir: Path, math_threads: int) -> Calibration:
     """A CPU calibration as this machine's CPU would run it: one measured on another CPU model or kernel
     capability is rescaled by the local timing of its model (``thimble.plan.machine``), or, until
     ``thimble plan`` has timed one, kept and marked as foreign."""
@@ -167,7 +167,7 @@ def on_this_cpu(calibration: Calibration, workdir: Path) -> Calibration:
     why = machine.foreign_cpu(calibration.record)
     if why is None:
         return calibration
-    timing = machine.load_step_time(workdir, calibration.record)
+    timing = machine.load_step_time(workdir, calibration.record, math_threads)
     note = f"{calibration.note}; " if calibration.note else ""
     if timing is None:
         return Calibration(calibration.record, calibration.path, calibration.scale,
@@ -191,17 +191,19 @@ def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Ca
     same = [(path, record) for path, record in candidates if math.isclose(record["step_flops"], flops)]
     if same:
         path, record = same[0]
-        return on_this_cpu(Calibration(record, path), workdir)
+        return on_this_cpu(Calibration(record, path), workdir, settings["training"]["math_threads"])
     path, record = min(candidates, key=lambda item: abs(math.log(item[1]["step_flops"] / flops)))
     scale = flops / record["step_flops"]
     return on_this_cpu(Calibration(record, path, scale, f"scaled by step FLOPs ({scale:.3g}x) from "
-                                                        f"{record['probed_as']}"), workdir)
+                                                        f"{record['probed_as']}"), workdir,
+                       settings["training"]["math_threads"])
 
 
 def training_seconds(settings: dict, device_kind: str, workdir: Path,
                      own: Calibration | None = None) -> tuple[float, Calibration] | None:
     """Predicted training time on ``device_kind``: from the experiment's ``own`` probe when given."""
-    calibration = on_this_cpu(own, workdir) if own else step_time_calibration(settings, device_kind, workdir)
+    calibration = (on_this_cpu(own, workdir, settings["training"]["math_threads"]) if own
+                   else step_time_calibration(settings, device_kind, workdir))
     if calibration is None:
         return None
     return costs.training_seconds(calibration.record, settings["training"]["steps"], calibration.scale), calibration

@@ -80,21 +80,23 @@ def foreign_cpu(record: dict) -> str | None:
     return "; ".join(differ) or None
 
 
-def step_time_path(workdir: Path, record: dict) -> Path:
-    """Where the local timing of a probe's model on this CPU is cached."""
+def step_time_path(workdir: Path, record: dict, math_threads: int) -> Path:
+    """Where the local timing of a probe's model on this CPU, on ``math_threads`` threads, is cached."""
     from thimble.plan.calibration import CALIBRATION_DIR, record_key
 
     cpu = hashlib.sha256(json.dumps(this_cpu(), sort_keys=True).encode()).hexdigest()[:8]
-    return workdir / CALIBRATION_DIR / "step_times" / f"{record_key(record)}-cpu-{cpu}.json"
+    return workdir / CALIBRATION_DIR / "step_times" / f"{record_key(record)}-cpu-{cpu}-threads{math_threads}.json"
 
 
-def load_step_time(workdir: Path, record: dict) -> dict | None:
-    path = step_time_path(workdir, record)
+def load_step_time(workdir: Path, record: dict, math_threads: int) -> dict | None:
+    path = step_time_path(workdir, record, math_threads)
     try:
         timing = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    return timing if timing.get("format") == STEP_TIME_FORMAT and timing.get("cpu") == this_cpu() else None
+    fits = (timing.get("format") == STEP_TIME_FORMAT and timing.get("cpu") == this_cpu()
+            and timing.get("math_threads") == math_threads)
+    return timing if fits else None
 
 
 def time_model_steps(settings: dict, steps: int = TIMED_STEPS) -> dict:
@@ -136,17 +138,18 @@ def time_model_steps(settings: dict, steps: int = TIMED_STEPS) -> dict:
 
 def ensure_step_time(workdir: Path, record: dict, settings: dict, log) -> dict:
     """The local timing of a foreign probe's model (cached, else timed now and cached)."""
-    cached = load_step_time(workdir, record)
+    threads = settings["training"]["math_threads"]
+    cached = load_step_time(workdir, record, threads)
     if cached is not None:
         return cached
     from thimble.plan.calibration import probed_settings
 
     log.info("the probe of %s was measured on another CPU (%s): timing %d steps of its model here",
              record["probed_as"], foreign_cpu(record), TIMED_STEPS + 1)
-    # the probe's own model and optimizer, so that the two times are of the same work
-    timing = time_model_steps({**probed_settings(record), "training": {**probed_settings(record)["training"],
-                                                                         "math_threads": settings["training"]["math_threads"]}})
-    path = step_time_path(workdir, record)
+    # the probe's own model and optimizer, on the experiment's math threads
+    probed = probed_settings(record)
+    timing = time_model_steps({**probed, "training": {**probed["training"], "math_threads": threads}})
+    path = step_time_path(workdir, record, threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as tmp:
         Path(tmp).write_text(json.dumps(timing, indent=1, sort_keys=True) + "\n")
