@@ -131,7 +131,7 @@ def test_the_download_is_planned_the_same_whichever_datasets_use_it(workdir):
 
 
 @pytest.mark.workflow
-def test_touched_or_copied_data_files_rerun_nothing_and_changed_ones_stop_the_dry_run(finished):
+def test_touched_data_files_rerun_nothing_and_changed_ones_rerun_what_reads_them(finished):
     """tokens.npy and the corpora are compared by content (their .sha256 digests), not by time. A checksum
     limit of 100 bytes makes these small mini files as large to Snakemake as the full-size ones."""
     data = finished / "results/data/shakespeare_mini"
@@ -144,10 +144,8 @@ def test_touched_or_copied_data_files_rerun_nothing_and_changed_ones_stop_the_dr
         result = dry_run(finished, offline_config(), "--max-checksum-file-size", "100")
         assert planned(result.stdout) == set(), result.stdout[-3000:]
         (data / "tokens.npy").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit of the last id
-        result = dry_run(finished, offline_config(), "--max-checksum-file-size", "100", check=False)
-        assert result.returncode != 0
-        assert (f"results/data/shakespeare_mini/tokens.npy does not match its digest "
-                f"results/data/shakespeare_mini/tokens.npy.sha256") in result.stdout + result.stderr
+        result = dry_run(finished, offline_config(), "--max-checksum-file-size", "100")
+        assert planned(result.stdout) == {"masks"} | AFTER_TRAINING, result.stdout[-3000:]
     finally:
         (data / "tokens.npy").write_bytes(original)
         for path, time in times.items():
