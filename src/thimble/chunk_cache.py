@@ -52,6 +52,17 @@ def stored_bits(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
     return values.view(BITS_DTYPES[values.dtype.itemsize])
 
 
+def as_slice(positions: np.ndarray) -> slice | np.ndarray:
+    """Evenly spaced increasing positions as the slice that selects them (numpy slices without copying,
+    20 times faster than indexing by an array), else the positions themselves."""
+    if len(positions) == 1:
+        return slice(int(positions[0]), int(positions[0]) + 1)
+    stride = np.diff(positions)
+    if len(positions) and stride[0] > 0 and (stride == stride[0]).all():
+        return slice(int(positions[0]), int(positions[-1]) + 1, int(stride[0]))
+    return positions
+
+
 @dataclass(frozen=True)
 class TensorChunks:
     """What the cache needs to know of a dataset, read from h5py once (each h5py property costs tens of µs,
@@ -122,9 +133,10 @@ class ChunkCache:
         for first in (np.unique(firsts) if len(firsts) > 1 else firsts):
             where = np.flatnonzero(firsts == first) if len(firsts) > 1 else slice(None)
             chunk = self.chunk(tensor, int(first))
-            local = steps[where] - first
-            # one indexing operation, so that only the rows asked for are copied out of the chunk
-            out[where] = chunk[local, tokens] if isinstance(tokens, slice) else chunk[local[:, None], tokens[None, :]]
+            rows = as_slice(steps[where] - first)
+            # a slice of steps is a view; fancy indexing copies, so only the token rows asked for are copied
+            out[where] = chunk[rows, tokens] if isinstance(tokens, slice) or isinstance(rows, slice) \
+                else chunk[rows[:, None], tokens[None, :]]
         return out
 
     def clear(self) -> None:
