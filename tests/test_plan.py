@@ -52,7 +52,8 @@ def test_csv_model_tells_per_step_tables_from_fixed_ones(tmp_path):
                                                 "probe_bytes": per_token.stat().st_size}
     # one row per step and group: the per-step bytes are the three rows'
     drivers = tmp_path / "freeze_drivers.csv"
-    drivers.write_text("step,group,value\n" + "".join(f"{t},{g},1\n" for t in range(1, 11) for g in ("dead", "live", "all")))
+    rows = "".join(f"{t},{group},1\n" for t in range(1, 11) for group in ("dead", "live", "all"))
+    drivers.write_text("step,group,value\n" + rows)
     model = measure.measure_file(drivers, 10)
     assert model["kind"] == "per_step" and model["row_offset"] == 0
     assert costs.predict_size(model, 10, 5) == drivers.stat().st_size
