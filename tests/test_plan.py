@@ -124,11 +124,12 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
         assert file["bytes"] == pytest.approx(actual, rel=0.2), (file["path"], file["bytes"], actual)
         checked.add(file["relative"])
     assert {"stream", "recording.h5", "delta_w_lattice.h5", "token_displacement.h5", "freeze.csv",
-            "replay.csv", "summary.json"} <= checked
+            "replay.csv", "summary.json", "freeze_drivers.csv"} <= checked
     for stage, bytes_predicted in mini["peak_ram_bytes"].items():
         measured = int((peaks / f"{stage}.peak_rss").read_text())
         assert bytes_predicted == pytest.approx(measured, rel=0.2), (stage, bytes_predicted, measured)
-    assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
+    assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze",
+                                           "figures"}
     # every stage after training has a time: fitted to the two probe lengths where they resolve its
     # per-step part, else an upper bound that says it is one
     assert set(mini["stage_seconds"]) == set(costs.AFTER_TRAINING)
