@@ -6,7 +6,10 @@ reproducibility checked bit for bit. Prints one table (markdown) and writes it a
 - the recorder against the training step: the run's steps/s, and the same model stepped with no
   recording at all (``--rate-steps`` steps);
 - reproducibility: two runs of ``--repro-steps`` steps compared bit for bit (W, grad_W, both
-  moments, losses), and a third one killed with SIGKILL halfway and resumed, compared with them.
+  moments, losses), and a third one killed with SIGKILL halfway and resumed, compared with them;
+  and the trainer's own determinism check (``training.determinism_check_steps``) on the main run.
+
+For issue 22's item 3 on a GPU: once with ``--optimizer-impl foreach``, once with ``--optimizer-impl fused``.
 
     python bench/gpu_bench.py --device cuda --tokens results/data/shakespeare/tokens.npy \\
         --masks results/data/shakespeare/live_dead_tokens.safetensors --workdir /tmp/gpu-bench
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--experiment", default="thimble_7")
     parser.add_argument("--device", default="cuda", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--steps", type=int, default=6000, help="steps of the main run (the experiment's: 6000)")
+    parser.add_argument("--optimizer-impl", choices=("auto", "single_tensor", "foreach", "fused"),
+                        help="training.optimizer_impl (default: the experiment's)")
     parser.add_argument("--repro-steps", type=int, default=600)
     parser.add_argument("--rate-steps", type=int, default=300)
     parser.add_argument("--tokens")
@@ -146,6 +151,8 @@ def main() -> None:
 
     settings = load_config(args.config)["experiments"][args.experiment]
     settings["training"]["device"] = args.device
+    if args.optimizer_impl:
+        settings["training"]["optimizer_impl"] = args.optimizer_impl
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.tokens:
@@ -167,7 +174,7 @@ def main() -> None:
                                  str(out / "recording.h5"), "--threads", str(args.threads), log=logs / "rechunk.log")
     seconds["lattice"] = thimble("lattice", "--recording", str(out / "recording.h5"), "--output",
                                  str(out / "delta_w_lattice.h5"), "--threads", str(args.threads), log=logs / "lattice.log")
-    seconds["replay"] = thimble("replay", "--stream", str(stream), "--table", str(out / "replay.csv"), "--summary",
+    seconds["replay"] = thimble("replay", "--recording", str(out / "recording.h5"), "--table", str(out / "replay.csv"), "--summary",
                                 str(out / "replay.json"), "--ratio-table", str(out / "update_ratio.csv"),
                                 "--threads", str(args.threads), log=logs / "replay.log")
     seconds["freeze"] = thimble("freeze", "--settings", main_text, "--recording", str(out / "recording.h5"),
@@ -200,6 +207,10 @@ def main() -> None:
     rows.append(("replay", f"{'bitwise' if replay['bitwise_match'] else replay['total_mismatches']} on "
                            f"{replay['replayed_on']['device']}; freeze criterion disagreements "
                            f"{replay['freeze_criterion']['disagreements']} of {replay['freeze_criterion']['elements']}"))
+    check = json.loads(attrs["determinism_check"])
+    rows.append(("determinism check", f"{check['result']}: steps {check['steps_compared']}, "
+                                      f"{check['elements_compared']} elements, "
+                                      f"{attrs['session_determinism_check_seconds']:.1f} s"))
     rows.append(("deterministic settings", ", ".join(f"{key}={attrs.get(key)!s}" for key in (
         "deterministic_algorithms", "cudnn_deterministic", "cublas_workspace_config", "math_threads",
         "compression_threads"))))

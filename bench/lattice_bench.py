@@ -188,7 +188,7 @@ def main() -> None:
         print(f"synthetic stream of {replay_steps + 1} steps for the replay written in "
               f"{time.perf_counter() - start:.0f} s")
     os.sync()
-    replay = run_measured([sys.executable, "-m", "thimble", "replay", "--stream", str(stream), "--table",
+    replay = run_measured([sys.executable, "-m", "thimble", "replay", "--recording", str(stream), "--table",
                            str(workdir / "replay.csv"), "--summary", str(workdir / "replay.json"), "--ratio-table",
                            str(workdir / "ratio.csv"), "--threads", str(args.threads)])
     print(f"replay of {replay_steps} steps: {replay[0]:.1f} s ({replay[0] / 60:.2f} min, start-up included; "

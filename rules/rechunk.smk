@@ -14,7 +14,9 @@ rule rechunk:
         settings=stage_settings_of("rechunk"),
     threads: 2
     resources:
-        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt),
+        # checked first: the stream decodes whole while the recording.h5 a rerun replaces is still there
+        mem_mb=checked_before_start(stream_intact_before_rechunk,
+                                    lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt)),
         runtime=lambda w: stage_runtime_min(w.experiment, "rechunk"),
     shell:
         "thimble rechunk --settings {params.settings:q} --stream {input} --output {output}"

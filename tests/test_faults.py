@@ -26,7 +26,7 @@ from thimble import cli
 from thimble.config import load_config
 from thimble.errors import DataError
 from thimble.record import TENSORS, open_stream, read_steps
-from thimble.train import CHECKPOINT, train
+from thimble.train import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, train
 
 EXPERIMENT = "tiny"
 TINY = {"model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
@@ -164,6 +164,11 @@ def test_flipped_bytes_in_a_stream_segment_are_an_error_naming_file_dataset_and_
                           tmp_path / "r.json", "--ratio-table", tmp_path / "ratio.csv")
     line = error_line(err, "replay")
     assert status == 1 and "segment_000010-000019.h5" in line and "steps 13..13" in line
+    # what the workflow runs before a rechunk rerun gives up recording.h5; an intact stream passes
+    status, err = thimble(capsys, "verify-stream", "--stream", stream, "--threads", "2")
+    line = error_line(err, "verify-stream")
+    assert status == 1 and "segment_000010-000019.h5:/W steps 13..13" in line
+    assert thimble(capsys, "verify-stream", "--stream", run / f"results/{EXPERIMENT}/stream")[0] == 0
 
 
 @pytest.mark.parametrize("dataset, chunk, steps", [("W", 1, "16..31"), ("variance_W", 2, "32..40")])
@@ -212,6 +217,18 @@ def test_flipped_bytes_in_delta_w_are_an_error(run, tmp_path):
     assert delta[3].shape[0] > 0  # the first chunk is intact
     with pytest.raises(DataError, match=r"delta_w_lattice.h5:/delta_w_lattice steps 16..31.*checksum"):
         delta[20]
+
+
+def test_freeze_reads_delta_w_and_names_its_damage(run, tmp_path, capsys):
+    """freeze's ΔW′ is the lattice stage's file (the DAG's edge is true): damage there stops it, naming
+    the file, dataset and steps, and nothing is written."""
+    delta = tmp_path / "delta_w_lattice.h5"
+    shutil.copy(run / f"results/{EXPERIMENT}/delta_w_lattice.h5", delta)
+    flip_chunk_bytes(delta, "delta_w_lattice", chunk=1)
+    status, err = freeze(run, capsys, tmp_path, delta=delta)
+    line = error_line(err, "freeze")
+    assert status == 1 and "delta_w_lattice.h5:/delta_w_lattice steps 16..31" in line, line
+    assert not list(tmp_path.glob("*.out"))
 
 
 def test_flipped_bytes_in_the_token_displacement_are_an_error(run, tmp_path, capsys):
@@ -325,16 +342,66 @@ def test_a_partial_of_the_same_run_resumes_bitwise(run, tmp_path, monkeypatch, c
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 
-def test_an_unreadable_checkpoint_restarts_training(run, tmp_path, monkeypatch, caplog):
+def flip_tensor_bytes(checkpoint, tensor_name, count=8):
+    """XOR ``count`` bytes in the middle of one model tensor's stored bytes inside ``checkpoint`` with 0xFF."""
+    stored = torch.load(checkpoint, weights_only=False)["model"][tensor_name].contiguous().view(torch.uint8)
+    raw = bytearray(checkpoint.read_bytes())
+    offset = raw.find(bytes(stored.numpy()))
+    assert offset > 0 and raw.find(bytes(stored.numpy()), offset + 1) < 0  # found once
+    middle = offset + stored.numel() // 2
+    raw[middle:middle + count] = bytes(byte ^ 0xFF for byte in raw[middle:middle + count])
+    checkpoint.write_bytes(bytes(raw))
+
+
+def discarded_checkpoints(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("discarding the checkpoint")]
+
+
+def test_a_damaged_checkpoint_is_discarded_and_the_previous_one_resumed(run, tmp_path, monkeypatch, caplog):
+    """8 flipped bytes inside a transformer weight (issue 25): torch.load reads them without complaint; the
+    checksum does not match, so the run resumes from the checkpoint before, bit for bit."""
+    run_settings = settings(run)
+    out = tmp_path / "stream"
+    partial = interrupted_run(run, out, run_settings, monkeypatch)
+    assert (partial / PREVIOUS_CHECKPOINT).exists() and (partial / CHECKPOINT_SHA256).exists()
+    flip_tensor_bytes(partial / CHECKPOINT, "transformer.h.0.mlp.c_fc.weight")
+    torch.load(partial / CHECKPOINT, weights_only=False)  # still loads: only the checksum tells
+    caplog.set_level("INFO")
+    tokens, masks = data_paths(run)
+    train(run_settings, str(tokens), str(masks), str(out), str(out) + ".partial")
+    [discarded] = discarded_checkpoints(caplog)
+    assert str(partial / CHECKPOINT) in discarded and "sha256 matches no checksum" in discarded
+    assert "resuming tiny after step 39" in caplog.text
+    assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
+
+
+def test_with_both_checkpoints_damaged_training_restarts_from_step_0(run, tmp_path, monkeypatch, caplog):
     run_settings = settings(run)
     out = tmp_path / "stream"
     partial = interrupted_run(run, out, run_settings, monkeypatch)
     checkpoint = partial / CHECKPOINT
-    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])  # truncated
+    flip_tensor_bytes(partial / PREVIOUS_CHECKPOINT, "transformer.h.0.attn.c_proj.weight")
     caplog.set_level("INFO")
     tokens, masks = data_paths(run)
     train(run_settings, str(tokens), str(masks), str(out), str(out) + ".partial")
-    assert "checkpoint cannot be read" in caplog.text
+    assert len(discarded_checkpoints(caplog)) == 2 and "resuming" not in caplog.text
+    assert "training from step 0: none of its checkpoints passes its checksum" in caplog.text
+    assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
+
+
+def test_a_checkpoint_without_its_checksum_is_not_resumed(run, tmp_path, monkeypatch, caplog):
+    """A crash after the checkpoint's rename but before its checksum, or a checkpoint of an older thimble."""
+    run_settings = settings(run)
+    out = tmp_path / "stream"
+    partial = interrupted_run(run, out, run_settings, monkeypatch)
+    (partial / CHECKPOINT_SHA256).unlink()
+    caplog.set_level("INFO")
+    tokens, masks = data_paths(run)
+    train(run_settings, str(tokens), str(masks), str(out), str(out) + ".partial")
+    discarded = discarded_checkpoints(caplog)
+    assert len(discarded) == 2 and all("no checksum vouches for it" in line for line in discarded)
+    assert "resuming" not in caplog.text
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 
@@ -364,17 +431,50 @@ def test_a_second_trainer_on_a_locked_partial_is_refused(run, tmp_path, capsys):
     assert_same_stream(out, run / f"results/{EXPERIMENT}/stream")
 
 
-def test_a_checkpoint_is_written_under_a_unique_temporary_name(tmp_path, monkeypatch):
-    from thimble.train import save_checkpoint
+def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_checksum(tmp_path, monkeypatch):
+    from thimble.files import sha256_file
+    from thimble.train import read_checkpoint_checksums, save_checkpoint
 
-    names = []
+    renamed = []
     original = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: (names.append(os.path.basename(src)), original(src, dst)))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (renamed.append((os.path.basename(src),
+                                                                         os.path.basename(dst))), original(src, dst)))
     save_checkpoint(tmp_path, {"step": 1})
     save_checkpoint(tmp_path, {"step": 2})
-    assert len(set(names)) == 2 and all(name.startswith(CHECKPOINT) and name != CHECKPOINT for name in names)
-    assert torch.load(tmp_path / CHECKPOINT)["step"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
+    temporary = [src for src, dst in renamed if src.endswith(".tmp")]
+    assert len(set(temporary)) == len(temporary) == 4
+    # per save: the checkpoint under its final name before its checksum, the previous kept aside first
+    assert [dst for _, dst in renamed] == [CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, CHECKPOINT,
+                                           CHECKPOINT_SHA256]
+    assert torch.load(tmp_path / CHECKPOINT)["step"] == 2 and torch.load(tmp_path / PREVIOUS_CHECKPOINT)["step"] == 1
+    assert read_checkpoint_checksums(tmp_path) == {name: sha256_file(tmp_path / name)
+                                                   for name in (CHECKPOINT, PREVIOUS_CHECKPOINT)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT_SHA256])
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_a_verified_checkpoint(tmp_path, monkeypatch):
+    from thimble.train import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
+
+    save_checkpoint(tmp_path, {"step": 1, "resume_key": {}})
+    save_checkpoint(tmp_path, {"step": 2, "resume_key": {}})
+    original = os.replace
+
+    def crash_before_the_new_one_is_in_place(src, dst):
+        if os.path.basename(dst) == CHECKPOINT:
+            raise KeyboardInterrupt
+        original(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", crash_before_the_new_one_is_in_place)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, {"step": 3, "resume_key": {}})
+    assert not (tmp_path / CHECKPOINT).exists()  # step 2 was moved aside, step 3 never arrived
+    assert verified_checkpoint(tmp_path)["step"] == 2
+    # the next save keeps step 2 as the previous one, still vouched for
+    save_checkpoint(tmp_path, {"step": 4, "resume_key": {}})
+    assert set(read_checkpoint_checksums(tmp_path)) == {CHECKPOINT, PREVIOUS_CHECKPOINT}
+    (tmp_path / CHECKPOINT).write_bytes(b"damaged")
+    assert verified_checkpoint(tmp_path)["step"] == 2
 
 
 # -- bad inputs and a full disk: one line, exit 1 ------------------------------------------------

@@ -19,6 +19,7 @@ def test_gpu_bench_runs_on_the_cpu_and_finds_every_run_bitwise_identical(tmp_pat
     rows = dict(line.strip("|").split("|", 1) for line in result.stdout.splitlines()[2:])
     rows = {key.strip(): value.strip() for key, value in rows.items()}
     assert rows["replay"].startswith("bitwise on cpu") and "disagreements 0 of" in rows["replay"]
+    assert rows["determinism check"].startswith("bitwise identical: steps [1, 2], ")
     zeros = "{'W': 0, 'grad_W': 0, 'momentum_W': 0, 'variance_W': 0, 'losses': 0}"
     assert rows["two runs of 24 steps: differing elements"] == zeros
     assert rows["killed halfway and resumed vs uninterrupted"] == zeros

@@ -7,8 +7,9 @@ not thimble's readers, which are what changed), with dtype, shape, chunk shape a
 tables and JSON summaries by their bytes. HDF5 file bytes are not compared: they hold timestamps.
 
 Training is bitwise reproducible for one torch build on one CPU kernel set, so the hashes hold
-for the environment they were recorded in (kept in the file); elsewhere the test skips, saying
-why. To record them again after an intended change of outputs:
+for the environment they were recorded in; the file keeps one set per environment (torch build and
+``torch.backends.cpu.get_cpu_capability()``), and where none matches the test skips, saying why. To
+record them again after an intended change of outputs (this environment's set; the others stay):
 ``THIMBLE_RECORD_OUTPUT_HASHES=1 python -m pytest tests/test_outputs_unchanged.py``.
 """
 
@@ -34,7 +35,8 @@ BYTE_FILES = ("freeze.csv", "freeze_cycles.csv", "token_freeze.csv", "displaceme
               "lattice_positions.csv", "exp_avg_sq.csv", "replay.csv", "update_ratio.csv", "summary.json",
               "replay.json", "freeze_drivers.csv")
 #: attributes that name where a file was made, or how long it took, not what it holds
-UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds"}
+UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds",
+                  "session_determinism_check_seconds"}
 
 
 def environment() -> dict:
@@ -89,11 +91,15 @@ def test_mini_outputs_are_bitwise_those_recorded(mini_data):
     run_snakemake(mini_data, "--cores", "2", "results/series/mini/global_freeze.png",
                   "--configfile", str(mini_data / "series.yaml"))
     got = output_digests(mini_data / "results")
+    recordings = json.loads(HASHES.read_text())["recorded"]
     if os.environ.get("THIMBLE_RECORD_OUTPUT_HASHES"):
-        HASHES.write_text(json.dumps({"environment": environment(), "outputs": got}, indent=1) + "\n")
-    recorded = json.loads(HASHES.read_text())
-    if recorded["environment"] != environment():
-        pytest.skip(f"the hashes were recorded with {recorded['environment']}, this is {environment()}: training "
-                    "is bitwise reproducible only on the same torch build and CPU kernels")
+        # one entry per environment: recording on one CPU kernel set keeps the others'
+        recordings = [entry for entry in recordings if entry["environment"] != environment()]
+        recordings.append({"environment": environment(), "outputs": got})
+        HASHES.write_text(json.dumps({"recorded": recordings}, indent=1) + "\n")
+    recorded = next((entry for entry in recordings if entry["environment"] == environment()), None)
+    if recorded is None:
+        pytest.skip(f"the hashes were recorded with {[entry['environment'] for entry in recordings]}, this is "
+                    f"{environment()}: training is bitwise reproducible only on the same torch build and CPU kernels")
     differing = sorted(key for key in recorded["outputs"] if got.get(key) != recorded["outputs"][key])
     assert not differing and got.keys() == recorded["outputs"].keys(), f"outputs changed: {differing}"

@@ -14,7 +14,7 @@ from thimble.lattice import delta_w_lattice, write_delta_w_lattice
 from thimble.rechunk import RechunkError, rechunk_stream
 from thimble.sizes import steps_per_chunk
 from thimble.record import TENSORS, open_stream, read_steps
-from thimble.replay import replay_stream
+from thimble.replay import replay_recording
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay
         as_bf16 = stored.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16).view(BFLOAT16)
         np.testing.assert_array_equal(delta["delta_w_lattice"][1:], delta_w_lattice(as_bf16[:-1], as_bf16[1:]))
         assert not delta["delta_w_lattice"].attrs["exact"]
-    replay = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    replay = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                            str(tmp_path / "ratio.csv"))
     assert replay["storage_dtype"] == "float16"
     from thimble.freeze import analyse
@@ -133,7 +133,7 @@ def test_float16_to_bfloat16_bits_equal_torchs_cast_for_every_pattern():
 
 
 def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):
-    summary = replay_stream(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    summary = replay_recording(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert summary == json.loads((tmp_path / "replay.json").read_text())
     histogram = np.loadtxt(tmp_path / "ratio.csv", delimiter=",", skiprows=1)
@@ -160,7 +160,7 @@ def test_each_optimizer_implementation_is_recorded_and_replayed_bit_for_bit(data
     stream = run_train(data, tmp_path / "stream", settings)
     with open_stream(stream) as handle:
         assert handle.attrs["optimizer_impl"] == implementation
-    summary = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    summary = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"), threads=2, block_steps=5)
     assert summary["bitwise_match"] and summary["replayed_on"]["optimizer_impl"] == implementation
     assert summary["total_mismatches"] == {"W_mismatches": 0, "momentum_mismatches": 0, "variance_mismatches": 0}
@@ -180,10 +180,55 @@ def test_replay_counts_mismatches_of_a_tampered_recording(recorded, tmp_path):
         values = read_steps(handle["W"])
         values[3, 0, :5] = (values[3, 0, :5].astype(np.float32) * 1.5).astype(BFLOAT16)  # step 10
         rewrite_steps(handle["W"], 3, values[3:4].view(np.uint16))
-    summary = replay_stream(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    summary = replay_recording(str(copy), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     rows = {int(row["step"]): row for row in csv.DictReader(open(tmp_path / "replay.csv"))}
     assert not summary["bitwise_match"]
     assert int(rows[10]["W_mismatches"]) == 5  # step 10 predicted from 9 no longer matches
     assert int(rows[11]["W_mismatches"]) > 0   # and step 11 starts from the tampered W[10]
     assert all(int(rows[t]["W_mismatches"]) == 0 for t in rows if t not in (10, 11))
+
+
+@pytest.mark.parametrize("steps_per_chunk", [7, 31])
+def test_replay_of_recording_h5_equals_the_replay_of_its_stream(recorded, tmp_path, steps_per_chunk):
+    """The replay rule reads recording.h5 (the stream is temporary by default): the same tables, byte for
+    byte, as from the stream it was rechunked from, with chunks shorter and longer than a replay block."""
+    rechunk_stream(recorded, tmp_path / "recording.h5", steps_per_chunk, 2**31)
+    outputs = {}
+    for label, source in (("stream", recorded), ("recording", tmp_path / "recording.h5")):
+        paths = [tmp_path / f"{label}.{name}" for name in ("replay.csv", "replay.json", "ratio.csv")]
+        replay_recording(str(source), *map(str, paths), block_steps=4)
+        outputs[label] = [path.read_bytes() for path in paths]
+    assert outputs["recording"] == outputs["stream"]
+
+
+def test_recording_rows_are_read_in_order(recorded, tmp_path):
+    from thimble.record import RecordingRows, open_h5
+
+    rechunk_stream(recorded, tmp_path / "recording.h5", 7, 2**31)
+    with open_h5(tmp_path / "recording.h5") as handle:
+        rows, out = RecordingRows(handle, 3), np.empty((5, *handle["W"].shape[1:]), np.uint16)
+        rows.read("W", 4, 9, out)
+        np.testing.assert_array_equal(out, read_steps(handle["W"])[4:9].view(np.uint16))
+        with pytest.raises(ValueError, match="read in order"):
+            rows.read("W", 2, 4, out[:2])
+
+
+@pytest.mark.parametrize("block_rows", [16, 5])
+def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(recorded, tmp_path, block_rows):
+    """freeze reads ΔW′ from the lattice stage's file; what it reads is what W gives, bit for bit (blocks that
+    do not divide the chunks included)."""
+    import dataclasses
+
+    from thimble.freeze import read_token_steps
+
+    rechunk_stream(recorded, tmp_path / "recording.h5", 8, 2**31)
+    write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
+    with h5py.File(tmp_path / "recording.h5", "r") as recording:
+        dead = recording["dead_mask"][...].astype(bool)
+    read = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2,
+                            delta_path=str(tmp_path / "delta.h5"))
+    computed = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2)
+    for field in dataclasses.fields(computed):
+        np.testing.assert_array_equal(getattr(read, field.name), getattr(computed, field.name), err_msg=field.name)
+    assert read.moved[1:].sum() > 0

@@ -10,7 +10,7 @@ from thimble.adamw import build_update_rule
 from thimble.config import ConfigError, resolve_config
 from thimble.rechunk import rechunk_stream
 from thimble.record import open_stream, read_steps, stream_tensors
-from thimble.replay import replay_stream
+from thimble.replay import replay_recording
 from thimble.update_rules import UPDATE_RULES, recorded_tensors, stochastic_rounding_seed
 
 OTHER_RULES = [rule for rule in UPDATE_RULES if rule != "bf16"]
@@ -39,7 +39,7 @@ def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rul
             assert np.array_equal(rounded, w)
             # the master moves where the bf16 W does not: the point of the rule
             assert (master[1:] != master[:-1]).sum() > (w[1:] != w[:-1]).sum()
-    summary = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    summary = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"), threads=2)
     assert summary["update_rule"] == rule and summary["bitwise_match"], summary["total_mismatches"]
     assert set(summary["total_mismatches"]) == {f"{name}_mismatches" for name in recorded_tensors(rule)
@@ -57,7 +57,7 @@ def test_a_replay_with_other_random_bits_differs(data, tmp_path, monkeypatch):
     """Stochastic rounding's replay is exact because it draws the training's bits, and only then."""
     stream = run_train(data, tmp_path / "stream", rule_settings("stochastic_rounding", steps=6))
     monkeypatch.setattr("thimble.adamw.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
-    summary = replay_stream(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
+    summary = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert not summary["bitwise_match"] and summary["total_mismatches"]["W_mismatches"] > 0
 

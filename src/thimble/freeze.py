@@ -89,15 +89,18 @@ def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str,
 
 
 def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np.ndarray | None,
-                      dead: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                      dead: np.ndarray, delta: np.ndarray | None = None
+                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Summaries of W rows ``bits`` (rows, V, D) uint16 after the row ``previous`` (V, D).
 
-    ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``dead`` (V,) marks the dead tokens.
+    ``delta`` is ΔW′ of these rows (int32, as the lattice stage stored it), computed here from W when not
+    given; ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``dead`` (V,) marks the dead tokens.
     Returns the per-token fields of TokenSteps and the per-side (dead, live) element counts.
     """
     both = np.concatenate([previous[None], bits])
-    signed = ordinal(both)
-    delta = signed[1:] - signed[:-1]
+    if delta is None:
+        signed = ordinal(both)
+        delta = signed[1:] - signed[:-1]
     tokens = summarise_block(delta, previous_delta)
     before, after = both[:-1], both[1:]
     spacing_before, spacing_after = ulp(before, np.float32), ulp(after, np.float32)
@@ -258,8 +261,9 @@ def window_stats(columns: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     return out
 
 
-def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[str, tuple[int, int]]) -> dict:
-    """token_freeze.csv columns: one row per token."""
+def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[str, tuple[int, int]],
+                token_text: list[str] | None = None) -> dict:
+    """token_freeze.csv columns: one row per token (with its text as the tokenizer decodes it, when given)."""
     vocab = steps.max_abs.shape[1]
     frozen = steps.max_abs == 0
     t = np.arange(steps.max_abs.shape[0])
@@ -268,7 +272,10 @@ def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[
     longest = np.empty(vocab, dtype=np.int64)
     for token in range(vocab):
         longest[token] = longest_true_run(frozen[1:, token], t[1:])[0]
-    columns = {"token": np.arange(vocab), "group": np.where(groups["dead"], "dead", "live")}
+    columns = {"token": np.arange(vocab)}
+    if token_text is not None:
+        columns["token_text"] = token_text
+    columns["group"] = np.where(groups["dead"], "dead", "live")
     for name, (start, end) in windows.items():
         columns[f"frozen_share_{name}"] = frozen[start:end + 1].mean(axis=0)
     columns["last_moved_step"] = last_moved
@@ -402,18 +409,26 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
 
 # -- file I/O edge -------------------------------------------------------------------------------
 
-def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, threads: int = 1) -> TokenSteps:
+def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, threads: int = 1,
+                     delta_path: str | None = None) -> TokenSteps:
     """One streaming pass over the recorded W (T+1, V, D): TokenSteps, in memory O(T x V).
 
+    ΔW′ is read from ``delta_path`` (the lattice stage's file, every frame's checksum verified) beside W,
+    which the phases, crossings and lattice positions need; without it, ΔW′ is computed from W.
     Tokens are split across ``threads`` (numpy releases the GIL in its loops).
     """
+    import contextlib
+
     from tqdm.auto import tqdm
 
     from thimble.codec import WorkerPool, thread_spans
     from thimble.record import open_h5, recorded_blocks
 
-    with open_h5(recording) as handle:
+    with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         n_steps, vocab, hidden = handle["W"].shape
+        deltas = None
+        if delta_path is not None:
+            deltas = DeltaRows(stack.enter_context(open_h5(delta_path)), delta_path, handle, block_rows)
         fields = {name: np.zeros((n_steps, vocab), dtype=np.float32 if name in ("norm", "motion", "start_spacings")
                                  else np.int32) for name in TOKEN_FIELDS}
         fields["frozen_elements"] = np.zeros((n_steps, 2), np.int64)
@@ -422,12 +437,15 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
         previous = previous_delta = None
         with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
             for step, block in recorded_blocks(handle, "W", block_rows):
+                delta = None if deltas is None else deltas.take(step, len(block))
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
+                    delta = None if delta is None else delta[1:]
                     if not len(block):
                         continue
                 futures = {(a, b): pool.submit(summarise_w_block, block[:, a:b], previous[a:b],
-                                               None if previous_delta is None else previous_delta[a:b], dead[a:b])
+                                               None if previous_delta is None else previous_delta[a:b], dead[a:b],
+                                               None if delta is None else delta[:, a:b])
                            for a, b in bounds}
                 rows = slice(step, step + len(block))
                 for (a, b), future in futures.items():
@@ -436,10 +454,48 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
                         fields[name][rows, a:b] = values
                     for name, values in counts.items():
                         fields[name][rows] += values
-                previous_delta = ordinal(block[-1]) - ordinal(block[-2] if len(block) > 1 else previous)
+                previous_delta = delta[-1] if delta is not None else \
+                    ordinal(block[-1]) - ordinal(block[-2] if len(block) > 1 else previous)
                 previous = block[-1].copy()
                 bar.update(len(block))
+        if deltas is not None:
+            deltas.finish()
     return TokenSteps(**fields, hidden=hidden)
+
+
+class DeltaRows:
+    """ΔW′ rows of the lattice stage's file, handed out in step order as W's blocks need them (int32, the
+    type ΔW′ is computed in), each chunk decoded as it is read and its checksum verified."""
+
+    def __init__(self, handle, path: str, recording, block_rows: int):
+        from thimble.codec import unshuffled_row_blocks
+        from thimble.errors import DataError
+
+        dataset = handle["delta_w_lattice"]
+        if dataset.shape != recording["W"].shape:
+            raise DataError(f"{path}:/delta_w_lattice has shape {dataset.shape}, but W of {recording.filename} is "
+                            f"{recording['W'].shape}: it was computed from another recording; rerun the lattice stage")
+        made_from, current = handle.attrs.get("resume_key"), recording.attrs.get("resume_key")
+        if made_from is not None and current is not None and made_from != current:
+            raise DataError(f"{path} was computed from another recording than {recording.filename} (their settings "
+                            "or inputs differ); rerun the lattice stage")
+        self.path, self.blocks = path, unshuffled_row_blocks(dataset, block_rows)
+        self.rows, self.first = np.empty((0, *dataset.shape[1:]), np.int32), 0
+
+    def take(self, step: int, count: int) -> np.ndarray:
+        """Rows step..step+count-1 (requested in order, each once)."""
+        assert step == self.first, (step, self.first)
+        while len(self.rows) < count:
+            _, block = next(self.blocks)
+            self.rows = np.concatenate([self.rows, block.astype(np.int32)])
+        taken, self.rows = self.rows[:count], self.rows[count:]
+        self.first += count
+        return taken
+
+    def finish(self) -> None:
+        """Read to the end, so that the last chunk's checksum is verified too."""
+        for _ in self.blocks:
+            pass
 
 
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
@@ -476,29 +532,38 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     return columns
 
 
-def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict]) -> None:
+def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict], quote_text: bool = False) -> None:
+    """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
+    a NUL or a quote read back exactly."""
+    import csv
+
     import pandas as pd
 
     from thimble.files import atomic_output
 
     frame = pd.DataFrame(columns)
     with atomic_output(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC if quote_text else csv.QUOTE_MINIMAL)
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
-            threads: int = 1, drivers_path: str | None = None) -> dict:
+            threads: int = 1, drivers_path: str | None = None, tokenizer_path: str | None = None) -> dict:
     """Write every freeze table and the summary of one experiment; return the summary.
 
     ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``.
+    ``tokenizer_path``: the dataset's tokenizer, for token_freeze.csv's token_text column. The summary's
+    ``provenance`` names the recording read and the sha256 of every table (thimble.provenance).
 
-    ``delta_path`` (the lattice stage's ΔW′ file) only says whether ΔW′ is exact (false for float16
-    storage); the tables recompute ΔW′ from W with the same ordinals as they walk it.
+    ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
+    ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from W.
     """
     import h5py
 
+    from thimble.config import settings_hash
     from thimble.files import atomic_output
+    from thimble.provenance import stage_provenance
     from thimble.record import open_h5, read_checked
+    from thimble.tokenizer import token_texts
 
     analysis = settings["analysis"]
     with open_h5(recording) as handle:
@@ -506,20 +571,25 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         exact = handle.attrs.get("storage_dtype") != "float16"
         update_rule = rule_of(handle.attrs)
+        source_attrs = dict(handle.attrs)
     if delta_path is not None:
         with open_h5(delta_path) as handle:
             exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
     groups = group_masks(dead_mask)
-    steps = read_token_steps(recording, dead_mask, threads=threads)
+    steps = read_token_steps(recording, dead_mask, threads=threads, delta_path=delta_path)
     last_step = steps.max_abs.shape[0] - 1
     columns = freeze_table(steps, groups, losses, analysis["solid_max"], analysis["cold_max"])
     windows = default_windows(last_step, analysis["windows"])
     write_csv(outputs["freeze"], columns)
     write_csv(outputs["cycles"], cycles_table(columns))
-    write_csv(outputs["tokens"], token_table(steps, groups, windows))
+    token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(dead_mask))
+    write_csv(outputs["tokens"], token_table(steps, groups, windows, token_text), quote_text=token_text is not None)
     write_csv(outputs["classes"], displacement_table(steps, groups))
     write_csv(outputs["lattice_positions"], lattice_position_table(steps))
     write_csv(outputs["variance"], variance_by_group(recording, groups))
+    provenance = stage_provenance(recording, source_attrs, settings_hash(settings),
+                                  [outputs[name] for name in ("freeze", "cycles", "tokens", "classes",
+                                                              "lattice_positions", "variance")])
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
             # Fletcher32: HDF5 verifies every chunk as the figures read it
@@ -527,6 +597,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
                 out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1,
                                    fletcher32=True)
             out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
+            out.attrs["computed_from"] = json.dumps(provenance["computed_from"], sort_keys=True)
 
     width, tolerance = analysis["trend_window_steps"], analysis["verdict_tolerance_per_1000_steps"]
     series = cooling(columns, width, tolerance)
@@ -546,6 +617,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in GROUPS},
         # the lab's question, for the dead tokens (all tokens when none is dead): the global freeze
         "verdict": series["dead" if groups["dead"].any() else "all"]["global_freeze"]["verdict"],
+        "provenance": provenance,
     }
     if drivers_path is not None:
         summary["drivers"] = json.loads(Path(drivers_path).read_text())

@@ -148,7 +148,7 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     return np.count_nonzero(moved, axis=1), np.count_nonzero(crossed, axis=1)
 
 
-def write_delta_w_lattice(recording: str, output: str, level: int = 1, threads: int = 1) -> dict:
+def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: int = 1) -> dict:
     """ΔW′ of a rechunked recording, indexed by step (row 0 is 0: nothing moves before t = 0).
 
     Stored as int16 when every step count fits (checked), else int32, in chunks
@@ -177,7 +177,7 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     import h5py
     from tqdm.auto import tqdm
 
-    from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, thread_spans, write_chunk, zstd_dcpl
+    from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, thread_spans, window_log_for, write_chunk, zstd_dcpl
     from thimble.record import create_checked_array, recorded_blocks
 
     w = source["W"]
@@ -197,7 +197,9 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
             block = block.reshape(len(block), row_elements)
             chunk_start, end = step - step % rows, step + len(block)
             if step == chunk_start:
-                encoder = FrameEncoder(rows * row_elements * dtype.itemsize, level, pool.threads)
+                # unshuffled: the previous step of an element lies a row of integers back
+                encoder = FrameEncoder(rows * row_elements * dtype.itemsize, level, pool.threads,
+                                       window_log_for(row_elements * dtype.itemsize, level))
             if previous is None:  # step 0: nothing moved before it
                 previous = block[0].copy()
             delta = np.empty(block.shape, dtype)

@@ -262,7 +262,9 @@ class StreamRecorder:
     def is_segment_end(self, step: int) -> bool:
         return step == self.segment_bounds(step)[1]
 
-    def record(self, step: int, tensors: dict[str, torch.Tensor], loss: float) -> None:
+    def record(self, step: int, tensors: dict[str, torch.Tensor], loss) -> None:
+        """Queue a step: its host tensors and its loss, a float or the ``thimble.host_copy.HostStep`` whose
+        copies (still running on a GPU) fill ``tensors``; the writer thread waits for them."""
         self._put(("step", step, tensors, loss))
 
     def checkpoint(self, step: int, on_durable) -> None:
@@ -322,6 +324,9 @@ class StreamRecorder:
                     break
                 if item[0] == "step":
                     _, step, tensors, loss = item
+                    if hasattr(loss, "wait"):  # a thimble.host_copy.HostStep: its device copies end here
+                        loss.wait()
+                        loss = loss.loss
                     futures = {name: self._pool.submit(self._encode, tensors[name], storage)
                                for name, storage in self.tensors.items()}
                     pending.append((step, futures, loss))
@@ -524,3 +529,62 @@ def recorded_blocks(handle: h5py.File, name: str, block_rows: int) -> Iterator[t
         if stored == "float16":
             block = bfloat16_bits_from_float16_bits(block)
         yield first, block.reshape(-1, *dataset.shape[1:])
+
+
+class RecordingRows:
+    """Rows of a rechunked recording's tensors, each tensor's asked for in order (a window may start
+    inside the one before: the replay's windows overlap by a step), as stored bits like
+    ``recorded_blocks`` gives them (a float16 recording's read back as bf16). Each chunk is decoded once,
+    with its checksum verified; a tensor holds half a chunk (its lower byte planes) and the rows between
+    the windows."""
+
+    def __init__(self, handle: h5py.File, block_rows: int):
+        self.handle, self.block_rows = handle, block_rows
+        self._blocks: dict[str, Iterator[tuple[int, np.ndarray]]] = {}
+        self._held: dict[str, tuple[int, np.ndarray]] = {}
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Rows [start, stop) of ``name`` into ``out``."""
+        if name not in self._blocks:
+            self._blocks[name] = recorded_blocks(self.handle, name, self.block_rows)
+        first, rows = self._held.get(name, (0, None))
+        if rows is not None and start < first:
+            raise ValueError(f"{name}: rows {start}.. asked for after rows {first}.. (read in order)")
+        while rows is None or first + len(rows) < stop:
+            try:
+                block_first, block = next(self._blocks[name])
+            except StopIteration:
+                raise DataError(f"{self.handle.filename}:/{name} ends before step {stop - 1}") from None
+            first, rows = (block_first, block) if rows is None else (first, np.concatenate([rows, block]))
+            if start > first:  # rows before the window are not asked for again
+                drop = min(start - first, len(rows))
+                first, rows = first + drop, rows[drop:]
+        self._held[name] = (first, rows)
+        out[...] = rows[start - first: stop - first]
+
+    def finish(self, n_rows: int) -> None:
+        """Read each tensor to its end: zstd checks a frame's checksum at the frame's end, which the last
+        window of rows may stop short of; rows left unread or missing are an error."""
+        for name, blocks in self._blocks.items():
+            first, rows = self._held.get(name, (0, None))
+            end = first + (0 if rows is None else len(rows))
+            for block_first, block in blocks:
+                end = block_first + len(block)
+            if end != n_rows:
+                raise DataError(f"{self.handle.filename}:/{name} holds rows up to {end - 1}, expected {n_rows - 1}")
+
+
+def verify_stream(directory: str | Path, threads: int = 1, block_rows: int = 16) -> None:
+    """Decode every stored chunk of a finished stream, each against its checksum, and read its losses: a
+    DataError naming the file, dataset and steps of the first damage, nothing written. What rechunk reads,
+    checked before a rerun gives up the recording it would replace."""
+    directory = Path(directory)
+    with open_stream(directory) as stream, WorkerPool(threads) as pool:
+        read_checked(stream["losses"])
+        for name in stream_tensors(stream):
+            dataset = stream[name]
+            element_bytes = dataset.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
+            out = np.empty((block_rows, *dataset.shape[1:]), dtype=BITS_DTYPES[element_bytes])
+            for start in range(0, dataset.shape[0], block_rows):
+                stop = min(start + block_rows, dataset.shape[0])
+                read_stream_rows(directory, name, start, stop, out[:stop - start], pool)

@@ -143,9 +143,11 @@ def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, 
 
 
 def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
-                         output_json: str, summary: dict) -> None:
-    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all."""
+                         output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
+    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
+    replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
     from thimble.files import atomic_output
+    from thimble.provenance import PROVENANCE_KEY, stage_provenance
 
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -156,33 +158,85 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
         writer.writerow(["step", *RATIO_COLUMNS])
         for step, counts in enumerate(histograms, start=1):
             writer.writerow([step, *counts.tolist()])
+    # the replay reads no settings: its hyperparameters are the recording's
+    summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
     with atomic_output(output_json) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
-                  threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
-    """Replay every step of a recorded stream; write the per-step table, the update-ratio histograms
-    and a summary."""
-    from thimble.record import TENSORS, open_stream, read_stream_rows, stream_tensors
+class RecordedRows:
+    """A recording's stored bits, row range by row range, in step order: from recording.h5 (each chunk
+    decoded once, ``thimble.record.RecordingRows``) or from a stream folder (its segments' one-step chunks,
+    decoded in the pool's threads). A float16 recording's values are read back as bf16 either way."""
 
+    def __init__(self, path: str, block_rows: int):
+        from thimble.record import RecordingRows, open_h5, open_stream, stream_tensors
+
+        self.path = path
+        self.is_stream = Path(path).is_dir()
+        self._handle = open_stream(path) if self.is_stream else open_h5(path)
+        self.attrs = {key: (value.decode() if isinstance(value, bytes) else value)
+                      for key, value in self._handle.attrs.items()}
+        self.shape = self._handle["W"].shape
+        self.tensors = stream_tensors(self._handle)
+        self._rows = None if self.is_stream else RecordingRows(self._handle, block_rows)
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray, pool: WorkerPool) -> None:
+        from thimble.record import read_stream_rows
+
+        if self._rows is not None:
+            self._rows.read(name, start, stop, out)
+            return
+        read_stream_rows(self.path, name, start, stop, out, pool)
+        if self.attrs.get("storage_dtype") == "float16" and self.tensors.get(name) == "float16":
+            out[...] = bfloat16_bits_from_float16_bits(out)
+
+    @property
+    def file(self) -> Path:
+        """The HDF5 file the attributes come from (a stream's stream.h5)."""
+        return Path(self.path) / "stream.h5" if self.is_stream else Path(self.path)
+
+    def finish(self) -> None:
+        """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
+        the checksums (a stream's chunks are checked as they are read)."""
+        if self._rows is not None:
+            self._rows.finish(self.shape[0])
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> RecordedRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
+                     threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
+    """Replay every step of a recording (recording.h5, or the stream folder it was rechunked from); write
+    the per-step table, the update-ratio histograms and a summary."""
     torch.set_num_threads(threads)
-    with open_stream(stream_dir) as stream:
-        attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in stream.attrs.items()}
-        shape = stream["W"].shape
-        tensors = stream_tensors(stream)
+    with RecordedRows(recording, block_steps) as source:
+        return _replay(source, output_csv, output_json, ratio_csv, device, threads, block_steps)
+
+
+def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str, threads: int,
+            block_steps: int) -> dict:
+    from thimble.record import TENSORS
+
+    attrs, shape, tensors = source.attrs, source.shape, source.tensors
     rule = rule_of(attrs)
     if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
-        raise DataError(f"{stream_dir} was recorded under training.update_rule {rule!r}, which this version of "
+        raise DataError(f"{source.path} was recorded under training.update_rule {rule!r}, which this version of "
                         f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
                         f"version that recorded it (its git_commit attribute), or train it again")
     if rule != "bf16":
-        return replay_other_rule(stream_dir, attrs, tensors, shape, output_csv, output_json, ratio_csv, device,
-                                 threads)
+        return replay_other_rule(source, output_csv, output_json, ratio_csv, device, threads)
     storage = attrs.get("storage_dtype")
     if storage == "float16":
         log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                    "bf16, so it reports mismatches wherever float16 altered them", stream_dir)
+                    "bf16, so it reports mismatches wherever float16 altered them", source.path)
     hyper = hyperparameters(attrs)
     # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
     implementation = str(attrs.get("optimizer_impl", "single_tensor"))
@@ -199,8 +253,8 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
 
     def load(name: str, start: int, stop: int) -> torch.Tensor:
         out = buffers[name][: stop - start]
-        read_stream_rows(stream_dir, name, start, stop, out, pool)
-        return bits_to_torch(bfloat16_bits_from_float16_bits(out) if storage == "float16" else out)
+        source.read(name, start, stop, out, pool)
+        return bits_to_torch(out)
 
     def bits(tensor: torch.Tensor) -> np.ndarray:
         return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
@@ -267,7 +321,8 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
     }
     summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
                              replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
-    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary)
+    source.finish()
+    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, source.file, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
                  target, last)
@@ -284,8 +339,8 @@ def replay_stream(stream_dir: str, output_csv: str, output_json: str, ratio_csv:
 OTHER_RULE_COLUMNS = ("step", "observed_frozen", "elements")
 
 
-def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], shape: tuple, output_csv: str,
-                      output_json: str, ratio_csv: str, device: str, threads: int) -> dict:
+def replay_other_rule(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str,
+                      threads: int) -> dict:
     """Replay a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
     through the rule's own ``step()``, comparing every recorded tensor bit for bit.
 
@@ -293,9 +348,9 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
     addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
     """
     from thimble.codec import BITS_DTYPES
-    from thimble.record import read_stream_rows
     from thimble.update_rules import ELEMENT_BYTES
 
+    attrs, tensors, shape = source.attrs, source.tensors, source.shape
     rule = str(attrs["update_rule"])
     hyper = hyperparameters(attrs)
     implementation, seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
@@ -308,7 +363,7 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
 
     def load(pool, name: str, start: int, stop: int) -> torch.Tensor:
         out = np.empty((stop - start, *shape[1:]), dtype=BITS_DTYPES[ELEMENT_BYTES[tensors[name]]])
-        read_stream_rows(stream_dir, name, start, stop, out, pool)
+        source.read(name, start, stop, out, pool)
         signed = {2: np.int16, 4: np.int32}[out.dtype.itemsize]  # torch has no uint16/uint32 views to cast
         return torch.from_numpy(out.view(signed)).view(torch_dtypes[tensors[name]])
 
@@ -344,8 +399,9 @@ def replay_other_rule(stream_dir: str, attrs: dict, tensors: dict[str, str], sha
                               "recorded_tensors": tensors}, replay_environments(attrs, target, implementation),
                              rows, mismatch_columns, criterion, random_bits)
     # the ratio table has its header only: the ratio is the bf16 rule's
+    source.finish()
     write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
-                         output_json, summary)
+                         output_json, summary, source.file, attrs)
     if summary["bitwise_match"]:
         log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
                  target, last)

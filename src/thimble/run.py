@@ -1,111 +1,69 @@
 """An experiment's results from a notebook: ``run = thimble.open_run("results/thimble_mini")``.
 
-Per-step tensors are read lazily, a step or a range of steps at a time, with
-the recorder's own readers (``thimble.record.read_steps_torch``): ``run.W[t]``
-is the (V, D) embedding matrix after step t as a bf16 torch tensor, bit for
-bit; ``run.W[10:20]`` is steps 10..19. Tables come back as pandas DataFrames
-and the JSON summaries as dicts. A missing file is named, with the Snakemake
-target that makes it.
+Per-step tensors are read lazily (``thimble.step_series``): ``run.W[t]`` is the
+(V, D) embedding matrix after step t as a bf16 torch tensor, bit for bit;
+``run.W[10:20]`` is steps 10..19, ``run.W[1000:1500, run.dead_ids]`` only the
+dead tokens' rows. Tables come back as pandas DataFrames and the JSON summaries
+as dicts; ``run.to_xarray()`` is the labelled view (``thimble.xarray_view``).
+A missing file is named, with the Snakemake target that makes it.
 
 The tensors come from ``recording.h5`` when it exists (the rechunked file,
 which outlives a temporary stream), else from ``stream/``. A read from
 ``recording.h5`` decodes the whole time chunk that holds the step
-(``rechunk.steps_per_chunk`` steps) and keeps it, so walking through steps in
-order decodes each chunk once; ``source="stream"`` reads one step per chunk.
+(``rechunk.steps_per_chunk`` steps); the run keeps decoded chunks in one
+``ChunkCache`` bounded by ``cache_bytes``, so walking through steps in order
+decodes each chunk once. ``source="stream"`` reads one step per chunk.
+
+Tables and summaries are checked against the recording beside them before they
+are served (``thimble.provenance``): one computed from another recording is
+refused, naming the stale files and the target that rebuilds them.
 """
 
 from __future__ import annotations
 
 import json
-import operator
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 
+from thimble.chunk_cache import ChunkCache
 from thimble.codec import require_zstd_filter
-from thimble.record import STREAM_FILE, open_stream, read_steps_torch
+from thimble.record import STREAM_FILE, open_h5, open_stream, read_checked
+from thimble.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
 
 if TYPE_CHECKING:
     import pandas
     import torch
+    import xarray
 
 RECORDING_FILE = "recording.h5"
 DELTA_W_FILE = "delta_w_lattice.h5"
 SOURCES = ("auto", "recording", "stream")
 MASKS = ("live_mask", "dead_mask", "live_ids", "dead_ids")
+#: the column of token_freeze.csv holding each token's text (run.token_text)
+TEXT_COLUMN = "token_text"
+#: what pandas reads as missing by default (its documented na_values), kept for every column but the text
+MISSING_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+                  "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
 
 
-def step_range(index, n_steps: int) -> tuple[int, int, int] | int:
-    """An index over steps 0..n_steps-1 as one step (int) or (start, stop, stride) (slice)."""
-    if isinstance(index, slice):
-        return index.indices(n_steps)
-    try:
-        step = operator.index(index)
-    except TypeError:
-        raise TypeError(f"steps are indexed by an int or a slice, not {type(index).__name__}") from None
-    if not -n_steps <= step < n_steps:
-        raise IndexError(f"step {step} is out of range: the run has steps 0..{n_steps - 1}")
-    return step % n_steps
-
-
-def make_target(directory: Path, filename: str) -> str:
-    """What to run to make ``filename`` of the experiment in ``directory`` (results/{experiment})."""
-    target = f"results/{directory.name}/{filename}"
+def make_target(directory: Path, *filenames: str, under_results: str | None = None) -> str:
+    """What to run to make ``filenames`` of the experiment in ``directory`` (results/{experiment}), or of
+    ``results/{under_results}`` when given."""
+    targets = " ".join(f"results/{under_results or directory.name}/{filename}" for filename in filenames)
     results = directory.resolve().parent
     where = results.parent if results.name == "results" else "that made the others"
-    return f"`snakemake --cores 1 {target}` (in the workflow directory {where})"
-
-
-class StepSeries:
-    """One recorded per-step tensor of shape (T+1, ...), read lazily: ``series[t]``, ``series[a:b]``."""
-
-    def __init__(self, dataset: h5py.Dataset, name: str):
-        self._dataset, self.name = dataset, name
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._dataset.shape)
-
-    def __len__(self) -> int:
-        return self._dataset.shape[0]
-
-    def __getitem__(self, index) -> torch.Tensor:
-        import torch
-
-        steps = step_range(index, len(self))
-        if isinstance(steps, int):
-            return self._read(steps, steps + 1)[0]
-        start, stop, stride = steps
-        if stride == 1 or start >= stop:
-            return self._read(start, max(start, stop))
-        # a strided selection reads only the steps it names
-        return torch.stack([self._read(step, step + 1)[0] for step in range(start, stop, stride)])
-
-    def _read(self, start: int, stop: int) -> torch.Tensor:
-        return read_steps_torch(self._dataset, start, stop)
-
-    def __repr__(self) -> str:
-        return f"<StepSeries {self.name}: {len(self)} steps of {self.shape[1:]}>"
-
-
-def open_cached(handle: h5py.File, name: str) -> h5py.Dataset:
-    """``handle[name]`` with a chunk cache holding one whole chunk, so that steps read in order from a
-    many-step chunk decode it once (HDF5's default cache, 1 MiB, keeps no chunk larger than that)."""
-    dataset = handle[name]
-    if dataset.chunks is None or dataset.chunks[0] == 1:
-        return dataset
-    chunk_bytes = int(np.prod(dataset.chunks)) * dataset.id.get_type().get_size()
-    access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
-    access.set_chunk_cache(521, chunk_bytes + 1, 1.0)
-    return h5py.Dataset(h5py.h5d.open(handle.id, name.encode(), access))
+    return f"`snakemake --cores 1 {targets}` (in the workflow directory {where})"
 
 
 class Run:
     """The results of one experiment (``results/{experiment}``); see ``open_run``."""
 
-    def __init__(self, directory: str | Path, source: str = "auto"):
+    def __init__(self, directory: str | Path, source: str = "auto", cache_bytes: int | None = None,
+                 allow_stale: bool = False):
         if source not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
         self.directory = Path(directory)
@@ -113,9 +71,19 @@ class Run:
             raise FileNotFoundError(f"{self.directory} does not exist: an experiment's results are made by the "
                                     f"workflow, e.g. {make_target(self.directory, 'freeze.csv')}")
         self.experiment = self.directory.name
-        self.source = source
+        self.requested_source = source
+        self.allow_stale = allow_stale
+        #: decoded chunks of every tensor of the run, within ``cache_bytes`` (thimble.chunk_cache)
+        self.cache = ChunkCache(cache_bytes)
         self._files: dict[str, h5py.File] = {}
         self._series: dict[str, StepSeries] = {}
+        self._checked = False
+        self._token_text: list[str] | None = None
+
+    @property
+    def source(self) -> str:
+        """The file the tensors are read from (opening it if need be): recording.h5 or stream/stream.h5."""
+        return self._recording().filename
 
     # -- recorded tensors -----------------------------------------------------
     def _recording(self) -> h5py.File:
@@ -124,11 +92,17 @@ class Run:
             require_zstd_filter()
             recording = self.directory / RECORDING_FILE
             stream = self.directory / "stream"
-            if self.source == "recording" or (self.source == "auto" and recording.exists()):
+            if self.requested_source == "recording" or (self.requested_source == "auto" and recording.exists()):
                 if not recording.exists():
                     raise FileNotFoundError(f"{recording} does not exist: make it with "
                                             f"{make_target(self.directory, RECORDING_FILE)}")
-                self._files["recording"] = h5py.File(recording, "r")
+                self._files["recording"] = open_h5(recording)
+                if (self.directory / ".partial").exists():
+                    from thimble.provenance import StaleResultWarning
+
+                    warnings.warn(f"{self.directory / '.partial'} exists: a training of {self.experiment} is under "
+                                  f"way or was interrupted, so {recording} is the previous training's",
+                                  StaleResultWarning, stacklevel=4)
             elif (stream / STREAM_FILE).exists():
                 self._files["recording"] = open_stream(stream)
             else:
@@ -139,7 +113,7 @@ class Run:
 
     def _tensor(self, name: str) -> StepSeries:
         if name not in self._series:
-            self._series[name] = StepSeries(open_cached(self._recording(), name), name)
+            self._series[name] = StepSeries(self._recording()[name], name, self.cache)
         return self._series[name]
 
     @property
@@ -188,12 +162,12 @@ class Run:
         """Training loss per step, float32 (NaN at t = 0)."""
         import torch
 
-        return torch.from_numpy(self._recording()["losses"][...])
+        return torch.from_numpy(read_checked(self._recording()["losses"]))
 
     def _mask(self, name: str) -> torch.Tensor:
         import torch
 
-        return torch.from_numpy(np.asarray(self._recording()[name][...]))
+        return torch.from_numpy(np.asarray(read_checked(self._recording()[name])))
 
     @property
     def live_mask(self) -> torch.Tensor:
@@ -233,9 +207,10 @@ class Run:
             if not path.exists():
                 raise FileNotFoundError(f"{path} does not exist: make it with "
                                         f"{make_target(self.directory, DELTA_W_FILE)}")
-            self._files["delta_w_lattice"] = h5py.File(path, "r")
-            self._series["delta_w_lattice"] = StepSeries(open_cached(self._files["delta_w_lattice"],
-                                                                     "delta_w_lattice"), "delta_w_lattice")
+            self._files["delta_w_lattice"] = open_h5(path)
+            self._check_results()  # ΔW′ carries its recording's attributes: refused if it is another's
+            self._series["delta_w_lattice"] = StepSeries(self._files["delta_w_lattice"]["delta_w_lattice"],
+                                                         "delta_w_lattice", self.cache)
         return self._series["delta_w_lattice"]
 
     # -- tables and summaries ---------------------------------------------------
@@ -248,11 +223,20 @@ class Run:
         """``results/{experiment}/{stem}.csv`` as a DataFrame, e.g. ``run.table("freeze")``."""
         import pandas as pd
 
-        return pd.read_csv(self._existing(f"{stem}.csv"))
+        path = self._existing(f"{stem}.csv")
+        self._check_results()
+        columns = pd.read_csv(path, nrows=0).columns
+        if TEXT_COLUMN not in columns:
+            return pd.read_csv(path)
+        # token texts are read as written: 'NA', 'None' or 'nan' are tokens, not missing values
+        return pd.read_csv(path, keep_default_na=False, dtype={TEXT_COLUMN: str},
+                           na_values={name: MISSING_VALUES for name in columns if name != TEXT_COLUMN})
 
     def json(self, stem: str) -> dict:
         """``results/{experiment}/{stem}.json`` as a dict."""
-        return json.loads(self._existing(f"{stem}.json").read_text())
+        path = self._existing(f"{stem}.json")
+        self._check_results()
+        return json.loads(path.read_text())
 
     @property
     def summary(self) -> dict:
@@ -278,12 +262,64 @@ class Run:
         raise FileNotFoundError(f"{path} does not exist, and the workflow makes no such file; "
                                 f"its {suffix} files are: {', '.join(made)}")
 
+    # -- belonging together -----------------------------------------------------
+    @property
+    def stale(self) -> list:
+        """The outputs here that were not computed from the recording beside them (``thimble.provenance``):
+        one ``Stale`` per file, with why and the target that rebuilds it; empty when all belong."""
+        from thimble.provenance import stale_results
+
+        return stale_results(self.directory, dict(self._recording().attrs), Path(self.source).name)
+
+    def _check_results(self) -> None:
+        """Refuse tables, summaries and ΔW′ of another recording (with ``allow_stale``: warn), and warn about
+        those that cannot be told (written before thimble recorded provenance)."""
+        if self._checked:
+            return
+        from thimble.provenance import StaleResultError, StaleResultWarning, describe, rebuild_targets
+
+        def message(items) -> str:
+            return (f"{describe(self.directory, items)}. Rebuild them with "
+                    f"{make_target(self.directory, *rebuild_targets(items))}")
+
+        stale = self.stale
+        certain = [item for item in stale if item.certain]
+        if certain and not self.allow_stale:
+            raise StaleResultError(message(certain) + "; or open_run(..., allow_stale=True) to read them anyway")
+        if stale:
+            warnings.warn(message(stale), StaleResultWarning, stacklevel=3)
+        self._checked = True
+
+    # -- tokens and the labelled view -------------------------------------------
+    @property
+    def token_text(self) -> list[str]:
+        """Each token id's text as the dataset's tokenizer decodes it alone (byte-level BPE: 'Ġloue' is
+        ' loue'; a token holding part of a UTF-8 character decodes to '\ufffd')."""
+        if self._token_text is None:
+            from thimble.tokenizer import token_texts
+
+            dataset = str(self.attrs["dataset"])
+            path = self.directory.parent / "data" / dataset / "tokenizer.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} does not exist: make it with "
+                                        f"{make_target(self.directory, 'tokenizer.json', under_results='data/' + dataset)}")
+            self._token_text = token_texts(path, int(self.attrs["vocab_size"]))
+        return self._token_text
+
+    def to_xarray(self, dtype: str = "float32") -> xarray.Dataset:
+        """The recorded tensors as a lazy xarray Dataset labelled (step, token, dim), with token text and
+        group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see thimble.xarray_view)."""
+        from thimble.xarray_view import run_dataset
+
+        return run_dataset(self, dtype)
+
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
         for handle in self._files.values():
             handle.close()
         self._files.clear()
         self._series.clear()
+        self.cache.clear()
 
     def __enter__(self) -> Run:
         return self
@@ -292,14 +328,21 @@ class Run:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<thimble run {self.experiment} at {self.directory} (source {self.source})>"
+        opened = self._files.get("recording")
+        source = Path(opened.filename).name if opened is not None else f"{self.requested_source}, not opened yet"
+        return f"<thimble run {self.experiment} at {self.directory} (source {source})>"
 
 
-def open_run(directory: str | Path, source: str = "auto") -> Run:
+def open_run(directory: str | Path, source: str = "auto", cache_bytes: int | None = None,
+             allow_stale: bool = False) -> Run:
     """Open an experiment's results folder, ``results/{experiment}``, for reading.
 
     ``source``: ``"auto"`` reads the tensors from ``recording.h5`` when it exists,
     else from ``stream/``; ``"recording"`` or ``"stream"`` insist on one.
+    ``cache_bytes``: the most memory decoded chunks may hold (default: a quarter of
+    the machine's memory, at most 4 GiB; 0 keeps none).
+    ``allow_stale``: serve tables that were not computed from this recording with a
+    ``StaleResultWarning`` instead of refusing them.
     Nothing is read until it is asked for.
     """
-    return Run(directory, source)
+    return Run(directory, source, cache_bytes, allow_stale)

@@ -35,6 +35,17 @@ def encode(tokenizer: Tokenizer, text: str) -> np.ndarray:
     return np.asarray(tokenizer.encode(text).ids, dtype=np.int32)
 
 
+def token_texts(path: str | Path, vocab_size: int) -> list[str]:
+    """The text of every token id 0..vocab_size-1 as the tokenizer at ``path`` decodes it alone (byte-level
+    BPE marks a leading space as 'Ġ'; decoded, it is a space). A vocabulary of another size is a DataError:
+    the tokenizer is not the one the ids come from."""
+    tokenizer = Tokenizer.from_file(str(path))
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise DataError(f"{path} has {tokenizer.get_vocab_size()} tokens, the recording {vocab_size}: it is not "
+                        "the tokenizer the run was trained with; rebuild the dataset's data stages")
+    return [tokenizer.decode([token]) for token in range(vocab_size)]
+
+
 def read_text(path: str | Path) -> str:
     with open(path, encoding="utf-8", newline="") as handle:
         return handle.read()
@@ -119,10 +130,16 @@ def load_token_ids(path: str | Path, vocab_size: int) -> np.ndarray:
     return ids
 
 
-def write_encoded(tokenizer_path: str, model_corpus: str, output: str) -> None:
+def write_encoded(tokenizer_path: str, model_corpus: str, output: str, digest: str | None = None) -> None:
+    """Encode the model corpus into ``output`` (and its sha256 into ``digest``, by which the workflow
+    compares the file's content rather than its modification time)."""
+    from thimble.files import write_digest
+
     tokenizer = Tokenizer.from_file(tokenizer_path)
     ids = encode(tokenizer, read_text(model_corpus))
     with atomic_output(output) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, ids)
+    if digest is not None:
+        write_digest(output, digest)
     log.info("encoded model corpus: %d tokens -> %s", ids.size, output)

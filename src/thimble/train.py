@@ -51,9 +51,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from thimble.adamw import UpdateRule, build_update_rule
-from thimble.config import settings_hash, trajectory_settings
+from thimble.config import settings_hash, trajectory_settings, without_untracked
+from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, determinism_attr,
+                                 lookup_backward, use_lookup_backward)
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
+from thimble.host_copy import HostCopies
 from thimble.record import StreamRecorder, list_segments, write_stream_file
 from thimble.sizes import training_footprint
 from thimble.update_rules import recorded_tensors
@@ -62,6 +65,10 @@ from thimble.tokenizer import load_token_ids
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+#: the checkpoint before the newest: what a resume falls back to when the newest fails its checksum
+PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"
+#: the sha256 of each checkpoint, written once the checkpoint is durable, verified before it is loaded
+CHECKPOINT_SHA256 = "checkpoint.sha256"
 #: cuBLAS's setting for deterministic GEMMs; read when CUDA creates its cuBLAS handle
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
@@ -300,17 +307,62 @@ def check_disk(plan: dict, directory: Path) -> None:
                             "reduce training.steps")
 
 
-def save_checkpoint(partial_dir: Path, state: dict) -> None:
-    """Write the checkpoint under a unique temporary name, sync it, then rename it into place."""
-    handle, tmp = tempfile.mkstemp(prefix=f"{CHECKPOINT}.", suffix=".tmp", dir=partial_dir)
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames in ``directory`` durable (the files' own bytes are synced before)."""
+    handle = os.open(directory, os.O_RDONLY)
     try:
-        with os.fdopen(handle, "wb") as out:
-            torch.save(state, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, partial_dir / CHECKPOINT)
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _write_synced(directory: Path, name: str, write) -> str:
+    """Write a file under a unique temporary name (``write(handle)``), sync it; return the temporary path."""
+    handle, tmp = tempfile.mkstemp(prefix=f"{name}.", suffix=".tmp", dir=directory)
+    with os.fdopen(handle, "wb") as out:
+        write(out)
+        out.flush()
+        os.fsync(out.fileno())
+    return tmp
+
+
+def save_checkpoint(partial_dir: Path, state: dict) -> None:
+    """Save the resume state after ``state["step"]``, keeping the one it replaces as ``PREVIOUS_CHECKPOINT``.
+
+    The new file is written under a unique temporary name and synced, the current one becomes the
+    previous, the new one is renamed into place, and only once those renames are durable does
+    ``CHECKPOINT_SHA256`` list the sha256 of both files: a resume uses a checkpoint only when its bytes
+    match a listed checksum, so a crash at any point, or damage after the fact, never resumes wrong bits.
+    """
+    checkpoint, previous = partial_dir / CHECKPOINT, partial_dir / PREVIOUS_CHECKPOINT
+    tmp = _write_synced(partial_dir, CHECKPOINT, lambda out: torch.save(state, out))
+    try:
+        digest = sha256_file(tmp)
+        # by content, not name: after a crash mid-save a listed sum can sit under the other file's name
+        listed = set(read_checkpoint_checksums(partial_dir).values())
+        kept = {}
+        if checkpoint.exists() and (current := sha256_file(checkpoint)) in listed:
+            os.replace(checkpoint, previous)  # its sum stays listed until the new list replaces the old
+            kept = {PREVIOUS_CHECKPOINT: current}
+        elif previous.exists() and (earlier := sha256_file(previous)) in listed:
+            kept = {PREVIOUS_CHECKPOINT: earlier}
+        os.replace(tmp, checkpoint)
+        _fsync_directory(partial_dir)
+        checksums = json.dumps({"sha256": {CHECKPOINT: digest, **kept}, "step": state.get("step")}, sort_keys=True)
+        listing = _write_synced(partial_dir, CHECKPOINT_SHA256, lambda out: out.write(checksums.encode()))
+        os.replace(listing, partial_dir / CHECKPOINT_SHA256)
+        _fsync_directory(partial_dir)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def read_checkpoint_checksums(partial_dir: Path) -> dict[str, str]:
+    """``{file name: sha256}`` of the checkpoints ``CHECKPOINT_SHA256`` vouches for; {} if it is missing or unreadable."""
+    try:
+        listed = json.loads((partial_dir / CHECKPOINT_SHA256).read_text())["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(name): str(digest) for name, digest in listed.items()} if isinstance(listed, dict) else {}
 
 
 def resume_key(settings: dict, tokens_path: str, masks_path: str) -> dict:
@@ -336,25 +388,53 @@ def _discard(partial_dir: Path, why: str) -> None:
     shutil.rmtree(partial_dir)
 
 
+def verified_checkpoint(partial_dir: Path) -> dict | None:
+    """The newest checkpoint in ``partial_dir`` whose bytes match a checksum of ``CHECKPOINT_SHA256`` and
+    that loads; None if there is none. Each one that fails is deleted, with a log line saying why."""
+    listed = set(read_checkpoint_checksums(partial_dir).values())
+    states = []
+    for path in (partial_dir / CHECKPOINT, partial_dir / PREVIOUS_CHECKPOINT):
+        if not path.exists():
+            continue
+        if sha256_file(path) not in listed:
+            why = (f"its sha256 matches no checksum in {CHECKPOINT_SHA256} (damaged after it was written, or "
+                   "cut short before its checksum was)" if listed else
+                   f"{CHECKPOINT_SHA256} is missing or unreadable (no checksum vouches for it)")
+            log.warning("discarding the checkpoint %s: %s", path, why)
+            path.unlink()
+            continue
+        try:
+            state = torch.load(path, weights_only=False)
+        except Exception as error:  # noqa: BLE001  (any unreadable checkpoint: torch raises many kinds)
+            log.warning("discarding the checkpoint %s: it cannot be read (%s: %s)", path, type(error).__name__,
+                        str(error)[:200])
+            path.unlink()
+            continue
+        if not isinstance(state, dict) or "resume_key" not in state:
+            log.warning("discarding the checkpoint %s: it has no resume key (written by an older thimble)", path)
+            path.unlink()
+            continue
+        states.append(state)
+    return max(states, key=lambda state: state["step"], default=None)
+
+
 def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
-    """The checkpoint to resume from, after removing whatever came after it; None to start afresh.
+    """The checkpoint to resume from (the newest that passes its checksum), after removing whatever came
+    after it; None to start afresh (``partial_dir`` removed).
 
     The caller holds the lock on ``partial_dir``.
     """
-    checkpoint = partial_dir / CHECKPOINT
     for stale in partial_dir.glob("*.tmp"):
         stale.unlink()
-    if not checkpoint.exists():
-        if partial_dir.exists():
-            shutil.rmtree(partial_dir)
+    if not partial_dir.exists():
         return None
-    try:
-        state = torch.load(checkpoint, weights_only=False)
-    except Exception as error:  # noqa: BLE001  (any unreadable checkpoint: torch raises many kinds)
-        _discard(partial_dir, f"its checkpoint cannot be read ({type(error).__name__}: {str(error)[:200]})")
-        return None
-    if not isinstance(state, dict) or "resume_key" not in state:
-        _discard(partial_dir, "its checkpoint has no resume key (written by an older thimble)")
+    had_checkpoint = any((partial_dir / name).exists() for name in (CHECKPOINT, PREVIOUS_CHECKPOINT))
+    state = verified_checkpoint(partial_dir)
+    if state is None:
+        if had_checkpoint:
+            _discard(partial_dir, "none of its checkpoints passes its checksum and loads (each is named above)")
+        else:
+            shutil.rmtree(partial_dir)  # killed before its first checkpoint: nothing to resume from
         return None
     changes = key_differences(state["resume_key"], key)
     if changes:
@@ -419,24 +499,89 @@ def batch_problem(n_tokens: int, settings: dict) -> str | None:
 
 
 def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, partial_dir: str,
-          threads: int = 1) -> None:
+          threads: int = 1, determinism_check_steps: int | None = None) -> None:
     """Train one experiment and record its stream into ``output_dir`` (resuming from ``partial_dir``).
 
     ``threads`` compress the recording; the model's math runs on ``training.math_threads``.
+    ``determinism_check_steps`` overrides ``training.determinism_check_steps`` (the workflow passes it
+    beside the settings: ``config.UNTRACKED_SETTINGS``).
     """
     output_dir, partial_dir = Path(output_dir), Path(partial_dir)
+    if determinism_check_steps is None:
+        determinism_check_steps = settings["training"].get("determinism_check_steps")
+    if not isinstance(determinism_check_steps, int) or determinism_check_steps < 0:
+        raise TrainingError(f"training.determinism_check_steps must be an integer >= 0, got "
+                            f"{determinism_check_steps!r}; pass --determinism-check-steps or set it in the settings")
     if output_dir.exists():
         raise TrainingError(f"{output_dir} already exists; remove it to record again")
     with PartialLock(partial_dir) as lock:
         if output_dir.exists():  # a trainer that held the lock before us finished the run
             raise TrainingError(f"{output_dir} already exists; remove it to record again")
-        _train(settings, tokens_path, masks_path, output_dir, partial_dir, threads)
+        _train(without_untracked(settings, "train"), tokens_path, masks_path, output_dir, partial_dir, threads,
+               determinism_check_steps)
         # done: no resume state is left to guard (a trainer that opened the file before this finds the output)
         lock.path.unlink(missing_ok=True)
 
 
+def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, device: torch.device,
+               copies: HostCopies, wait: bool = True) -> StepBits:
+    """One optimizer step in the seed's order; what it records (host copies) and its loss. With ``wait``
+    False, on a GPU, the copies may still be running: the loss is then the ``HostStep`` the recorder waits
+    for in its own thread (``thimble.host_copy``), so that this loop never waits for the device."""
+    wte = model.transformer.wte.weight
+    batch = batches.next()
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    loss = model(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    host = copies.copy({"grad_W": wte.grad})  # before the step, which may change the gradient
+    optimizer.step(step)
+    optimizer.zero_grad()
+    host = copies.copy({"W": wte, **optimizer.device_state(wte)}, into=host, loss=loss)
+    return StepBits(step, host.tensors, host.loss if wait or host.ready else host)
+
+
+def whole_state(model, optimizer: UpdateRule) -> dict:
+    """Copies of every parameter and all the optimizer's state, for the determinism check."""
+    return {"model": {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def first_pass(check: DeterminismCheck, model, optimizer: UpdateRule, batches: BatchStream,
+               device: torch.device, copies: HostCopies) -> None:
+    """Run the check's steps once, keep what they record and the state after them, and put everything back
+    (model, optimizer, data order, torch's generators) as it was, for the recorded run to do them again."""
+    started = time.perf_counter()
+    before = {**whole_state(model, optimizer), "data": batches.state(), "cpu_rng": torch.get_rng_state()}
+    if device.type == "cuda":
+        before["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        before["mps_rng"] = torch.mps.get_rng_state()
+    try:
+        for step in range(check.first_step, check.last_step + 1):
+            check.reference.append(train_step(step, model, optimizer, batches, device, copies))
+    except RuntimeError as error:
+        # torch under use_deterministic_algorithms: an op without a deterministic kernel on this device raises
+        if "determinis" not in str(error):
+            raise
+        raise DeterminismError(f"training is not deterministic on {device}: torch has no deterministic kernel "
+                               f"for an operation of the first step ({str(error).splitlines()[0][:300]}); "
+                               "nothing was recorded. Train on another device (training.device: cpu) or "
+                               "another torch version") from error
+    check.reference_state = whole_state(model, optimizer)
+    model.load_state_dict(before["model"])
+    optimizer.load_state_dict(before["optimizer"])
+    batches.restore(before["data"])
+    torch.set_rng_state(before["cpu_rng"])
+    if "cuda_rng" in before:
+        torch.cuda.set_rng_state_all(before["cuda_rng"])
+    if "mps_rng" in before:
+        torch.mps.set_rng_state(before["mps_rng"])
+    check.seconds = time.perf_counter() - started
+
+
 def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, partial_dir: Path,
-           threads: int) -> None:
+           threads: int, determinism_check_steps: int) -> None:
     model_settings, training, record = settings["model"], settings["training"], settings["record"]
     steps, vocab, hidden = training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"]
     math_threads = training["math_threads"]
@@ -471,6 +616,8 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     loader = DataLoader(dataset, batch_size=training["batch_size"], shuffle=True, generator=generator,
                         num_workers=0)
     model = build_model(model_settings, device)
+    lookup = lookup_backward(device)
+    use_lookup_backward(model, lookup)
     # explicit, so that the recording names the kernels that produced it (the replay rebuilds them)
     optimizer = build_optimizer(model, training, device)
     implementation = optimizer.implementation
@@ -479,52 +626,69 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
 
     resume = load_resume_state(partial_dir, key)
     tensors = recorded_tensors(training["update_rule"], record["dtype"])
+    # on a GPU the loop keeps a core busy launching kernels: the recorder compresses on the others
+    compression_threads = max(1, threads - 1) if device.type == "cuda" else max(1, threads)
     recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"], tensors=tensors,
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
-                              level=record["compression_level"], threads=max(1, threads))
-    log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; %s",
-             math_threads, max(1, threads), determinism)
+                              level=record["compression_level"], threads=compression_threads)
+    log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; lookups' "
+             "backward on the %s; %s", math_threads, compression_threads, lookup, determinism)
+    # held back until the determinism check has passed: (what a step records, its checkpoint's state or None)
+    held: list[tuple[StepBits, dict | None]] = []
     if resume is None:
-        start = 0
-        recorder.record(0, {"W": wte.detach().to("cpu", copy=True), **initial_state(tensors, wte)}, float("nan"))
-        if recorder.is_segment_end(0):
-            recorder.checkpoint(0, lambda s, snap=snapshot(0, model, optimizer, batches, key):
-                                save_checkpoint(partial_dir, snap))
+        start, earlier_checks = 0, []
+        step_zero = StepBits(0, {"W": wte.detach().to("cpu", copy=True), **initial_state(tensors, wte)}, float("nan"))
+        held.append((step_zero, snapshot(0, model, optimizer, batches, key) if recorder.is_segment_end(0) else None))
         log.info("recording %s: steps 0..%d, %d x %d, update rule %s (%s), tensors %s, on %s", settings["name"],
                  steps, vocab, hidden, training["update_rule"], implementation,
                  ", ".join(f"{name} as {dtype}" for name, dtype in tensors.items()), device)
     else:
-        start = resume["step"]
+        start, earlier_checks = resume["step"], resume.get("determinism_checks", [])
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         batches.restore(resume["data"])
         log.info("resuming %s after step %d of %d", settings["name"], start, steps)
 
     model.train()
-    started = time.perf_counter()
-    first_step_seconds = 0.0
-    progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
-                    unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
-                    ascii=not sys.stderr.isatty())
+    copies = HostCopies(device)
+    check = DeterminismCheck(str(device), start + 1, min(determinism_check_steps, steps - start),
+                             determinism_check_steps)
+
+    def session_checks() -> list[dict]:
+        return earlier_checks + [check.result()] if steps > start else earlier_checks
+
+    def commit(bits: StepBits, checkpoint_state: dict | None) -> None:
+        recorder.record(bits.step, bits.tensors, bits.loss)
+        if checkpoint_state is not None:
+            checkpoint_state["determinism_checks"] = session_checks()
+            recorder.checkpoint(bits.step, lambda s, state=checkpoint_state: save_checkpoint(partial_dir, state))
+
     try:
+        if check.steps:  # before the clock starts: the session's step rate stays the recorded run's own
+            first_pass(check, model, optimizer, batches, device, copies)
+        started = time.perf_counter()
+        first_step_seconds = 0.0
+        progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
+                        unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
+                        ascii=not sys.stderr.isatty())
         for step in progress:
-            batch = batches.next()
-            input_ids = batch["input_ids"].to(device)
-            labels = batch["labels"].to(device)
-            loss = model(input_ids=input_ids, labels=labels).loss
-            loss.backward()
-            grad = wte.grad.detach().to("cpu", copy=True)
-            optimizer.step(step)
-            optimizer.zero_grad()
-            loss_value = loss.item()  # once: on a GPU each .item() waits for the device
-            recorder.record(step, {"W": wte.detach().to("cpu", copy=True), "grad_W": grad,
-                                   **optimizer.recorded_state(wte)}, loss_value)
-            if recorder.is_segment_end(step):
-                recorder.checkpoint(step, lambda s, snap=snapshot(step, model, optimizer, batches, key):
-                                    save_checkpoint(partial_dir, snap))
-            progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            bits = train_step(step, model, optimizer, batches, device, copies, wait=check.covers(step))
+            held.append((bits, snapshot(step, model, optimizer, batches, key) if recorder.is_segment_end(step)
+                         else None))
+            if check.covers(step):
+                check.compare_step(bits)
+                if step == check.last_step:
+                    check.compare_state(step, whole_state(model, optimizer))
+            if step >= check.last_step:
+                for held_bits, held_state in held:
+                    commit(held_bits, held_state)
+                held.clear()
+            if isinstance(bits.loss, float):  # on a GPU, only a loss already on the host: reading must not wait
+                progress.set_postfix(loss=f"{bits.loss:.4f}", refresh=False)
             if step == start + 1:
                 first_step_seconds = time.perf_counter() - started  # warm-up: allocations, kernel choice
+        for held_bits, held_state in held:  # a session that trained no step: step 0 alone, or nothing
+            commit(held_bits, held_state)
         recorder.close()
     except BaseException:
         recorder.abort()
@@ -532,25 +696,33 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     elapsed = time.perf_counter() - started
     log.info("trained steps %d..%d in %.1f s (%.2f steps/s)", start + 1, steps, elapsed,
              (steps - start) / elapsed if elapsed > 0 else math.inf)
+    if check.steps:
+        log.info("determinism check on %s: steps %d..%d ran twice and agree bit for bit (%d elements; %.1f s)",
+                 device, check.first_step, check.last_step, check.elements_compared, check.seconds)
+    elif steps > start:
+        log.info("determinism check off (training.determinism_check_steps: 0)")
     if record["dtype"] == "float16":
         total = vocab * hidden * steps
         for name, altered in recorder.float16_altered.items():
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, max(1, threads)), **determinism,
-             "optimizer_impl": implementation, "update_rule": training["update_rule"]}
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, compression_threads), **determinism,
+             "optimizer_impl": implementation, "update_rule": training["update_rule"], "lookup_backward": lookup}
     attrs["resume_key"] = json.dumps(key, sort_keys=True)
+    attrs["determinism_check"] = determinism_attr(session_checks())
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
     attrs["session_first_step_seconds"] = first_step_seconds if steps > start else 0.0
+    attrs["session_determinism_check_seconds"] = check.seconds
     attrs["n_live"] = int(masks["live_mask"].sum())
     attrs["n_dead"] = int(masks["dead_mask"].sum())
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
                    "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
     write_stream_file(partial_dir, (vocab, hidden), steps, record["dtype"], mask_arrays, attrs, tensors)
-    (partial_dir / CHECKPOINT).unlink()
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT_SHA256):
+        (partial_dir / name).unlink(missing_ok=True)
     os.replace(partial_dir, output_dir)
     log.info("recorded stream -> %s", output_dir)
 

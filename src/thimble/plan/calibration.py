@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from thimble.config import without_untracked
 from thimble.errors import PlanError
 from thimble.files import atomic_output
 from thimble.plan import costs
@@ -31,6 +32,10 @@ class Calibration:
     #: predicted step time = measured x scale (1 for the same shape)
     scale: float = 1.0
     note: str = ""
+    #: a CPU probe of another CPU that no local step timing has rescaled yet
+    foreign: bool = False
+    #: the local step timing that rescaled it (``thimble.plan.machine``), if one did
+    local_step_time: dict | None = None
 
     @property
     def shipped(self) -> bool:
@@ -55,7 +60,9 @@ def cost_settings(settings: dict, token_source: str) -> dict:
     threads stay: they set the step rate as well as the trajectory."""
     relevant = {key: copy.deepcopy(settings[key]) for key in ("dataset", "model", "record", "rechunk")}
     relevant["rechunk"].pop("keep_stream", None)
-    relevant["training"] = {k: v for k, v in settings["training"].items() if k not in ("steps", "device")}
+    # less UNTRACKED_SETTINGS too: the determinism check adds a few steps per session, not a per-step cost
+    relevant["training"] = {k: v for k, v in without_untracked(settings, "train")["training"].items()
+                            if k not in ("steps", "device")}
     relevant.update(token_source=token_source, format=CALIBRATION_FORMAT)
     return relevant
 
@@ -151,6 +158,28 @@ def why_not_shipped(settings: dict, token_source: str, device_kind: str) -> str 
     return None
 
 
+def on_this_cpu(calibration: Calibration, workdir: Path, math_threads: int) -> Calibration:
+    """A CPU calibration as this machine's CPU would run it: one measured on another CPU model or kernel
+    capability is rescaled by the local timing of its model (``thimble.plan.machine``), or, until
+    ``thimble plan`` has timed one, kept and marked as foreign."""
+    from thimble.plan import machine
+
+    why = machine.foreign_cpu(calibration.record)
+    if why is None:
+        return calibration
+    timing = machine.load_step_time(workdir, calibration.record, math_threads)
+    note = f"{calibration.note}; " if calibration.note else ""
+    if timing is None:
+        return Calibration(calibration.record, calibration.path, calibration.scale,
+                           f"{note}measured on another CPU ({why}) and not yet timed here: run `thimble plan` "
+                           "on this machine to rescale it", foreign=True)
+    ratio = timing["seconds_per_step"] / calibration.record["seconds_per_step"]
+    return Calibration(calibration.record, calibration.path, calibration.scale * ratio,
+                       f"{note}rescaled {ratio:.3g}x to this CPU ({why}) by {timing['steps_timed']} steps of its "
+                       f"model timed here ({timing['seconds_per_step']:.3g} s/step against "
+                       f"{calibration.record['seconds_per_step']:.3g})", local_step_time=timing)
+
+
 def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Calibration | None:
     """The calibration that times this experiment's steps on ``device_kind``: one of the same step FLOPs
     (its own probe, cached or shipped) if there is one, else the one nearest in FLOPs, scaled by the ratio."""
@@ -162,16 +191,19 @@ def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Ca
     same = [(path, record) for path, record in candidates if math.isclose(record["step_flops"], flops)]
     if same:
         path, record = same[0]
-        return Calibration(record, path)
+        return on_this_cpu(Calibration(record, path), workdir, settings["training"]["math_threads"])
     path, record = min(candidates, key=lambda item: abs(math.log(item[1]["step_flops"] / flops)))
     scale = flops / record["step_flops"]
-    return Calibration(record, path, scale, f"scaled by step FLOPs ({scale:.3g}x) from {record['probed_as']}")
+    return on_this_cpu(Calibration(record, path, scale, f"scaled by step FLOPs ({scale:.3g}x) from "
+                                                        f"{record['probed_as']}"), workdir,
+                       settings["training"]["math_threads"])
 
 
 def training_seconds(settings: dict, device_kind: str, workdir: Path,
                      own: Calibration | None = None) -> tuple[float, Calibration] | None:
     """Predicted training time on ``device_kind``: from the experiment's ``own`` probe when given."""
-    calibration = own or step_time_calibration(settings, device_kind, workdir)
+    calibration = (on_this_cpu(own, workdir, settings["training"]["math_threads"]) if own
+                   else step_time_calibration(settings, device_kind, workdir))
     if calibration is None:
         return None
     return costs.training_seconds(calibration.record, settings["training"]["steps"], calibration.scale), calibration

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 from thimble.sizes import DRIVERS_BLOCK_STEPS, REPLAY_BLOCK_STEPS, chunk_rows, row_bytes, training_footprint
+from thimble.update_rules import ELEMENT_BYTES, recorded_tensors, rule_of
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze", "figures")
@@ -52,6 +53,11 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
     def replay_rows() -> int:
         return min(steps, REPLAY_BLOCK_STEPS)
 
+    def held_planes() -> int:
+        """Byte planes a reader of recording.h5 holds per element of a chunk, over the recorded tensors."""
+        tensors = recorded_tensors(rule_of(settings["training"]), settings["record"]["dtype"])
+        return sum(ELEMENT_BYTES[dtype] - 1 for dtype in tensors.values())
+
     formulas = {
         "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
                              if key.startswith("ram")),
@@ -62,8 +68,10 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         "lattice": chunk,
         # per block of steps (thimble.replay.BLOCK_STEPS): the decoded rows of W, grad and both moments
         # (bf16, one more row than steps), the optimizer's W, m, v (bf16) and the criterion's float32 sums;
-        # and one step's temporaries (the criterion's float32 arithmetic, a listed step's numpy reference)
-        "replay": lambda: row_elements * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40),
+        # and one step's temporaries (the criterion's float32 arithmetic, a listed step's numpy reference);
+        # and per recorded tensor the lower byte planes of the recording.h5 chunk being read
+        "replay": lambda: row_elements * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40)
+        + chunk_rows(settings) * row_elements * held_planes(),
         # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
         # (its low bytes) held while the chunk is decoded
         "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,

@@ -41,14 +41,15 @@ def decay_exponent(steps: np.ndarray, step_bytes: np.ndarray) -> float:
 
 def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ΔW′ bytes per step, compressed in blocks of steps with the writer's zstd level: (mid steps, bytes)."""
-    from thimble.codec import zstd_compressor, zstd_level
+    from thimble.codec import window_log_for, zstd_compressor, zstd_level
     from thimble.record import open_h5, read_steps
 
     with open_h5(path) as handle:
         dataset = handle["delta_w_lattice"]
         level = zstd_level(dataset)
         values = read_steps(dataset)  # checksums verified
-    compressor = zstd_compressor(level)
+    # the lattice stage's window, which reaches the step before
+    compressor = zstd_compressor(level, window_log=window_log_for(int(np.prod(values.shape[1:])) * values.itemsize, level))
     starts = np.arange(1, len(values) - TREND_BLOCK_STEPS + 1, TREND_BLOCK_STEPS)  # row 0 is all zero
     step_bytes = [len(compressor.compress(values[start:start + TREND_BLOCK_STEPS].tobytes())) / TREND_BLOCK_STEPS
                   for start in starts]

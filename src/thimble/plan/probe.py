@@ -93,10 +93,13 @@ def place_tokens(settings: dict, workdir: Path, run_dir: Path) -> None:
     data = run_dir / "results" / "data" / settings["dataset"]
     data.mkdir(parents=True)
     found = dataset_files(settings, workdir)
-    if found:
-        for source in found:
+    tokenizer = workdir / "results" / "data" / settings["dataset"] / "tokenizer.json"
+    if found and tokenizer.exists():
+        for source in (*found, tokenizer):
             (data / source.name).symlink_to(source.resolve())
         return
+    from tokenizers import Tokenizer, models
+
     from thimble.masks import write_masks
 
     model, training = settings["model"], settings["training"]
@@ -104,6 +107,9 @@ def place_tokens(settings: dict, workdir: Path, run_dir: Path) -> None:
     count = training["batch_size"] * (model["max_seq_len"] + 1) * 4
     np.save(data / "tokens.npy", rng.integers(0, model["vocab_size"], count, dtype=np.int64))
     write_masks(str(data / "tokens.npy"), model["vocab_size"], str(data / "live_dead_tokens.safetensors"))
+    # the freeze stage reads the tokenizer for token_freeze.csv's texts: a stand-in of the same vocabulary
+    Tokenizer(models.WordLevel({f"t{token}": token for token in range(model["vocab_size"])}, unk_token="t0")) \
+        .save(str(data / "tokenizer.json"))
 
 
 def last_progress(log_path: Path) -> str:

@@ -80,8 +80,8 @@ def format_plan(plan: dict) -> str:
     if not plan["fits_disk"]:
         lines.append(f"WARNING: the plan needs {human_bytes(plan['bytes_to_write'])} but only "
                      f"{human_bytes(plan['free_bytes'])} are free in {plan['disk']}: free space, plan fewer "
-                     "experiments at a time, or set rechunk.keep_stream: false (each stream is deleted once "
-                     "rechunked and replayed)")
+                     "experiments at a time, or leave rechunk.keep_stream false (each stream is deleted once "
+                     "rechunked)")
     if largest and not plan["fits_memory"]:
         lines.append(f"WARNING: {largest['experiment']}'s {largest['stage']} stage needs about "
                      f"{human_bytes(largest['bytes'])} of RAM, more than this machine's {human_bytes(memory['total'])}: "

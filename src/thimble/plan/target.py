@@ -4,6 +4,7 @@ cost model predicts for them, against this machine's free disk and memory."""
 from __future__ import annotations
 
 import csv
+import logging
 import re
 import shutil
 import subprocess
@@ -12,9 +13,11 @@ from pathlib import Path
 
 from thimble.errors import PlanError
 from thimble.outputs import EXPERIMENT_FILES
-from thimble.plan import costs
+from thimble.plan import costs, machine
 from thimble.plan.calibration import Calibration, training_seconds
 from thimble.plan.probe import ensure_probe
+
+log = logging.getLogger("thimble.plan")
 
 
 def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path) -> list[dict]:
@@ -82,6 +85,10 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
     stages = {file["stage"] for file in files}
     peak = {stage: value for stage, value in costs.peak_ram_bytes(settings, record, n_tokens).items()
             if stage in stages}
+    cpu_timed = training_seconds(settings, "cpu", workdir, own.get("cpu"))
+    if cpu_timed is not None and cpu_timed[1].foreign:
+        # a probe of another CPU is never used as this machine's: time its model here (cached) to rescale it
+        machine.ensure_step_time(workdir, cpu_timed[1].record, settings, log)
     training = {}
     for device_kind in ("cpu", "cuda"):
         timed = training_seconds(settings, device_kind, workdir, own.get(device_kind))
