@@ -68,8 +68,8 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
                     chunk["grad_W"][row], chunk["momentum_W"][row], chunk["variance_W"][row] = bits(g), bits(m), bits(v)
                 chunk["W"][row] = from_ordinal(w).view(np.uint16)
             for name in names:
-                datasets[name].id.write_direct_chunk((start, 0, 0), b"".join(compress_shuffled(chunk[name], 1, threads)),
-                                                     0)
+                frame = b"".join(compress_shuffled(chunk[name], 1, threads))
+                datasets[name].id.write_direct_chunk((start, 0, 0), frame, 0)
             print(f"  steps {start}..{min(start + rows, steps + 1) - 1} written", flush=True)
         create_checked_array(out, "losses", np.linspace(9, 3, steps + 1, dtype=np.float32))
         create_checked_array(out, "dead_mask", np.arange(shape[0]) % 3 == 0)

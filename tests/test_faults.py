@@ -184,6 +184,12 @@ def test_flipped_bytes_in_the_recording_are_an_error(run, tmp_path, capsys, data
         status, err = freeze(run, capsys, tmp_path, recording=recording)
         line = error_line(err, "freeze")
     assert status == 1 and f"recording.h5:/{dataset} steps {steps}" in line
+    # the freeze drivers read every tensor through the same checksummed reader
+    status, err = thimble(capsys, "freeze-drivers", "--recording", recording, "--table", tmp_path / "drivers.csv",
+                          "--summary", tmp_path / "drivers.json")
+    line = error_line(err, "freeze-drivers")
+    assert status == 1 and f"recording.h5:/{dataset} steps {steps}" in line
+    assert not (tmp_path / "drivers.csv").exists() and not (tmp_path / "drivers.json").exists()
 
 
 def freeze(root, capsys, tmp_path, recording=None, delta=None):

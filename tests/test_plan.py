@@ -51,6 +51,13 @@ def test_csv_model_tells_per_step_tables_from_fixed_ones(tmp_path):
     per_token.write_text("token,value\n" + "".join(f"{t},1\n" for t in range(384)))
     assert measure.measure_file(per_token, 10) == {"kind": "constant", "bytes": per_token.stat().st_size,
                                                 "probe_bytes": per_token.stat().st_size}
+    # one row per step and group: the per-step bytes are the three rows'
+    drivers = tmp_path / "freeze_drivers.csv"
+    rows = "".join(f"{t},{group},1\n" for t in range(1, 11) for group in ("dead", "live", "all"))
+    drivers.write_text("step,group,value\n" + rows)
+    model = measure.measure_file(drivers, 10)
+    assert model["kind"] == "per_step" and model["row_offset"] == 0
+    assert costs.predict_size(model, 10, 5) == drivers.stat().st_size
 
 
 def test_step_time_from_another_shape_is_scaled_by_flops(tmp_path):
@@ -118,11 +125,12 @@ def test_plan_predicts_a_real_mini_run_within_20_percent(mini_data, tmp_path, mo
         assert file["bytes"] == pytest.approx(actual, rel=0.2), (file["path"], file["bytes"], actual)
         checked.add(file["relative"])
     assert {"stream", "recording.h5", "delta_w_lattice.h5", "token_displacement.h5", "freeze.csv",
-            "replay.csv", "summary.json"} <= checked
+            "replay.csv", "summary.json", "freeze_drivers.csv"} <= checked
     for stage, bytes_predicted in mini["peak_ram_bytes"].items():
         measured = int((peaks / f"{stage}.peak_rss").read_text())
         assert bytes_predicted == pytest.approx(measured, rel=0.2), (stage, bytes_predicted, measured)
-    assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze", "figures"}
+    assert set(mini["peak_ram_bytes"]) == {"train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze",
+                                           "figures"}
     # every stage after training has a time: fitted to the two probe lengths where they resolve its
     # per-step part, else an upper bound that says it is one
     assert set(mini["stage_seconds"]) == set(costs.AFTER_TRAINING)

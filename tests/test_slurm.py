@@ -74,7 +74,7 @@ def test_every_job_ran_as_a_slurm_job(slurm_run):
     workdir, output = slurm_run
     submitted = dict(re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", output))
     rules = {"corpus", "tokenizer", "encode", "masks", "train", "rechunk", "lattice", "replay",
-             "freeze"}
+             "freeze_drivers", "freeze"}
     assert len(submitted) == len(rules)
     logged_rules = {re.search(r"rule_(\w+)/", path).group(1) for path in submitted.values()}
     assert logged_rules == rules
@@ -91,7 +91,7 @@ def test_slurm_outputs_equal_a_local_run_bit_for_bit(slurm_run, mini_data):
     run_snakemake(mini_data, "--cores", "2", "results/thimble_mini/freeze.csv", "results/thimble_mini/replay.json")
     local, cluster = mini_data / "results/thimble_mini", workdir / "results/thimble_mini"
     for name in ("freeze.csv", "freeze_cycles.csv", "token_freeze.csv", "displacement_classes.csv", "exp_avg_sq.csv",
-                 "summary.json", "replay.csv", "update_ratio.csv"):
+                 "summary.json", "replay.csv", "update_ratio.csv", "freeze_drivers.csv"):
         assert (cluster / name).read_bytes() == (local / name).read_bytes(), name
     assert json.loads((cluster / "replay.json").read_text())["bitwise_match"]
     for name in ("recording.h5", "delta_w_lattice.h5"):

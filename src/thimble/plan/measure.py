@@ -56,6 +56,10 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return starts + (TREND_BLOCK_STEPS - 1) / 2, np.array(step_bytes, dtype=np.float64)
 
 
+#: tables with more than one row per step: freeze_drivers.csv has one per group (dead, live, all)
+ROWS_PER_STEP = {"freeze_drivers.csv": 3}
+
+
 def measure_file(path: Path, probe_steps: int) -> dict:
     """How a probe output grows with steps: per-step arrays and rows, and a fixed rest."""
     if path.is_dir():  # the stream: segment files of per-step arrays, and stream.h5
@@ -78,10 +82,11 @@ def measure_file(path: Path, probe_steps: int) -> dict:
         with open(path, newline="") as handle:
             lines = handle.read().splitlines()
         rows = len(lines) - 1
-        if rows in (probe_steps, probe_steps + 1):  # one row per step (t = 1..T or 0..T)
+        per_step = ROWS_PER_STEP.get(path.name, 1)
+        if rows in (probe_steps * per_step, (probe_steps + 1) * per_step):  # rows for each t = 1..T or 0..T
             header = len(lines[0].encode()) + 1
-            return {"kind": "per_step", "fixed": header, "per_row": (size - header) / rows,
-                    "row_offset": rows - probe_steps, "probe_bytes": size}
+            return {"kind": "per_step", "fixed": header, "per_row": (size - header) / (rows // per_step),
+                    "row_offset": rows // per_step - probe_steps, "probe_bytes": size}
         return {"kind": "constant", "bytes": size, "probe_bytes": size}
     if path.suffix in (".json", ".html"):  # the probe keeps the run's windows: the same shape
         return {"kind": "constant", "bytes": size, "probe_bytes": size}

@@ -52,7 +52,7 @@ def format_plan(plan: dict) -> str:
                 timed = entry["stage_seconds"].get(stage)
                 when = "not measured" if timed is None else human_seconds(timed["seconds"]) + \
                     (" (at most: the probe's steps are too few to time it per step)" if timed["upper_bound"] else "") + \
-                    (f" (as {timed['stand_in']}'s: the probe predates this stage)" if timed and "stand_in" in timed else "")
+                    (f" (as {timed['stand_in']}'s: the probe predates this stage)" if "stand_in" in timed else "")
             runtime = entry["runtime_min"].get(stage, "-")
             lines.append(f"  {stage:<8} {human_bytes(entry['peak_ram_bytes'][stage]):>10} "
                          f"{entry['mem_mb'][stage]:>12}   {runtime:>17}   {when}")
