@@ -31,7 +31,8 @@ from thimble.train import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, tr
 EXPERIMENT = "tiny"
 TINY = {"model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
         "training": {"steps": 40, "batch_size": 4, "device": "cpu"},
-        "record": {"segment_steps": 10}, "rechunk": {"steps_per_chunk": 16},
+        # the faults are injected into the stream too: keep it (the default deletes it after rechunk)
+        "record": {"segment_steps": 10}, "rechunk": {"steps_per_chunk": 16, "keep_stream": True},
         "analysis": {"trend_window_steps": 5}}
 
 
