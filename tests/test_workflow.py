@@ -18,9 +18,14 @@ from thimble.record import open_stream
 
 
 def planned_jobs(output: str) -> dict[str, int]:
-    """The 'Job stats' table of a dry run, as {rule: count}."""
+    """The 'Job stats' table of a dry run, as {stage: count}: a stage's variants counted as the stage
+    (``train_temporary_stream``, the train rule of the experiments whose stream is deleted, as ``train``)."""
     table = output.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+    jobs: dict[str, int] = {}
+    for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M):
+        stage = "train" if m.group(1) == "train_temporary_stream" else m.group(1)
+        jobs[stage] = jobs.get(stage, 0) + int(m.group(2))
+    return jobs
 
 
 def test_data_targets_of_every_dataset_plan(workdir):
