@@ -600,8 +600,9 @@ def planned(output: str) -> set[str]:
 @pytest.mark.parametrize("edit, expected", [
     (lambda exp: exp.update(description="a new description"), set()),
     (lambda exp: exp.setdefault("analysis", {}).update(solid_max=4), {"freeze"}),
-    (lambda exp: exp.setdefault("rechunk", {}).update(steps_per_chunk=30), {"rechunk", "lattice", "freeze"}),
-    (lambda exp: exp["training"].update(learning_rate=2e-3), {"train", "rechunk", "lattice", "freeze"}),
+    (lambda exp: exp.setdefault("rechunk", {}).update(steps_per_chunk=30),
+     {"rechunk", "freeze_drivers", "lattice", "freeze"}),
+    (lambda exp: exp["training"].update(learning_rate=2e-3), {"train", "rechunk", "freeze_drivers", "lattice", "freeze"}),
 ])
 def test_a_config_edit_plans_only_the_stages_that_read_it(mini_by_cores, edit, expected):
     workdir = mini_by_cores["2"]
