@@ -124,7 +124,7 @@ def test_a_missing_segment_is_an_error_at_every_stage(run, tmp_path, capsys):
     line = error_line(err, "rechunk")
     assert status == 1 and "segment_000010-000019.h5" in line and "steps 10..19" in line
     assert "W: verified" not in err and not (tmp_path / "recording.h5").exists()
-    status, err = thimble(capsys, "replay", "--stream", stream, "--table", tmp_path / "r.csv", "--summary",
+    status, err = thimble(capsys, "replay", "--recording", stream, "--table", tmp_path / "r.csv", "--summary",
                           tmp_path / "r.json", "--ratio-table", tmp_path / "ratio.csv")
     assert status == 1 and "segment_000010-000019.h5" in error_line(err, "replay")
 
@@ -161,7 +161,7 @@ def test_flipped_bytes_in_a_stream_segment_are_an_error_naming_file_dataset_and_
     assert status == 1 and "segment_000010-000019.h5:/W steps 13..13" in line and "damaged" in line
     assert not (tmp_path / "recording.h5").exists()
     # the replay decodes the segments' frames itself and verifies the same checksum
-    status, err = thimble(capsys, "replay", "--stream", stream, "--table", tmp_path / "r.csv", "--summary",
+    status, err = thimble(capsys, "replay", "--recording", stream, "--table", tmp_path / "r.csv", "--summary",
                           tmp_path / "r.json", "--ratio-table", tmp_path / "ratio.csv")
     line = error_line(err, "replay")
     assert status == 1 and "segment_000010-000019.h5" in line and "steps 13..13" in line
@@ -240,7 +240,7 @@ def test_flipped_bytes_in_the_token_displacement_are_an_error(run, tmp_path, cap
     status, err = thimble(capsys, "figures", "--freeze", results / "freeze.csv", "--summary", results / "summary.json",
                           "--token-steps", token_steps, "--exp-avg-sq", results / "exp_avg_sq.csv", "--ratio",
                           results / "update_ratio.csv", "--lattice-positions", results / "lattice_positions.csv",
-                          "--outdir", tmp_path)
+                          "--drivers", results / "freeze_drivers.csv", "--outdir", tmp_path)
     assert status == 1 and str(token_steps) in error_line(err, "figures")
 
 
