@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -152,3 +153,19 @@ def write_recording(path, tensors: dict, dead_mask, attrs: dict | None = None, r
                           "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "weight_decay": 0.0,
                           **(attrs or {})})
     return path
+
+
+@contextlib.contextmanager
+def lock_held(lock: Path):
+    """Another process holding ``lock`` as a trainer does (flock, its PID inside), killed on leaving."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"handle = open({str(lock)!r}, 'a+'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
+        "handle.write(f'{os.getpid()}\\n'); handle.flush(); print('locked', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

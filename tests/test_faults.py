@@ -10,9 +10,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 
 import h5py
 import hdf5plugin  # noqa: F401  (the zstd filter)
@@ -21,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, run_snakemake
+from conftest import REPO, lock_held, run_snakemake
 from thimble import cli
 from thimble.config import load_config
 from thimble.errors import DataError
@@ -410,21 +407,12 @@ def test_a_second_trainer_on_a_locked_partial_is_refused(run, tmp_path, capsys):
     out = tmp_path / "stream"
     lock = tmp_path / "stream.partial.lock"
     tokens, masks = data_paths(run)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"handle = open({str(lock)!r}, 'a+'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
-        "handle.write(str(os.getpid())); handle.flush(); print('locked', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held(lock) as holder:
         status, err = thimble(capsys, "train", "--settings", json.dumps(settings(run)), "--tokens", tokens,
                               "--masks", masks, "--output", out, "--partial", str(out) + ".partial")
         line = error_line(err, "train")
         assert status == 1 and f"PID {holder.pid}" in line and "stream.partial" in line
         assert not (tmp_path / "stream.partial").exists() and not out.exists()
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
     # the kernel drops a dead holder's lock: the next trainer runs
     status, _ = thimble(capsys, "train", "--settings", json.dumps(settings(run)), "--tokens", tokens,
                         "--masks", masks, "--output", out, "--partial", str(out) + ".partial")

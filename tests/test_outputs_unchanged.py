@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from conftest import REPO, mini_series_config, run_snakemake
+from thimble.provenance import plain
 
 HASHES = REPO / "tests/data/thimble_mini_outputs.json"
 EXPERIMENTS = ("thimble_mini", "thimble_mini_f16")
@@ -43,22 +44,12 @@ def environment() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def attr_value(value):
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
 def hdf5_digest(path: Path) -> dict[str, str]:
     """Per dataset: sha256 of its decoded values, dtype, shape, chunks, filters and attributes."""
     digests = {}
     with h5py.File(path, "r") as handle:
         digests["/"] = hashlib.sha256(json.dumps(
-            {key: attr_value(value) for key, value in sorted(handle.attrs.items()) if key not in UNHASHED_ATTRS},
+            {key: plain(value) for key, value in sorted(handle.attrs.items()) if key not in UNHASHED_ATTRS},
             sort_keys=True, default=str).encode()).hexdigest()
         for name, dataset in handle.items():
             plist = dataset.id.get_create_plist()
@@ -66,7 +57,7 @@ def hdf5_digest(path: Path) -> dict[str, str]:
             digest = hashlib.sha256(json.dumps({
                 "dtype": str(dataset.dtype), "size": dataset.id.get_type().get_size(), "shape": dataset.shape,
                 "chunks": dataset.chunks, "filters": filters,
-                "attrs": {key: attr_value(value) for key, value in sorted(dataset.attrs.items())
+                "attrs": {key: plain(value) for key, value in sorted(dataset.attrs.items())
                           if key not in UNHASHED_ATTRS}}, sort_keys=True, default=str).encode())
             digest.update(np.ascontiguousarray(dataset[...]).tobytes())
             digests[name] = digest.hexdigest()

@@ -6,13 +6,11 @@ import copy
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import REPO, offline_config, run_snakemake
+from conftest import REPO, lock_held, offline_config, run_snakemake
 from thimble.config import STAGE_SETTINGS
 
 EXPERIMENT = "thimble_mini"
@@ -196,21 +194,16 @@ def test_a_second_snakemake_beside_a_running_trainer_leaves_its_log_alone(finish
     log = finished / f"logs/{EXPERIMENT}/train.log"
     lock = finished / f"results/{EXPERIMENT}/.partial.lock"
     kept = log.read_bytes()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"handle = open({str(lock)!r}, 'a+'); fcntl.flock(handle, fcntl.LOCK_EX)\n"
-        "handle.write(f'{os.getpid()}\\n'); handle.flush(); print('locked', flush=True); time.sleep(120)")],
-        stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
-        message = f"another trainer (PID {holder.pid}) is training {EXPERIMENT}"
-        result = run_snakemake(finished, "-n", "--forcerun", "train", *TARGETS, check=False)
-        assert result.returncode != 0 and message in result.stdout + result.stderr
-        result = run_snakemake(finished, "--nolock", "--cores", "1", "--forcerun", "train", *TARGETS, check=False)
-        assert result.returncode != 0 and message in result.stdout + result.stderr
-        assert log.read_bytes() == kept
-        assert (finished / f"results/{EXPERIMENT}/stream/stream.h5").exists()
+        with lock_held(lock) as holder:
+            message = f"another trainer (PID {holder.pid}) is training {EXPERIMENT}"
+            result = run_snakemake(finished, "-n", "--forcerun", "train", *TARGETS, check=False)
+            assert result.returncode != 0 and message in result.stdout + result.stderr
+            result = run_snakemake(finished, "--nolock", "--cores", "1", "--forcerun", "train", *TARGETS,
+                                   check=False)
+            assert result.returncode != 0 and message in result.stdout + result.stderr
+            assert log.read_bytes() == kept
+            assert (finished / f"results/{EXPERIMENT}/stream/stream.h5").exists()
     finally:
-        holder.kill()
-        holder.wait()
         lock.unlink(missing_ok=True)
+

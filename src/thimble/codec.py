@@ -463,3 +463,39 @@ def unshuffled_row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tu
                                  dtype=dataset.dtype)
                 chunk.read_exactly(block)
                 yield first, block
+
+
+class RowsInOrder:
+    """Rows of a chunked dataset served from its ``(first row, block)`` iterator (``row_blocks``,
+    ``unshuffled_row_blocks``, ``record.recorded_blocks``), asked for in order: a window may start inside the
+    one before, never before it. Each chunk is decoded once; ``finish`` reads on to the end, where zstd checks
+    the last frame's checksum, which the last window may stop short of."""
+
+    def __init__(self, blocks: Iterator[tuple[int, np.ndarray]], n_rows: int, where: str):
+        self._blocks, self.n_rows, self.where = blocks, n_rows, where
+        self._first, self._rows = 0, None
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop), a view of the rows held."""
+        first, rows = self._first, self._rows
+        if rows is not None and start < first:
+            raise ValueError(f"{self.where}: rows {start}.. asked for after rows {first}.. (read in order)")
+        while rows is None or first + len(rows) < stop:
+            try:
+                block_first, block = next(self._blocks)
+            except StopIteration:
+                raise DataError(f"{self.where} ends before row {stop - 1}") from None
+            first, rows = (block_first, block) if rows is None else (first, np.concatenate([rows, block]))
+            if start > first:  # rows before the window are not asked for again
+                drop = min(start - first, len(rows))
+                first, rows = first + drop, rows[drop:]
+        self._first, self._rows = first, rows
+        return rows[start - first: stop - first]
+
+    def finish(self) -> None:
+        """Read to the end (every frame's checksum verified); rows missing are an error."""
+        end = self._first + (0 if self._rows is None else len(self._rows))
+        for block_first, block in self._blocks:
+            end = block_first + len(block)
+        if end != self.n_rows:
+            raise DataError(f"{self.where} holds rows up to {end - 1}, expected {self.n_rows - 1}")

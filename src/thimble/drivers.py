@@ -40,7 +40,7 @@ import numpy as np
 from thimble.bf16 import BFLOAT16
 from thimble.errors import DataError
 from thimble.freeze import GROUPS, group_masks
-from thimble.replay_kernel import _compiled, _float32_from_bits
+from thimble.replay_kernel import _compiled
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import rule_of
 

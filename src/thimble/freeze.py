@@ -468,7 +468,7 @@ class DeltaRows:
     type ΔW′ is computed in), each chunk decoded as it is read and its checksum verified."""
 
     def __init__(self, handle, path: str, recording, block_rows: int):
-        from thimble.codec import unshuffled_row_blocks
+        from thimble.codec import RowsInOrder, unshuffled_row_blocks
         from thimble.errors import DataError
 
         dataset = handle["delta_w_lattice"]
@@ -479,23 +479,16 @@ class DeltaRows:
         if made_from is not None and current is not None and made_from != current:
             raise DataError(f"{path} was computed from another recording than {recording.filename} (their settings "
                             "or inputs differ); rerun the lattice stage")
-        self.path, self.blocks = path, unshuffled_row_blocks(dataset, block_rows)
-        self.rows, self.first = np.empty((0, *dataset.shape[1:]), np.int32), 0
+        self._rows = RowsInOrder(unshuffled_row_blocks(dataset, block_rows), dataset.shape[0],
+                                 f"{path}:/delta_w_lattice")
 
     def take(self, step: int, count: int) -> np.ndarray:
-        """Rows step..step+count-1 (requested in order, each once)."""
-        assert step == self.first, (step, self.first)
-        while len(self.rows) < count:
-            _, block = next(self.blocks)
-            self.rows = np.concatenate([self.rows, block.astype(np.int32)])
-        taken, self.rows = self.rows[:count], self.rows[count:]
-        self.first += count
-        return taken
+        """Rows step..step+count-1 (requested in order)."""
+        return self._rows.read(step, step + count).astype(np.int32)
 
     def finish(self) -> None:
         """Read to the end, so that the last chunk's checksum is verified too."""
-        for _ in self.blocks:
-            pass
+        self._rows.finish()
 
 
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:

@@ -200,7 +200,7 @@ class RecordedRows:
         """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
         the checksums (a stream's chunks are checked as they are read)."""
         if self._rows is not None:
-            self._rows.finish(self.shape[0])
+            self._rows.finish()
 
     def close(self) -> None:
         self._handle.close()
@@ -225,7 +225,7 @@ def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: 
             block_steps: int) -> dict:
     from thimble.record import TENSORS
 
-    attrs, shape, tensors = source.attrs, source.shape, source.tensors
+    attrs, shape = source.attrs, source.shape
     rule = rule_of(attrs)
     if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
         raise DataError(f"{source.path} was recorded under training.update_rule {rule!r}, which this version of "

@@ -31,14 +31,7 @@ def step_range(index, n_steps: int) -> tuple[int, int, int] | int:
     """An index over steps 0..n_steps-1 as one step (int) or (start, stop, stride) (slice)."""
     if isinstance(index, slice):
         return index.indices(n_steps)
-    try:
-        step = operator.index(index)
-    except TypeError:
-        raise TypeError(f"steps are indexed by an int or a slice, a list of ints or a boolean mask, "
-                        f"not {type(index).__name__}") from None
-    if not -n_steps <= step < n_steps:
-        raise IndexError(f"step {step} is out of range: the run has steps 0..{n_steps - 1}")
-    return step % n_steps
+    return _one_position(index, n_steps, "step")
 
 
 def axis_selection(index, length: int, axis: str, keep_slice: bool = False) -> tuple[np.ndarray | slice, bool]:
@@ -51,8 +44,7 @@ def axis_selection(index, length: int, axis: str, keep_slice: bool = False) -> t
     if isinstance(index, slice):
         return (index if keep_slice else np.arange(*index.indices(length))), False
     if not isinstance(index, (list, tuple, np.ndarray)) and not hasattr(index, "__array__"):
-        position = step_range(index, length) if axis == "step" else _one_position(index, length, axis)
-        return np.array([position], dtype=np.int64), True
+        return np.array([_one_position(index, length, axis)], dtype=np.int64), True
     values = np.asarray(index)
     if values.ndim == 0:
         return axis_selection(values.item(), length, axis, keep_slice)
@@ -75,7 +67,7 @@ def _one_position(index, length: int, axis: str) -> int:
     try:
         position = operator.index(index)
     except TypeError:
-        raise TypeError(f"{axis}s are indexed by an int, a slice, a list of ints or a boolean mask, "
+        raise TypeError(f"{axis}s are indexed by an int or a slice, a list of ints or a boolean mask, "
                         f"not {type(index).__name__}") from None
     if not -length <= position < length:
         raise IndexError(f"{axis} {position} is out of range: the run has {axis}s 0..{length - 1}")

@@ -57,6 +57,7 @@ from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, d
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
 from thimble.host_copy import HostCopies
+from thimble.plan.machine import this_cpu
 from thimble.record import StreamRecorder, list_segments, write_stream_file
 from thimble.sizes import training_footprint
 from thimble.update_rules import recorded_tensors
@@ -214,17 +215,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what the platform module knows."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def provenance(device: torch.device, math_threads: int, compression_threads: int) -> dict:
     import h5py
     import transformers
@@ -240,7 +230,7 @@ def provenance(device: torch.device, math_threads: int, compression_threads: int
         "hdf5_version": h5py.version.hdf5_version,
         "python_version": platform.python_version(),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else this_cpu()["device_name"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": math_threads,  # training.math_threads: torch's intra-op threads
         "compression_threads": compression_threads,
