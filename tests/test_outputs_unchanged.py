@@ -37,7 +37,10 @@ BYTE_FILES = ("freeze.csv", "freeze_cycles.csv", "token_freeze.csv", "displaceme
               "replay.json", "freeze_drivers.csv")
 #: attributes that name where a file was made, or how long it took, not what it holds
 UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session_training_seconds",
-                  "session_determinism_check_seconds"}
+                  "session_determinism_check_seconds",
+                  # the library versions beside torch (the environment check pins torch): CI installs the
+                  # newest releases, not constraints.txt's, and a version names the install, not the values
+                  "transformers_version", "numpy_version", "h5py_version", "hdf5_version", "python_version"}
 
 
 def environment() -> dict:

@@ -57,7 +57,7 @@ from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, d
 from thimble.errors import ThimbleError
 from thimble.files import sha256_file
 from thimble.host_copy import HostCopies
-from thimble.plan.machine import this_cpu
+from thimble.cpu import this_cpu
 from thimble.record import StreamRecorder, list_segments, write_stream_file
 from thimble.sizes import training_footprint
 from thimble.update_rules import recorded_tensors

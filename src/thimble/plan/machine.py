@@ -6,64 +6,24 @@ measured on another CPU model or kernel capability is therefore rescaled by a *l
 steps of the experiment's own model and optimizer on random tokens, timed here by ``thimble plan`` and
 cached in ``results/calibration/`` beside the probes, keyed by the probe and this CPU.
 
-``this_cpu`` reads /proc/cpuinfo, not torch, so that the rules' resources (computed while Snakemake
+``thimble.cpu.this_cpu`` reads /proc/cpuinfo, not torch, so that the rules' resources (computed while Snakemake
 builds the DAG) can tell a foreign probe without importing torch; ``time_model_steps`` imports torch and
 runs only in ``thimble plan``.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
+from thimble.cpu import this_cpu
 from thimble.files import atomic_output
 
 #: steps timed after one warm-up step (allocations, kernel choice); their median is the step time
 TIMED_STEPS = 2
 STEP_TIME_FORMAT = 1
-
-
-@functools.cache
-def _cpuinfo() -> tuple[str, frozenset[str]]:
-    name, flags = "", frozenset()
-    try:
-        for line in open("/proc/cpuinfo"):
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "model name" and not name:
-                name = value.strip()
-            elif key in ("flags", "Features") and not flags:
-                flags = frozenset(value.split())
-    except OSError:
-        pass
-    return name or platform.processor() or platform.machine(), flags
-
-
-def cpu_capability_of(flags: frozenset[str]) -> str:
-    """The kernel set torch's CPU dispatch picks for these /proc/cpuinfo flags, as
-    ``torch.backends.cpu.get_cpu_capability()`` names it (ATEN_CPU_CAPABILITY can only lower it)."""
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        found = "AVX512"
-    elif {"avx2", "fma"} <= flags:
-        found = "AVX2"
-    else:
-        found = "DEFAULT"
-    forced = os.environ.get("ATEN_CPU_CAPABILITY", "").upper()
-    order = ["DEFAULT", "AVX2", "AVX512"]
-    if forced in order and order.index(forced) < order.index(found):
-        return forced
-    return found
-
-
-def this_cpu() -> dict[str, str]:
-    """This machine's CPU as a probe records it: its model name and torch's kernel capability."""
-    name, flags = _cpuinfo()
-    return {"device_name": name, "cpu_capability": cpu_capability_of(flags)}
 
 
 def probe_cpu(record: dict) -> dict[str, str]:
