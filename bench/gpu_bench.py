@@ -102,7 +102,7 @@ def training_rate_without_recording(settings: dict, tokens: Path, steps: int) ->
     """Steps/s of the same model and optimizer with no recording (the seed's loop, nothing copied)."""
     import torch
 
-    from thimble.train import build_model, build_optimizer, select_device
+    from thimble.model import build_model, build_optimizer, select_device
 
     device = select_device(settings["training"]["device"])
     torch.manual_seed(settings["training"]["seed"])

@@ -39,7 +39,7 @@ from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
 from thimble.codec import unshuffle_into
 from thimble.record import TENSORS, StreamRecorder, list_segments
-from thimble.train import build_model, build_optimizer, select_device
+from thimble.model import build_model, build_optimizer, select_device
 
 
 class Trainer:

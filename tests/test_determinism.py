@@ -17,7 +17,8 @@ from thimble import open_run
 from thimble.config import resolve_config, stage_settings, trajectory_settings
 from thimble.determinism import DeterminismError, LookupBackwardOnCpu, differences, use_lookup_backward
 from thimble.record import list_segments, open_stream, read_steps, stream_tensors
-from thimble.train import CHECKPOINT, CHECKPOINT_SHA256, build_model
+from thimble.model import build_model
+from thimble.train import CHECKPOINT, CHECKPOINT_SHA256
 
 from conftest import run_train, tiny_settings  # the fixtures data and recorded live there too
 

@@ -231,7 +231,7 @@ def test_resume_state_of_other_settings_is_discarded(data, tmp_path):
 
 def test_parameter_count_is_the_trained_models():
     from thimble.sizes import n_parameters
-    from thimble.train import build_model
+    from thimble.model import build_model
 
     for model in ({"vocab_size": 384, "hidden_dim": 16, "max_seq_len": 32, "n_layers": 2, "n_heads": 2,
                    "init_scale": 0.02},

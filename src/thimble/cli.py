@@ -60,6 +60,13 @@ def _masks(args) -> None:
 
 
 def _train(args) -> None:
+    # Large arrays (the logits and their gradient, hundreds of MB a step at thimble_7's shape) on transparent
+    # huge pages: a fresh one then costs 1/512 of the page faults. torch reads this once, at its first
+    # allocation, so it is set before torch is imported; it changes where arrays live, never a bit of them
+    # (bench/step_bench.py compares both ways).
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from thimble.train import train
 
     train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads,

@@ -45,18 +45,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from thimble.adamw import UpdateRule, build_update_rule
+from thimble.adamw import UpdateRule
 from thimble.config import settings_hash, trajectory_settings, without_untracked
 from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, determinism_attr,
                                  lookup_backward, use_lookup_backward)
-from thimble.errors import ThimbleError
 from thimble.files import sha256_file
 from thimble.host_copy import HostCopies
+from thimble.model import (CUBLAS_WORKSPACE_CONFIG, TrainingError, build_model, build_optimizer,  # noqa: F401
+                           deterministic_math, loss_path, select_device)
 from thimble.cpu import this_cpu
 from thimble.record import StreamRecorder, list_segments, write_stream_file
 from thimble.sizes import training_footprint
@@ -70,14 +70,6 @@ CHECKPOINT = "checkpoint.pt"
 PREVIOUS_CHECKPOINT = "checkpoint.previous.pt"
 #: the sha256 of each checkpoint, written once the checkpoint is durable, verified before it is loaded
 CHECKPOINT_SHA256 = "checkpoint.sha256"
-#: cuBLAS's setting for deterministic GEMMs; read when CUDA creates its cuBLAS handle
-CUBLAS_WORKSPACE_CONFIG = ":4096:8"
-
-
-class TrainingError(ThimbleError):
-    """Training cannot start or go on; the message says why and what to do."""
-
-
 class TokenWindows(Dataset):
     """Every window of ``seq_len + 1`` tokens (the seed's TokenDataset)."""
 
@@ -127,83 +119,6 @@ class BatchStream:
         for _ in range(state["consumed"]):
             next(self.iterator)
         self.consumed = state["consumed"]
-
-
-def deterministic_math(device: torch.device) -> dict:
-    """Switch torch to deterministic algorithms on CUDA and MPS; return what was set (provenance).
-
-    CPU kernels are deterministic at a fixed thread count, and are left as the seed ran them.
-    ``CUBLAS_WORKSPACE_CONFIG`` must be set before CUDA creates its cuBLAS handle: ``train``
-    sets it before choosing the device.
-    """
-    deterministic = device.type in ("cuda", "mps")
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-            "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
-
-
-def select_device(setting: str) -> torch.device:
-    if setting == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("training.device is 'cuda' but torch sees no CUDA device; set it to auto or cpu")
-    if setting == "mps" and not torch.backends.mps.is_available():
-        raise TrainingError("training.device is 'mps' but MPS is not available; set it to auto or cpu")
-    return torch.device(setting)
-
-
-def build_model(model_settings: dict, device: torch.device):
-    """GPT2LMHeadModel as in the seed: dropout 0, tied embeddings, wte ~ N(0, init_scale), all bf16.
-
-    Draws from torch's global generator (seeded by the caller), like the seed.
-    """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(
-        vocab_size=model_settings["vocab_size"],
-        n_positions=model_settings["max_seq_len"],
-        n_embd=model_settings["hidden_dim"],
-        n_layer=model_settings["n_layers"],
-        n_head=model_settings["n_heads"],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        # GPT-2's own vocabulary ends with <|endoftext|> = 50256; ours is a byte-level BPE with no special
-        # tokens. Only generation reads these ids, never the forward pass or the loss.
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    model = GPT2LMHeadModel(config)
-    # the loss GPT2LMHeadModel falls back to anyway (transformers finds no loss in the class name and warns)
-    model.loss_type = "ForCausalLM"
-    with torch.no_grad():
-        nn.init.normal_(model.transformer.wte.weight, mean=0.0, std=model_settings["init_scale"])
-    return model.to(torch.bfloat16).to(device)
-
-
-def build_optimizer(model, training: dict, device: torch.device) -> UpdateRule:
-    """The optimizer of ``training.update_rule`` over the model's parameters, the embedding first.
-
-    The recorded parameter must come first: under stochastic rounding it draws the step's
-    random bits first, which is what lets the replay draw them again.
-    """
-    hyper = {"lr": training["learning_rate"], "betas": (training["adam_beta1"], training["adam_beta2"]),
-             "eps": training["adam_epsilon"], "weight_decay": training["weight_decay"]}
-    params = list(model.parameters())
-    if params[0] is not model.transformer.wte.weight:
-        raise TrainingError("the token embedding is not the model's first parameter; the recording needs it first")
-    return build_update_rule(training["update_rule"], params, hyper, training["optimizer_impl"], device,
-                             training["seed"])
 
 
 def git_commit() -> str:
@@ -698,7 +613,8 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
     attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, compression_threads), **determinism,
-             "optimizer_impl": implementation, "update_rule": training["update_rule"], "lookup_backward": lookup}
+             "optimizer_impl": implementation, "update_rule": training["update_rule"], "lookup_backward": lookup,
+             "loss_path": loss_path(device)}
     attrs["resume_key"] = json.dumps(key, sort_keys=True)
     attrs["determinism_check"] = determinism_attr(session_checks())
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times

@@ -66,7 +66,7 @@ def time_model_steps(settings: dict, steps: int = TIMED_STEPS) -> dict:
 
     import torch
 
-    from thimble.train import build_model, build_optimizer
+    from thimble.model import build_model, build_optimizer
 
     model_settings, training = settings["model"], settings["training"]
     previous_threads = torch.get_num_threads()

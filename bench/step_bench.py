@@ -1,0 +1,159 @@
+"""A training step of an experiment's shape, the seed notebook's loop against thimble's, side by side.
+
+Each side runs in a fresh process (so that its allocator settings are its own) on the same random tokens
+from the same seed, for ``--steps`` steps on ``--threads`` math threads:
+
+- ``seed``: the Thimble 6 notebook's loop as written there: transformers' ``ForCausalLMLoss`` over the
+  float32 logits, ``torch.optim.AdamW``, torch's default allocator;
+- ``thimble``: what ``thimble train`` runs on this device (``thimble.model``: the row-block loss on the
+  CPU, the configured update rule; transparent huge pages for large arrays, as the CLI sets them).
+
+Both record, at every step, the sha256 of W, grad_W, exp_avg, exp_avg_sq and the loss's bits; the bench
+fails unless every one agrees. It prints per-side seconds per step (median of the steps after the first,
+the warm-up) and their ratio, and the top operators of one step's profile.
+
+    python bench/step_bench.py --experiment thimble_7 --steps 5 --threads 1 2 --json step_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from thimble.cpu import this_cpu  # noqa: E402  (torch-free)
+
+SIDES = ("seed", "thimble")
+
+
+def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: int) -> dict:
+    """Train ``steps`` steps in this process; the per-step digests, step seconds and a profile."""
+    import time
+
+    import torch
+
+    from thimble.config import load_config
+    from thimble.model import build_model, build_optimizer, loss_path, use_loss_path
+
+    torch.set_num_threads(threads)
+    settings = load_config(str(REPO / "config.yaml"))["experiments"][experiment]
+    model_settings, training = settings["model"], settings["training"]
+    device = torch.device("cpu")
+    torch.manual_seed(training["seed"])
+    model = build_model(model_settings, device)
+    if side == "seed":
+        use_loss_path(model, "transformers")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=training["learning_rate"],
+                                      betas=(training["adam_beta1"], training["adam_beta2"]),
+                                      eps=training["adam_epsilon"], weight_decay=training["weight_decay"])
+        state = lambda wte: optimizer.state[wte]  # noqa: E731
+        step_optimizer = lambda step: optimizer.step()  # noqa: E731
+    else:
+        optimizer = build_optimizer(model, training, device)
+        state = lambda wte: {"exp_avg": optimizer.device_state(wte)["momentum_W"],  # noqa: E731
+                             "exp_avg_sq": optimizer.device_state(wte)["variance_W"]}
+        step_optimizer = optimizer.step
+    wte = model.transformer.wte.weight
+    generator = torch.Generator().manual_seed(training["seed"])
+    shape = (training["batch_size"], model_settings["max_seq_len"] + 1)
+    digests, seconds = [], []
+
+    def digest(tensor: torch.Tensor) -> str:
+        return hashlib.sha256(tensor.detach().contiguous().view(torch.int16).numpy().tobytes()).hexdigest()
+
+    def one_step(step: int) -> None:
+        window = torch.randint(model_settings["vocab_size"], shape, generator=generator)
+        started = time.perf_counter()
+        loss = model(input_ids=window[:, :-1], labels=window[:, 1:]).loss
+        loss.backward()
+        grad = wte.grad.detach().clone()
+        step_optimizer(step)
+        optimizer.zero_grad()
+        loss_bits = loss.detach().view(torch.int32).item()
+        seconds.append(time.perf_counter() - started)
+        moments = state(wte)
+        digests.append({"loss_bits": loss_bits, "W": digest(wte), "grad_W": digest(grad),
+                        "exp_avg": digest(moments["exp_avg"]), "exp_avg_sq": digest(moments["exp_avg_sq"])})
+
+    model.train()
+    for step in range(1, steps + 1):
+        one_step(step)
+    profile = []
+    if profile_ops:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            one_step(steps + 1)
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events)
+        profile = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
+                    "share": e.self_cpu_time_total / total} for e in events[:profile_ops]]
+    return {"side": side, "loss_path": "transformers" if side == "seed" else loss_path(device),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "threads": threads,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "digests": digests[:steps],
+            "step_seconds": seconds[:steps], "profiled_step_seconds": seconds[steps] if profile_ops else None,
+            "profile": profile}
+
+
+def side_in_subprocess(side: str, args, threads: int) -> dict:
+    env = dict(os.environ)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    if side == "thimble":
+        env["THP_MEM_ALLOC_ENABLE"] = "1"  # what `thimble train` sets (thimble.cli)
+    command = [sys.executable, __file__, "--side", side, "--experiment", args.experiment, "--steps", str(args.steps),
+               "--threads", str(threads), "--profile-ops", str(args.profile_ops)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", default="thimble_7")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--profile-ops", type=int, default=8)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in the child process
+    args = parser.parse_args()
+    if args.side:
+        threads = args.threads[0]
+        print(json.dumps(run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)))
+        return 0
+    rows, ok = [], True
+    for threads in args.threads:
+        sides = {side: side_in_subprocess(side, args, threads) for side in SIDES}
+        same = [step + 1 for step, (a, b) in enumerate(zip(sides["seed"]["digests"], sides["thimble"]["digests"]))
+                if a == b]
+        agree = len(same) == args.steps
+        ok &= agree
+        per_step = {side: statistics.median(result["step_seconds"][1:] or result["step_seconds"])
+                    for side, result in sides.items()}
+        row = {"experiment": args.experiment, "threads": threads, "steps": args.steps, "cpu": this_cpu(),
+               "bits_agree_every_step": agree, "steps_agreeing": len(same),
+               "seed_seconds_per_step": per_step["seed"], "thimble_seconds_per_step": per_step["thimble"],
+               "ratio": per_step["thimble"] / per_step["seed"], "sides": sides}
+        rows.append(row)
+        print(f"{args.experiment} on {this_cpu()['device_name']} ({this_cpu()['cpu_capability']}), {threads} math "
+              f"thread(s): seed loop {per_step['seed']:.3f} s/step, thimble {per_step['thimble']:.3f} s/step, "
+              f"ratio {row['ratio']:.2f}; W, grad_W, both moments and the loss equal at {len(same)} of "
+              f"{args.steps} steps")
+        for side, result in sides.items():
+            ops = ", ".join(f"{op['op']} {op['self_ms']:.0f} ms ({100 * op['share']:.0f}%)" for op in result["profile"])
+            print(f"  {side} ({result['loss_path']}): {ops}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if not ok:
+        print("the two loops' bits differ", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
