@@ -85,6 +85,33 @@ def test_the_model_uses_row_blocks_on_the_cpu_and_says_so():
         use_loss_path(model, "fused")
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_rows_shared_out_among_threads_change_no_bit(threads):
+    logits = bf16_logits((4, 33, 300), seed=9)
+    labels = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(10))
+    labels[2, 5:] = IGNORE_INDEX
+    reference = loss_and_grad(ForCausalLMLoss, logits, labels)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for scale in (None, 0.5):
+            assert_same_bits(loss_and_grad(ForCausalLMLoss, logits, labels, scale),
+                             loss_and_grad(row_block_causal_lm_loss, logits, labels, scale, block_rows=6))
+        assert_same_bits(reference, loss_and_grad(row_block_causal_lm_loss, logits, labels, block_rows=6))
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_row_spans_cover_every_row_once():
+    from thimble.causal_lm_loss import _row_spans
+
+    for rows, block, parts in [(16384, 16, 2), (10, 3, 4), (5, 16, 2), (1, 1, 8), (100, 7, 3)]:
+        spans = _row_spans(rows, block, parts)
+        assert spans[0][0] == 0 and spans[-1][1] == rows and len(spans) <= parts
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert all(lo % block == 0 for lo, _ in spans)
+
+
 def test_refuses_what_the_seed_never_computes():
     logits, labels = bf16_logits((1, 4, 10), seed=8), torch.zeros((1, 4), dtype=torch.long)
     with pytest.raises(ValueError, match="CPU only"):

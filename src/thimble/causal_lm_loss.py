@@ -29,6 +29,8 @@ gradient is computed again from the logits with that value.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 
@@ -72,25 +74,71 @@ class _Scratch:
         return grad
 
 
+def _row_spans(rows: int, block_rows: int, parts: int) -> list[tuple[int, int]]:
+    """``rows`` cut into at most ``parts`` spans of whole blocks, in order."""
+    blocks = -(-rows // block_rows)
+    parts = max(1, min(parts, blocks))
+    edges = [min(rows, (blocks * part // parts) * block_rows) for part in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(edges, edges[1:]) if hi > lo]
+
+
+def _blocks(logits: torch.Tensor, targets: torch.Tensor, span: tuple[int, int], block_rows: int,
+            picked: torch.Tensor | None, grad: torch.Tensor | None, value: torch.Tensor) -> None:
+    """One span of rows, block by block: the targets' log-probabilities into ``picked`` and the gradient of
+    the logits (for ``nll_loss``'s backward ``value``) into ``grad``, each where not None."""
+    lo, hi = span
+    with torch.no_grad():  # grad mode is per thread: a pool's thread does not inherit the Function's
+        _blocks_no_grad(logits, targets, lo, hi, block_rows, picked, grad, value)
+
+
+def _blocks_no_grad(logits, targets, lo, hi, block_rows, picked, grad, value) -> None:
+    scratch = _Scratch(min(block_rows, hi - lo), logits.shape[1])
+    safe_targets = torch.where(targets[lo:hi] != IGNORE_INDEX, targets[lo:hi], 0).unsqueeze(1)
+    for start in range(lo, hi, block_rows):
+        stop = min(start + block_rows, hi)
+        log_probs = scratch.log_softmax(logits[start:stop])
+        if picked is not None:
+            torch.gather(log_probs, 1, safe_targets[start - lo:stop - lo], out=picked[start:stop].unsqueeze(1))
+        if grad is not None:  # the upcast's backward: the cast back to the logits' dtype
+            grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], value))
+
+
+def _all_blocks(logits, targets, block_rows, picked, grad, value) -> None:
+    """``_blocks`` over every row, the spans on torch's intra-op threads (``torch.get_num_threads()``).
+
+    Each row's values come from that row alone (the kernels reduce a row on one thread), so how the rows are
+    shared out changes no bit; the threads only run side by side what one would run in turn.
+    """
+    spans = _row_spans(logits.shape[0], block_rows, torch.get_num_threads())
+    if len(spans) == 1:
+        _blocks(logits, targets, spans[0], block_rows, picked, grad, value)
+        return
+    futures = [_pool(len(spans)).submit(_blocks, logits, targets, span, block_rows, picked, grad, value)
+               for span in spans]
+    for future in futures:
+        future.result()
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="row-block-loss")
+    return _POOLS[workers]
+
+
 class _RowBlockCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, block_rows: int) -> torch.Tensor:
-        rows, vocab = logits.shape
-        scratch = _Scratch(min(block_rows, rows), vocab)
-        picked = torch.empty(rows, dtype=torch.float32)
         kept = targets != IGNORE_INDEX
         total_weight = int(kept.sum())
         # nll_loss's backward: -grad_output / total_weight, in float32 (an incoming gradient of 1.0 here)
         unit = _nll_gradient_value(torch.ones((), dtype=torch.float32), total_weight)
+        picked = torch.empty(logits.shape[0], dtype=torch.float32)
         eager = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if eager else torch.empty(0)
-        safe_targets = torch.where(kept, targets, 0).unsqueeze(1)
-        for start in range(0, rows, block_rows):
-            stop = min(start + block_rows, rows)
-            log_probs = scratch.log_softmax(logits[start:stop])
-            torch.gather(log_probs, 1, safe_targets[start:stop], out=picked[start:stop].unsqueeze(1))
-            if eager:  # the upcast's backward: the cast back to the logits' dtype
-                grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], unit))
+        _all_blocks(logits, targets, block_rows, picked, grad if eager else None, unit)
         column_targets = torch.where(kept, 0, IGNORE_INDEX)
         loss = F.nll_loss(picked.unsqueeze(1), column_targets, ignore_index=IGNORE_INDEX, reduction="mean")
         ctx.block_rows, ctx.total_weight = block_rows, total_weight
@@ -102,14 +150,9 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
         logits, targets, grad = ctx.saved_tensors
         if grad.numel() and bool(grad_loss == 1.0):
             return grad, None, None
-        rows, vocab = logits.shape
-        scratch = _Scratch(min(ctx.block_rows, rows), vocab)
         value = _nll_gradient_value(grad_loss.float(), ctx.total_weight)
         grad = torch.empty_like(logits)
-        for start in range(0, rows, ctx.block_rows):
-            stop = min(start + ctx.block_rows, rows)
-            log_probs = scratch.log_softmax(logits[start:stop])
-            grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], value))
+        _all_blocks(logits, targets, ctx.block_rows, None, grad, value)
         return grad, None, None
 
 
