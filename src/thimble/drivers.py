@@ -228,7 +228,7 @@ class DriverPass:
     """
 
     def __init__(self, dead: np.ndarray, hidden: int, hyper: dict, pool, block_rows: int = BLOCK_ROWS):
-        from thimble.codec import thread_spans
+        from thimble.workers import thread_spans
 
         self.dead, self.hidden, self.pool = np.ascontiguousarray(dead, dtype=np.bool_), hidden, pool
         self.lr, (self.beta1, self.beta2), self.eps = hyper["lr"], hyper["betas"], hyper["eps"]
@@ -419,8 +419,8 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from thimble.codec import WorkerPool
-    from thimble.freeze import write_csv
+    from thimble.workers import WorkerPool
+    from thimble.tables import write_csv
     from thimble.record import open_h5, read_checked
 
     with open_h5(recording) as handle:
