@@ -5,8 +5,8 @@ the bf16 lattice that slowly freezes, AdamW-like bf16 moments of random bf16 gra
 tokens dead) is written for each of two lengths (``--steps``, default 100 and 300). On each, ``thimble
 freeze-drivers`` and ``thimble freeze`` run as their own processes, measured by GNU time (wall time, peak
 RSS). A line through the two lengths separates each stage's start-up from its time per step, and both are
-extrapolated to the experiment's steps (6000 for thimble_7). The CPU (lscpu's model, torch's CPU
-capability) prints with the numbers.
+extrapolated to the experiment's steps (6000 for thimble_7). The CPU (``thimble.cpu``: its model, torch's
+CPU capability) prints with the numbers.
 
     python bench/drivers_bench.py --workdir /tmp/thimble-bench-drivers   # ~2 GB free there
 """
@@ -27,6 +27,7 @@ import numpy as np
 from thimble.bf16 import BFLOAT16
 from thimble.codec import compress_shuffled
 from thimble.config import load_config, stage_settings
+from thimble.cpu import this_cpu
 from thimble.lattice import from_ordinal, ordinal
 from thimble.record import create_checked_array, create_tensor_dataset, tensors_attr
 from thimble.update_rules import recorded_tensors
@@ -79,11 +80,9 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
 
 
 def cpu() -> dict:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True,
-                  text=True).stdout.splitlines() if line.startswith("Model name")), "unknown")
-    return {"model": model, "cores": os.cpu_count(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    """Which machine produced the numbers (``thimble.cpu``: what recordings and probes name), and how busy."""
+    this = this_cpu()
+    return {"model": this["device_name"], "cores": os.cpu_count(), "torch_cpu_capability": this["cpu_capability"],
             "load_average": os.getloadavg()}
 
 

@@ -35,6 +35,7 @@ from thimble.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.config import load_config
 from thimble.lattice import from_ordinal, ordinal
 from thimble.codec import compress_shuffled, zstd_dcpl
+from thimble.h5_datasets import create_dataset
 from thimble.record import TENSORS, StreamRecorder, write_stream_file
 
 
@@ -101,8 +102,8 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
     walk = FreezingWalk(shape, steps)
     with h5py.File(path, "w") as out:
         dcpl = zstd_dcpl((rows, *shape), 1)
-        for name in (b"W", b"variance_W"):
-            h5py.h5d.create(out.id, name, bfloat16_h5type(), h5py.h5s.create_simple((steps + 1, *shape)), dcpl=dcpl)
+        for name in ("W", "variance_W"):
+            create_dataset(out, name, bfloat16_h5type(), (steps + 1, *shape), dcpl)
         for start in range(0, steps + 1, rows):
             chunk = np.zeros((rows, *shape), dtype=np.uint16)
             for row in range(min(rows, steps + 1 - start)):

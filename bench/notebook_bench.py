@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +31,15 @@ import torch
 
 from thimble.bf16 import BFLOAT16
 from thimble.codec import encode_chunk, write_chunk
+from thimble.cpu import this_cpu
 from thimble.record import create_checked_array, create_tensor_dataset
 from thimble.run import open_run
 
 
 def cpu_name() -> str:
-    """lscpu's model name and torch's CPU capability: which machine produced the numbers."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
-        model = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-        cores = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("CPU(s)"))
-    except (OSError, StopIteration):
-        model, cores = "unknown CPU", "?"
-    return f"{model} ({cores} CPUs), torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    """The CPU's model name and torch's CPU capability (``thimble.cpu``): which machine produced the numbers."""
+    this = this_cpu()
+    return f"{this['device_name']} ({os.cpu_count()} CPUs), torch CPU capability {this['cpu_capability']}"
 
 
 def write_synthetic(directory: Path, steps: int, chunk: int, vocab: int = 10000, dim: int = 64) -> Path:

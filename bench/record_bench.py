@@ -37,6 +37,7 @@ import zstandard
 import thimble.codec
 from thimble.bf16 import torch_to_bits
 from thimble.config import load_config
+from thimble.cpu import this_cpu
 from thimble.codec import unshuffle_into
 from thimble.record import TENSORS, StreamRecorder, list_segments
 from thimble.model import build_model, build_optimizer, select_device
@@ -232,8 +233,9 @@ def main() -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="thimble-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     vocab, hidden = settings["model"]["vocab_size"], settings["model"]["hidden_dim"]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"cpu capability {torch.backends.cpu.get_cpu_capability()}, device {device}, threads {args.threads}")
+    cpu = this_cpu()
+    print(f"machine: {cpu['device_name']} ({platform.machine()}), {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"cpu capability {cpu['cpu_capability']}, device {device}, threads {args.threads}")
     print(f"experiment {args.experiment}: {len(TENSORS)} tensors of {vocab} x {hidden} bf16 per step "
           f"({len(TENSORS) * vocab * hidden * 2 / 1e6:.2f} MB)")
 

@@ -29,6 +29,7 @@ import torch
 
 from thimble.bf16 import bits_to_torch
 from thimble.codec import decode_rows
+from thimble.cpu import this_cpu
 from thimble.record import TENSORS, StreamRecorder
 
 
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     shutil.rmtree(args.workdir / "stream", ignore_errors=True)
     print(f"{args.recording}: steps {first}..{first + args.distinct_steps - 1} cycled to {args.steps}, "
           f"{step_bytes / 1e6:.2f} MB per step, torch {torch.__version__}, "
-          f"cpu_capability {torch.backends.cpu.get_cpu_capability()}")
+          f"cpu {this_cpu()['device_name']}, cpu_capability {this_cpu()['cpu_capability']}")
     print("| compression threads | steps/s (median) | rounds | MB/s |")
     print("| --- | --- | --- | --- |")
     medians = {}

@@ -5,7 +5,7 @@ notebook (``thimble.run``); it is imported on first use, so ``import thimble``
 stays cheap.
 """
 
-__version__ = "0.1.0"
+from thimble.version import __version__
 
 __all__ = ["open_run", "Run", "__version__"]
 

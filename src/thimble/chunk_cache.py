@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from thimble.codec import BITS_DTYPES
+from thimble.h5_datasets import element_size
 
 #: the default budget's share of the machine's memory, and its ceiling
 DEFAULT_SHARE_OF_RAM = 0.25
@@ -63,10 +64,10 @@ def decoded_chunk(dataset: h5py.Dataset, first: int) -> np.ndarray:
 
     stop = min(first + chunk_steps(dataset), dataset.shape[0])
     if dataset.is_virtual or dataset.chunks is None or not has_shuffle_zstd(dataset) \
-            or dataset.id.get_type().get_size() not in BITS_DTYPES:
+            or element_size(dataset) not in BITS_DTYPES:
         return stored_bits(dataset, first, stop)
     where = chunk_where(dataset, first)
-    chunk = np.empty(dataset.chunks, dtype=BITS_DTYPES[dataset.id.get_type().get_size()])  # edge chunks: full size
+    chunk = np.empty(dataset.chunks, dtype=BITS_DTYPES[element_size(dataset)])  # edge chunks: full size
     decode_chunk(read_stored_chunk(dataset, first, where), chunk, where)
     return chunk[:stop - first]
 
@@ -96,7 +97,7 @@ class TensorChunks:
     @classmethod
     def of(cls, dataset: h5py.Dataset) -> TensorChunks:
         return cls(dataset, (dataset.file.filename, dataset.name), tuple(dataset.shape), chunk_steps(dataset),
-                   np.dtype(BITS_DTYPES[dataset.id.get_type().get_size()]))
+                   np.dtype(BITS_DTYPES[element_size(dataset)]))
 
 
 @dataclass

@@ -67,10 +67,45 @@ def _train(args) -> None:
     import os
 
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    settings = _settings(args.settings)
+    _log_peak_ram(settings, args.tokens)
     from thimble.train import train
 
-    train(_settings(args.settings), args.tokens, args.masks, args.output, args.partial, args.threads,
+    train(settings, args.tokens, args.masks, args.output, args.partial, args.threads,
           args.determinism_check_steps)
+
+
+def _log_peak_ram(settings: dict, tokens_path: str) -> None:
+    """Log training's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
+    measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
+    (``sizes.training_footprint``) leave out the few hundred MB of the interpreter, torch and transformers.
+    Logged here, by the caller, so that training does not depend on planning."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from thimble.plan import PlanError, any_calibration, peak_ram_bytes
+
+    log = logging.getLogger("thimble.train")
+    try:
+        n_tokens = len(np.load(tokens_path, mmap_mode="r", allow_pickle=False))
+    except (OSError, ValueError, EOFError, TypeError):
+        return  # training names the file's problem
+    try:
+        calibration = any_calibration(settings, Path("."))
+    except PlanError as error:  # an unreadable cached probe must not stop training
+        log.warning("safety check: peak RAM not predicted: %s", error)
+        return
+    if calibration is None:
+        log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
+                 "(thimble plan makes one)")
+        return
+    peak = peak_ram_bytes(settings, calibration.record, n_tokens, stages=("train",)).get("train")
+    if peak is None:
+        log.info("safety check: peak RAM not predicted: the probe %s measured no training", calibration.path.name)
+        return
+    log.info("safety check: peak RAM about %.2f GB (thimble plan's model: the measured peak of the probe %s, "
+             "its arrays replaced by this run's)", peak / 1e9, calibration.path.name)
 
 
 def _rechunk(args) -> None:

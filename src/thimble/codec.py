@@ -15,14 +15,12 @@ could otherwise drop it). Every failure is a ``DataError`` naming the file, the
 dataset and the steps. Chunks are written with direct chunk writes, so HDF5
 never writes a frame without a checksum.
 
-Work is split across threads (zstd and numpy release the GIL) by ``WorkerPool``
-and ``thread_spans``.
+Work is split across threads (zstd and numpy release the GIL) by ``thimble.workers``.
 """
 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator
 
 import h5py
@@ -31,6 +29,8 @@ import numpy as np
 import zstandard
 
 from thimble.errors import DataError
+from thimble.h5_datasets import element_size
+from thimble.workers import WorkerPool, thread_spans  # noqa: F401  (their former home)
 
 ZSTD_FILTER = 32015
 #: the ``chunk_checksum`` attribute of every file holding such chunks: what guards them
@@ -45,29 +45,6 @@ SHUFFLE_PIECE = 1 << 24
 READ_SIZE = 1 << 20
 #: the unsigned integer type that holds an element's bits, by element size
 BITS_DTYPES = {2: np.uint16, 4: np.uint32}
-
-
-# -- threads -------------------------------------------------------------------------------------
-
-class WorkerPool(ThreadPoolExecutor):
-    """A thread pool that says how many threads it has (ThreadPoolExecutor keeps that private)."""
-
-    def __init__(self, threads: int, name: str = "thimble"):
-        super().__init__(max_workers=threads, thread_name_prefix=name)
-        self.threads = threads
-
-
-def thread_spans(n: int, threads: int) -> list[tuple[int, int]]:
-    """[start, stop) spans cutting range(n) into ``threads`` near-equal parts, the larger first (as
-    numpy's array_split), empty ones left out: the work each thread takes."""
-    base, larger = divmod(n, threads)
-    spans, start = [], 0
-    for index in range(threads):
-        stop = start + base + (index < larger)
-        if stop > start:
-            spans.append((start, stop))
-        start = stop
-    return spans
 
 
 # -- errors --------------------------------------------------------------------------------------
@@ -303,7 +280,7 @@ def decode_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a chunked [shuffle ->] zstd dataset, decoded chunk by chunk with every
     frame checksum verified; as unsigned integers of the element size."""
     rows, shape = dataset.chunks[0], dataset.shape
-    unsigned = np.dtype(f"u{dataset.id.get_type().get_size()}")
+    unsigned = np.dtype(f"u{element_size(dataset)}")
     shuffled = h5py.h5z.FILTER_SHUFFLE in dataset_filters(dataset)
     out = np.empty((stop - start, *shape[1:]), dtype=unsigned)
     chunk = np.empty((rows, *shape[1:]), dtype=unsigned)
@@ -426,7 +403,7 @@ def chunk_row_blocks(dataset: h5py.Dataset, first_row: int, block_rows: int) -> 
     planes are kept, then the top plane is read a block at a time and joined with them. The frame's
     checksum is verified after the last block.
     """
-    rows, element_bytes = dataset.chunks[0], dataset.id.get_type().get_size()
+    rows, element_bytes = dataset.chunks[0], element_size(dataset)
     valid_rows = min(rows, dataset.shape[0] - first_row)
     row_elements = int(np.prod(dataset.shape[1:]))
     bits = BITS_DTYPES[element_bytes]

@@ -40,7 +40,7 @@ import numpy as np
 from thimble.bf16 import BFLOAT16
 from thimble.errors import DataError
 from thimble.freeze import GROUPS, group_masks
-from thimble.replay_kernel import _compiled
+from thimble.replay_kernel import compiled
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import rule_of
 
@@ -134,7 +134,7 @@ def element_terms(w_before: np.ndarray, m: np.ndarray, v: np.ndarray, v_exact: n
 
 # -- the compiled pass ---------------------------------------------------------------------------------
 
-@_compiled
+@compiled
 def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log2_abs_magnitude, log2_c1,
               log2_denominator_table, log2_lr, sums, counts, histograms):
     """One step over one span of tokens, from bf16 bits: ``w_before`` W[t−1], ``w_after`` W[t], ``m`` and ``v``
@@ -228,7 +228,7 @@ class DriverPass:
     """
 
     def __init__(self, dead: np.ndarray, hidden: int, hyper: dict, pool, block_rows: int = BLOCK_ROWS):
-        from thimble.codec import thread_spans
+        from thimble.workers import thread_spans
 
         self.dead, self.hidden, self.pool = np.ascontiguousarray(dead, dtype=np.bool_), hidden, pool
         self.lr, (self.beta1, self.beta2), self.eps = hyper["lr"], hyper["betas"], hyper["eps"]
@@ -419,8 +419,8 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from thimble.codec import WorkerPool
-    from thimble.freeze import write_csv
+    from thimble.workers import WorkerPool
+    from thimble.tables import write_csv
     from thimble.record import open_h5, read_checked
 
     with open_h5(recording) as handle:

@@ -387,7 +387,7 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
                    lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
     """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
     ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
-    from thimble.freeze import write_csv
+    from thimble.tables import write_csv
 
     summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
     series(summaries, name, figure)

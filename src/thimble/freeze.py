@@ -32,6 +32,7 @@ import numpy as np
 
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
+from thimble.tables import write_csv
 from thimble.update_rules import rule_of
 
 log = logging.getLogger(__name__)
@@ -421,7 +422,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
 
     from tqdm.auto import tqdm
 
-    from thimble.codec import WorkerPool, thread_spans
+    from thimble.workers import WorkerPool, thread_spans
     from thimble.record import open_h5, recorded_blocks
 
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
@@ -523,20 +524,6 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
     columns["bias_correction1"] = np.where(steps > 0, 1 - beta1 ** steps.astype(np.float64), 1.0)
     columns["bias_correction2"] = np.where(steps > 0, 1 - beta2 ** steps.astype(np.float64), 1.0)
     return columns
-
-
-def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict], quote_text: bool = False) -> None:
-    """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
-    a NUL or a quote read back exactly."""
-    import csv
-
-    import pandas as pd
-
-    from thimble.files import atomic_output
-
-    frame = pd.DataFrame(columns)
-    with atomic_output(path) as tmp:
-        frame.to_csv(tmp, index=False, quoting=csv.QUOTE_NONNUMERIC if quote_text else csv.QUOTE_MINIMAL)
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,

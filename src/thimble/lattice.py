@@ -157,9 +157,9 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
     W is decoded from its stored chunks block by block, so memory stays near
     half a chunk of W plus the compressed output.
     """
-    from thimble.codec import WorkerPool
     from thimble.files import atomic_output
     from thimble.record import open_h5
+    from thimble.workers import WorkerPool
 
     with open_h5(recording) as source, WorkerPool(threads) as pool, atomic_output(output) as tmp:
         if source.attrs.get("storage_dtype") == "float16":
@@ -177,8 +177,10 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     import h5py
     from tqdm.auto import tqdm
 
-    from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, thread_spans, window_log_for, write_chunk, zstd_dcpl
+    from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, window_log_for, write_chunk, zstd_dcpl
+    from thimble.h5_datasets import create_dataset
     from thimble.record import create_checked_array, recorded_blocks
+    from thimble.workers import thread_spans
 
     w = source["W"]
     rows, (n_steps, *row_shape) = w.chunks[0], w.shape
@@ -188,9 +190,8 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     spans = thread_spans(row_elements, pool.threads)
     with h5py.File(path, "w") as out:
         # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
-        h5py.h5d.create(out.id, b"delta_w_lattice", h5py.h5t.py_create(dtype), h5py.h5s.create_simple(w.shape),
-                        dcpl=zstd_dcpl(w.chunks, level, shuffle=False))
-        target = out["delta_w_lattice"]
+        target = create_dataset(out, "delta_w_lattice", h5py.h5t.py_create(dtype), w.shape,
+                                zstd_dcpl(w.chunks, level, shuffle=False))
         previous = encoder = None
         for step, block in tqdm(recorded_blocks(source, "W", BLOCK_ROWS), desc="ΔW′", unit="block",
                                 mininterval=5):

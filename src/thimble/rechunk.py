@@ -25,10 +25,12 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, WorkerPool, chunk_row_blocks, compress_shuffled,
-                           time_chunks, write_chunk, zstd_dcpl)
+from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, chunk_row_blocks, compress_shuffled, time_chunks,
+                           write_chunk, zstd_dcpl)
 from thimble.errors import DataError
+from thimble.h5_datasets import create_dataset, element_size
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
+from thimble.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,8 @@ class RechunkError(DataError):
 
 
 def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:
-    dcpl = zstd_dcpl((rows, *source.shape[1:]), level)
-    h5py.h5d.create(group.id, name.encode(), source.id.get_type(), source.id.get_space(), dcpl=dcpl)
-    return group[name]
+    return create_dataset(group, name, source.id.get_type(), source.id.get_space(),
+                          zstd_dcpl((rows, *source.shape[1:]), level))
 
 
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
@@ -56,7 +57,7 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
     name = source.name.lstrip("/")
     target = create_chunked(out, name, source, rows, level)
     row_elements = math.prod(source.shape[1:])
-    element_bytes = source.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
+    element_bytes = element_size(source)
     copied, stored = hashlib.sha256(), hashlib.sha256()
     for start, stop in time_chunks(source.shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
@@ -92,8 +93,8 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
         n_rows, vocab, hidden = stream["W"].shape
-        # each tensor's element bytes (h5py shows bf16 as float32: ask HDF5); the widest sets the steps per chunk
-        element_bytes = {name: stream[name].id.get_type().get_size() for name in stream_tensors(stream)}
+        # each tensor's element bytes; the widest sets the steps per chunk
+        element_bytes = {name: element_size(stream[name]) for name in stream_tensors(stream)}
         row_bytes = vocab * hidden * max(element_bytes.values())
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:

@@ -37,11 +37,13 @@ import numpy as np
 
 from thimble.bf16 import BFLOAT16, bfloat16_bits_from_float16_bits, bfloat16_h5type, torch_to_bits, \
     to_float16_counting
-from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, ZSTD_FILTER, RowsInOrder, WorkerPool, chunk_location,
-                           damaged, dataset_filters, decode_chunk, decode_rows, encode_chunk, has_shuffle_zstd,
+from thimble.codec import (BITS_DTYPES, CHUNK_CHECKSUM, ZSTD_FILTER, RowsInOrder, chunk_location, damaged,
+                           dataset_filters, decode_chunk, decode_rows, encode_chunk, has_shuffle_zstd,
                            read_stored_chunk, require_zstd_filter, row_blocks, zstd_dcpl)
 from thimble.errors import DataError
+from thimble.h5_datasets import create_dataset, element_size
 from thimble.update_rules import ELEMENT_BYTES, recorded_tensors
+from thimble.workers import WorkerPool
 
 if TYPE_CHECKING:
     import torch
@@ -76,10 +78,7 @@ def stream_tensors(handle: h5py.File) -> dict[str, str]:
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
                           level: int) -> h5py.Dataset:
     """A chunked (chunk_rows, V, D), shuffle+zstd compressed dataset of the storage dtype."""
-    space = h5py.h5s.create_simple(shape)
-    dcpl = zstd_dcpl((chunk_rows, *shape[1:]), level)
-    h5py.h5d.create(group.id, name.encode(), storage_h5type(storage), space, dcpl=dcpl)
-    return group[name]
+    return create_dataset(group, name, storage_h5type(storage), shape, zstd_dcpl((chunk_rows, *shape[1:]), level))
 
 
 def create_checked_array(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:
@@ -117,7 +116,7 @@ def read_steps(dataset: h5py.Dataset, start: int = 0, stop: int | None = None) -
     """
     require_zstd_filter()
     stop = dataset.shape[0] if stop is None else stop
-    itemsize = dataset.id.get_type().get_size()
+    itemsize = element_size(dataset)
     dtype = BFLOAT16 if is_bfloat16(dataset) else dataset.dtype
     if dataset.is_virtual:  # a stream: decode from its segment files
         out = np.empty((stop - start, *dataset.shape[1:]), dtype=BITS_DTYPES[itemsize])
@@ -387,7 +386,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
                 rows = (last - first + 1, *shape)
                 virtual_space.select_hyperslab((first, 0, 0), rows)
                 dcpl.set_virtual(virtual_space, path.name.encode(), name.encode(), h5py.h5s.create_simple(rows))
-            h5py.h5d.create(out.id, name.encode(), storage_h5type(dtype), virtual_space, dcpl=dcpl)
+            create_dataset(out, name, storage_h5type(dtype), virtual_space, dcpl)
         for first, last, path in segments:
             with open_h5(path) as segment:
                 losses[first:last + 1] = read_checked(segment["losses"])
@@ -519,7 +518,7 @@ def recorded_blocks(handle: h5py.File, name: str, block_rows: int) -> Iterator[t
     dataset = handle[name]
     storage = handle.attrs.get("storage_dtype")
     stored = stream_tensors(handle).get(name)
-    element_bytes = dataset.id.get_type().get_size()
+    element_bytes = element_size(dataset)
     if storage not in STORAGE_DTYPES or stored not in TENSOR_DTYPES or element_bytes != ELEMENT_BYTES[stored]:
         raise DataError(f"{handle.filename}: {name} is stored as {stored or storage} ({dataset.dtype}); the analysis "
                         "needs a recording written by thimble train (bfloat16 or float16)")
@@ -564,7 +563,7 @@ def verify_stream(directory: str | Path, threads: int = 1, block_rows: int = 16)
         read_checked(stream["losses"])
         for name in stream_tensors(stream):
             dataset = stream[name]
-            element_bytes = dataset.id.get_type().get_size()  # h5py shows bf16 as float32: ask HDF5
+            element_bytes = element_size(dataset)
             out = np.empty((block_rows, *dataset.shape[1:]), dtype=BITS_DTYPES[element_bytes])
             for start in range(0, dataset.shape[0], block_rows):
                 stop = min(start + block_rows, dataset.shape[0])

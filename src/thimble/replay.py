@@ -28,11 +28,11 @@ from tqdm.auto import tqdm
 from thimble.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_rule_step, replay_steps,
                            stays_from_ratio, update_ratio)
 from thimble.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
-from thimble.codec import WorkerPool, thread_spans
 from thimble.errors import DataError
 from thimble.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
 from thimble.sizes import REPLAY_BLOCK_STEPS
 from thimble.update_rules import UPDATE_RULES, rule_of
+from thimble.workers import WorkerPool, thread_spans
 
 log = logging.getLogger(__name__)
 

@@ -41,22 +41,23 @@ def _bits_from_float32(typingctx, value):
     return numba.types.uint32(numba.types.float32), codegen
 
 
-def _compiled(function):
+def compiled(function):
     """numba-compiled, releasing the GIL; cached on disk where numba finds a writable cache directory
-    (beside the package, or NUMBA_CACHE_DIR), else compiled once per process."""
+    (beside the package, or NUMBA_CACHE_DIR), else compiled once per process. The drivers' pass
+    (``thimble.drivers``) is compiled the same way."""
     try:
         return numba.njit(nogil=True, cache=True, error_model="numpy")(function)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
         return numba.njit(nogil=True, error_model="numpy")(function)
 
 
-@_compiled
+@compiled
 def _same_lattice_point(a, b):
     """Equal bf16 bits, or both zero (±0 are one lattice point)."""
     return a == b or ((a | b) & 0x7FFF) == 0
 
 
-@_compiled
+@compiled
 def _count_steps(w, m, v, replayed_w, replayed_m, replayed_v, pre_rounding, counts, histograms):
     """Count steps ``0 .. len(pre_rounding)`` of a block into ``counts`` (steps, 8) and ``histograms``
     (steps, bins). ``w``, ``m``, ``v`` (uint16, one more row than steps) are the recorded rows t-1 and t;

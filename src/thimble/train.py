@@ -134,7 +134,7 @@ def provenance(device: torch.device, math_threads: int, compression_threads: int
     import h5py
     import transformers
 
-    from thimble import __version__
+    from thimble.version import __version__
 
     return {
         "thimble_version": __version__,
@@ -176,29 +176,6 @@ def hyperparameter_attrs(settings: dict) -> dict:
         "math_threads": training["math_threads"],
         "config_hash": settings_hash(settings),
     }
-
-
-def log_peak_ram(settings: dict, n_tokens: int) -> None:
-    """Log the stage's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
-    measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
-    (``training_footprint``) leave out the few hundred MB of the interpreter, torch and transformers."""
-    from thimble.plan import PlanError, any_calibration, peak_ram_bytes
-
-    try:
-        calibration = any_calibration(settings, Path("."))
-    except PlanError as error:  # an unreadable cached probe must not stop training
-        log.warning("safety check: peak RAM not predicted: %s", error)
-        return
-    if calibration is None:
-        log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
-                 "(thimble plan makes one)")
-        return
-    peak = peak_ram_bytes(settings, calibration.record, n_tokens, stages=("train",)).get("train")
-    if peak is None:
-        log.info("safety check: peak RAM not predicted: the probe %s measured no training", calibration.path.name)
-        return
-    log.info("safety check: peak RAM about %.2f GB (thimble plan's model: the measured peak of the probe %s, "
-             "its arrays replaced by this run's)", peak / 1e9, calibration.path.name)
 
 
 def check_disk(plan: dict, directory: Path) -> None:
@@ -506,7 +483,6 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
         raise TrainingError(f"{masks_path} has {masks['live_mask'].numel()} tokens, the model {vocab}")
     key = resume_key(settings, tokens_path, masks_path)
     plan = training_footprint(settings, len(tokens))
-    log_peak_ram(settings, len(tokens))
     partial_dir.parent.mkdir(parents=True, exist_ok=True)
     check_disk(plan, partial_dir.parent)
 

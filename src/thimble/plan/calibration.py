@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thimble.config import without_untracked
+from thimble.cpu import this_cpu
 from thimble.errors import PlanError
 from thimble.files import atomic_output
 from thimble.plan import costs
@@ -158,16 +159,50 @@ def why_not_shipped(settings: dict, token_source: str, device_kind: str) -> str 
     return None
 
 
+#: the local step timings, cached beside the probes: read here, where a calibration is chosen (the rules
+#: do so while Snakemake builds the DAG), and written by ``thimble.plan.machine``, which times them
+STEP_TIME_FORMAT = 1
+
+
+def probe_cpu(record: dict) -> dict[str, str]:
+    return {"device_name": str(record.get("device_name", "")), "cpu_capability": str(record.get("cpu_capability", ""))}
+
+
+def foreign_cpu(record: dict) -> str | None:
+    """Why a CPU probe was not measured on this machine's CPU (what differs), or None when it was."""
+    if record.get("device_kind") != "cpu":
+        return None
+    theirs, ours = probe_cpu(record), this_cpu()
+    differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ("device_name", "cpu_capability")
+              if theirs[key] != ours[key]]
+    return "; ".join(differ) or None
+
+
+def step_time_path(workdir: Path, record: dict, math_threads: int) -> Path:
+    """Where the local timing of a probe's model on this CPU, on ``math_threads`` threads, is cached."""
+    cpu = hashlib.sha256(json.dumps(this_cpu(), sort_keys=True).encode()).hexdigest()[:8]
+    return workdir / CALIBRATION_DIR / "step_times" / f"{record_key(record)}-cpu-{cpu}-threads{math_threads}.json"
+
+
+def load_step_time(workdir: Path, record: dict, math_threads: int) -> dict | None:
+    path = step_time_path(workdir, record, math_threads)
+    try:
+        timing = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    fits = (timing.get("format") == STEP_TIME_FORMAT and timing.get("cpu") == this_cpu()
+            and timing.get("math_threads") == math_threads)
+    return timing if fits else None
+
+
 def on_this_cpu(calibration: Calibration, workdir: Path, math_threads: int) -> Calibration:
     """A CPU calibration as this machine's CPU would run it: one measured on another CPU model or kernel
     capability is rescaled by the local timing of its model (``thimble.plan.machine``), or, until
     ``thimble plan`` has timed one, kept and marked as foreign."""
-    from thimble.plan import machine
-
-    why = machine.foreign_cpu(calibration.record)
+    why = foreign_cpu(calibration.record)
     if why is None:
         return calibration
-    timing = machine.load_step_time(workdir, calibration.record, math_threads)
+    timing = load_step_time(workdir, calibration.record, math_threads)
     note = f"{calibration.note}; " if calibration.note else ""
     if timing is None:
         return Calibration(calibration.record, calibration.path, calibration.scale,

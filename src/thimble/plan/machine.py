@@ -4,7 +4,8 @@ A CPU probe's step rate belongs to the CPU that measured it: bf16 kernels differ
 between an AVX2 and an AVX-512 machine of the same size (a thimble_7 step: ~28 s against ~3 s). A probe
 measured on another CPU model or kernel capability is therefore rescaled by a *local step timing*: a few
 steps of the experiment's own model and optimizer on random tokens, timed here by ``thimble plan`` and
-cached in ``results/calibration/`` beside the probes, keyed by the probe and this CPU.
+cached in ``results/calibration/`` beside the probes, keyed by the probe and this CPU. The cache is read
+(``load_step_time``, ``foreign_cpu``) in ``thimble.plan.calibration``, which this module builds on.
 
 ``thimble.cpu.this_cpu`` reads /proc/cpuinfo, not torch, so that the rules' resources (computed while Snakemake
 builds the DAG) can tell a foreign probe without importing torch; ``time_model_steps`` imports torch and
@@ -13,50 +14,17 @@ runs only in ``thimble plan``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
 
 from thimble.cpu import this_cpu
 from thimble.files import atomic_output
+from thimble.plan.calibration import (STEP_TIME_FORMAT, foreign_cpu, load_step_time, probe_cpu,  # noqa: F401
+                                      probed_settings, step_time_path)
 
 #: steps timed after one warm-up step (allocations, kernel choice); their median is the step time
 TIMED_STEPS = 2
-STEP_TIME_FORMAT = 1
-
-
-def probe_cpu(record: dict) -> dict[str, str]:
-    return {"device_name": str(record.get("device_name", "")), "cpu_capability": str(record.get("cpu_capability", ""))}
-
-
-def foreign_cpu(record: dict) -> str | None:
-    """Why a CPU probe was not measured on this machine's CPU (what differs), or None when it was."""
-    if record.get("device_kind") != "cpu":
-        return None
-    theirs, ours = probe_cpu(record), this_cpu()
-    differ = [f"{key} {theirs[key]!r} there, {ours[key]!r} here" for key in ("device_name", "cpu_capability")
-              if theirs[key] != ours[key]]
-    return "; ".join(differ) or None
-
-
-def step_time_path(workdir: Path, record: dict, math_threads: int) -> Path:
-    """Where the local timing of a probe's model on this CPU, on ``math_threads`` threads, is cached."""
-    from thimble.plan.calibration import CALIBRATION_DIR, record_key
-
-    cpu = hashlib.sha256(json.dumps(this_cpu(), sort_keys=True).encode()).hexdigest()[:8]
-    return workdir / CALIBRATION_DIR / "step_times" / f"{record_key(record)}-cpu-{cpu}-threads{math_threads}.json"
-
-
-def load_step_time(workdir: Path, record: dict, math_threads: int) -> dict | None:
-    path = step_time_path(workdir, record, math_threads)
-    try:
-        timing = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    fits = (timing.get("format") == STEP_TIME_FORMAT and timing.get("cpu") == this_cpu()
-            and timing.get("math_threads") == math_threads)
-    return timing if fits else None
 
 
 def time_model_steps(settings: dict, steps: int = TIMED_STEPS) -> dict:
@@ -102,8 +70,6 @@ def ensure_step_time(workdir: Path, record: dict, settings: dict, log) -> dict:
     cached = load_step_time(workdir, record, threads)
     if cached is not None:
         return cached
-    from thimble.plan.calibration import probed_settings
-
     log.info("the probe of %s was measured on another CPU (%s): timing %d steps of its model here",
              record["probed_as"], foreign_cpu(record), TIMED_STEPS + 1)
     # the probe's own model and optimizer, on the experiment's math threads
