@@ -197,10 +197,10 @@ def test_shipped_probe_is_used_when_its_cost_settings_match(tmp_path):
         assert found is not None and found.path == shipped and found.shipped
     assert calibration.why_not_shipped(thimble_7, "random", "cpu") is None
     # another step rate (math threads) or other tokens: not this probe, and the plan says why
-    two_threads = json.loads(json.dumps(thimble_7))
-    two_threads["training"]["math_threads"] = 2
-    assert calibration.own_calibration(two_threads, "random", "cpu", tmp_path) is None
-    assert "training.math_threads 1 there, 2 here" in calibration.why_not_shipped(two_threads, "random", "cpu")
+    one_thread = json.loads(json.dumps(thimble_7))
+    one_thread["training"]["math_threads"] = 1  # thimble_7 trains on 2
+    assert calibration.own_calibration(one_thread, "random", "cpu", tmp_path) is None
+    assert "training.math_threads 2 there, 1 here" in calibration.why_not_shipped(one_thread, "random", "cpu")
     assert calibration.own_calibration(thimble_7, "dataset", "cpu", tmp_path) is None
 
 
