@@ -87,20 +87,16 @@ def _blocks(logits: torch.Tensor, targets: torch.Tensor, span: tuple[int, int], 
     """One span of rows, block by block: the targets' log-probabilities into ``picked`` and the gradient of
     the logits (for ``nll_loss``'s backward ``value``) into ``grad``, each where not None."""
     lo, hi = span
-    with torch.no_grad():  # grad mode is per thread: a pool's thread does not inherit the Function's
-        _blocks_no_grad(logits, targets, lo, hi, block_rows, picked, grad, value)
-
-
-def _blocks_no_grad(logits, targets, lo, hi, block_rows, picked, grad, value) -> None:
     scratch = _Scratch(min(block_rows, hi - lo), logits.shape[1])
     safe_targets = torch.where(targets[lo:hi] != IGNORE_INDEX, targets[lo:hi], 0).unsqueeze(1)
-    for start in range(lo, hi, block_rows):
-        stop = min(start + block_rows, hi)
-        log_probs = scratch.log_softmax(logits[start:stop])
-        if picked is not None:
-            torch.gather(log_probs, 1, safe_targets[start - lo:stop - lo], out=picked[start:stop].unsqueeze(1))
-        if grad is not None:  # the upcast's backward: the cast back to the logits' dtype
-            grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], value))
+    with torch.no_grad():  # grad mode is per thread: a pool's thread does not inherit the Function's
+        for start in range(lo, hi, block_rows):
+            stop = min(start + block_rows, hi)
+            log_probs = scratch.log_softmax(logits[start:stop])
+            if picked is not None:
+                torch.gather(log_probs, 1, safe_targets[start - lo:stop - lo], out=picked[start:stop].unsqueeze(1))
+            if grad is not None:  # the upcast's backward: the cast back to the logits' dtype
+                grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], value))
 
 
 def _all_blocks(logits, targets, block_rows, picked, grad, value) -> None:
@@ -137,12 +133,12 @@ class _RowBlockCrossEntropy(torch.autograd.Function):
         unit = _nll_gradient_value(torch.ones((), dtype=torch.float32), total_weight)
         picked = torch.empty(logits.shape[0], dtype=torch.float32)
         eager = ctx.needs_input_grad[0]
-        grad = torch.empty_like(logits) if eager else torch.empty(0)
-        _all_blocks(logits, targets, block_rows, picked, grad if eager else None, unit)
+        grad = torch.empty_like(logits) if eager else None
+        _all_blocks(logits, targets, block_rows, picked, grad, unit)
         column_targets = torch.where(kept, 0, IGNORE_INDEX)
         loss = F.nll_loss(picked.unsqueeze(1), column_targets, ignore_index=IGNORE_INDEX, reduction="mean")
         ctx.block_rows, ctx.total_weight = block_rows, total_weight
-        ctx.save_for_backward(logits, targets, grad)
+        ctx.save_for_backward(logits, targets, torch.empty(0) if grad is None else grad)
         return loss
 
     @staticmethod

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from thimble.adamw import UpdateRule, build_update_rule
-from thimble.causal_lm_loss import row_block_causal_lm_loss
+from thimble.causal_lm_loss import LOSS_PATHS, row_block_causal_lm_loss
 from thimble.errors import ThimbleError
 
 #: cuBLAS's setting for deterministic GEMMs; read when CUDA creates its cuBLAS handle
@@ -43,7 +43,7 @@ def use_loss_path(model, path: str) -> None:
         if hasattr(model, "_loss_function"):
             del model._loss_function  # transformers' property falls back to its LOSS_MAPPING
     else:
-        raise ValueError(f"unknown loss path {path!r}; one of row_blocks, transformers")
+        raise ValueError(f"unknown loss path {path!r}; one of {', '.join(LOSS_PATHS)}")
 
 
 def deterministic_math(device: torch.device) -> dict:
