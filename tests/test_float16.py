@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, offline_config, run_snakemake, run_train, tiny_settings, write_recording
+from conftest import REPO, offline_config, run_snakemake, tiny_settings, write_recording
 from thimble.bf16 import all_bfloat16
 from thimble.config import float16_view_of, float16_views, load_config, resolve_config, stage_settings, training_twin
 from thimble.float16_effect import (CHANGED, OVERFLOWED, ZEROED, cast_classes, exponent_bands, json_differences,
@@ -223,11 +223,16 @@ def test_the_view_is_float16_training_bit_for_bit(data, tmp_path):
     from thimble.rechunk import rechunk_stream
     from thimble.record import read_checked, read_steps
 
-    exact_settings, float16_settings = tiny_settings(), tiny_settings(dtype="float16")
-    rechunk_stream(run_train(data, tmp_path / "bf16", exact_settings), tmp_path / "bf16.h5", 8, 2 ** 31)
-    rechunk_stream(run_train(data, tmp_path / "f16", float16_settings), tmp_path / "f16.h5", 8, 2 ** 31)
-    altered = write_float16_view(tmp_path / "bf16.h5", tmp_path / "view.h5", stage_settings(float16_settings, "train"),
-                                 "tiny", 8, 2 ** 31)
+    # what the train rule hands training: the train stage's settings (its config_hash is of these)
+    exact_settings = stage_settings(tiny_settings(), "train")
+    float16_settings = stage_settings(tiny_settings(dtype="float16"), "train")
+    from thimble.train import train
+
+    for name, settings in (("bf16", exact_settings), ("f16", float16_settings)):
+        train(settings, str(data / "tokens.npy"), str(data / "masks.safetensors"), str(tmp_path / name),
+              str(tmp_path / f"{name}.partial"), determinism_check_steps=2)
+        rechunk_stream(tmp_path / name, tmp_path / f"{name}.h5", 8, 2 ** 31)
+    altered = write_float16_view(tmp_path / "bf16.h5", tmp_path / "view.h5", float16_settings, "tiny", 8, 2 ** 31)
     with h5py.File(tmp_path / "f16.h5") as trained, h5py.File(tmp_path / "view.h5") as view:
         assert set(trained) == set(view)
         for name in ("W", "grad_W", "momentum_W", "variance_W"):
