@@ -47,6 +47,7 @@ include: "rules/rechunk.smk"
 include: "rules/lattice.smk"
 include: "rules/replay.smk"
 include: "rules/freeze.smk"
+include: "rules/float16.smk"
 
 
 # Everything the config defines (days of CPU for the full-size experiments: name a target instead).

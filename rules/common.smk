@@ -198,6 +198,52 @@ def experiment_pattern(keep_stream):
     return "|".join(map(re.escape, names)) or "(?!)"
 
 
+# -- the float16 view (rules/float16.smk): which experiments derive their recording, and from which ---------
+
+
+def float16_view_pattern(view):
+    """A wildcard pattern matching the experiments whose recording.h5 is the float16 view of a training twin
+    (``view`` true: the float16_view rule) or is rechunked from their own training (false: rechunk), by
+    ``thimble.config.training_twin``. The two patterns are disjoint, so one rule makes each recording."""
+    from thimble.config import float16_views
+
+    views = float16_views(CFG["experiments"])
+    names = [name for name in CFG["experiments"] if (name in views) == view]
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def float16_twin(wildcards):
+    """The training twin of a float16 view experiment."""
+    from thimble.config import training_twin
+
+    return training_twin(CFG["experiments"], wildcards.experiment)
+
+
+def float16_view_settings(wildcards):
+    """The view's settings as JSON: its train settings (what its recording's attributes say it trained) and its
+    rechunk settings (how its recording is chunked)."""
+    from thimble.config import stage_settings
+
+    experiment = CFG["experiments"][wildcards.experiment]
+    return json.dumps({"train": stage_settings(experiment, "train"), "rechunk": stage_settings(experiment, "rechunk")["rechunk"]},
+                      sort_keys=True)
+
+
+def exact_with_view_pattern():
+    """A wildcard pattern matching the bf16 experiments that some float16 view derives from (float16_effect)."""
+    from thimble.config import float16_views
+
+    twins = set(float16_views(CFG["experiments"]).values())
+    return "|".join(re.escape(name) for name in CFG["experiments"] if name in twins) or "(?!)"
+
+
+def float16_view_of_twin(wildcards):
+    """The float16 view experiment derived from the bf16 experiment of ``wildcards`` (the first, in config order)."""
+    from thimble.config import float16_view_of
+
+    return float16_view_of(CFG["experiments"], wildcards.experiment)
+
+
 # -- checks before a job starts ----------------------------------------------------------------------
 # Snakemake evaluates a job's resources only for the jobs it will run (at `-n` too), and before it removes
 # their outputs: a check run there stops a job that cannot succeed while what it would replace is intact.

@@ -12,6 +12,9 @@ rule rechunk:
         "../workflow/envs/thimble.yaml"
     params:
         settings=stage_settings_of("rechunk"),
+    # a float16 experiment with a bf16 training twin gets its recording from rules/float16.smk instead
+    wildcard_constraints:
+        experiment=float16_view_pattern(view=False),
     threads: 2
     resources:
         # checked first: the stream decodes whole while the recording.h5 a rerun replaces is still there

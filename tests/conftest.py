@@ -27,10 +27,12 @@ def offline_config() -> dict:
 
 def mini_series_config() -> dict:
     """The offline config plus thimble_mini_f16 (thimble_6's float16 storage at mini size, so a float16
-    recording goes through every stage too) and the series ``mini`` of both."""
+    recording goes through every stage too; trained with float16 storage, not derived from thimble_mini's
+    recording: ``float16_view: false``) and the series ``mini`` of both."""
     config = offline_config()
     config["experiments"]["thimble_mini_f16"] = {**config["experiments"]["thimble_mini"],
-                                                 "record": {"segment_steps": 20, "dtype": "float16"}}
+                                                 "record": {"segment_steps": 20, "dtype": "float16"},
+                                                 "float16_view": False}
     config["series"]["mini"] = ["thimble_mini", "thimble_mini_f16"]
     return config
 

@@ -356,7 +356,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "order of --summaries")
     p.add_argument("--lattice-table", help="where to write the series' lattice-position table")
     p.set_defaults(func=_series)
+    add_float16_commands(sub)
     return parser
+
+
+# -- issue 29: the float16 view of a bf16 recording and its effect (a block of its own) ------------------
+
+def _float16_view(args) -> None:
+    from thimble.float16_view import write_float16_view
+
+    settings = _settings(args.settings)
+    write_float16_view(args.twin_recording, args.output, settings["train"], args.twin,
+                       settings["rechunk"]["steps_per_chunk"], settings["rechunk"]["max_chunk_bytes"],
+                       level=settings["rechunk"]["compression_level"], threads=args.threads)
+
+
+def _float16_effect(args) -> None:
+    from thimble.float16_effect import write_float16_effect
+
+    write_float16_effect(args.recording, args.exact_dir, args.view_dir, args.table, args.bands, args.summary,
+                         args.figure)
+
+
+def add_float16_commands(sub) -> None:
+    """The subcommands ``float16-view`` and ``float16-effect`` (docs/float16.md)."""
+    p = sub.add_parser("float16-view", help="the seed's float16 storage of a bf16 recording (its training twin's), "
+                       "as a rechunked float16 recording, without training again")
+    p.add_argument("--settings", required=True, help='JSON {"train": the view experiment\'s train settings, '
+                   '"rechunk": its rechunk settings}')
+    p.add_argument("--twin", required=True, help="the bf16 experiment whose recording is cast")
+    p.add_argument("--twin-recording", required=True, help="that experiment's recording.h5")
+    p.add_argument("--output", required=True, help="the view experiment's recording.h5")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=_float16_view)
+
+    p = sub.add_parser("float16-effect", help="what float16 storage changed and zeroed, per tensor and step, and "
+                       "the analyses of the exact run and its float16 view side by side")
+    p.add_argument("--recording", required=True, help="the exact (bf16) recording.h5")
+    p.add_argument("--exact-dir", required=True, help="results/{experiment}/ of the exact run (its summary.json, "
+                   "tables)")
+    p.add_argument("--view-dir", required=True, help="results/{view}/ of its float16 view")
+    p.add_argument("--table", required=True, help="float16_effect.csv: per tensor and step")
+    p.add_argument("--bands", required=True, help="float16_effect_bands.csv: per tensor and binary exponent")
+    p.add_argument("--summary", required=True, help="float16_effect.json")
+    p.add_argument("--figure", required=True, help="float16_effect.png")
+    p.set_defaults(func=_float16_effect)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,6 +95,15 @@ def schema_defaults(schema: dict) -> dict:
     return walk(schema["$defs"]["settings"])
 
 
+#: an experiment's own keys beside its settings sections: none of them is a default to override
+EXPERIMENT_KEYS = ("dataset", "description", "float16_view")
+
+
+def experiment_default(schema: dict, key: str):
+    """The schema's default of an experiment's own key (``EXPERIMENT_KEYS``)."""
+    return schema["properties"]["experiments"]["additionalProperties"]["properties"][key]["default"]
+
+
 def deep_merge(base: dict, override: dict) -> dict:
     """A new dict: ``override`` on top of ``base``; nested dicts merge, the rest replaces."""
     merged = copy.deepcopy(base)
@@ -156,6 +165,46 @@ def trajectory_settings(settings: dict) -> dict:
             "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"]}}
 
 
+def _training_without_storage(experiment: dict) -> dict:
+    """What decides a recorded trajectory's bits apart from how it is stored: the dataset, the model and the
+    (tracked) training settings. record.dtype is the storage; record.segment_steps only lays out the stream
+    and the resume state."""
+    return {"dataset": experiment["dataset"], "model": experiment["model"],
+            "training": without_untracked(experiment, "train")["training"]}
+
+
+def training_twin(experiments: dict, name: str) -> str | None:
+    """The bf16 experiment whose recording ``name``'s float16 storage is a view of, or None (``name`` trains).
+
+    The rule: ``name`` stores float16 (``record.dtype: float16``, and its ``float16_view`` is not false), and an
+    experiment that stores bfloat16 has
+    the same dataset, model and training settings (``_training_without_storage``; the untracked ones aside):
+    the first such experiment in config order. Its recording holds every bit the float16 run would train, so
+    the float16 recording is derived from it (``thimble float16-view``), and ``name`` never trains. Pure and
+    cheap: the Snakefile calls it while building the DAG.
+    """
+    experiment = experiments[name]
+    if experiment["record"]["dtype"] != "float16" or not experiment.get("float16_view", True):
+        return None
+    trajectory = _training_without_storage(experiment)
+    for other, candidate in experiments.items():
+        if other != name and candidate["record"]["dtype"] == "bfloat16" \
+                and _training_without_storage(candidate) == trajectory:
+            return other
+    return None
+
+
+def float16_views(experiments: dict) -> dict[str, str]:
+    """{float16 experiment: its training twin} for every experiment ``training_twin`` derives."""
+    views = {name: training_twin(experiments, name) for name in experiments}
+    return {name: twin for name, twin in views.items() if twin is not None}
+
+
+def float16_view_of(experiments: dict, twin: str) -> str | None:
+    """The first float16 experiment (config order) derived from bf16 experiment ``twin``, or None."""
+    return next((view for view, source in float16_views(experiments).items() if source == twin), None)
+
+
 def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
     problems = []
     key = f"experiments.{name}"
@@ -202,7 +251,7 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
 def resolve_config(config: dict, schema: dict | None = None) -> dict:
     """Validate ``config`` and return ``{"datasets", "experiments", "series", "cluster"}``, fully resolved.
 
-    Each resolved experiment holds ``name``, ``dataset``, ``description`` and the
+    Each resolved experiment holds ``name``, ``dataset``, ``description``, ``float16_view`` and the
     settings sections, with ``model.vocab_size`` taken from its dataset.
     """
     schema = load_schema() if schema is None else schema
@@ -215,9 +264,10 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
             problems.append(f"config key datasets.{name}: the name '{name}' is reserved; rename the dataset")
     experiments = {}
     for name, raw in config["experiments"].items():
-        overrides = {k: v for k, v in raw.items() if k not in ("dataset", "description")}
+        overrides = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
         exp = deep_merge(defaults, overrides)
-        exp.update(name=name, dataset=raw["dataset"], description=raw.get("description", ""))
+        exp.update(name=name, dataset=raw["dataset"], description=raw.get("description", ""),
+                   float16_view=raw.get("float16_view", experiment_default(schema, "float16_view")))
         if raw["dataset"] in datasets:
             exp["model"]["vocab_size"] = datasets[raw["dataset"]]["vocab_size"]
         problems += _check_experiment(name, exp, datasets)

@@ -44,26 +44,27 @@ class RechunkError(DataError):
 
 
 
-def create_chunked(group: h5py.Group, name: str, source: h5py.Dataset, rows: int, level: int) -> h5py.Dataset:
-    return create_dataset(group, name, source.id.get_type(), source.id.get_space(),
-                          zstd_dcpl((rows, *source.shape[1:]), level))
+def create_chunked(group: h5py.Group, name: str, h5type: h5py.h5t.TypeID, shape: tuple, rows: int,
+                   level: int) -> h5py.Dataset:
+    return create_dataset(group, name, h5type, shape, zstd_dcpl((rows, *shape[1:]), level))
 
 
-def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
-                   pool: WorkerPool, progress: tqdm) -> str:
-    """Copy one tensor into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record import read_stream_rows
+def write_rechunked(out: h5py.File, name: str, h5type: h5py.h5t.TypeID, shape: tuple, rows: int, level: int,
+                    pool: WorkerPool, progress: tqdm, fill_rows) -> str:
+    """Write one tensor in (rows, ...) chunks; return the sha256 of its bits, verified on disk.
 
-    name = source.name.lstrip("/")
-    target = create_chunked(out, name, source, rows, level)
-    row_elements = math.prod(source.shape[1:])
-    element_bytes = element_size(source)
+    ``fill_rows(start, stop, chunk, digest)`` puts rows [start, stop) into ``chunk[:stop - start]`` (the
+    stored bits) and hashes each into ``digest`` as it comes from its source: rechunk decodes them from the
+    stream, the float16 view casts them from its twin's recording.
+    """
+    target = create_chunked(out, name, h5type, shape, rows, level)
+    row_elements = math.prod(shape[1:])
+    element_bytes = h5type.get_size()
     copied, stored = hashlib.sha256(), hashlib.sha256()
-    for start, stop in time_chunks(source.shape[0], rows):
+    for start, stop in time_chunks(shape[0], rows):
         # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
-        chunk = np.zeros((rows, *source.shape[1:]), dtype=BITS_DTYPES[element_bytes])
-        # `copied` hashes each row as it decodes from the stream's segments (a missing one is an error)
-        read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=copied)
+        chunk = np.zeros((rows, *shape[1:]), dtype=BITS_DTYPES[element_bytes])
+        fill_rows(start, stop, chunk, copied)
         pieces = compress_shuffled(chunk, level, pool.threads)
         del chunk  # the source chunk goes before the compressed one is joined: peak ~1.5 chunks
         write_chunk(target, start, b"".join(pieces))
@@ -78,6 +79,21 @@ def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows:
                            f"(sha256 {stored.hexdigest()} != {copied.hexdigest()})")
     target.attrs["sha256"] = copied.hexdigest()
     return copied.hexdigest()
+
+
+def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
+                   pool: WorkerPool, progress: tqdm) -> str:
+    """Copy one tensor of the stream into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
+    from thimble.record import read_stream_rows
+
+    name = source.name.lstrip("/")
+
+    def from_stream(start: int, stop: int, chunk: np.ndarray, digest) -> None:
+        # `digest` hashes each row as it decodes from the stream's segments (a missing one is an error)
+        read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=digest)
+
+    # h5py shows bf16 as float32: the stored type is HDF5's
+    return write_rechunked(out, name, source.id.get_type(), source.shape, rows, level, pool, progress, from_stream)
 
 
 def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | str, max_chunk_bytes: int,
