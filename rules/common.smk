@@ -5,7 +5,7 @@ import json
 import re
 import sys
 
-from thimble.outputs import FIGURES
+from thimble.outputs import FIGURES, FLOAT16_EFFECT_FILES
 
 
 def dataset_settings(wildcards):

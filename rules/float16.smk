@@ -46,15 +46,9 @@ rule float16_effect:
     input:
         unpack(float16_effect_inputs),
     output:
-        table=report("results/{experiment}/float16_effect.csv", caption="../workflow/report/float16_effect_table.rst",
-                     category="{experiment}", subcategory="float16 storage"),
-        bands=report("results/{experiment}/float16_effect_bands.csv",
-                     caption="../workflow/report/float16_effect_bands.rst", category="{experiment}",
-                     subcategory="float16 storage"),
-        summary=report("results/{experiment}/float16_effect.json", caption="../workflow/report/float16_effect_summary.rst",
-                       category="{experiment}", subcategory="float16 storage"),
-        figure=report("results/{experiment}/float16_effect.png", caption="../workflow/report/float16_effect.rst",
-                      category="{experiment}", subcategory="float16 storage"),
+        **{name: report(f"results/{{experiment}}/{filename}", caption=f"../workflow/report/float16_effect_{name}.rst",
+                        category="{experiment}", subcategory="float16 storage")
+           for name, filename in FLOAT16_EFFECT_FILES.items()},
     log:
         "logs/{experiment}/float16_effect.log",
     conda:

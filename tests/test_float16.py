@@ -264,7 +264,7 @@ def test_the_view_refuses_a_twin_of_other_settings(data, tmp_path):
 
 # -- the stages end to end on the mini config --------------------------------------------------------
 
-def test_view_and_effect_stages_end_to_end(mini_data):
+def test_view_and_effect_stages_end_to_end(mini_data, capsys):
     """thimble_mini_f16 trains with float16 storage; thimble_mini_f16_view (same settings) is derived from
     thimble_mini's recording by the workflow: its recording decodes to the same bits, its analysis is the
     same, and thimble_mini's float16_effect lists the differences from the exact run."""
@@ -278,7 +278,7 @@ def test_view_and_effect_stages_end_to_end(mini_data):
                                                       "record": {"segment_steps": 20, "dtype": "float16"}}
     (mini_data / "float16.yaml").write_text(yaml.safe_dump(config))
     targets = ["results/thimble_mini/float16_effect.json", "results/thimble_mini_f16/summary.json"]
-    run_snakemake(mini_data, "--cores", "2", *targets, "--configfile", "float16.yaml")
+    run_snakemake(mini_data, "--cores", "2", *targets, "--configfile", str(mini_data / "float16.yaml"))
     results = mini_data / "results"
     assert not (results / "thimble_mini_f16_view/stream").exists()
     with h5py.File(results / "thimble_mini_f16/recording.h5") as trained, \
@@ -300,3 +300,15 @@ def test_view_and_effect_stages_end_to_end(mini_data):
     assert (results / "thimble_mini/float16_effect.png").stat().st_size > 0
     bands = pd.read_csv(results / "thimble_mini/float16_effect_bands.csv")
     assert bands.groupby("tensor")["changed"].sum()["variance_W"] <= effect["tensors"]["variance_W"]["changed"]
+
+    # the plan knows a view does not train (the probe still sizes its files)
+    from thimble import cli
+
+    status = cli.main(["plan", "--directory", str(mini_data), "--configfile", "float16.yaml", "--probe-steps", "4",
+                       "--json", str(mini_data / "plan.json"), "results/thimble_mini_f16_view/summary.json"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert "training: none; its recording.h5 is the float16 view of thimble_mini's" in out
+    view_plan = json.loads((mini_data / "plan.json").read_text())["experiments"]["thimble_mini_f16_view"]
+    assert view_plan["trained_by"] == "thimble_mini"
+    assert view_plan["training_seconds"] == {"cpu": None, "cuda": None} and "train" not in view_plan["peak_ram_bytes"]

@@ -177,10 +177,12 @@ def _plan(args) -> int:
     # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workdir = Path(args.directory)
-    config = load_config(workdir / args.configfile)
+    configfile = workdir / args.configfile
+    config = load_config(configfile)
     snakefile = Path(args.snakefile) if args.snakefile else default_snakefile()
+    # the DAG is built from the same config file as the settings (not the workflow's config.yaml under it)
     plan = make_plan(config, args.targets, workdir, snakefile, args.probe_steps, args.probe_device, args.threads,
-                     args.reprobe)
+                     args.reprobe, configfile=configfile)
     print(format_plan(plan))
     if args.json:
         with atomic_output(args.json) as tmp:

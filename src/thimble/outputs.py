@@ -19,3 +19,8 @@ EXPERIMENT_FILES = {
     "freeze_drivers.csv": "freeze_drivers", "freeze_drivers.json": "freeze_drivers", "summary.html": "figures",
     **{f"figures/{name}.png": "figures" for name in FIGURES},
 }
+
+#: the files float16_effect writes under results/{experiment}/ for a bf16 experiment that a float16 view derives
+#: from (rules/float16.smk), by the rule's output name; each with a caption workflow/report/float16_effect_{name}.rst
+FLOAT16_EFFECT_FILES = {"table": "float16_effect.csv", "bands": "float16_effect_bands.csv",
+                        "summary": "float16_effect.json", "figure": "float16_effect.png"}

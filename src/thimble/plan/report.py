@@ -56,7 +56,10 @@ def format_plan(plan: dict) -> str:
             runtime = entry["runtime_min"].get(stage, "-")
             lines.append(f"  {stage:<8} {human_bytes(entry['peak_ram_bytes'][stage]):>10} "
                          f"{entry['mem_mb'][stage]:>12}   {runtime:>17}   {when}")
-        for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")):
+        if entry.get("trained_by"):
+            lines.append(f"  training: none; its recording.h5 is the float16 view of {entry['trained_by']}'s "
+                         "recording (thimble float16-view, docs/float16.md)")
+        for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")) if not entry.get("trained_by") else ():
             timed = entry["training_seconds"][device_kind]
             if timed is None:
                 hint = "run `thimble plan --probe-device cuda ...` on a GPU machine" if device_kind == "cuda" \

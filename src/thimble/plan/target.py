@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from thimble.config import training_twin
 from thimble.errors import PlanError
 from thimble.outputs import EXPERIMENT_FILES
 from thimble.plan import costs, machine
@@ -20,10 +21,12 @@ from thimble.plan.probe import ensure_probe
 log = logging.getLogger("thimble.plan")
 
 
-def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path) -> list[dict]:
-    """The files the targets need and whether Snakemake would (re)make them (``snakemake --summary``)."""
+def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path,
+                      configfile: Path | None = None) -> list[dict]:
+    """The files the targets need and whether Snakemake would (re)make them (``snakemake --summary``), with
+    ``configfile`` over the workflow's config.yaml when given (the config the plan was asked for)."""
     command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--directory", str(workdir),
-               "--summary", *targets]
+               *(["--configfile", str(Path(configfile).resolve())] if configfile else []), "--summary", *targets]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise PlanError(f"snakemake could not plan {' '.join(targets) or 'the default target'}:\n"
@@ -85,13 +88,15 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
     stages = {file["stage"] for file in files}
     peak = {stage: value for stage, value in costs.peak_ram_bytes(settings, record, n_tokens).items()
             if stage in stages}
-    cpu_timed = training_seconds(settings, "cpu", workdir, own.get("cpu"))
+    # a float16 view never trains: its twin's training made its bits (thimble.config.training_twin)
+    twin = training_twin(config["experiments"], name)
+    cpu_timed = None if twin else training_seconds(settings, "cpu", workdir, own.get("cpu"))
     if cpu_timed is not None and cpu_timed[1].foreign:
         # a probe of another CPU is never used as this machine's: time its model here (cached) to rescale it
         machine.ensure_step_time(workdir, cpu_timed[1].record, settings, log)
     training = {}
     for device_kind in ("cpu", "cuda"):
-        timed = training_seconds(settings, device_kind, workdir, own.get(device_kind))
+        timed = None if twin else training_seconds(settings, device_kind, workdir, own.get(device_kind))
         if timed is None:
             training[device_kind] = None
             continue
@@ -117,14 +122,15 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
         "token_source": record["token_source"], "files": files,
         "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
         "stage_seconds": stage_seconds, "runtime_min": runtime_min,
-        "training_seconds": training,
+        "training_seconds": training, "trained_by": twin,
     }
 
 
 def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, probe_steps: int | None,
-              probe_devices: list[str], threads: int, reprobe: bool = False) -> dict:
-    """Everything ``thimble plan`` prints, as data."""
-    rows = snakemake_summary(workdir, targets, snakefile)
+              probe_devices: list[str], threads: int, reprobe: bool = False,
+              configfile: Path | None = None) -> dict:
+    """Everything ``thimble plan`` prints, as data; ``config`` is ``configfile``'s, the DAG's too when given."""
+    rows = snakemake_summary(workdir, targets, snakefile, configfile)
     files_of: dict[str, list[dict]] = {}
     other_files = []
     for row in rows:
