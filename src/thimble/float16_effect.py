@@ -372,7 +372,7 @@ def draw_effect(steps_table, exact_variance, view_variance, groups: list[str], r
         line, = axes[2].plot(exact_variance["step"], exact_variance[column], lw=1.5, label=f"{group} exact (bf16)")
         axes[2].plot(view_variance["step"], view_variance[column], lw=1, ls="--", color=line.get_color(),
                      label=f"{group} float16 view")
-    axes[2].set(title="median exp_avg_sq per token (the lab's variance curve)", xlabel="step t",
+    axes[2].set(title="the lab's variance curve: median exp_avg_sq", xlabel="step t",
                 ylabel="exp_avg_sq")
     if (exact_variance[[f"{g}_median" for g in groups]] > 0).any().any():
         axes[2].set_yscale("symlog", linthresh=1e-12)
