@@ -326,3 +326,15 @@ def stream_intact_before_rechunk(wildcards):
         problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
         raise WorkflowError(f"{problem}\n{recording} is kept (a rerun of rechunk would remove it before reading the "
                             f"stream): restore {stream}, or delete it and train again")
+
+
+def float16_effect_inputs(wildcards):
+    """The exact recording, and each run's summary.json and compared tables (thimble.float16_effect)."""
+    from thimble.float16_effect import COMPARED_TABLES
+
+    view = float16_view_of_twin(wildcards)
+    inputs = {"recording": f"results/{wildcards.experiment}/recording.h5"}
+    for side, name in (("exact", wildcards.experiment), ("view", view)):
+        for table in ("summary.json", *COMPARED_TABLES):
+            inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
+    return inputs

@@ -28,18 +28,6 @@ rule float16_view:
         " --output {output} --threads {threads} 2> {log}"
 
 
-def float16_effect_inputs(wildcards):
-    """The exact recording, and each run's summary.json and compared tables (thimble.float16_effect)."""
-    from thimble.float16_effect import COMPARED_TABLES
-
-    view = float16_view_of_twin(wildcards)
-    inputs = {"recording": f"results/{wildcards.experiment}/recording.h5"}
-    for side, name in (("exact", wildcards.experiment), ("view", view)):
-        for table in ("summary.json", *COMPARED_TABLES):
-            inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
-    return inputs
-
-
 # For a bf16 experiment with a float16 view: per tensor and step, what float16 changed and zeroed, and the two
 # analyses side by side, with the lab's question answered.
 rule float16_effect:
