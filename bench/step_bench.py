@@ -13,6 +13,14 @@ fails unless every one agrees. It prints per-side seconds per step (median of th
 the warm-up) and their ratio, and the top operators of one step's profile.
 
     python bench/step_bench.py --experiment thimble_7 --steps 5 --threads 1 2 --json step_bench.json
+
+``--recorder`` measures instead what recording costs a step: thimble's step bare against the same step
+handing its tensors to thimble's StreamRecorder as ``thimble train`` does (the experiment's record settings,
+compression on the math threads' count, segments fsynced into a scratch directory), the two sides
+alternating over ``--rounds``. A recorded side's time per step is its steps after the first plus the
+recorder's closing flush, over those steps: compression that overlaps the next step's math is charged to it.
+
+    python bench/step_bench.py --recorder --experiment thimble_7 --steps 8 --rounds 2 --threads 2
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ sys.path.insert(0, str(REPO / "src"))
 from thimble.cpu import this_cpu  # noqa: E402  (torch-free)
 
 SIDES = ("seed", "thimble")
+#: the sides of ``--recorder``
+RECORDER_SIDES = ("thimble", "thimble_recorded")
 
 
 def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: int) -> dict:
@@ -62,6 +72,21 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
                              "exp_avg_sq": optimizer.device_state(wte)["variance_W"]}
         step_optimizer = optimizer.step
     wte = model.transformer.wte.weight
+    recorder = scratch = None
+    if side == "thimble_recorded":
+        import tempfile
+
+        from thimble.record import StreamRecorder
+        from thimble.update_rules import recorded_tensors
+
+        record = settings["record"]
+        tensors = recorded_tensors(training["update_rule"], record["dtype"])
+        scratch = Path(tempfile.mkdtemp(prefix="step-bench-"))
+        recorder = StreamRecorder(scratch / "stream", tuple(wte.shape), steps, storage=record["dtype"], tensors=tensors,
+                                  segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
+                                  level=record["compression_level"], threads=threads)
+        recorder.record(0, {"W": wte.detach().clone(), "grad_W": torch.zeros_like(wte),
+                            "momentum_W": torch.zeros_like(wte), "variance_W": torch.zeros_like(wte)}, float("nan"))
     generator = torch.Generator().manual_seed(training["seed"])
     shape = (training["batch_size"], model_settings["max_seq_len"] + 1)
     digests, seconds = [], []
@@ -78,14 +103,32 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         step_optimizer(step)
         optimizer.zero_grad()
         loss_bits = loss.detach().view(torch.int32).item()
-        seconds.append(time.perf_counter() - started)
         moments = state(wte)
+        if recorder is not None and step <= steps:
+            # what train hands over on the CPU: clones (thimble.host_copy), the loss as a float
+            recorder.record(step, {"W": wte.detach().clone(), "grad_W": grad, "momentum_W": moments["exp_avg"].clone(),
+                                   "variance_W": moments["exp_avg_sq"].clone()}, loss.item())
+        seconds.append(time.perf_counter() - started)
         digests.append({"loss_bits": loss_bits, "W": digest(wte), "grad_W": digest(grad),
                         "exp_avg": digest(moments["exp_avg"]), "exp_avg_sq": digest(moments["exp_avg_sq"])})
 
     model.train()
+    cpu_started = None
     for step in range(1, steps + 1):
+        if step == 2:  # after the warm-up step, as the timings
+            cpu_started = os.times()
         one_step(step)
+    close_seconds = None
+    if recorder is not None:
+        import shutil
+
+        started = time.perf_counter()
+        recorder.close()
+        close_seconds = time.perf_counter() - started
+        shutil.rmtree(scratch)
+    cpu_ended = os.times()
+    # CPU seconds of every thread of the process (math, the recorder's writer and compression) over steps 2..
+    cpu_seconds = (cpu_ended.user + cpu_ended.system - cpu_started.user - cpu_started.system) if cpu_started else None
     profile = []
     if profile_ops:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -99,19 +142,59 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
     return {"side": side, "loss_path": "transformers" if side == "seed" else loss_path(device),
             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "threads": threads,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "digests": digests[:steps],
-            "step_seconds": seconds[:steps], "profiled_step_seconds": seconds[steps] if profile_ops else None,
+            "step_seconds": seconds[:steps], "recorder_close_seconds": close_seconds, "cpu_seconds_after_first_step": cpu_seconds,
+            "profiled_step_seconds": seconds[steps] if profile_ops else None,
             "profile": profile}
 
 
 def side_in_subprocess(side: str, args, threads: int) -> dict:
     env = dict(os.environ)
     env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if side == "thimble":
+    if side != "seed":
         env["THP_MEM_ALLOC_ENABLE"] = "1"  # what `thimble train` sets (thimble.cli)
     command = [sys.executable, __file__, "--side", side, "--experiment", args.experiment, "--steps", str(args.steps),
                "--threads", str(threads), "--profile-ops", str(args.profile_ops)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def recorder_share(args) -> int:
+    """``--recorder``: the recorded step against the bare one, rounds alternating; the bits must agree."""
+    rows, ok = [], True
+    for threads in args.threads:
+        runs = {side: [] for side in RECORDER_SIDES}
+        for round_index in range(args.rounds):
+            order = RECORDER_SIDES if round_index % 2 == 0 else RECORDER_SIDES[::-1]
+            for side in order:
+                runs[side].append(side_in_subprocess(side, argparse.Namespace(**{**vars(args), "profile_ops": 0}),
+                                                     threads))
+        agree = all(run["digests"] == runs["thimble"][0]["digests"] for side in RECORDER_SIDES for run in runs[side])
+        ok &= agree
+
+        def per_step(run: dict) -> float:
+            timed = run["step_seconds"][1:]
+            return (sum(timed) + (run["recorder_close_seconds"] or 0)) / len(timed)
+
+        bare = [per_step(run) for run in runs["thimble"]]
+        recorded = [per_step(run) for run in runs["thimble_recorded"]]
+        share = 1 - statistics.median(bare) / statistics.median(recorded)
+        # CPU time is far less disturbed by other load than wall time: the recorder's CPU per step
+        cpu = {side: [run["cpu_seconds_after_first_step"] / (args.steps - 1) for run in runs[side]] for side in runs}
+        cpu_share = 1 - statistics.median(cpu["thimble"]) / statistics.median(cpu["thimble_recorded"])
+        rows.append({"experiment": args.experiment, "threads": threads, "steps": args.steps, "cpu": this_cpu(),
+                     "bits_agree": agree, "bare_seconds_per_step": bare, "recorded_seconds_per_step": recorded,
+                     "recorder_share": share, "bare_cpu_seconds_per_step": cpu["thimble"],
+                     "recorded_cpu_seconds_per_step": cpu["thimble_recorded"], "recorder_cpu_share": cpu_share,
+                     "runs": runs})
+        print(f"{args.experiment} on {this_cpu()['device_name']} ({this_cpu()['cpu_capability']}), {threads} math "
+              f"thread(s), {args.rounds} rounds: bare {', '.join(f'{v:.3f}' for v in bare)} s/step, recorded "
+              f"{', '.join(f'{v:.3f}' for v in recorded)} s/step; the recorder's share of a recorded step "
+              f"{100 * share:.1f}% (medians); CPU seconds per step bare {statistics.median(cpu['thimble']):.3f}, recorded "
+              f"{statistics.median(cpu['thimble_recorded']):.3f}: the recorder's share of the CPU {100 * cpu_share:.1f}%; "
+              f"bits {'equal' if agree else 'DIFFER'} with and without it")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if ok else 1
 
 
 def main() -> int:
@@ -121,12 +204,16 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--profile-ops", type=int, default=8)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # one side, in the child process
+    parser.add_argument("--recorder", action="store_true", help="thimble's step bare against recorded (see above)")
+    parser.add_argument("--rounds", type=int, default=2, help="with --recorder: alternating rounds of both sides")
+    parser.add_argument("--side", choices=SIDES + RECORDER_SIDES[1:], help=argparse.SUPPRESS)  # one side, in the child process
     args = parser.parse_args()
     if args.side:
         threads = args.threads[0]
         print(json.dumps(run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)))
         return 0
+    if args.recorder:
+        return recorder_share(args)
     rows, ok = [], True
     for threads in args.threads:
         sides = {side: side_in_subprocess(side, args, threads) for side in SIDES}
