@@ -235,3 +235,12 @@ def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(re
     for field in dataclasses.fields(computed):
         np.testing.assert_array_equal(getattr(read, field.name), getattr(computed, field.name), err_msg=field.name)
     assert read.moved[1:].sum() > 0
+
+
+def test_replay_accepts_stream_as_the_old_name_of_recording():
+    from thimble.cli import build_parser
+
+    common = ["--table", "r.csv", "--summary", "r.json", "--ratio-table", "u.csv"]
+    old = build_parser().parse_args(["replay", "--stream", "X", *common])
+    new = build_parser().parse_args(["replay", "--recording", "X", *common])
+    assert vars(old) == vars(new) and old.recording == "X" and not hasattr(old, "stream")

@@ -308,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lattice)
 
     p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
-    p.add_argument("--recording", required=True, help="recording.h5, or the stream folder it was rechunked from")
+    # --stream: the option's name before replay read recording.h5, kept so that old command lines still run
+    p.add_argument("--recording", "--stream", dest="recording", required=True,
+                   help="recording.h5, or the stream folder it was rechunked from (--stream: a deprecated alias)")
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
