@@ -32,6 +32,7 @@ import numpy as np
 
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
+from thimble.outputs import FREEZE_OUTPUTS
 from thimble.tables import write_csv
 from thimble.update_rules import rule_of
 
@@ -568,8 +569,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     write_csv(outputs["lattice_positions"], lattice_position_table(steps))
     write_csv(outputs["variance"], variance_by_group(recording, groups))
     provenance = stage_provenance(recording, source_attrs, settings_hash(settings),
-                                  [outputs[name] for name in ("freeze", "cycles", "tokens", "classes",
-                                                              "lattice_positions", "variance")])
+                                  [outputs[name] for name, file in FREEZE_OUTPUTS.items() if file.endswith(".csv")])
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
             # Fletcher32: HDF5 verifies every chunk as the figures read it
