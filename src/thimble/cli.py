@@ -118,7 +118,7 @@ def _rechunk(args) -> None:
 
 
 def _verify_stream(args) -> None:
-    from thimble.record import verify_stream
+    from thimble.stream_reader import verify_stream
 
     verify_stream(args.stream, threads=args.threads)
 

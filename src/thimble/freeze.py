@@ -424,7 +424,8 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     from tqdm.auto import tqdm
 
     from thimble.workers import WorkerPool, thread_spans
-    from thimble.record import open_h5, recorded_blocks
+    from thimble.recording_format import open_h5
+    from thimble.recording_reader import recorded_blocks
 
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         n_steps, vocab, hidden = handle["W"].shape
@@ -496,7 +497,8 @@ class DeltaRows:
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
     share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
-    from thimble.record import open_h5, recorded_blocks
+    from thimble.recording_format import open_h5
+    from thimble.recording_reader import recorded_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
@@ -543,7 +545,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     from thimble.config import settings_hash
     from thimble.files import atomic_output
     from thimble.provenance import stage_provenance
-    from thimble.record import open_h5, read_checked
+    from thimble.recording_format import open_h5, read_checked
     from thimble.tokenizer import token_texts
 
     analysis = settings["analysis"]

@@ -3,6 +3,12 @@
 Kept free of heavy imports: the Snakefile reads it while building the DAG.
 """
 
+#: the recorded tensors' files under results/{experiment}/: the stream directory training writes (its
+#: stream.h5 over the segments) and the file rechunk makes of it
+STREAM_DIR = "stream"
+STREAM_FILE = "stream.h5"
+RECORDING_FILE = "recording.h5"
+
 #: figures/{name}.png of an experiment, each with a caption workflow/report/{name}.rst
 FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions",
            "drivers")
@@ -20,7 +26,7 @@ FREEZE_OUTPUTS = {
 #: notebook API's messages; the rules declare them, and tests/test_plan.py checks this list against
 #: what Snakemake says the rules make
 EXPERIMENT_FILES = {
-    "stream": "train", "recording.h5": "rechunk", "delta_w_lattice.h5": "lattice",
+    STREAM_DIR: "train", RECORDING_FILE: "rechunk", "delta_w_lattice.h5": "lattice",
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
     **dict.fromkeys(FREEZE_OUTPUTS.values(), "freeze"),
     "freeze_drivers.csv": "freeze_drivers", "freeze_drivers.json": "freeze_drivers", "summary.html": "figures",

@@ -31,15 +31,16 @@ import numpy as np
 
 from thimble.chunk_cache import ChunkCache
 from thimble.codec import require_zstd_filter
-from thimble.record import STREAM_FILE, open_h5, open_stream, read_checked
+from thimble.outputs import RECORDING_FILE, STREAM_FILE
+from thimble.recording_format import open_h5, read_checked
 from thimble.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
+from thimble.stream_reader import open_stream
 
 if TYPE_CHECKING:
     import pandas
     import torch
     import xarray
 
-RECORDING_FILE = "recording.h5"
 DELTA_W_FILE = "delta_w_lattice.h5"
 SOURCES = ("auto", "recording", "stream")
 MASKS = ("live_mask", "dead_mask", "live_ids", "dead_ids")
@@ -146,7 +147,7 @@ class Run:
     @property
     def recorded_tensors(self) -> dict[str, str]:
         """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
-        from thimble.record import stream_tensors
+        from thimble.recording_format import stream_tensors
 
         return stream_tensors(self._recording())
 

@@ -58,8 +58,9 @@ from thimble.host_copy import HostCopies
 from thimble.model import (CUBLAS_WORKSPACE_CONFIG, TrainingError, build_model, build_optimizer,  # noqa: F401
                            deterministic_math, loss_path, select_device)
 from thimble.cpu import this_cpu
-from thimble.record import StreamRecorder, list_segments, write_stream_file
+from thimble.recording_format import list_segments
 from thimble.sizes import training_footprint
+from thimble.stream_writer import StreamRecorder, write_stream_file
 from thimble.update_rules import recorded_tensors
 from thimble.tokenizer import load_token_ids
 
