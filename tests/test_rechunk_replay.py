@@ -244,3 +244,21 @@ def test_replay_accepts_stream_as_the_old_name_of_recording():
     old = build_parser().parse_args(["replay", "--stream", "X", *common])
     new = build_parser().parse_args(["replay", "--recording", "X", *common])
     assert vars(old) == vars(new) and old.recording == "X" and not hasattr(old, "stream")
+
+
+def test_one_place_decides_where_a_runs_rows_come_from(recorded, rechunked, tmp_path):
+    from thimble.recording_reader import RecordingSource
+
+    assert RecordingSource.of_path(recorded) == RecordingSource(recorded, True)
+    assert RecordingSource.of_path(rechunked) == RecordingSource(rechunked, False)
+    results = tmp_path / "results" / "x"
+    assert RecordingSource.in_results(results) is None
+    (results / "stream").mkdir(parents=True)
+    (results / "stream" / "stream.h5").write_bytes(b"")
+    assert RecordingSource.in_results(results) == RecordingSource(results / "stream", True)
+    assert RecordingSource.in_results(results, "recording") == RecordingSource(results / "recording.h5", False)
+    (results / "recording.h5").write_bytes(b"")
+    assert RecordingSource.in_results(results) == RecordingSource(results / "recording.h5", False)
+    assert RecordingSource.in_results(results, "stream").file == results / "stream" / "stream.h5"
+    with RecordingSource.of_path(recorded).open() as stream, RecordingSource.of_path(rechunked).open() as out:
+        assert stream.attrs["complete"] and out["W"].shape == stream["W"].shape

@@ -1,11 +1,13 @@
 """Reading recorded tensors: ``read_steps`` reads rows of any recorded dataset (a stream's virtual
 dataset, a rechunked recording's, ΔW′) in its stored precision; ``recorded_blocks`` and ``RecordingRows``
 read a rechunked recording (the file ``thimble rechunk`` writes) in order, each chunk decoded once.
-Every zstd frame's checksum is verified (the layout: ``thimble.recording_format``).
+Every zstd frame's checksum is verified (the layout: ``thimble.recording_format``). ``RecordingSource``
+decides where a run's rows come from: its recording.h5 or its stream.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,8 +20,9 @@ from thimble.codec import (BITS_DTYPES, ZSTD_FILTER, RowsInOrder, chunk_location
                            decode_rows, has_shuffle_zstd, require_zstd_filter, row_blocks)
 from thimble.errors import DataError
 from thimble.h5_datasets import element_size
-from thimble.recording_format import STORAGE_DTYPES, TENSOR_DTYPES, is_bfloat16, stream_tensors
-from thimble.stream_reader import read_stream_rows, virtual_rows
+from thimble.outputs import RECORDING_FILE, STREAM_DIR, STREAM_FILE
+from thimble.recording_format import STORAGE_DTYPES, TENSOR_DTYPES, is_bfloat16, open_h5, stream_tensors
+from thimble.stream_reader import open_stream, read_stream_rows, virtual_rows
 from thimble.update_rules import ELEMENT_BYTES
 from thimble.workers import WorkerPool
 
@@ -118,3 +121,41 @@ class RecordingRows:
         """Read each tensor to its end: its last chunk's checksum is checked there."""
         for rows in self._rows.values():
             rows.finish()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordingSource:
+    """Where a run's recorded rows are read from: a rechunked recording.h5, or the stream directory it is
+    rechunked from (its stream.h5 over the segments). The one place that chooses between the two, for the
+    stages (``of_path``) and the notebook (``in_results``)."""
+
+    path: Path
+    is_stream: bool
+
+    @classmethod
+    def of_path(cls, path: str | Path) -> RecordingSource:
+        """What a stage is given: recording.h5, or the stream folder it was rechunked from (a folder)."""
+        path = Path(path)
+        return cls(path, path.is_dir())
+
+    @classmethod
+    def in_results(cls, directory: str | Path, source: str = "auto") -> RecordingSource | None:
+        """An experiment's (results/{experiment}): its recording.h5 when ``source`` is "recording" (whether or
+        not it exists yet) or "auto" and it exists, else its stream when stream.h5 is there; None when neither.
+        recording.h5 comes first: it outlives a temporary stream, and reads a time chunk at a time."""
+        directory = Path(directory)
+        recording = directory / RECORDING_FILE
+        if source == "recording" or (source == "auto" and recording.exists()):
+            return cls(recording, False)
+        if (directory / STREAM_DIR / STREAM_FILE).exists():
+            return cls(directory / STREAM_DIR, True)
+        return None
+
+    @property
+    def file(self) -> Path:
+        """The HDF5 file the attributes come from (a stream's stream.h5)."""
+        return self.path / STREAM_FILE if self.is_stream else self.path
+
+    def open(self) -> h5py.File:
+        """The file, open for reading: a stream only when finished, every segment behind it checked."""
+        return open_stream(self.path) if self.is_stream else open_h5(self.path)

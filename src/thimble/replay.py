@@ -170,13 +170,13 @@ class RecordedRows:
     decoded in the pool's threads). A float16 recording's values are read back as bf16 either way."""
 
     def __init__(self, path: str, block_rows: int):
-        from thimble.recording_format import open_h5, stream_tensors
-        from thimble.recording_reader import RecordingRows
-        from thimble.stream_reader import open_stream
+        from thimble.recording_format import stream_tensors
+        from thimble.recording_reader import RecordingRows, RecordingSource
 
         self.path = path
-        self.is_stream = Path(path).is_dir()
-        self._handle = open_stream(path) if self.is_stream else open_h5(path)
+        self._source = RecordingSource.of_path(path)
+        self.is_stream = self._source.is_stream
+        self._handle = self._source.open()
         self.attrs = {key: (value.decode() if isinstance(value, bytes) else value)
                       for key, value in self._handle.attrs.items()}
         self.shape = self._handle["W"].shape
@@ -196,7 +196,7 @@ class RecordedRows:
     @property
     def file(self) -> Path:
         """The HDF5 file the attributes come from (a stream's stream.h5)."""
-        return Path(self.path) / "stream.h5" if self.is_stream else Path(self.path)
+        return self._source.file
 
     def finish(self) -> None:
         """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
