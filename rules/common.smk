@@ -5,7 +5,7 @@ import json
 import re
 import sys
 
-from thimble.outputs import FIGURES, FLOAT16_EFFECT_FILES
+from thimble.outputs import FIGURES, FLOAT16_EFFECT_FILES, FREEZE_OUTPUTS
 
 
 def dataset_settings(wildcards):
@@ -326,6 +326,24 @@ def stream_intact_before_rechunk(wildcards):
         problem = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
         raise WorkflowError(f"{problem}\n{recording} is kept (a rerun of rechunk would remove it before reading the "
                             f"stream): restore {stream}, or delete it and train again")
+
+
+# The freeze rule's outputs are thimble.outputs.FREEZE_OUTPUTS, each under its key but the variance table, which
+# the command has always passed as {output.exp_avg_sq} (the command's text is what Snakemake's code trigger
+# compares, so it stays as it was)
+FREEZE_RULE_OUTPUT = {"variance": "exp_avg_sq"}
+# each table's caption in the report is workflow/report/<file's stem>.rst but these; token_displacement.h5 is
+# not in the report
+FREEZE_CAPTIONS = {"lattice_positions": "lattice_positions_table", "token_steps": None}
+
+
+def freeze_output(key, file):
+    """A freeze output's path, as a report item with its caption unless it has none."""
+    path = f"results/{{experiment}}/{file}"
+    caption = FREEZE_CAPTIONS.get(key, file.rsplit(".", 1)[0])
+    if caption is None:
+        return path
+    return report(path, caption=f"../workflow/report/{caption}.rst", category="{experiment}", subcategory="tables")
 
 
 def float16_effect_inputs(wildcards):

@@ -29,23 +29,7 @@ rule freeze:
         # token_freeze.csv's token_text column
         tokenizer=lambda w: f"results/data/{CFG['experiments'][w.experiment]['dataset']}/tokenizer.json",
     output:
-        freeze=report("results/{experiment}/freeze.csv", caption="../workflow/report/freeze.rst",
-                      category="{experiment}", subcategory="tables"),
-        cycles=report("results/{experiment}/freeze_cycles.csv", caption="../workflow/report/freeze_cycles.rst",
-                      category="{experiment}", subcategory="tables"),
-        tokens=report("results/{experiment}/token_freeze.csv", caption="../workflow/report/token_freeze.rst",
-                      category="{experiment}", subcategory="tables"),
-        classes=report("results/{experiment}/displacement_classes.csv",
-                       caption="../workflow/report/displacement_classes.rst", category="{experiment}",
-                       subcategory="tables"),
-        lattice_positions=report("results/{experiment}/lattice_positions.csv",
-                                 caption="../workflow/report/lattice_positions_table.rst", category="{experiment}",
-                                 subcategory="tables"),
-        exp_avg_sq=report("results/{experiment}/exp_avg_sq.csv", caption="../workflow/report/exp_avg_sq.rst",
-                          category="{experiment}", subcategory="tables"),
-        token_steps="results/{experiment}/token_displacement.h5",
-        summary=report("results/{experiment}/summary.json", caption="../workflow/report/summary.rst",
-                       category="{experiment}", subcategory="tables"),
+        **{FREEZE_RULE_OUTPUT.get(key, key): freeze_output(key, file) for key, file in FREEZE_OUTPUTS.items()},
     log:
         "logs/{experiment}/freeze.log",
     conda:
@@ -58,11 +42,9 @@ rule freeze:
         runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
-        " --tokenizer {input.tokenizer}"
-        " --freeze {output.freeze} --cycles {output.cycles} --tokens {output.tokens} --classes {output.classes}"
-        " --lattice-positions {output.lattice_positions}"
-        " --variance {output.exp_avg_sq} --token-steps {output.token_steps} --summary {output.summary}"
-        " --drivers {input.drivers} 2> {log}"
+        " --tokenizer {input.tokenizer} "
+        + " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}" for key in FREEZE_OUTPUTS)
+        + " --drivers {input.drivers} 2> {log}"
 
 
 rule figures:

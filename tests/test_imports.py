@@ -22,6 +22,13 @@ def test_config_and_plan_import_neither_torch_nor_h5py():
     assert loaded_after("import thimble.train") == ["torch", "h5py"]  # the check can fail
 
 
+def test_the_xarray_engine_guesses_without_h5py_or_torch(tmp_path):
+    # xarray asks every installed engine about every file it opens without one
+    (tmp_path / "recording.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(8))
+    assert loaded_after("from thimble.xarray_backend import ThimbleBackendEntrypoint\n"
+                        f"assert ThimbleBackendEntrypoint().guess_can_open({str(tmp_path / 'recording.h5')!r})") == []
+
+
 def test_dry_run_imports_neither_torch_nor_h5py(workdir):
     # snakemake in this interpreter, reporting at exit what it loaded (its sys.exit runs the atexit hook)
     code = ("import atexit, sys\n"

@@ -161,6 +161,22 @@ def test_xarray_engine_reads_lazily_exact_float32_or_bfloat16(synthetic):
         assert run.cache.stats.decoded == 1
 
 
+
+@pytest.mark.parametrize("userblock", [0, 512, 2048])
+def test_the_xarray_engine_guesses_from_the_file_name_and_the_hdf5_signature(tmp_path, userblock):
+    engine = ThimbleBackendEntrypoint()
+    for name in ("recording.h5", "stream.h5", "other.h5"):
+        with h5py.File(tmp_path / name, "w", userblock_size=userblock) as handle:
+            handle["W"] = np.zeros(1)
+    assert engine.guess_can_open(tmp_path / "recording.h5") and engine.guess_can_open(str(tmp_path / "stream.h5"))
+    assert not engine.guess_can_open(tmp_path / "other.h5"), "a run is opened from recording.h5 or stream.h5"
+    (tmp_path / "not_hdf5").mkdir()
+    (tmp_path / "not_hdf5" / "recording.h5").write_bytes(b"\x89HDF" + bytes(600))
+    assert not engine.guess_can_open(tmp_path / "not_hdf5" / "recording.h5")
+    assert not engine.guess_can_open(tmp_path / "missing" / "recording.h5") and not engine.guess_can_open(3)
+    assert engine.description and engine.url.endswith("notebook.md")
+
+
 # -- the real mini run --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

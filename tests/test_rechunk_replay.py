@@ -235,3 +235,30 @@ def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(re
     for field in dataclasses.fields(computed):
         np.testing.assert_array_equal(getattr(read, field.name), getattr(computed, field.name), err_msg=field.name)
     assert read.moved[1:].sum() > 0
+
+
+def test_replay_accepts_stream_as_the_old_name_of_recording():
+    from thimble.cli import build_parser
+
+    common = ["--table", "r.csv", "--summary", "r.json", "--ratio-table", "u.csv"]
+    old = build_parser().parse_args(["replay", "--stream", "X", *common])
+    new = build_parser().parse_args(["replay", "--recording", "X", *common])
+    assert vars(old) == vars(new) and old.recording == "X" and not hasattr(old, "stream")
+
+
+def test_one_place_decides_where_a_runs_rows_come_from(recorded, rechunked, tmp_path):
+    from thimble.recording_reader import RecordingSource
+
+    assert RecordingSource.of_path(recorded) == RecordingSource(recorded, True)
+    assert RecordingSource.of_path(rechunked) == RecordingSource(rechunked, False)
+    results = tmp_path / "results" / "x"
+    assert RecordingSource.in_results(results) is None
+    (results / "stream").mkdir(parents=True)
+    (results / "stream" / "stream.h5").write_bytes(b"")
+    assert RecordingSource.in_results(results) == RecordingSource(results / "stream", True)
+    assert RecordingSource.in_results(results, "recording") == RecordingSource(results / "recording.h5", False)
+    (results / "recording.h5").write_bytes(b"")
+    assert RecordingSource.in_results(results) == RecordingSource(results / "recording.h5", False)
+    assert RecordingSource.in_results(results, "stream").file == results / "stream" / "stream.h5"
+    with RecordingSource.of_path(recorded).open() as stream, RecordingSource.of_path(rechunked).open() as out:
+        assert stream.attrs["complete"] and out["W"].shape == stream["W"].shape

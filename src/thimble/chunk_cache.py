@@ -10,8 +10,8 @@ is decoded and dropped after the read (each such read costs a chunk decode, and
 (``stream/``, one step per chunk) goes through the same cache, a step at a time.
 
 Every chunk is decoded by ``thimble.codec``'s checksummed reader (``decode_chunk``, or
-``thimble.record.read_steps`` for a stream), which verifies each zstd frame's checksum: a damaged chunk is a ``DataError`` naming the file, the dataset
-and the steps, and nothing damaged is ever cached.
+``thimble.recording_reader.read_steps`` for a stream), which verifies each zstd frame's checksum: a damaged
+chunk is a ``DataError`` naming the file, the dataset and the steps, and nothing damaged is ever cached.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def chunk_steps(dataset: h5py.Dataset) -> int:
 
 def stored_bits(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
     """Steps [start, stop) as their stored bits (unsigned integers of the element size), checksums verified."""
-    from thimble.record import read_steps
+    from thimble.recording_reader import read_steps
 
     values = read_steps(dataset, start, stop)
     return values.view(BITS_DTYPES[values.dtype.itemsize])

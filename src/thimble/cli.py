@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 
+from thimble.outputs import FREEZE_OUTPUTS
 from thimble.usage import write_usage
 
 
@@ -117,7 +118,7 @@ def _rechunk(args) -> None:
 
 
 def _verify_stream(args) -> None:
-    from thimble.record import verify_stream
+    from thimble.stream_reader import verify_stream
 
     verify_stream(args.stream, threads=args.threads)
 
@@ -139,11 +140,8 @@ def _replay(args) -> None:
 def _freeze(args) -> None:
     from thimble.freeze import analyse
 
-    analyse(args.recording, _settings(args.settings), {
-        "freeze": args.freeze, "cycles": args.cycles, "tokens": args.tokens, "classes": args.classes,
-        "lattice_positions": args.lattice_positions, "variance": args.variance, "token_steps": args.token_steps,
-        "summary": args.summary}, delta_path=args.delta, threads=args.threads, drivers_path=args.drivers,
-        tokenizer_path=args.tokenizer)
+    analyse(args.recording, _settings(args.settings), {name: getattr(args, name) for name in FREEZE_OUTPUTS},
+            delta_path=args.delta, threads=args.threads, drivers_path=args.drivers, tokenizer_path=args.tokenizer)
 
 
 def _freeze_drivers(args) -> None:
@@ -310,7 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lattice)
 
     p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
-    p.add_argument("--recording", required=True, help="recording.h5, or the stream folder it was rechunked from")
+    # --stream: the option's name before replay read recording.h5, kept so that old command lines still run
+    p.add_argument("--recording", "--stream", dest="recording", required=True,
+                   help="recording.h5, or the stream folder it was rechunked from (--stream: a deprecated alias)")
     p.add_argument("--table", required=True, help="per-step CSV")
     p.add_argument("--summary", required=True, help="JSON summary")
     p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
@@ -324,8 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", help="the lattice stage's ΔW′ file (read for its exactness flag)")
     p.add_argument("--recording", required=True)
     p.add_argument("--tokenizer", help="the dataset's tokenizer.json, for token_freeze.csv's token_text column")
-    for name in ("freeze", "cycles", "tokens", "classes", "lattice-positions", "variance", "token-steps", "summary"):
-        p.add_argument(f"--{name}", required=True)
+    for name in FREEZE_OUTPUTS:
+        p.add_argument(f"--{name.replace('_', '-')}", required=True)
     p.add_argument("--drivers", help="the freeze_drivers stage's JSON, copied into the summary as `drivers`")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze)

@@ -398,7 +398,7 @@ DEFINITION = ("per step t: u = −lr·m̂/(√v̂+ε) from the recorded bf16 exp
 
 def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
     """(first step, {name: (rows, V·D) bits}) of several tensors at once, each decoded in its own thread."""
-    from thimble.record import recorded_blocks
+    from thimble.recording_reader import recorded_blocks
 
     iterators = [recorded_blocks(handle, name, block_rows) for name in names]
     while True:
@@ -421,7 +421,7 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
 
     from thimble.workers import WorkerPool
     from thimble.tables import write_csv
-    from thimble.record import open_h5, read_checked
+    from thimble.recording_format import open_h5, read_checked
 
     with open_h5(recording) as handle:
         attrs = dict(handle.attrs)

@@ -32,6 +32,7 @@ import numpy as np
 
 from thimble.bf16 import BFLOAT16
 from thimble.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
+from thimble.outputs import FREEZE_OUTPUTS
 from thimble.tables import write_csv
 from thimble.update_rules import rule_of
 
@@ -423,7 +424,8 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     from tqdm.auto import tqdm
 
     from thimble.workers import WorkerPool, thread_spans
-    from thimble.record import open_h5, recorded_blocks
+    from thimble.recording_format import open_h5
+    from thimble.recording_reader import recorded_blocks
 
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         n_steps, vocab, hidden = handle["W"].shape
@@ -495,7 +497,8 @@ class DeltaRows:
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
     share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
-    from thimble.record import open_h5, recorded_blocks
+    from thimble.recording_format import open_h5
+    from thimble.recording_reader import recorded_blocks
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
@@ -542,7 +545,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     from thimble.config import settings_hash
     from thimble.files import atomic_output
     from thimble.provenance import stage_provenance
-    from thimble.record import open_h5, read_checked
+    from thimble.recording_format import open_h5, read_checked
     from thimble.tokenizer import token_texts
 
     analysis = settings["analysis"]
@@ -568,8 +571,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     write_csv(outputs["lattice_positions"], lattice_position_table(steps))
     write_csv(outputs["variance"], variance_by_group(recording, groups))
     provenance = stage_provenance(recording, source_attrs, settings_hash(settings),
-                                  [outputs[name] for name in ("freeze", "cycles", "tokens", "classes",
-                                                              "lattice_positions", "variance")])
+                                  [outputs[name] for name, file in FREEZE_OUTPUTS.items() if file.endswith(".csv")])
     with atomic_output(outputs["token_steps"]) as tmp:
         with h5py.File(tmp, "w") as out:
             # Fletcher32: HDF5 verifies every chunk as the figures read it

@@ -158,7 +158,7 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
     half a chunk of W plus the compressed output.
     """
     from thimble.files import atomic_output
-    from thimble.record import open_h5
+    from thimble.recording_format import open_h5
     from thimble.workers import WorkerPool
 
     with open_h5(recording) as source, WorkerPool(threads) as pool, atomic_output(output) as tmp:
@@ -179,7 +179,8 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
 
     from thimble.codec import CHUNK_CHECKSUM, FrameEncoder, window_log_for, write_chunk, zstd_dcpl
     from thimble.h5_datasets import create_dataset
-    from thimble.record import create_checked_array, recorded_blocks
+    from thimble.recording_format import create_checked_array
+    from thimble.recording_reader import recorded_blocks
     from thimble.workers import thread_spans
 
     w = source["W"]

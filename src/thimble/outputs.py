@@ -3,19 +3,32 @@
 Kept free of heavy imports: the Snakefile reads it while building the DAG.
 """
 
+#: the recorded tensors' files under results/{experiment}/: the stream directory training writes (its
+#: stream.h5 over the segments) and the file rechunk makes of it
+STREAM_DIR = "stream"
+STREAM_FILE = "stream.h5"
+RECORDING_FILE = "recording.h5"
+
 #: figures/{name}.png of an experiment, each with a caption workflow/report/{name}.rst
 FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions",
            "drivers")
+
+#: the freeze stage's files under results/{experiment}/, each under its key in ``thimble.freeze.analyse``'s outputs,
+#: which is also its option of ``thimble freeze`` ("-" for "_") and its name in the freeze rule's output
+#: (but ``variance``, which the rule has always called ``exp_avg_sq``); the .csv files are its tables
+FREEZE_OUTPUTS = {
+    "freeze": "freeze.csv", "cycles": "freeze_cycles.csv", "tokens": "token_freeze.csv",
+    "classes": "displacement_classes.csv", "lattice_positions": "lattice_positions.csv", "variance": "exp_avg_sq.csv",
+    "token_steps": "token_displacement.h5", "summary": "summary.json",
+}
 
 #: the files of an experiment under results/{experiment}/, each with the stage (rule) that writes it, for the
 #: notebook API's messages; the rules declare them, and tests/test_plan.py checks this list against
 #: what Snakemake says the rules make
 EXPERIMENT_FILES = {
-    "stream": "train", "recording.h5": "rechunk", "delta_w_lattice.h5": "lattice",
+    STREAM_DIR: "train", RECORDING_FILE: "rechunk", "delta_w_lattice.h5": "lattice",
     "replay.csv": "replay", "replay.json": "replay", "update_ratio.csv": "replay",
-    "freeze.csv": "freeze", "freeze_cycles.csv": "freeze", "token_freeze.csv": "freeze",
-    "displacement_classes.csv": "freeze", "lattice_positions.csv": "freeze", "exp_avg_sq.csv": "freeze",
-    "token_displacement.h5": "freeze", "summary.json": "freeze",
+    **dict.fromkeys(FREEZE_OUTPUTS.values(), "freeze"),
     "freeze_drivers.csv": "freeze_drivers", "freeze_drivers.json": "freeze_drivers", "summary.html": "figures",
     **{f"figures/{name}.png": "figures" for name in FIGURES},
 }

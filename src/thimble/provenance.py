@@ -93,7 +93,7 @@ class Stale:
 
 
 def _read_attrs(path: Path) -> dict:
-    from thimble.record import open_h5
+    from thimble.recording_format import open_h5
 
     with open_h5(path) as handle:
         return dict(handle.attrs)

@@ -84,7 +84,7 @@ def write_rechunked(out: h5py.File, name: str, h5type: h5py.h5t.TypeID, shape: t
 def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
                    pool: WorkerPool, progress: tqdm) -> str:
     """Copy one tensor of the stream into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record import read_stream_rows
+    from thimble.stream_reader import read_stream_rows
 
     name = source.name.lstrip("/")
 
@@ -104,7 +104,8 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     name only when complete and verified.
     """
     from thimble.files import atomic_output
-    from thimble.record import create_checked_array, open_stream, read_checked, stream_tensors
+    from thimble.recording_format import create_checked_array, read_checked, stream_tensors
+    from thimble.stream_reader import open_stream
 
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:

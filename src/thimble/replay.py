@@ -166,15 +166,17 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
 
 class RecordedRows:
     """A recording's stored bits, row range by row range, in step order: from recording.h5 (each chunk
-    decoded once, ``thimble.record.RecordingRows``) or from a stream folder (its segments' one-step chunks,
+    decoded once, ``thimble.recording_reader.RecordingRows``) or from a stream folder (its segments' one-step chunks,
     decoded in the pool's threads). A float16 recording's values are read back as bf16 either way."""
 
     def __init__(self, path: str, block_rows: int):
-        from thimble.record import RecordingRows, open_h5, open_stream, stream_tensors
+        from thimble.recording_format import stream_tensors
+        from thimble.recording_reader import RecordingRows, RecordingSource
 
         self.path = path
-        self.is_stream = Path(path).is_dir()
-        self._handle = open_stream(path) if self.is_stream else open_h5(path)
+        self._source = RecordingSource.of_path(path)
+        self.is_stream = self._source.is_stream
+        self._handle = self._source.open()
         self.attrs = {key: (value.decode() if isinstance(value, bytes) else value)
                       for key, value in self._handle.attrs.items()}
         self.shape = self._handle["W"].shape
@@ -182,7 +184,7 @@ class RecordedRows:
         self._rows = None if self.is_stream else RecordingRows(self._handle, block_rows)
 
     def read(self, name: str, start: int, stop: int, out: np.ndarray, pool: WorkerPool) -> None:
-        from thimble.record import read_stream_rows
+        from thimble.stream_reader import read_stream_rows
 
         if self._rows is not None:
             self._rows.read(name, start, stop, out)
@@ -194,7 +196,7 @@ class RecordedRows:
     @property
     def file(self) -> Path:
         """The HDF5 file the attributes come from (a stream's stream.h5)."""
-        return Path(self.path) / "stream.h5" if self.is_stream else Path(self.path)
+        return self._source.file
 
     def finish(self) -> None:
         """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
@@ -223,7 +225,7 @@ def replay_recording(recording: str, output_csv: str, output_json: str, ratio_cs
 
 def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str, threads: int,
             block_steps: int) -> dict:
-    from thimble.record import TENSORS
+    from thimble.recording_format import TENSORS
 
     attrs, shape = source.attrs, source.shape
     rule = rule_of(attrs)

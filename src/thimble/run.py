@@ -31,7 +31,9 @@ import numpy as np
 
 from thimble.chunk_cache import ChunkCache
 from thimble.codec import require_zstd_filter
-from thimble.record import STREAM_FILE, open_h5, open_stream, read_checked
+from thimble.outputs import RECORDING_FILE, STREAM_DIR, STREAM_FILE
+from thimble.recording_format import open_h5, read_checked
+from thimble.recording_reader import RecordingSource
 from thimble.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
 
 if TYPE_CHECKING:
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     import torch
     import xarray
 
-RECORDING_FILE = "recording.h5"
 DELTA_W_FILE = "delta_w_lattice.h5"
 SOURCES = ("auto", "recording", "stream")
 MASKS = ("live_mask", "dead_mask", "live_ids", "dead_ids")
@@ -90,25 +91,21 @@ class Run:
         """recording.h5 if present (or asked for), else the stream."""
         if "recording" not in self._files:
             require_zstd_filter()
-            recording = self.directory / RECORDING_FILE
-            stream = self.directory / "stream"
-            if self.requested_source == "recording" or (self.requested_source == "auto" and recording.exists()):
-                if not recording.exists():
-                    raise FileNotFoundError(f"{recording} does not exist: make it with "
-                                            f"{make_target(self.directory, RECORDING_FILE)}")
-                self._files["recording"] = open_h5(recording)
-                if (self.directory / ".partial").exists():
-                    from thimble.provenance import StaleResultWarning
+            source = RecordingSource.in_results(self.directory, self.requested_source)
+            if source is None:
+                raise FileNotFoundError(f"{self.directory} holds no recording (neither {RECORDING_FILE} nor "
+                                        f"{STREAM_DIR}/{STREAM_FILE}): make it with "
+                                        f"{make_target(self.directory, RECORDING_FILE)}")
+            if not source.is_stream and not source.path.exists():
+                raise FileNotFoundError(f"{source.path} does not exist: make it with "
+                                        f"{make_target(self.directory, RECORDING_FILE)}")
+            self._files["recording"] = source.open()
+            if not source.is_stream and (self.directory / ".partial").exists():
+                from thimble.provenance import StaleResultWarning
 
-                    warnings.warn(f"{self.directory / '.partial'} exists: a training of {self.experiment} is under "
-                                  f"way or was interrupted, so {recording} is the previous training's",
-                                  StaleResultWarning, stacklevel=4)
-            elif (stream / STREAM_FILE).exists():
-                self._files["recording"] = open_stream(stream)
-            else:
-                raise FileNotFoundError(
-                    f"{self.directory} holds no recording (neither {RECORDING_FILE} nor stream/{STREAM_FILE}): "
-                    f"make it with {make_target(self.directory, RECORDING_FILE)}")
+                warnings.warn(f"{self.directory / '.partial'} exists: a training of {self.experiment} is under "
+                              f"way or was interrupted, so {source.path} is the previous training's",
+                              StaleResultWarning, stacklevel=4)
         return self._files["recording"]
 
     def _tensor(self, name: str) -> StepSeries:
@@ -146,7 +143,7 @@ class Run:
     @property
     def recorded_tensors(self) -> dict[str, str]:
         """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
-        from thimble.record import stream_tensors
+        from thimble.recording_format import stream_tensors
 
         return stream_tensors(self._recording())
 

@@ -91,7 +91,7 @@ class StepSeries:
     def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache):
         self._dataset, self.name, self._cache = dataset, name, cache
         self._chunks = TensorChunks.of(dataset)
-        from thimble.record import is_bfloat16
+        from thimble.recording_format import is_bfloat16
 
         self.bfloat16 = is_bfloat16(dataset)
         #: the stored values' numpy dtype (ml_dtypes.bfloat16 for bf16 tensors)

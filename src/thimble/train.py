@@ -41,6 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,9 @@ from thimble.host_copy import HostCopies
 from thimble.model import (CUBLAS_WORKSPACE_CONFIG, TrainingError, build_model, build_optimizer,  # noqa: F401
                            deterministic_math, loss_path, select_device)
 from thimble.cpu import this_cpu
-from thimble.record import StreamRecorder, list_segments, write_stream_file
+from thimble.recording_format import list_segments
 from thimble.sizes import training_footprint
+from thimble.stream_writer import StreamRecorder, write_stream_file
 from thimble.update_rules import recorded_tensors
 from thimble.tokenizer import load_token_ids
 
@@ -462,12 +464,64 @@ def first_pass(check: DeterminismCheck, model, optimizer: UpdateRule, batches: B
     check.seconds = time.perf_counter() - started
 
 
+@dataclass
+class Session:
+    """One training session's device, inputs, model and optimizer, as ``set_up`` makes them."""
+
+    settings: dict
+    device: torch.device
+    #: what deterministic math set (recorded as the stream's attributes)
+    determinism: dict
+    masks: dict
+    key: dict
+    model: torch.nn.Module
+    optimizer: UpdateRule
+    batches: BatchStream
+    wte: torch.nn.Parameter
+    lookup: str
+    tensors: dict[str, str]
+
+
+#: what a step records and its checkpoint's state (or None), held back until the determinism check has passed
+HeldSteps = list[tuple[StepBits, "dict | None"]]
+
+
 def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, partial_dir: Path,
            threads: int, determinism_check_steps: int) -> None:
+    """One training session, phase by phase: set up and seed, resume (or hold step 0), open the recorder, run
+    the loop (its steps held until the determinism check has passed, then committed), write the stream."""
+    session = set_up(settings, tokens_path, masks_path, partial_dir)
+    resume = load_resume_state(partial_dir, session.key)
+    recorder, compression_threads = open_recorder(session, partial_dir, threads)
+    start, earlier_checks, held = start_or_resume(session, resume, recorder)
+    steps = settings["training"]["steps"]
+    session.model.train()
+    copies = HostCopies(session.device)
+    check = DeterminismCheck(str(session.device), start + 1, min(determinism_check_steps, steps - start),
+                             determinism_check_steps)
+
+    def session_checks() -> list[dict]:
+        return earlier_checks + [check.result()] if steps > start else earlier_checks
+
+    # a held step is recorded (and its checkpoint written once durable) only after the check has passed
+    def commit(bits: StepBits, checkpoint_state: dict | None) -> None:
+        recorder.record(bits.step, bits.tensors, bits.loss)
+        if checkpoint_state is not None:
+            checkpoint_state["determinism_checks"] = session_checks()
+            recorder.checkpoint(bits.step, lambda s, state=checkpoint_state: save_checkpoint(partial_dir, state))
+
+    elapsed, first_step_seconds = train_steps(session, recorder, check, start, held, commit, copies)
+    log_session(session, recorder, check, start, elapsed)
+    attrs = stream_attrs(session, compression_threads, session_checks(), check, start, elapsed, first_step_seconds)
+    finish_stream(session, partial_dir, output_dir, attrs)
+
+
+def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path) -> Session:
+    """The device and its deterministic math, the inputs checked (tokens, masks, free disk), then seeds,
+    data, model and optimizer in the seed's order."""
     model_settings, training, record = settings["model"], settings["training"], settings["record"]
-    steps, vocab, hidden = training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"]
-    math_threads = training["math_threads"]
-    torch.set_num_threads(math_threads)
+    vocab = model_settings["vocab_size"]
+    torch.set_num_threads(training["math_threads"])
     # before anything can initialise CUDA (it reads this when it creates the cuBLAS handle)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
     device = select_device(training["device"])
@@ -501,49 +555,59 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     use_lookup_backward(model, lookup)
     # explicit, so that the recording names the kernels that produced it (the replay rebuilds them)
     optimizer = build_optimizer(model, training, device)
-    implementation = optimizer.implementation
-    batches = BatchStream(loader, generator)
-    wte = model.transformer.wte.weight
+    return Session(settings, device, determinism, masks, key, model, optimizer, BatchStream(loader, generator),
+                   model.transformer.wte.weight, lookup, recorded_tensors(training["update_rule"], record["dtype"]))
 
-    resume = load_resume_state(partial_dir, key)
-    tensors = recorded_tensors(training["update_rule"], record["dtype"])
+
+def open_recorder(session: Session, partial_dir: Path, threads: int) -> tuple[StreamRecorder, int]:
+    """The stream's recorder in ``partial_dir``, and its compression threads."""
+    settings, device = session.settings, session.device
+    model_settings, training, record = settings["model"], settings["training"], settings["record"]
     # on a GPU the loop keeps a core busy launching kernels: the recorder compresses on the others
     compression_threads = max(1, threads - 1) if device.type == "cuda" else max(1, threads)
-    recorder = StreamRecorder(partial_dir, (vocab, hidden), steps, storage=record["dtype"], tensors=tensors,
+    recorder = StreamRecorder(partial_dir, (model_settings["vocab_size"], model_settings["hidden_dim"]),
+                              training["steps"], storage=record["dtype"], tensors=session.tensors,
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
                               level=record["compression_level"], threads=compression_threads)
     log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; lookups' "
-             "backward on the %s; %s", math_threads, compression_threads, lookup, determinism)
-    # held back until the determinism check has passed: (what a step records, its checkpoint's state or None)
-    held: list[tuple[StepBits, dict | None]] = []
+             "backward on the %s; %s", training["math_threads"], compression_threads, session.lookup,
+             session.determinism)
+    return recorder, compression_threads
+
+
+def start_or_resume(session: Session, resume: dict | None,
+                    recorder: StreamRecorder) -> tuple[int, list[dict], HeldSteps]:
+    """The last step already recorded, the earlier sessions' determinism checks and the steps held back:
+    a fresh run holds step 0 (W as initialised, empty optimizer state); a resumed one takes the model,
+    optimizer and data order of its checkpoint."""
+    settings, model, optimizer, batches = session.settings, session.model, session.optimizer, session.batches
+    held: HeldSteps = []
     if resume is None:
-        start, earlier_checks = 0, []
+        wte, tensors = session.wte, session.tensors
         step_zero = StepBits(0, {"W": wte.detach().to("cpu", copy=True), **initial_state(tensors, wte)}, float("nan"))
-        held.append((step_zero, snapshot(0, model, optimizer, batches, key) if recorder.is_segment_end(0) else None))
+        held.append((step_zero, snapshot(0, model, optimizer, batches, session.key)
+                     if recorder.is_segment_end(0) else None))
+        model_settings, training = settings["model"], settings["training"]
         log.info("recording %s: steps 0..%d, %d x %d, update rule %s (%s), tensors %s, on %s", settings["name"],
-                 steps, vocab, hidden, training["update_rule"], implementation,
-                 ", ".join(f"{name} as {dtype}" for name, dtype in tensors.items()), device)
-    else:
-        start, earlier_checks = resume["step"], resume.get("determinism_checks", [])
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        batches.restore(resume["data"])
-        log.info("resuming %s after step %d of %d", settings["name"], start, steps)
+                 training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"],
+                 training["update_rule"], optimizer.implementation,
+                 ", ".join(f"{name} as {dtype}" for name, dtype in tensors.items()), session.device)
+        return 0, [], held
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    batches.restore(resume["data"])
+    log.info("resuming %s after step %d of %d", settings["name"], resume["step"], settings["training"]["steps"])
+    return resume["step"], resume.get("determinism_checks", []), held
 
-    model.train()
-    copies = HostCopies(device)
-    check = DeterminismCheck(str(device), start + 1, min(determinism_check_steps, steps - start),
-                             determinism_check_steps)
 
-    def session_checks() -> list[dict]:
-        return earlier_checks + [check.result()] if steps > start else earlier_checks
-
-    def commit(bits: StepBits, checkpoint_state: dict | None) -> None:
-        recorder.record(bits.step, bits.tensors, bits.loss)
-        if checkpoint_state is not None:
-            checkpoint_state["determinism_checks"] = session_checks()
-            recorder.checkpoint(bits.step, lambda s, state=checkpoint_state: save_checkpoint(partial_dir, state))
-
+def train_steps(session: Session, recorder: StreamRecorder, check: DeterminismCheck, start: int, held: HeldSteps,
+                commit, copies: HostCopies) -> tuple[float, float]:
+    """The determinism check's first pass, then steps ``start + 1``.. recorded, each ``commit``-ted once
+    the check has passed; the recorder closed (aborted on any failure). Returns the loop's seconds and
+    its first step's."""
+    settings, model, optimizer, batches, device = (session.settings, session.model, session.optimizer,
+                                                   session.batches, session.device)
+    steps = settings["training"]["steps"]
     try:
         if check.steps:  # before the clock starts: the session's step rate stays the recorded run's own
             first_pass(check, model, optimizer, batches, device, copies)
@@ -554,8 +618,8 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
                         ascii=not sys.stderr.isatty())
         for step in progress:
             bits = train_step(step, model, optimizer, batches, device, copies, wait=check.covers(step))
-            held.append((bits, snapshot(step, model, optimizer, batches, key) if recorder.is_segment_end(step)
-                         else None))
+            held.append((bits, snapshot(step, model, optimizer, batches, session.key)
+                         if recorder.is_segment_end(step) else None))
             if check.covers(step):
                 check.compare_step(bits)
                 if step == check.last_step:
@@ -574,25 +638,41 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     except BaseException:
         recorder.abort()
         raise
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started, first_step_seconds
+
+
+def log_session(session: Session, recorder: StreamRecorder, check: DeterminismCheck, start: int,
+                elapsed: float) -> None:
+    """The session's step rate, its determinism check and what float16 storage altered."""
+    model_settings, training, record = (session.settings["model"], session.settings["training"],
+                                        session.settings["record"])
+    steps = training["steps"]
     log.info("trained steps %d..%d in %.1f s (%.2f steps/s)", start + 1, steps, elapsed,
              (steps - start) / elapsed if elapsed > 0 else math.inf)
     if check.steps:
         log.info("determinism check on %s: steps %d..%d ran twice and agree bit for bit (%d elements; %.1f s)",
-                 device, check.first_step, check.last_step, check.elements_compared, check.seconds)
+                 session.device, check.first_step, check.last_step, check.elements_compared, check.seconds)
     elif steps > start:
         log.info("determinism check off (training.determinism_check_steps: 0)")
     if record["dtype"] == "float16":
-        total = vocab * hidden * steps
+        total = model_settings["vocab_size"] * model_settings["hidden_dim"] * steps
         for name, altered in recorder.float16_altered.items():
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
-    attrs = {**hyperparameter_attrs(settings), **provenance(device, math_threads, compression_threads), **determinism,
-             "optimizer_impl": implementation, "update_rule": training["update_rule"], "lookup_backward": lookup,
+
+def stream_attrs(session: Session, compression_threads: int, checks: list[dict], check: DeterminismCheck,
+                 start: int, elapsed: float, first_step_seconds: float) -> dict:
+    """The stream's attributes: settings, provenance, determinism, this session's step rate, the masks' counts."""
+    settings, device, masks = session.settings, session.device, session.masks
+    training = settings["training"]
+    steps = training["steps"]
+    attrs = {**hyperparameter_attrs(settings), **provenance(device, training["math_threads"], compression_threads),
+             **session.determinism, "optimizer_impl": session.optimizer.implementation,
+             "update_rule": training["update_rule"], "lookup_backward": session.lookup,
              "loss_path": loss_path(device)}
-    attrs["resume_key"] = json.dumps(key, sort_keys=True)
-    attrs["determinism_check"] = determinism_attr(session_checks())
+    attrs["resume_key"] = json.dumps(session.key, sort_keys=True)
+    attrs["determinism_check"] = determinism_attr(checks)
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
     attrs["session_trained_steps"] = steps - start
     attrs["session_training_seconds"] = elapsed
@@ -600,9 +680,16 @@ def _train(settings: dict, tokens_path: str, masks_path: str, output_dir: Path, 
     attrs["session_determinism_check_seconds"] = check.seconds
     attrs["n_live"] = int(masks["live_mask"].sum())
     attrs["n_dead"] = int(masks["dead_mask"].sum())
+    return attrs
+
+
+def finish_stream(session: Session, partial_dir: Path, output_dir: Path, attrs: dict) -> None:
+    """The stream's file (masks, attributes) written, the resume state removed, the stream moved into place."""
+    model_settings, record, masks = session.settings["model"], session.settings["record"], session.masks
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
                    "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
-    write_stream_file(partial_dir, (vocab, hidden), steps, record["dtype"], mask_arrays, attrs, tensors)
+    write_stream_file(partial_dir, (model_settings["vocab_size"], model_settings["hidden_dim"]),
+                      session.settings["training"]["steps"], record["dtype"], mask_arrays, attrs, session.tensors)
     for name in (CHECKPOINT, PREVIOUS_CHECKPOINT, CHECKPOINT_SHA256):
         (partial_dir / name).unlink(missing_ok=True)
     os.replace(partial_dir, output_dir)
