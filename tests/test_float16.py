@@ -178,7 +178,8 @@ def test_a_float16_experiment_with_a_bf16_training_twin_is_a_view():
     assert training_twin(experiments, "thimble_small_float16") == "thimble_small"
     assert training_twin(experiments, "thimble_7") is None  # bf16: trains
     assert float16_view_of(experiments, "thimble_small") == "thimble_small_float16"
-    assert float16_views(experiments) == {"thimble_6": "thimble_7", "thimble_small_float16": "thimble_small"}
+    assert float16_views(experiments) == {"thimble_6": "thimble_7", "thimble_small_float16": "thimble_small",
+                                          "thimble_wide_float16": "thimble_wide"}
 
 
 def test_the_twin_rule_compares_dataset_model_and_training_only():

@@ -258,7 +258,8 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
     from thimble.files import atomic_output
     from thimble.tables import write_csv
     from thimble.provenance import computed_from
-    from thimble.record import open_h5, recorded_blocks
+    from thimble.recording_format import open_h5
+    from thimble.recording_reader import recorded_blocks
 
     classes = cast_classes()
     per_step, band_rows, totals = [], [], {}

@@ -97,7 +97,8 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
     under its final name only when complete and verified."""
     from thimble.files import atomic_output
     from thimble.rechunk import write_rechunked
-    from thimble.record import RecordingRows, create_checked_array, open_h5, read_checked, storage_h5type
+    from thimble.recording_format import create_checked_array, open_h5, read_checked, storage_h5type
+    from thimble.recording_reader import RecordingRows
 
     twin_recording, output = Path(twin_recording), Path(output)
     tensors = recorded_tensors("bf16", "float16")
