@@ -57,7 +57,9 @@ class ThimbleBackendEntrypoint(BackendEntrypoint):
     """``engine="thimble"``: a thimble recording (recording.h5, stream/stream.h5 or the results folder)."""
 
     description = "thimble recordings: W and the optimizer state per step, bit for bit, read lazily"
-    url = (source_checkout() / "docs" / "notebook.md").as_uri()
+    # the project has no public address: its notebook guide in a checkout (an installed copy carries no docs)
+    url = (source_checkout() / "docs" / "notebook.md").as_uri() \
+        if (source_checkout() / "docs" / "notebook.md").is_file() else ""
     open_dataset_parameters = ("filename_or_obj", "drop_variables", "dtype", "cache_bytes")
 
     def open_dataset(self, filename_or_obj, *, drop_variables=None, dtype: str = "float32",
