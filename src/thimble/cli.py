@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- issue 29: the float16 view of a bf16 recording and its effect (a block of its own) ------------------
+# -- the float16 view of a bf16 recording and its effect (docs/float16.md) ------------------------------
 
 def _float16_view(args) -> None:
     from thimble.float16_view import write_float16_view
