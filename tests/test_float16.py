@@ -265,15 +265,22 @@ def test_the_view_refuses_a_twin_of_other_settings(data, tmp_path):
 
 # -- the stages end to end on the mini config --------------------------------------------------------
 
-def test_view_and_effect_stages_end_to_end(mini_data, capsys):
+def test_view_and_effect_stages_end_to_end(mini_data, tmp_path, capsys):
     """thimble_mini_f16 trains with float16 storage; thimble_mini_f16_view (same settings) is derived from
     thimble_mini's recording by the workflow: its recording decodes to the same bits, its analysis is the
     same, and thimble_mini's float16_effect lists the differences from the exact run."""
+    import shutil
+
     import h5py
 
-    from conftest import mini_series_config
+    from conftest import mini_series_config, write_offline_config
     from thimble.record import read_steps
 
+    # a directory of its own beside the shared data stages: its runs, logs and the plan's probes must not
+    # become the other tests' (test_workflow reads thimble_mini's train.log and probes in mini_data)
+    write_offline_config(tmp_path)
+    shutil.copytree(mini_data / "results/data", tmp_path / "results/data")
+    mini_data = tmp_path
     config = mini_series_config()
     config["experiments"]["thimble_mini_f16_view"] = {**config["experiments"]["thimble_mini"],
                                                       "record": {"segment_steps": 20, "dtype": "float16"}}
