@@ -3,7 +3,7 @@
 Two parts, each pure at the core:
 
 - **The cast, per tensor and step.** Every bf16 bit pattern is classified once (``cast_classes``) by the
-  recorder's cast (``thimble.float16_view.float16_bits``): whether float16 storage changed its value
+  recorder's cast (``thimble.float16_view.float16_table``): whether float16 storage changed its value
   (NaN stays NaN, ±0 and ±inf stay), zeroed it (a nonzero value stored as ±0: |x| ≤ 2^-25), or overflowed it
   (a finite value stored as ±inf: |x| > 65504), and its binary exponent floor(log2|x|). A block of recorded
   rows is then a histogram of bit patterns per row (``row_histograms``), and every count is that histogram
@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
+from thimble.update_rules import recorded_tensors
+
 log = logging.getLogger(__name__)
 
-#: the recorded tensors the effect is measured on (the bf16 rule's)
-TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
+#: the recorded tensors the effect is measured on (the bf16 rule's, as the view stores them)
+TENSORS = tuple(recorded_tensors("bf16", "float16"))
 #: bits of a class code (``cast_classes``): what float16 storage did to a bf16 value
 CHANGED, ZEROED, OVERFLOWED = 1, 2, 4
 #: exponent bands: floor(log2|x|) of finite nonzero bf16 values spans -133 (smallest subnormal) .. 127
@@ -53,18 +55,15 @@ def cast_classes() -> dict[str, np.ndarray]:
     (CHANGED | ZEROED | OVERFLOWED bits), ``exponent`` (floor(log2|x|) for finite nonzero x, else 0),
     ``finite_nonzero`` and ``magnitude`` (|x| as float64, exact)."""
     from thimble.bf16 import all_bfloat16
-    from thimble.float16_view import float16_bits
+    from thimble.float16_view import float16_table
 
-    exact_values = all_bfloat16()
-    stored_bits, _ = float16_bits(exact_values.view(np.uint16))
+    stored_bits, altered = float16_table()
     with np.errstate(invalid="ignore"):  # NaN patterns stay NaN
-        exact = exact_values.astype(np.float64)  # bf16 -> float64 is exact
+        exact = all_bfloat16().astype(np.float64)  # bf16 -> float64 is exact
         stored = stored_bits.view(np.float16).astype(np.float64)  # float16 -> float64 is exact
-    with np.errstate(invalid="ignore"):
-        kept = (stored == exact) | (np.isnan(stored) & np.isnan(exact))
     zeroed = (exact != 0) & (stored == 0)
     overflowed = np.isfinite(exact) & np.isinf(stored)
-    code = (np.where(kept, 0, CHANGED) | np.where(zeroed, ZEROED, 0) | np.where(overflowed, OVERFLOWED, 0))
+    code = (np.where(altered, CHANGED, 0) | np.where(zeroed, ZEROED, 0) | np.where(overflowed, OVERFLOWED, 0))
     finite_nonzero = np.isfinite(exact) & (exact != 0)
     _, exponent = np.frexp(np.where(finite_nonzero, exact, 1.0))
     return {"float16_bits": stored_bits, "code": code.astype(np.uint8),

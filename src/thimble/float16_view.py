@@ -17,6 +17,7 @@ recording's identity, ``thimble.provenance``) and ``float16_altered`` (values th
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -36,7 +37,7 @@ from thimble.update_rules import recorded_tensors
 
 log = logging.getLogger(__name__)
 
-#: rows of the twin cast at a time (the cast holds float32 copies: a few times the rows' bytes)
+#: rows of the twin read and cast at a time
 CAST_BLOCK_ROWS = 16
 
 
@@ -44,11 +45,29 @@ class Float16ViewError(DataError):
     """The twin's recording cannot give this experiment's float16 view."""
 
 
+@functools.cache
+def float16_table() -> tuple[np.ndarray, np.ndarray]:
+    """Per bf16 bit pattern (index 0..65535): the float16 bits the recorder stores, and whether that altered
+    the value. The recorder's cast (``to_float16_counting``) is applied once to every pattern; it is
+    elementwise, so a block of recorded bits is cast by looking its patterns up, without torch per block."""
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    values, altered_count = to_float16_counting(bits_to_torch(patterns))
+    exact = bits_to_torch(patterns).float().numpy()
+    back = values.astype(np.float32)
+    altered = (back != exact) & ~(np.isnan(back) & np.isnan(exact))  # to_float16_counting's rule, per pattern
+    if int(altered.sum()) != altered_count:
+        raise AssertionError(f"{int(altered.sum())} patterns altered per pattern, {altered_count} by the cast")
+    stored = values.view(np.uint16)
+    stored.setflags(write=False)
+    altered.setflags(write=False)
+    return stored, altered
+
+
 def float16_bits(bf16_bits: np.ndarray) -> tuple[np.ndarray, int]:
-    """The float16 bits the recorder stores for bf16 bit patterns, and how many values the cast altered:
-    ``to_float16_counting`` itself, the recorder's cast (never a re-derivation of it)."""
-    values, altered = to_float16_counting(bits_to_torch(bf16_bits))
-    return values.view(np.uint16), altered
+    """The float16 bits the recorder stores for bf16 bit patterns, and how many values the cast altered
+    (``float16_table``: the recorder's own cast of each pattern, looked up)."""
+    stored, altered = float16_table()
+    return stored[bf16_bits], int(np.count_nonzero(altered[bf16_bits]))
 
 
 def check_twin(attrs, twin_recording: Path, settings: dict) -> None:
