@@ -6,7 +6,7 @@ from the same seed, for ``--steps`` steps on ``--threads`` math threads:
 - ``seed``: the Thimble 6 notebook's loop as written there: transformers' ``ForCausalLMLoss`` over the
   float32 logits, ``torch.optim.AdamW``, torch's default allocator;
 - ``thimble``: what ``thimble train`` runs on this device (``thimble.model``: the row-block loss on the
-  CPU, the configured update rule; transparent huge pages for large arrays, as the CLI sets them).
+  CPU, the configured update rule; ``thimble.host_memory``'s allocator, as the CLI sets it).
 
 Both record, at every step, the sha256 of W, grad_W, exp_avg, exp_avg_sq and the loss's bits; the bench
 fails unless every one agrees. It prints per-side seconds per step (median of the steps after the first,
@@ -51,6 +51,7 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
     import torch
 
     from thimble.config import load_config
+    from thimble.host_memory import host_allocator
     from thimble.model import build_model, build_optimizer, loss_path, use_loss_path
 
     torch.set_num_threads(threads)
@@ -140,7 +141,7 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         profile = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
                     "share": e.self_cpu_time_total / total} for e in events[:profile_ops]]
     return {"side": side, "loss_path": "transformers" if side == "seed" else loss_path(device),
-            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", ""), "threads": threads,
+            "host_allocator": host_allocator(), "threads": threads,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "digests": digests[:steps],
             "step_seconds": seconds[:steps], "recorder_close_seconds": close_seconds, "cpu_seconds_after_first_step": cpu_seconds,
             "profiled_step_seconds": seconds[steps] if profile_ops else None,
@@ -149,9 +150,7 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
 
 def side_in_subprocess(side: str, args, threads: int) -> dict:
     env = dict(os.environ)
-    env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if side != "seed":
-        env["THP_MEM_ALLOC_ENABLE"] = "1"  # what `thimble train` sets (thimble.cli)
+    env.pop("THP_MEM_ALLOC_ENABLE", None)  # thimble's side sets its allocator as `thimble train` does
     command = [sys.executable, __file__, "--side", side, "--experiment", args.experiment, "--steps", str(args.steps),
                "--threads", str(threads), "--profile-ops", str(args.profile_ops)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -210,6 +209,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.side:
         threads = args.threads[0]
+        if args.side != "seed":  # what `thimble train` sets before torch is imported (thimble.cli)
+            from thimble.host_memory import keep_freed_memory
+
+            keep_freed_memory()
         print(json.dumps(run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)))
         return 0
     if args.recorder:

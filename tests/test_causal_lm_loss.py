@@ -116,3 +116,29 @@ def test_refuses_what_the_seed_never_computes():
     logits, labels = bf16_logits((1, 4, 10), seed=8), torch.zeros((1, 4), dtype=torch.long)
     with pytest.raises(ValueError, match="CPU only"):
         row_block_causal_lm_loss(logits, labels, vocab_size=10, num_items_in_batch=torch.tensor(3))
+
+
+def test_the_pools_threads_run_their_kernels_on_themselves_alone():
+    """Each pool thread's kernels on one OpenMP thread (not a team of its own per kernel, which would put
+    twice the cores' threads on the cores); the process's intra-op count stays as it was."""
+    from thimble.causal_lm_loss import _openmp_runtime, _pool
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pool_threads = _pool(2).submit(torch.get_num_threads).result()
+        assert torch.get_num_threads() == 2
+        if _openmp_runtime() is not None:  # torch's Linux and macOS builds run on OpenMP
+            assert pool_threads == 1
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_an_openmp_torch_on_linux_finds_its_runtime():
+    import sys
+
+    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's Linux builds run on OpenMP")
+    from thimble.causal_lm_loss import _openmp_runtime
+
+    assert _openmp_runtime() is not None

@@ -16,6 +16,9 @@ float32 matrix written and read several times a step (the upcast copy, ``log_sof
   target, zeros elsewhere), torch's own ``_log_softmax_backward_data`` kernel, and the cast back to bf16
   (what the upcast's backward does), written into the one bf16 gradient of the logits.
 
+Each thread holds two float32 arrays of one block, each used in place twice. The blocks are shared out on
+torch's intra-op thread count, each thread's kernels on that thread alone (``_one_openmp_thread``).
+
 CPU kernels reduce each row of a last-dimension ``log_softmax`` on its own, so a block's rows get the bits
 the full matrix's rows get: ``tests/test_causal_lm_loss.py`` holds the loss and every gradient element
 equal to transformers' at thimble_mini's size and at thimble_7's shape. The two GEMMs of the tied LM head
@@ -35,8 +38,9 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-#: rows per block: 16 rows of a 10000-token vocabulary are 640 kB of float32, a few such arrays stay in L2
-BLOCK_ROWS = 16
+#: rows per block: 32 rows of a 10000-token vocabulary are 1.28 MB of float32, two such arrays per thread stay
+#: in cache; the fastest of 16, 32 and 64 on a 2-core AMD EPYC at 1 and 2 threads (docs/benchmarks.md)
+BLOCK_ROWS = 32
 #: the names the recording's provenance gives the two loss paths
 LOSS_PATHS = ("transformers", "row_blocks")
 
@@ -44,34 +48,6 @@ LOSS_PATHS = ("transformers", "row_blocks")
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """``ForCausalLMLoss``'s targets: the labels padded with ``-100`` and shifted by one, flattened."""
     return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous().view(-1)
-
-
-class _Scratch:
-    """The float32 arrays of one block, allocated once per call: fresh ones per block would each be new pages
-    from the kernel (their first touch costs more than the arithmetic on them)."""
-
-    def __init__(self, block_rows: int, vocab: int):
-        self.upcast, self.log_probs, self.upstream, self.grad = (
-            torch.empty((block_rows, vocab), dtype=torch.float32) for _ in range(4))
-
-    def log_softmax(self, block: torch.Tensor) -> torch.Tensor:
-        """The upcast block's log_softmax (the seed's ``logits.float()`` then ``log_softmax``)."""
-        rows = block.shape[0]
-        upcast, log_probs = self.upcast[:rows], self.log_probs[:rows]
-        upcast.copy_(block)
-        torch._log_softmax(upcast, 1, False, out=log_probs)
-        return log_probs
-
-    def gradient(self, log_probs: torch.Tensor, targets: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """The float32 gradient of the block's upcast logits, from ``nll_loss``'s backward (``value`` at each
-        target not ignored, zeros elsewhere) through ``log_softmax``'s backward kernel."""
-        rows = log_probs.shape[0]
-        upstream, grad = self.upstream[:rows], self.grad[:rows]
-        upstream.zero_()
-        kept = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-        upstream[kept, targets[kept]] = value
-        torch._log_softmax_backward_data(upstream, log_probs, 1, torch.float32, out=grad)
-        return grad
 
 
 def _row_spans(rows: int, block_rows: int, parts: int) -> list[tuple[int, int]]:
@@ -85,18 +61,40 @@ def _row_spans(rows: int, block_rows: int, parts: int) -> list[tuple[int, int]]:
 def _blocks(logits: torch.Tensor, targets: torch.Tensor, span: tuple[int, int], block_rows: int,
             picked: torch.Tensor | None, grad: torch.Tensor | None, value: torch.Tensor) -> None:
     """One span of rows, block by block: the targets' log-probabilities into ``picked`` and the gradient of
-    the logits (for ``nll_loss``'s backward ``value``) into ``grad``, each where not None."""
+    the logits (for ``nll_loss``'s backward ``value``) into ``grad``, each where not None.
+
+    Two float32 arrays of one block, allocated once per span (fresh ones per block would each be new pages
+    from the kernel, whose first touch costs more than the arithmetic on them), and each used twice: the
+    upcast block becomes its log_softmax in place, and ``nll_loss``'s backward (``value`` at each target not
+    ignored, zeros elsewhere) becomes ``log_softmax``'s backward in place. Both kernels finish reading a row
+    before they write it, so in place gives the same bits; the tests hold them to transformers'.
+    """
     lo, hi = span
-    scratch = _Scratch(min(block_rows, hi - lo), logits.shape[1])
-    safe_targets = torch.where(targets[lo:hi] != IGNORE_INDEX, targets[lo:hi], 0).unsqueeze(1)
+    rows, vocab = min(block_rows, hi - lo), logits.shape[1]
     with torch.no_grad():  # grad mode is per thread: a pool's thread does not inherit the Function's
-        for start in range(lo, hi, block_rows):
-            stop = min(start + block_rows, hi)
-            log_probs = scratch.log_softmax(logits[start:stop])
-            if picked is not None:
-                torch.gather(log_probs, 1, safe_targets[start - lo:stop - lo], out=picked[start:stop].unsqueeze(1))
-            if grad is not None:  # the upcast's backward: the cast back to the logits' dtype
-                grad[start:stop].copy_(scratch.gradient(log_probs, targets[start:stop], value))
+        log_probs = torch.empty((rows, vocab), dtype=torch.float32)
+        upstream = torch.zeros((rows, vocab), dtype=torch.float32)
+        kept = targets[lo:hi] != IGNORE_INDEX
+        # ignored rows scatter a zero onto column 0: their upstream stays all zeros, as nll_loss's backward
+        safe_targets = torch.where(kept, targets[lo:hi], 0).unsqueeze(1)
+        target_values = torch.where(kept, value, torch.zeros((), dtype=torch.float32)).unsqueeze(1)
+        zeros = torch.zeros_like(target_values)
+        pieces = [tensor.split(block_rows) for tensor in (logits[lo:hi], safe_targets, target_values, zeros)]
+        picked_blocks = picked[lo:hi].unsqueeze(1).split(block_rows) if picked is not None else None
+        grad_blocks = grad[lo:hi].split(block_rows) if grad is not None else None
+        for index, (block, block_targets, block_values, block_zeros) in enumerate(zip(*pieces)):
+            n = block.shape[0]
+            block_log_probs = log_probs if n == rows else log_probs[:n]
+            block_upstream = upstream if n == rows else upstream[:n]
+            block_log_probs.copy_(block)  # the seed's logits.float()
+            torch._log_softmax(block_log_probs, 1, False, out=block_log_probs)
+            if picked_blocks is not None:
+                torch.gather(block_log_probs, 1, block_targets, out=picked_blocks[index])
+            if grad_blocks is not None:
+                block_upstream.scatter_(1, block_targets, block_values)
+                torch._log_softmax_backward_data(block_upstream, block_log_probs, 1, torch.float32, out=block_upstream)
+                grad_blocks[index].copy_(block_upstream)  # the upcast's backward: the cast back to bf16
+                block_upstream.zero_()
 
 
 def _all_blocks(logits, targets, block_rows, picked, grad, value) -> None:
@@ -120,8 +118,57 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 def _pool(workers: int) -> ThreadPoolExecutor:
     if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="row-block-loss")
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="row-block-loss",
+                                             initializer=_one_openmp_thread)
     return _POOLS[workers]
+
+
+def _openmp_runtime():
+    """The OpenMP runtime torch's intra-op threads run on (a ctypes handle), or None.
+
+    torch has no per-thread setting of its intra-op threads (``torch.set_num_threads`` is the process's), but
+    OpenMP's ``omp_set_num_threads`` is the calling thread's own. Found among the libraries this process has
+    loaded (torch ships its runtime in torch/lib); None where torch's backend is not OpenMP or none is found.
+    """
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    import ctypes
+    import glob
+    import os
+
+    candidates = []
+    try:
+        with open("/proc/self/maps") as maps:
+            candidates = [line.split()[-1] for line in maps if line.rstrip().split("/")[-1].startswith(_OPENMP_NAMES)]
+    except OSError:
+        pass
+    candidates += glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*"))
+    for path in dict.fromkeys(candidates):
+        try:
+            runtime = ctypes.CDLL(path)
+            runtime.omp_set_num_threads  # noqa: B018  (the symbol must be there)
+            return runtime
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+_OPENMP_NAMES = ("libgomp", "libomp", "libiomp5")
+
+
+def _one_openmp_thread() -> None:
+    """Each of the pool's threads runs its kernels on itself alone.
+
+    Otherwise every kernel called from a pool thread (the upcast copy of a block, for one) opens an OpenMP
+    team of ``torch.get_num_threads()`` threads of its own: with two pool threads on two cores, four threads
+    contend for two, and the loss runs at half its pace. torch sets a new thread's OpenMP threads from its
+    global count at the thread's first parallel call, so that call comes first. The bits do not depend on
+    it: each row is reduced on one thread however many there are.
+    """
+    torch.get_num_threads()
+    runtime = _openmp_runtime()
+    if runtime is not None:
+        runtime.omp_set_num_threads(1)
 
 
 class _RowBlockCrossEntropy(torch.autograd.Function):

@@ -61,13 +61,12 @@ def _masks(args) -> None:
 
 
 def _train(args) -> None:
-    # Large arrays (the logits and their gradient, hundreds of MB a step at thimble_7's shape) on transparent
-    # huge pages: a fresh one then costs 1/512 of the page faults. torch reads this once, at its first
-    # allocation, so it is set before torch is imported; it changes where arrays live, never a bit of them
-    # (bench/step_bench.py compares both ways).
-    import os
+    # Each step's large arrays (the logits and their gradient, 327 MB each at thimble_7's shape) on the pages
+    # of the step before, not on fresh ones: set before torch is imported (it reads THP_MEM_ALLOC_ENABLE at
+    # its first allocation); it changes where arrays live, never a bit of them (bench/step_bench.py).
+    from thimble.host_memory import keep_freed_memory
 
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    keep_freed_memory()
     settings = _settings(args.settings)
     _log_peak_ram(settings, args.tokens)
     from thimble.train import train

@@ -56,6 +56,7 @@ from thimble.determinism import (DeterminismCheck, DeterminismError, StepBits, d
                                  lookup_backward, use_lookup_backward)
 from thimble.files import sha256_file
 from thimble.host_copy import HostCopies
+from thimble.host_memory import host_allocator
 from thimble.model import (CUBLAS_WORKSPACE_CONFIG, TrainingError, build_model, build_optimizer,  # noqa: F401
                            deterministic_math, loss_path, select_device)
 from thimble.cpu import this_cpu
@@ -670,7 +671,7 @@ def stream_attrs(session: Session, compression_threads: int, checks: list[dict],
     attrs = {**hyperparameter_attrs(settings), **provenance(device, training["math_threads"], compression_threads),
              **session.determinism, "optimizer_impl": session.optimizer.implementation,
              "update_rule": training["update_rule"], "lookup_backward": session.lookup,
-             "loss_path": loss_path(device)}
+             "loss_path": loss_path(device), "host_allocator": json.dumps(host_allocator(), sort_keys=True)}
     attrs["resume_key"] = json.dumps(session.key, sort_keys=True)
     attrs["determinism_check"] = determinism_attr(checks)
     # the measured step rate of this (last) session, which `thimble plan` uses to predict run times
