@@ -1,0 +1,59 @@
+"""Two runs of one experiment compared bit for bit over the steps both recorded: W, grad_W, both moments, the loss.
+
+For a change to the training step that must keep every bit: train a few hundred steps with the new code (a
+copy of the experiment with fewer ``training.steps``; the learning rate is constant, so its steps are the
+longer run's first steps) and compare them with the run already on disk, e.g.
+
+    python bench/same_trajectory.py /tmp/t7_400 results/thimble_7
+
+Each side is an experiment's results directory (its recording.h5, or its stream/ where it has no recording
+yet), read through ``thimble.open_run``, so every chunk's checksum is verified on the way. Exit status 1 when
+anything differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import thimble
+
+BLOCK_STEPS = 50
+
+
+def differing(a, b, steps: int) -> int:
+    """Elements whose stored bits differ in steps 0..steps-1 of two step series."""
+    count = 0
+    for low in range(0, steps, BLOCK_STEPS):
+        high = min(steps, low + BLOCK_STEPS)
+        count += int((a[low:high].view(torch.int16) != b[low:high].view(torch.int16)).sum())
+    return count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("first", help="a results directory")
+    parser.add_argument("second", help="a results directory of the same experiment")
+    args = parser.parse_args()
+    first, second = thimble.open_run(args.first), thimble.open_run(args.second)
+    steps = min(first.W.shape[0], second.W.shape[0])
+    total = 0
+    for name in first.recorded_tensors:
+        count = differing(first.tensor(name), second.tensor(name), steps)
+        total += count
+        print(f"{name}, steps 0..{steps - 1}: {count} of {steps * first.W[0].numel()} elements differ")
+    losses = int((first.losses[:steps].view(torch.int32) != second.losses[:steps].view(torch.int32)).sum())
+    total += losses
+    print(f"loss, steps 0..{steps - 1}: {losses} steps differ (as float32 bits)")
+    for name, run in (("first", first), ("second", second)):
+        attrs = run.attrs
+        print(f"{name}: {run.source}; loss_path {attrs.get('loss_path')}, host_allocator {attrs.get('host_allocator')}, "
+              f"{attrs.get('session_trained_steps')} steps in {attrs.get('session_training_seconds', float('nan')):.1f} s, "
+              f"{attrs.get('cpu_capability', '')}")
+    return 1 if total else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
