@@ -14,6 +14,7 @@ anything differs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import torch
@@ -21,14 +22,34 @@ import torch
 import thimble
 
 BLOCK_STEPS = 50
+#: what must agree for the two runs to be one trajectory: the resume key (inputs' digests and the settings that
+#: decide the bits) with the steps left out, and the device and math threads
+STEP_COUNT_KEYS = ("steps",)
+SAME_DEVICE_ATTRS = ("device", "math_threads", "cpu_capability")
+
+
+def same_experiment(first: dict, second: dict) -> list[str]:
+    """What differs between two runs' attributes that would make their steps different trajectories."""
+    def key(attrs):
+        resume = json.loads(attrs["resume_key"])
+        for name in STEP_COUNT_KEYS:
+            resume["settings"]["training"].pop(name, None)
+        return resume
+
+    problems = [f"{name}: {first.get(name)} against {second.get(name)}" for name in SAME_DEVICE_ATTRS
+                if first.get(name) != second.get(name)]
+    if key(first) != key(second):
+        problems.append("the resume key (inputs and trajectory settings, steps aside)")
+    return problems
 
 
 def differing(a, b, steps: int) -> int:
     """Elements whose stored bits differ in steps 0..steps-1 of two step series."""
+    bits = {2: torch.int16, 4: torch.int32}[a[0].element_size()]
     count = 0
     for low in range(0, steps, BLOCK_STEPS):
         high = min(steps, low + BLOCK_STEPS)
-        count += int((a[low:high].view(torch.int16) != b[low:high].view(torch.int16)).sum())
+        count += int((a[low:high].view(bits) != b[low:high].view(bits)).sum())
     return count
 
 
@@ -38,12 +59,19 @@ def main() -> int:
     parser.add_argument("second", help="a results directory of the same experiment")
     args = parser.parse_args()
     first, second = thimble.open_run(args.first), thimble.open_run(args.second)
+    problems = same_experiment(first.attrs, second.attrs)
+    if problems:
+        print("not one trajectory: " + "; ".join(problems), file=sys.stderr)
+        return 1
     steps = min(first.W.shape[0], second.W.shape[0])
+    if steps < 2:
+        print(f"only {steps} step(s) in common: nothing trained to compare", file=sys.stderr)
+        return 1
     total = 0
     for name in first.recorded_tensors:
         count = differing(first.tensor(name), second.tensor(name), steps)
         total += count
-        print(f"{name}, steps 0..{steps - 1}: {count} of {steps * first.W[0].numel()} elements differ")
+        print(f"{name}, steps 0..{steps - 1}: {count} of {steps * first.tensor(name)[0].numel()} elements differ")
     losses = int((first.losses[:steps].view(torch.int32) != second.losses[:steps].view(torch.int32)).sum())
     total += losses
     print(f"loss, steps 0..{steps - 1}: {losses} steps differ (as float32 bits)")

@@ -140,15 +140,22 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         total = sum(e.self_cpu_time_total for e in events)
         profile = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
                     "share": e.self_cpu_time_total / total} for e in events[:profile_ops]]
-    # how much of the process's memory the kernel backs with huge pages: steps are up to ~1.4x slower with less
-    huge_kb = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages")) \
-        if os.path.exists("/proc/self/smaps") else None
-    return {"side": side, "anon_huge_pages_mb": None if huge_kb is None else huge_kb / 1024, "loss_path": "transformers" if side == "seed" else loss_path(device),
+    return {"side": side, "anon_huge_pages_mb": anon_huge_pages_mb(), "loss_path": "transformers" if side == "seed" else loss_path(device),
             "host_allocator": host_allocator(), "threads": threads,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "digests": digests[:steps],
             "step_seconds": seconds[:steps], "recorder_close_seconds": close_seconds, "cpu_seconds_after_first_step": cpu_seconds,
             "profiled_step_seconds": seconds[steps] if profile_ops else None,
             "profile": profile}
+
+
+def anon_huge_pages_mb() -> float | None:
+    """How much of this process's memory the kernel backs with huge pages (a step is up to ~1.4x slower with
+    less); None without /proc."""
+    try:
+        with open("/proc/self/smaps") as smaps:
+            return sum(int(line.split()[1]) for line in smaps if line.startswith("AnonHugePages")) / 1024
+    except OSError:
+        return None
 
 
 def side_in_subprocess(side: str, args, threads: int) -> dict:

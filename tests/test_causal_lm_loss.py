@@ -120,25 +120,26 @@ def test_refuses_what_the_seed_never_computes():
 
 def test_the_pools_threads_run_their_kernels_on_themselves_alone():
     """Each pool thread's kernels on one OpenMP thread (not a team of its own per kernel, which would put
-    twice the cores' threads on the cores); the process's intra-op count stays as it was."""
-    from thimble.causal_lm_loss import _openmp_runtime, _pool
+    twice the cores' threads on the cores), while a thread of the process's own still gets torch's count and
+    the process's count stays as it was."""
+    import sys
+    import threading
 
+    from thimble.causal_lm_loss import _pool
+
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op threads are not OpenMP's here")
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        seen = []
+        plain = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        plain.start()
+        plain.join()
+        assert seen == [2]  # what a pool thread would run on without the setting
         pool_threads = _pool(2).submit(torch.get_num_threads).result()
         assert torch.get_num_threads() == 2
-        if _openmp_runtime() is not None:  # torch's Linux and macOS builds run on OpenMP
+        if sys.platform == "linux":  # torch's Linux builds: GNU OpenMP, found among the loaded libraries
             assert pool_threads == 1
     finally:
         torch.set_num_threads(previous)
-
-
-def test_an_openmp_torch_on_linux_finds_its_runtime():
-    import sys
-
-    if sys.platform != "linux" or "OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("torch's Linux builds run on OpenMP")
-    from thimble.causal_lm_loss import _openmp_runtime
-
-    assert _openmp_runtime() is not None

@@ -32,6 +32,10 @@ gradient is computed again from the logits with that value.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import glob
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -43,6 +47,8 @@ IGNORE_INDEX = -100
 BLOCK_ROWS = 32
 #: the names the recording's provenance gives the two loss paths
 LOSS_PATHS = ("transformers", "row_blocks")
+#: the file names of the OpenMP runtimes torch is built with (GNU's, LLVM's, Intel's)
+_OPENMP_NAMES = ("libgomp", "libomp", "libiomp5")
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -78,11 +84,10 @@ def _blocks(logits: torch.Tensor, targets: torch.Tensor, span: tuple[int, int], 
         # ignored rows scatter a zero onto column 0: their upstream stays all zeros, as nll_loss's backward
         safe_targets = torch.where(kept, targets[lo:hi], 0).unsqueeze(1)
         target_values = torch.where(kept, value, torch.zeros((), dtype=torch.float32)).unsqueeze(1)
-        zeros = torch.zeros_like(target_values)
-        pieces = [tensor.split(block_rows) for tensor in (logits[lo:hi], safe_targets, target_values, zeros)]
+        pieces = [tensor.split(block_rows) for tensor in (logits[lo:hi], safe_targets, target_values)]
         picked_blocks = picked[lo:hi].unsqueeze(1).split(block_rows) if picked is not None else None
         grad_blocks = grad[lo:hi].split(block_rows) if grad is not None else None
-        for index, (block, block_targets, block_values, block_zeros) in enumerate(zip(*pieces)):
+        for index, (block, block_targets, block_values) in enumerate(zip(*pieces)):
             n = block.shape[0]
             block_log_probs = log_probs if n == rows else log_probs[:n]
             block_upstream = upstream if n == rows else upstream[:n]
@@ -123,52 +128,54 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
-def _openmp_runtime():
-    """The OpenMP runtime torch's intra-op threads run on (a ctypes handle), or None.
+@functools.cache
+def _openmp_runtimes() -> tuple:
+    """The OpenMP runtimes this process may run torch's intra-op threads on (ctypes handles), most likely first.
 
     torch has no per-thread setting of its intra-op threads (``torch.set_num_threads`` is the process's), but
-    OpenMP's ``omp_set_num_threads`` is the calling thread's own. Found among the libraries this process has
-    loaded (torch ships its runtime in torch/lib); None where torch's backend is not OpenMP or none is found.
+    OpenMP's ``omp_set_num_threads`` is the calling thread's own. The candidates are the runtimes this process
+    has loaded (/proc/self/maps, where there is one), then the one torch ships in torch/lib; none where
+    torch's backend is not OpenMP.
     """
     if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None
-    import ctypes
-    import glob
-    import os
-
+        return ()
     candidates = []
     try:
         with open("/proc/self/maps") as maps:
-            candidates = [line.split()[-1] for line in maps if line.rstrip().split("/")[-1].startswith(_OPENMP_NAMES)]
+            candidates = [line.split()[-1] for line in maps
+                          if line.rstrip().rsplit("/", 1)[-1].startswith(_OPENMP_NAMES)]
     except OSError:
         pass
-    candidates += glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "lib*omp*"))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    candidates += [path for name in _OPENMP_NAMES for path in sorted(glob.glob(os.path.join(torch_lib, name + "*")))]
+    runtimes = []
     for path in dict.fromkeys(candidates):
         try:
             runtime = ctypes.CDLL(path)
             runtime.omp_set_num_threads  # noqa: B018  (the symbol must be there)
-            return runtime
+            runtimes.append(runtime)
         except (OSError, AttributeError):
             continue
-    return None
+    return tuple(runtimes)
 
 
-_OPENMP_NAMES = ("libgomp", "libomp", "libiomp5")
-
-
-def _one_openmp_thread() -> None:
-    """Each of the pool's threads runs its kernels on itself alone.
+def _one_openmp_thread() -> bool:
+    """Have this (pool) thread run its kernels on itself alone; whether it does.
 
     Otherwise every kernel called from a pool thread (the upcast copy of a block, for one) opens an OpenMP
     team of ``torch.get_num_threads()`` threads of its own: with two pool threads on two cores, four threads
     contend for two, and the loss runs at half its pace. torch sets a new thread's OpenMP threads from its
-    global count at the thread's first parallel call, so that call comes first. The bits do not depend on
-    it: each row is reduced on one thread however many there are.
+    global count at the thread's first parallel call, so that call comes first; a runtime that does not
+    change what torch sees is not torch's, and the next is tried. The bits do not depend on it: each row is
+    reduced on one thread however many there are.
     """
-    torch.get_num_threads()
-    runtime = _openmp_runtime()
-    if runtime is not None:
+    if torch.get_num_threads() == 1:
+        return True
+    for runtime in _openmp_runtimes():
         runtime.omp_set_num_threads(1)
+        if torch.get_num_threads() == 1:
+            return True
+    return False
 
 
 class _RowBlockCrossEntropy(torch.autograd.Function):

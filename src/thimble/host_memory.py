@@ -20,35 +20,44 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import sys
 
 #: glibc's mallopt parameters (malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 #: the largest threshold mallopt takes (an int): the heap is trimmed only with 2 GiB free at its top
 LARGEST_TRIM_THRESHOLD = 2**31 - 1
+#: what ``keep_freed_memory`` set in this process's malloc
+_MALLOC = "default"
 
 
 def keep_freed_memory() -> dict:
     """Set this process's allocator for a training loop (see the module's text); what was set, for provenance.
 
     Only glibc's malloc has these settings, and they are set only with torch's 2 MB-aligned large arrays
-    (``THP_MEM_ALLOC_ENABLE=1``, the default here); elsewhere (macOS, musl, huge pages turned off) malloc is
-    left as it is and the result says so.
+    (``THP_MEM_ALLOC_ENABLE=1``, the default here): torch reads that at its first allocation, so nothing is
+    set once torch is imported. Elsewhere (macOS, musl, huge pages turned off, torch already loaded) malloc
+    is left as it is and the result says so. The heap kept is the main thread's, where a step takes its large
+    arrays: glibc's other arenas (other threads') still map requests larger than their 64 MB heaps.
     """
     global _MALLOC
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # torch reads it at its first allocation
+    if "torch" in sys.modules:
+        return host_allocator()
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     if os.environ["THP_MEM_ALLOC_ENABLE"] != "1":
         # torch then asks for 64-byte alignment, and glibc 2.36's memalign does not fit a same-sized request
         # into the hole a freed one leaves: the heap would grow by an array every step
         return host_allocator()
     libc = _glibc()
-    if libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and \
-            libc.mallopt(M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD) == 1:
-        _MALLOC = f"glibc: M_MMAP_MAX 0, M_TRIM_THRESHOLD {LARGEST_TRIM_THRESHOLD}"
+    if libc is None:
+        return host_allocator()
+    set_now = []
+    for name, parameter, value in (("M_MMAP_MAX", M_MMAP_MAX, 0),
+                                   ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, LARGEST_TRIM_THRESHOLD)):
+        if libc.mallopt(parameter, value) == 1:
+            set_now.append(f"{name} {value}")
+    if set_now:
+        _MALLOC = "glibc: " + ", ".join(set_now)
     return host_allocator()
-
-
-#: what ``keep_freed_memory`` set in this process's malloc
-_MALLOC = "default"
 
 
 def host_allocator() -> dict:
