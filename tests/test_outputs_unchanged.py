@@ -40,7 +40,10 @@ UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session
                   "session_determinism_check_seconds",
                   # the library versions beside torch (the environment check pins torch): CI installs the
                   # newest releases, not constraints.txt's, and a version names the install, not the values
-                  "transformers_version", "numpy_version", "h5py_version", "hdf5_version", "python_version"}
+                  "transformers_version", "numpy_version", "h5py_version", "hdf5_version", "python_version",
+                  # how the training process took its memory (thimble.host_memory): where arrays lived, never
+                  # a value of them
+                  "host_allocator"}
 
 
 def environment() -> dict:
