@@ -20,11 +20,12 @@ import sys
 import torch
 
 import thimble
+from thimble.determinism import differences
+from thimble.train import key_differences
 
 BLOCK_STEPS = 50
-#: what must agree for the two runs to be one trajectory: the resume key (inputs' digests and the settings that
-#: decide the bits) with the steps left out, and the device and math threads
-STEP_COUNT_KEYS = ("steps",)
+#: besides the resume key (the inputs' digests, the settings that decide the bits) with its step count left
+#: out, what must agree for two runs to be one trajectory
 SAME_DEVICE_ATTRS = ("device", "math_threads", "cpu_capability")
 
 
@@ -32,24 +33,20 @@ def same_experiment(first: dict, second: dict) -> list[str]:
     """What differs between two runs' attributes that would make their steps different trajectories."""
     def key(attrs):
         resume = json.loads(attrs["resume_key"])
-        for name in STEP_COUNT_KEYS:
-            resume["settings"]["training"].pop(name, None)
+        resume["settings"]["training"].pop("steps", None)
         return resume
 
-    problems = [f"{name}: {first.get(name)} against {second.get(name)}" for name in SAME_DEVICE_ATTRS
-                if first.get(name) != second.get(name)]
-    if key(first) != key(second):
-        problems.append("the resume key (inputs and trajectory settings, steps aside)")
-    return problems
+    return ([f"{name}: {first.get(name)} -> {second.get(name)}" for name in SAME_DEVICE_ATTRS
+             if first.get(name) != second.get(name)] + key_differences(key(first), key(second)))
 
 
 def differing(a, b, steps: int) -> int:
-    """Elements whose stored bits differ in steps 0..steps-1 of two step series."""
-    bits = {2: torch.int16, 4: torch.int32}[a[0].element_size()]
+    """Elements whose stored bits differ in steps 0..steps-1 of two step series (``determinism.differences``)."""
     count = 0
     for low in range(0, steps, BLOCK_STEPS):
         high = min(steps, low + BLOCK_STEPS)
-        count += int((a[low:high].view(bits) != b[low:high].view(bits)).sum())
+        differ, _ = differences({"rows": a[low:high]}, {"rows": b[low:high]})
+        count += differ.get("rows", (0, 0))[0]
     return count
 
 

@@ -88,9 +88,7 @@ def _blocks(logits: torch.Tensor, targets: torch.Tensor, span: tuple[int, int], 
         picked_blocks = picked[lo:hi].unsqueeze(1).split(block_rows) if picked is not None else None
         grad_blocks = grad[lo:hi].split(block_rows) if grad is not None else None
         for index, (block, block_targets, block_values) in enumerate(zip(*pieces)):
-            n = block.shape[0]
-            block_log_probs = log_probs if n == rows else log_probs[:n]
-            block_upstream = upstream if n == rows else upstream[:n]
+            block_log_probs, block_upstream = log_probs[:block.shape[0]], upstream[:block.shape[0]]
             block_log_probs.copy_(block)  # the seed's logits.float()
             torch._log_softmax(block_log_probs, 1, False, out=block_log_probs)
             if picked_blocks is not None:
@@ -159,8 +157,8 @@ def _openmp_runtimes() -> tuple:
     return tuple(runtimes)
 
 
-def _one_openmp_thread() -> bool:
-    """Have this (pool) thread run its kernels on itself alone; whether it does.
+def _one_openmp_thread() -> None:
+    """Have this (pool) thread run its kernels on itself alone.
 
     Otherwise every kernel called from a pool thread (the upcast copy of a block, for one) opens an OpenMP
     team of ``torch.get_num_threads()`` threads of its own: with two pool threads on two cores, four threads
@@ -169,13 +167,10 @@ def _one_openmp_thread() -> bool:
     change what torch sees is not torch's, and the next is tried. The bits do not depend on it: each row is
     reduced on one thread however many there are.
     """
-    if torch.get_num_threads() == 1:
-        return True
     for runtime in _openmp_runtimes():
-        runtime.omp_set_num_threads(1)
         if torch.get_num_threads() == 1:
-            return True
-    return False
+            return
+        runtime.omp_set_num_threads(1)
 
 
 class _RowBlockCrossEntropy(torch.autograd.Function):

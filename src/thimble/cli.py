@@ -61,9 +61,7 @@ def _masks(args) -> None:
 
 
 def _train(args) -> None:
-    # Each step's large arrays (the logits and their gradient, 327 MB each at thimble_7's shape) on the pages
-    # of the step before, not on fresh ones: set before torch is imported (it reads THP_MEM_ALLOC_ENABLE at
-    # its first allocation); it changes where arrays live, never a bit of them (bench/step_bench.py).
+    # before torch is imported: each step's large arrays on the pages of the step before (thimble.host_memory)
     from thimble.host_memory import keep_freed_memory
 
     keep_freed_memory()
