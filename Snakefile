@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
 from thimble.config import SCHEMA_IN_WORKFLOW, ConfigError, load_schema, resolve_config
-from thimble.workflow_dir import WORKFLOW_ENV
+from thimble.util.workflow_dir import WORKFLOW_ENV
 
 min_version("9.0")
 

@@ -5,7 +5,7 @@ the bf16 lattice that slowly freezes, AdamW-like bf16 moments of random bf16 gra
 tokens dead) is written for each of two lengths (``--steps``, default 100 and 300). On each, ``thimble
 freeze-drivers`` and ``thimble freeze`` run as their own processes, measured by GNU time (wall time, peak
 RSS). A line through the two lengths separates each stage's start-up from its time per step, and both are
-extrapolated to the experiment's steps (6000 for thimble_7). The CPU (``thimble.cpu``: its model, torch's
+extrapolated to the experiment's steps (6000 for thimble_7). The CPU (``thimble.util.cpu``: its model, torch's
 CPU capability) prints with the numbers.
 
     python bench/drivers_bench.py --workdir /tmp/thimble-bench-drivers   # ~2 GB free there
@@ -24,12 +24,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from thimble.bf16 import BFLOAT16
-from thimble.codec import compress_shuffled
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.record.codec import compress_shuffled
 from thimble.config import load_config, stage_settings
-from thimble.cpu import this_cpu
-from thimble.lattice import from_ordinal, ordinal
-from thimble.record import create_checked_array, create_tensor_dataset, tensors_attr
+from thimble.util.cpu import this_cpu
+from thimble.numerics.lattice import from_ordinal, ordinal
+from thimble.record.format import create_checked_array, create_tensor_dataset, tensors_attr
 from thimble.update_rules import recorded_tensors
 
 
@@ -80,7 +80,7 @@ def synthetic_recording(path: Path, steps: int, shape: tuple[int, int], rows: in
 
 
 def cpu() -> dict:
-    """Which machine produced the numbers (``thimble.cpu``: what recordings and probes name), and how busy."""
+    """Which machine produced the numbers (``thimble.util.cpu``: what recordings and probes name), and how busy."""
     this = this_cpu()
     return {"model": this["device_name"], "cores": os.cpu_count(), "torch_cpu_capability": this["cpu_capability"],
             "load_average": os.getloadavg()}

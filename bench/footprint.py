@@ -26,9 +26,9 @@ import h5py
 import hdf5plugin  # noqa: F401
 import numpy as np
 
-from thimble.codec import FrameEncoder, decode_rows, window_log_for, zstd_level
-from thimble.workers import WorkerPool
-from thimble.record import recorded_blocks
+from thimble.record.codec import FrameEncoder, decode_rows, window_log_for, zstd_level
+from thimble.util.workers import WorkerPool
+from thimble.record.reader import recorded_blocks
 
 TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
 

@@ -51,7 +51,7 @@ def stage_env() -> dict:
 def random_data(settings: dict, directory: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
 
-    from thimble.masks import live_dead_masks
+    from thimble.data.masks import live_dead_masks
 
     vocab = settings["model"]["vocab_size"]
     tokens = np.random.default_rng(0).integers(0, vocab, size=200_000).astype(np.int32)
@@ -67,7 +67,9 @@ def train_args(settings: dict, tokens: Path, masks: Path, stream: Path, threads:
 
 def same_bits(a: Path, b: Path) -> dict:
     """Elements that differ between two streams, per tensor (0 everywhere: bitwise identical)."""
-    from thimble.record import TENSORS, open_stream, read_steps
+    from thimble.record.format import TENSORS
+    from thimble.record.reader import read_steps
+    from thimble.record.stream_reader import open_stream
 
     out = {}
     with open_stream(a) as first, open_stream(b) as second:
@@ -80,7 +82,7 @@ def same_bits(a: Path, b: Path) -> dict:
 
 def killed_and_resumed(settings: dict, tokens: Path, masks: Path, stream: Path, threads: int, log: Path) -> float:
     """Train, SIGKILL once the partial directory holds half the run's segments, train again; seconds."""
-    from thimble.record import list_segments
+    from thimble.record.format import list_segments
 
     args = [sys.executable, "-m", "thimble", "train", *train_args(settings, tokens, masks, stream, threads)]
     partial = Path(f"{stream}.partial")
@@ -102,7 +104,7 @@ def training_rate_without_recording(settings: dict, tokens: Path, steps: int) ->
     """Steps/s of the same model and optimizer with no recording (the seed's loop, nothing copied)."""
     import torch
 
-    from thimble.model import build_model, build_optimizer, select_device
+    from thimble.training.model import build_model, build_optimizer, select_device
 
     device = select_device(settings["training"]["device"])
     torch.manual_seed(settings["training"]["seed"])
@@ -186,7 +188,7 @@ def main() -> None:
 
     import h5py
 
-    from thimble.record import open_stream
+    from thimble.record.stream_reader import open_stream
 
     with open_stream(stream) as handle:
         attrs = {key: (v.decode() if isinstance(v, bytes) else v) for key, v in handle.attrs.items()}

@@ -31,12 +31,13 @@ import hdf5plugin
 import numpy as np
 import torch
 
-from thimble.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
+from thimble.numerics.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.config import load_config
-from thimble.lattice import from_ordinal, ordinal
-from thimble.codec import compress_shuffled, zstd_dcpl
-from thimble.h5_datasets import create_dataset
-from thimble.record import TENSORS, StreamRecorder, write_stream_file
+from thimble.numerics.lattice import from_ordinal, ordinal
+from thimble.record.codec import compress_shuffled, zstd_dcpl
+from thimble.record.h5_datasets import create_dataset
+from thimble.record.format import TENSORS
+from thimble.record.writer import StreamRecorder, write_stream_file
 
 
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float]:

@@ -29,15 +29,15 @@ import h5py
 import numpy as np
 import torch
 
-from thimble.bf16 import BFLOAT16
-from thimble.codec import encode_chunk, write_chunk
-from thimble.cpu import this_cpu
-from thimble.record import create_checked_array, create_tensor_dataset
-from thimble.run import open_run
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.record.codec import encode_chunk, write_chunk
+from thimble.util.cpu import this_cpu
+from thimble.record.format import create_checked_array, create_tensor_dataset
+from thimble.notebook.run import open_run
 
 
 def cpu_name() -> str:
-    """The CPU's model name and torch's CPU capability (``thimble.cpu``): which machine produced the numbers."""
+    """The CPU's model name and torch's CPU capability (``thimble.util.cpu``): which machine produced the numbers."""
     this = this_cpu()
     return f"{this['device_name']} ({os.cpu_count()} CPUs), torch CPU capability {this['cpu_capability']}"
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from thimble.plan import existing_bytes, human_bytes
-from thimble.record import open_stream
+from thimble.record.stream_reader import open_stream
 
 REPO = Path(__file__).resolve().parents[1]
 

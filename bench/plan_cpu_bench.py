@@ -55,7 +55,7 @@ def measured_step(settings: dict, capability: str, steps: int, workdir: Path) ->
     import numpy as np
     from safetensors.torch import save_file
 
-    from thimble.masks import live_dead_masks
+    from thimble.data.masks import live_dead_masks
 
     vocab = settings["model"]["vocab_size"]
     tokens = np.random.default_rng(0).integers(0, vocab, size=200_000).astype(np.int32)

@@ -34,13 +34,14 @@ import torch
 
 import zstandard
 
-import thimble.codec
-from thimble.bf16 import torch_to_bits
+import thimble.record.codec
+from thimble.numerics.bf16 import torch_to_bits
 from thimble.config import load_config
-from thimble.cpu import this_cpu
-from thimble.codec import unshuffle_into
-from thimble.record import TENSORS, StreamRecorder, list_segments
-from thimble.model import build_model, build_optimizer, select_device
+from thimble.util.cpu import this_cpu
+from thimble.record.codec import unshuffle_into
+from thimble.record.format import TENSORS, list_segments
+from thimble.record.writer import StreamRecorder
+from thimble.training.model import build_model, build_optimizer, select_device
 
 
 class Trainer:
@@ -150,14 +151,14 @@ def thimble_recorder(data: list[dict], n_steps: int, directory: Path, threads: i
 def checksums(enabled: bool):
     """The recorder's compressor with or without zstd's frame checksum (thimble always writes it; off is
     only for this comparison: thimble's readers refuse such frames)."""
-    shipped = thimble.codec.zstd_compressor
+    shipped = thimble.record.codec.zstd_compressor
     if not enabled:
-        thimble.codec.zstd_compressor = lambda level, threads=0: zstandard.ZstdCompressor(level=level,
+        thimble.record.codec.zstd_compressor = lambda level, threads=0: zstandard.ZstdCompressor(level=level,
                                                                                           threads=threads)
     try:
         yield
     finally:
-        thimble.codec.zstd_compressor = shipped
+        thimble.record.codec.zstd_compressor = shipped
 
 
 def disk_rate(data: list[dict], n_steps: int, path: Path) -> float:

@@ -27,10 +27,11 @@ import hdf5plugin  # noqa: F401
 import numpy as np
 import torch
 
-from thimble.bf16 import bits_to_torch
-from thimble.codec import decode_rows
-from thimble.cpu import this_cpu
-from thimble.record import TENSORS, StreamRecorder
+from thimble.numerics.bf16 import bits_to_torch
+from thimble.record.codec import decode_rows
+from thimble.util.cpu import this_cpu
+from thimble.record.format import TENSORS
+from thimble.record.writer import StreamRecorder
 
 
 def recorded_steps(recording: Path, first: int, count: int) -> list[dict]:

@@ -5,8 +5,8 @@ from the same seed, for ``--steps`` steps on ``--threads`` math threads:
 
 - ``seed``: the Thimble 6 notebook's loop as written there: transformers' ``ForCausalLMLoss`` over the
   float32 logits, ``torch.optim.AdamW``, torch's default allocator;
-- ``thimble``: what ``thimble train`` runs on this device (``thimble.model``: the row-block loss on the
-  CPU, the configured update rule; ``thimble.host_memory``'s allocator, as the CLI sets it).
+- ``thimble``: what ``thimble train`` runs on this device (``thimble.training.model``: the row-block loss on the
+  CPU, the configured update rule; ``thimble.training.host_memory``'s allocator, as the CLI sets it).
 
 Both record, at every step, the sha256 of W, grad_W, exp_avg, exp_avg_sq and the loss's bits; the bench
 fails unless every one agrees. It prints per-side seconds per step (median of the steps after the first,
@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from thimble.cpu import this_cpu  # noqa: E402  (torch-free)
+from thimble.util.cpu import this_cpu  # noqa: E402  (torch-free)
 
 SIDES = ("seed", "thimble")
 #: the sides of ``--recorder``
@@ -51,8 +51,8 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
     import torch
 
     from thimble.config import load_config
-    from thimble.host_memory import host_allocator
-    from thimble.model import build_model, build_optimizer, loss_path, use_loss_path
+    from thimble.training.host_memory import host_allocator
+    from thimble.training.model import build_model, build_optimizer, loss_path, use_loss_path
 
     torch.set_num_threads(threads)
     settings = load_config(str(REPO / "config.yaml"))["experiments"][experiment]
@@ -77,7 +77,7 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
     if side == "thimble_recorded":
         import tempfile
 
-        from thimble.record import StreamRecorder
+        from thimble.record.writer import StreamRecorder
         from thimble.update_rules import recorded_tensors
 
         record = settings["record"]
@@ -106,7 +106,7 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         loss_bits = loss.detach().view(torch.int32).item()
         moments = state(wte)
         if recorder is not None and step <= steps:
-            # what train hands over on the CPU: clones (thimble.host_copy), the loss as a float
+            # what train hands over on the CPU: clones (thimble.training.host_copy), the loss as a float
             recorder.record(step, {"W": wte.detach().clone(), "grad_W": grad, "momentum_W": moments["exp_avg"].clone(),
                                    "variance_W": moments["exp_avg_sq"].clone()}, loss.item())
         seconds.append(time.perf_counter() - started)
@@ -220,7 +220,7 @@ def main() -> int:
     if args.side:
         threads = args.threads[0]
         if args.side != "seed":  # what `thimble train` sets before torch is imported (thimble.cli)
-            from thimble.host_memory import keep_freed_memory
+            from thimble.training.host_memory import keep_freed_memory
 
             keep_freed_memory()
         print(json.dumps(run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)))

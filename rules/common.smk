@@ -46,8 +46,8 @@ def tokenizer_texts(wildcards):
     if "local" not in dataset["source"]:
         return texts
     local_texts(wildcards)  # a missing folder: that error first
-    from thimble.corpus import CorpusError, local_tokenizer_text
-    from thimble.tokenizer import built_vocab_size, supported_vocab_size, too_few_tokens
+    from thimble.data.corpus import CorpusError, local_tokenizer_text
+    from thimble.data.tokenizer import built_vocab_size, supported_vocab_size, too_few_tokens
 
     built = Path(f"results/data/{wildcards.dataset}/tokenizer.json")
     if built.exists() and built_vocab_size(built) == dataset["vocab_size"]:
@@ -91,7 +91,7 @@ def by_content(name, path):
     workflow), or one made before digests were written, is compared by its timestamp, as Snakemake does.
     (No error here: Snakemake takes an input function's error for "this rule cannot make the file" and
     uses an existing file as it is.)"""
-    from thimble.files import read_digest, sha256_file
+    from thimble.util.files import read_digest, sha256_file
 
     path, digest = Path(path), Path(f"{path}.sha256")
     if not path.exists():
@@ -112,7 +112,7 @@ def training_inputs(wildcards):
     if path.exists():
         import numpy as np
 
-        from thimble.train import batch_problem
+        from thimble.training.train import batch_problem
 
         try:
             n_tokens = np.load(path, mmap_mode="r", allow_pickle=False).shape[0]
@@ -347,8 +347,8 @@ def freeze_output(key, file):
 
 
 def float16_effect_inputs(wildcards):
-    """The exact recording, and each run's summary.json and compared tables (thimble.float16_effect)."""
-    from thimble.float16_effect import COMPARED_TABLES
+    """The exact recording, and each run's summary.json and compared tables (thimble.analysis.float16_effect)."""
+    from thimble.analysis.float16_effect import COMPARED_TABLES
 
     view = float16_view_of_twin(wildcards)
     inputs = {"recording": f"results/{wildcards.experiment}/recording.h5"}

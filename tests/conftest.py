@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import save_file
 
 from thimble.config import resolve_config
-from thimble.masks import live_dead_masks
+from thimble.data.masks import live_dead_masks
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -75,8 +75,8 @@ def rewrite_steps(dataset, first: int, bits) -> None:
     HDF5's own filter would write frames without a checksum, which thimble's readers refuse."""
     import numpy as np
 
-    from thimble.codec import compress_shuffled, write_chunk
-    from thimble.record import read_steps
+    from thimble.record.codec import compress_shuffled, write_chunk
+    from thimble.record.reader import read_steps
 
     rows = dataset.chunks[0]
     last = first + len(bits)
@@ -119,7 +119,7 @@ def data(tmp_path_factory):
 
 
 def run_train(data, out, settings, threads=1):
-    from thimble.train import train
+    from thimble.training.train import train
 
     train(settings, str(data / "tokens.npy"), str(data / "masks.safetensors"), str(out), str(out) + ".partial",
           threads=threads)
@@ -137,8 +137,8 @@ def write_recording(path, tensors: dict, dead_mask, attrs: dict | None = None, r
     settings (``attrs`` override them)."""
     import h5py
 
-    from thimble.codec import compress_shuffled
-    from thimble.record import create_checked_array, create_tensor_dataset
+    from thimble.record.codec import compress_shuffled
+    from thimble.record.format import create_checked_array, create_tensor_dataset
 
     shape = next(iter(tensors.values())).shape
     rows = min(rows, shape[0])

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from thimble.adamw import (build_adamw, log2_ratio_floor, pre_rounding_weight, replay_steps, resolve_implementation,
+from thimble.training.adamw import (build_adamw, log2_ratio_floor, pre_rounding_weight, replay_steps, resolve_implementation,
                            stays_from_ratio, stays_put, update_ratio)
-from thimble.bf16 import all_bfloat16, torch_to_bits as bits_of
-from thimble.lattice import ordinal, spacing_toward
+from thimble.numerics.bf16 import all_bfloat16, torch_to_bits as bits_of
+from thimble.numerics.lattice import ordinal, spacing_toward
 
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from thimble.causal_lm_loss import IGNORE_INDEX, row_block_causal_lm_loss
-from thimble.model import build_model, loss_path, use_loss_path
+from thimble.training.causal_lm_loss import IGNORE_INDEX, row_block_causal_lm_loss
+from thimble.training.model import build_model, loss_path, use_loss_path
 
 
 def loss_and_grad(fn, logits, labels, grad_scale=None, **kwargs):
@@ -103,7 +103,7 @@ def test_rows_shared_out_among_threads_change_no_bit(threads):
 
 
 def test_row_spans_cover_every_row_once():
-    from thimble.causal_lm_loss import _row_spans
+    from thimble.training.causal_lm_loss import _row_spans
 
     for rows, block, parts in [(16384, 16, 2), (10, 3, 4), (5, 16, 2), (1, 1, 8), (100, 7, 3)]:
         spans = _row_spans(rows, block, parts)
@@ -125,7 +125,7 @@ def test_the_pools_threads_run_their_kernels_on_themselves_alone():
     import sys
     import threading
 
-    from thimble.causal_lm_loss import _pool
+    from thimble.training.causal_lm_loss import _pool
 
     if "OpenMP" not in torch.__config__.parallel_info():
         pytest.skip("torch's intra-op threads are not OpenMP's here")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import rewrite_steps, run_train, tiny_settings
-from thimble.codec import (WorkerPool, chunk_row_blocks, compress_shuffled, decode_chunk, decode_rows, encode_chunk,
+from thimble.record.codec import (WorkerPool, chunk_row_blocks, compress_shuffled, decode_chunk, decode_rows, encode_chunk,
                            thread_spans, write_chunk, zstd_dcpl)
 from thimble.errors import DataError
 
@@ -62,8 +62,9 @@ def test_a_flipped_byte_names_file_dataset_and_steps(tmp_path):
 def test_delta_w_takes_int32_when_a_step_count_passes_int16(data, tmp_path):
     """A sign flip of a huge weight walks more than 32767 lattice points: ΔW′ is written again as int32,
     and only the finished file is left."""
-    from thimble.lattice import ordinal, write_delta_w_lattice
-    from thimble.rechunk import rechunk_stream
+    from thimble.analysis.delta_w import write_delta_w_lattice
+    from thimble.numerics.lattice import ordinal
+    from thimble.record.rechunk import rechunk_stream
 
     recording = tmp_path / "recording.h5"
     rechunk_stream(run_train(data, tmp_path / "stream", tiny_settings()), recording, 8, 2**31)
@@ -84,7 +85,7 @@ def test_delta_w_takes_int32_when_a_step_count_passes_int16(data, tmp_path):
 def test_the_window_reaches_the_previous_step_at_full_width():
     import zstandard
 
-    from thimble.codec import ZSTD_MAX_WINDOW_LOG, window_log_for
+    from thimble.record.codec import ZSTD_MAX_WINDOW_LOG, window_log_for
 
     own = zstandard.ZstdCompressionParameters.from_level(1, source_size=1 << 30).window_log
     assert window_log_for(16 * 1024, 1) == own  # thimble_small: the level's own window already reaches
@@ -104,7 +105,7 @@ def test_a_frozen_step_at_full_width_costs_almost_nothing_and_h5py_reads_it(tmp_
     previous step (and level 2's larger hash table, which finds it) the chunk is about one step's size; with zstd
     level 1's own window it is eight. Stock
     h5py + hdf5plugin decode the frame (HDF5's own filter), as thimble's checked reader does."""
-    from thimble.codec import FrameEncoder
+    from thimble.record.codec import FrameEncoder
 
     rng = np.random.default_rng(7)
     step = rng.normal(0, 0.02, size=(10000, 64)).astype(np.float32).view(np.uint32) >> 16

@@ -9,10 +9,10 @@ import torch
 
 from conftest import MINI_TEXTS, REPO
 from thimble.config import load_config
-from thimble.corpus import CorpusError, build_corpus, fetch_sdist, read_archive_texts, select
+from thimble.data.corpus import CorpusError, build_corpus, fetch_sdist, read_archive_texts, select
 from thimble.errors import DataError
-from thimble.masks import live_dead_masks, load_masks
-from thimble.tokenizer import encode, train_bpe
+from thimble.data.masks import live_dead_masks, load_masks
+from thimble.data.tokenizer import encode, train_bpe
 
 DATASET = {"source": {"local": "texts"}, "tokenizer_texts": ["*_gut*.txt"], "model_texts": ["*_gut.txt"],
            "vocab_size": 300}
@@ -141,7 +141,7 @@ def test_a_vocab_size_larger_than_local_texts_support_stops_a_dry_run(tmp_path):
     import yaml
 
     from conftest import run_snakemake
-    from thimble.tokenizer import train_bpe_on_text
+    from thimble.data.tokenizer import train_bpe_on_text
 
     texts = tmp_path / "texts"
     texts.mkdir()

@@ -11,14 +11,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import thimble.determinism as determinism
-import thimble.train as train_module
+import thimble.training.determinism as determinism
+import thimble.training.train as train_module
 from thimble import open_run
 from thimble.config import resolve_config, stage_settings, trajectory_settings
-from thimble.determinism import DeterminismError, LookupBackwardOnCpu, differences, use_lookup_backward
-from thimble.record import list_segments, open_stream, read_steps, stream_tensors
-from thimble.model import build_model
-from thimble.train import CHECKPOINT, CHECKPOINT_SHA256
+from thimble.training.determinism import DeterminismError, LookupBackwardOnCpu, differences, use_lookup_backward
+from thimble.record.format import list_segments, stream_tensors
+from thimble.record.reader import read_steps
+from thimble.record.stream_reader import open_stream
+from thimble.training.model import build_model
+from thimble.training.train import CHECKPOINT, CHECKPOINT_SHA256
 
 from conftest import run_train, tiny_settings  # the fixtures data and recorded live there too
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from conftest import write_recording
-from thimble import drivers
-from thimble.adamw import half_spacing_exponent
-from thimble.bf16 import BFLOAT16
-from thimble.codec import WorkerPool
-from thimble.lattice import spacing_toward
+from thimble.analysis import drivers
+from thimble.training.adamw import half_spacing_exponent
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.record.codec import WorkerPool
+from thimble.numerics.lattice import spacing_toward
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8
 
@@ -58,7 +58,7 @@ def run_drivers(tmp_path, tensors, dead, lr, rows=8, threads=2, **attrs):
 
 
 def test_optimizer_settings_are_read_as_the_replay_reads_them():
-    from thimble.adamw import hyperparameters
+    from thimble.training.adamw import hyperparameters
 
     attrs = {"learning_rate": 3e-4, "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6, "weight_decay": 0.1}
     assert drivers.optimizer_settings(attrs) == hyperparameters(attrs)
@@ -178,7 +178,7 @@ def test_an_exp_avg_sq_inflated_at_constant_spacing_is_driven_by_v_stall(tmp_pat
     assert result["all"]["v_stall_bits_last"] == pytest.approx(rate.mean() * steps / 2, abs=0.02)
     assert "driven by v_stall" in result["dead"]["answer"] and "supported" in result["dead"]["answer"]
     # the figure and summary.html's part
-    from thimble import figures
+    from thimble.report import figures
 
     figures.drivers(table, {"experiment": "synthetic", "drivers": result}, "synthetic", str(tmp_path / "d.png"))
     assert (tmp_path / "d.png").read_bytes()[:4] == b"\x89PNG"
@@ -203,7 +203,7 @@ def test_other_update_rules_say_why_the_split_does_not_apply(tmp_path, rule):
     table, result = run_drivers(tmp_path, tensors, np.zeros(4, bool), 1e-3, update_rule=rule)
     assert table.empty and list(table.columns) == ["step", "group", *drivers.COLUMNS]
     assert result["applies"] is False and result["update_rule"] == rule and result["why"]
-    from thimble import figures
+    from thimble.report import figures
 
     summary = {"experiment": "other", "update_rule": rule, "drivers": result}
     figures.drivers(table, summary, "other", str(tmp_path / "d.png"))

@@ -22,8 +22,10 @@ from conftest import REPO, lock_held, run_snakemake
 from thimble import cli
 from thimble.config import load_config
 from thimble.errors import DataError
-from thimble.record import TENSORS, open_stream, read_steps
-from thimble.train import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, train
+from thimble.record.format import TENSORS
+from thimble.record.reader import read_steps
+from thimble.record.stream_reader import open_stream
+from thimble.training.train import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, train
 
 EXPERIMENT = "tiny"
 TINY = {"model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
@@ -127,8 +129,8 @@ def test_a_missing_segment_is_an_error_at_every_stage(run, tmp_path, capsys):
 
 
 def test_the_rechunk_reads_no_step_twice_and_none_from_a_missing_segment(run, tmp_path):
-    from thimble.codec import WorkerPool
-    from thimble.record import read_stream_rows
+    from thimble.record.codec import WorkerPool
+    from thimble.record.stream_reader import read_stream_rows
 
     stream = tmp_path / "stream"
     shutil.copytree(run / f"results/{EXPERIMENT}/stream", stream)
@@ -284,7 +286,7 @@ def data_paths(root):
 
 def interrupted_run(root, out, run_settings, monkeypatch):
     """Train to the end but stop before the stream is written: a .partial with a checkpoint at every segment."""
-    import thimble.train as train_module
+    import thimble.training.train as train_module
 
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
@@ -421,8 +423,8 @@ def test_a_second_trainer_on_a_locked_partial_is_refused(run, tmp_path, capsys):
 
 
 def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_checksum(tmp_path, monkeypatch):
-    from thimble.files import sha256_file
-    from thimble.train import read_checkpoint_checksums, save_checkpoint
+    from thimble.util.files import sha256_file
+    from thimble.training.train import read_checkpoint_checksums, save_checkpoint
 
     renamed = []
     original = os.replace
@@ -442,7 +444,7 @@ def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_chec
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_a_verified_checkpoint(tmp_path, monkeypatch):
-    from thimble.train import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
+    from thimble.training.train import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
 
     save_checkpoint(tmp_path, {"step": 1, "resume_key": {}})
     save_checkpoint(tmp_path, {"step": 2, "resume_key": {}})
@@ -492,14 +494,14 @@ def test_a_bad_tokens_file_is_one_line_naming_it(run, tmp_path, capsys, kind, me
 
 
 def test_a_full_disk_is_one_line_naming_the_file(run, tmp_path, capsys, monkeypatch):
-    from thimble import lattice
+    from thimble.analysis import delta_w
 
     target = tmp_path / "delta.h5"
 
     def full(recording, output, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(output) + ".partial")
 
-    monkeypatch.setattr(lattice, "write_delta_w_lattice", full)
+    monkeypatch.setattr(delta_w, "write_delta_w_lattice", full)
     status, err = thimble(capsys, "lattice", "--recording", run / f"results/{EXPERIMENT}/recording.h5",
                           "--output", target)
     line = error_line(err, "lattice")
@@ -507,12 +509,12 @@ def test_a_full_disk_is_one_line_naming_the_file(run, tmp_path, capsys, monkeypa
 
 
 def test_a_full_disk_in_the_recorder_thread_says_what_training_needs(run, tmp_path, capsys, monkeypatch):
-    from thimble import record
+    from thimble.record import writer
 
     def full(self, *args):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(record._Segment, "commit", full)
+    monkeypatch.setattr(writer._Segment, "commit", full)
     tokens, masks = data_paths(run)
     status, err = thimble(capsys, "train", "--settings", json.dumps(settings(run)), "--tokens", tokens,
                           "--masks", masks, "--output", tmp_path / "stream", "--partial", tmp_path / "stream.partial")
@@ -521,12 +523,12 @@ def test_a_full_disk_in_the_recorder_thread_says_what_training_needs(run, tmp_pa
 
 
 def test_a_bug_keeps_its_traceback(run, tmp_path, monkeypatch):
-    from thimble import lattice
+    from thimble.analysis import delta_w
 
     def bug(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(lattice, "write_delta_w_lattice", bug)
+    monkeypatch.setattr(delta_w, "write_delta_w_lattice", bug)
     with pytest.raises(KeyError, match="a bug"):
         cli.main(["lattice", "--recording", str(run / f"results/{EXPERIMENT}/recording.h5"), "--output",
                   str(tmp_path / "delta.h5")])

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from conftest import REPO, offline_config, run_snakemake, tiny_settings, write_recording
-from thimble.bf16 import all_bfloat16
+from thimble.numerics.bf16 import all_bfloat16
 from thimble.config import float16_view_of, float16_views, load_config, resolve_config, stage_settings, training_twin
-from thimble.float16_effect import (CHANGED, OVERFLOWED, ZEROED, cast_classes, exponent_bands, json_differences,
+from thimble.analysis.float16_effect import (CHANGED, OVERFLOWED, ZEROED, cast_classes, exponent_bands, json_differences,
                                     lab_answer, row_histograms, step_effect, table_differences, tensor_effect,
                                     variance_curve)
-from thimble.float16_view import float16_bits
+from thimble.analysis.float16_view import float16_bits
 
 FLOAT16_MAX = Fraction(65504)
 SMALLEST_SUBNORMAL = Fraction(1, 2 ** 24)
@@ -93,7 +93,7 @@ def test_changed_zeroed_overflowed_of_every_pattern_against_exact_rationals(clas
 
 def bf16_bits(values) -> np.ndarray:
     """uint16 bf16 bits of values that bf16 holds exactly (checked)."""
-    from thimble.bf16 import BFLOAT16
+    from thimble.numerics.bf16 import BFLOAT16
 
     array = np.asarray(values, dtype=np.float64)
     bits = array.astype(np.float32).astype(BFLOAT16)
@@ -218,16 +218,17 @@ def test_the_view_is_float16_training_bit_for_bit(data, tmp_path):
     float16 recording's stored chunks byte for byte, its small datasets and its identity."""
     import h5py
 
-    from thimble.codec import read_stored_chunk
-    from thimble.float16_view import write_float16_view
+    from thimble.record.codec import read_stored_chunk
+    from thimble.analysis.float16_view import write_float16_view
     from thimble.provenance import IDENTITY_ATTRS, recording_identity
-    from thimble.rechunk import rechunk_stream
-    from thimble.record import read_checked, read_steps
+    from thimble.record.rechunk import rechunk_stream
+    from thimble.record.format import read_checked
+    from thimble.record.reader import read_steps
 
     # what the train rule hands training: the train stage's settings (its config_hash is of these)
     exact_settings = stage_settings(tiny_settings(), "train")
     float16_settings = stage_settings(tiny_settings(dtype="float16"), "train")
-    from thimble.train import train
+    from thimble.training.train import train
 
     for name, settings in (("bf16", exact_settings), ("f16", float16_settings)):
         train(settings, str(data / "tokens.npy"), str(data / "masks.safetensors"), str(tmp_path / name),
@@ -253,7 +254,7 @@ def test_the_view_is_float16_training_bit_for_bit(data, tmp_path):
 
 def test_the_view_refuses_a_twin_of_other_settings(data, tmp_path):
     from thimble.errors import DataError
-    from thimble.float16_view import write_float16_view
+    from thimble.analysis.float16_view import write_float16_view
 
     write_recording(tmp_path / "synthetic.h5", {name: np.zeros((3, 4, 2), np.uint16) for name in
                                                ("W", "grad_W", "momentum_W", "variance_W")}, [True, False, True, False])
@@ -274,7 +275,7 @@ def test_view_and_effect_stages_end_to_end(mini_data, tmp_path, capsys):
     import h5py
 
     from conftest import mini_series_config, write_offline_config
-    from thimble.record import read_steps
+    from thimble.record.reader import read_steps
 
     # a directory of its own beside the shared data stages: its runs, logs and the plan's probes must not
     # become the other tests' (test_workflow reads thimble_mini's train.log and probes in mini_data)

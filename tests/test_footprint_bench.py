@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 from conftest import REPO
-from thimble.rechunk import rechunk_stream
-from thimble.record import TENSORS, read_steps
+from thimble.record.rechunk import rechunk_stream
+from thimble.record.format import TENSORS
+from thimble.record.reader import read_steps
 
 
 def load_bench():

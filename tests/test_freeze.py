@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from thimble.freeze import (MEASURES, completed_cycles, cooling, cycles_table, default_windows, displacement_table,
+from thimble.analysis.freeze import (MEASURES, completed_cycles, cooling, cycles_table, default_windows, displacement_table,
                             freeze_table, group_masks, lattice_position_table, open_run, runs, token_steps_from_w,
                             token_table, trend, verdict, window_stats, windowed_mean)
-from thimble.lattice import from_ordinal, ordinal
+from thimble.numerics.lattice import from_ordinal, ordinal
 
 # 3 tokens x 2 coordinates, steps 0..10; token 0 is the only dead token (a group with one token)
 T, V, D = 10, 3, 2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from thimble import cli
-from thimble.bf16 import BFLOAT16, bfloat16_h5type
-from thimble.codec import encode_chunk
-from thimble.record import create_tensor_dataset
+from thimble.numerics.bf16 import BFLOAT16, bfloat16_h5type
+from thimble.record.codec import encode_chunk
+from thimble.record.format import create_tensor_dataset
 
 
 @pytest.fixture
@@ -53,9 +53,10 @@ def test_thimble_readers_without_the_zstd_filter_name_hdf5plugin(compressed):
     os.link(path, path.parent / "experiment" / "recording.h5")
     script = """
 import sys, h5py
-from thimble.codec import ZSTD_FILTER
-from thimble.record import open_stream, read_steps
-from thimble.run import open_run
+from thimble.record.codec import ZSTD_FILTER
+from thimble.record.reader import read_steps
+from thimble.record.stream_reader import open_stream
+from thimble.notebook.run import open_run
 h5py.h5z.unregister_filter(ZSTD_FILTER)  # as if hdf5plugin had not registered it
 messages = []
 for read in (lambda: read_steps(h5py.File(sys.argv[1], "r")["W"]), lambda: open_stream(sys.argv[2]),

@@ -1,4 +1,4 @@
-"""thimble.host_copy on the CPU: copies that do not alias what the optimizer changes next, the loss a float.
+"""thimble.training.host_copy on the CPU: copies that do not alias what the optimizer changes next, the loss a float.
 
 The CUDA path (pinned copies on a side stream) needs a GPU: bench/gpu_bench.py measures it there."""
 
@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from thimble.host_copy import HostCopies
+from thimble.training.host_copy import HostCopies
 
 
 def test_cpu_copies_are_clones_taken_when_asked():

@@ -1,4 +1,4 @@
-"""thimble.host_memory: the training process's allocator keeps freed pages for the next step."""
+"""thimble.training.host_memory: the training process's allocator keeps freed pages for the next step."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import thimble
-from thimble.host_memory import host_allocator
+from thimble.training.host_memory import host_allocator
 
 SRC = str(Path(thimble.__file__).parents[1])
 
@@ -18,8 +18,8 @@ SRC = str(Path(thimble.__file__).parents[1])
 STEPS = """
 import resource, sys
 sys.path.insert(0, {src!r})
-from thimble.host_memory import keep_freed_memory
-from thimble.host_memory import host_allocator
+from thimble.training.host_memory import keep_freed_memory
+from thimble.training.host_memory import host_allocator
 print(keep_freed_memory()['malloc'] if sys.argv[-1] == 'keep' else host_allocator()['malloc'])
 import torch
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -49,7 +49,7 @@ def test_an_untouched_process_keeps_the_default_malloc():
 def test_nothing_is_set_once_torch_is_loaded():
     """torch has read THP_MEM_ALLOC_ENABLE by then: mallopt without its 2 MB alignment would grow the heap."""
     import torch  # noqa: F401  (this test process has it loaded already)
-    from thimble.host_memory import keep_freed_memory
+    from thimble.training.host_memory import keep_freed_memory
 
     assert keep_freed_memory()["malloc"] == host_allocator()["malloc"] == "default"
 

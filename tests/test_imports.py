@@ -19,13 +19,13 @@ def loaded_after(code: str) -> list[str]:
 def test_config_and_plan_import_neither_torch_nor_h5py():
     assert loaded_after("import thimble.config") == []
     assert loaded_after("import thimble.plan, thimble.sizes, thimble.outputs, thimble.cli") == []
-    assert loaded_after("import thimble.train") == ["torch", "h5py"]  # the check can fail
+    assert loaded_after("import thimble.training.train") == ["torch", "h5py"]  # the check can fail
 
 
 def test_the_xarray_engine_guesses_without_h5py_or_torch(tmp_path):
     # xarray asks every installed engine about every file it opens without one
     (tmp_path / "recording.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(8))
-    assert loaded_after("from thimble.xarray_backend import ThimbleBackendEntrypoint\n"
+    assert loaded_after("from thimble.notebook.xarray_backend import ThimbleBackendEntrypoint\n"
                         f"assert ThimbleBackendEntrypoint().guess_can_open({str(tmp_path / 'recording.h5')!r})") == []
 
 

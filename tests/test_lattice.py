@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from thimble.bf16 import BFLOAT16, all_bfloat16
-from thimble.lattice import (NonFiniteError, crossed_binade, delta_w_lattice, delta_w_lattice_series, from_ordinal,
+from thimble.numerics.bf16 import BFLOAT16, all_bfloat16
+from thimble.numerics.lattice import (NonFiniteError, crossed_binade, delta_w_lattice, delta_w_lattice_series, from_ordinal,
                              ordinal, spacing_toward, ulp)
 
 ALL = all_bfloat16()

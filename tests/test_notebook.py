@@ -12,8 +12,10 @@ import torch
 
 import thimble
 from conftest import REPO, run_snakemake
-from thimble.record import TENSORS, open_stream, read_steps_torch
-from thimble.run import open_run, step_range
+from thimble.record.format import TENSORS
+from thimble.record.reader import read_steps_torch
+from thimble.record.stream_reader import open_stream
+from thimble.notebook.run import open_run, step_range
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,6 @@ def test_import_thimble_does_not_load_the_readers():
     import subprocess
     import sys
 
-    probe = "import sys, thimble; print(sorted(m for m in ('thimble.run', 'torch', 'h5py') if m in sys.modules))"
+    probe = "import sys, thimble; print(sorted(m for m in ('thimble.notebook.run', 'torch', 'h5py') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
     assert thimble.open_run is open_run

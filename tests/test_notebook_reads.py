@@ -15,13 +15,13 @@ import xarray as xr
 import yaml
 
 from conftest import run_snakemake
-from thimble.bf16 import BFLOAT16
-from thimble.codec import encode_chunk, write_chunk
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.record.codec import encode_chunk, write_chunk
 from thimble.errors import DataError
 from thimble.provenance import StaleResultError, StaleResultWarning
-from thimble.record import create_checked_array, create_tensor_dataset
-from thimble.run import open_run
-from thimble.xarray_backend import ThimbleBackendEntrypoint
+from thimble.record.format import create_checked_array, create_tensor_dataset
+from thimble.notebook.run import open_run
+from thimble.notebook.xarray_backend import ThimbleBackendEntrypoint
 
 STEPS, VOCAB, DIM, CHUNK = 30, 12, 4, 8
 NAMES = ("W", "grad_W", "momentum_W", "variance_W")

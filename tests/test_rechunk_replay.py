@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from conftest import VOCAB, rewrite_steps, run_train, tiny_settings
-from thimble.bf16 import BFLOAT16
-from thimble.lattice import delta_w_lattice, write_delta_w_lattice
-from thimble.rechunk import RechunkError, rechunk_stream
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.analysis.delta_w import write_delta_w_lattice
+from thimble.numerics.lattice import delta_w_lattice
+from thimble.record.rechunk import RechunkError, rechunk_stream
 from thimble.sizes import steps_per_chunk
-from thimble.record import TENSORS, open_stream, read_steps
-from thimble.replay import replay_recording
+from thimble.record.format import TENSORS
+from thimble.record.reader import read_steps
+from thimble.record.stream_reader import open_stream
+from thimble.analysis.replay import replay_recording
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def test_rechunked_file_matches_the_stream_bit_for_bit(recorded, rechunked):
 
 
 def test_rechunk_fails_loudly_when_bits_differ(recorded, tmp_path, monkeypatch):
-    import thimble.rechunk as rechunk
+    import thimble.record.rechunk as rechunk
 
     original = rechunk.compress_shuffled
 
@@ -72,7 +75,7 @@ def test_delta_w_lattice_of_a_recording(rechunked, tmp_path):
         np.testing.assert_array_equal(delta[0], 0)
         np.testing.assert_array_equal(delta[1:], delta_w_lattice(w[:-1], w[1:]))
         # replaying the steps from W[0] gives back every W[t] exactly
-        from thimble.lattice import from_ordinal, ordinal
+        from thimble.numerics.lattice import from_ordinal, ordinal
         rebuilt = from_ordinal(ordinal(w[0]) + np.cumsum(delta.astype(np.int32), axis=0))
         np.testing.assert_array_equal(rebuilt.astype(np.float32), w.astype(np.float32))
         moves = out["moves_per_step"][...]
@@ -84,7 +87,7 @@ def test_delta_w_lattice_of_a_recording(rechunked, tmp_path):
 def test_delta_w_lattice_names_a_nonfinite_step_and_element(rechunked, tmp_path):
     import shutil
 
-    from thimble.lattice import NonFiniteError
+    from thimble.numerics.lattice import NonFiniteError
 
     copy = tmp_path / "recording.h5"
     shutil.copy(rechunked, copy)
@@ -110,7 +113,7 @@ def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay
     replay = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                            str(tmp_path / "ratio.csv"))
     assert replay["storage_dtype"] == "float16"
-    from thimble.freeze import analyse
+    from thimble.analysis.freeze import analyse
 
     settings = tiny_settings(dtype="float16")
     outputs = {name: str(tmp_path / f"{name}.out") for name in
@@ -122,7 +125,7 @@ def test_float16_recordings_give_the_delta_w_of_their_stored_values_and_a_replay
 
 
 def test_float16_to_bfloat16_bits_equal_torchs_cast_for_every_pattern():
-    from thimble.bf16 import bfloat16_bits_from_float16_bits
+    from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits
 
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     ours = bfloat16_bits_from_float16_bits(bits)
@@ -206,7 +209,8 @@ def test_replay_of_recording_h5_equals_the_replay_of_its_stream(recorded, tmp_pa
 
 
 def test_recording_rows_are_read_in_order(recorded, tmp_path):
-    from thimble.record import RecordingRows, open_h5
+    from thimble.record.format import open_h5
+    from thimble.record.reader import RecordingRows
 
     rechunk_stream(recorded, tmp_path / "recording.h5", 7, 2**31)
     with open_h5(tmp_path / "recording.h5") as handle:
@@ -223,7 +227,7 @@ def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(re
     do not divide the chunks included)."""
     import dataclasses
 
-    from thimble.freeze import read_token_steps
+    from thimble.analysis.freeze import read_token_steps
 
     rechunk_stream(recorded, tmp_path / "recording.h5", 8, 2**31)
     write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
@@ -247,7 +251,7 @@ def test_replay_accepts_stream_as_the_old_name_of_recording():
 
 
 def test_one_place_decides_where_a_runs_rows_come_from(recorded, rechunked, tmp_path):
-    from thimble.recording_reader import RecordingSource
+    from thimble.record.reader import RecordingSource
 
     assert RecordingSource.of_path(recorded) == RecordingSource(recorded, True)
     assert RecordingSource.of_path(rechunked) == RecordingSource(rechunked, False)

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from thimble.replay import RATIO_COLUMNS, step_statistics
-from thimble.replay_kernel import COUNT_COLUMNS, count_steps
+from thimble.analysis.replay import RATIO_COLUMNS, step_statistics
+from thimble.analysis.replay_kernel import COUNT_COLUMNS, count_steps
 
 #: float32 bit offsets from a weight: exact ties (±0x8000 is half a bf16 spacing, at a binade's bottom
 #: too), one float32 ulp either side of them, nothing, one ulp, a whole spacing and far moves

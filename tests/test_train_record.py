@@ -13,8 +13,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from thimble.record import TENSORS, list_segments, open_stream, read_steps, read_steps_torch
-from thimble.train import TrainingError
+from thimble.record.format import TENSORS, list_segments
+
+from thimble.record.reader import read_steps, read_steps_torch
+
+from thimble.record.stream_reader import open_stream
+from thimble.training.train import TrainingError
 
 from conftest import VOCAB, run_train, tiny_settings  # the fixtures data and recorded live there too
 
@@ -231,7 +235,7 @@ def test_resume_state_of_other_settings_is_discarded(data, tmp_path):
 
 def test_parameter_count_is_the_trained_models():
     from thimble.sizes import n_parameters
-    from thimble.model import build_model
+    from thimble.training.model import build_model
 
     for model in ({"vocab_size": 384, "hidden_dim": 16, "max_seq_len": 32, "n_layers": 2, "n_heads": 2,
                    "init_scale": 0.02},

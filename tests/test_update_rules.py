@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from conftest import run_train, tiny_settings
-from thimble.adamw import build_update_rule
+from thimble.training.adamw import build_update_rule
 from thimble.config import ConfigError, resolve_config
-from thimble.rechunk import rechunk_stream
-from thimble.record import open_stream, read_steps, stream_tensors
-from thimble.replay import replay_recording
+from thimble.record.rechunk import rechunk_stream
+from thimble.record.format import stream_tensors
+from thimble.record.reader import read_steps
+from thimble.record.stream_reader import open_stream
+from thimble.analysis.replay import replay_recording
 from thimble.update_rules import UPDATE_RULES, recorded_tensors, stochastic_rounding_seed
 
 OTHER_RULES = [rule for rule in UPDATE_RULES if rule != "bf16"]
@@ -56,7 +58,7 @@ def test_each_rule_records_its_state_and_replays_bit_for_bit(data, tmp_path, rul
 def test_a_replay_with_other_random_bits_differs(data, tmp_path, monkeypatch):
     """Stochastic rounding's replay is exact because it draws the training's bits, and only then."""
     stream = run_train(data, tmp_path / "stream", rule_settings("stochastic_rounding", steps=6))
-    monkeypatch.setattr("thimble.adamw.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
+    monkeypatch.setattr("thimble.training.adamw.stochastic_rounding_seed", lambda seed, step: seed + step + 12345)
     summary = replay_recording(str(stream), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert not summary["bitwise_match"] and summary["total_mismatches"]["W_mismatches"] > 0
@@ -103,7 +105,7 @@ def test_the_eager_step_is_torchaos_kernel():
     the rule runs torchao's arithmetic, only not through torch.compile."""
     from torchao.optim import _AdamW
 
-    from thimble.adamw import torchao_stochastic_rounding_adamw
+    from thimble.training.adamw import torchao_stochastic_rounding_adamw
 
     generator = torch.Generator().manual_seed(3)
     shapes = [(64, 8), (8,)]

@@ -11,10 +11,10 @@ import yaml
 
 from conftest import REPO, mini_series_config, offline_config, run_snakemake
 from thimble.config import load_config, training_twin
-from thimble.freeze import MEASURES, VERDICTS
+from thimble.analysis.freeze import MEASURES, VERDICTS
 from thimble.outputs import FIGURES
 from thimble.plan import any_calibration, peak_ram_bytes
-from thimble.record import open_stream
+from thimble.record.stream_reader import open_stream
 
 
 def planned_jobs(output: str) -> dict[str, int]:

@@ -1,4 +1,4 @@
-"""The package finds the workflow's files without relying on an editable install (thimble.workflow_dir)."""
+"""The package finds the workflow's files without relying on an editable install (thimble.util.workflow_dir)."""
 
 import os
 import shutil
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from thimble import workflow_dir
-from thimble.workflow_dir import WORKFLOW_ENV, WorkflowNotFoundError, find_workflow_dir
+from thimble.util import workflow_dir
+from thimble.util.workflow_dir import WORKFLOW_ENV, WorkflowNotFoundError, find_workflow_dir
 
 
 def fake_workflow(path: Path) -> Path:

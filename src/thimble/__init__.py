@@ -1,7 +1,7 @@
 """Thimble: bit-faithful recording and lattice analysis of bfloat16 embedding training.
 
 ``thimble.open_run("results/thimble_mini")`` opens an experiment's results in a
-notebook (``thimble.run``); it is imported on first use, so ``import thimble``
+notebook (``thimble.notebook.run``); it is imported on first use, so ``import thimble``
 stays cheap.
 """
 
@@ -12,7 +12,7 @@ __all__ = ["open_run", "Run", "__version__"]
 
 def __getattr__(name: str):
     if name in ("open_run", "Run"):
-        from thimble import run
+        from thimble.notebook import run
 
         return getattr(run, name)
     raise AttributeError(f"module 'thimble' has no attribute {name!r}")

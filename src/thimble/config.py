@@ -40,8 +40,8 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def schema_path() -> Path:
-    """``workflow/schemas/config.schema.yaml`` of the workflow this package runs (thimble.workflow_dir)."""
-    from thimble.workflow_dir import find_workflow_dir
+    """``workflow/schemas/config.schema.yaml`` of the workflow this package runs (thimble.util.workflow_dir)."""
+    from thimble.util.workflow_dir import find_workflow_dir
 
     return find_workflow_dir() / SCHEMA_IN_WORKFLOW
 

@@ -13,7 +13,7 @@ RECORDING_FILE = "recording.h5"
 FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions",
            "drivers")
 
-#: the freeze stage's files under results/{experiment}/, each under its key in ``thimble.freeze.analyse``'s outputs,
+#: the freeze stage's files under results/{experiment}/, each under its key in ``thimble.analysis.freeze.analyse``'s outputs,
 #: which is also its option of ``thimble freeze`` ("-" for "_") and its name in the freeze rule's output
 #: (but ``variance``, which the rule has always called ``exp_avg_sq``); the .csv files are its tables
 FREEZE_OUTPUTS = {

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from thimble.errors import ThimbleError
-from thimble.files import sha256_file
+from thimble.util.files import sha256_file
 from thimble.outputs import EXPERIMENT_FILES
 
-#: the recording attributes that determine its bits (thimble.train writes them; the stages copy them on)
+#: the recording attributes that determine its bits (thimble.training.train writes them; the stages copy them on)
 IDENTITY_ATTRS = ("config_hash", "resume_key", "update_rule", "storage_dtype", "device", "cpu_capability",
                   "torch_version")
 #: attributes quoted in messages, so that a user sees which training a table came from
@@ -93,7 +93,7 @@ class Stale:
 
 
 def _read_attrs(path: Path) -> dict:
-    from thimble.recording_format import open_h5
+    from thimble.record.format import open_h5
 
     with open_h5(path) as handle:
         return dict(handle.attrs)

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thimble.config import without_untracked
-from thimble.cpu import this_cpu
+from thimble.util.cpu import this_cpu
 from thimble.errors import PlanError
-from thimble.files import atomic_output
+from thimble.util.files import atomic_output
 from thimble.plan import costs
 from thimble.sizes import step_flops
-from thimble.workflow_dir import WorkflowNotFoundError, find_workflow_dir
+from thimble.util.workflow_dir import WorkflowNotFoundError, find_workflow_dir
 
 CALIBRATION_DIR = Path("results") / "calibration"
 CALIBRATION_FORMAT = 4

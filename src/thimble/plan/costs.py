@@ -66,7 +66,7 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         "rechunk": lambda: 2 * chunk(),
         # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
         "lattice": chunk,
-        # per block of steps (thimble.replay.BLOCK_STEPS): the decoded rows of W, grad and both moments
+        # per block of steps (thimble.analysis.replay.BLOCK_STEPS): the decoded rows of W, grad and both moments
         # (bf16, one more row than steps), the optimizer's W, m, v (bf16) and the criterion's float32 sums;
         # and one step's temporaries (the criterion's float32 arithmetic, a listed step's numpy reference);
         # and per recorded tensor the lower byte planes of the recording.h5 chunk being read

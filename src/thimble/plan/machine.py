@@ -7,7 +7,7 @@ steps of the experiment's own model and optimizer on random tokens, timed here b
 cached in ``results/calibration/`` beside the probes, keyed by the probe and this CPU. The cache is read
 (``load_step_time``, ``foreign_cpu``) in ``thimble.plan.calibration``, which this module builds on.
 
-``thimble.cpu.this_cpu`` reads /proc/cpuinfo, not torch, so that the rules' resources (computed while Snakemake
+``thimble.util.cpu.this_cpu`` reads /proc/cpuinfo, not torch, so that the rules' resources (computed while Snakemake
 builds the DAG) can tell a foreign probe without importing torch; ``time_model_steps`` imports torch and
 runs only in ``thimble plan``.
 """
@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
-from thimble.cpu import this_cpu
-from thimble.files import atomic_output
+from thimble.util.cpu import this_cpu
+from thimble.util.files import atomic_output
 from thimble.plan.calibration import (STEP_TIME_FORMAT, foreign_cpu, load_step_time, probe_cpu,  # noqa: F401
                                       probed_settings, step_time_path)
 
@@ -34,7 +34,7 @@ def time_model_steps(settings: dict, steps: int = TIMED_STEPS) -> dict:
 
     import torch
 
-    from thimble.model import build_model, build_optimizer
+    from thimble.training.model import build_model, build_optimizer
 
     model_settings, training = settings["model"], settings["training"]
     previous_threads = torch.get_num_threads()

@@ -41,9 +41,9 @@ def decay_exponent(steps: np.ndarray, step_bytes: np.ndarray) -> float:
 
 def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """ΔW′ bytes per step, compressed in blocks of steps with the writer's zstd level: (mid steps, bytes)."""
-    from thimble.codec import window_log_for, zstd_compressor, zstd_level
-    from thimble.recording_format import open_h5
-    from thimble.recording_reader import read_steps
+    from thimble.record.codec import window_log_for, zstd_compressor, zstd_level
+    from thimble.record.format import open_h5
+    from thimble.record.reader import read_steps
 
     with open_h5(path) as handle:
         dataset = handle["delta_w_lattice"]

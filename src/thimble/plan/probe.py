@@ -4,7 +4,7 @@ The probe writes a config holding only the experiment, cut to a few steps (``pro
 scratch working directory under ``results/calibration/``, puts the dataset's tokens and masks there (or
 random ones when the data stages have not run), and runs the repository's Snakefile on it with
 Snakemake, restricted to the experiment's stages (``costs.STAGES``): the rules' own command lines run,
-none is rebuilt here. Every stage writes its peak RSS and wall time (``thimble.usage``); the probe then
+none is rebuilt here. Every stage writes its peak RSS and wall time (``thimble.util.usage``); the probe then
 measures the files they wrote (``thimble.plan.measure``). It runs twice, ``SHORT_PROBE_STEPS`` steps and
 the asked steps, so that each stage's fixed start-up is told from its time per step.
 """
@@ -35,8 +35,8 @@ from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, Calib
 from thimble.plan.report import human_seconds
 from thimble.plan.measure import experiment_outputs, measure_file
 from thimble.sizes import step_flops
-from thimble.usage import PEAK_RSS_ENV, read_usage
-from thimble.workflow_dir import find_workflow_dir
+from thimble.util.usage import PEAK_RSS_ENV, read_usage
+from thimble.util.workflow_dir import find_workflow_dir
 
 log = logging.getLogger("thimble.plan")
 
@@ -49,7 +49,7 @@ HEARTBEAT_SECONDS = 30
 
 
 def default_snakefile() -> Path:
-    """The workflow's Snakefile (``thimble.workflow_dir``: $THIMBLE_WORKFLOW, the source checkout, the
+    """The workflow's Snakefile (``thimble.util.workflow_dir``: $THIMBLE_WORKFLOW, the source checkout, the
     current directory or a parent); an error naming the fix outside a clone."""
     return find_workflow_dir() / "Snakefile"
 
@@ -100,7 +100,7 @@ def place_tokens(settings: dict, workdir: Path, run_dir: Path) -> None:
         return
     from tokenizers import Tokenizer, models
 
-    from thimble.masks import write_masks
+    from thimble.data.masks import write_masks
 
     model, training = settings["model"], settings["training"]
     rng = np.random.default_rng(training["seed"])

@@ -1,0 +1,1 @@
+"""The analyses of a recording: ΔW′ (``delta_w``), the bitwise replay (``replay``, counting in ``replay_kernel``), the freeze tables and verdicts (``freeze``), their drivers (``drivers``), and the float16 view of a recording and its effect."""

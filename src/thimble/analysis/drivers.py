@@ -1,0 +1,484 @@
+"""What drives the freeze: the update ratio split into its causes, per step and group, from the recording.
+
+The lab's claim (lab notes, 2025-11-23): "it's really the variance term in the AdamW algorithm that drives
+the onset of fimbulwinter". AdamW's update at step t is u = −lr·m̂/(√v̂+ε), with m̂ = exp_avg[t]/(1−β1^t)
+and v̂ = exp_avg_sq[t]/(1−β2^t); an element cannot move when |u| is below h, half the bf16 spacing of
+W[t−1] toward the move (to the next representable value in the direction of u). In log2,
+
+    log2(|u|/h) = log2(lr) + log2|m̂| − log2(√v̂+ε) − log2(h)
+
+exactly, so the mean over a group's elements splits the same way. The denominator splits once more:
+bf16's exp_avg_sq cannot decay (``mul_(0.999)`` rounds back onto a normal value), so beside it runs the
+exponential average AdamW would hold in exact arithmetic, v ← β2·v + (1−β2)·g², in float64 from v = 0
+before step 1, of the recorded gradients. The gap between the two denominators is ``v_stall_bits``.
+
+Steps pair as the training records them (``thimble.training.train``, the seed notebook): the row of step t holds
+grad_W[t] (taken before the optimizer step), then W[t], exp_avg[t] and exp_avg_sq[t] after it. So update
+t acts on W[t−1] with the moments of row t, and W[t] is where it landed.
+
+From step 1 to the onset (the first step more than half of a group's elements stay put), the fall of the
+mean ratio from its peak is split exactly into three terms: the weights reaching coarser binades
+(``spacing``), the gradient statistics as exact AdamW would see them (``statistics``), and bf16's
+exp_avg_sq stalled above the exact average (``v_stall``). The largest is the driver.
+
+Everything here is for the bf16 update rule (round to nearest; ``thimble.update_rules``); for the other
+rules ``not_applicable`` says why the split does not answer the question.
+
+The per-element work is one compiled pass (numba, releasing the GIL; tokens split across threads);
+``element_terms`` is its numpy reference, which computes the ratio directly from u, for the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.errors import DataError
+from thimble.analysis.freeze import GROUPS, group_masks
+from thimble.analysis.replay_kernel import compiled
+from thimble.sizes import DRIVERS_BLOCK_STEPS
+from thimble.update_rules import rule_of
+
+log = logging.getLogger(__name__)
+
+#: freeze_drivers.csv's columns after ``step`` and ``group`` (means in log2 units, bits)
+COLUMNS = ("mean_log2_ratio", "mean_log2_abs_m_hat", "mean_log2_denominator", "mean_log2_half_spacing",
+           "mean_log2_exact_denominator", "v_stall_bits", "frozen_share", "median_abs_w", "elements")
+#: the three terms the drop of the mean ratio splits into, in the order ``driver`` breaks ties
+TERMS = ("spacing", "statistics", "v_stall")
+#: sums the kernel keeps per step and token, in this order
+SUMS = ("ratio", "log2_abs_m_hat", "log2_denominator", "log2_half_spacing", "log2_exact_denominator")
+#: bf16 magnitudes (sign bit off): the bins of the |W| histograms the medians come from
+MAGNITUDES = 1 << 15
+#: significant digits the log2 means are written with: float64 means of log2 hold ~15, whose last ones
+#: depend on the CPU's log2 (numpy's SIMD kernels), so the files are the same on every machine
+SIGNIFICANT_DIGITS = 12
+#: the columns written to SIGNIFICANT_DIGITS (the shares and medians are exact as they are)
+LOG2_COLUMNS = COLUMNS[:6]
+#: steps decoded and analysed at a time
+BLOCK_ROWS = DRIVERS_BLOCK_STEPS
+with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
+    #: the value of every bf16 magnitude, indexed by its bits
+    MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
+
+
+def optimizer_settings(attrs) -> dict:
+    """AdamW's settings from a recording's attributes, as ``thimble.training.adamw.hyperparameters`` reads them; here
+    without torch, which this stage does not otherwise load (its start-up is a share of its time)."""
+    return {"lr": float(attrs["learning_rate"]), "betas": (float(attrs["adam_beta1"]), float(attrs["adam_beta2"])),
+            "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
+
+
+def not_applicable(update_rule: str) -> str | None:
+    """Why the decomposition does not answer the freeze question under ``update_rule``; None for bf16."""
+    if update_rule == "bf16":
+        return None
+    why = {
+        "stochastic_rounding": "the update is rounded up or down at random with the probability of its distance, "
+                               "so an update below half a spacing still moves the weight in expectation; "
+                               "|u| against h does not decide whether an element moves",
+        "kahan": "the compensation buffer carries what rounding threw away into the next step, so updates "
+                 "below half a spacing add up and move the weight; |u| against h does not decide it",
+        "fp32_master": "AdamW updates float32 master weights with float32 moments: the update is compared with "
+                       "float32's spacing, not bf16's, and exp_avg_sq decays as in exact arithmetic",
+    }
+    return why.get(update_rule, f"the decomposition is defined for update_rule bf16, not {update_rule}")
+
+
+# -- the numpy reference ------------------------------------------------------------------------------
+
+def bias_corrections(step: int, beta1: float, beta2: float) -> tuple[float, float]:
+    """1 − β1^t and 1 − β2^t as torch forms them (Python floats, the step count as a float)."""
+    return 1 - beta1 ** float(step), 1 - beta2 ** float(step)
+
+
+def exact_ema(grads: np.ndarray, beta2: float) -> np.ndarray:
+    """The exact exponential average of squared gradients after each row of ``grads`` (rows 1.., ...):
+    v ← β2·v + (1−β2)·g² in float64, from v = 0 before step 1."""
+    v = np.zeros(grads.shape[1:])
+    out = np.empty(grads.shape, dtype=np.float64)
+    for row, g in enumerate(grads):
+        g = np.asarray(g, dtype=np.float64)
+        v = beta2 * v + (1 - beta2) * (g * g)
+        out[row] = v
+    return out
+
+
+def element_terms(w_before: np.ndarray, m: np.ndarray, v: np.ndarray, v_exact: np.ndarray, step: int,
+                  hyper: dict) -> dict[str, np.ndarray]:
+    """Per element of one step t, from bf16 bit patterns (``w_before`` W[t−1], ``m`` and ``v`` the moments
+    of row t) and the exact average ``v_exact`` after step t (float64): the terms of log2(|u|/h), with
+    ``ratio`` formed directly from u = −lr·m̂/(√v̂+ε) and h (float64), and ``included`` (m ≠ 0)."""
+    from thimble.training.adamw import half_spacing_exponent
+
+    lr, (beta1, beta2), eps = hyper["lr"], hyper["betas"], hyper["eps"]
+    c1, c2 = bias_corrections(step, beta1, beta2)
+    m_value = m.view(BFLOAT16).astype(np.float64)
+    v_value = v.view(BFLOAT16).astype(np.float64)
+    m_hat, v_hat = m_value / c1, v_value / c2
+    denominator = np.sqrt(v_hat) + eps
+    update = -lr * m_hat / denominator
+    exponent = half_spacing_exponent(w_before, update < 0).astype(np.int64)
+    half = np.ldexp(1.0, exponent)
+    included = m_value != 0
+    with np.errstate(divide="ignore"):
+        return {"ratio": np.log2(np.abs(update) / half), "log2_abs_m_hat": np.log2(np.abs(m_hat)),
+                "log2_denominator": np.log2(denominator), "log2_half_spacing": exponent.astype(np.float64),
+                "log2_exact_denominator": np.log2(np.sqrt(v_exact / c2) + eps), "included": included}
+
+
+# -- the compiled pass ---------------------------------------------------------------------------------
+
+@compiled
+def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log2_abs_magnitude, log2_c1,
+              log2_denominator_table, log2_lr, sums, counts, histograms):
+    """One step over one span of tokens, from bf16 bits: ``w_before`` W[t−1], ``w_after`` W[t], ``m`` and ``v``
+    the moments of row t (n,), n = tokens x ``hidden``; ``log2_exact_denominator`` (n,) float64 from the exact
+    average; ``dead`` (tokens,) the group of each token; ``log2_c1`` the step's log2(1 − β1^t);
+    ``log2_denominator_table`` (2^15,) log2(√v̂+ε) of every bf16 magnitude of v at this step.
+
+    Adds into ``sums`` (tokens, 5: SUMS) and ``counts`` (tokens, 2: included, frozen) each token's elements
+    in order, and into ``histograms`` (2, 2^15) the |W[t−1]| magnitudes of dead and live elements.
+    Returns the number of non-finite W or moments met (the caller names the steps).
+    """
+    bad = 0
+    for token in range(dead.size):
+        side = 0 if dead[token] else 1
+        ratio_sum = m_sum = denominator_sum = half_sum = exact_sum = 0.0
+        included = frozen = 0
+        for i in range(token * hidden, (token + 1) * hidden):
+            before, after = w_before[i], w_after[i]
+            if (before & 0x7FFF) >= 0x7F80 or (after & 0x7FFF) >= 0x7F80:
+                bad += 1
+                continue
+            histograms[side, before & 0x7FFF] += 1
+            if before == after or ((before | after) & 0x7FFF) == 0:  # ±0 are one lattice point
+                frozen += 1
+            mb = m[i]
+            magnitude = mb & 0x7FFF
+            if magnitude == 0:
+                continue
+            vb = v[i] & 0x7FFF
+            if magnitude >= 0x7F80 or vb >= 0x7F80:
+                bad += 1
+                continue
+            log2_m_hat = log2_abs_magnitude[magnitude] - log2_c1
+            log2_denominator = log2_denominator_table[vb]
+            # half the spacing toward the move, as thimble.training.adamw.half_spacing_exponent: u's sign is
+            # opposite to m's; toward zero from a binade's bottom the spacing halves
+            field = max(np.int32((before & 0x7FFF) >> 7), 1)
+            toward_zero = (before & 0x7FFF) != 0 and (mb < 0x8000) != (before >= 0x8000)
+            if toward_zero and (before & 0x7F) == 0 and (before & 0x7FFF) >= 0x100:
+                field -= 1
+            log2_half = np.float64(field - 135)
+            ratio_sum += log2_lr + log2_m_hat - log2_denominator - log2_half
+            m_sum += log2_m_hat
+            denominator_sum += log2_denominator
+            half_sum += log2_half
+            exact_sum += log2_exact_denominator[i]
+            included += 1
+        sums[token, 0] += ratio_sum
+        sums[token, 1] += m_sum
+        sums[token, 2] += denominator_sum
+        sums[token, 3] += half_sum
+        sums[token, 4] += exact_sum
+        counts[token, 0] += included
+        counts[token, 1] += frozen
+    return bad
+
+
+
+def magnitude_log2_table() -> np.ndarray:
+    """log2 of every bf16 magnitude (sign bit off), indexed by its bits: -inf at 0, NaN past the finite ones."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log2(MAGNITUDE_VALUES)
+
+
+def denominator_log2_table(c2: float, eps: float) -> np.ndarray:
+    """log2(√(v/c2) + ε) of every bf16 magnitude v, indexed by its bits (NaN past the finite ones)."""
+    with np.errstate(invalid="ignore"):
+        return np.log2(np.sqrt(MAGNITUDE_VALUES / c2) + eps)
+
+
+def medians_from_histograms(histograms: np.ndarray) -> np.ndarray:
+    """The median |W| of each row of ``histograms`` (rows, 2^15 counts of bf16 magnitudes), exactly: the
+    middle value, or the mean of the two middle values for an even count (numpy's median); NaN when empty."""
+    values = MAGNITUDE_VALUES
+    cumulative = np.cumsum(histograms, axis=1)
+    out = np.full(len(histograms), np.nan)
+    for row, counts in enumerate(cumulative):
+        total = int(counts[-1])
+        if total == 0:
+            continue
+        low, high = np.searchsorted(counts, [(total - 1) // 2, total // 2], side="right")
+        out[row] = (values[low] + values[high]) / 2
+    return out
+
+
+class DriverPass:
+    """The compiled pass over blocks of steps, its exact average and buffers kept from block to block.
+
+    Tokens are split across ``pool``'s threads; each token's elements are summed in order by one thread,
+    so the results do not depend on the thread count.
+    """
+
+    def __init__(self, dead: np.ndarray, hidden: int, hyper: dict, pool, block_rows: int = BLOCK_ROWS):
+        from thimble.util.workers import thread_spans
+
+        self.dead, self.hidden, self.pool = np.ascontiguousarray(dead, dtype=np.bool_), hidden, pool
+        self.lr, (self.beta1, self.beta2), self.eps = hyper["lr"], hyper["betas"], hyper["eps"]
+        vocab = len(self.dead)
+        self.spans = thread_spans(vocab, pool.threads)
+        self.v_exact = np.zeros(vocab * hidden, dtype=np.float64)  # v = 0 before step 1
+        self.log2_abs_magnitude = magnitude_log2_table()
+        self.sums = np.zeros((block_rows, vocab, len(SUMS)), np.float64)
+        self.counts = np.zeros((block_rows, vocab, 2), np.int64)
+        self.histograms = [np.zeros((block_rows, 2, MAGNITUDES), np.int64) for _ in self.spans]
+        self.sizes = {group: int(mask.sum()) for group, mask in group_masks(self.dead).items()}
+
+    def _span(self, span: tuple[int, int], histograms: np.ndarray, w_previous, w, m, v, g, log2_c1, tables,
+              c2) -> int:
+        """The block's steps over the tokens ``span`` (one thread): the exact average advanced and its
+        denominators formed by numpy (vectorized), then the compiled pass; returns the non-finite count."""
+        a, b = span
+        hidden = self.hidden
+        cols = slice(a * hidden, b * hidden)
+        v_exact = self.v_exact[cols]
+        square = np.empty(v_exact.shape, np.float64)
+        exact = np.empty(v_exact.shape, np.float64)
+        histograms.fill(0)
+        bad = 0
+        for r in range(len(w)):
+            # v ← β2·v + (1−β2)·g², each product and the sum rounded once in float64 (g² is exact)
+            np.multiply(v_exact, self.beta2, out=v_exact)
+            np.copyto(square, (g[r, cols].astype(np.uint32) << 16).view(np.float32))
+            np.multiply(square, square, out=square)
+            np.multiply(square, 1 - self.beta2, out=square)
+            np.add(v_exact, square, out=v_exact)
+            np.divide(v_exact, c2[r], out=exact)
+            np.sqrt(exact, out=exact)
+            np.add(exact, self.eps, out=exact)
+            np.log2(exact, out=exact)
+            bad += _row_pass(w_previous[cols] if r == 0 else w[r - 1, cols], w[r, cols], m[r, cols], v[r, cols],
+                             exact, self.dead[a:b], hidden, self.log2_abs_magnitude, log2_c1[r], tables[r],
+                             math.log2(self.lr), self.sums[r, a:b], self.counts[r, a:b], histograms[r])
+        return bad
+
+    def _name_non_finite(self, first_step: int, w_previous, w, m, v) -> None:
+        """Raise a DataError naming the first NaN or Inf of the block (step, token, coordinate)."""
+        for name, bits, first in (("W", w_previous[None], first_step - 1), ("W", w, first_step),
+                                  ("exp_avg", m, first_step), ("exp_avg_sq", v, first_step)):
+            where = np.argwhere((bits & 0x7FFF) >= 0x7F80)
+            if where.size:
+                row, element = (int(x) for x in where[0])
+                value = float(bits[row, element].view(BFLOAT16))
+                raise DataError(f"{name} is {value} at step {first + row}, token {element // self.hidden}, "
+                                f"coordinate {element % self.hidden}: the bf16 spacing and AdamW's update are "
+                                "undefined there, so the freeze drivers cannot be formed")
+        raise AssertionError("the compiled pass met a non-finite value that the check does not find")
+
+    def block(self, first_step: int, w_previous: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray,
+              g: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Per group, the columns of steps ``first_step ..`` (one per row of the (rows, V·D) bit blocks)."""
+        rows = len(w)
+        steps = np.arange(first_step, first_step + rows)
+        corrections = np.array([bias_corrections(step, self.beta1, self.beta2) for step in steps])
+        log2_c1, c2 = np.log2(corrections[:, 0]), np.ascontiguousarray(corrections[:, 1])
+        tables = np.stack([denominator_log2_table(c, self.eps) for c in c2])
+        sums, counts = self.sums[:rows], self.counts[:rows]
+        sums.fill(0)
+        counts.fill(0)
+        futures = [self.pool.submit(self._span, span, histograms[:rows], w_previous, w, m, v, g, log2_c1, tables,
+                                    c2) for span, histograms in zip(self.spans, self.histograms)]
+        bad = sum(future.result() for future in futures)
+        if bad:
+            self._name_non_finite(first_step, w_previous, w, m, v)
+        histogram = sum(h[:rows] for h in self.histograms)
+        by_side = {"dead": self.dead, "live": ~self.dead}
+        totals = {group: (sums[:, mask].sum(axis=1), counts[:, mask].sum(axis=1)) for group, mask in by_side.items()}
+        totals["all"] = tuple(a + b for a, b in zip(totals["dead"], totals["live"]))
+        side_histograms = {"dead": histogram[:, 0], "live": histogram[:, 1], "all": histogram.sum(axis=1)}
+        out = {}
+        for group in GROUPS:
+            group_sums, group_counts = totals[group]
+            included = group_counts[:, 0]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                means = group_sums / included[:, None]
+                frozen = group_counts[:, 1] / (self.sizes[group] * self.hidden) if self.sizes[group] else \
+                    np.full(rows, np.nan)
+            columns = {"step": steps, **{f"mean_{name}" if name != "ratio" else "mean_log2_ratio": means[:, k]
+                                         for k, name in enumerate(SUMS)}}
+            columns["v_stall_bits"] = columns["mean_log2_denominator"] - columns["mean_log2_exact_denominator"]
+            columns["frozen_share"] = frozen
+            columns["median_abs_w"] = medians_from_histograms(side_histograms[group])
+            columns["elements"] = included
+            out[group] = columns
+        return out
+
+
+# -- the per-group answer ------------------------------------------------------------------------------
+
+def significant(values: np.ndarray) -> np.ndarray:
+    """``values`` rounded to SIGNIFICANT_DIGITS significant digits (NaN stays NaN)."""
+    return np.array([float(f"{value:.{SIGNIFICANT_DIGITS}g}") for value in np.asarray(values, dtype=np.float64)])
+
+
+def _number(value) -> float | None:
+    return None if value is None or not np.isfinite(value) else float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def drivers_of(columns: dict[str, np.ndarray]) -> dict:
+    """The onset of one group's freeze and what drove it, from its freeze_drivers.csv columns (rows by step).
+
+    ``onset_step``: the first step more than half of the group's elements stay put; ``peak_step``: the step
+    of the largest mean ratio from step 1 to the onset (the first on ties); ``drop_bits``: the mean ratio at
+    the peak minus at the onset, split into ``spacing_bits`` (the rise of the mean log2 half spacing),
+    ``statistics_bits`` (the fall of mean log2|m̂| − mean log2 exact denominator) and ``v_stall_bits`` (the
+    rise of the stall), which sum to it up to float rounding (``residual_bits``); ``driver``: the largest.
+    """
+    steps = np.asarray(columns["step"])
+    ratio = np.asarray(columns["mean_log2_ratio"], dtype=np.float64)
+    spacing = np.asarray(columns["mean_log2_half_spacing"], dtype=np.float64)
+    statistics = (np.asarray(columns["mean_log2_abs_m_hat"], dtype=np.float64)
+                  - np.asarray(columns["mean_log2_exact_denominator"], dtype=np.float64))
+    stall = np.asarray(columns["v_stall_bits"], dtype=np.float64)
+    frozen = np.asarray(columns["frozen_share"], dtype=np.float64)
+    result = {"onset_step": None, "peak_step": None, "drop_bits": None, "spacing_bits": None,
+              "statistics_bits": None, "v_stall_bits": None, "residual_bits": None, "driver": None,
+              "claim_supported": None, "v_stall_bits_last": _number(stall[-1]) if len(stall) else None}
+    onset_rows = np.flatnonzero(frozen > 0.5)
+    if not onset_rows.size:
+        return result
+    onset = int(onset_rows[0])
+    before = ratio[: onset + 1]
+    if not np.isfinite(before).any():
+        return {**result, "onset_step": int(steps[onset])}
+    peak = int(np.nanargmax(before))
+    terms = {"spacing": spacing[onset] - spacing[peak], "statistics": statistics[peak] - statistics[onset],
+             "v_stall": stall[onset] - stall[peak]}
+    drop = ratio[peak] - ratio[onset]
+    driver = max(TERMS, key=lambda term: terms[term]) if peak != onset else None
+    return {**result, "onset_step": int(steps[onset]), "peak_step": int(steps[peak]), "drop_bits": _number(drop),
+            **{f"{term}_bits": _number(value) for term, value in terms.items()},
+            "residual_bits": _number(drop - sum(terms.values())), "driver": driver,
+            "claim_supported": None if driver is None else driver == "v_stall"}
+
+
+def answer(group: str, drivers: dict) -> str:
+    """One sentence: which term drove the group's onset and how much the stall adds by the end."""
+    last = drivers["v_stall_bits_last"]
+    stall = "" if last is None else f"; by the last step bf16's exp_avg_sq holds the denominator {last:.2f} bits " \
+                                    "above exact AdamW's"
+    if drivers["onset_step"] is None:
+        return f"{group}: never more than half of its elements frozen at one step, so no onset{stall}"
+    if drivers["driver"] is None:
+        return f"{group}: more than half frozen already at step {drivers['onset_step']} (no drop to split){stall}"
+    terms = ", ".join(f"{term} {drivers[f'{term}_bits']:.2f}" for term in TERMS)
+    return (f"{group}: the onset at step {drivers['onset_step']} was driven by {drivers['driver']} (the mean "
+            f"log2 ratio fell {drivers['drop_bits']:.2f} bits from its peak at step {drivers['peak_step']}: "
+            f"{terms}); the lab's claim (v_stall) is {'supported' if drivers['claim_supported'] else 'not supported'}"
+            f"{stall}")
+
+
+DEFINITION = ("per step t: u = −lr·m̂/(√v̂+ε) from the recorded bf16 exp_avg[t], exp_avg_sq[t], and h = half the bf16 "
+              "spacing of W[t−1] toward u; means over the group's elements with exp_avg ≠ 0; the exact "
+              "denominator from v ← β2·v + (1−β2)·g² (float64, v = 0 before step 1) of the recorded grad_W; "
+              "onset: the first step more than half of the group's elements have W[t] = W[t−1]; peak: the largest "
+              "mean log2(|u|/h) from step 1 to the onset; drop_bits = spacing_bits + statistics_bits + "
+              "v_stall_bits (residual_bits: float rounding); the lab's claim is supported where the driver is "
+              "v_stall")
+
+
+# -- file I/O edge -------------------------------------------------------------------------------------
+
+def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
+    """(first step, {name: (rows, V·D) bits}) of several tensors at once, each decoded in its own thread."""
+    from thimble.record.reader import recorded_blocks
+
+    iterators = [recorded_blocks(handle, name, block_rows) for name in names]
+    while True:
+        futures = [pool.submit(next, iterator, None) for iterator in iterators]
+        blocks = [future.result() for future in futures]
+        if all(block is None for block in blocks):
+            return
+        if any(block is None for block in blocks) or len({(first, len(rows)) for first, rows in blocks}) != 1:
+            raise DataError(f"{handle.filename}: {', '.join(names)} are not stored in the same chunks of steps; "
+                            "rechunk the stream again with thimble rechunk")
+        first = blocks[0][0]
+        yield first, {name: rows.reshape(len(rows), -1) for name, (_, rows) in zip(names, blocks)}
+
+
+def write_drivers(recording: str, table_path: str, summary_path: str, threads: int = 1,
+                  block_rows: int = BLOCK_ROWS) -> dict:
+    """freeze_drivers.csv (per step and group) and its per-group answer (JSON, summary.json's ``drivers``)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from thimble.util.workers import WorkerPool
+    from thimble.util.tables import write_csv
+    from thimble.record.format import open_h5, read_checked
+
+    with open_h5(recording) as handle:
+        attrs = dict(handle.attrs)
+        rule = rule_of(attrs)
+        why = not_applicable(rule)
+        if why is not None:
+            write_csv(table_path, pd.DataFrame(columns=["step", "group", *COLUMNS]))
+            result = {"applies": False, "update_rule": rule, "why": why}
+            log.info("freeze drivers: not computed for update rule %s: %s", rule, why)
+            _write_json(summary_path, result)
+            return result
+        hyper = optimizer_settings(attrs)
+        dead = read_checked(handle["dead_mask"]).astype(bool)
+        n_steps, vocab, hidden = handle["W"].shape
+        groups: dict[str, list[dict]] = {group: [] for group in GROUPS}
+        with WorkerPool(max(threads, 1)) as pool, tqdm(total=n_steps - 1, desc="freeze drivers", unit="step",
+                                                       mininterval=5) as bar:
+            analysis = DriverPass(dead, hidden, hyper, pool, block_rows)
+            previous = None
+            for first, block in _aligned_blocks(handle, ("W", "momentum_W", "variance_W", "grad_W"),
+                                                block_rows, pool):
+                if previous is None:  # step 0: the initial W; its moments and gradient are empty
+                    previous = block["W"][0]
+                    block = {name: rows[1:] for name, rows in block.items()}
+                    first += 1
+                    if not len(block["W"]):
+                        continue
+                columns = analysis.block(first, previous, block["W"], block["momentum_W"], block["variance_W"],
+                                         block["grad_W"])
+                for group in GROUPS:
+                    groups[group].append(columns[group])
+                previous = block["W"][-1].copy()
+                bar.update(len(block["W"]))
+    tables = {group: {name: np.concatenate([part[name] for part in parts]) for name in ("step", *COLUMNS)}
+              for group, parts in groups.items()}
+    for table in tables.values():  # the answer is computed from the table as written
+        table.update({name: significant(table[name]) for name in LOG2_COLUMNS})
+    # step-major: each step's dead, live and all rows together
+    steps = tables[GROUPS[0]]["step"]
+    frame = {"step": np.repeat(steps, len(GROUPS)), "group": np.tile(np.array(GROUPS, dtype=object), len(steps))}
+    frame.update({name: np.stack([tables[group][name] for group in GROUPS], axis=1).reshape(-1) for name in COLUMNS})
+    write_csv(table_path, frame)
+    result = {"applies": True, "update_rule": rule, "inputs_exact": attrs.get("storage_dtype") != "float16",
+              "weight_decay": hyper["weight_decay"], "definition": DEFINITION,
+              **{group: drivers_of(table) for group, table in tables.items()}}
+    for group in GROUPS:
+        result[group]["answer"] = answer(group, result[group])
+        log.info("freeze drivers: %s", result[group]["answer"])
+    if hyper["weight_decay"]:
+        result["note"] = (f"weight_decay {hyper['weight_decay']}: the decoupled decay W·(1 − lr·λ) is applied "
+                          "before the update and is not part of u")
+    _write_json(summary_path, result)
+    return result
+
+
+def _write_json(path: str, value: dict) -> None:
+    from thimble.util.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, indent=2) + "\n")

@@ -1,0 +1,418 @@
+"""Replay AdamW from the recording, bit for bit, and test the freeze criterion.
+
+For every step t the optimizer that trained the run (the recorded
+``optimizer_impl``: single_tensor, foreach or fused) is rebuilt on the replay
+device, loaded with the recorded W[t-1], exp_avg[t-1], exp_avg_sq[t-1] and step
+count t-1, given the recorded grad_W[t], and its own ``step()`` is called. Its
+result is compared with the recorded W[t], exp_avg[t], exp_avg_sq[t] element by
+element: on the device and kernels that recorded the run, every mismatch is real.
+Steps are replayed in blocks (one parameter per step), decoded in parallel.
+
+Beside it, the freeze criterion (``thimble.training.adamw``): from the float32 sum that
+the weight update forms before rounding, predict which elements stay put, and
+compare with the observed ΔW′ = 0. Every disagreement is counted, and the first
+ones are listed in ``replay.json`` with the values involved and the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from thimble.training.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_rule_step, replay_steps,
+                           stays_from_ratio, update_ratio)
+from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
+from thimble.errors import DataError
+from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
+from thimble.sizes import REPLAY_BLOCK_STEPS
+from thimble.update_rules import UPDATE_RULES, rule_of
+from thimble.util.workers import WorkerPool, thread_spans
+
+log = logging.getLogger(__name__)
+
+#: bin edges of log2(|u| / half spacing); the first bin also takes u = 0, the last everything above
+RATIO_EDGES = np.arange(RATIO_LOW + 1, RATIO_HIGH + 1)
+RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
+
+COLUMNS = ("step", *COUNT_COLUMNS, "freeze_agreement", "elements")
+#: disagreements listed one by one in replay.json (all are counted)
+LISTED_DISAGREEMENTS = 50
+#: steps replayed per optimizer call
+BLOCK_STEPS = REPLAY_BLOCK_STEPS
+
+
+def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
+    """Per step (dimension 0), counts of floor(log2(ratio)) in RATIO_COLUMNS' bins (power-of-two intervals;
+    the first also takes a zero update, the last everything above)."""
+    steps = log2_floor.shape[0]
+    bins = np.clip(log2_floor.reshape(steps, -1), RATIO_EDGES[0] - 1, RATIO_EDGES[-1]).astype(np.int16)
+    bins -= RATIO_EDGES[0] - 1  # 0 .. len(RATIO_EDGES)
+    bins += (np.arange(steps, dtype=np.int16) * len(RATIO_COLUMNS))[:, None]
+    return np.bincount(bins.reshape(-1), minlength=steps * len(RATIO_COLUMNS)).reshape(steps, len(RATIO_COLUMNS))
+
+
+def same_lattice_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """bf16 bit patterns equal, or both zero (±0 are one lattice point)."""
+    return (a == b) | (((a | b) & np.uint16(0x7FFF)) == 0)
+
+
+def per_step(flags: np.ndarray) -> np.ndarray:
+    """True elements per step (dimension 0)."""
+    return np.count_nonzero(flags.reshape(len(flags), -1), axis=1)
+
+
+def step_statistics(w: np.ndarray, m: np.ndarray, v: np.ndarray, replayed: tuple, pre_rounding: np.ndarray) -> dict:
+    """Per-step counts of a run of steps, from bf16 bit patterns: ``w``, ``m``, ``v`` hold the recorded
+    rows t-1 and t (one more row than steps), ``replayed`` the optimizer's W, m, v after each step,
+    ``pre_rounding`` the criterion's float32 weights. Also the ratio histograms and where the criterion
+    and the recording disagree.
+
+    The numpy reference of ``thimble.analysis.replay_kernel.count_steps`` (which the replay runs: one compiled
+    pass instead of these dozen); the replay uses it to find the elements behind a disagreement."""
+    w_before, w_after = w[:-1], w[1:]
+    log2_floor, tie = log2_ratio_floor(w_before, pre_rounding)
+    predicted = stays_from_ratio(w_before, log2_floor, tie)
+    observed = same_lattice_point(w_after, w_before)
+    differs = predicted != observed
+    columns = {
+        "W_mismatches": per_step(replayed[0] != w_after),
+        "momentum_mismatches": per_step(replayed[1] != m[1:]),
+        "variance_mismatches": per_step(replayed[2] != v[1:]),
+        "replay_frozen": per_step(same_lattice_point(replayed[0], w_before)),
+        "predicted_frozen": per_step(predicted),
+        "observed_frozen": per_step(observed),
+        "criterion_disagreements": per_step(differs),
+        "ties": per_step(tie),
+    }
+    return {"columns": columns, "histograms": ratio_histograms(log2_floor), "differs": differs,
+            "predicted": predicted}
+
+
+def replay_device(setting: str, recorded: str) -> torch.device:
+    """``auto``: the recording's device type where this machine has it, else the CPU."""
+    if setting != "auto":
+        return torch.device(setting)
+    kind = torch.device(recorded).type
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    return torch.device(kind if available.get(kind) else "cpu")
+
+
+def replay_environments(attrs: dict, target: torch.device, implementation: str) -> dict:
+    """Where the run was recorded and where it is replayed, and whether the kernels can be the same."""
+    replayed = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "torch_version": str(torch.__version__), "optimizer_impl": implementation}
+    recorded = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
+    recorded["optimizer_impl"] = implementation
+    same_device = torch.device(str(attrs.get("device", "cpu"))).type == target.type
+    return {"replayed_on": replayed, "recorded_on": recorded, "same_device": same_device,
+            "same_kernel": same_device and replayed["torch_version"] == recorded["torch_version"] and (
+                target.type != "cpu" or replayed["cpu_capability"] == recorded["cpu_capability"])}
+
+
+def explain(replay_differs: bool, storage: str, implementation: str) -> str:
+    if replay_differs:
+        return "the replay differs from the recording at this element (another device or kernel), so the " \
+               "criterion's inputs are not what trained the run"
+    if storage == "float16":
+        return "float16 storage altered a recorded value"
+    if implementation == "fused":
+        return "the fused kernel keeps m, v and the update in float32 registers; the criterion follows the " \
+               "single-tensor arithmetic (bf16 m, v and denom)"
+    return "the criterion's float32 arithmetic differs from the kernel's here (e.g. a fused multiply-add)"
+
+
+def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, freeze_criterion: dict,
+                   tail: dict | None = None) -> dict:
+    """replay.json: ``head`` (steps, rule, storage), where it ran, the mismatch totals of ``rows``, the
+    freeze criterion's account, ``tail``, and a note on a cross-device replay."""
+    totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
+    summary = {**head, **where, "total_mismatches": totals,
+               "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
+               "bitwise_match": not any(totals.values()), "freeze_criterion": freeze_criterion, **(tail or {})}
+    if not where["same_device"]:
+        summary["note"] = (f"recorded on {where['recorded_on']['device']}, replayed on "
+                           f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
+                           "where the kernels round differently")
+    return summary
+
+
+def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
+                         output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
+    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
+    replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
+    from thimble.util.files import atomic_output
+    from thimble.provenance import PROVENANCE_KEY, stage_provenance
+
+    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["step", *RATIO_COLUMNS])
+        for step, counts in enumerate(histograms, start=1):
+            writer.writerow([step, *counts.tolist()])
+    # the replay reads no settings: its hyperparameters are the recording's
+    summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
+    with atomic_output(output_json) as tmp:
+        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+class RecordedRows:
+    """A recording's stored bits, row range by row range, in step order: from recording.h5 (each chunk
+    decoded once, ``thimble.record.reader.RecordingRows``) or from a stream folder (its segments' one-step chunks,
+    decoded in the pool's threads). A float16 recording's values are read back as bf16 either way."""
+
+    def __init__(self, path: str, block_rows: int):
+        from thimble.record.format import stream_tensors
+        from thimble.record.reader import RecordingRows, RecordingSource
+
+        self.path = path
+        self._source = RecordingSource.of_path(path)
+        self.is_stream = self._source.is_stream
+        self._handle = self._source.open()
+        self.attrs = {key: (value.decode() if isinstance(value, bytes) else value)
+                      for key, value in self._handle.attrs.items()}
+        self.shape = self._handle["W"].shape
+        self.tensors = stream_tensors(self._handle)
+        self._rows = None if self.is_stream else RecordingRows(self._handle, block_rows)
+
+    def read(self, name: str, start: int, stop: int, out: np.ndarray, pool: WorkerPool) -> None:
+        from thimble.record.stream_reader import read_stream_rows
+
+        if self._rows is not None:
+            self._rows.read(name, start, stop, out)
+            return
+        read_stream_rows(self.path, name, start, stop, out, pool)
+        if self.attrs.get("storage_dtype") == "float16" and self.tensors.get(name) == "float16":
+            out[...] = bfloat16_bits_from_float16_bits(out)
+
+    @property
+    def file(self) -> Path:
+        """The HDF5 file the attributes come from (a stream's stream.h5)."""
+        return self._source.file
+
+    def finish(self) -> None:
+        """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
+        the checksums (a stream's chunks are checked as they are read)."""
+        if self._rows is not None:
+            self._rows.finish()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> RecordedRows:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
+                     threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
+    """Replay every step of a recording (recording.h5, or the stream folder it was rechunked from); write
+    the per-step table, the update-ratio histograms and a summary."""
+    torch.set_num_threads(threads)
+    with RecordedRows(recording, block_steps) as source:
+        return _replay(source, output_csv, output_json, ratio_csv, device, threads, block_steps)
+
+
+def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str, threads: int,
+            block_steps: int) -> dict:
+    from thimble.record.format import TENSORS
+
+    attrs, shape = source.attrs, source.shape
+    rule = rule_of(attrs)
+    if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
+        raise DataError(f"{source.path} was recorded under training.update_rule {rule!r}, which this version of "
+                        f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
+                        f"version that recorded it (its git_commit attribute), or train it again")
+    if rule != "bf16":
+        return replay_other_rule(source, output_csv, output_json, ratio_csv, device, threads)
+    storage = attrs.get("storage_dtype")
+    if storage == "float16":
+        log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                    "bf16, so it reports mismatches wherever float16 altered them", source.path)
+    hyper = hyperparameters(attrs)
+    # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
+    implementation = str(attrs.get("optimizer_impl", "single_tensor"))
+    recorded_device = str(attrs.get("device", "cpu"))
+    target = replay_device(device, recorded_device)
+    last = shape[0] - 1
+    rows, histograms, listed = [], [], []
+    disagreements = ties = 0
+    # buffers reused by every block: fresh ones each block would cost more in page faults than the copies
+    buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=np.uint16) for name in TENSORS}
+    replayed_out = tuple(torch.empty((block_steps, *shape[1:]), dtype=torch.bfloat16, device=target)
+                         for _ in range(3))
+    pre_rounding_out = torch.empty((block_steps, *shape[1:]), dtype=torch.float32)
+
+    def load(name: str, start: int, stop: int) -> torch.Tensor:
+        out = buffers[name][: stop - start]
+        source.read(name, start, stop, out, pool)
+        return bits_to_torch(out)
+
+    def bits(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+
+    with WorkerPool(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
+        for first in range(1, last + 1, block_steps):
+            stop = min(first + block_steps, last + 1)
+            w, m, v = (load(name, first - 1, stop) for name in ("W", "momentum_W", "variance_W"))
+            grads = load("grad_W", first, stop)
+            replayed = replay_steps(*(x.to(target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, hyper,
+                                    implementation, out=replayed_out)
+            replayed = tuple(bits(x.cpu()) for x in replayed)
+            steps = torch.arange(first, stop)
+            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper, out=pre_rounding_out).numpy()
+            w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
+            # one compiled pass per element; it releases the GIL, so the block's steps are split across threads
+            results = [pool.submit(count_steps, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
+                                   tuple(x[a: b] for x in replayed), pre_rounding[a: b])
+                       for a, b in thread_spans(stop - first, threads)]
+            results = [result.result() for result in results]
+            columns = {key: np.concatenate([counted[key] for counted, _ in results]) for key in COUNT_COLUMNS}
+            elements = int(np.prod(shape[1:]))
+            for index, step in enumerate(steps.tolist()):
+                row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
+                row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
+                row["elements"] = elements
+                rows.append(row)
+            for _, block_histograms in results:
+                histograms.extend(block_histograms)
+            disagreements += int(columns["criterion_disagreements"].sum())
+            ties += int(columns["ties"].sum())
+            # the elements behind the counts are found by the numpy reference, one step at a time and only
+            # for the steps with disagreements, until LISTED_DISAGREEMENTS are listed
+            for index in np.flatnonzero(columns["criterion_disagreements"]).tolist():
+                room = LISTED_DISAGREEMENTS - len(listed)
+                if room <= 0:
+                    break
+                one = slice(index, index + 1)
+                reference = step_statistics(w_bits[index: index + 2], m_bits[index: index + 2],
+                                            v_bits[index: index + 2], tuple(x[one] for x in replayed),
+                                            pre_rounding[one])
+                for element in np.argwhere(reference["differs"][0])[:room].tolist():
+                    at = (index, *element)
+                    listed.append({
+                        "step": first + index, "element": element,
+                        "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
+                        "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
+                        "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
+                        "predicted_frozen": bool(reference["predicted"][(0, *element)]),
+                        "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
+                        "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
+                    })
+            bar.update(stop - first)
+
+    criterion = {
+        "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
+                "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
+                "move, or exactly half with an even last mantissa bit",
+        "elements": last * int(np.prod(shape[1:])),
+        "disagreements": disagreements,
+        "agreement": 1 - disagreements / (last * int(np.prod(shape[1:]))) if last else None,
+        "ties_at_half_spacing": ties,
+        "listed": listed,
+    }
+    summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
+                             replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
+    source.finish()
+    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, source.file, attrs)
+    if summary["bitwise_match"]:
+        log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
+                 target, last)
+    else:
+        log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
+                    "recorded on %s)", summary["total_mismatches"], summary["steps_with_mismatches"],
+                    summary["replayed_on"], summary["recorded_on"])
+    log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
+             "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
+    return summary
+
+
+#: replay.csv's columns for a rule other than bf16, beside one ``<tensor>_mismatches`` column per recorded tensor
+OTHER_RULE_COLUMNS = ("step", "observed_frozen", "elements")
+
+
+def replay_other_rule(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str,
+                      threads: int) -> dict:
+    """Replay a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
+    through the rule's own ``step()``, comparing every recorded tensor bit for bit.
+
+    The freeze criterion and the update-ratio histograms are the bf16 rule's (round to nearest from the
+    addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
+    """
+    from thimble.record.codec import BITS_DTYPES
+    from thimble.update_rules import ELEMENT_BYTES
+
+    attrs, tensors, shape = source.attrs, source.tensors, source.shape
+    rule = str(attrs["update_rule"])
+    hyper = hyperparameters(attrs)
+    implementation, seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
+    recorded_device = str(attrs.get("device", "cpu"))
+    target = replay_device(device, recorded_device)
+    last, elements = shape[0] - 1, int(np.prod(shape[1:]))
+    torch_dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    state_names = [name for name in tensors if name != "grad_W"]
+    rows = []
+
+    def load(pool, name: str, start: int, stop: int) -> torch.Tensor:
+        out = np.empty((stop - start, *shape[1:]), dtype=BITS_DTYPES[ELEMENT_BYTES[tensors[name]]])
+        source.read(name, start, stop, out, pool)
+        signed = {2: np.int16, 4: np.int32}[out.dtype.itemsize]  # torch has no uint16/uint32 views to cast
+        return torch.from_numpy(out.view(signed)).view(torch_dtypes[tensors[name]])
+
+    with WorkerPool(threads) as pool, tqdm(total=last, desc=f"replay ({rule})", unit="step",
+                                                   mininterval=5) as bar:
+        for first in range(1, last + 1, BLOCK_STEPS):
+            stop = min(first + BLOCK_STEPS, last + 1)
+            recorded = {name: load(pool, name, first - 1, stop) for name in state_names}
+            grads = load(pool, "grad_W", first, stop)
+            for index, step in enumerate(range(first, stop)):
+                before = {name: values[index].to(target) for name, values in recorded.items()}
+                after = replay_rule_step(rule, before, grads[index].to(target), step, hyper, implementation, seed)
+                row = {"step": step}
+                for name in state_names:
+                    expected = recorded[name][index + 1]
+                    got = after[name].cpu()
+                    row[f"{name}_mismatches"] = int((got.view(_int_view(got)) != expected.view(_int_view(expected)))
+                                                    .sum())
+                w_bits = recorded["W"][index: index + 2].view(torch.int16).numpy().view(np.uint16)
+                row["observed_frozen"] = int(same_lattice_point(w_bits[1], w_bits[0]).sum())
+                row["elements"] = elements
+                rows.append(row)
+            bar.update(stop - first)
+
+    mismatch_columns = [f"{name}_mismatches" for name in state_names]
+    criterion = {"applies": False,
+                 "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under {rule} "
+                        "the weight is rounded another way, so only the replay's bits are compared"}
+    random_bits = {"random_bits": "torch's generator is seeded from (training.seed, t) before step t "
+                                  "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
+                                  "training's bits"} if rule == "stochastic_rounding" else {}
+    summary = replay_summary({"steps": last, "update_rule": rule, "storage_dtype": attrs.get("storage_dtype"),
+                              "recorded_tensors": tensors}, replay_environments(attrs, target, implementation),
+                             rows, mismatch_columns, criterion, random_bits)
+    # the ratio table has its header only: the ratio is the bf16 rule's
+    source.finish()
+    write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
+                         output_json, summary, source.file, attrs)
+    if summary["bitwise_match"]:
+        log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
+                 target, last)
+    else:
+        log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", rule, summary["total_mismatches"],
+                    summary["steps_with_mismatches"])
+    return summary
+
+
+def _int_view(tensor: torch.Tensor) -> torch.dtype:
+    """The integer dtype of ``tensor``'s width: compare bits, not values (NaNs, ±0)."""
+    return {2: torch.int16, 4: torch.int32}[tensor.element_size()]

@@ -1,0 +1,1 @@
+"""An experiment's results from Python: ``thimble.open_run`` (``run``), a recorded tensor indexed by steps (``step_series``, ``chunk_cache``), the labelled xarray view and the xarray engine ``thimble``."""

@@ -1,0 +1,163 @@
+"""One recorded per-step tensor of shape (T+1, V, ...), read lazily through a ``ChunkCache``.
+
+``series[steps, tokens, dims]`` selects each axis on its own (outer indexing, as
+h5py and xarray do; not numpy's pairing of index arrays): an int (dropping the
+axis), a slice, a list or array of ints, or a boolean mask of the axis's length,
+numpy arrays and torch tensors alike. Only the chunks holding the steps asked
+for are decoded, each once per read (and kept in the run's cache while the
+budget allows); only the token rows asked for are copied out of them.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import h5py
+import numpy as np
+
+from thimble.numerics.bf16 import BFLOAT16
+from thimble.notebook.chunk_cache import ChunkCache, TensorChunks
+
+if TYPE_CHECKING:
+    import torch
+
+#: what ``StepSeries.numpy`` gives: exact float32 (bf16 and float16 widen exactly), ml_dtypes bfloat16
+#: (a bf16 tensor's own bits), or the stored dtype
+NUMPY_DTYPES = ("float32", "bfloat16", "stored")
+
+
+def step_range(index, n_steps: int) -> tuple[int, int, int] | int:
+    """An index over steps 0..n_steps-1 as one step (int) or (start, stop, stride) (slice)."""
+    if isinstance(index, slice):
+        return index.indices(n_steps)
+    return _one_position(index, n_steps, "step")
+
+
+def axis_selection(index, length: int, axis: str, keep_slice: bool = False) -> tuple[np.ndarray | slice, bool]:
+    """One axis's index as (the positions it selects, whether the axis is dropped).
+
+    The positions are an int64 array, or the slice itself when ``keep_slice`` (numpy slices a chunk without
+    a copy). A bool mask must have the axis's length; ints may be negative; out of range is an IndexError
+    naming the axis and its range.
+    """
+    if isinstance(index, slice):
+        return (index if keep_slice else np.arange(*index.indices(length))), False
+    if not isinstance(index, (list, tuple, np.ndarray)) and not hasattr(index, "__array__"):
+        return np.array([_one_position(index, length, axis)], dtype=np.int64), True
+    values = np.asarray(index)
+    if values.ndim == 0:
+        return axis_selection(values.item(), length, axis, keep_slice)
+    if values.ndim != 1:
+        raise IndexError(f"{axis}s are indexed by a 1-d list, array or mask, not one of shape {values.shape}")
+    if values.dtype == bool:
+        if len(values) != length:
+            raise IndexError(f"a boolean mask over {axis}s needs {length} entries, not {len(values)}")
+        return np.flatnonzero(values), False
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise TypeError(f"{axis}s are indexed by ints or a boolean mask, not {values.dtype}")
+    values = values.astype(np.int64)
+    outside = values[(values < -length) | (values >= length)]
+    if outside.size:
+        raise IndexError(f"{axis} {outside[0]} is out of range: the run has {axis}s 0..{length - 1}")
+    return values % length if length else values, False
+
+
+def _one_position(index, length: int, axis: str) -> int:
+    try:
+        position = operator.index(index)
+    except TypeError:
+        raise TypeError(f"{axis}s are indexed by an int or a slice, a list of ints or a boolean mask, "
+                        f"not {type(index).__name__}") from None
+    if not -length <= position < length:
+        raise IndexError(f"{axis} {position} is out of range: the run has {axis}s 0..{length - 1}")
+    return position % length
+
+
+def split_key(key) -> tuple:
+    """``series[key]``'s key as (steps, tokens, dims), each defaulting to every position."""
+    parts = key if isinstance(key, tuple) else (key,)
+    if any(part is Ellipsis for part in parts):
+        at = parts.index(Ellipsis)
+        parts = parts[:at] + (slice(None),) * (3 - len(parts) + 1) + parts[at + 1:]
+    if len(parts) > 3:
+        raise IndexError(f"a per-step tensor has 3 axes (step, token, dim); got {len(parts)} indices")
+    return parts + (slice(None),) * (3 - len(parts))
+
+
+class StepSeries:
+    """One recorded per-step tensor, read lazily: ``series[t]``, ``series[a:b]``, ``series[steps, tokens]``."""
+
+    def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache):
+        self._dataset, self.name, self._cache = dataset, name, cache
+        self._chunks = TensorChunks.of(dataset)
+        from thimble.record.format import is_bfloat16
+
+        self.bfloat16 = is_bfloat16(dataset)
+        #: the stored values' numpy dtype (ml_dtypes.bfloat16 for bf16 tensors)
+        self.stored_dtype = BFLOAT16 if self.bfloat16 else np.dtype(dataset.dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._chunks.shape
+
+    @property
+    def source(self) -> str:
+        """The file the values are read from (recording.h5, stream.h5 or delta_w_lattice.h5)."""
+        return self._dataset.file.filename
+
+    def __len__(self) -> int:
+        return self._chunks.shape[0]
+
+    def bits(self, key=slice(None)) -> np.ndarray:
+        """The stored bit patterns (uint16 or uint32) of ``series[key]``."""
+        steps_index, tokens_index, dims_index = split_key(key)
+        steps, drop_step = axis_selection(steps_index, self.shape[0], "step")
+        tokens, drop_token = axis_selection(tokens_index, self.shape[1], "token", keep_slice=True)
+        out = self._cache.rows(self._chunks, steps, tokens)
+        if len(self.shape) > 2:
+            dims, drop_dim = axis_selection(dims_index, self.shape[2], "dim", keep_slice=True)
+            out = out[:, :, dims]
+            if drop_dim:
+                out = out[:, :, 0]
+        if drop_token:
+            out = out[:, 0]
+        return out[0] if drop_step else out
+
+    def __getitem__(self, key) -> torch.Tensor:
+        """As a torch tensor in the stored dtype (bf16 bit for bit)."""
+        import torch
+
+        bits = np.asarray(self.bits(key))  # np.ascontiguousarray would make one element 1-d
+        if not bits.flags.c_contiguous:
+            bits = bits.copy()
+        if self.bfloat16:
+            return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(bits.view(self.stored_dtype))
+
+    def numpy(self, key=slice(None), dtype: str = "float32") -> np.ndarray:
+        """``series[key]`` as numpy: ``"float32"`` (exact: bf16 and float16 widen without rounding; integer
+        tensors such as ΔW′ stay integers), ``"bfloat16"`` (ml_dtypes, the stored bits; bf16 tensors only)
+        or ``"stored"``."""
+        if dtype not in NUMPY_DTYPES:
+            raise ValueError(f"dtype must be one of {NUMPY_DTYPES}, not {dtype!r}")
+        return values_from_bits(np.asarray(self.bits(key)), self.stored_dtype, dtype, self.name)
+
+    def __repr__(self) -> str:
+        return f"<StepSeries {self.name}: {len(self)} steps of {self.shape[1:]}>"
+
+
+def values_from_bits(bits: np.ndarray, stored: np.dtype, dtype: str, name: str) -> np.ndarray:
+    """Stored bits as the values ``StepSeries.numpy`` gives (see there)."""
+    if dtype == "stored":
+        return bits.view(stored)
+    if dtype == "bfloat16":
+        if stored != BFLOAT16:
+            raise ValueError(f"{name} is stored as {stored}, which bfloat16 cannot hold exactly; "
+                             "read it as float32 or stored")
+        return bits.view(BFLOAT16)
+    if stored == BFLOAT16:  # bf16 is float32's upper half: shifting the bits widens it exactly
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    if np.issubdtype(stored, np.floating):
+        return bits.view(stored).astype(np.float32)
+    return bits.view(stored)

@@ -1,0 +1,1 @@
+"""The bf16 numbers themselves: bit patterns across torch, numpy and HDF5 (``bf16``), and the lattice of representable values, ordinals, spacings and ΔW′ (``lattice``). Pure arithmetic over arrays."""

@@ -1,0 +1,134 @@
+"""Rechunk a recorded stream (one step per chunk) into large time chunks, bit for bit.
+
+The lab's analysis loads whole tensors at a time, so ``W``, ``grad_W``,
+``momentum_W`` and ``variance_W`` are rewritten with chunks of
+(steps_per_chunk, V, D); losses, masks and attributes are carried over.
+
+Each destination chunk is read whole, shuffled and zstd-compressed in a
+streaming, multi-threaded pass, and written with one direct chunk write, so
+peak memory stays near 1.5 x one destination chunk whatever T is. A sha256 of
+every dataset is taken of the rows as they decode from the stream's segments
+(each segment chunk verified against its zstd checksum, every step accounted
+for) and again by reading the destination back; the two must agree or the
+stage fails and leaves no output. The destination's frames carry zstd
+checksums too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
+
+from thimble.record.codec import (BITS_DTYPES, CHUNK_CHECKSUM, chunk_row_blocks, compress_shuffled, time_chunks,
+                           write_chunk, zstd_dcpl)
+from thimble.errors import DataError
+from thimble.record.h5_datasets import create_dataset, element_size
+from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
+from thimble.util.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+#: rows decoded at a time when a written chunk is read back to verify it
+VERIFY_BLOCK_ROWS = 16
+
+
+class RechunkError(DataError):
+    """The rechunked file would not hold the same bits as its source."""
+
+
+
+
+def create_chunked(group: h5py.Group, name: str, h5type: h5py.h5t.TypeID, shape: tuple, rows: int,
+                   level: int) -> h5py.Dataset:
+    return create_dataset(group, name, h5type, shape, zstd_dcpl((rows, *shape[1:]), level))
+
+
+def write_rechunked(out: h5py.File, name: str, h5type: h5py.h5t.TypeID, shape: tuple, rows: int, level: int,
+                    pool: WorkerPool, progress: tqdm, fill_rows) -> str:
+    """Write one tensor in (rows, ...) chunks; return the sha256 of its bits, verified on disk.
+
+    ``fill_rows(start, stop, chunk, digest)`` puts rows [start, stop) into ``chunk[:stop - start]`` (the
+    stored bits) and hashes each into ``digest`` as it comes from its source: rechunk decodes them from the
+    stream, the float16 view casts them from its twin's recording.
+    """
+    target = create_chunked(out, name, h5type, shape, rows, level)
+    row_elements = math.prod(shape[1:])
+    element_bytes = h5type.get_size()
+    copied, stored = hashlib.sha256(), hashlib.sha256()
+    for start, stop in time_chunks(shape[0], rows):
+        # HDF5 stores an edge chunk at full size: the rows past the end are zero padding
+        chunk = np.zeros((rows, *shape[1:]), dtype=BITS_DTYPES[element_bytes])
+        fill_rows(start, stop, chunk, copied)
+        pieces = compress_shuffled(chunk, level, pool.threads)
+        del chunk  # the source chunk goes before the compressed one is joined: peak ~1.5 chunks
+        write_chunk(target, start, b"".join(pieces))
+        del pieces
+        # read the chunk back from the file and hash what it decodes to, a block of rows at a time
+        out.flush()
+        for _, block in chunk_row_blocks(target, start, VERIFY_BLOCK_ROWS):
+            stored.update(block.data)
+        progress.update((stop - start) * row_elements * element_bytes)
+    if stored.hexdigest() != copied.hexdigest():
+        raise RechunkError(f"{name}: the rechunked bits differ from the source "
+                           f"(sha256 {stored.hexdigest()} != {copied.hexdigest()})")
+    target.attrs["sha256"] = copied.hexdigest()
+    return copied.hexdigest()
+
+
+def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
+                   pool: WorkerPool, progress: tqdm) -> str:
+    """Copy one tensor of the stream into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
+    from thimble.record.stream_reader import read_stream_rows
+
+    name = source.name.lstrip("/")
+
+    def from_stream(start: int, stop: int, chunk: np.ndarray, digest) -> None:
+        # `digest` hashes each row as it decodes from the stream's segments (a missing one is an error)
+        read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=digest)
+
+    # h5py shows bf16 as float32: the stored type is HDF5's
+    return write_rechunked(out, name, source.id.get_type(), source.shape, rows, level, pool, progress, from_stream)
+
+
+def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | str, max_chunk_bytes: int,
+                   level: int = 1, threads: int = 1) -> dict[str, str]:
+    """Write ``output``: the stream's tensors in large time chunks, the rest carried over.
+
+    Returns the sha256 of each tensor's bits. The file appears under its final
+    name only when complete and verified.
+    """
+    from thimble.util.files import atomic_output
+    from thimble.record.format import create_checked_array, read_checked, stream_tensors
+    from thimble.record.stream_reader import open_stream
+
+    output = Path(output)
+    with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
+        n_rows, vocab, hidden = stream["W"].shape
+        # each tensor's element bytes; the widest sets the steps per chunk
+        element_bytes = {name: element_size(stream[name]) for name in stream_tensors(stream)}
+        row_bytes = vocab * hidden * max(element_bytes.values())
+        rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
+        if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
+            raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
+        log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
+                 hidden, rows, rows * row_bytes / 1e9)
+        checksums = {}
+        with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
+                tqdm(total=n_rows * vocab * hidden * sum(element_bytes.values()), unit="B", unit_scale=True,
+                     desc="rechunk", mininterval=5) as progress:
+            for name in element_bytes:
+                checksums[name] = copy_rechunked(Path(stream_dir), stream[name], out, rows, level, pool, progress)
+                log.info("%s: verified, sha256 %s", name, checksums[name])
+            for name in stream:
+                if name not in element_bytes:
+                    create_checked_array(out, name, read_checked(stream[name]))
+            out.attrs.update(dict(stream.attrs))
+            out.attrs["steps_per_chunk"] = rows
+            out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
+    return checksums

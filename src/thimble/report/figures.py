@@ -1,0 +1,425 @@
+"""Figures of one experiment and of a series (PNG, matplotlib, headless)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from thimble.analysis.freeze import PHASES  # noqa: E402
+from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
+
+GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
+PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
+#: tokens drawn as individual lines per group (the mean and std use every token)
+SAMPLE_TOKENS = 150
+
+
+def _save(fig, path: str) -> None:
+    from thimble.util.files import atomic_output
+
+    fig.tight_layout()
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def loss(freeze: pd.DataFrame, experiment: str, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(freeze["step"], freeze["loss"], lw=0.8)
+    ax.set(title=f"{experiment}: training loss", xlabel="step", ylabel="cross-entropy loss (nats)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def displacement(norm: np.ndarray, dead_mask: np.ndarray, experiment: str, path: str) -> None:
+    """|ΔW′| per token over time, all tokens superimposed (a sample drawn), mean ± 1 std; log scale."""
+    steps = np.arange(1, norm.shape[0])
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True, sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, group in zip(axes, ("dead", "live")):
+        mask = dead_mask if group == "dead" else ~dead_mask
+        values = norm[1:, mask].astype(np.float64)
+        if values.shape[1] == 0:
+            ax.set_title(f"{group} tokens: none")
+            continue
+        sample = rng.choice(values.shape[1], size=min(SAMPLE_TOKENS, values.shape[1]), replace=False)
+        shown = np.where(values[:, sample] > 0, values[:, sample], np.nan)  # log scale: a frozen step is a gap
+        ax.plot(steps, shown, color=GROUP_COLORS[group], lw=0.3, alpha=0.25)
+        mean, std = values.mean(axis=1), values.std(axis=1)
+        ax.plot(steps, np.where(mean > 0, mean, np.nan), color="black", lw=1.2, label="mean over tokens")
+        # the smallest move is one lattice step: the band's floor sits just below it
+        ax.fill_between(steps, np.clip(mean - std, 0.5, None), mean + std, color="black", alpha=0.15,
+                        label="mean ± 1 std")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=0.5)
+        ax.set(title=f"{group} tokens ({values.shape[1]}; {len(sample)} drawn)",
+               ylabel="|ΔW′| per token (lattice steps, L2)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{experiment}: lattice displacement per token; frozen steps (|ΔW′| = 0) leave gaps")
+    _save(fig, path)
+
+
+def phases(freeze: pd.DataFrame, thresholds: dict, experiment: str, path: str) -> None:
+    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    labels = {"frozen": "frozen (ΔW′ = 0)", "solid": f"solid (motion ≤ {thresholds['solid_max']})",
+              "cold": f"cold (≤ {thresholds['cold_max']})", "hot": f"hot (> {thresholds['cold_max']})"}
+    for ax, group in zip(axes, ("dead", "live")):
+        stacks = [freeze[f"{group}_phase_{phase}"] for phase in PHASES]
+        ax.stackplot(freeze["step"], stacks, labels=[labels[p] for p in PHASES],
+                     colors=[PHASE_COLORS[p] for p in PHASES], linewidth=0)
+        ax.set(title=f"{group} tokens by largest motion (|ΔW| in steps of the coarser endpoint spacing)",
+               ylabel="tokens")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{experiment}: phase populations")
+    _save(fig, path)
+
+
+MEASURE_LABELS = {"global_freeze": "globally frozen share of steps", "token_frozen": "frozen share of tokens",
+                  "element_frozen": "frozen share of elements"}
+
+
+def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: str) -> None:
+    """Per measure: windowed frozen share per group with its verdict; below, the raster of global freeze."""
+    groups = ("dead", "live", "all")
+    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True, gridspec_kw={"height_ratios": [2, 2, 2, 1]})
+    width = summary["verdict_rule"]["window_steps"]
+    for ax, (measure, label) in zip(axes, MEASURE_LABELS.items()):
+        for group in groups:
+            series_ = summary["cooling"][group][measure]
+            ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
+                    color=GROUP_COLORS[group], label=f"{group}: {series_['verdict']}")
+        ax.axvline(summary["steps"] / 2, color="black", lw=0.6, ls=":")
+        ax.set(ylabel=label, ylim=(-0.02, 1.02), title=f"{label}, windows of {width} steps "
+               "(verdict from the trend right of the dotted line)")
+        ax.legend(fontsize=8, loc="lower right")
+        ax.grid(alpha=0.3)
+    raster = axes[-1]
+    image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in groups])
+    steps = freeze["step"].to_numpy()
+    raster.imshow(image, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups) - 0.5, -0.5))
+    raster.set_yticks(range(len(groups)), groups)
+    raster.set(xlabel="step", title="globally frozen steps (dark: every token of the group has ΔW′ = 0)")
+    fig.suptitle(f"{experiment}: freezing by group and measure")
+    _save(fig, path)
+
+
+def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str = "bfloat16") -> None:
+    """exp_avg_sq per token (median, 10-90%), the share of its elements that change per step, and the
+    bias corrections AdamW divides by. ``stored``: the dtype the update rule keeps exp_avg_sq in."""
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+    steps = exp_avg_sq["step"][1:]
+    for group in ("dead", "live"):
+        if f"{group}_mean" not in exp_avg_sq:
+            continue
+        top.plot(steps, exp_avg_sq[f"{group}_median"][1:], color=GROUP_COLORS[group], lw=1.2, label=f"{group} median")
+        top.fill_between(steps, exp_avg_sq[f"{group}_p10"][1:], exp_avg_sq[f"{group}_p90"][1:],
+                         color=GROUP_COLORS[group], alpha=0.2, label=f"{group} 10–90%")
+        middle.plot(steps, exp_avg_sq[f"{group}_changed_share"][1:], color=GROUP_COLORS[group], lw=0.6,
+                    label=group)
+    top.set_yscale("log")
+    top.set(title=f"{experiment}: AdamW exp_avg_sq per token (mean over its coordinates)",
+            ylabel="exp_avg_sq (squared gradient units)")
+    if stored != "float32":  # a float32 v (fp32_master) does decay
+        top.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
+                 transform=top.transAxes, fontsize=8)
+    middle.set(ylabel="share of elements changed", ylim=(-0.02, 1.02),
+               title=f"share of exp_avg_sq elements whose {'float32' if stored == 'float32' else 'bf16'} "
+                     "value changed at the step")
+    bottom.plot(steps, exp_avg_sq["bias_correction1"][1:], label="1 − β1^t (divides the step size)")
+    bottom.plot(steps, exp_avg_sq["bias_correction2"][1:], label="1 − β2^t (its square root divides sqrt(v))")
+    bottom.set(xlabel="step", ylabel="bias correction", ylim=(-0.02, 1.02), title="AdamW's bias corrections")
+    for ax in (top, middle, bottom):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def lattice_positions(table: pd.DataFrame, experiment: str, path: str) -> None:
+    """Share of frozen elements sitting exactly at ±2^k, in all and for the most common k, per group."""
+    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True, sharey=True)
+    for ax, group in zip(axes, ("dead", "live")):
+        ax.plot(table["step"], table[f"{group}_at_power_of_two_share"], color="black", lw=1.2, label="any k")
+        by_k = [c for c in table.columns if c.startswith(f"{group}_at_2^")]
+        top = sorted(by_k, key=lambda c: -np.nan_to_num(table[c].to_numpy()).sum())[:5]
+        for column in top:
+            ax.plot(table["step"], table[column], lw=0.8, label=column.removeprefix(f"{group}_at_").removesuffix("_share"))
+        ax.set(title=f"{group} tokens: frozen elements exactly at ±2^k", ylabel="share of frozen elements",
+               ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left")
+    axes[-1].set_xlabel("step")
+    fig.suptitle(f"{experiment}: where frozen weights sit on the lattice (the spacing doubles just above 2^k)")
+    _save(fig, path)
+
+
+def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: str,
+                 update_rule: str = "bf16") -> None:
+    """Distribution of |update| / half the lattice spacing per window, against the threshold 1.
+
+    The ratio is the bf16 rule's (round to nearest from the addcdiv_ sum); the replay of another rule
+    writes no rows, and the figure says why instead of drawing an empty plot.
+    """
+    edges = np.array([float(c.split("_")[1]) for c in histogram.columns if c.startswith("log2ratio_")])
+    columns = [c for c in histogram.columns if c.startswith("log2ratio_")]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    if histogram.empty:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, f"{experiment} trains with update rule {update_rule}:\nthe update ratio (round to "
+                "nearest from AdamW's float32 sum)\nis defined for the bf16 rule only; see replay.json",
+                ha="center", va="center", fontsize=11)
+        _save(fig, path)
+        return
+    for name, window in windows.items():
+        inside = (histogram["step"] >= window["start"]) & (histogram["step"] <= window["end"])
+        counts = histogram.loc[inside, columns].sum().to_numpy(dtype=float)
+        if counts.sum() == 0:
+            continue
+        ax.step(edges, counts / counts.sum(), where="post", label=f"{name} (t={window['start']}–{window['end']})")
+    ax.axvline(0, color="black", ls="--", lw=1, label="threshold: |u| = half spacing")
+    ax.set(title=f"{experiment}: AdamW update before rounding, relative to half the bf16 spacing",
+           xlabel="log2(|u| / half spacing) (below 0: the element cannot move)", ylabel="fraction of elements")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> None:
+    """Per group: the mean log2(|u|/h) and the frozen share (top), and below, from the peak on, the three terms
+    the ratio's drop splits into (spacing, statistics, v_stall) beside the drop itself; onset and peak marked.
+
+    Outside the bf16 rule the decomposition does not apply: the figure says why instead (summary.json).
+    """
+    answer = summary.get("drivers", {})
+    groups = [group for group in ("dead", "live", "all") if group in set(table.get("group", []))]
+    if not answer.get("applies", False) or not groups:
+        fig, ax = plt.subplots(figsize=(9, 3))
+        ax.set_axis_off()
+        import textwrap
+
+        why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
+        ax.text(0.5, 0.5, f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do "
+                f"not apply:\n{why}", ha="center", va="center", fontsize=9)
+        _save(fig, path)
+        return
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.5), sharex=True, squeeze=False)
+    for column, group in enumerate(groups):
+        rows = table[table["group"] == group]
+        steps = rows["step"].to_numpy()
+        result = answer[group]
+        top, bottom = axes[0, column], axes[1, column]
+        top.plot(steps, rows["mean_log2_ratio"], color="black", lw=1, label="mean log2(|u| / h)")
+        top.axhline(0, color="black", ls="--", lw=0.6)
+        share = top.twinx()
+        share.plot(steps, rows["frozen_share"], color=GROUP_COLORS[group], lw=0.8, label="frozen share")
+        share.set(ylim=(-0.02, 1.02), ylabel="frozen share of elements")
+        top.set(title=f"{group}: driver {result['driver'] or '–'}", ylabel="bits (below 0: cannot move)")
+        if result["peak_step"] is not None:
+            peak = int(np.searchsorted(steps, result["peak_step"]))
+            at = lambda values: values - values[peak]  # noqa: E731  (bits gained since the peak)
+            statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
+            ratio = rows["mean_log2_ratio"].to_numpy()
+            bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
+            bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
+            bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
+            bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
+            for ax in (top, bottom):
+                ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
+        if result["onset_step"] is not None:
+            for ax in (top, bottom):
+                ax.axvline(result["onset_step"], color="red", lw=0.8, ls="--")
+            top.text(result["onset_step"], 0.02, " onset", color="red", fontsize=8, transform=top.get_xaxis_transform())
+        bottom.set(xlabel="step", ylabel="bits since the peak (sum of the terms = the drop)")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+        top.legend(fontsize=7, loc="upper right")
+        share.legend(fontsize=7, loc="center right")
+        bottom.legend(fontsize=7, loc="best")
+    fig.suptitle(f"{experiment}: what drives the freeze (dotted: the peak; dashed: the onset, more than half frozen)")
+    _save(fig, path)
+
+
+def drivers_html(answer: dict) -> list[str]:
+    """summary.html's part on the freeze drivers: per group, which term drove the onset and the numbers."""
+    if not answer:
+        return []
+    if not answer.get("applies", False):
+        return [f"<p>Freeze drivers: not computed: {answer.get('why', '')}</p>"]
+    keys = ("onset_step", "peak_step", "drop_bits", "spacing_bits", "statistics_bits", "v_stall_bits", "driver",
+            "claim_supported", "v_stall_bits_last")
+    rows = [{"group": group, **{key: answer[group][key] for key in keys}} for group in ("dead", "live", "all")
+            if group in answer]
+    return ["<p>What drives the freeze (the lab: \"it's really the variance term\"): from the peak of the mean "
+            "log2(|u|/h) to the onset (more than half of the group frozen), its drop splits into the weights' "
+            "coarser spacing, the gradient statistics as exact AdamW sees them, and bf16's stalled exp_avg_sq "
+            "(v_stall); bits, freeze_drivers.csv, docs/outputs.md.</p><ul>"
+            + "".join(f"<li>{answer[row['group']]['answer']}</li>" for row in rows) + "</ul>",
+            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–")]
+
+
+def experiment_label(summary: dict) -> str:
+    """An experiment's name, with its update rule where that is not the seed's."""
+    rule = rule_of(summary)
+    return summary["experiment"] if rule == "bf16" else f"{summary['experiment']} [{rule}]"
+
+
+def series(summaries: list[dict], name: str, path: str) -> None:
+    """Per measure (rows) and group (columns: dead and live tokens, or all tokens where none is dead),
+    each experiment's windowed frozen share, labelled with its update rule and verdict."""
+    groups = ["dead", "live"] if any(s["windows"]["all"]["dead"]["tokens"] for s in summaries) else ["all"]
+    fig, axes = plt.subplots(len(MEASURE_LABELS), len(groups), figsize=(7 * len(groups), 9), sharex=True,
+                             squeeze=False)
+    for row, (measure, label) in enumerate(MEASURE_LABELS.items()):
+        for column, group in enumerate(groups):
+            ax = axes[row, column]
+            for summary in summaries:
+                series_ = summary["cooling"][group][measure]
+                ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
+                        label=f"{experiment_label(summary)}: {series_['verdict']}")
+            ax.set(title=f"{group} tokens: {label}", ylabel="share", ylim=(-0.02, 1.02))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.suptitle(f"series {name}: frozen shares per experiment")
+    _save(fig, path)
+
+
+def lattice_position_summary(experiment: str, update_rule: str, table: pd.DataFrame) -> list[dict]:
+    """One row per group of an experiment's lattice_positions.csv: frozen elements at the last step and
+    the share of them at exactly ±2^k (in all, and by k), at the last step and over the last half."""
+    last, last_half = table.iloc[-1], table[table["step"] > table["step"].iloc[-1] / 2]
+    rows = []
+    for group in ("dead", "live", "all"):
+        if f"{group}_frozen_elements" not in table:
+            continue
+        row = {"experiment": experiment, "update_rule": update_rule, "group": group, "step": int(last["step"]),
+               "frozen_elements": int(last[f"{group}_frozen_elements"]),
+               "at_power_of_two_share": last[f"{group}_at_power_of_two_share"],
+               "at_power_of_two_share_last_half_mean": last_half[f"{group}_at_power_of_two_share"].mean()}
+        prefix = f"{group}_at_2^"
+        row.update({column[len(group) + 1:]: last[column] for column in table.columns if column.startswith(prefix)})
+        rows.append(row)
+    return rows
+
+
+HTML_STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse;margin:8px 0}"
+              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}</style>")
+
+
+def _html_page(title: str, parts: list[str]) -> str:
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{title}</title>{HTML_STYLE}</head><body>" \
+           f"<h3>{title}</h3>{''.join(parts)}</body></html>\n"
+
+
+def summary_html(summary: dict) -> str:
+    """The summary's answers as HTML tables: verdicts per group and measure, then the windows' statistics."""
+    verdict_rows = []
+    for group, measures in summary["cooling"].items():
+        for measure, series_ in measures.items():
+            fit = series_["trend_last_half"]
+            verdict_rows.append({"group": group, "measure": measure, "verdict": series_["verdict"],
+                                 "slope per 1000 steps": fit["slope_per_1000_steps"],
+                                 "95% CI": None if fit["ci95"] is None else
+                                 f"[{fit['ci95'][0]:.4f}, {fit['ci95'][1]:.4f}]",
+                                 "windows in the last half": fit["windows"]})
+    window_rows = [{"window": f"{name} (t={window['start']}–{window['end']})", "group": group,
+                    **{key: value for key, value in stats.items()}}
+                   for name, window in summary["windows"].items()
+                   for group, stats in window.items() if isinstance(stats, dict)]
+    rule = summary["verdict_rule"]
+    parts = [f"<p>The lab's question (dead tokens, global freeze): <b>{summary['verdict']}</b>. "
+             f"{summary['steps']} steps; ΔW′ exact: {summary['delta_w_exact']}. Shares are fractions 0–1.</p>",
+             pd.DataFrame(verdict_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+             "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in
+                                             ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive"))
+             + f". {rule['windows'][0].upper()}{rule['windows'][1:]}.</p>",
+             pd.DataFrame(window_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+             *drivers_html(summary.get("drivers", {}))]
+    return _html_page(f"{summary['experiment']}: verdicts and summary", parts)
+
+
+def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp_avg_sq_csv: str,
+                       ratio_csv: str, lattice_positions_csv: str, outdir: str, summary_page: str | None = None,
+                       drivers_csv: str | None = None) -> None:
+    """Every figure of thimble.outputs.FIGURES, as {outdir}/{name}.png, and the summary as an HTML page."""
+    import h5py
+
+    from thimble.outputs import FIGURES
+
+    summary = json.loads(Path(summary_json).read_text())
+    frame = pd.read_csv(freeze_csv)
+    name = summary["experiment"]
+    out = {figure: str(Path(outdir) / f"{figure}.png") for figure in FIGURES}
+    loss(frame, name, out["loss"])
+    with h5py.File(token_steps, "r") as handle:
+        displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"])
+    phases(frame, summary["thresholds"], name, out["phases"])
+    global_freeze(frame, summary, name, out["global_freeze"])
+    variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"],
+             recorded_tensors(rule_of(summary))["variance_W"])
+    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
+                 rule_of(summary))
+    lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
+    drivers(pd.read_csv(drivers_csv) if drivers_csv else pd.DataFrame(), summary, name, out["drivers"])
+    if summary_page:
+        _write_text(summary_page, summary_html(summary))
+
+
+def _write_text(path: str, text: str) -> None:
+    from thimble.util.files import atomic_output
+
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None,
+                   lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
+    """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
+    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
+    from thimble.util.tables import write_csv
+
+    summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
+    series(summaries, name, figure)
+    rows = []
+    for summary in summaries:
+        for group, measures in summary["cooling"].items():
+            last_half = summary["windows"]["last_half"][group]
+            for measure, series_ in measures.items():
+                fit = series_["trend_last_half"]
+                rows.append({"experiment": summary["experiment"],
+                             "update_rule": rule_of(summary), "group": group, "measure": measure,
+                             "steps": summary["steps"], "delta_w_exact": summary["delta_w_exact"],
+                             "share_last_half": last_half[{"global_freeze": "global_freeze_share",
+                                                           "token_frozen": "token_frozen_share",
+                                                           "element_frozen": "element_frozen_share"}[measure]],
+                             "slope_per_1000_steps": fit["slope_per_1000_steps"],
+                             "ci95_low": fit["ci95"][0] if fit["ci95"] else None,
+                             "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
+                             "verdict": series_["verdict"]})
+    write_csv(table, rows)
+    lattice_rows = []
+    if lattice_table:
+        for summary, path in zip(summaries, lattice_paths, strict=True):
+            lattice_rows += lattice_position_summary(summary["experiment"], rule_of(summary),
+                                                     pd.read_csv(path))
+        write_csv(lattice_table, lattice_rows)
+    if page:
+        _write_text(page, _html_page(f"series {name}: verdicts", [
+            "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
+            "with a 95% CI, and the verdict (rule: docs/outputs.md).</p>",
+            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+            *(["<p>Frozen elements sitting exactly at ±2^k, per experiment and group: at the last step, and the "
+               "share at a power of two averaged over the last half (lattice_positions.csv).</p>",
+               pd.DataFrame(lattice_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]
+              if lattice_rows else [])]))

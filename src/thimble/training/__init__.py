@@ -1,0 +1,1 @@
+"""Training the seed's model bit for bit: the model and its loss, the update rules' steps and replays (``adamw``), the determinism check, the host copies and memory of a step, and the training loop that hands each step to the recorder (``thimble.record.writer``)."""
