@@ -24,13 +24,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from thimble.numerics.bf16 import BFLOAT16
-from thimble.record.codec import compress_shuffled
 from thimble.config import load_config, stage_settings
-from thimble.util.cpu import this_cpu
+from thimble.numerics.bf16 import BFLOAT16
 from thimble.numerics.lattice import from_ordinal, ordinal
+from thimble.record.codec import compress_shuffled
 from thimble.record.format import create_checked_array, create_tensor_dataset, tensors_attr
 from thimble.update_rules import recorded_tensors
+from thimble.util.cpu import this_cpu
 
 
 def run_measured(command: list[str]) -> tuple[float, float]:

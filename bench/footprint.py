@@ -27,8 +27,8 @@ import hdf5plugin  # noqa: F401
 import numpy as np
 
 from thimble.record.codec import FrameEncoder, decode_rows, window_log_for, zstd_level
-from thimble.util.workers import WorkerPool
 from thimble.record.reader import recorded_blocks
+from thimble.util.workers import WorkerPool
 
 TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
 

@@ -31,12 +31,12 @@ import hdf5plugin
 import numpy as np
 import torch
 
-from thimble.numerics.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.config import load_config
+from thimble.numerics.bf16 import BFLOAT16, bfloat16_h5type, bits_to_torch
 from thimble.numerics.lattice import from_ordinal, ordinal
 from thimble.record.codec import compress_shuffled, zstd_dcpl
-from thimble.record.h5_datasets import create_dataset
 from thimble.record.format import TENSORS
+from thimble.record.h5_datasets import create_dataset
 from thimble.record.writer import StreamRecorder, write_stream_file
 
 

@@ -29,11 +29,11 @@ import h5py
 import numpy as np
 import torch
 
+from thimble.notebook.run import open_run
 from thimble.numerics.bf16 import BFLOAT16
 from thimble.record.codec import encode_chunk, write_chunk
-from thimble.util.cpu import this_cpu
 from thimble.record.format import create_checked_array, create_tensor_dataset
-from thimble.notebook.run import open_run
+from thimble.util.cpu import this_cpu
 
 
 def cpu_name() -> str:

@@ -31,17 +31,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-
 import zstandard
 
 import thimble.record.codec
-from thimble.numerics.bf16 import torch_to_bits
 from thimble.config import load_config
-from thimble.util.cpu import this_cpu
+from thimble.numerics.bf16 import torch_to_bits
 from thimble.record.codec import unshuffle_into
 from thimble.record.format import TENSORS, list_segments
 from thimble.record.writer import StreamRecorder
 from thimble.training.model import build_model, build_optimizer, select_device
+from thimble.util.cpu import this_cpu
 
 
 class Trainer:

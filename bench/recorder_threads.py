@@ -29,9 +29,9 @@ import torch
 
 from thimble.numerics.bf16 import bits_to_torch
 from thimble.record.codec import decode_rows
-from thimble.util.cpu import this_cpu
 from thimble.record.format import TENSORS
 from thimble.record.writer import StreamRecorder
+from thimble.util.cpu import this_cpu
 
 
 def recorded_steps(recording: Path, first: int, count: int) -> list[dict]:

@@ -132,7 +132,8 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
     cpu_seconds = (cpu_ended.user + cpu_ended.system - cpu_started.user - cpu_started.system) if cpu_started else None
     profile = []
     if profile_ops:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             one_step(steps + 1)

@@ -166,8 +166,8 @@ def _plan(args) -> int:
     from pathlib import Path
 
     from thimble.config import load_config
-    from thimble.util.files import atomic_output
     from thimble.plan import default_snakefile, format_plan, make_plan
+    from thimble.util.files import atomic_output
 
     # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

@@ -18,8 +18,8 @@ class DataError(ThimbleError):
     """
 
 
-class DiskFullError(ThimbleError):
-    """The disk filled up while a stage wrote a file."""
+class TrainingError(ThimbleError):
+    """Training cannot start or go on; the message says why and what to do."""
 
 
 class PlanError(ThimbleError):

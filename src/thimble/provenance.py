@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from thimble.errors import ThimbleError
-from thimble.util.files import sha256_file
 from thimble.outputs import EXPERIMENT_FILES
+from thimble.util.files import sha256_file
 
 #: the recording attributes that determine its bits (thimble.training.train writes them; the stages copy them on)
 IDENTITY_ATTRS = ("config_hash", "resume_key", "update_rule", "storage_dtype", "device", "cpu_capability",

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 
 from thimble.errors import ThimbleError
-from thimble.update_rules import rule_of, step_bytes as recorded_step_bytes, widest_element_bytes
+from thimble.update_rules import rule_of, widest_element_bytes
+from thimble.update_rules import step_bytes as recorded_step_bytes
 
 #: HDF5's hard limit on the size of one chunk: strictly under 4 GiB
 HDF5_MAX_CHUNK_BYTES = 2**32 - 1

@@ -7,8 +7,14 @@ import logging
 
 import numpy as np
 
-from thimble.numerics.lattice import (EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE, NonFiniteError,
-                                      check_finite, ordinal)
+from thimble.numerics.lattice import (
+    EXPONENT_SHIFT,
+    MAGNITUDE_BITS,
+    NONFINITE_MAGNITUDE,
+    NonFiniteError,
+    check_finite,
+    ordinal,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +53,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
     W is decoded from its stored chunks block by block, so memory stays near
     half a chunk of W plus the compressed output.
     """
-    from thimble.util.files import atomic_output
     from thimble.record.format import open_h5
+    from thimble.util.files import atomic_output
     from thimble.util.workers import WorkerPool
 
     with open_h5(recording) as source, WorkerPool(threads) as pool, atomic_output(output) as tmp:
@@ -68,8 +74,8 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     from tqdm.auto import tqdm
 
     from thimble.record.codec import CHUNK_CHECKSUM, FrameEncoder, window_log_for, write_chunk, zstd_dcpl
-    from thimble.record.h5_datasets import create_dataset
     from thimble.record.format import create_checked_array
+    from thimble.record.h5_datasets import create_dataset
     from thimble.record.reader import recorded_blocks
     from thimble.util.workers import thread_spans
 

@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from thimble.numerics.bf16 import BFLOAT16
-from thimble.errors import DataError
 from thimble.analysis.freeze import GROUPS, group_masks
 from thimble.analysis.replay_kernel import compiled
+from thimble.errors import DataError
+from thimble.numerics.bf16 import BFLOAT16
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import rule_of
 
@@ -419,9 +419,9 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from thimble.util.workers import WorkerPool
-    from thimble.util.tables import write_csv
     from thimble.record.format import open_h5, read_checked
+    from thimble.util.tables import write_csv
+    from thimble.util.workers import WorkerPool
 
     with open_h5(recording) as handle:
         attrs = dict(handle.attrs)

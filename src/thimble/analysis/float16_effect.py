@@ -54,8 +54,8 @@ def cast_classes() -> dict[str, np.ndarray]:
     """Per bf16 bit pattern (index 0..65535): ``float16_bits`` (what the recorder stores), ``code``
     (CHANGED | ZEROED | OVERFLOWED bits), ``exponent`` (floor(log2|x|) for finite nonzero x, else 0),
     ``finite_nonzero`` and ``magnitude`` (|x| as float64, exact)."""
-    from thimble.numerics.bf16 import all_bfloat16
     from thimble.analysis.float16_view import float16_table
+    from thimble.numerics.bf16 import all_bfloat16
 
     stored_bits, altered = float16_table()
     with np.errstate(invalid="ignore"):  # NaN patterns stay NaN
@@ -254,11 +254,11 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
     ``view_dir`` (its float16 view's) side by side. Returns the summary."""
     import pandas as pd
 
-    from thimble.util.files import atomic_output
-    from thimble.util.tables import write_csv
     from thimble.provenance import computed_from
     from thimble.record.format import open_h5
     from thimble.record.reader import recorded_blocks
+    from thimble.util.files import atomic_output
+    from thimble.util.tables import write_csv
 
     classes = cast_classes()
     per_step, band_rows, totals = [], [], {}

@@ -26,14 +26,14 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from thimble.numerics.bf16 import bits_to_torch, to_float16_counting
-from thimble.record.codec import CHUNK_CHECKSUM
-from thimble.util.workers import WorkerPool
 from thimble.config import settings_hash, trajectory_settings
 from thimble.errors import DataError
+from thimble.numerics.bf16 import bits_to_torch, to_float16_counting
 from thimble.provenance import plain, recording_identity
+from thimble.record.codec import CHUNK_CHECKSUM
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 from thimble.update_rules import recorded_tensors
+from thimble.util.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +114,10 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
     """Write ``output``, the float16 recording of ``settings`` (the view experiment's train settings), from
     its twin's bf16 ``twin_recording``. Returns the values the cast altered, per tensor. The file appears
     under its final name only when complete and verified."""
-    from thimble.util.files import atomic_output
-    from thimble.record.rechunk import write_rechunked
     from thimble.record.format import create_checked_array, open_h5, read_checked, storage_h5type
     from thimble.record.reader import RecordingRows
+    from thimble.record.rechunk import write_rechunked
+    from thimble.util.files import atomic_output
 
     twin_recording, output = Path(twin_recording), Path(output)
     tensors = recorded_tensors("bf16", "float16")

@@ -33,8 +33,8 @@ import numpy as np
 from thimble.numerics.bf16 import BFLOAT16
 from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
 from thimble.outputs import FREEZE_OUTPUTS
-from thimble.util.tables import write_csv
 from thimble.update_rules import rule_of
+from thimble.util.tables import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -423,9 +423,9 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
 
     from tqdm.auto import tqdm
 
-    from thimble.util.workers import WorkerPool, thread_spans
     from thimble.record.format import open_h5
     from thimble.record.reader import recorded_blocks
+    from thimble.util.workers import WorkerPool, thread_spans
 
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         n_steps, vocab, hidden = handle["W"].shape
@@ -471,8 +471,8 @@ class DeltaRows:
     type ΔW′ is computed in), each chunk decoded as it is read and its checksum verified."""
 
     def __init__(self, handle, path: str, recording, block_rows: int):
-        from thimble.record.codec import RowsInOrder, unshuffled_row_blocks
         from thimble.errors import DataError
+        from thimble.record.codec import RowsInOrder, unshuffled_row_blocks
 
         dataset = handle["delta_w_lattice"]
         if dataset.shape != recording["W"].shape:
@@ -543,10 +543,10 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     import h5py
 
     from thimble.config import settings_hash
-    from thimble.util.files import atomic_output
+    from thimble.data.tokenizer import token_texts
     from thimble.provenance import stage_provenance
     from thimble.record.format import open_h5, read_checked
-    from thimble.data.tokenizer import token_texts
+    from thimble.util.files import atomic_output
 
     analysis = settings["analysis"]
     with open_h5(recording) as handle:

@@ -25,12 +25,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.training.adamw import (hyperparameters, log2_ratio_floor, pre_rounding_weight, replay_rule_step, replay_steps,
-                           stays_from_ratio, update_ratio)
-from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
-from thimble.errors import DataError
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
+from thimble.errors import DataError
+from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 from thimble.sizes import REPLAY_BLOCK_STEPS
+from thimble.training.adamw import (
+    hyperparameters,
+    log2_ratio_floor,
+    pre_rounding_weight,
+    replay_rule_step,
+    replay_steps,
+    stays_from_ratio,
+    update_ratio,
+)
 from thimble.update_rules import UPDATE_RULES, rule_of
 from thimble.util.workers import WorkerPool, thread_spans
 
@@ -146,8 +153,8 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
                          output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
     """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
     replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
-    from thimble.util.files import atomic_output
     from thimble.provenance import PROVENANCE_KEY, stage_provenance
+    from thimble.util.files import atomic_output
 
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

@@ -60,7 +60,8 @@ def decoded_chunk(dataset: h5py.Dataset, first: int) -> np.ndarray:
     a scratch chunk and copy the steps out: a third more time and twice the memory for a chunk of 1.9 GB);
     anything else (a stream's virtual dataset, another filter pipeline) goes through ``read_steps``.
     """
-    from thimble.record.codec import chunk_steps as chunk_where, decode_chunk, has_shuffle_zstd, read_stored_chunk
+    from thimble.record.codec import chunk_steps as chunk_where
+    from thimble.record.codec import decode_chunk, has_shuffle_zstd, read_stored_chunk
 
     stop = min(first + chunk_steps(dataset), dataset.shape[0])
     if dataset.is_virtual or dataset.chunks is None or not has_shuffle_zstd(dataset) \

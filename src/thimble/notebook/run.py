@@ -30,11 +30,11 @@ import h5py
 import numpy as np
 
 from thimble.notebook.chunk_cache import ChunkCache
-from thimble.record.codec import require_zstd_filter
+from thimble.notebook.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
 from thimble.outputs import RECORDING_FILE, STREAM_DIR, STREAM_FILE
+from thimble.record.codec import require_zstd_filter
 from thimble.record.format import open_h5, read_checked
 from thimble.record.reader import RecordingSource
-from thimble.notebook.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
 
 if TYPE_CHECKING:
     import pandas

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from thimble.numerics.bf16 import BFLOAT16
 from thimble.notebook.chunk_cache import ChunkCache, TensorChunks
+from thimble.numerics.bf16 import BFLOAT16
 
 if TYPE_CHECKING:
     import torch

@@ -25,8 +25,8 @@ import xarray as xr
 from xarray.backends import BackendArray
 from xarray.core import indexing
 
-from thimble.provenance import plain
 from thimble.notebook.step_series import StepSeries
+from thimble.provenance import plain
 
 DTYPES = ("float32", "bfloat16")
 DIMS = ("step", "token", "dim")

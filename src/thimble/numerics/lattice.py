@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from thimble.numerics.bf16 import BFLOAT16
 from thimble.errors import DataError
-
+from thimble.numerics.bf16 import BFLOAT16
 
 SIGN_BIT = np.uint16(0x8000)
 MAGNITUDE_BITS = np.uint16(0x7FFF)

@@ -14,11 +14,26 @@ the DAG.
 """
 
 from thimble.errors import PlanError
-from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, Calibration,
-                                      any_calibration, calibration_key, shipped_calibration_dir,
-                                      step_time_calibration, training_seconds)
-from thimble.plan.costs import (STAGES, array_bytes, job_mem_mb, job_runtime_min, peak_ram_bytes, power_sum,
-                                predict_size, stage_seconds)
+from thimble.plan.calibration import (
+                                      CALIBRATION_DIR,
+                                      CALIBRATION_FORMAT,
+                                      Calibration,
+                                      any_calibration,
+                                      calibration_key,
+                                      shipped_calibration_dir,
+                                      step_time_calibration,
+                                      training_seconds,
+)
+from thimble.plan.costs import (
+                                      STAGES,
+                                      array_bytes,
+                                      job_mem_mb,
+                                      job_runtime_min,
+                                      peak_ram_bytes,
+                                      power_sum,
+                                      predict_size,
+                                      stage_seconds,
+)
 from thimble.plan.probe import default_snakefile
 from thimble.plan.report import format_plan, human_bytes, human_seconds
 from thimble.plan.target import existing_bytes, make_plan

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from thimble.config import without_untracked
-from thimble.util.cpu import this_cpu
 from thimble.errors import PlanError
-from thimble.util.files import atomic_output
 from thimble.plan import costs
 from thimble.sizes import step_flops
+from thimble.util.cpu import this_cpu
+from thimble.util.files import atomic_output
 from thimble.util.workflow_dir import WorkflowNotFoundError, find_workflow_dir
 
 CALIBRATION_DIR = Path("results") / "calibration"

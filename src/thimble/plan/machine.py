@@ -18,10 +18,16 @@ import json
 import time
 from pathlib import Path
 
+from thimble.plan.calibration import (  # noqa: F401
+    STEP_TIME_FORMAT,
+    foreign_cpu,
+    load_step_time,
+    probe_cpu,
+    probed_settings,
+    step_time_path,
+)
 from thimble.util.cpu import this_cpu
 from thimble.util.files import atomic_output
-from thimble.plan.calibration import (STEP_TIME_FORMAT, foreign_cpu, load_step_time, probe_cpu,  # noqa: F401
-                                      probed_settings, step_time_path)
 
 #: steps timed after one warm-up step (allocations, kernel choice); their median is the step time
 TIMED_STEPS = 2

@@ -30,10 +30,17 @@ import numpy as np
 from thimble.errors import PlanError
 from thimble.outputs import FIGURES
 from thimble.plan import costs
-from thimble.plan.calibration import (CALIBRATION_DIR, CALIBRATION_FORMAT, Calibration, own_calibration,
-                                      save_calibration, step_time_calibration, why_not_shipped)
-from thimble.plan.report import human_seconds
+from thimble.plan.calibration import (
+    CALIBRATION_DIR,
+    CALIBRATION_FORMAT,
+    Calibration,
+    own_calibration,
+    save_calibration,
+    step_time_calibration,
+    why_not_shipped,
+)
 from thimble.plan.measure import experiment_outputs, measure_file
+from thimble.plan.report import human_seconds
 from thimble.sizes import step_flops
 from thimble.util.usage import PEAK_RSS_ENV, read_usage
 from thimble.util.workflow_dir import find_workflow_dir

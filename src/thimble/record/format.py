@@ -25,9 +25,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_h5type
 from thimble.record.codec import damaged, zstd_dcpl
-from thimble.errors import DataError
 from thimble.record.h5_datasets import create_dataset
 from thimble.update_rules import recorded_tensors
 

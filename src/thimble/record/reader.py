@@ -15,13 +15,23 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from thimble.numerics.bf16 import BFLOAT16, bfloat16_bits_from_float16_bits
-from thimble.record.codec import (BITS_DTYPES, ZSTD_FILTER, RowsInOrder, chunk_location, damaged, dataset_filters,
-                           decode_rows, has_shuffle_zstd, require_zstd_filter, row_blocks)
 from thimble.errors import DataError
-from thimble.record.h5_datasets import element_size
+from thimble.numerics.bf16 import BFLOAT16, bfloat16_bits_from_float16_bits
 from thimble.outputs import RECORDING_FILE, STREAM_DIR, STREAM_FILE
+from thimble.record.codec import (
+    BITS_DTYPES,
+    ZSTD_FILTER,
+    RowsInOrder,
+    chunk_location,
+    damaged,
+    dataset_filters,
+    decode_rows,
+    has_shuffle_zstd,
+    require_zstd_filter,
+    row_blocks,
+)
 from thimble.record.format import STORAGE_DTYPES, TENSOR_DTYPES, is_bfloat16, open_h5, stream_tensors
+from thimble.record.h5_datasets import element_size
 from thimble.record.stream_reader import open_stream, read_stream_rows, virtual_rows
 from thimble.update_rules import ELEMENT_BYTES
 from thimble.util.workers import WorkerPool

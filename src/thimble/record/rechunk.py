@@ -25,9 +25,16 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from thimble.record.codec import (BITS_DTYPES, CHUNK_CHECKSUM, chunk_row_blocks, compress_shuffled, time_chunks,
-                           write_chunk, zstd_dcpl)
 from thimble.errors import DataError
+from thimble.record.codec import (
+    BITS_DTYPES,
+    CHUNK_CHECKSUM,
+    chunk_row_blocks,
+    compress_shuffled,
+    time_chunks,
+    write_chunk,
+    zstd_dcpl,
+)
 from thimble.record.h5_datasets import create_dataset, element_size
 from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 from thimble.util.workers import WorkerPool
@@ -103,9 +110,9 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     Returns the sha256 of each tensor's bits. The file appears under its final
     name only when complete and verified.
     """
-    from thimble.util.files import atomic_output
     from thimble.record.format import create_checked_array, read_checked, stream_tensors
     from thimble.record.stream_reader import open_stream
+    from thimble.util.files import atomic_output
 
     output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:

@@ -11,12 +11,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from thimble.record.codec import (BITS_DTYPES, chunk_location, damaged, decode_chunk, has_shuffle_zstd, read_stored_chunk,
-                           require_zstd_filter)
 from thimble.errors import DataError
-from thimble.record.h5_datasets import element_size
 from thimble.outputs import STREAM_FILE
+from thimble.record.codec import (
+    BITS_DTYPES,
+    chunk_location,
+    damaged,
+    decode_chunk,
+    has_shuffle_zstd,
+    read_stored_chunk,
+    require_zstd_filter,
+)
 from thimble.record.format import covering_segments, open_h5, read_checked, stream_tensors
+from thimble.record.h5_datasets import element_size
 from thimble.util.workers import WorkerPool
 
 

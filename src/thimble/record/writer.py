@@ -19,13 +19,22 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from thimble.numerics.bf16 import torch_to_bits, to_float16_counting
-from thimble.record.codec import CHUNK_CHECKSUM, encode_chunk
-from thimble.record.h5_datasets import create_dataset
+from thimble.numerics.bf16 import to_float16_counting, torch_to_bits
 from thimble.outputs import STREAM_FILE
-from thimble.record.format import (STORAGE_DTYPES, TENSOR_DTYPES, covering_segments,
-                                      create_checked_array, create_tensor_dataset, open_h5, read_checked,
-                                      segment_name, storage_h5type, tensors_attr)
+from thimble.record.codec import CHUNK_CHECKSUM, encode_chunk
+from thimble.record.format import (
+    STORAGE_DTYPES,
+    TENSOR_DTYPES,
+    covering_segments,
+    create_checked_array,
+    create_tensor_dataset,
+    open_h5,
+    read_checked,
+    segment_name,
+    storage_h5type,
+    tensors_attr,
+)
+from thimble.record.h5_datasets import create_dataset
 from thimble.update_rules import recorded_tensors
 
 if TYPE_CHECKING:

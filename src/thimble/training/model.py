@@ -14,16 +14,12 @@ import os
 import torch
 import torch.nn as nn
 
+from thimble.errors import TrainingError
 from thimble.training.adamw import UpdateRule, build_update_rule
 from thimble.training.causal_lm_loss import LOSS_PATHS, row_block_causal_lm_loss
-from thimble.errors import ThimbleError
 
 #: cuBLAS's setting for deterministic GEMMs; read when CUDA creates its cuBLAS handle
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"
-
-
-class TrainingError(ThimbleError):
-    """Training cannot start or go on; the message says why and what to do."""
 
 
 def loss_path(device: torch.device) -> str:

@@ -29,17 +29,15 @@ algorithms are switched on.
 from __future__ import annotations
 
 import copy
-import errno
 import json
-import fcntl
 import logging
 import math
 import os
-import tempfile
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,21 +48,35 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from thimble.training.adamw import UpdateRule
 from thimble.config import settings_hash, trajectory_settings, without_untracked
-from thimble.training.determinism import (DeterminismCheck, DeterminismError, StepBits, determinism_attr,
-                                 lookup_backward, use_lookup_backward)
-from thimble.util.files import sha256_file
+from thimble.data.tokenizer import load_token_ids
+from thimble.record.format import list_segments
+from thimble.record.writer import StreamRecorder, write_stream_file
+from thimble.sizes import training_footprint
+from thimble.training.adamw import UpdateRule
+from thimble.training.determinism import (
+    DeterminismCheck,
+    DeterminismError,
+    StepBits,
+    determinism_attr,
+    lookup_backward,
+    use_lookup_backward,
+)
 from thimble.training.host_copy import HostCopies
 from thimble.training.host_memory import host_allocator
-from thimble.training.model import (CUBLAS_WORKSPACE_CONFIG, TrainingError, build_model, build_optimizer,  # noqa: F401
-                           deterministic_math, loss_path, select_device)
-from thimble.util.cpu import this_cpu
-from thimble.record.format import list_segments
-from thimble.sizes import training_footprint
-from thimble.record.writer import StreamRecorder, write_stream_file
+from thimble.training.model import (  # noqa: F401
+    CUBLAS_WORKSPACE_CONFIG,
+    TrainingError,
+    build_model,
+    build_optimizer,
+    deterministic_math,
+    loss_path,
+    select_device,
+)
+from thimble.training.resume_lock import PartialLock
 from thimble.update_rules import recorded_tensors
-from thimble.data.tokenizer import load_token_ids
+from thimble.util.cpu import this_cpu
+from thimble.util.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -333,41 +345,6 @@ def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
         _discard(partial_dir, f"its segments do not cover steps 0..{state['step']}")
         return None
     return state
-
-
-class PartialLock:
-    """An exclusive lock on a run's resume state: ``<partial_dir>.lock``, holding the owner's PID.
-
-    ``flock`` locks die with their process (even on SIGKILL), so a stale lock never blocks a rerun.
-    """
-
-    def __init__(self, partial_dir: Path):
-        self.path = partial_dir.with_name(partial_dir.name + ".lock")
-        self.handle = None
-
-    def __enter__(self) -> PartialLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EAGAIN, errno.EACCES):
-                handle.close()
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise TrainingError(f"another trainer (PID {holder}) is using {self.path.with_suffix('')}: wait for it "
-                                f"to finish, or stop it (kill {holder}) and run again") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self.handle = handle
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.close()  # releases the lock
 
 
 def batch_problem(n_tokens: int, settings: dict) -> str | None:

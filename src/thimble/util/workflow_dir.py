@@ -37,7 +37,8 @@ def is_workflow_dir(path: Path) -> bool:
 def source_checkout() -> Path:
     """The directory two levels above the package (``src/thimble`` → the checkout) in an editable
     install; in an installed copy it is somewhere inside the environment and holds no Snakefile."""
-    return Path(__file__).resolve().parents[2]
+    package = Path(__file__).resolve().parents[1]  # this module is thimble/util/workflow_dir.py
+    return package.parents[1]
 
 
 def find_workflow_dir(cwd: Path | None = None) -> Path:
