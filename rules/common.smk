@@ -112,7 +112,7 @@ def training_inputs(wildcards):
     if path.exists():
         import numpy as np
 
-        from thimble.training.train import batch_problem
+        from thimble.sizes import batch_problem
 
         try:
             n_tokens = np.load(path, mmap_mode="r", allow_pickle=False).shape[0]

@@ -167,7 +167,7 @@ def _plan(args) -> int:
 
     from thimble.config import load_config
     from thimble.plan import default_snakefile, format_plan, make_plan
-    from thimble.util.files import atomic_output
+    from thimble.util.files import write_json
 
     # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -180,8 +180,7 @@ def _plan(args) -> int:
                      args.reprobe, configfile=configfile)
     print(format_plan(plan))
     if args.json:
-        with atomic_output(args.json) as tmp:
-            Path(tmp).write_text(json.dumps(plan, indent=1) + "\n")
+        write_json(args.json, plan, indent=1)
     return 0 if plan["fits"] else 3
 
 

@@ -84,3 +84,17 @@ def training_footprint(settings: dict, n_tokens: int) -> dict:
         "ram_corpus": n_tokens * 8,
         "ram_queue": record["queue_steps"] * step_bytes,
     }
+
+
+def batch_problem(n_tokens: int, settings: dict) -> str | None:
+    """Why a corpus of ``n_tokens`` tokens cannot fill one batch of ``settings``, or None (torch-free: the
+    workflow asks it while it plans)."""
+    windows = max(0, n_tokens - settings["model"]["max_seq_len"])
+    batch = settings["training"]["batch_size"]
+    if windows < 1:
+        return (f"the corpus has {n_tokens} tokens, fewer than model.max_seq_len + 1; use a larger corpus or a "
+                "shorter max_seq_len")
+    if batch > windows:
+        return (f"config key experiments.{settings['name']}.training.batch_size: {batch} is more than the corpus's "
+                f"{windows} windows of max_seq_len + 1 tokens; lower it to at most {windows}")
+    return None

@@ -30,10 +30,8 @@ The per-element work is one compiled pass (numba, releasing the GIL; tokens spli
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -420,6 +418,7 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     from tqdm.auto import tqdm
 
     from thimble.record.format import open_h5, read_checked
+    from thimble.util.files import write_json
     from thimble.util.tables import write_csv
     from thimble.util.workers import WorkerPool
 
@@ -431,7 +430,7 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
             write_csv(table_path, pd.DataFrame(columns=["step", "group", *COLUMNS]))
             result = {"applies": False, "update_rule": rule, "why": why}
             log.info("freeze drivers: not computed for update rule %s: %s", rule, why)
-            _write_json(summary_path, result)
+            write_json(summary_path, result, indent=2)
             return result
         hyper = optimizer_settings(attrs)
         dead = read_checked(handle["dead_mask"]).astype(bool)
@@ -473,12 +472,5 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     if hyper["weight_decay"]:
         result["note"] = (f"weight_decay {hyper['weight_decay']}: the decoupled decay W·(1 − lr·λ) is applied "
                           "before the update and is not part of u")
-    _write_json(summary_path, result)
+    write_json(summary_path, result, indent=2)
     return result
-
-
-def _write_json(path: str, value: dict) -> None:
-    from thimble.util.files import atomic_output
-
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(value, indent=2) + "\n")

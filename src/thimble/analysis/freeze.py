@@ -546,7 +546,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     from thimble.data.tokenizer import token_texts
     from thimble.provenance import stage_provenance
     from thimble.record.format import open_h5, read_checked
-    from thimble.util.files import atomic_output
+    from thimble.util.files import atomic_output, write_json
 
     analysis = settings["analysis"]
     with open_h5(recording) as handle:
@@ -603,8 +603,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     }
     if drivers_path is not None:
         summary["drivers"] = json.loads(Path(drivers_path).read_text())
-    with atomic_output(outputs["summary"]) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(outputs["summary"], summary, indent=2)
     whole = summary["windows"]["all"]
     for group in GROUPS:
         stats = whole[group]

@@ -17,7 +17,6 @@ ones are listed in ``replay.json`` with the values involved and the reason.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 
@@ -154,7 +153,7 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
     """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
     replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
     from thimble.provenance import PROVENANCE_KEY, stage_provenance
-    from thimble.util.files import atomic_output
+    from thimble.util.files import atomic_output, write_json
 
     with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -167,8 +166,7 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
             writer.writerow([step, *counts.tolist()])
     # the replay reads no settings: its hyperparameters are the recording's
     summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
-    with atomic_output(output_json) as tmp:
-        Path(tmp).write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(output_json, summary, indent=2)
 
 
 class RecordedRows:

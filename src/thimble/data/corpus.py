@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from thimble.errors import ThimbleError
-from thimble.util.files import atomic_output, sha256_file
+from thimble.util.files import atomic_output, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -152,5 +151,4 @@ def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
             Path(tmp).write_text(text, encoding="utf-8")
         if digests:
             write_digest(path, f"{path}.sha256")
-    with atomic_output(manifest) as tmp:
-        Path(tmp).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(manifest, info, indent=2)

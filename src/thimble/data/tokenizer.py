@@ -11,7 +11,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from thimble.errors import DataError
-from thimble.util.files import atomic_output
+from thimble.util.files import atomic_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,7 @@ def supported_vocab_size(text: str, vocab_size: int, cache_dir: Path) -> int:
         pass
     supported = train_bpe_on_text(text, vocab_size).get_vocab_size()
     try:
-        with atomic_output(cached) as tmp:
-            Path(tmp).write_text(json.dumps({"vocab_size": vocab_size, "supported": supported}) + "\n")
+        write_json(cached, {"vocab_size": vocab_size, "supported": supported})
     except OSError as error:
         log.warning("could not cache the vocab_size check in %s (%s)", cache_dir, error)
     return supported

@@ -19,7 +19,7 @@ from thimble.errors import PlanError
 from thimble.plan import costs
 from thimble.sizes import step_flops
 from thimble.util.cpu import this_cpu
-from thimble.util.files import atomic_output
+from thimble.util.files import write_json
 from thimble.util.workflow_dir import WorkflowNotFoundError, find_workflow_dir
 
 CALIBRATION_DIR = Path("results") / "calibration"
@@ -117,8 +117,7 @@ def calibration_path(workdir: Path, key: str, device_kind: str) -> Path:
 
 def save_calibration(record: dict, workdir: Path) -> Path:
     path = calibration_path(workdir, record_key(record), record["device_kind"])
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    write_json(path, record, indent=1, sort_keys=True)
     return path
 
 

@@ -14,7 +14,6 @@ runs only in ``thimble plan``.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from thimble.plan.calibration import (  # noqa: F401
     step_time_path,
 )
 from thimble.util.cpu import this_cpu
-from thimble.util.files import atomic_output
+from thimble.util.files import write_json
 
 #: steps timed after one warm-up step (allocations, kernel choice); their median is the step time
 TIMED_STEPS = 2
@@ -82,7 +81,5 @@ def ensure_step_time(workdir: Path, record: dict, settings: dict, log) -> dict:
     probed = probed_settings(record)
     timing = time_model_steps({**probed, "training": {**probed["training"], "math_threads": threads}})
     path = step_time_path(workdir, record, threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(timing, indent=1, sort_keys=True) + "\n")
+    write_json(path, timing, indent=1, sort_keys=True)
     return timing

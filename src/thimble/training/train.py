@@ -52,7 +52,7 @@ from thimble.config import settings_hash, trajectory_settings, without_untracked
 from thimble.data.tokenizer import load_token_ids
 from thimble.record.format import list_segments
 from thimble.record.writer import StreamRecorder, write_stream_file
-from thimble.sizes import training_footprint
+from thimble.sizes import batch_problem, training_footprint
 from thimble.training.adamw import UpdateRule
 from thimble.training.determinism import (
     DeterminismCheck,
@@ -345,19 +345,6 @@ def load_resume_state(partial_dir: Path, key: dict) -> dict | None:
         _discard(partial_dir, f"its segments do not cover steps 0..{state['step']}")
         return None
     return state
-
-
-def batch_problem(n_tokens: int, settings: dict) -> str | None:
-    """Why the corpus cannot fill one batch of ``settings``, or None."""
-    windows = max(0, n_tokens - settings["model"]["max_seq_len"])
-    batch = settings["training"]["batch_size"]
-    if windows < 1:
-        return (f"the corpus has {n_tokens} tokens, fewer than model.max_seq_len + 1; use a larger corpus or a "
-                "shorter max_seq_len")
-    if batch > windows:
-        return (f"config key experiments.{settings['name']}.training.batch_size: {batch} is more than the corpus's "
-                f"{windows} windows of max_seq_len + 1 tokens; lower it to at most {windows}")
-    return None
 
 
 def train(settings: dict, tokens_path: str, masks_path: str, output_dir: str, partial_dir: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -48,3 +49,9 @@ def write_digest(path: str | Path, digest_path: str | Path) -> str:
 def read_digest(digest_path: str | Path) -> str:
     """The sha256 that ``write_digest`` wrote."""
     return Path(digest_path).read_text().split()[0]
+
+
+def write_json(path: str | Path, value, **dumps) -> None:
+    """``value`` as JSON (``json.dumps(value, **dumps)`` and a newline), written whole or not at all."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(json.dumps(value, **dumps) + "\n", encoding="utf-8")
