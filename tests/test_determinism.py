@@ -1,4 +1,4 @@
-"""Determinism verified, not assumed (issue 22): every training session runs its first steps twice and
+"""Determinism verified, not assumed: every training session runs its first steps twice and
 refuses to record when they disagree; the check changes no recorded bit; the MPS lookups' backward,
 selected on the CPU, gives the CPU's own bits."""
 

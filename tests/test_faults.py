@@ -1,5 +1,5 @@
 """Faults injected into a tiny run: each one is a one-line error naming the file, or a recovery
-bitwise identical to a clean run (issue 12). Nothing here may exit 0 with wrong numbers.
+bitwise identical to a clean run. Nothing here may exit 0 with wrong numbers.
 
 The tiny run uses a local corpus written by the test (no download): data stages, training,
 rechunk, ΔW′, replay, freeze tables and figures, through snakemake once per module.
@@ -358,7 +358,7 @@ def discarded_checkpoints(caplog) -> list[str]:
 
 
 def test_a_damaged_checkpoint_is_discarded_and_the_previous_one_resumed(run, tmp_path, monkeypatch, caplog):
-    """8 flipped bytes inside a transformer weight (issue 25): torch.load reads them without complaint; the
+    """8 flipped bytes inside a transformer weight: torch.load reads them without complaint; the
     checksum does not match, so the run resumes from the checkpoint before, bit for bit."""
     run_settings = settings(run)
     out = tmp_path / "stream"
@@ -604,7 +604,7 @@ def test_a_config_edit_plans_only_the_stages_that_read_it(mini_by_cores, edit, e
     assert planned(result.stdout) == expected, result.stdout
 
 
-# -- issue 13: the SLURM profile asks for a GPU only where training uses one ----------------------
+# -- the SLURM profile asks for a GPU only where training uses one ----------------------
 
 def slurm_dry_run_gpus(workdir, config) -> dict[str, str]:
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

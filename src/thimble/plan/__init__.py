@@ -22,6 +22,7 @@ from thimble.plan.calibration import (
                                       calibration_key,
                                       shipped_calibration_dir,
                                       step_time_calibration,
+                                      training_peak_ram,
                                       training_seconds,
 )
 from thimble.plan.costs import (
@@ -42,4 +43,4 @@ __all__ = ["CALIBRATION_DIR", "CALIBRATION_FORMAT", "STAGES", "Calibration", "Pl
            "array_bytes", "calibration_key", "default_snakefile", "existing_bytes", "format_plan",
            "human_bytes", "human_seconds", "job_mem_mb", "job_runtime_min", "make_plan", "peak_ram_bytes",
            "power_sum", "predict_size", "shipped_calibration_dir", "stage_seconds", "step_time_calibration",
-           "training_seconds"]
+           "training_peak_ram", "training_seconds"]

@@ -16,13 +16,14 @@ from pathlib import Path
 
 from thimble.config import without_untracked
 from thimble.errors import PlanError
+from thimble.outputs import RESULTS_DIR
 from thimble.plan import costs
 from thimble.sizes import step_flops
 from thimble.util.cpu import this_cpu
 from thimble.util.files import write_json
 from thimble.util.workflow_dir import WorkflowNotFoundError, find_workflow_dir
 
-CALIBRATION_DIR = Path("results") / "calibration"
+CALIBRATION_DIR = Path(RESULTS_DIR) / "calibration"
 CALIBRATION_FORMAT = 4
 
 
@@ -250,3 +251,17 @@ def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
         if calibration is not None:
             return calibration
     return None
+
+
+def training_peak_ram(settings: dict, n_tokens: int, workdir: Path) -> tuple[int | None, str]:
+    """Training's peak RAM as the plan predicts it (and the rules' mem_mb ask for) and how, or None and why
+    not: a probe's measured peak, interpreter and libraries included, its arrays replaced by those of a run
+    of ``n_tokens`` tokens. A ``PlanError`` when a cached probe cannot be read."""
+    calibration = any_calibration(settings, workdir)
+    if calibration is None:
+        return None, f"no probe in {CALIBRATION_DIR}/ or workflow/calibration/ (thimble plan makes one)"
+    peak = costs.peak_ram_bytes(settings, calibration.record, n_tokens, stages=("train",)).get("train")
+    if peak is None:
+        return None, f"the probe {calibration.path.name} measured no training"
+    return peak, (f"thimble plan's model: the measured peak of the probe {calibration.path.name}, its arrays "
+                  "replaced by this run's")

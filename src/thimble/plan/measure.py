@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from thimble.outputs import DELTA_W_FILE, DRIVERS_OUTPUTS, STREAM_DIR
+
 #: steps compressed together when measuring ΔW′'s trend: a chunk holds many steps, and much of what
 #: zstd finds is repeated across steps, which one step alone would miss
 TREND_BLOCK_STEPS = 4
@@ -58,7 +60,7 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 #: tables with more than one row per step: freeze_drivers.csv has one per group (dead, live, all)
-ROWS_PER_STEP = {"freeze_drivers.csv": 3}
+ROWS_PER_STEP = {DRIVERS_OUTPUTS["table"]: 3}
 
 
 def measure_file(path: Path, probe_steps: int) -> dict:
@@ -71,7 +73,7 @@ def measure_file(path: Path, probe_steps: int) -> dict:
         return {"kind": "stream", "per_row": per_row, "per_file": (total - stored) / len(files),
                 "probe_bytes": total}
     size = path.stat().st_size
-    if path.name == "delta_w_lattice.h5":
+    if path.name == DELTA_W_FILE:
         stored = per_step_storage(path, probe_steps + 1)
         return {"kind": "decaying", "fixed": size - stored, "probe_stored": stored, "probe_steps": probe_steps,
                 "exponent": decay_exponent(*delta_w_block_bytes(path)), "probe_bytes": size}
@@ -100,8 +102,8 @@ def experiment_outputs(directory: Path) -> dict[str, Path]:
     found = {}
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory)
-        if relative.parts[0].startswith(".") or (path.is_file() and relative.parts[0] == "stream"):
+        if relative.parts[0].startswith(".") or (path.is_file() and relative.parts[0] == STREAM_DIR):
             continue
-        if path.is_file() or path.name == "stream":
+        if path.is_file() or path.name == STREAM_DIR:
             found[relative.as_posix()] = path
     return found

@@ -28,7 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from thimble.errors import PlanError
-from thimble.outputs import FIGURES
+from thimble.outputs import (
+    FIGURES,
+    MASKS_FILE,
+    REPLAY_OUTPUTS,
+    RESULTS_DIR,
+    STREAM_DIR,
+    STREAM_FILE,
+    TOKENIZER_FILE,
+    TOKENS_FILE,
+    dataset_dir,
+    figure_file,
+)
 from thimble.plan import costs
 from thimble.plan.calibration import (
     CALIBRATION_DIR,
@@ -85,9 +96,15 @@ def probe_config(config: dict, probe: dict) -> dict:
 
 def dataset_files(settings: dict, workdir: Path) -> tuple[Path, Path] | None:
     """The dataset's tokens.npy and masks in ``workdir`` when its data stages have run, else None."""
-    data = workdir / "results" / "data" / settings["dataset"]
-    tokens, masks = data / "tokens.npy", data / "live_dead_tokens.safetensors"
+    data = dataset_dir(workdir / RESULTS_DIR, settings["dataset"])
+    tokens, masks = data / TOKENS_FILE, data / MASKS_FILE
     return (tokens, masks) if tokens.exists() and masks.exists() else None
+
+
+def dataset_tokens(settings: dict, workdir: Path) -> int:
+    """The tokens of the experiment's dataset in ``workdir`` once encoded, else 0."""
+    tokens = dataset_dir(workdir / RESULTS_DIR, settings["dataset"]) / TOKENS_FILE
+    return int(np.load(tokens, mmap_mode="r").shape[0]) if tokens.exists() else 0
 
 
 def token_source(settings: dict, workdir: Path) -> str:
@@ -97,14 +114,20 @@ def token_source(settings: dict, workdir: Path) -> str:
 def place_tokens(settings: dict, workdir: Path, run_dir: Path) -> None:
     """The probe's tokens and masks where the rules look for them: the dataset's own (linked), or seeded
     uniform random tokens of four batches and their masks."""
-    data = run_dir / "results" / "data" / settings["dataset"]
+    data = dataset_dir(run_dir / RESULTS_DIR, settings["dataset"])
     data.mkdir(parents=True)
     found = dataset_files(settings, workdir)
-    tokenizer = workdir / "results" / "data" / settings["dataset"] / "tokenizer.json"
+    tokenizer = dataset_dir(workdir / RESULTS_DIR, settings["dataset"]) / TOKENIZER_FILE
     if found and tokenizer.exists():
         for source in (*found, tokenizer):
             (data / source.name).symlink_to(source.resolve())
-        return
+    else:
+        write_random_tokens(settings, data)
+
+
+def write_random_tokens(settings: dict, data: Path) -> None:
+    """Seeded uniform random tokens of four batches into the dataset folder ``data``, their masks and a
+    stand-in tokenizer of the same vocabulary."""
     from tokenizers import Tokenizer, models
 
     from thimble.data.masks import write_masks
@@ -112,11 +135,11 @@ def place_tokens(settings: dict, workdir: Path, run_dir: Path) -> None:
     model, training = settings["model"], settings["training"]
     rng = np.random.default_rng(training["seed"])
     count = training["batch_size"] * (model["max_seq_len"] + 1) * 4
-    np.save(data / "tokens.npy", rng.integers(0, model["vocab_size"], count, dtype=np.int64))
-    write_masks(str(data / "tokens.npy"), model["vocab_size"], str(data / "live_dead_tokens.safetensors"))
+    np.save(data / TOKENS_FILE, rng.integers(0, model["vocab_size"], count, dtype=np.int64))
+    write_masks(str(data / TOKENS_FILE), model["vocab_size"], str(data / MASKS_FILE))
     # the freeze stage reads the tokenizer for token_freeze.csv's texts: a stand-in of the same vocabulary
     Tokenizer(models.WordLevel({f"t{token}": token for token in range(model["vocab_size"])}, unk_token="t0")) \
-        .save(str(data / "tokenizer.json"))
+        .save(str(data / TOKENIZER_FILE))
 
 
 def last_progress(log_path: Path) -> str:
@@ -136,7 +159,7 @@ def run_workflow(run_dir: Path, snakefile: Path, name: str, threads: int, label:
     usage = run_dir / "usage"
     usage.mkdir()
     # the figures need every other stage but the replay
-    targets = [f"results/{name}/figures/{FIGURES[0]}.png", f"results/{name}/replay.json"]
+    targets = [f"{RESULTS_DIR}/{name}/{figure_file(FIGURES[0])}", f"{RESULTS_DIR}/{name}/{REPLAY_OUTPUTS['summary']}"]
     command = [sys.executable, "-m", "snakemake", *targets, "--snakefile", str(snakefile), "--directory",
                str(run_dir), "--cores", str(threads),
                # one job at a time, each on every core: stage times without contention
@@ -208,17 +231,16 @@ def run_probe(config: dict, settings: dict, steps: int, device: str, workdir: Pa
             place_tokens(settings, workdir, run_dir)
             label = f"probe {name} ({index}/{len(lengths)}: {length} steps on {device})"
             usage[length] = run_workflow(run_dir, snakefile, name, threads, label)
-        results = run_dir / "results" / name
+        results = run_dir / RESULTS_DIR / name
         measured = {stage: read_usage(usage[steps], stage) for stage in costs.STAGES}
         stage_times = {stage: costs.fit_stage_time((SHORT_PROBE_STEPS, read_usage(usage[SHORT_PROBE_STEPS], stage)
                                                     ["seconds"]), (steps, measured[stage]["seconds"]))
                        for stage in costs.AFTER_TRAINING} if len(lengths) == 2 else {}
-        with h5py.File(results / "stream" / "stream.h5", "r") as stream:
+        with h5py.File(results / STREAM_DIR / STREAM_FILE, "r") as stream:
             attrs = dict(stream.attrs)
         first = float(attrs["session_first_step_seconds"]) if steps > 1 else 0.0
         files = {relative: measure_file(path, steps) for relative, path in experiment_outputs(results).items()}
-        n_tokens = int(np.load(run_dir / "results" / "data" / settings["dataset"] / "tokens.npy",
-                               mmap_mode="r").shape[0])
+        n_tokens = dataset_tokens(settings, run_dir)
     return {
         "format": CALIBRATION_FORMAT,
         "probed_as": name,

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from thimble.config import training_twin
 from thimble.errors import PlanError
-from thimble.outputs import EXPERIMENT_FILES
+from thimble.outputs import EXPERIMENT_FILES, RESULTS_DIR
 from thimble.plan import costs, machine
 from thimble.plan.calibration import Calibration, training_seconds
-from thimble.plan.probe import ensure_probe
+from thimble.plan.probe import dataset_tokens, ensure_probe
 
 log = logging.getLogger("thimble.plan")
 
@@ -41,7 +41,7 @@ def snakemake_summary(workdir: Path, targets: list[str], snakefile: Path,
 
 
 def experiment_of(path: str, experiments: dict) -> tuple[str, str] | None:
-    match = re.match(r"results/([^/]+)/(.+)$", path)
+    match = re.match(rf"{RESULTS_DIR}/([^/]+)/(.+)$", path)
     if match and match.group(1) in experiments:
         return match.group(1), match.group(2)
     return None
@@ -61,6 +61,39 @@ def machine_memory() -> dict:
     return {"total": memory.total, "available": memory.available}
 
 
+def predict_files(files: list[dict], record: dict, steps: int, segment_steps: int, workdir: Path) -> None:
+    """Each file's predicted size from the probe ``record`` (an existing one's size where none is), in place."""
+    for file in files:
+        model = record["files"].get(file["relative"])
+        predicted = costs.predict_size(model, steps, segment_steps) if model else None
+        file.update(bytes=predicted, predicted=predicted is not None)
+        if predicted is None and not file["pending"]:
+            file["bytes"] = existing_bytes(workdir / file["path"])
+
+
+def training_times(settings: dict, own: dict[str, Calibration], workdir: Path) -> dict[str, dict | None]:
+    """Training's predicted time on the CPU and a GPU, with the calibration each comes from (None where none is)."""
+    cpu_timed = training_seconds(settings, "cpu", workdir, own.get("cpu"))
+    if cpu_timed is not None and cpu_timed[1].foreign:
+        # a probe of another CPU is never used as this machine's: time its model here (cached) to rescale it
+        machine.ensure_step_time(workdir, cpu_timed[1].record, settings, log)
+    training = {}
+    for device_kind in ("cpu", "cuda"):
+        timed = training_seconds(settings, device_kind, workdir, own.get(device_kind))
+        if timed is None:
+            training[device_kind] = None
+            continue
+        seconds, calibration = timed
+        training[device_kind] = {
+            "seconds": seconds, "seconds_per_step": calibration.record["seconds_per_step"] * calibration.scale,
+            "runtime_min": costs.job_runtime_min(seconds),
+            "calibration": str(calibration.path),
+            "device_name": f"{calibration.record['device_name']}, {calibration.record['torch_threads']} math threads"
+            if device_kind == "cpu" else calibration.record["device_name"],
+            "host": calibration.record["host"], "note": calibration.note}
+    return training
+
+
 def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, snakefile: Path,
                     probe_steps: int | None, probe_devices: list[str], threads: int, reprobe: bool) -> dict:
     settings = config["experiments"][name]
@@ -73,41 +106,13 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
         calibration, _ = ensure_probe(config, settings, workdir, device, probe_steps, threads, reprobe, snakefile)
         own[calibration.record["device_kind"]] = calibration
     record = cpu.record
-    for file in files:
-        model = record["files"].get(file["relative"])
-        predicted = costs.predict_size(model, steps, segment_steps) if model else None
-        file.update(bytes=predicted, predicted=predicted is not None)
-        if predicted is None and not file["pending"]:
-            file["bytes"] = existing_bytes(workdir / file["path"])
-    n_tokens = 0
-    tokens_file = workdir / "results" / "data" / settings["dataset"] / "tokens.npy"
-    if tokens_file.exists():
-        import numpy as np
-
-        n_tokens = int(np.load(tokens_file, mmap_mode="r").shape[0])
+    predict_files(files, record, steps, segment_steps, workdir)
     stages = {file["stage"] for file in files}
-    peak = {stage: value for stage, value in costs.peak_ram_bytes(settings, record, n_tokens).items()
-            if stage in stages}
+    peak = {stage: value for stage, value in costs.peak_ram_bytes(settings, record, dataset_tokens(settings, workdir))
+            .items() if stage in stages}
     # a float16 view never trains: its twin's training made its bits (thimble.config.training_twin)
     twin = training_twin(config["experiments"], name)
-    cpu_timed = None if twin else training_seconds(settings, "cpu", workdir, own.get("cpu"))
-    if cpu_timed is not None and cpu_timed[1].foreign:
-        # a probe of another CPU is never used as this machine's: time its model here (cached) to rescale it
-        machine.ensure_step_time(workdir, cpu_timed[1].record, settings, log)
-    training = {}
-    for device_kind in ("cpu", "cuda"):
-        timed = None if twin else training_seconds(settings, device_kind, workdir, own.get(device_kind))
-        if timed is None:
-            training[device_kind] = None
-            continue
-        seconds, calibration = timed
-        training[device_kind] = {
-            "seconds": seconds, "seconds_per_step": calibration.record["seconds_per_step"] * calibration.scale,
-            "runtime_min": costs.job_runtime_min(seconds),
-            "calibration": str(calibration.path),
-            "device_name": f"{calibration.record['device_name']}, {calibration.record['torch_threads']} math threads"
-            if device_kind == "cpu" else calibration.record["device_name"],
-            "host": calibration.record["host"], "note": calibration.note}
+    training = dict.fromkeys(("cpu", "cuda")) if twin else training_times(settings, own, workdir)
     stage_seconds = {stage: value for stage, value in costs.stage_seconds(record, steps, settings["model"]).items()
                      if stage in stages}
     # what each job asks a scheduler for (the train row: on the CPU, as the plan's table shows it)
@@ -149,7 +154,7 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
     pending = [file for entry in experiments.values() for file in entry["files"] if file["pending"]]
     pending += [file for file in other_files if file["pending"]]
     need = sum(file["bytes"] or 0 for file in pending if file["predicted"])
-    disk_dir = workdir / "results" if (workdir / "results").exists() else workdir
+    disk_dir = workdir / RESULTS_DIR if (workdir / RESULTS_DIR).exists() else workdir
     free = shutil.disk_usage(disk_dir).free
     memory = machine_memory()
     peaks = [(value, stage, name) for name, entry in experiments.items()
