@@ -44,6 +44,7 @@ from thimble.outputs import (
     FREEZE_OUTPUTS,
     RECORDING_FILE,
     REPLAY_OUTPUTS,
+    RESULTS_DIR,
     RESUME_DIR,
     STREAM_DIR,
     STREAM_FILE,
@@ -72,9 +73,9 @@ MISSING_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", 
 def make_target(directory: Path, *filenames: str, under_results: str | None = None) -> str:
     """What to run to make ``filenames`` of the experiment in ``directory`` (results/{experiment}), or of
     ``results/{under_results}`` when given."""
-    targets = " ".join(f"results/{under_results or directory.name}/{filename}" for filename in filenames)
+    targets = " ".join(f"{RESULTS_DIR}/{under_results or directory.name}/{filename}" for filename in filenames)
     results = directory.resolve().parent
-    where = results.parent if results.name == "results" else "that made the others"
+    where = results.parent if results.name == RESULTS_DIR else "that made the others"
     return f"`snakemake --cores 1 {targets}` (in the workflow directory {where})"
 
 
@@ -91,7 +92,9 @@ class RunFiles:
     def recording(self) -> h5py.File:
         """recording.h5 if present (or asked for), else the stream."""
         if self._recording is None:
-            self._recording = self._open_recording()
+            source = self._recording_source()
+            self._recording = source.open()
+            self._warn_if_superseded(source)
         return self._recording
 
     @property
@@ -99,7 +102,7 @@ class RunFiles:
         """The recording if it was opened, else None (opening nothing)."""
         return self._recording
 
-    def _open_recording(self) -> h5py.File:
+    def _recording_source(self) -> RecordingSource:
         require_zstd_filter()
         source = RecordingSource.in_results(self.directory, self.requested_source)
         if source is None:
@@ -109,13 +112,15 @@ class RunFiles:
         if not source.is_stream and not source.path.exists():
             raise FileNotFoundError(f"{source.path} does not exist: make it with "
                                     f"{make_target(self.directory, RECORDING_FILE)}")
-        handle = source.open()
+        return source
+
+    def _warn_if_superseded(self, source: RecordingSource) -> None:
+        """Warn when recording.h5 is the previous training's: a training of the experiment is under way."""
         resume = self.directory / RESUME_DIR
         if not source.is_stream and resume.exists():
-            # stacklevel: the user's line reading run.W (through the descriptor, Run._tensors and .recording)
+            # stacklevel: the line reading run.W, through .recording, Run._tensors and the descriptor
             warnings.warn(f"{resume} exists: a training of {self.directory.name} is under way or was interrupted, "
                           f"so {source.path} is the previous training's", StaleResultWarning, stacklevel=5)
-        return handle
 
     @property
     def delta_w(self) -> h5py.File:
