@@ -20,8 +20,8 @@ import sys
 import torch
 
 import thimble
+from thimble.training.checkpoint import key_differences
 from thimble.training.determinism import differences
-from thimble.training.train import key_differences
 
 BLOCK_STEPS = 50
 #: besides the resume key (the inputs' digests, the settings that decide the bits) with its step count left

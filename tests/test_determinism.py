@@ -20,7 +20,7 @@ from thimble.record.format import list_segments, stream_tensors
 from thimble.record.reader import read_steps
 from thimble.record.stream_reader import open_stream
 from thimble.training.model import build_model
-from thimble.training.train import CHECKPOINT, CHECKPOINT_SHA256
+from thimble.training.checkpoint import CHECKPOINT, CHECKPOINT_SHA256
 
 from conftest import run_train, tiny_settings  # the fixtures data and recorded live there too
 

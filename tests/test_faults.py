@@ -25,7 +25,8 @@ from thimble.errors import DataError
 from thimble.record.format import TENSORS
 from thimble.record.reader import read_steps
 from thimble.record.stream_reader import open_stream
-from thimble.training.train import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT, train
+from thimble.training.checkpoint import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT
+from thimble.training.train import train
 
 EXPERIMENT = "tiny"
 TINY = {"model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
@@ -424,7 +425,7 @@ def test_a_second_trainer_on_a_locked_partial_is_refused(run, tmp_path, capsys):
 
 def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_checksum(tmp_path, monkeypatch):
     from thimble.util.files import sha256_file
-    from thimble.training.train import read_checkpoint_checksums, save_checkpoint
+    from thimble.training.checkpoint import read_checkpoint_checksums, save_checkpoint
 
     renamed = []
     original = os.replace
@@ -444,7 +445,7 @@ def test_a_checkpoint_is_written_under_a_unique_temporary_name_and_then_its_chec
 
 
 def test_a_crash_in_the_middle_of_a_save_leaves_a_verified_checkpoint(tmp_path, monkeypatch):
-    from thimble.training.train import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
+    from thimble.training.checkpoint import read_checkpoint_checksums, save_checkpoint, verified_checkpoint
 
     save_checkpoint(tmp_path, {"step": 1, "resume_key": {}})
     save_checkpoint(tmp_path, {"step": 2, "resume_key": {}})

@@ -18,7 +18,7 @@ from thimble.record.format import TENSORS, list_segments
 from thimble.record.reader import read_steps, read_steps_torch
 
 from thimble.record.stream_reader import open_stream
-from thimble.training.train import TrainingError
+from thimble.errors import TrainingError
 
 from conftest import VOCAB, run_train, tiny_settings  # the fixtures data and recorded live there too
 

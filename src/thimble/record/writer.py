@@ -36,16 +36,12 @@ from thimble.record.format import (
 )
 from thimble.record.h5_datasets import create_dataset
 from thimble.update_rules import recorded_tensors
+from thimble.util.files import fsync_path
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-
-def fsync_path(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 class _Segment:

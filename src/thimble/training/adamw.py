@@ -21,6 +21,8 @@ import logging
 import numpy as np
 import torch
 
+from thimble.numerics.bf16 import torch_to_bits
+from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, spacing_toward
 from thimble.update_rules import stochastic_rounding_seed
 
 # torchao, imported by the stochastic-rounding rule and by transformers wherever it is installed, warns
@@ -128,11 +130,9 @@ def update_ratio(w_before: torch.Tensor, pre_rounding: torch.Tensor) -> torch.Te
     Below 1 the element stays, above 1 it moves; at exactly 1 rounding goes to the even neighbour.
     The reference form of ``log2_ratio_floor``, for single elements and tests.
     """
-    from thimble.numerics.lattice import spacing_toward
-
     w = w_before.double()
     update = pre_rounding.double() - w
-    bits = w_before.contiguous().view(torch.int16).numpy().view(np.uint16)
+    bits = torch_to_bits(w_before)
     half = spacing_toward(bits, np.where(update.numpy() < 0, -1, 1)) / 2
     return update.abs() / torch.from_numpy(half)
 
@@ -144,9 +144,9 @@ def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarra
     Away from zero it is the spacing of w's binade, 2**(e - 134) (e the biased exponent field, 1 for
     zero and subnormals); towards zero from a binade's bottom (a zero mantissa) it is half that.
     """
-    magnitude = w_bits & np.uint16(0x7FFF)
-    field = np.maximum(magnitude >> np.uint16(7), np.uint16(1)).astype(np.int16)
-    negative = w_bits >= np.uint16(0x8000)
+    magnitude = w_bits & MAGNITUDE_BITS
+    field = np.maximum(magnitude >> EXPONENT_SHIFT, np.uint16(1)).astype(np.int16)
+    negative = w_bits >= SIGN_BIT
     towards_zero = (magnitude != 0) & (downward != negative)
     finer = towards_zero & ((magnitude & np.uint16(0x7F)) == 0) & (magnitude >= np.uint16(0x100))
     field -= finer

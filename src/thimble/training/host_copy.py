@@ -14,7 +14,8 @@ of its unrecorded speed that way). Here:
   never synchronises with the device for the recording. ``record_stream`` keeps the caching allocator from
   handing a copied tensor's memory (a freed gradient) to the compute stream before the copy has read it.
 
-Not run on a GPU in the session that wrote it (none was lent); ``bench/gpu_bench.py`` measures the pace.
+The tests run the CPU path; the CUDA path needs a GPU, where ``bench/gpu_bench.py`` checks its bits and measures
+its pace.
 """
 
 from __future__ import annotations

@@ -21,11 +21,25 @@ def atomic_output(path: str | Path):
     tmp = path.with_name(path.name + ".partial")
     try:
         yield tmp
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Put a file's bytes on disk (before a rename gives it its final name)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Put the renames in ``directory`` on disk."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
