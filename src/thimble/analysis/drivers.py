@@ -72,7 +72,7 @@ with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
     #: the value of every bf16 magnitude, indexed by its bits
     MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
 # the lattice's uint16 masks as Python ints for the compiled pass: numba compiles a module's globals into it as
-# constants of their own type, and as ints they do the arithmetic of the numbers written out
+# constants of their own type, and Python ints there behave as integer literals do
 _SIGN = int(SIGN_BIT)
 _MAGNITUDE = int(MAGNITUDE_BITS)
 _MANTISSA = int(MANTISSA_BITS)
