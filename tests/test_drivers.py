@@ -58,10 +58,11 @@ def run_drivers(tmp_path, tensors, dead, lr, rows=8, threads=2, **attrs):
 
 
 def test_optimizer_settings_are_read_as_the_replay_reads_them():
-    from thimble.training.adamw import hyperparameters
+    from thimble.analysis import replay
 
     attrs = {"learning_rate": 3e-4, "adam_beta1": 0.8, "adam_beta2": 0.99, "adam_epsilon": 1e-6, "weight_decay": 0.1}
-    assert drivers.optimizer_settings(attrs) == hyperparameters(attrs)
+    assert drivers.hyperparameters is replay.hyperparameters
+    assert drivers.hyperparameters(attrs) == {"lr": 3e-4, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
 
 
 def test_half_spacing_is_half_the_distance_to_the_next_value_toward_the_move():

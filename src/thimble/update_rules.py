@@ -34,6 +34,12 @@ def rule_of(mapping) -> str:
     return str(mapping.get("update_rule", "bf16"))
 
 
+def hyperparameters(attrs) -> dict:
+    """AdamW's settings from a recording's attributes (the seed's names), as torch's AdamW takes them."""
+    return {"lr": float(attrs["learning_rate"]), "betas": (float(attrs["adam_beta1"]), float(attrs["adam_beta2"])),
+            "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
+
+
 def recorded_tensors(update_rule: str, storage: str = "bfloat16") -> dict[str, str]:
     """The (V, D) tensors recorded at every step under ``update_rule``, each with its storage dtype.
 

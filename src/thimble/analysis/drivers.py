@@ -39,8 +39,16 @@ from thimble.analysis.freeze import GROUPS, group_masks
 from thimble.analysis.replay_kernel import compiled
 from thimble.errors import DataError
 from thimble.numerics.bf16 import BFLOAT16
+from thimble.numerics.lattice import (
+    EXPONENT_BIAS,
+    EXPONENT_SHIFT,
+    MAGNITUDE_BITS,
+    MANTISSA_BITS,
+    NONFINITE_MAGNITUDE,
+    SIGN_BIT,
+)
 from thimble.sizes import DRIVERS_BLOCK_STEPS
-from thimble.update_rules import rule_of
+from thimble.update_rules import hyperparameters, rule_of
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +57,10 @@ COLUMNS = ("mean_log2_ratio", "mean_log2_abs_m_hat", "mean_log2_denominator", "m
            "mean_log2_exact_denominator", "v_stall_bits", "frozen_share", "median_abs_w", "elements")
 #: the three terms the drop of the mean ratio splits into, in the order ``driver`` breaks ties
 TERMS = ("spacing", "statistics", "v_stall")
-#: sums the kernel keeps per step and token, in this order
+#: sums the kernel keeps per step and token, in this order: COLUMNS begins with their means
 SUMS = ("ratio", "log2_abs_m_hat", "log2_denominator", "log2_half_spacing", "log2_exact_denominator")
 #: bf16 magnitudes (sign bit off): the bins of the |W| histograms the medians come from
-MAGNITUDES = 1 << 15
+MAGNITUDES = int(MAGNITUDE_BITS) + 1
 #: significant digits the log2 means are written with: float64 means of log2 hold ~15, whose last ones
 #: depend on the CPU's log2 (numpy's SIMD kernels), so the files are the same on every machine
 SIGNIFICANT_DIGITS = 12
@@ -63,13 +71,15 @@ BLOCK_ROWS = DRIVERS_BLOCK_STEPS
 with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
     #: the value of every bf16 magnitude, indexed by its bits
     MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
-
-
-def optimizer_settings(attrs) -> dict:
-    """AdamW's settings from a recording's attributes, as ``thimble.training.adamw.hyperparameters`` reads them; here
-    without torch, which this stage does not otherwise load (its start-up is a share of its time)."""
-    return {"lr": float(attrs["learning_rate"]), "betas": (float(attrs["adam_beta1"]), float(attrs["adam_beta2"])),
-            "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
+# the lattice's uint16 masks as Python ints for the compiled pass: numba compiles a module's globals into it as
+# constants of their own type, and Python ints there behave as integer literals do
+_SIGN = int(SIGN_BIT)
+_MAGNITUDE = int(MAGNITUDE_BITS)
+_MANTISSA = int(MANTISSA_BITS)
+#: the smallest magnitude in a binade whose lower neighbour is normal too (exponent field 2)
+_SECOND_NORMAL_BINADE = 2 << EXPONENT_SHIFT
+#: log2 of half the spacing in the binade of exponent field e is e minus this (numerics.lattice.ulp)
+_HALF_SPACING_OFFSET = EXPONENT_BIAS + EXPONENT_SHIFT + 1
 
 
 def not_applicable(update_rule: str) -> str | None:
@@ -151,29 +161,29 @@ def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log
         included = frozen = 0
         for i in range(token * hidden, (token + 1) * hidden):
             before, after = w_before[i], w_after[i]
-            if (before & 0x7FFF) >= 0x7F80 or (after & 0x7FFF) >= 0x7F80:
+            if (before & _MAGNITUDE) >= NONFINITE_MAGNITUDE or (after & _MAGNITUDE) >= NONFINITE_MAGNITUDE:
                 bad += 1
                 continue
-            histograms[side, before & 0x7FFF] += 1
-            if before == after or ((before | after) & 0x7FFF) == 0:  # ±0 are one lattice point
+            histograms[side, before & _MAGNITUDE] += 1
+            if before == after or ((before | after) & _MAGNITUDE) == 0:  # ±0 are one lattice point
                 frozen += 1
             mb = m[i]
-            magnitude = mb & 0x7FFF
+            magnitude = mb & _MAGNITUDE
             if magnitude == 0:
                 continue
-            vb = v[i] & 0x7FFF
-            if magnitude >= 0x7F80 or vb >= 0x7F80:
+            vb = v[i] & _MAGNITUDE
+            if magnitude >= NONFINITE_MAGNITUDE or vb >= NONFINITE_MAGNITUDE:
                 bad += 1
                 continue
             log2_m_hat = log2_abs_magnitude[magnitude] - log2_c1
             log2_denominator = log2_denominator_table[vb]
             # half the spacing toward the move, as thimble.training.adamw.half_spacing_exponent: u's sign is
             # opposite to m's; toward zero from a binade's bottom the spacing halves
-            field = max(np.int32((before & 0x7FFF) >> 7), 1)
-            toward_zero = (before & 0x7FFF) != 0 and (mb < 0x8000) != (before >= 0x8000)
-            if toward_zero and (before & 0x7F) == 0 and (before & 0x7FFF) >= 0x100:
+            field = max(np.int32((before & _MAGNITUDE) >> EXPONENT_SHIFT), 1)
+            toward_zero = (before & _MAGNITUDE) != 0 and (mb < _SIGN) != (before >= _SIGN)
+            if toward_zero and (before & _MANTISSA) == 0 and (before & _MAGNITUDE) >= _SECOND_NORMAL_BINADE:
                 field -= 1
-            log2_half = np.float64(field - 135)
+            log2_half = np.float64(field - _HALF_SPACING_OFFSET)
             ratio_sum += log2_lr + log2_m_hat - log2_denominator - log2_half
             m_sum += log2_m_hat
             denominator_sum += log2_denominator
@@ -271,7 +281,7 @@ class DriverPass:
         """Raise a DataError naming the first NaN or Inf of the block (step, token, coordinate)."""
         for name, bits, first in (("W", w_previous[None], first_step - 1), ("W", w, first_step),
                                   ("exp_avg", m, first_step), ("exp_avg_sq", v, first_step)):
-            where = np.argwhere((bits & 0x7FFF) >= 0x7F80)
+            where = np.argwhere((bits & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE)
             if where.size:
                 row, element = (int(x) for x in where[0])
                 value = float(bits[row, element].view(BFLOAT16))
@@ -296,7 +306,12 @@ class DriverPass:
         bad = sum(future.result() for future in futures)
         if bad:
             self._name_non_finite(first_step, w_previous, w, m, v)
-        histogram = sum(h[:rows] for h in self.histograms)
+        return self._group_columns(steps, sums, counts, sum(h[:rows] for h in self.histograms))
+
+    def _group_columns(self, steps: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                       histogram: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Per group, the columns of ``steps`` from the tokens' ``sums`` and ``counts`` and the sides'
+        ``histogram`` of |W[t−1]| (rows, 2, 2^15)."""
         by_side = {"dead": self.dead, "live": ~self.dead}
         totals = {group: (sums[:, mask].sum(axis=1), counts[:, mask].sum(axis=1)) for group, mask in by_side.items()}
         totals["all"] = tuple(a + b for a, b in zip(totals["dead"], totals["live"]))
@@ -308,9 +323,8 @@ class DriverPass:
             with np.errstate(invalid="ignore", divide="ignore"):
                 means = group_sums / included[:, None]
                 frozen = group_counts[:, 1] / (self.sizes[group] * self.hidden) if self.sizes[group] else \
-                    np.full(rows, np.nan)
-            columns = {"step": steps, **{f"mean_{name}" if name != "ratio" else "mean_log2_ratio": means[:, k]
-                                         for k, name in enumerate(SUMS)}}
+                    np.full(len(steps), np.nan)
+            columns = {"step": steps, **dict(zip(COLUMNS[: len(SUMS)], means.T))}
             columns["v_stall_bits"] = columns["mean_log2_denominator"] - columns["mean_log2_exact_denominator"]
             columns["frozen_share"] = frozen
             columns["median_abs_w"] = medians_from_histograms(side_histograms[group])
@@ -392,6 +406,39 @@ DEFINITION = ("per step t: u = −lr·m̂/(√v̂+ε) from the recorded bf16 exp
               "v_stall")
 
 
+def as_written(parts: dict[str, list[dict]]) -> dict[str, dict[str, np.ndarray]]:
+    """Each group's columns over every step, joined from its blocks' ``parts``, the log2 means rounded as
+    freeze_drivers.csv holds them (the answer is computed from the table as written)."""
+    tables = {group: {name: np.concatenate([part[name] for part in group_parts]) for name in ("step", *COLUMNS)}
+              for group, group_parts in parts.items()}
+    for table in tables.values():
+        table.update({name: significant(table[name]) for name in LOG2_COLUMNS})
+    return tables
+
+
+def step_major(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """freeze_drivers.csv's columns from the groups' tables: each step's dead, live and all rows together."""
+    steps = tables[GROUPS[0]]["step"]
+    frame = {"step": np.repeat(steps, len(GROUPS)), "group": np.tile(np.array(GROUPS, dtype=object), len(steps))}
+    frame.update({name: np.stack([tables[group][name] for group in GROUPS], axis=1).reshape(-1) for name in COLUMNS})
+    return frame
+
+
+def drivers_summary(tables: dict[str, dict[str, np.ndarray]], update_rule: str, inputs_exact: bool,
+                    weight_decay: float) -> dict:
+    """freeze_drivers.json from the groups' tables as written: per group, the onset, what drove it and the
+    answer in words."""
+    result = {"applies": True, "update_rule": update_rule, "inputs_exact": inputs_exact,
+              "weight_decay": weight_decay, "definition": DEFINITION,
+              **{group: drivers_of(table) for group, table in tables.items()}}
+    for group in GROUPS:
+        result[group]["answer"] = answer(group, result[group])
+    if weight_decay:
+        result["note"] = (f"weight_decay {weight_decay}: the decoupled decay W·(1 − lr·λ) is applied "
+                          "before the update and is not part of u")
+    return result
+
+
 # -- file I/O edge -------------------------------------------------------------------------------------
 
 def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
@@ -411,28 +458,14 @@ def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
         yield first, {name: rows.reshape(len(rows), -1) for name, (_, rows) in zip(names, blocks)}
 
 
-def write_drivers(recording: str, table_path: str, summary_path: str, threads: int = 1,
-                  block_rows: int = BLOCK_ROWS) -> dict:
-    """freeze_drivers.csv (per step and group) and its per-group answer (JSON, summary.json's ``drivers``)."""
-    import pandas as pd
+def group_blocks(recording: str, hyper: dict, threads: int, block_rows: int) -> dict[str, list[dict]]:
+    """The compiled pass over the recording, a block of steps at a time: per group, each block's columns."""
     from tqdm.auto import tqdm
 
     from thimble.record.format import open_h5, read_checked
-    from thimble.util.files import write_json
-    from thimble.util.tables import write_csv
     from thimble.util.workers import WorkerPool
 
     with open_h5(recording) as handle:
-        attrs = dict(handle.attrs)
-        rule = rule_of(attrs)
-        why = not_applicable(rule)
-        if why is not None:
-            write_csv(table_path, pd.DataFrame(columns=["step", "group", *COLUMNS]))
-            result = {"applies": False, "update_rule": rule, "why": why}
-            log.info("freeze drivers: not computed for update rule %s: %s", rule, why)
-            write_json(summary_path, result, indent=2)
-            return result
-        hyper = optimizer_settings(attrs)
         dead = read_checked(handle["dead_mask"]).astype(bool)
         n_steps, vocab, hidden = handle["W"].shape
         groups: dict[str, list[dict]] = {group: [] for group in GROUPS}
@@ -454,23 +487,33 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
                     groups[group].append(columns[group])
                 previous = block["W"][-1].copy()
                 bar.update(len(block["W"]))
-    tables = {group: {name: np.concatenate([part[name] for part in parts]) for name in ("step", *COLUMNS)}
-              for group, parts in groups.items()}
-    for table in tables.values():  # the answer is computed from the table as written
-        table.update({name: significant(table[name]) for name in LOG2_COLUMNS})
-    # step-major: each step's dead, live and all rows together
-    steps = tables[GROUPS[0]]["step"]
-    frame = {"step": np.repeat(steps, len(GROUPS)), "group": np.tile(np.array(GROUPS, dtype=object), len(steps))}
-    frame.update({name: np.stack([tables[group][name] for group in GROUPS], axis=1).reshape(-1) for name in COLUMNS})
-    write_csv(table_path, frame)
-    result = {"applies": True, "update_rule": rule, "inputs_exact": attrs.get("storage_dtype") != "float16",
-              "weight_decay": hyper["weight_decay"], "definition": DEFINITION,
-              **{group: drivers_of(table) for group, table in tables.items()}}
+    return groups
+
+
+def write_drivers(recording: str, table_path: str, summary_path: str, threads: int = 1,
+                  block_rows: int = BLOCK_ROWS) -> dict:
+    """freeze_drivers.csv (per step and group) and its per-group answer (JSON, summary.json's ``drivers``)."""
+    import pandas as pd
+
+    from thimble.record.format import open_h5
+    from thimble.util.files import write_json
+    from thimble.util.tables import write_csv
+
+    with open_h5(recording) as handle:
+        attrs = dict(handle.attrs)
+    rule = rule_of(attrs)
+    why = not_applicable(rule)
+    if why is not None:
+        write_csv(table_path, pd.DataFrame(columns=["step", "group", *COLUMNS]))
+        result = {"applies": False, "update_rule": rule, "why": why}
+        log.info("freeze drivers: not computed for update rule %s: %s", rule, why)
+        write_json(summary_path, result, indent=2)
+        return result
+    hyper = hyperparameters(attrs)
+    tables = as_written(group_blocks(recording, hyper, threads, block_rows))
+    write_csv(table_path, step_major(tables))
+    result = drivers_summary(tables, rule, attrs.get("storage_dtype") != "float16", hyper["weight_decay"])
     for group in GROUPS:
-        result[group]["answer"] = answer(group, result[group])
         log.info("freeze drivers: %s", result[group]["answer"])
-    if hyper["weight_decay"]:
-        result["note"] = (f"weight_decay {hyper['weight_decay']}: the decoupled decay W·(1 − lr·λ) is applied "
-                          "before the update and is not part of u")
     write_json(summary_path, result, indent=2)
     return result

@@ -27,11 +27,20 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from thimble.numerics.bf16 import BFLOAT16
-from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, ordinal, ulp
+from thimble.numerics.lattice import (
+    EXPONENT_BIAS,
+    EXPONENT_SHIFT,
+    MAGNITUDE_BITS,
+    MANTISSA_BITS,
+    SIGN_BIT,
+    ordinal,
+    ulp,
+)
 from thimble.outputs import FREEZE_OUTPUTS
 from thimble.update_rules import rule_of
 from thimble.util.tables import write_csv
@@ -40,15 +49,26 @@ log = logging.getLogger(__name__)
 
 GROUPS = ("dead", "live", "all")
 PHASES = ("frozen", "solid", "cold", "hot")
-#: the measures each group's verdict is given for, and the freeze.csv column (per group) behind each
-MEASURES = {"global_freeze": "globally_frozen", "token_frozen": "frozen_token_share",
-            "element_frozen": "frozen_element_share"}
+
+
+class Measure(NamedTuple):
+    """One measure of a group's freezing."""
+
+    column: str  # freeze.csv's column behind it, per group ({group}_{column}): a flag or share per step
+    label: str   # what it is, in words (the figures' axes)
+
+
+#: the measures each group's verdict is given for
+MEASURES = {"global_freeze": Measure("globally_frozen", "globally frozen share of steps"),
+            "token_frozen": Measure("frozen_token_share", "frozen share of tokens"),
+            "element_frozen": Measure("frozen_element_share", "frozen share of elements")}
+#: each measure's key in a window's statistics (the summary's ``windows``): its mean over the window
+WINDOW_SHARES = {name: f"{name}_share" for name in MEASURES}
 VERDICTS = ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive")
 #: a trend needs at least this many windows in the last half (a t interval with 2 degrees of freedom)
 MIN_TREND_WINDOWS = 4
-#: biased exponent fields of bf16 (the k of ±2^k is the field minus 127)
-EXPONENT_FIELDS = 256
-EXPONENT_BIAS = 127
+#: biased exponent fields of bf16 (the k of ±2^k is the field minus EXPONENT_BIAS)
+EXPONENT_FIELDS = (int(MAGNITUDE_BITS) >> EXPONENT_SHIFT) + 1
 
 
 @dataclasses.dataclass
@@ -66,12 +86,22 @@ class TokenSteps:
     binade_crossings: np.ndarray  # (T+1, V) int32: other moves that changed the exponent
     # per step and side (0 dead, 1 live): frozen elements, and those sitting exactly at ±2^k by exponent field
     frozen_elements: np.ndarray  # (T+1, 2) int64
-    frozen_at_power_of_two: np.ndarray  # (T+1, 2, 256) int64
+    frozen_at_power_of_two: np.ndarray  # (T+1, 2, EXPONENT_FIELDS) int64
     hidden: int = 1            # D: coordinates per token
 
+    @property
+    def last_step(self) -> int:
+        return self.max_abs.shape[0] - 1
 
-TOKEN_FIELDS = ("max_abs", "norm", "oscillatory", "quantum", "moved", "motion", "start_spacings", "sign_crossings",
-                "binade_crossings")
+
+#: TokenSteps' per-token fields and their dtypes
+TOKEN_FIELDS = {"max_abs": np.int32, "norm": np.float32, "oscillatory": np.int32, "quantum": np.int32,
+                "moved": np.int32, "motion": np.float32, "start_spacings": np.float32, "sign_crossings": np.int32,
+                "binade_crossings": np.int32}
+#: token_freeze.csv's column of each token's text
+TEXT_COLUMN = "token_text"
+#: the TokenSteps fields token_displacement.h5 holds beside the dead mask
+DISPLACEMENT_FIELDS = ("max_abs", "norm", "motion", "start_spacings")
 
 
 def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -110,17 +140,21 @@ def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np
     tokens["motion"] = (size / np.maximum(spacing_before, spacing_after)).max(axis=2)
     tokens["start_spacings"] = (size / spacing_before).max(axis=2)
     moved = delta != 0
-    nonzero = lambda x: (x & MAGNITUDE_BITS) != 0  # noqa: E731
-    sign = ((before ^ after) & SIGN_BIT) != 0
-    crossed_sign = sign & nonzero(before) & nonzero(after)
+    signs_differ = ((before ^ after) & SIGN_BIT) != 0
+    crossed_sign = signs_differ & ((before & MAGNITUDE_BITS) != 0) & ((after & MAGNITUDE_BITS) != 0)
     crossed_binade = moved & ~crossed_sign & ((before >> EXPONENT_SHIFT) != (after >> EXPONENT_SHIFT))
     tokens["sign_crossings"] = np.count_nonzero(crossed_sign, axis=2).astype(np.int32)
     tokens["binade_crossings"] = np.count_nonzero(crossed_binade, axis=2).astype(np.int32)
-    frozen = ~moved
+    return tokens, frozen_counts(after, ~moved, dead)
+
+
+def frozen_counts(after: np.ndarray, frozen: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
+    """Per row and side (0 dead, 1 live): the ``frozen`` elements of W rows ``after`` (rows, V, D), and those
+    sitting exactly at ±2^k, by exponent field."""
     # exactly ±2^k: a normal value with a zero mantissa
     field = ((after & MAGNITUDE_BITS) >> EXPONENT_SHIFT).astype(np.int64)
-    at_power = frozen & ((after & 0x7F) == 0) & (field > 0)
-    rows = len(bits)
+    at_power = frozen & ((after & MANTISSA_BITS) == 0) & (field > 0)
+    rows = len(after)
     counts = {"frozen_elements": np.zeros((rows, 2), np.int64),
               "frozen_at_power_of_two": np.zeros((rows, 2, EXPONENT_FIELDS), np.int64)}
     row_index = np.arange(rows)[:, None, None] * EXPONENT_FIELDS
@@ -130,7 +164,7 @@ def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np
         keys = (row_index + field[:, mask])[selected]
         counts["frozen_at_power_of_two"][:, side] = np.bincount(
             keys, minlength=rows * EXPONENT_FIELDS).reshape(rows, EXPONENT_FIELDS)
-    return tokens, counts
+    return counts
 
 
 def token_steps_from_w(w_bits: np.ndarray, dead: np.ndarray) -> TokenSteps:
@@ -245,14 +279,16 @@ def window_stats(columns: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     inside = (t >= start) & (t <= end)
     out = {}
     for group in GROUPS:
+        mean = {name: float(columns[f"{group}_{measure.column}"][inside].mean()) if inside.any() else None
+                for name, measure in MEASURES.items()}
         globally = columns[f"{group}_globally_frozen"][inside]
         length, ended = longest_true_run(globally, t[inside])
-        mean = lambda name: float(columns[f"{group}_{name}"][inside].mean()) if inside.any() else None  # noqa: E731
         out[group] = {
             "tokens": int(groups[group].sum()),
-            "token_frozen_share": mean("frozen_token_share"),
-            "element_frozen_share": mean("frozen_element_share"),
-            "global_freeze_share": float(globally.mean()) if globally.size else None,
+            # the global freeze's share leads its own run statistics
+            WINDOW_SHARES["token_frozen"]: mean["token_frozen"],
+            WINDOW_SHARES["element_frozen"]: mean["element_frozen"],
+            WINDOW_SHARES["global_freeze"]: mean["global_freeze"],
             "global_freeze_steps": int(globally.sum()),
             "steps": int(globally.size),
             "freeze_thaw_cycles": completed_cycles(globally),
@@ -276,7 +312,7 @@ def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[
         longest[token] = longest_true_run(frozen[1:, token], t[1:])[0]
     columns = {"token": np.arange(vocab)}
     if token_text is not None:
-        columns["token_text"] = token_text
+        columns[TEXT_COLUMN] = token_text
     columns["group"] = np.where(groups["dead"], "dead", "live")
     for name, (start, end) in windows.items():
         columns[f"frozen_share_{name}"] = frozen[start:end + 1].mean(axis=0)
@@ -395,12 +431,12 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
     out = {}
     for group in GROUPS:
         out[group] = {}
-        for measure, column in MEASURES.items():
-            values = np.nan_to_num(np.asarray(columns[f"{group}_{column}"], dtype=np.float64))
+        for name, measure in MEASURES.items():
+            values = np.nan_to_num(np.asarray(columns[f"{group}_{measure.column}"], dtype=np.float64))
             centers, means = windowed_mean(values, columns["step"], width)
             half = centers > last_step / 2
             fit = trend(means[half], centers[half])
-            out[group][measure] = {
+            out[group][name] = {
                 "window_centers": centers.tolist(),
                 "fractions": means.tolist(),
                 "trend_last_half": fit,
@@ -409,7 +445,95 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
     return out
 
 
+def variance_table(token_mean: np.ndarray, changed: np.ndarray, hidden: int, groups: dict[str, np.ndarray],
+                   beta1: float, beta2: float) -> dict[str, np.ndarray]:
+    """exp_avg_sq.csv from each token's mean exp_avg_sq per step ``token_mean`` (T+1, V) and its elements that
+    changed at the step ``changed`` (T+1, V) of ``hidden`` each: per step, the mean, median, 10th and 90th
+    percentile over each group's token means; the share of the group's elements that changed; AdamW's bias
+    corrections."""
+    steps = np.arange(len(token_mean))
+    columns = {"step": steps}
+    for group in ("dead", "live"):
+        values = token_mean[:, groups[group]]
+        if values.shape[1] == 0:
+            continue
+        columns[f"{group}_mean"] = values.mean(axis=1)
+        columns[f"{group}_median"] = np.median(values, axis=1)
+        columns[f"{group}_p10"] = np.percentile(values, 10, axis=1)
+        columns[f"{group}_p90"] = np.percentile(values, 90, axis=1)
+        columns[f"{group}_changed_share"] = changed[:, groups[group]].sum(axis=1) / (values.shape[1] * hidden)
+    # what AdamW divides by at step t (1 at t = 0, where nothing is divided)
+    columns["bias_correction1"] = np.where(steps > 0, 1 - beta1 ** steps.astype(np.float64), 1.0)
+    columns["bias_correction2"] = np.where(steps > 0, 1 - beta2 ** steps.astype(np.float64), 1.0)
+    return columns
+
+
+def freeze_tables(steps: TokenSteps, groups: dict[str, np.ndarray], losses: np.ndarray,
+                  windows: dict[str, tuple[int, int]], analysis: dict, token_text: list[str] | None = None) -> dict:
+    """The tables made of TokenSteps, by their names in FREEZE_OUTPUTS: all but ``variance`` (exp_avg_sq.csv,
+    made of exp_avg_sq). ``analysis``: the experiment's analysis settings."""
+    columns = freeze_table(steps, groups, losses, analysis["solid_max"], analysis["cold_max"])
+    return {"freeze": columns, "cycles": cycles_table(columns), "tokens": token_table(steps, groups, windows, token_text),
+            "classes": displacement_table(steps, groups), "lattice_positions": lattice_position_table(steps)}
+
+
+def question_group(groups: dict[str, np.ndarray]) -> str:
+    """The group the lab's question is about: the dead tokens, or all tokens when none is dead."""
+    return "dead" if groups["dead"].any() else "all"
+
+
+def freeze_summary(experiment: str, update_rule: str, delta_w_exact: bool, columns: dict[str, np.ndarray],
+                   groups: dict[str, np.ndarray], windows: dict[str, tuple[int, int]], analysis: dict) -> dict:
+    """summary.json up to its provenance, from freeze.csv's ``columns``: the thresholds and verdict rule, each
+    window's statistics, each measure's cooling series and the verdicts."""
+    width, tolerance = analysis["trend_window_steps"], analysis["verdict_tolerance_per_1000_steps"]
+    series = cooling(columns, width, tolerance)
+    return {
+        "experiment": experiment,
+        "update_rule": update_rule,
+        "steps": int(columns["step"][-1]),
+        # false for a float16 recording: ΔW′ of its stored values, not of what training held
+        "delta_w_exact": delta_w_exact,
+        "shares": "fractions 0-1",
+        "thresholds": {"solid_max": analysis["solid_max"], "cold_max": analysis["cold_max"],
+                       "phase_coordinate": "|ΔW| in units of the coarser lattice spacing of W[t-1] and W[t]"},
+        "verdict_rule": verdict_rule(tolerance, width),
+        "windows": {name: {"start": a, "end": b, **window_stats(columns, groups, (a, b))}
+                    for name, (a, b) in windows.items()},
+        "cooling": series,
+        "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in GROUPS},
+        # the lab's question: the global freeze
+        "verdict": series[question_group(groups)]["global_freeze"]["verdict"],
+    }
+
+
 # -- file I/O edge -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Recorded:
+    """What the freeze stage reads of a recording beside its per-step tensors."""
+
+    losses: np.ndarray     # (T+1,)
+    dead_mask: np.ndarray  # (V,) bool
+    attrs: dict
+    delta_w_exact: bool    # false for float16 storage
+
+
+def read_recorded(recording: str, delta_path: str | None = None) -> Recorded:
+    """The recording's losses, dead mask and attributes, and whether its ΔW′ is exact (as the lattice stage's
+    file ``delta_path`` says, when given)."""
+    from thimble.record.format import open_h5, read_checked
+
+    with open_h5(recording) as handle:
+        losses = read_checked(handle["losses"])
+        dead_mask = read_checked(handle["dead_mask"]).astype(bool)
+        attrs = dict(handle.attrs)
+    exact = attrs.get("storage_dtype") != "float16"
+    if delta_path is not None:
+        with open_h5(delta_path) as handle:
+            exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
+    return Recorded(losses, dead_mask, attrs, exact)
+
 
 def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, threads: int = 1,
                      delta_path: str | None = None) -> TokenSteps:
@@ -432,8 +556,7 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
         deltas = None
         if delta_path is not None:
             deltas = DeltaRows(stack.enter_context(open_h5(delta_path)), delta_path, handle, block_rows)
-        fields = {name: np.zeros((n_steps, vocab), dtype=np.float32 if name in ("norm", "motion", "start_spacings")
-                                 else np.int32) for name in TOKEN_FIELDS}
+        fields = {name: np.zeros((n_steps, vocab), dtype) for name, dtype in TOKEN_FIELDS.items()}
         fields["frozen_elements"] = np.zeros((n_steps, 2), np.int64)
         fields["frozen_at_power_of_two"] = np.zeros((n_steps, 2, EXPONENT_FIELDS), np.int64)
         bounds = thread_spans(vocab, threads)
@@ -495,8 +618,7 @@ class DeltaRows:
 
 
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
-    """exp_avg_sq per step: mean, median, 10th and 90th percentile over each group's token means; the
-    share of the group's elements whose exp_avg_sq changed at that step; AdamW's bias corrections."""
+    """exp_avg_sq.csv (``variance_table``) from one streaming pass over the recorded exp_avg_sq."""
     from thimble.record.format import open_h5
     from thimble.record.reader import recorded_blocks
 
@@ -512,21 +634,48 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])
             changed[start: start + len(block)] = np.count_nonzero(block != before, axis=2)
             previous = block[-1].copy()
-    steps = np.arange(n_steps)
-    columns = {"step": steps}
-    for group in ("dead", "live"):
-        values = token_mean[:, groups[group]]
-        if values.shape[1] == 0:
-            continue
-        columns[f"{group}_mean"] = values.mean(axis=1)
-        columns[f"{group}_median"] = np.median(values, axis=1)
-        columns[f"{group}_p10"] = np.percentile(values, 10, axis=1)
-        columns[f"{group}_p90"] = np.percentile(values, 90, axis=1)
-        columns[f"{group}_changed_share"] = changed[:, groups[group]].sum(axis=1) / (values.shape[1] * hidden)
-    # what AdamW divides by at step t (1 at t = 0, where nothing is divided)
-    columns["bias_correction1"] = np.where(steps > 0, 1 - beta1 ** steps.astype(np.float64), 1.0)
-    columns["bias_correction2"] = np.where(steps > 0, 1 - beta2 ** steps.astype(np.float64), 1.0)
-    return columns
+    return variance_table(token_mean, changed, hidden, groups, beta1, beta2)
+
+
+#: the freeze stage's tables, its .csv outputs, in FREEZE_OUTPUTS' order
+TABLES = tuple(name for name, file in FREEZE_OUTPUTS.items() if file.endswith(".csv"))
+
+
+def write_tables(tables: dict, outputs: dict[str, str]) -> list[str]:
+    """Each of TABLES as CSV at its path in ``outputs``; returns the paths, in TABLES' order."""
+    for name in TABLES:
+        table = tables[name]
+        # token texts may hold a carriage return, a NUL or a quote: quoted, they read back exactly
+        write_csv(outputs[name], table, quote_text=isinstance(table, dict) and TEXT_COLUMN in table)
+    return [outputs[name] for name in TABLES]
+
+
+def write_token_steps(path: str, steps: TokenSteps, dead_mask: np.ndarray, computed_from: dict) -> None:
+    """token_displacement.h5: DISPLACEMENT_FIELDS (gzip) and the dead mask, each with Fletcher32, which HDF5
+    verifies on every chunk the figures read; ``computed_from`` (thimble.provenance) as a JSON attribute."""
+    import h5py
+
+    from thimble.util.files import atomic_output
+
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as out:
+        for name in DISPLACEMENT_FIELDS:
+            out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1,
+                               fletcher32=True)
+        out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
+        out.attrs["computed_from"] = json.dumps(computed_from, sort_keys=True)
+
+
+def log_verdicts(summary: dict, question: str) -> None:
+    """Each group's statistics over the whole run and its verdicts, then the answer for the ``question`` group."""
+    whole = summary["windows"]["all"]
+    for group in GROUPS:
+        stats = whole[group]
+        log.info("%s: globally frozen %.3f of steps (%d/%d), %d completed freeze/thaw cycles, open final run %d, "
+                 "longest run %d%s; verdicts %s", group, stats["global_freeze_share"] or 0,
+                 stats["global_freeze_steps"], stats["steps"], stats["freeze_thaw_cycles"], stats["open_frozen_run"],
+                 stats["longest_frozen_run"], f" ending at {stats['longest_frozen_run_ended_at']}"
+                 if stats["longest_frozen_run"] else "", summary["verdicts"][group])
+    log.info("verdict (%s, global freeze): %s", question, summary["verdict"])
 
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
@@ -540,77 +689,26 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from W.
     """
-    import h5py
-
     from thimble.config import settings_hash
     from thimble.data.tokenizer import token_texts
     from thimble.provenance import stage_provenance
-    from thimble.record.format import open_h5, read_checked
-    from thimble.util.files import atomic_output, write_json
+    from thimble.util.files import write_json
 
     analysis = settings["analysis"]
-    with open_h5(recording) as handle:
-        losses = read_checked(handle["losses"])
-        dead_mask = read_checked(handle["dead_mask"]).astype(bool)
-        exact = handle.attrs.get("storage_dtype") != "float16"
-        update_rule = rule_of(handle.attrs)
-        source_attrs = dict(handle.attrs)
-    if delta_path is not None:
-        with open_h5(delta_path) as handle:
-            exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
-    groups = group_masks(dead_mask)
-    steps = read_token_steps(recording, dead_mask, threads=threads, delta_path=delta_path)
-    last_step = steps.max_abs.shape[0] - 1
-    columns = freeze_table(steps, groups, losses, analysis["solid_max"], analysis["cold_max"])
-    windows = default_windows(last_step, analysis["windows"])
-    write_csv(outputs["freeze"], columns)
-    write_csv(outputs["cycles"], cycles_table(columns))
-    token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(dead_mask))
-    write_csv(outputs["tokens"], token_table(steps, groups, windows, token_text), quote_text=token_text is not None)
-    write_csv(outputs["classes"], displacement_table(steps, groups))
-    write_csv(outputs["lattice_positions"], lattice_position_table(steps))
-    write_csv(outputs["variance"], variance_by_group(recording, groups))
-    provenance = stage_provenance(recording, source_attrs, settings_hash(settings),
-                                  [outputs[name] for name, file in FREEZE_OUTPUTS.items() if file.endswith(".csv")])
-    with atomic_output(outputs["token_steps"]) as tmp:
-        with h5py.File(tmp, "w") as out:
-            # Fletcher32: HDF5 verifies every chunk as the figures read it
-            for name in ("max_abs", "norm", "motion", "start_spacings"):
-                out.create_dataset(name, data=getattr(steps, name), compression="gzip", compression_opts=1,
-                                   fletcher32=True)
-            out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
-            out.attrs["computed_from"] = json.dumps(provenance["computed_from"], sort_keys=True)
-
-    width, tolerance = analysis["trend_window_steps"], analysis["verdict_tolerance_per_1000_steps"]
-    series = cooling(columns, width, tolerance)
-    summary = {
-        "experiment": settings["name"],
-        "update_rule": update_rule,
-        "steps": last_step,
-        # false for a float16 recording: ΔW′ of its stored values, not of what training held
-        "delta_w_exact": exact,
-        "shares": "fractions 0-1",
-        "thresholds": {"solid_max": analysis["solid_max"], "cold_max": analysis["cold_max"],
-                       "phase_coordinate": "|ΔW| in units of the coarser lattice spacing of W[t-1] and W[t]"},
-        "verdict_rule": verdict_rule(tolerance, width),
-        "windows": {name: {"start": a, "end": b, **window_stats(columns, groups, (a, b))}
-                    for name, (a, b) in windows.items()},
-        "cooling": series,
-        "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in GROUPS},
-        # the lab's question, for the dead tokens (all tokens when none is dead): the global freeze
-        "verdict": series["dead" if groups["dead"].any() else "all"]["global_freeze"]["verdict"],
-        "provenance": provenance,
-    }
+    recorded = read_recorded(recording, delta_path)
+    groups = group_masks(recorded.dead_mask)
+    steps = read_token_steps(recording, recorded.dead_mask, threads=threads, delta_path=delta_path)
+    windows = default_windows(steps.last_step, analysis["windows"])
+    token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(recorded.dead_mask))
+    tables = {**freeze_tables(steps, groups, recorded.losses, windows, analysis, token_text),
+              "variance": variance_by_group(recording, groups)}
+    provenance = stage_provenance(recording, recorded.attrs, settings_hash(settings), write_tables(tables, outputs))
+    write_token_steps(outputs["token_steps"], steps, recorded.dead_mask, provenance["computed_from"])
+    summary = {**freeze_summary(settings["name"], rule_of(recorded.attrs), recorded.delta_w_exact, tables["freeze"],
+                                groups, windows, analysis),
+               "provenance": provenance}
     if drivers_path is not None:
         summary["drivers"] = json.loads(Path(drivers_path).read_text())
     write_json(outputs["summary"], summary, indent=2)
-    whole = summary["windows"]["all"]
-    for group in GROUPS:
-        stats = whole[group]
-        log.info("%s: globally frozen %.3f of steps (%d/%d), %d completed freeze/thaw cycles, open final run %d, "
-                 "longest run %d%s; verdicts %s", group, stats["global_freeze_share"] or 0,
-                 stats["global_freeze_steps"], stats["steps"], stats["freeze_thaw_cycles"], stats["open_frozen_run"],
-                 stats["longest_frozen_run"], f" ending at {stats['longest_frozen_run_ended_at']}"
-                 if stats["longest_frozen_run"] else "", summary["verdicts"][group])
-    log.info("verdict (%s, global freeze): %s", "dead" if groups["dead"].any() else "all", summary["verdict"])
+    log_verdicts(summary, question_group(groups))
     return summary

@@ -29,7 +29,6 @@ from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
 from thimble.sizes import REPLAY_BLOCK_STEPS
 from thimble.training.adamw import (
-    hyperparameters,
     log2_ratio_floor,
     pre_rounding_weight,
     replay_rule_step,
@@ -37,7 +36,7 @@ from thimble.training.adamw import (
     stays_from_ratio,
     update_ratio,
 )
-from thimble.update_rules import UPDATE_RULES, rule_of
+from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
 from thimble.util.workers import WorkerPool, thread_spans
 
 log = logging.getLogger(__name__)

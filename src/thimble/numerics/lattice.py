@@ -24,7 +24,11 @@ SIGN_BIT = np.uint16(0x8000)
 MAGNITUDE_BITS = np.uint16(0x7FFF)
 #: magnitudes at or above this are Inf (0x7F80) or NaN
 NONFINITE_MAGNITUDE = 0x7F80
+#: the mantissa's bits, below the exponent field
+MANTISSA_BITS = np.uint16(0x7F)
 EXPONENT_SHIFT = 7
+#: a normal value is ±2^(field − EXPONENT_BIAS) times its mantissa, field the biased exponent field
+EXPONENT_BIAS = 127
 
 
 class NonFiniteError(DataError, ValueError):
@@ -104,7 +108,7 @@ def ulp(values: np.ndarray, dtype=np.float64) -> np.ndarray:
     """The lattice spacing within x's binade: 2**(e - 127 - 7), and 2**-133 for zero and subnormals
     (exact in float64 and float32)."""
     field = exponent(values).astype(np.int32)
-    return np.ldexp(dtype(1), np.maximum(field, 1) - 127 - 7).astype(dtype, copy=False)
+    return np.ldexp(dtype(1), np.maximum(field, 1) - EXPONENT_BIAS - EXPONENT_SHIFT).astype(dtype, copy=False)
 
 
 def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from thimble.analysis.freeze import PHASES  # noqa: E402
+from thimble.analysis.freeze import GROUPS, MEASURES, PHASES, VERDICTS, WINDOW_SHARES  # noqa: E402
 from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
@@ -28,6 +29,14 @@ def _save(fig, path: str) -> None:
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+def _message(text: str, path: str, figsize: tuple[float, float], fontsize: int) -> None:
+    """A figure that says in words why there is nothing to draw."""
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=fontsize)
+    _save(fig, path)
 
 
 def loss(freeze: pd.DataFrame, experiment: str, path: str) -> None:
@@ -84,17 +93,14 @@ def phases(freeze: pd.DataFrame, thresholds: dict, experiment: str, path: str) -
     _save(fig, path)
 
 
-MEASURE_LABELS = {"global_freeze": "globally frozen share of steps", "token_frozen": "frozen share of tokens",
-                  "element_frozen": "frozen share of elements"}
-
-
 def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: str) -> None:
     """Per measure: windowed frozen share per group with its verdict; below, the raster of global freeze."""
-    groups = ("dead", "live", "all")
-    fig, axes = plt.subplots(4, 1, figsize=(9, 10), sharex=True, gridspec_kw={"height_ratios": [2, 2, 2, 1]})
+    fig, axes = plt.subplots(len(MEASURES) + 1, 1, figsize=(9, 10), sharex=True,
+                             gridspec_kw={"height_ratios": [2] * len(MEASURES) + [1]})
     width = summary["verdict_rule"]["window_steps"]
-    for ax, (measure, label) in zip(axes, MEASURE_LABELS.items()):
-        for group in groups:
+    for ax, measure in zip(axes, MEASURES):
+        label = MEASURES[measure].label
+        for group in GROUPS:
             series_ = summary["cooling"][group][measure]
             ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
                     color=GROUP_COLORS[group], label=f"{group}: {series_['verdict']}")
@@ -104,11 +110,11 @@ def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: st
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     raster = axes[-1]
-    image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in groups])
+    image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in GROUPS])
     steps = freeze["step"].to_numpy()
     raster.imshow(image, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
-                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups) - 0.5, -0.5))
-    raster.set_yticks(range(len(groups)), groups)
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(GROUPS) - 0.5, -0.5))
+    raster.set_yticks(range(len(GROUPS)), GROUPS)
     raster.set(xlabel="step", title="globally frozen steps (dark: every token of the group has ΔW′ = 0)")
     fig.suptitle(f"{experiment}: freezing by group and measure")
     _save(fig, path)
@@ -170,16 +176,14 @@ def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: 
     The ratio is the bf16 rule's (round to nearest from the addcdiv_ sum); the replay of another rule
     writes no rows, and the figure says why instead of drawing an empty plot.
     """
+    if histogram.empty:
+        _message(f"{experiment} trains with update rule {update_rule}:\nthe update ratio (round to nearest from "
+                 "AdamW's float32 sum)\nis defined for the bf16 rule only; see replay.json", path, figsize=(9, 4.5),
+                 fontsize=11)
+        return
     edges = np.array([float(c.split("_")[1]) for c in histogram.columns if c.startswith("log2ratio_")])
     columns = [c for c in histogram.columns if c.startswith("log2ratio_")]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    if histogram.empty:
-        ax.set_axis_off()
-        ax.text(0.5, 0.5, f"{experiment} trains with update rule {update_rule}:\nthe update ratio (round to "
-                "nearest from AdamW's float32 sum)\nis defined for the bf16 rule only; see replay.json",
-                ha="center", va="center", fontsize=11)
-        _save(fig, path)
-        return
     for name, window in windows.items():
         inside = (histogram["step"] >= window["start"]) & (histogram["step"] <= window["end"])
         counts = histogram.loc[inside, columns].sum().to_numpy(dtype=float)
@@ -201,52 +205,50 @@ def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> N
     Outside the bf16 rule the decomposition does not apply: the figure says why instead (summary.json).
     """
     answer = summary.get("drivers", {})
-    groups = [group for group in ("dead", "live", "all") if group in set(table.get("group", []))]
+    groups = [group for group in GROUPS if group in set(table.get("group", []))]
     if not answer.get("applies", False) or not groups:
-        fig, ax = plt.subplots(figsize=(9, 3))
-        ax.set_axis_off()
-        import textwrap
-
         why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
-        ax.text(0.5, 0.5, f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do "
-                f"not apply:\n{why}", ha="center", va="center", fontsize=9)
-        _save(fig, path)
+        _message(f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do not apply:\n{why}",
+                 path, figsize=(9, 3), fontsize=9)
         return
     fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.5), sharex=True, squeeze=False)
     for column, group in enumerate(groups):
-        rows = table[table["group"] == group]
-        steps = rows["step"].to_numpy()
-        result = answer[group]
-        top, bottom = axes[0, column], axes[1, column]
-        top.plot(steps, rows["mean_log2_ratio"], color="black", lw=1, label="mean log2(|u| / h)")
-        top.axhline(0, color="black", ls="--", lw=0.6)
-        share = top.twinx()
-        share.plot(steps, rows["frozen_share"], color=GROUP_COLORS[group], lw=0.8, label="frozen share")
-        share.set(ylim=(-0.02, 1.02), ylabel="frozen share of elements")
-        top.set(title=f"{group}: driver {result['driver'] or '–'}", ylabel="bits (below 0: cannot move)")
-        if result["peak_step"] is not None:
-            peak = int(np.searchsorted(steps, result["peak_step"]))
-            at = lambda values: values - values[peak]  # noqa: E731  (bits gained since the peak)
-            statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
-            ratio = rows["mean_log2_ratio"].to_numpy()
-            bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
-            bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
-            bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
-            bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
-            for ax in (top, bottom):
-                ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
-        if result["onset_step"] is not None:
-            for ax in (top, bottom):
-                ax.axvline(result["onset_step"], color="red", lw=0.8, ls="--")
-            top.text(result["onset_step"], 0.02, " onset", color="red", fontsize=8, transform=top.get_xaxis_transform())
-        bottom.set(xlabel="step", ylabel="bits since the peak (sum of the terms = the drop)")
-        for ax in (top, bottom):
-            ax.grid(alpha=0.3)
-        top.legend(fontsize=7, loc="upper right")
-        share.legend(fontsize=7, loc="center right")
-        bottom.legend(fontsize=7, loc="best")
+        _driver_panels(axes[0, column], axes[1, column], table[table["group"] == group], group, answer[group])
     fig.suptitle(f"{experiment}: what drives the freeze (dotted: the peak; dashed: the onset, more than half frozen)")
     _save(fig, path)
+
+
+def _driver_panels(top, bottom, rows: pd.DataFrame, group: str, result: dict) -> None:
+    """One group's column of the drivers figure from its freeze_drivers.csv ``rows`` and its answer ``result``:
+    ``top`` the mean ratio and the frozen share, ``bottom`` the terms of the ratio's drop since the peak."""
+    steps = rows["step"].to_numpy()
+    top.plot(steps, rows["mean_log2_ratio"], color="black", lw=1, label="mean log2(|u| / h)")
+    top.axhline(0, color="black", ls="--", lw=0.6)
+    share = top.twinx()
+    share.plot(steps, rows["frozen_share"], color=GROUP_COLORS[group], lw=0.8, label="frozen share")
+    share.set(ylim=(-0.02, 1.02), ylabel="frozen share of elements")
+    top.set(title=f"{group}: driver {result['driver'] or '–'}", ylabel="bits (below 0: cannot move)")
+    if result["peak_step"] is not None:
+        peak = int(np.searchsorted(steps, result["peak_step"]))
+        at = lambda values: values - values[peak]  # noqa: E731  (bits gained since the peak)
+        statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
+        ratio = rows["mean_log2_ratio"].to_numpy()
+        bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
+        bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
+        bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
+        bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
+        for ax in (top, bottom):
+            ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
+    if result["onset_step"] is not None:
+        for ax in (top, bottom):
+            ax.axvline(result["onset_step"], color="red", lw=0.8, ls="--")
+        top.text(result["onset_step"], 0.02, " onset", color="red", fontsize=8, transform=top.get_xaxis_transform())
+    bottom.set(xlabel="step", ylabel="bits since the peak (sum of the terms = the drop)")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    top.legend(fontsize=7, loc="upper right")
+    share.legend(fontsize=7, loc="center right")
+    bottom.legend(fontsize=7, loc="best")
 
 
 def drivers_html(answer: dict) -> list[str]:
@@ -257,14 +259,14 @@ def drivers_html(answer: dict) -> list[str]:
         return [f"<p>Freeze drivers: not computed: {answer.get('why', '')}</p>"]
     keys = ("onset_step", "peak_step", "drop_bits", "spacing_bits", "statistics_bits", "v_stall_bits", "driver",
             "claim_supported", "v_stall_bits_last")
-    rows = [{"group": group, **{key: answer[group][key] for key in keys}} for group in ("dead", "live", "all")
+    rows = [{"group": group, **{key: answer[group][key] for key in keys}} for group in GROUPS
             if group in answer]
     return ["<p>What drives the freeze (the lab: \"it's really the variance term\"): from the peak of the mean "
             "log2(|u|/h) to the onset (more than half of the group frozen), its drop splits into the weights' "
             "coarser spacing, the gradient statistics as exact AdamW sees them, and bf16's stalled exp_avg_sq "
             "(v_stall); bits, freeze_drivers.csv, docs/outputs.md.</p><ul>"
             + "".join(f"<li>{answer[row['group']]['answer']}</li>" for row in rows) + "</ul>",
-            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.3f}", na_rep="–")]
+            _html_table(rows, digits=3)]
 
 
 def experiment_label(summary: dict) -> str:
@@ -277,9 +279,9 @@ def series(summaries: list[dict], name: str, path: str) -> None:
     """Per measure (rows) and group (columns: dead and live tokens, or all tokens where none is dead),
     each experiment's windowed frozen share, labelled with its update rule and verdict."""
     groups = ["dead", "live"] if any(s["windows"]["all"]["dead"]["tokens"] for s in summaries) else ["all"]
-    fig, axes = plt.subplots(len(MEASURE_LABELS), len(groups), figsize=(7 * len(groups), 9), sharex=True,
-                             squeeze=False)
-    for row, (measure, label) in enumerate(MEASURE_LABELS.items()):
+    fig, axes = plt.subplots(len(MEASURES), len(groups), figsize=(7 * len(groups), 9), sharex=True, squeeze=False)
+    for row, measure in enumerate(MEASURES):
+        label = MEASURES[measure].label
         for column, group in enumerate(groups):
             ax = axes[row, column]
             for summary in summaries:
@@ -300,7 +302,7 @@ def lattice_position_summary(experiment: str, update_rule: str, table: pd.DataFr
     the share of them at exactly ±2^k (in all, and by k), at the last step and over the last half."""
     last, last_half = table.iloc[-1], table[table["step"] > table["step"].iloc[-1] / 2]
     rows = []
-    for group in ("dead", "live", "all"):
+    for group in GROUPS:
         if f"{group}_frozen_elements" not in table:
             continue
         row = {"experiment": experiment, "update_rule": update_rule, "group": group, "step": int(last["step"]),
@@ -315,6 +317,10 @@ def lattice_position_summary(experiment: str, update_rule: str, table: pd.DataFr
 
 HTML_STYLE = ("<style>body{font-family:sans-serif;font-size:13px} table{border-collapse:collapse;margin:8px 0}"
               "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right} th{background:#f3f3f3}</style>")
+
+
+def _html_table(rows: list[dict], digits: int = 4) -> str:
+    return pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.{digits}f}", na_rep="–")
 
 
 def _html_page(title: str, parts: list[str]) -> str:
@@ -334,17 +340,16 @@ def summary_html(summary: dict) -> str:
                                  f"[{fit['ci95'][0]:.4f}, {fit['ci95'][1]:.4f}]",
                                  "windows in the last half": fit["windows"]})
     window_rows = [{"window": f"{name} (t={window['start']}–{window['end']})", "group": group,
-                    **{key: value for key, value in stats.items()}}
+                    **stats}
                    for name, window in summary["windows"].items()
                    for group, stats in window.items() if isinstance(stats, dict)]
     rule = summary["verdict_rule"]
     parts = [f"<p>The lab's question (dead tokens, global freeze): <b>{summary['verdict']}</b>. "
              f"{summary['steps']} steps; ΔW′ exact: {summary['delta_w_exact']}. Shares are fractions 0–1.</p>",
-             pd.DataFrame(verdict_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
-             "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in
-                                             ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive"))
+             _html_table(verdict_rows),
+             "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in VERDICTS)
              + f". {rule['windows'][0].upper()}{rule['windows'][1:]}.</p>",
-             pd.DataFrame(window_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+             _html_table(window_rows),
              *drivers_html(summary.get("drivers", {}))]
     return _html_page(f"{summary['experiment']}: verdicts and summary", parts)
 
@@ -383,14 +388,9 @@ def _write_text(path: str, text: str) -> None:
         Path(tmp).write_text(text)
 
 
-def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None,
-                   lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
-    """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
-    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
-    from thimble.util.tables import write_csv
-
-    summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
-    series(summaries, name, figure)
+def verdict_rows(summaries: list[dict]) -> list[dict]:
+    """A series' verdicts.csv: per experiment, group and measure, the share over the last half, its trend per 1000
+    steps with a 95% CI, and the verdict."""
     rows = []
     for summary in summaries:
         for group, measures in summary["cooling"].items():
@@ -400,13 +400,23 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
                 rows.append({"experiment": summary["experiment"],
                              "update_rule": rule_of(summary), "group": group, "measure": measure,
                              "steps": summary["steps"], "delta_w_exact": summary["delta_w_exact"],
-                             "share_last_half": last_half[{"global_freeze": "global_freeze_share",
-                                                           "token_frozen": "token_frozen_share",
-                                                           "element_frozen": "element_frozen_share"}[measure]],
+                             "share_last_half": last_half[WINDOW_SHARES[measure]],
                              "slope_per_1000_steps": fit["slope_per_1000_steps"],
                              "ci95_low": fit["ci95"][0] if fit["ci95"] else None,
                              "ci95_high": fit["ci95"][1] if fit["ci95"] else None,
                              "verdict": series_["verdict"]})
+    return rows
+
+
+def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None,
+                   lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
+    """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
+    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
+    from thimble.util.tables import write_csv
+
+    summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
+    series(summaries, name, figure)
+    rows = verdict_rows(summaries)
     write_csv(table, rows)
     lattice_rows = []
     if lattice_table:
@@ -418,8 +428,8 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
         _write_text(page, _html_page(f"series {name}: verdicts", [
             "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
             "with a 95% CI, and the verdict (rule: docs/outputs.md).</p>",
-            pd.DataFrame(rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–"),
+            _html_table(rows),
             *(["<p>Frozen elements sitting exactly at ±2^k, per experiment and group: at the last step, and the "
                "share at a power of two averaged over the last half (lattice_positions.csv).</p>",
-               pd.DataFrame(lattice_rows).to_html(index=False, float_format=lambda x: f"{x:.4f}", na_rep="–")]
+               _html_table(lattice_rows)]
               if lattice_rows else [])]))

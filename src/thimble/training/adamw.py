@@ -44,12 +44,6 @@ def resolve_implementation(setting: str, device: torch.device) -> str:
     return "fused" if fused else "foreach" if foreach else "single_tensor"
 
 
-def hyperparameters(attrs: dict) -> dict:
-    """The optimizer's settings from a recording's attributes (the seed's names)."""
-    return {"lr": float(attrs["learning_rate"]), "betas": (float(attrs["adam_beta1"]), float(attrs["adam_beta2"])),
-            "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
-
-
 def build_adamw(params, hyper: dict, implementation: str) -> torch.optim.AdamW:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"unknown optimizer implementation {implementation!r}; use one of {IMPLEMENTATIONS}")
