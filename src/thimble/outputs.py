@@ -41,6 +41,8 @@ FREEZE_OUTPUTS = {
     "classes": "displacement_classes.csv", "lattice_positions": "lattice_positions.csv", "variance": "exp_avg_sq.csv",
     "token_steps": "token_displacement.h5", "summary": "summary.json",
 }
+#: token_freeze.csv's column of each token's text (read back as text, never as a number or missing)
+TOKEN_TEXT_COLUMN = "token_text"
 #: the replay stage's files, by their option of ``thimble replay`` ("-" for "_")
 REPLAY_OUTPUTS = {"table": "replay.csv", "summary": "replay.json", "ratio_table": "update_ratio.csv"}
 #: the freeze_drivers stage's files, by their option of ``thimble freeze-drivers``

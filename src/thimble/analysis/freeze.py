@@ -41,7 +41,7 @@ from thimble.numerics.lattice import (
     ordinal,
     ulp,
 )
-from thimble.outputs import FREEZE_OUTPUTS
+from thimble.outputs import FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
 from thimble.update_rules import rule_of
 from thimble.util.tables import write_csv
 
@@ -98,8 +98,6 @@ class TokenSteps:
 TOKEN_FIELDS = {"max_abs": np.int32, "norm": np.float32, "oscillatory": np.int32, "quantum": np.int32,
                 "moved": np.int32, "motion": np.float32, "start_spacings": np.float32, "sign_crossings": np.int32,
                 "binade_crossings": np.int32}
-#: token_freeze.csv's column of each token's text
-TEXT_COLUMN = "token_text"
 #: the TokenSteps fields token_displacement.h5 holds beside the dead mask
 DISPLACEMENT_FIELDS = ("max_abs", "norm", "motion", "start_spacings")
 
@@ -312,7 +310,7 @@ def token_table(steps: TokenSteps, groups: dict[str, np.ndarray], windows: dict[
         longest[token] = longest_true_run(frozen[1:, token], t[1:])[0]
     columns = {"token": np.arange(vocab)}
     if token_text is not None:
-        columns[TEXT_COLUMN] = token_text
+        columns[TOKEN_TEXT_COLUMN] = token_text
     columns["group"] = np.where(groups["dead"], "dead", "live")
     for name, (start, end) in windows.items():
         columns[f"frozen_share_{name}"] = frozen[start:end + 1].mean(axis=0)
@@ -646,7 +644,7 @@ def write_tables(tables: dict, outputs: dict[str, str]) -> list[str]:
     for name in TABLES:
         table = tables[name]
         # token texts may hold a carriage return, a NUL or a quote: quoted, they read back exactly
-        write_csv(outputs[name], table, quote_text=isinstance(table, dict) and TEXT_COLUMN in table)
+        write_csv(outputs[name], table, quote_text=isinstance(table, dict) and TOKEN_TEXT_COLUMN in table)
     return [outputs[name] for name in TABLES]
 
 

@@ -48,6 +48,7 @@ from thimble.outputs import (
     RESUME_DIR,
     STREAM_DIR,
     STREAM_FILE,
+    TOKEN_TEXT_COLUMN,
     TOKENIZER_FILE,
     dataset_dir,
 )
@@ -63,8 +64,6 @@ if TYPE_CHECKING:
     import xarray
 
 SOURCES = ("auto", "recording", "stream")
-#: the column of token_freeze.csv holding each token's text (run.token_text)
-TEXT_COLUMN = "token_text"
 #: what pandas reads as missing by default (its documented na_values), kept for every column but the text
 MISSING_VALUES = ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
                   "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"]
@@ -192,10 +191,10 @@ def read_table(path: Path) -> pandas.DataFrame:
     import pandas as pd
 
     columns = pd.read_csv(path, nrows=0).columns
-    if TEXT_COLUMN not in columns:
+    if TOKEN_TEXT_COLUMN not in columns:
         return pd.read_csv(path)
-    return pd.read_csv(path, keep_default_na=False, dtype={TEXT_COLUMN: str},
-                       na_values={name: MISSING_VALUES for name in columns if name != TEXT_COLUMN})
+    return pd.read_csv(path, keep_default_na=False, dtype={TOKEN_TEXT_COLUMN: str},
+                       na_values={name: MISSING_VALUES for name in columns if name != TOKEN_TEXT_COLUMN})
 
 
 class ResultFiles:

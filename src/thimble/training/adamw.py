@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from thimble.numerics.bf16 import torch_to_bits
-from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, SIGN_BIT, spacing_toward
+from thimble.numerics.lattice import (EXPONENT_BIAS, EXPONENT_SHIFT, MAGNITUDE_BITS, MANTISSA_BITS, SIGN_BIT,
+                                      spacing_toward)
 from thimble.update_rules import stochastic_rounding_seed
 
 # torchao, imported by the stochastic-rounding rule and by transformers wherever it is installed, warns
@@ -142,9 +143,10 @@ def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarra
     field = np.maximum(magnitude >> EXPONENT_SHIFT, np.uint16(1)).astype(np.int16)
     negative = w_bits >= SIGN_BIT
     towards_zero = (magnitude != 0) & (downward != negative)
-    finer = towards_zero & ((magnitude & np.uint16(0x7F)) == 0) & (magnitude >= np.uint16(0x100))
+    # a zero mantissa above the subnormals' binades: the binade below is twice as fine
+    finer = towards_zero & ((magnitude & MANTISSA_BITS) == 0) & (magnitude >= np.uint16(2 << EXPONENT_SHIFT))
     field -= finer
-    field -= 135
+    field -= EXPONENT_BIAS + EXPONENT_SHIFT + 1  # half a spacing: 2**(e - 127 - 7 - 1)
     return field
 
 
