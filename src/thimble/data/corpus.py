@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from thimble.errors import ThimbleError
-from thimble.util.files import atomic_output, sha256_file, write_json
+from thimble.util.files import atomic_output, sha256_file, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +147,7 @@ def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
              dataset_name, len(info["tokenizer_texts"]), info["tokenizer_chars"],
              len(info["model_texts"]), info["model_chars"])
     for path, text in ((tokenizer_texts, tokenizer_text), (model_corpus, model_text)):
-        with atomic_output(path) as tmp:
-            Path(tmp).write_text(text, encoding="utf-8")
+        write_text(path, text)
         if digests:
             write_digest(path, f"{path}.sha256")
     write_json(manifest, info, indent=2)

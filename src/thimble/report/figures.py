@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 
 from thimble.analysis.freeze import GROUPS, MEASURES, PHASES, VERDICTS, WINDOW_SHARES  # noqa: E402
 from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
+from thimble.util.files import atomic_output, write_text  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
@@ -23,8 +24,6 @@ SAMPLE_TOKENS = 150
 
 
 def _save(fig, path: str) -> None:
-    from thimble.util.files import atomic_output
-
     fig.tight_layout()
     with atomic_output(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -378,14 +377,7 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
     drivers(pd.read_csv(drivers_csv) if drivers_csv else pd.DataFrame(), summary, name, out["drivers"])
     if summary_page:
-        _write_text(summary_page, summary_html(summary))
-
-
-def _write_text(path: str, text: str) -> None:
-    from thimble.util.files import atomic_output
-
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(text)
+        write_text(summary_page, summary_html(summary))
 
 
 def verdict_rows(summaries: list[dict]) -> list[dict]:
@@ -425,7 +417,7 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
                                                      pd.read_csv(path))
         write_csv(lattice_table, lattice_rows)
     if page:
-        _write_text(page, _html_page(f"series {name}: verdicts", [
+        write_text(page, _html_page(f"series {name}: verdicts", [
             "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
             "with a 95% CI, and the verdict (rule: docs/outputs.md).</p>",
             _html_table(rows),

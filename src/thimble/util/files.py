@@ -55,8 +55,7 @@ def write_digest(path: str | Path, digest_path: str | Path) -> str:
     from the folder); return the digest. The workflow compares a large file's content by it (Snakemake
     checksums only files up to 1 MB and compares the rest by modification time)."""
     digest = sha256_file(path)
-    with atomic_output(digest_path) as tmp:
-        Path(tmp).write_text(f"{digest}  {Path(path).name}\n")
+    write_text(digest_path, f"{digest}  {Path(path).name}\n")
     return digest
 
 
@@ -65,7 +64,12 @@ def read_digest(digest_path: str | Path) -> str:
     return Path(digest_path).read_text().split()[0]
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """``text`` (UTF-8) written whole or not at all."""
+    with atomic_output(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | Path, value, **dumps) -> None:
     """``value`` as JSON (``json.dumps(value, **dumps)`` and a newline), written whole or not at all."""
-    with atomic_output(path) as tmp:
-        Path(tmp).write_text(json.dumps(value, **dumps) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(value, **dumps) + "\n")
