@@ -39,6 +39,7 @@ from thimble.analysis.freeze import GROUPS, group_masks
 from thimble.analysis.replay_kernel import compiled
 from thimble.errors import DataError
 from thimble.numerics.bf16 import BFLOAT16
+from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import rule_of
 
@@ -151,27 +152,27 @@ def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log
         included = frozen = 0
         for i in range(token * hidden, (token + 1) * hidden):
             before, after = w_before[i], w_after[i]
-            if (before & 0x7FFF) >= 0x7F80 or (after & 0x7FFF) >= 0x7F80:
+            if (before & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE or (after & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE:
                 bad += 1
                 continue
-            histograms[side, before & 0x7FFF] += 1
-            if before == after or ((before | after) & 0x7FFF) == 0:  # ±0 are one lattice point
+            histograms[side, before & MAGNITUDE_BITS] += 1
+            if before == after or ((before | after) & MAGNITUDE_BITS) == 0:  # ±0 are one lattice point
                 frozen += 1
             mb = m[i]
-            magnitude = mb & 0x7FFF
+            magnitude = mb & MAGNITUDE_BITS
             if magnitude == 0:
                 continue
-            vb = v[i] & 0x7FFF
-            if magnitude >= 0x7F80 or vb >= 0x7F80:
+            vb = v[i] & MAGNITUDE_BITS
+            if magnitude >= NONFINITE_MAGNITUDE or vb >= NONFINITE_MAGNITUDE:
                 bad += 1
                 continue
             log2_m_hat = log2_abs_magnitude[magnitude] - log2_c1
             log2_denominator = log2_denominator_table[vb]
             # half the spacing toward the move, as thimble.training.adamw.half_spacing_exponent: u's sign is
             # opposite to m's; toward zero from a binade's bottom the spacing halves
-            field = max(np.int32((before & 0x7FFF) >> 7), 1)
-            toward_zero = (before & 0x7FFF) != 0 and (mb < 0x8000) != (before >= 0x8000)
-            if toward_zero and (before & 0x7F) == 0 and (before & 0x7FFF) >= 0x100:
+            field = max(np.int32((before & MAGNITUDE_BITS) >> EXPONENT_SHIFT), 1)
+            toward_zero = (before & MAGNITUDE_BITS) != 0 and (mb < 0x8000) != (before >= 0x8000)
+            if toward_zero and (before & 0x7F) == 0 and (before & MAGNITUDE_BITS) >= 0x100:
                 field -= 1
             log2_half = np.float64(field - 135)
             ratio_sum += log2_lr + log2_m_hat - log2_denominator - log2_half
@@ -271,7 +272,7 @@ class DriverPass:
         """Raise a DataError naming the first NaN or Inf of the block (step, token, coordinate)."""
         for name, bits, first in (("W", w_previous[None], first_step - 1), ("W", w, first_step),
                                   ("exp_avg", m, first_step), ("exp_avg_sq", v, first_step)):
-            where = np.argwhere((bits & 0x7FFF) >= 0x7F80)
+            where = np.argwhere((bits & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE)
             if where.size:
                 row, element = (int(x) for x in where[0])
                 value = float(bits[row, element].view(BFLOAT16))
@@ -394,23 +395,6 @@ DEFINITION = ("per step t: u = −lr·m̂/(√v̂+ε) from the recorded bf16 exp
 
 # -- file I/O edge -------------------------------------------------------------------------------------
 
-def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
-    """(first step, {name: (rows, V·D) bits}) of several tensors at once, each decoded in its own thread."""
-    from thimble.record.reader import recorded_blocks
-
-    iterators = [recorded_blocks(handle, name, block_rows) for name in names]
-    while True:
-        futures = [pool.submit(next, iterator, None) for iterator in iterators]
-        blocks = [future.result() for future in futures]
-        if all(block is None for block in blocks):
-            return
-        if any(block is None for block in blocks) or len({(first, len(rows)) for first, rows in blocks}) != 1:
-            raise DataError(f"{handle.filename}: {', '.join(names)} are not stored in the same chunks of steps; "
-                            "rechunk the stream again with thimble rechunk")
-        first = blocks[0][0]
-        yield first, {name: rows.reshape(len(rows), -1) for name, (_, rows) in zip(names, blocks)}
-
-
 def write_drivers(recording: str, table_path: str, summary_path: str, threads: int = 1,
                   block_rows: int = BLOCK_ROWS) -> dict:
     """freeze_drivers.csv (per step and group) and its per-group answer (JSON, summary.json's ``drivers``)."""
@@ -418,6 +402,7 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     from tqdm.auto import tqdm
 
     from thimble.record.format import open_h5, read_checked
+    from thimble.record.reader import RecordedTensor, aligned_blocks
     from thimble.util.files import write_json
     from thimble.util.tables import write_csv
     from thimble.util.workers import WorkerPool
@@ -440,8 +425,10 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
                                                        mininterval=5) as bar:
             analysis = DriverPass(dead, hidden, hyper, pool, block_rows)
             previous = None
-            for first, block in _aligned_blocks(handle, ("W", "momentum_W", "variance_W", "grad_W"),
-                                                block_rows, pool):
+            tensors = {name: RecordedTensor.of_recording(handle, name)
+                       for name in ("W", "momentum_W", "variance_W", "grad_W")}
+            for first, block in aligned_blocks(tensors, block_rows, pool):
+                block = {name: rows.reshape(len(rows), -1) for name, rows in block.items()}  # (rows, V·D)
                 if previous is None:  # step 0: the initial W; its moments and gradient are empty
                     previous = block["W"][0]
                     block = {name: rows[1:] for name, rows in block.items()}
