@@ -26,8 +26,8 @@ import h5py
 import hdf5plugin  # noqa: F401
 import numpy as np
 
-from thimble.record.codec import FrameEncoder, decode_rows, window_log_for, zstd_level
-from thimble.record.reader import recorded_blocks
+from thimble.record.codec import FrameEncoder, window_log_for, zstd_level
+from thimble.record.reader import RecordedTensor
 from thimble.util.workers import WorkerPool
 
 TENSORS = ("W", "grad_W", "momentum_W", "variance_W")
@@ -47,7 +47,7 @@ def write_seed_layout(recording: Path, out_path: Path, threads: int) -> dict:
         for name in TENSORS:
             target = out.create_dataset(name, shape=(n_steps, vocab, hidden), dtype="float16",
                                         chunks=(1, vocab, hidden), compression="gzip", compression_opts=1)
-            for first, block in recorded_blocks(source, name, 32):
+            for first, block in RecordedTensor.of_recording(source, name).blocks(32):
                 exact = (block.astype(np.uint32) << 16).view(np.float32)
                 values = exact.astype(np.float16)
                 altered += int(np.count_nonzero(values.astype(np.float32) != exact))
@@ -61,8 +61,8 @@ def write_seed_layout(recording: Path, out_path: Path, threads: int) -> dict:
                 out.create_dataset(name, data=source[name][...])
         # what h5py reads back is what was stored: one step, through HDF5's own filter
         check_step = n_steps // 2
-        assert np.array_equal(out["W"][check_step], bf16_bits_to_float16(decode_rows(source["W"], check_step,
-                                                                                     check_step + 1)[0]))
+        assert np.array_equal(out["W"][check_step],
+                              bf16_bits_to_float16(RecordedTensor(source["W"]).bits(check_step, check_step + 1)[0]))
     return {"seconds": time.perf_counter() - started, "float16_altered_values": altered}
 
 
@@ -76,8 +76,7 @@ def default_window_bytes(recording: Path, threads: int) -> dict[str, int]:
             total = 0
             for first in range(0, dataset.shape[0], rows):
                 chunk = np.zeros((rows, *dataset.shape[1:]), dtype=np.uint16)
-                chunk[: min(rows, dataset.shape[0] - first)] = decode_rows(dataset, first,
-                                                                           min(first + rows, dataset.shape[0]))
+                chunk[: min(rows, dataset.shape[0] - first)] = RecordedTensor(dataset).chunk(first)
                 encoder = FrameEncoder(chunk.nbytes, level, pool.threads)  # no window_log: the level's own
                 encoder.add_shuffled(chunk)
                 total += sum(map(len, encoder.finish()))

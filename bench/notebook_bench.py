@@ -71,7 +71,7 @@ def per_read(run, steps) -> float:
 
 def measure(directory: Path, reads: int) -> dict:
     with open_run(directory, source="recording", cache_bytes=0) as run:
-        steps, chunk = len(run.W), run.W._dataset.chunks[0]
+        steps, chunk = len(run.W), run.W._tensor.chunk_rows
         shape = run.W.shape
         spread = np.linspace(0, steps - 1, min(reads, steps)).astype(int)
         uncached = per_read(run, spread[: max(3, reads // 10)])

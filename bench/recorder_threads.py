@@ -28,15 +28,15 @@ import numpy as np
 import torch
 
 from thimble.numerics.bf16 import bits_to_torch
-from thimble.record.codec import decode_rows
 from thimble.record.format import TENSORS
+from thimble.record.reader import RecordedTensor
 from thimble.record.writer import StreamRecorder
 from thimble.util.cpu import this_cpu
 
 
 def recorded_steps(recording: Path, first: int, count: int) -> list[dict]:
     with h5py.File(recording, "r") as handle:
-        blocks = {name: decode_rows(handle[name], first, first + count) for name in TENSORS}
+        blocks = {name: RecordedTensor(handle[name]).bits(first, first + count) for name in TENSORS}
         losses = handle["losses"][first: first + count]
     return [{"tensors": {name: bits_to_torch(np.ascontiguousarray(blocks[name][index])) for name in TENSORS},
              "loss": float(losses[index])} for index in range(count)]

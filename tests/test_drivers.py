@@ -13,7 +13,7 @@ from conftest import write_recording
 from thimble.analysis import drivers
 from thimble.training.adamw import half_spacing_exponent
 from thimble.numerics.bf16 import BFLOAT16
-from thimble.record.codec import WorkerPool
+from thimble.util.workers import WorkerPool
 from thimble.numerics.lattice import spacing_toward
 
 BETA1, BETA2, EPS = 0.9, 0.999, 1e-8

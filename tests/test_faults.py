@@ -130,8 +130,8 @@ def test_a_missing_segment_is_an_error_at_every_stage(run, tmp_path, capsys):
 
 
 def test_the_rechunk_reads_no_step_twice_and_none_from_a_missing_segment(run, tmp_path):
-    from thimble.record.codec import WorkerPool
     from thimble.record.stream_reader import read_stream_rows
+    from thimble.util.workers import WorkerPool
 
     stream = tmp_path / "stream"
     shutil.copytree(run / f"results/{EXPERIMENT}/stream", stream)

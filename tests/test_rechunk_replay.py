@@ -210,15 +210,15 @@ def test_replay_of_recording_h5_equals_the_replay_of_its_stream(recorded, tmp_pa
 
 def test_recording_rows_are_read_in_order(recorded, tmp_path):
     from thimble.record.format import open_h5
-    from thimble.record.reader import RecordingRows
+    from thimble.record.reader import RecordedTensor
 
     rechunk_stream(recorded, tmp_path / "recording.h5", 7, 2**31)
     with open_h5(tmp_path / "recording.h5") as handle:
-        rows, out = RecordingRows(handle, 3), np.empty((5, *handle["W"].shape[1:]), np.uint16)
-        rows.read("W", 4, 9, out)
+        rows, out = RecordedTensor.of_recording(handle, "W").in_order(3), np.empty((5, *handle["W"].shape[1:]), np.uint16)
+        rows.read(4, 9, out)
         np.testing.assert_array_equal(out, read_steps(handle["W"])[4:9].view(np.uint16))
         with pytest.raises(ValueError, match="read in order"):
-            rows.read("W", 2, 4, out[:2])
+            rows.read(2, 4, out[:2])
 
 
 @pytest.mark.parametrize("block_rows", [16, 5])

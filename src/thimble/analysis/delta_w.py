@@ -76,7 +76,7 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     from thimble.record.codec import CHUNK_CHECKSUM, FrameEncoder, window_log_for, write_chunk, zstd_dcpl
     from thimble.record.format import create_checked_array
     from thimble.record.h5_datasets import create_dataset
-    from thimble.record.reader import recorded_blocks
+    from thimble.record.reader import RecordedTensor
     from thimble.util.workers import thread_spans
 
     w = source["W"]
@@ -90,8 +90,8 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
         target = create_dataset(out, "delta_w_lattice", h5py.h5t.py_create(dtype), w.shape,
                                 zstd_dcpl(w.chunks, level, shuffle=False))
         previous = encoder = None
-        for step, block in tqdm(recorded_blocks(source, "W", BLOCK_ROWS), desc="ΔW′", unit="block",
-                                mininterval=5):
+        for step, block in tqdm(RecordedTensor.of_recording(source, "W").blocks(BLOCK_ROWS), desc="ΔW′",
+                                unit="block", mininterval=5):
             block = block.reshape(len(block), row_elements)
             chunk_start, end = step - step % rows, step + len(block)
             if step == chunk_start:

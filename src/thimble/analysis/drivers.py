@@ -441,28 +441,12 @@ def drivers_summary(tables: dict[str, dict[str, np.ndarray]], update_rule: str, 
 
 # -- file I/O edge -------------------------------------------------------------------------------------
 
-def _aligned_blocks(handle, names: tuple[str, ...], block_rows: int, pool):
-    """(first step, {name: (rows, V·D) bits}) of several tensors at once, each decoded in its own thread."""
-    from thimble.record.reader import recorded_blocks
-
-    iterators = [recorded_blocks(handle, name, block_rows) for name in names]
-    while True:
-        futures = [pool.submit(next, iterator, None) for iterator in iterators]
-        blocks = [future.result() for future in futures]
-        if all(block is None for block in blocks):
-            return
-        if any(block is None for block in blocks) or len({(first, len(rows)) for first, rows in blocks}) != 1:
-            raise DataError(f"{handle.filename}: {', '.join(names)} are not stored in the same chunks of steps; "
-                            "rechunk the stream again with thimble rechunk")
-        first = blocks[0][0]
-        yield first, {name: rows.reshape(len(rows), -1) for name, (_, rows) in zip(names, blocks)}
-
-
 def group_blocks(recording: str, hyper: dict, threads: int, block_rows: int) -> dict[str, list[dict]]:
     """The compiled pass over the recording, a block of steps at a time: per group, each block's columns."""
     from tqdm.auto import tqdm
 
     from thimble.record.format import open_h5, read_checked
+    from thimble.record.reader import RecordedTensor, aligned_blocks
     from thimble.util.workers import WorkerPool
 
     with open_h5(recording) as handle:
@@ -473,8 +457,10 @@ def group_blocks(recording: str, hyper: dict, threads: int, block_rows: int) -> 
                                                        mininterval=5) as bar:
             analysis = DriverPass(dead, hidden, hyper, pool, block_rows)
             previous = None
-            for first, block in _aligned_blocks(handle, ("W", "momentum_W", "variance_W", "grad_W"),
-                                                block_rows, pool):
+            tensors = {name: RecordedTensor.of_recording(handle, name)
+                       for name in ("W", "momentum_W", "variance_W", "grad_W")}
+            for first, block in aligned_blocks(tensors, block_rows, pool):
+                block = {name: rows.reshape(len(rows), -1) for name, rows in block.items()}  # (rows, V·D)
                 if previous is None:  # step 0: the initial W; its moments and gradient are empty
                     previous = block["W"][0]
                     block = {name: rows[1:] for name, rows in block.items()}

@@ -256,7 +256,7 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
 
     from thimble.provenance import computed_from
     from thimble.record.format import open_h5
-    from thimble.record.reader import recorded_blocks
+    from thimble.record.reader import RecordedTensor
     from thimble.util.files import atomic_output
     from thimble.util.tables import write_csv
 
@@ -270,7 +270,7 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
                             "measured on an exact bf16 recording (the float16 view's training twin)")
         source = computed_from(recording, handle.attrs)
         for name in TENSORS:
-            effect, histogram = tensor_effect(recorded_blocks(handle, name, BLOCK_ROWS), classes)
+            effect, histogram = tensor_effect(RecordedTensor.of_recording(handle, name).blocks(BLOCK_ROWS), classes)
             per_step.append(pd.DataFrame({"tensor": name, "step": effect["step"], "values": effect["values"],
                                           "changed": effect["changed"], "zeroed": effect["zeroed"],
                                           "overflowed": effect["overflowed"],

@@ -115,7 +115,7 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
     its twin's bf16 ``twin_recording``. Returns the values the cast altered, per tensor. The file appears
     under its final name only when complete and verified."""
     from thimble.record.format import create_checked_array, open_h5, read_checked, storage_h5type
-    from thimble.record.reader import RecordingRows
+    from thimble.record.reader import RecordedTensor
     from thimble.record.rechunk import write_rechunked
     from thimble.util.files import atomic_output
 
@@ -132,26 +132,25 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
         log.info("float16 view of %s: %d steps of %d x %d in chunks of %d steps", twin_recording, n_rows, vocab,
                  hidden, rows)
         altered = dict.fromkeys(tensors, 0)
-        reader = RecordingRows(source, CAST_BLOCK_ROWS)
-        bf16_rows = np.empty((CAST_BLOCK_ROWS, vocab, hidden), dtype=np.uint16)
         with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
                 tqdm(total=n_rows * vocab * hidden * 2 * len(tensors), unit="B", unit_scale=True,
                      desc="float16 view", mininterval=5) as progress:
             for name in tensors:
-                def cast_rows(start: int, stop: int, chunk: np.ndarray, digest, name=name) -> None:
+                twin_rows = RecordedTensor.of_recording(source, name).in_order(CAST_BLOCK_ROWS)
+
+                def cast_rows(start: int, stop: int, chunk: np.ndarray, digest, name=name, twin_rows=twin_rows) -> None:
                     for low in range(start, stop, CAST_BLOCK_ROWS):
                         high = min(low + CAST_BLOCK_ROWS, stop)
-                        reader.read(name, low, high, bf16_rows[:high - low])
-                        bits, count = float16_bits(bf16_rows[:high - low])
+                        bits, count = float16_bits(twin_rows.read(low, high))
                         altered[name] += count
                         chunk[low - start:high - start] = bits
                         digest.update(bits.data)  # as rechunk hashes rows in step order
 
                 checksum = write_rechunked(out, name, storage_h5type("float16"), (n_rows, vocab, hidden), rows,
                                            level, pool, progress, cast_rows)
+                twin_rows.finish()  # its last chunk's checksum is checked at its frame's end
                 log.info("%s: %d of %d values altered by float16; verified, sha256 %s", name, altered[name],
                          n_rows * vocab * hidden, checksum)
-            reader.finish()
             for name in source:
                 if name not in tensors:
                     create_checked_array(out, name, read_checked(source[name]))

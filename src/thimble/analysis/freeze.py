@@ -27,7 +27,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -44,6 +44,9 @@ from thimble.numerics.lattice import (
 from thimble.outputs import FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
 from thimble.update_rules import rule_of
 from thimble.util.tables import write_csv
+
+if TYPE_CHECKING:
+    from thimble.record.reader import RecordedTensor
 
 log = logging.getLogger(__name__)
 
@@ -546,22 +549,25 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     from tqdm.auto import tqdm
 
     from thimble.record.format import open_h5
-    from thimble.record.reader import recorded_blocks
+    from thimble.record.reader import RecordedTensor
     from thimble.util.workers import WorkerPool, thread_spans
 
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         n_steps, vocab, hidden = handle["W"].shape
-        deltas = None
+        delta_w = deltas = None
         if delta_path is not None:
-            deltas = DeltaRows(stack.enter_context(open_h5(delta_path)), delta_path, handle, block_rows)
+            delta_w = delta_w_of(stack.enter_context(open_h5(delta_path)), delta_path, handle)
+            deltas = delta_w.in_order(block_rows)
         fields = {name: np.zeros((n_steps, vocab), dtype) for name, dtype in TOKEN_FIELDS.items()}
         fields["frozen_elements"] = np.zeros((n_steps, 2), np.int64)
         fields["frozen_at_power_of_two"] = np.zeros((n_steps, 2, EXPONENT_FIELDS), np.int64)
         bounds = thread_spans(vocab, threads)
         previous = previous_delta = None
         with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
-            for step, block in recorded_blocks(handle, "W", block_rows):
-                delta = None if deltas is None else deltas.take(step, len(block))
+            for step, block in RecordedTensor.of_recording(handle, "W").blocks(block_rows):
+                # int32, the type ΔW′ is computed in
+                delta = None if deltas is None else \
+                    deltas.read(step, step + len(block)).view(delta_w.dtype).astype(np.int32)
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
                     delta = None if delta is None else delta[1:]
@@ -587,38 +593,27 @@ def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, thr
     return TokenSteps(**fields, hidden=hidden)
 
 
-class DeltaRows:
-    """ΔW′ rows of the lattice stage's file, handed out in step order as W's blocks need them (int32, the
-    type ΔW′ is computed in), each chunk decoded as it is read and its checksum verified."""
+def delta_w_of(handle, path: str, recording) -> RecordedTensor:
+    """ΔW′ of the lattice stage's file ``handle`` (at ``path``), refused unless it was computed from the W of
+    ``recording`` (its shape and resume key)."""
+    from thimble.errors import DataError
+    from thimble.record.reader import RecordedTensor
 
-    def __init__(self, handle, path: str, recording, block_rows: int):
-        from thimble.errors import DataError
-        from thimble.record.codec import RowsInOrder, unshuffled_row_blocks
-
-        dataset = handle["delta_w_lattice"]
-        if dataset.shape != recording["W"].shape:
-            raise DataError(f"{path}:/delta_w_lattice has shape {dataset.shape}, but W of {recording.filename} is "
-                            f"{recording['W'].shape}: it was computed from another recording; rerun the lattice stage")
-        made_from, current = handle.attrs.get("resume_key"), recording.attrs.get("resume_key")
-        if made_from is not None and current is not None and made_from != current:
-            raise DataError(f"{path} was computed from another recording than {recording.filename} (their settings "
-                            "or inputs differ); rerun the lattice stage")
-        self._rows = RowsInOrder(unshuffled_row_blocks(dataset, block_rows), dataset.shape[0],
-                                 f"{path}:/delta_w_lattice")
-
-    def take(self, step: int, count: int) -> np.ndarray:
-        """Rows step..step+count-1 (requested in order)."""
-        return self._rows.read(step, step + count).astype(np.int32)
-
-    def finish(self) -> None:
-        """Read to the end, so that the last chunk's checksum is verified too."""
-        self._rows.finish()
+    dataset = handle["delta_w_lattice"]
+    if dataset.shape != recording["W"].shape:
+        raise DataError(f"{path}:/delta_w_lattice has shape {dataset.shape}, but W of {recording.filename} is "
+                        f"{recording['W'].shape}: it was computed from another recording; rerun the lattice stage")
+    made_from, current = handle.attrs.get("resume_key"), recording.attrs.get("resume_key")
+    if made_from is not None and current is not None and made_from != current:
+        raise DataError(f"{path} was computed from another recording than {recording.filename} (their settings "
+                        "or inputs differ); rerun the lattice stage")
+    return RecordedTensor(dataset)
 
 
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
     """exp_avg_sq.csv (``variance_table``) from one streaming pass over the recorded exp_avg_sq."""
     from thimble.record.format import open_h5
-    from thimble.record.reader import recorded_blocks
+    from thimble.record.reader import RecordedTensor
 
     with open_h5(recording) as handle:
         n_steps, vocab, hidden = handle["variance_W"].shape
@@ -626,7 +621,7 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
-        for start, block in recorded_blocks(handle, "variance_W", block_rows):
+        for start, block in RecordedTensor.of_recording(handle, "variance_W").blocks(block_rows):
             values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
             token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,7 +27,8 @@ from tqdm.auto import tqdm
 
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
 from thimble.errors import DataError
-from thimble.numerics.bf16 import bfloat16_bits_from_float16_bits, bits_to_torch
+from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
+from thimble.numerics.lattice import MAGNITUDE_BITS
 from thimble.sizes import REPLAY_BLOCK_STEPS
 from thimble.training.adamw import (
     log2_ratio_floor,
@@ -39,6 +41,9 @@ from thimble.training.adamw import (
 from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
 from thimble.util.workers import WorkerPool, thread_spans
 
+if TYPE_CHECKING:
+    from thimble.record.reader import RowsInOrder
+
 log = logging.getLogger(__name__)
 
 #: bin edges of log2(|u| / half spacing); the first bin also takes u = 0, the last everything above
@@ -50,6 +55,8 @@ COLUMNS = ("step", *COUNT_COLUMNS, "freeze_agreement", "elements")
 LISTED_DISAGREEMENTS = 50
 #: steps replayed per optimizer call
 BLOCK_STEPS = REPLAY_BLOCK_STEPS
+#: the recorded tensor that holds the gradient each step applied (the others hold the state it leaves)
+GRADIENT = "grad_W"
 
 
 def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
@@ -64,7 +71,7 @@ def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
 
 def same_lattice_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """bf16 bit patterns equal, or both zero (±0 are one lattice point)."""
-    return (a == b) | (((a | b) & np.uint16(0x7FFF)) == 0)
+    return (a == b) | (((a | b) & MAGNITUDE_BITS) == 0)
 
 
 def per_step(flags: np.ndarray) -> np.ndarray:
@@ -168,255 +175,255 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
     write_json(output_json, summary, indent=2)
 
 
-class RecordedRows:
-    """A recording's stored bits, row range by row range, in step order: from recording.h5 (each chunk
-    decoded once, ``thimble.record.reader.RecordingRows``) or from a stream folder (its segments' one-step chunks,
-    decoded in the pool's threads). A float16 recording's values are read back as bf16 either way."""
-
-    def __init__(self, path: str, block_rows: int):
-        from thimble.record.format import stream_tensors
-        from thimble.record.reader import RecordingRows, RecordingSource
-
-        self.path = path
-        self._source = RecordingSource.of_path(path)
-        self.is_stream = self._source.is_stream
-        self._handle = self._source.open()
-        self.attrs = {key: (value.decode() if isinstance(value, bytes) else value)
-                      for key, value in self._handle.attrs.items()}
-        self.shape = self._handle["W"].shape
-        self.tensors = stream_tensors(self._handle)
-        self._rows = None if self.is_stream else RecordingRows(self._handle, block_rows)
-
-    def read(self, name: str, start: int, stop: int, out: np.ndarray, pool: WorkerPool) -> None:
-        from thimble.record.stream_reader import read_stream_rows
-
-        if self._rows is not None:
-            self._rows.read(name, start, stop, out)
-            return
-        read_stream_rows(self.path, name, start, stop, out, pool)
-        if self.attrs.get("storage_dtype") == "float16" and self.tensors.get(name) == "float16":
-            out[...] = bfloat16_bits_from_float16_bits(out)
-
-    @property
-    def file(self) -> Path:
-        """The HDF5 file the attributes come from (a stream's stream.h5)."""
-        return self._source.file
-
-    def finish(self) -> None:
-        """Every row was read: recording.h5's last chunks are read to their frames' ends, where zstd checks
-        the checksums (a stream's chunks are checked as they are read)."""
-        if self._rows is not None:
-            self._rows.finish()
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def __enter__(self) -> RecordedRows:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+def recorded_block(rows: dict[str, RowsInOrder], buffers: dict[str, np.ndarray], first: int,
+                   stop: int) -> dict[str, np.ndarray]:
+    """The recorded bits that steps first..stop-1 replay from: each state tensor's rows first-1..stop-1 (the
+    state before each step, then after it), grad_W's rows first..stop-1 (the gradient each step applied), read
+    into ``buffers`` (reused by every block: fresh ones would cost more in page faults than the copies)."""
+    block = {}
+    for name, tensor_rows in rows.items():
+        start = first if name == GRADIENT else first - 1
+        block[name] = tensor_rows.read(start, stop, buffers[name][:stop - start])
+    return block
 
 
-def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
-                     threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
-    """Replay every step of a recording (recording.h5, or the stream folder it was rechunked from); write
-    the per-step table, the update-ratio histograms and a summary."""
-    torch.set_num_threads(threads)
-    with RecordedRows(recording, block_steps) as source:
-        return _replay(source, output_csv, output_json, ratio_csv, device, threads, block_steps)
+def tensor_of_bits(bits: np.ndarray) -> torch.Tensor:
+    """Stored bits as the torch tensor they hold, without copying: bf16 (uint16) or float32 (uint32)."""
+    if bits.dtype.itemsize == 2:
+        return bits_to_torch(bits)
+    return torch.from_numpy(bits.view(np.float32))
 
 
-def _replay(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str, threads: int,
-            block_steps: int) -> dict:
-    from thimble.record.format import TENSORS
+class Bf16Replay:
+    """The bf16 rule's replay, a block of steps at a time: the optimizer's own ``step()`` on the block, the
+    per-step counts of the compiled pass, the first disagreements of the criterion listed, and the summary."""
 
-    attrs, shape = source.attrs, source.shape
-    rule = rule_of(attrs)
-    if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
-        raise DataError(f"{source.path} was recorded under training.update_rule {rule!r}, which this version of "
-                        f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
-                        f"version that recorded it (its git_commit attribute), or train it again")
-    if rule != "bf16":
-        return replay_other_rule(source, output_csv, output_json, ratio_csv, device, threads)
-    storage = attrs.get("storage_dtype")
-    if storage == "float16":
-        log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                    "bf16, so it reports mismatches wherever float16 altered them", source.path)
-    hyper = hyperparameters(attrs)
-    # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
-    implementation = str(attrs.get("optimizer_impl", "single_tensor"))
-    recorded_device = str(attrs.get("device", "cpu"))
-    target = replay_device(device, recorded_device)
-    last = shape[0] - 1
-    rows, histograms, listed = [], [], []
-    disagreements = ties = 0
-    # buffers reused by every block: fresh ones each block would cost more in page faults than the copies
-    buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=np.uint16) for name in TENSORS}
-    replayed_out = tuple(torch.empty((block_steps, *shape[1:]), dtype=torch.bfloat16, device=target)
-                         for _ in range(3))
-    pre_rounding_out = torch.empty((block_steps, *shape[1:]), dtype=torch.float32)
+    #: replay.csv's columns
+    columns = COLUMNS
 
-    def load(name: str, start: int, stop: int) -> torch.Tensor:
-        out = buffers[name][: stop - start]
-        source.read(name, start, stop, out, pool)
-        return bits_to_torch(out)
+    def __init__(self, attrs: dict, shape: tuple[int, ...], target: torch.device, block_steps: int,
+                 pool: WorkerPool):
+        self.attrs, self.shape, self.target, self.pool = attrs, shape, target, pool
+        self.hyper = hyperparameters(attrs)
+        # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
+        self.implementation = str(attrs.get("optimizer_impl", "single_tensor"))
+        self.storage = attrs.get("storage_dtype")
+        self.elements = int(np.prod(shape[1:]))
+        self.rows: list[dict] = []
+        self.histograms: list[np.ndarray] = []
+        self.listed: list[dict] = []
+        self.disagreements = self.ties = 0
+        self._replayed_out = tuple(torch.empty((block_steps, *shape[1:]), dtype=torch.bfloat16, device=target)
+                                   for _ in range(3))
+        self._pre_rounding_out = torch.empty((block_steps, *shape[1:]), dtype=torch.float32)
 
-    def bits(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
+        """Replay steps first.. of ``recorded_block`` and count them."""
+        w, m, v, grads = (bits_to_torch(recorded[name]) for name in ("W", "momentum_W", "variance_W", GRADIENT))
+        replayed, pre_rounding = self.replay(first, w, m, v, grads)
+        columns, histograms = self.count(recorded, replayed, pre_rounding)
+        for index, step in enumerate(range(first, first + len(grads))):
+            row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
+            row["freeze_agreement"] = 1 - row["criterion_disagreements"] / self.elements
+            row["elements"] = self.elements
+            self.rows.append(row)
+        self.histograms.extend(histograms)
+        self.disagreements += int(columns["criterion_disagreements"].sum())
+        self.ties += int(columns["ties"].sum())
+        self.list_disagreements(first, columns["criterion_disagreements"], recorded, (w, m, v), replayed,
+                                pre_rounding)
 
-    with WorkerPool(threads) as pool, tqdm(total=last, desc="replay", unit="step", mininterval=5) as bar:
-        for first in range(1, last + 1, block_steps):
-            stop = min(first + block_steps, last + 1)
-            w, m, v = (load(name, first - 1, stop) for name in ("W", "momentum_W", "variance_W"))
-            grads = load("grad_W", first, stop)
-            replayed = replay_steps(*(x.to(target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, hyper,
-                                    implementation, out=replayed_out)
-            replayed = tuple(bits(x.cpu()) for x in replayed)
-            steps = torch.arange(first, stop)
-            pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, hyper, out=pre_rounding_out).numpy()
-            w_bits, m_bits, v_bits = bits(w), bits(m), bits(v)
-            # one compiled pass per element; it releases the GIL, so the block's steps are split across threads
-            results = [pool.submit(count_steps, w_bits[a: b + 1], m_bits[a: b + 1], v_bits[a: b + 1],
-                                   tuple(x[a: b] for x in replayed), pre_rounding[a: b])
-                       for a, b in thread_spans(stop - first, threads)]
-            results = [result.result() for result in results]
-            columns = {key: np.concatenate([counted[key] for counted, _ in results]) for key in COUNT_COLUMNS}
-            elements = int(np.prod(shape[1:]))
-            for index, step in enumerate(steps.tolist()):
-                row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
-                row["freeze_agreement"] = 1 - row["criterion_disagreements"] / elements
-                row["elements"] = elements
-                rows.append(row)
-            for _, block_histograms in results:
-                histograms.extend(block_histograms)
-            disagreements += int(columns["criterion_disagreements"].sum())
-            ties += int(columns["ties"].sum())
-            # the elements behind the counts are found by the numpy reference, one step at a time and only
-            # for the steps with disagreements, until LISTED_DISAGREEMENTS are listed
-            for index in np.flatnonzero(columns["criterion_disagreements"]).tolist():
-                room = LISTED_DISAGREEMENTS - len(listed)
-                if room <= 0:
-                    break
-                one = slice(index, index + 1)
-                reference = step_statistics(w_bits[index: index + 2], m_bits[index: index + 2],
-                                            v_bits[index: index + 2], tuple(x[one] for x in replayed),
-                                            pre_rounding[one])
-                for element in np.argwhere(reference["differs"][0])[:room].tolist():
-                    at = (index, *element)
-                    listed.append({
-                        "step": first + index, "element": element,
-                        "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
-                        "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
-                        "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
-                        "predicted_frozen": bool(reference["predicted"][(0, *element)]),
-                        "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
-                        "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), storage, implementation),
-                    })
-            bar.update(stop - first)
+    def replay(self, first: int, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+               grads: torch.Tensor) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+        """The optimizer's W, m, v after each step (bits) and the criterion's float32 weights before rounding."""
+        replayed = replay_steps(*(x.to(self.target) for x in (w[:-1], m[:-1], v[:-1], grads)), first, self.hyper,
+                                self.implementation, out=self._replayed_out)
+        steps = torch.arange(first, first + len(grads))
+        pre_rounding = pre_rounding_weight(w[:-1], m[1:], v[1:], steps, self.hyper, out=self._pre_rounding_out)
+        return tuple(torch_to_bits(x.cpu()) for x in replayed), pre_rounding.numpy()
 
-    criterion = {
-        "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
-                "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
-                "move, or exactly half with an even last mantissa bit",
-        "elements": last * int(np.prod(shape[1:])),
-        "disagreements": disagreements,
-        "agreement": 1 - disagreements / (last * int(np.prod(shape[1:]))) if last else None,
-        "ties_at_half_spacing": ties,
-        "listed": listed,
-    }
-    summary = replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": storage},
-                             replay_environments(attrs, target, implementation), rows, COLUMNS[1:4], criterion)
-    source.finish()
-    write_replay_outputs(output_csv, COLUMNS, rows, ratio_csv, histograms, output_json, summary, source.file, attrs)
-    if summary["bitwise_match"]:
-        log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps", implementation,
-                 target, last)
-    else:
-        log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
-                    "recorded on %s)", summary["total_mismatches"], summary["steps_with_mismatches"],
-                    summary["replayed_on"], summary["recorded_on"])
-    log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
-             "a spacing, resolved by rounding)", disagreements, summary["freeze_criterion"]["elements"], ties)
-    return summary
+    def count(self, recorded: dict[str, np.ndarray], replayed: tuple[np.ndarray, ...],
+              pre_rounding: np.ndarray) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """Per-step counts (COUNT_COLUMNS) and ratio histograms: one compiled pass per element, which releases
+        the GIL, so the block's steps are split across the pool's threads."""
+        w, m, v = (recorded[name] for name in ("W", "momentum_W", "variance_W"))
+        results = [self.pool.submit(count_steps, w[a: b + 1], m[a: b + 1], v[a: b + 1],
+                                    tuple(x[a: b] for x in replayed), pre_rounding[a: b])
+                   for a, b in thread_spans(len(pre_rounding), self.pool.threads)]
+        results = [result.result() for result in results]
+        columns = {key: np.concatenate([counted[key] for counted, _ in results]) for key in COUNT_COLUMNS}
+        return columns, [histogram for _, histograms in results for histogram in histograms]
+
+    def list_disagreements(self, first: int, disagreements: np.ndarray, recorded: dict[str, np.ndarray],
+                           values: tuple[torch.Tensor, ...], replayed: tuple[np.ndarray, ...],
+                           pre_rounding: np.ndarray) -> None:
+        """Add the elements behind the block's disagreements to ``listed`` until LISTED_DISAGREEMENTS are: found
+        by the numpy reference, one step at a time and only for the steps with disagreements."""
+        w_bits, m_bits, v_bits = (recorded[name] for name in ("W", "momentum_W", "variance_W"))
+        w, m, v = values
+        for index in np.flatnonzero(disagreements).tolist():
+            room = LISTED_DISAGREEMENTS - len(self.listed)
+            if room <= 0:
+                break
+            one = slice(index, index + 1)
+            reference = step_statistics(w_bits[index: index + 2], m_bits[index: index + 2],
+                                        v_bits[index: index + 2], tuple(x[one] for x in replayed),
+                                        pre_rounding[one])
+            for element in np.argwhere(reference["differs"][0])[:room].tolist():
+                at = (index, *element)
+                self.listed.append({
+                    "step": first + index, "element": element,
+                    "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
+                    "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
+                    "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
+                    "predicted_frozen": bool(reference["predicted"][(0, *element)]),
+                    "observed_frozen": bool(same_lattice_point(w_bits[1:][at], w_bits[:-1][at])),
+                    "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), self.storage, self.implementation),
+                })
+
+    def summary(self) -> dict:
+        """replay.json: the mismatch totals and the freeze criterion's account."""
+        last = len(self.rows)
+        criterion = {
+            "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
+                    "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
+                    "move, or exactly half with an even last mantissa bit",
+            "elements": last * self.elements,
+            "disagreements": self.disagreements,
+            "agreement": 1 - self.disagreements / (last * self.elements) if last else None,
+            "ties_at_half_spacing": self.ties,
+            "listed": self.listed,
+        }
+        return replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": self.storage},
+                              replay_environments(self.attrs, self.target, self.implementation), self.rows,
+                              COLUMNS[1:4], criterion)
+
+    def log_result(self, summary: dict) -> None:
+        if summary["bitwise_match"]:
+            log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps",
+                     self.implementation, self.target, summary["steps"])
+        else:
+            log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
+                        "recorded on %s)", summary["total_mismatches"], summary["steps_with_mismatches"],
+                        summary["replayed_on"], summary["recorded_on"])
+        log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
+                 "a spacing, resolved by rounding)", self.disagreements, summary["freeze_criterion"]["elements"],
+                 self.ties)
 
 
 #: replay.csv's columns for a rule other than bf16, beside one ``<tensor>_mismatches`` column per recorded tensor
 OTHER_RULE_COLUMNS = ("step", "observed_frozen", "elements")
 
 
-def replay_other_rule(source: RecordedRows, output_csv: str, output_json: str, ratio_csv: str, device: str,
-                      threads: int) -> dict:
-    """Replay a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
+class OtherRuleReplay:
+    """The replay of a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
     through the rule's own ``step()``, comparing every recorded tensor bit for bit.
 
     The freeze criterion and the update-ratio histograms are the bf16 rule's (round to nearest from the
     addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
     """
-    from thimble.record.codec import BITS_DTYPES
-    from thimble.update_rules import ELEMENT_BYTES
 
-    attrs, tensors, shape = source.attrs, source.tensors, source.shape
-    rule = str(attrs["update_rule"])
-    hyper = hyperparameters(attrs)
-    implementation, seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
-    recorded_device = str(attrs.get("device", "cpu"))
-    target = replay_device(device, recorded_device)
-    last, elements = shape[0] - 1, int(np.prod(shape[1:]))
-    torch_dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-    state_names = [name for name in tensors if name != "grad_W"]
-    rows = []
+    #: the ratio table's rows: none, the ratio is the bf16 rule's
+    histograms = ()
 
-    def load(pool, name: str, start: int, stop: int) -> torch.Tensor:
-        out = np.empty((stop - start, *shape[1:]), dtype=BITS_DTYPES[ELEMENT_BYTES[tensors[name]]])
-        source.read(name, start, stop, out, pool)
-        signed = {2: np.int16, 4: np.int32}[out.dtype.itemsize]  # torch has no uint16/uint32 views to cast
-        return torch.from_numpy(out.view(signed)).view(torch_dtypes[tensors[name]])
+    def __init__(self, attrs: dict, shape: tuple[int, ...], tensors: dict[str, str], target: torch.device):
+        self.attrs, self.tensors, self.target = attrs, tensors, target
+        self.rule = str(attrs["update_rule"])
+        self.hyper = hyperparameters(attrs)
+        self.implementation, self.seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
+        self.elements = int(np.prod(shape[1:]))
+        self.state_names = [name for name in tensors if name != GRADIENT]
+        self.mismatch_columns = [f"{name}_mismatches" for name in self.state_names]
+        self.columns = ["step", *self.mismatch_columns, *OTHER_RULE_COLUMNS[1:]]
+        self.rows: list[dict] = []
 
-    with WorkerPool(threads) as pool, tqdm(total=last, desc=f"replay ({rule})", unit="step",
-                                                   mininterval=5) as bar:
-        for first in range(1, last + 1, BLOCK_STEPS):
-            stop = min(first + BLOCK_STEPS, last + 1)
-            recorded = {name: load(pool, name, first - 1, stop) for name in state_names}
-            grads = load(pool, "grad_W", first, stop)
-            for index, step in enumerate(range(first, stop)):
-                before = {name: values[index].to(target) for name, values in recorded.items()}
-                after = replay_rule_step(rule, before, grads[index].to(target), step, hyper, implementation, seed)
-                row = {"step": step}
-                for name in state_names:
-                    expected = recorded[name][index + 1]
-                    got = after[name].cpu()
-                    row[f"{name}_mismatches"] = int((got.view(_int_view(got)) != expected.view(_int_view(expected)))
-                                                    .sum())
-                w_bits = recorded["W"][index: index + 2].view(torch.int16).numpy().view(np.uint16)
-                row["observed_frozen"] = int(same_lattice_point(w_bits[1], w_bits[0]).sum())
-                row["elements"] = elements
-                rows.append(row)
-            bar.update(stop - first)
+    def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
+        """Replay steps first.. of ``recorded_block``, one at a time, and compare each recorded tensor."""
+        state = {name: tensor_of_bits(recorded[name]) for name in self.state_names}
+        grads = tensor_of_bits(recorded[GRADIENT])
+        for index, step in enumerate(range(first, first + len(grads))):
+            before = {name: values[index].to(self.target) for name, values in state.items()}
+            after = replay_rule_step(self.rule, before, grads[index].to(self.target), step, self.hyper,
+                                     self.implementation, self.seed)
+            row = {"step": step}
+            for name in self.state_names:
+                expected = state[name][index + 1]
+                got = after[name].cpu()
+                row[f"{name}_mismatches"] = int((got.view(_int_view(got)) != expected.view(_int_view(expected)))
+                                                .sum())
+            w_bits = recorded["W"]
+            row["observed_frozen"] = int(same_lattice_point(w_bits[index + 1], w_bits[index]).sum())
+            row["elements"] = self.elements
+            self.rows.append(row)
 
-    mismatch_columns = [f"{name}_mismatches" for name in state_names]
-    criterion = {"applies": False,
-                 "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under {rule} "
-                        "the weight is rounded another way, so only the replay's bits are compared"}
-    random_bits = {"random_bits": "torch's generator is seeded from (training.seed, t) before step t "
-                                  "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
-                                  "training's bits"} if rule == "stochastic_rounding" else {}
-    summary = replay_summary({"steps": last, "update_rule": rule, "storage_dtype": attrs.get("storage_dtype"),
-                              "recorded_tensors": tensors}, replay_environments(attrs, target, implementation),
-                             rows, mismatch_columns, criterion, random_bits)
-    # the ratio table has its header only: the ratio is the bf16 rule's
-    source.finish()
-    write_replay_outputs(output_csv, ["step", *mismatch_columns, *OTHER_RULE_COLUMNS[1:]], rows, ratio_csv, [],
-                         output_json, summary, source.file, attrs)
-    if summary["bitwise_match"]:
-        log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", rule, implementation,
-                 target, last)
-    else:
-        log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", rule, summary["total_mismatches"],
-                    summary["steps_with_mismatches"])
-    return summary
+    def summary(self) -> dict:
+        """replay.json: the mismatch totals, why the freeze criterion does not apply, and how a stochastic
+        rounding replay draws the training's random bits."""
+        criterion = {"applies": False,
+                     "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under "
+                            f"{self.rule} the weight is rounded another way, so only the replay's bits are compared"}
+        random_bits = {"random_bits": "torch's generator is seeded from (training.seed, t) before step t "
+                                      "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
+                                      "training's bits"} if self.rule == "stochastic_rounding" else {}
+        return replay_summary({"steps": len(self.rows), "update_rule": self.rule,
+                               "storage_dtype": self.attrs.get("storage_dtype"), "recorded_tensors": self.tensors},
+                              replay_environments(self.attrs, self.target, self.implementation), self.rows,
+                              self.mismatch_columns, criterion, random_bits)
+
+    def log_result(self, summary: dict) -> None:
+        if summary["bitwise_match"]:
+            log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", self.rule,
+                     self.implementation, self.target, summary["steps"])
+        else:
+            log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", self.rule,
+                        summary["total_mismatches"], summary["steps_with_mismatches"])
 
 
 def _int_view(tensor: torch.Tensor) -> torch.dtype:
     """The integer dtype of ``tensor``'s width: compare bits, not values (NaNs, ±0)."""
     return {2: torch.int16, 4: torch.int32}[tensor.element_size()]
+
+
+def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
+                     threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
+    """Replay every step of a recording (recording.h5, or the stream folder it was rechunked from); write
+    the per-step table, the update-ratio histograms and a summary."""
+    from thimble.record.format import stream_tensors
+    from thimble.record.reader import RecordedTensor, RecordingSource
+
+    torch.set_num_threads(threads)
+    source = RecordingSource.of_path(recording)
+    with source.open() as handle, WorkerPool(threads) as pool:
+        attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in handle.attrs.items()}
+        rule = rule_of(attrs)
+        if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
+            raise DataError(f"{recording} was recorded under training.update_rule {rule!r}, which this version of "
+                            f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
+                            f"version that recorded it (its git_commit attribute), or train it again")
+        target = replay_device(device, str(attrs.get("device", "cpu")))
+        tensors = stream_tensors(handle)
+        shape = handle["W"].shape
+        if rule == "bf16":
+            if attrs.get("storage_dtype") == "float16":
+                log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                            "bf16, so it reports mismatches wherever float16 altered them", recording)
+            replay = Bf16Replay(attrs, shape, target, block_steps, pool)
+        else:
+            replay = OtherRuleReplay(attrs, shape, tensors, target)
+        rows = {name: RecordedTensor.of_recording(handle, name).in_order(block_steps, pool) for name in tensors}
+        buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=tensor_rows.tensor.bits_dtype)
+                   for name, tensor_rows in rows.items()}
+        last = shape[0] - 1
+        with tqdm(total=last, desc="replay" if rule == "bf16" else f"replay ({rule})", unit="step",
+                  mininterval=5) as bar:
+            for first in range(1, last + 1, block_steps):
+                stop = min(first + block_steps, last + 1)
+                replay.block(first, recorded_block(rows, buffers, first, stop))
+                bar.update(stop - first)
+        for tensor_rows in rows.values():  # the last chunks' checksums are checked at their frames' ends
+            tensor_rows.finish()
+    summary = replay.summary()
+    write_replay_outputs(output_csv, replay.columns, replay.rows, ratio_csv, replay.histograms, output_json, summary,
+                         source.file, attrs)
+    replay.log_result(summary)
+    return summary

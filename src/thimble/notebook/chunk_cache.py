@@ -9,9 +9,9 @@ is decoded and dropped after the read (each such read costs a chunk decode, and
 ``ChunkCache.oversized`` counts them so that the caller can say so). A stream
 (``stream/``, one step per chunk) goes through the same cache, a step at a time.
 
-Every chunk is decoded by ``thimble.record.codec``'s checksummed reader (``decode_chunk``, or
-``thimble.record.reader.read_steps`` for a stream), which verifies each zstd frame's checksum: a damaged
-chunk is a ``DataError`` naming the file, the dataset and the steps, and nothing damaged is ever cached.
+Every chunk is decoded by ``thimble.record.reader.RecordedTensor.chunk``, which verifies each zstd frame's
+checksum: a damaged chunk is a ``DataError`` naming the file, the dataset and the steps, and nothing damaged is
+ever cached.
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 
-from thimble.record.codec import BITS_DTYPES
-from thimble.record.h5_datasets import element_size
+from thimble.record.reader import RecordedTensor
 
 #: the default budget's share of the machine's memory, and its ceiling
 DEFAULT_SHARE_OF_RAM = 0.25
@@ -37,42 +35,6 @@ def default_budget_bytes() -> int:
     return int(min(DEFAULT_CEILING_BYTES, psutil.virtual_memory().total * DEFAULT_SHARE_OF_RAM))
 
 
-def chunk_steps(dataset: h5py.Dataset) -> int:
-    """Steps per stored chunk: the dataset's chunk rows, or 1 for a stream's virtual dataset (its segments
-    hold one step per chunk) and for an unchunked dataset (read a step at a time)."""
-    if dataset.is_virtual or dataset.chunks is None:
-        return 1
-    return dataset.chunks[0]
-
-
-def stored_bits(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
-    """Steps [start, stop) as their stored bits (unsigned integers of the element size), checksums verified."""
-    from thimble.record.reader import read_steps
-
-    values = read_steps(dataset, start, stop)
-    return values.view(BITS_DTYPES[values.dtype.itemsize])
-
-
-def decoded_chunk(dataset: h5py.Dataset, first: int) -> np.ndarray:
-    """The valid steps of the stored chunk starting at ``first``, its frame's checksum verified.
-
-    A whole shuffle+zstd chunk is decoded straight into the array kept (``read_steps`` would decode it into
-    a scratch chunk and copy the steps out: a third more time and twice the memory for a chunk of 1.9 GB);
-    anything else (a stream's virtual dataset, another filter pipeline) goes through ``read_steps``.
-    """
-    from thimble.record.codec import chunk_steps as chunk_where
-    from thimble.record.codec import decode_chunk, has_shuffle_zstd, read_stored_chunk
-
-    stop = min(first + chunk_steps(dataset), dataset.shape[0])
-    if dataset.is_virtual or dataset.chunks is None or not has_shuffle_zstd(dataset) \
-            or element_size(dataset) not in BITS_DTYPES:
-        return stored_bits(dataset, first, stop)
-    where = chunk_where(dataset, first)
-    chunk = np.empty(dataset.chunks, dtype=BITS_DTYPES[element_size(dataset)])  # edge chunks: full size
-    decode_chunk(read_stored_chunk(dataset, first, where), chunk, where)
-    return chunk[:stop - first]
-
-
 def as_slice(positions: np.ndarray) -> slice | np.ndarray:
     """Evenly spaced increasing positions as the slice that selects them (numpy slices without copying,
     20 times faster than indexing by an array), else the positions themselves."""
@@ -82,23 +44,6 @@ def as_slice(positions: np.ndarray) -> slice | np.ndarray:
     if len(positions) and stride[0] > 0 and (stride == stride[0]).all():
         return slice(int(positions[0]), int(positions[-1]) + 1, int(stride[0]))
     return positions
-
-
-@dataclass(frozen=True)
-class TensorChunks:
-    """What the cache needs to know of a dataset, read from h5py once (each h5py property costs tens of µs,
-    more than serving a kept chunk)."""
-
-    dataset: h5py.Dataset
-    key: tuple[str, str]
-    shape: tuple[int, ...]
-    steps_per_chunk: int
-    bits_dtype: np.dtype
-
-    @classmethod
-    def of(cls, dataset: h5py.Dataset) -> TensorChunks:
-        return cls(dataset, (dataset.file.filename, dataset.name), tuple(dataset.shape), chunk_steps(dataset),
-                   np.dtype(BITS_DTYPES[element_size(dataset)]))
 
 
 @dataclass
@@ -112,25 +57,25 @@ class CacheStats:
 
 
 class ChunkCache:
-    """Decoded chunks keyed by (file, dataset, first step), least recently used evicted past ``budget_bytes``."""
+    """Decoded chunks keyed by (file:dataset, first step), least recently used evicted past ``budget_bytes``."""
 
     def __init__(self, budget_bytes: int | None = None):
         self.budget_bytes = default_budget_bytes() if budget_bytes is None else int(budget_bytes)
         if self.budget_bytes < 0:
             raise ValueError(f"the cache budget is a number of bytes >= 0, not {budget_bytes}")
-        #: (file, dataset, first step) -> (the decoded steps, the bytes they hold)
+        #: (file:dataset, first step) -> (the decoded steps, the bytes they hold)
         self._chunks: collections.OrderedDict[tuple, tuple[np.ndarray, int]] = collections.OrderedDict()
         self.held_bytes = 0
         self.stats = CacheStats()
 
-    def chunk(self, tensor: TensorChunks, first: int) -> np.ndarray:
+    def chunk(self, tensor: RecordedTensor, first: int) -> np.ndarray:
         """The decoded chunk of ``tensor`` whose first step is ``first`` (its valid steps only)."""
-        key = (*tensor.key, first)
+        key = (tensor.where, first)
         if key in self._chunks:
             self._chunks.move_to_end(key)
             self.stats.hits += 1
             return self._chunks[key][0]
-        bits = decoded_chunk(tensor.dataset, first)
+        bits = tensor.chunk(first)
         held = bits.nbytes if bits.base is None else bits.base.nbytes  # an edge chunk holds its padding too
         self.stats.decoded += 1
         self.stats.decoded_bytes += held
@@ -145,11 +90,11 @@ class ChunkCache:
         self.held_bytes += held
         return bits
 
-    def rows(self, tensor: TensorChunks, steps: np.ndarray, tokens: slice | np.ndarray) -> np.ndarray:
+    def rows(self, tensor: RecordedTensor, steps: np.ndarray, tokens: slice | np.ndarray) -> np.ndarray:
         """The stored bits of ``steps`` (an int array, any order, repeats allowed) and ``tokens`` (a slice or an
         int array over axis 1) of ``tensor``, shaped (len(steps), tokens, ...): each chunk they touch is
         decoded at most once, and only the chunks they touch."""
-        per_chunk = tensor.steps_per_chunk
+        per_chunk = tensor.chunk_rows
         n_tokens = len(range(*tokens.indices(tensor.shape[1]))) if isinstance(tokens, slice) else len(tokens)
         out = np.empty((len(steps), n_tokens, *tensor.shape[2:]), dtype=tensor.bits_dtype)
         firsts = steps - steps % per_chunk

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 import h5py
 import numpy as np
 
-from thimble.notebook.chunk_cache import ChunkCache, TensorChunks
+from thimble.notebook.chunk_cache import ChunkCache
 from thimble.numerics.bf16 import BFLOAT16
+from thimble.record.reader import RecordedTensor
 
 if TYPE_CHECKING:
     import torch
@@ -89,32 +90,30 @@ class StepSeries:
     """One recorded per-step tensor, read lazily: ``series[t]``, ``series[a:b]``, ``series[steps, tokens]``."""
 
     def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache):
-        self._dataset, self.name, self._cache = dataset, name, cache
-        self._chunks = TensorChunks.of(dataset)
-        from thimble.record.format import is_bfloat16
-
-        self.bfloat16 = is_bfloat16(dataset)
+        self.name, self._cache = name, cache
+        self._tensor = RecordedTensor(dataset)
         #: the stored values' numpy dtype (ml_dtypes.bfloat16 for bf16 tensors)
-        self.stored_dtype = BFLOAT16 if self.bfloat16 else np.dtype(dataset.dtype)
+        self.stored_dtype = self._tensor.dtype
+        self.bfloat16 = self.stored_dtype == BFLOAT16
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return self._chunks.shape
+        return self._tensor.shape
 
     @property
     def source(self) -> str:
         """The file the values are read from (recording.h5, stream.h5 or delta_w_lattice.h5)."""
-        return self._dataset.file.filename
+        return self._tensor.dataset.file.filename
 
     def __len__(self) -> int:
-        return self._chunks.shape[0]
+        return self._tensor.shape[0]
 
     def bits(self, key=slice(None)) -> np.ndarray:
         """The stored bit patterns (uint16 or uint32) of ``series[key]``."""
         steps_index, tokens_index, dims_index = split_key(key)
         steps, drop_step = axis_selection(steps_index, self.shape[0], "step")
         tokens, drop_token = axis_selection(tokens_index, self.shape[1], "token", keep_slice=True)
-        out = self._cache.rows(self._chunks, steps, tokens)
+        out = self._cache.rows(self._tensor, steps, tokens)
         if len(self.shape) > 2:
             dims, drop_dim = axis_selection(dims_index, self.shape[2], "dim", keep_slice=True)
             out = out[:, :, dims]

@@ -15,7 +15,8 @@ could otherwise drop it). Every failure is a ``DataError`` naming the file, the
 dataset and the steps. Chunks are written with direct chunk writes, so HDF5
 never writes a frame without a checksum.
 
-Work is split across threads (zstd and numpy release the GIL) by ``thimble.util.workers``.
+These are the chunk-level calls; rows are read through ``thimble.record.reader`` (``RecordedTensor``), which
+iterates them over a dataset's chunks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import zstandard
 
 from thimble.errors import DataError
 from thimble.record.h5_datasets import element_size
-from thimble.util.workers import WorkerPool, thread_spans  # noqa: F401  (their former home)
 
 ZSTD_FILTER = 32015
 #: the ``chunk_checksum`` attribute of every file holding such chunks: what guards them
@@ -60,8 +60,8 @@ def chunk_location(dataset: h5py.Dataset, first_step: int, last_step: int) -> st
     return f"{dataset.file.filename}:{dataset.name} steps {first_step}..{last_step}"
 
 
-def chunk_steps(dataset: h5py.Dataset, first: int) -> str:
-    """How errors name the chunk that starts at row ``first``: the steps it holds."""
+def chunk_where(dataset: h5py.Dataset, first: int) -> str:
+    """How errors name the chunk that starts at row ``first``: 'file:dataset steps a..b', the steps it holds."""
     return chunk_location(dataset, first, min(first + dataset.chunks[0], dataset.shape[0]) - 1)
 
 
@@ -276,24 +276,15 @@ def read_stored_chunk(dataset: h5py.Dataset, first_row: int, where: str) -> byte
     return raw
 
 
-def decode_rows(dataset: h5py.Dataset, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a chunked [shuffle ->] zstd dataset, decoded chunk by chunk with every
-    frame checksum verified; as unsigned integers of the element size."""
-    rows, shape = dataset.chunks[0], dataset.shape
-    unsigned = np.dtype(f"u{element_size(dataset)}")
-    shuffled = h5py.h5z.FILTER_SHUFFLE in dataset_filters(dataset)
-    out = np.empty((stop - start, *shape[1:]), dtype=unsigned)
-    chunk = np.empty((rows, *shape[1:]), dtype=unsigned)
-    for first in range(start - start % rows, stop, rows):
-        where = chunk_steps(dataset, first)
-        raw = read_stored_chunk(dataset, first, where)
-        if shuffled:
-            decode_chunk(raw, chunk, where)
-        else:
-            chunk[...] = np.frombuffer(decode_frame(raw, chunk.nbytes, where), dtype=unsigned).reshape(chunk.shape)
-        low, high = max(start, first), min(stop, first + rows)
-        out[low - start: high - start] = chunk[low - first: high - first]
-    return out
+def decode_stored_chunk(dataset: h5py.Dataset, first_row: int, out: np.ndarray) -> None:
+    """The whole stored chunk starting at ``first_row`` of a chunked [shuffle ->] zstd dataset, decoded into
+    ``out`` (the chunk's full shape, unsigned integers of the element size) with its frame's checksum verified."""
+    where = chunk_where(dataset, first_row)
+    raw = read_stored_chunk(dataset, first_row, where)
+    if h5py.h5z.FILTER_SHUFFLE in dataset_filters(dataset):
+        decode_chunk(raw, out, where)
+    else:
+        out[...] = np.frombuffer(decode_frame(raw, out.nbytes, where), dtype=out.dtype).reshape(out.shape)
 
 
 # -- streaming a chunk too large to hold twice -----------------------------------------------------
@@ -327,7 +318,7 @@ class CheckedChunk:
     """
 
     def __init__(self, dataset: h5py.Dataset, first_row: int):
-        self.where = where = chunk_steps(dataset, first_row)
+        self.where = where = chunk_where(dataset, first_row)
         try:
             info = dataset.id.get_chunk_info_by_coord(chunk_origin(dataset, first_row))
         except (OSError, KeyError, ValueError) as error:
@@ -395,13 +386,29 @@ class CheckedChunk:
 
 
 def chunk_row_blocks(dataset: h5py.Dataset, first_row: int, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """The valid rows of one stored shuffle+zstd chunk of 2- or 4-byte elements, as (first row, block)
-    with blocks of up to ``block_rows`` rows of bits (uint16 or uint32, (rows, elements per row)),
-    holding all but the last byte plane of the chunk.
+    """The valid rows of one stored [shuffle ->] zstd chunk as (first row, block): blocks of up to
+    ``block_rows`` rows of bits (unsigned integers of the element size, shaped (rows, *row shape)), the
+    frame's checksum verified after the last block. Never the whole decoded chunk in memory: a shuffled
+    chunk holds its lower byte planes (``_shuffled_row_blocks``), an unshuffled one none."""
+    if h5py.h5z.FILTER_SHUFFLE in dataset_filters(dataset):
+        yield from _shuffled_row_blocks(dataset, first_row, block_rows)
+        return
+    rows, n_rows = dataset.chunks[0], dataset.shape[0]
+    bits = np.dtype(f"u{element_size(dataset)}")
+    with CheckedChunk(dataset, first_row) as chunk:
+        for first in range(first_row, min(first_row + rows, n_rows), block_rows):
+            block = np.empty((min(block_rows, first_row + rows - first, n_rows - first), *dataset.shape[1:]),
+                             dtype=bits)
+            chunk.read_exactly(block)
+            yield first, block
+
+
+def _shuffled_row_blocks(dataset: h5py.Dataset, first_row: int,
+                         block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``chunk_row_blocks`` of a shuffled chunk of 2- or 4-byte elements.
 
     The shuffled stream is every element's first byte, then every second byte, and so on: the lower
-    planes are kept, then the top plane is read a block at a time and joined with them. The frame's
-    checksum is verified after the last block.
+    planes are kept (half a chunk of bf16), then the top plane is read a block at a time and joined with them.
     """
     rows, element_bytes = dataset.chunks[0], element_size(dataset)
     valid_rows = min(rows, dataset.shape[0] - first_row)
@@ -418,61 +425,4 @@ def chunk_row_blocks(dataset: h5py.Dataset, first_row: int, block_rows: int) -> 
             block |= lower[0, first: first + size]
             for plane in range(1, element_bytes - 1):
                 block |= np.left_shift(lower[plane, first: first + size], 8 * plane, dtype=bits)
-            yield first_row + start, block.reshape(-1, row_elements)
-
-
-def row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Every row of a chunked shuffle+zstd dataset in order, as (first row, block) (see
-    ``chunk_row_blocks``), each chunk's checksum verified."""
-    for start, _ in time_chunks(dataset.shape[0], dataset.chunks[0]):
-        yield from chunk_row_blocks(dataset, start, block_rows)
-
-
-def unshuffled_row_blocks(dataset: h5py.Dataset, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    """Every row of a chunked zstd dataset without shuffle (ΔW′), in order, as (first row, block) with
-    blocks of up to ``block_rows`` rows in the dataset's dtype, decoded as the chunk is read (never a
-    whole chunk in memory); each frame's checksum is verified at its chunk's last block."""
-    rows, n_rows = dataset.chunks[0], dataset.shape[0]
-    for start, _ in time_chunks(n_rows, rows):
-        with CheckedChunk(dataset, start) as chunk:
-            for first in range(start, min(start + rows, n_rows), block_rows):
-                block = np.empty((min(block_rows, start + rows - first, n_rows - first), *dataset.shape[1:]),
-                                 dtype=dataset.dtype)
-                chunk.read_exactly(block)
-                yield first, block
-
-
-class RowsInOrder:
-    """Rows of a chunked dataset served from its ``(first row, block)`` iterator (``row_blocks``,
-    ``unshuffled_row_blocks``, ``record.recorded_blocks``), asked for in order: a window may start inside the
-    one before, never before it. Each chunk is decoded once; ``finish`` reads on to the end, where zstd checks
-    the last frame's checksum, which the last window may stop short of."""
-
-    def __init__(self, blocks: Iterator[tuple[int, np.ndarray]], n_rows: int, where: str):
-        self._blocks, self.n_rows, self.where = blocks, n_rows, where
-        self._first, self._rows = 0, None
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop), a view of the rows held."""
-        first, rows = self._first, self._rows
-        if rows is not None and start < first:
-            raise ValueError(f"{self.where}: rows {start}.. asked for after rows {first}.. (read in order)")
-        while rows is None or first + len(rows) < stop:
-            try:
-                block_first, block = next(self._blocks)
-            except StopIteration:
-                raise DataError(f"{self.where} ends before row {stop - 1}") from None
-            first, rows = (block_first, block) if rows is None else (first, np.concatenate([rows, block]))
-            if start > first:  # rows before the window are not asked for again
-                drop = min(start - first, len(rows))
-                first, rows = first + drop, rows[drop:]
-        self._first, self._rows = first, rows
-        return rows[start - first: stop - first]
-
-    def finish(self) -> None:
-        """Read to the end (every frame's checksum verified); rows missing are an error."""
-        end = self._first + (0 if self._rows is None else len(self._rows))
-        for block_first, block in self._blocks:
-            end = block_first + len(block)
-        if end != self.n_rows:
-            raise DataError(f"{self.where} holds rows up to {end - 1}, expected {self.n_rows - 1}")
+            yield first_row + start, block.reshape(-1, *dataset.shape[1:])

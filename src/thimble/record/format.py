@@ -12,9 +12,9 @@ A recorded stream is a directory:
 ``thimble rechunk`` rewrites it as one file, ``recording.h5``, in large time chunks. Chunks are encoded by
 ``thimble.record.codec`` (byte shuffle -> zstd with the frame checksum, the same encoding in every file thimble
 writes); the small uncompressed datasets (losses, masks, counts) carry HDF5's Fletcher32. The writer is
-``thimble.record.writer``, the readers ``thimble.record.stream_reader`` (the stream) and
-``thimble.record.reader`` (any recorded tensor, the rechunked file); every reader turns a damaged,
-truncated or missing file into a ``DataError`` naming the file, the dataset and the steps.
+``thimble.record.writer``; a recorded tensor's rows are read through ``thimble.record.reader``
+(``RecordedTensor``; a stream's segments are opened and decoded by ``thimble.record.stream_reader``), which
+turns a damaged, truncated or missing file into a ``DataError`` naming the file, the dataset and the steps.
 """
 
 from __future__ import annotations

@@ -49,8 +49,6 @@ class RechunkError(DataError):
     """The rechunked file would not hold the same bits as its source."""
 
 
-
-
 def create_chunked(group: h5py.Group, name: str, h5type: h5py.h5t.TypeID, shape: tuple, rows: int,
                    level: int) -> h5py.Dataset:
     return create_dataset(group, name, h5type, shape, zstd_dcpl((rows, *shape[1:]), level))
@@ -88,16 +86,17 @@ def write_rechunked(out: h5py.File, name: str, h5type: h5py.h5t.TypeID, shape: t
     return copied.hexdigest()
 
 
-def copy_rechunked(stream_dir: Path, source: h5py.Dataset, out: h5py.File, rows: int, level: int,
+def copy_rechunked(source: h5py.Dataset, out: h5py.File, rows: int, level: int,
                    pool: WorkerPool, progress: tqdm) -> str:
     """Copy one tensor of the stream into (rows, ...) chunks; return the sha256 of its bits, verified on disk."""
-    from thimble.record.stream_reader import read_stream_rows
+    from thimble.record.reader import RecordedTensor
 
     name = source.name.lstrip("/")
+    rows_of = RecordedTensor(source)
 
     def from_stream(start: int, stop: int, chunk: np.ndarray, digest) -> None:
         # `digest` hashes each row as it decodes from the stream's segments (a missing one is an error)
-        read_stream_rows(stream_dir, name, start, stop, chunk, pool, digest=digest)
+        rows_of.bits(start, stop, chunk[:stop - start], pool, digest)
 
     # h5py shows bf16 as float32: the stored type is HDF5's
     return write_rechunked(out, name, source.id.get_type(), source.shape, rows, level, pool, progress, from_stream)
@@ -130,7 +129,7 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
                 tqdm(total=n_rows * vocab * hidden * sum(element_bytes.values()), unit="B", unit_scale=True,
                      desc="rechunk", mininterval=5) as progress:
             for name in element_bytes:
-                checksums[name] = copy_rechunked(Path(stream_dir), stream[name], out, rows, level, pool, progress)
+                checksums[name] = copy_rechunked(stream[name], out, rows, level, pool, progress)
                 log.info("%s: verified, sha256 %s", name, checksums[name])
             for name in stream:
                 if name not in element_bytes:
