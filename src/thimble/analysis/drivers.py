@@ -36,17 +36,17 @@ import math
 import numpy as np
 
 from thimble.analysis.freeze import GROUPS, group_masks
-from thimble.analysis.replay_kernel import compiled
+from thimble.analysis.replay_kernel import (
+    BF16_HALF_SPACING_OFFSET,
+    BF16_MAGNITUDE,
+    BF16_MANTISSA,
+    BF16_SECOND_NORMAL_BINADE,
+    BF16_SIGN,
+    compiled,
+)
 from thimble.errors import DataError
 from thimble.numerics.bf16 import BFLOAT16
-from thimble.numerics.lattice import (
-    EXPONENT_BIAS,
-    EXPONENT_SHIFT,
-    MAGNITUDE_BITS,
-    MANTISSA_BITS,
-    NONFINITE_MAGNITUDE,
-    SIGN_BIT,
-)
+from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import hyperparameters, rule_of
 
@@ -71,15 +71,6 @@ BLOCK_ROWS = DRIVERS_BLOCK_STEPS
 with np.errstate(invalid="ignore"):  # the patterns past the finite ones are NaN
     #: the value of every bf16 magnitude, indexed by its bits
     MAGNITUDE_VALUES = np.arange(MAGNITUDES, dtype=np.uint16).view(BFLOAT16).astype(np.float64)
-# the lattice's uint16 masks as Python ints for the compiled pass: numba compiles a module's globals into it as
-# constants of their own type, and Python ints there behave as integer literals do
-_SIGN = int(SIGN_BIT)
-_MAGNITUDE = int(MAGNITUDE_BITS)
-_MANTISSA = int(MANTISSA_BITS)
-#: the smallest magnitude in a binade whose lower neighbour is normal too (exponent field 2)
-_SECOND_NORMAL_BINADE = 2 << EXPONENT_SHIFT
-#: log2 of half the spacing in the binade of exponent field e is e minus this (numerics.lattice.ulp)
-_HALF_SPACING_OFFSET = EXPONENT_BIAS + EXPONENT_SHIFT + 1
 
 
 def not_applicable(update_rule: str) -> str | None:
@@ -161,17 +152,18 @@ def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log
         included = frozen = 0
         for i in range(token * hidden, (token + 1) * hidden):
             before, after = w_before[i], w_after[i]
-            if (before & _MAGNITUDE) >= NONFINITE_MAGNITUDE or (after & _MAGNITUDE) >= NONFINITE_MAGNITUDE:
+            if ((before & BF16_MAGNITUDE) >= NONFINITE_MAGNITUDE
+                    or (after & BF16_MAGNITUDE) >= NONFINITE_MAGNITUDE):
                 bad += 1
                 continue
-            histograms[side, before & _MAGNITUDE] += 1
-            if before == after or ((before | after) & _MAGNITUDE) == 0:  # ±0 are one lattice point
+            histograms[side, before & BF16_MAGNITUDE] += 1
+            if before == after or ((before | after) & BF16_MAGNITUDE) == 0:  # ±0 are one lattice point
                 frozen += 1
             mb = m[i]
-            magnitude = mb & _MAGNITUDE
+            magnitude = mb & BF16_MAGNITUDE
             if magnitude == 0:
                 continue
-            vb = v[i] & _MAGNITUDE
+            vb = v[i] & BF16_MAGNITUDE
             if magnitude >= NONFINITE_MAGNITUDE or vb >= NONFINITE_MAGNITUDE:
                 bad += 1
                 continue
@@ -179,11 +171,12 @@ def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log
             log2_denominator = log2_denominator_table[vb]
             # half the spacing toward the move, as thimble.training.adamw.half_spacing_exponent: u's sign is
             # opposite to m's; toward zero from a binade's bottom the spacing halves
-            field = max(np.int32((before & _MAGNITUDE) >> EXPONENT_SHIFT), 1)
-            toward_zero = (before & _MAGNITUDE) != 0 and (mb < _SIGN) != (before >= _SIGN)
-            if toward_zero and (before & _MANTISSA) == 0 and (before & _MAGNITUDE) >= _SECOND_NORMAL_BINADE:
+            field = max(np.int32((before & BF16_MAGNITUDE) >> EXPONENT_SHIFT), 1)
+            toward_zero = (before & BF16_MAGNITUDE) != 0 and (mb < BF16_SIGN) != (before >= BF16_SIGN)
+            if (toward_zero and (before & BF16_MANTISSA) == 0
+                    and (before & BF16_MAGNITUDE) >= BF16_SECOND_NORMAL_BINADE):
                 field -= 1
-            log2_half = np.float64(field - _HALF_SPACING_OFFSET)
+            log2_half = np.float64(field - BF16_HALF_SPACING_OFFSET)
             ratio_sum += log2_lr + log2_m_hat - log2_denominator - log2_half
             m_sum += log2_m_hat
             denominator_sum += log2_denominator

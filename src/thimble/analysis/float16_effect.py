@@ -257,7 +257,7 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
     from thimble.provenance import computed_from
     from thimble.record.format import open_h5
     from thimble.record.reader import RecordedTensor
-    from thimble.util.files import atomic_output
+    from thimble.util.files import write_json
     from thimble.util.tables import write_csv
 
     classes = cast_classes()
@@ -311,8 +311,7 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
               "tensors": totals, "lab_question": lab_answer(exact_summary, view_summary, curves),
               "variance_curve": curves,
               "summary_differences": json_differences(exact_summary, view_summary), "table_differences": tables}
-    with atomic_output(summary) as tmp:
-        Path(tmp).write_text(json.dumps(_plain(result), indent=1) + "\n")
+    write_json(summary, _plain(result), indent=1)
     draw_effect(steps_table, exact_variance, view_variance, groups, result, figure)
     return result
 

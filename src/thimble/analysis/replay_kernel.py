@@ -19,11 +19,23 @@ import numba
 import numpy as np
 from numba.extending import intrinsic
 
+from thimble.numerics.lattice import EXPONENT_BIAS, EXPONENT_SHIFT, MAGNITUDE_BITS, MANTISSA_BITS, SIGN_BIT
+
 #: per-step counts, in this order (the kernel's ``counts`` columns)
 COUNT_COLUMNS = ("W_mismatches", "momentum_mismatches", "variance_mismatches", "replay_frozen",
                  "predicted_frozen", "observed_frozen", "criterion_disagreements", "ties")
 #: log2-ratio histogram bins: floor(log2 ratio) clipped to [RATIO_LOW, RATIO_HIGH] (thimble.analysis.replay.RATIO_EDGES)
 RATIO_LOW, RATIO_HIGH = -25, 8
+
+# the lattice's uint16 masks as Python ints for the compiled kernels (here and thimble.analysis.drivers): numba
+# compiles a module's globals into a kernel as constants of their own type, and Python ints behave as literals do
+BF16_SIGN = int(SIGN_BIT)
+BF16_MAGNITUDE = int(MAGNITUDE_BITS)
+BF16_MANTISSA = int(MANTISSA_BITS)
+#: the smallest magnitude in a binade whose lower neighbour is normal too (exponent field 2)
+BF16_SECOND_NORMAL_BINADE = 2 << EXPONENT_SHIFT
+#: log2 of half the spacing in the binade of exponent field e is e minus this (numerics.lattice.ulp)
+BF16_HALF_SPACING_OFFSET = EXPONENT_BIAS + EXPONENT_SHIFT + 1
 
 
 @intrinsic
@@ -54,7 +66,7 @@ def compiled(function):
 @compiled
 def _same_lattice_point(a, b):
     """Equal bf16 bits, or both zero (±0 are one lattice point)."""
-    return a == b or ((a | b) & 0x7FFF) == 0
+    return a == b or ((a | b) & BF16_MAGNITUDE) == 0
 
 
 @compiled
@@ -95,14 +107,14 @@ def _count_steps(w, m, v, replayed_w, replayed_m, replayed_v, pre_rounding, coun
             scaled = _bits_from_float32(update * (two_to_64 if subnormal else one))
             floor = np.int32((scaled >> np.uint32(23)) & np.uint32(0xFF)) - (191 if subnormal else 127)
             mantissa_zero = (scaled & np.uint32(0x7FFFFF)) == 0
-            magnitude = before & np.uint32(0x7FFF)
-            w_field = np.int32(max(magnitude >> np.uint32(7), np.uint32(1)))
+            magnitude = before & np.uint32(BF16_MAGNITUDE)
+            w_field = np.int32(max(magnitude >> np.uint32(EXPONENT_SHIFT), np.uint32(1)))
             downward = bits >= np.uint32(0x80000000)
-            negative = before >= np.uint32(0x8000)
+            negative = before >= np.uint32(BF16_SIGN)
             # towards zero from a binade's bottom the spacing halves
-            finer = (magnitude != 0) & (downward != negative) & ((magnitude & np.uint32(0x7F)) == 0) \
-                & (magnitude >= np.uint32(0x100))
-            floor -= w_field - np.int32(finer) - 135
+            finer = (magnitude != 0) & (downward != negative) & ((magnitude & np.uint32(BF16_MANTISSA)) == 0) \
+                & (magnitude >= np.uint32(BF16_SECOND_NORMAL_BINADE))
+            floor -= w_field - np.int32(finer) - BF16_HALF_SPACING_OFFSET
             floor = min(max(floor, -199), 199)
             floor = -200 if update == 0 else floor
             floor = 200 if field == 255 else floor
