@@ -9,7 +9,7 @@ reproducibility checked bit for bit. Prints one table (markdown) and writes it a
   moments, losses), and a third one killed with SIGKILL halfway and resumed, compared with them;
   and the trainer's own determinism check (``training.determinism_check_steps``) on the main run.
 
-For issue 22's item 3 on a GPU: once with ``--optimizer-impl foreach``, once with ``--optimizer-impl fused``.
+On a GPU, run it for each optimizer implementation: once with ``--optimizer-impl foreach``, once with ``--optimizer-impl fused``.
 
     python bench/gpu_bench.py --device cuda --tokens results/data/shakespeare/tokens.npy \\
         --masks results/data/shakespeare/live_dead_tokens.safetensors --workdir /tmp/gpu-bench
