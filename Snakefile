@@ -40,7 +40,13 @@ wildcard_constraints:
     version=r"[A-Za-z0-9][A-Za-z0-9.+!]*",
 
 
-include: "rules/common.smk"
+# the rules' helpers, by job
+include: "rules/inputs.smk"
+include: "rules/resources.smk"
+include: "rules/routing.smk"
+include: "rules/checks.smk"
+include: "rules/captions.smk"
+# one file per stage
 include: "rules/data.smk"
 include: "rules/train.smk"
 include: "rules/rechunk.smk"

@@ -29,7 +29,7 @@ rule corpus:
         tokenizer_texts="results/data/{dataset}/tokenizer_texts.txt",
         model_corpus="results/data/{dataset}/model_corpus.txt",
         manifest="results/data/{dataset}/corpus.json",
-        # their sha256, by which the stages after compare them (see by_content in common.smk)
+        # their sha256, by which the stages after compare them (see by_content in inputs.smk)
         tokenizer_texts_digest="results/data/{dataset}/tokenizer_texts.txt.sha256",
         model_corpus_digest="results/data/{dataset}/model_corpus.txt.sha256",
     log:

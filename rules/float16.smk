@@ -1,5 +1,7 @@
 # The seed's float16 storage without training again, and what it did (docs/float16.md).
 
+from thimble.outputs import FLOAT16_EFFECT_FILES
+
 
 # A float16 experiment whose training settings equal a bf16 experiment's (thimble.config.training_twin) takes
 # its recording.h5 from the twin's: the same bits cast as the float16 recorder casts them, written as rechunk

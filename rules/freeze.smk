@@ -1,5 +1,7 @@
 # Freeze/thaw tables, the cooling verdict, figures, and the series comparison.
 
+from thimble.outputs import FIGURES, FREEZE_OUTPUTS
+
 
 rule freeze_drivers:
     input:
@@ -19,6 +21,11 @@ rule freeze_drivers:
     shell:
         "thimble freeze-drivers --threads {threads} --recording {input.recording} --table {output.table}"
         " --summary {output.summary} 2> {log}"
+
+
+# The freeze rule's outputs are thimble.outputs.FREEZE_OUTPUTS, each under its key but the variance table, which
+# the command passes as {output.exp_avg_sq} (the command's text is what Snakemake's code trigger compares)
+FREEZE_RULE_OUTPUT = {"variance": "exp_avg_sq"}
 
 
 rule freeze:

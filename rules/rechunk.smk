@@ -5,7 +5,10 @@ rule rechunk:
     input:
         "results/{experiment}/stream",
     output:
-        "results/{experiment}/recording.h5",
+        # update: Snakemake keeps the recording.h5 a rerun replaces (a copy in .snakemake/backups/, put back if
+        # the job fails) instead of removing it first: it may be the last intact copy of steps the stream has
+        # lost since. The job verifies every chunk it reads and writes its output whole, or says it kept it.
+        update("results/{experiment}/recording.h5"),
     log:
         "logs/{experiment}/rechunk.log",
     conda:
@@ -17,9 +20,7 @@ rule rechunk:
         experiment=float16_view_pattern(view=False),
     threads: 2
     resources:
-        # checked first: the stream decodes whole while the recording.h5 a rerun replaces is still there
-        mem_mb=checked_before_start(stream_intact_before_rechunk,
-                                    lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt)),
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "rechunk", attempt),
         runtime=lambda w: stage_runtime_min(w.experiment, "rechunk"),
     shell:
         "thimble rechunk --settings {params.settings:q} --stream {input} --output {output}"

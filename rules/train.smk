@@ -28,8 +28,10 @@ rule train:
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
-        # checked first: no other trainer on the resume state, and training.device available where it runs
-        gpu=checked_before_start(training_can_start, lambda w, attempt: train_gpus(w.experiment)),
+        gpu=lambda w: train_gpus(w.experiment),
+        # a check (rules/checks.smk): no other trainer holds the resume state. training.device is checked by
+        # the job, where it runs
+        resume_state=resume_state_free,
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads}"

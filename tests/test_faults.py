@@ -165,7 +165,7 @@ def test_flipped_bytes_in_a_stream_segment_are_an_error_naming_file_dataset_and_
                           tmp_path / "r.json", "--ratio-table", tmp_path / "ratio.csv")
     line = error_line(err, "replay")
     assert status == 1 and "segment_000010-000019.h5" in line and "steps 13..13" in line
-    # what the workflow runs before a rechunk rerun gives up recording.h5; an intact stream passes
+    # the stream checked on its own; an intact stream passes
     status, err = thimble(capsys, "verify-stream", "--stream", stream, "--threads", "2")
     line = error_line(err, "verify-stream")
     assert status == 1 and "segment_000010-000019.h5:/W steps 13..13" in line

@@ -2,10 +2,13 @@
 without them. And no import cycle in the package."""
 
 import ast
+import os
 import subprocess
 import sys
 
-from conftest import REPO
+import numpy as np
+import yaml
+from conftest import REPO, offline_config, run_snakemake
 
 HEAVY = ("torch", "h5py")
 
@@ -45,6 +48,59 @@ def test_dry_run_imports_neither_torch_nor_h5py(workdir):
     assert "mem_mb=" in output and "runtime=" in output, "the dry run evaluated the jobs' resources"
     assert "LOADED []" in output, output
     assert list((workdir / ".snakemake" / "thimble").glob("vocab-*.json")), "the vocab_size check ran"
+
+
+#: a sitecustomize that appends to $THIMBLE_IMPORT_PROBE each heavy module any Python process starts to import
+#: (whether or not the import then succeeds)
+IMPORT_PROBE = f"""
+import os, sys
+
+
+class HeavyImports:
+    def find_spec(self, name, path=None, target=None):
+        if name in {HEAVY!r}:
+            with open(os.environ["THIMBLE_IMPORT_PROBE"], "a") as log:
+                log.write(f"{{name}} in {{sys.argv}}\\n")
+        return None
+
+
+sys.meta_path.insert(0, HeavyImports())
+"""
+
+
+def probed(tmp_path, monkeypatch):
+    """Every Python process started from here on records its heavy imports; returns the record's path."""
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe/sitecustomize.py").write_text(IMPORT_PROBE)
+    record = tmp_path / "heavy_imports.txt"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path / "probe"),
+                                                                     os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("THIMBLE_IMPORT_PROBE", str(record))
+    subprocess.run([sys.executable, "-c", "import h5py"], check=True)
+    assert "h5py in ['-c']" in record.read_text()  # the probe can fail
+    record.unlink()
+    return record
+
+
+def test_planning_a_rerun_imports_neither_torch_nor_h5py_in_any_process(workdir, tmp_path, monkeypatch):
+    """A dry run that replaces a stream and a recording.h5 (where a check of the stream would decode it) and
+    trains on cuda (where a check of the device would ask torch), and the lint: no process they start, the
+    checks' included, imports torch or h5py."""
+    config = offline_config()
+    config["experiments"]["thimble_mini"]["training"]["device"] = "cuda"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    (workdir / "results/data/shakespeare_mini").mkdir(parents=True)
+    np.save(workdir / "results/data/shakespeare_mini/tokens.npy", np.zeros(100_000, np.int32))
+    (workdir / "results/thimble_mini/stream").mkdir(parents=True)
+    (workdir / "results/thimble_mini/stream/stream.h5").write_bytes(b"not read")
+    (workdir / "results/thimble_mini/recording.h5").write_bytes(b"not read")
+    record = probed(tmp_path, monkeypatch)
+    result = run_snakemake(workdir, "-n", "results/thimble_mini/figures/loss.png", "--forcerun", "train")
+    assert "rule rechunk:" in result.stdout and "gpu=1" in result.stdout, result.stdout
+    assert not record.exists(), record.read_text()
+    result = run_snakemake(workdir, "--lint")
+    assert "Congratulations" in result.stdout + result.stderr
+    assert not record.exists(), record.read_text()
 
 
 def imports_of(path) -> set[str]:

@@ -156,23 +156,26 @@ def test_a_rechunk_rerun_on_a_damaged_stream_keeps_the_recording(finished):
     results = finished / f"results/{EXPERIMENT}"
     segment = sorted((results / "stream").glob("segment_*.h5"))[1]
     intact, recording = segment.read_bytes(), (results / "recording.h5").read_bytes()
-    times = segment.stat().st_mtime_ns
+    times = segment.stat().st_mtime_ns, (results / "recording.h5").stat().st_mtime_ns
     try:
         os.truncate(segment, len(intact) // 2)
-        result = dry_run(finished, offline_config(), "--forcerun", "rechunk", check=False)
+        # planning decodes no stream: the dry run plans the rerun, the job finds the damage (its log printed)
+        assert "rechunk" in planned(dry_run(finished, offline_config(), "--forcerun", "rechunk").stdout)
+        result = run_snakemake(finished, "--cores", "1", *TARGETS, "--forcerun", "rechunk", check=False)
         output = result.stdout + result.stderr
         assert result.returncode != 0 and segment.name in output, output[-3000:]
         assert f"results/{EXPERIMENT}/recording.h5 is kept" in output
-        result = run_snakemake(finished, "--cores", "1", "--forcerun", "rechunk", *TARGETS, check=False)
-        assert result.returncode != 0 and segment.name in result.stdout + result.stderr
         assert (results / "recording.h5").read_bytes() == recording
     finally:
         segment.write_bytes(intact)
-        os.utime(segment, ns=(times, times))
+        # Snakemake puts the kept recording.h5 back as a copy, under a new time
+        for path, time in zip((segment, results / "recording.h5"), times):
+            os.utime(path, ns=(time, time))
+    assert planned(dry_run(finished, offline_config()).stdout) == set()
 
 
 @pytest.mark.workflow
-def test_an_unavailable_device_stops_the_dry_run_and_a_cluster_one_is_planned(finished):
+def test_an_unavailable_device_is_planned_and_stops_the_job(finished, tmp_path):
     import torch
 
     if torch.cuda.is_available():
@@ -180,13 +183,19 @@ def test_an_unavailable_device_stops_the_dry_run_and_a_cluster_one_is_planned(fi
     config = offline_config()
     mini(config)["training"]["device"] = "cuda"
     stream = sorted(p.name for p in (finished / f"results/{EXPERIMENT}/stream").iterdir())
-    result = dry_run(finished, config, check=False)
+    # planning asks torch nothing: training is planned here as with --jobs (a cluster profile's), where the
+    # job runs elsewhere
+    assert planned(dry_run(finished, config).stdout) == AFTER_TRAINING
+    assert planned(dry_run(finished, config, "--jobs", "2").stdout) == AFTER_TRAINING
+    assert sorted(p.name for p in (finished / f"results/{EXPERIMENT}/stream").iterdir()) == stream
+    # the job says it (its log printed), in a copy: Snakemake removes the stream a train job replaces
+    copy = tmp_path / "workdir"
+    shutil.copytree(finished, copy, symlinks=True)
+    (copy / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_snakemake(copy, "--cores", "1", *TARGETS, check=False)
     assert result.returncode != 0
     assert (f"config key experiments.{EXPERIMENT}.training.device: cuda, but torch sees no CUDA device"
             in result.stdout + result.stderr)
-    # with --jobs (a cluster profile's), the job is taken to run elsewhere: planned, not refused
-    assert planned(dry_run(finished, config, "--jobs", "2").stdout) == AFTER_TRAINING
-    assert sorted(p.name for p in (finished / f"results/{EXPERIMENT}/stream").iterdir()) == stream
 
 
 @pytest.mark.workflow
@@ -197,9 +206,9 @@ def test_a_second_snakemake_beside_a_running_trainer_leaves_its_log_alone(finish
     try:
         with lock_held(lock) as holder:
             message = f"another trainer (PID {holder.pid}) is training {EXPERIMENT}"
-            result = run_snakemake(finished, "-n", "--forcerun", "train", *TARGETS, check=False)
+            result = run_snakemake(finished, "-n", *TARGETS, "--forcerun", "train", check=False)
             assert result.returncode != 0 and message in result.stdout + result.stderr
-            result = run_snakemake(finished, "--nolock", "--cores", "1", "--forcerun", "train", *TARGETS,
+            result = run_snakemake(finished, "--nolock", "--cores", "1", *TARGETS, "--forcerun", "train",
                                    check=False)
             assert result.returncode != 0 and message in result.stdout + result.stderr
             assert log.read_bytes() == kept

