@@ -1,8 +1,11 @@
-# Checks that stop a run before a job starts, each naming the config key or file and the fix. None imports
-# torch or h5py or decodes a data file: the checks that need the data run in the jobs themselves (train
-# checks training.device, rechunk its stream; docs/architecture.md). CFG, the validated config, is the
-# Snakefile's global.
+# Checks that stop a run before a job starts, each naming the config key or file and the fix. Planning
+# (building the DAG, -n, --lint) imports neither torch nor h5py and reads no recorded file: the stream is
+# verified by the rechunk job itself, and training.device is asked of torch (in a subprocess) only right
+# before a train job really runs here (docs/architecture.md). CFG, the validated config, is the Snakefile's
+# global.
 
+import functools
+import json
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -53,12 +56,43 @@ def resume_state_free(wildcards):
     removes the job's outputs and log, and a resource is the one place it runs a check then: a second
     snakemake with --nolock would otherwise remove the running trainer's log before the trainer's own lock
     refuses the job."""
+    from thimble.outputs import RESUME_DIR
     from thimble.training.resume_lock import lock_holder
 
-    partial = Path(f"results/{wildcards.experiment}/.partial")
+    partial = Path(f"results/{wildcards.experiment}/{RESUME_DIR}")
     holder = lock_holder(partial)
     if holder is not None:
         raise WorkflowError(f"another trainer (PID {holder}) is training {wildcards.experiment} in {partial} "
                             f"(a second snakemake with --nolock?): wait for it to finish, or stop it "
                             f"(kill {holder}) and run again")
     return "free"
+
+
+def device_available(wildcards):
+    """A train job's resource ``device``: its training.device, checked to be one torch sees on this machine
+    when the job is about to run here (not at -n, nor for a cluster, where the job runs elsewhere and checks
+    it itself). Evaluated before Snakemake removes the stream the job replaces, so a device that is not here
+    stops the run with the stream kept."""
+    device = CFG["experiments"][wildcards.experiment]["training"]["device"]
+    if device in ("cuda", "mps") and workflow.local_exec and not workflow.dryrun:
+        available = local_accelerators()
+        if available is not None and not available[device]:
+            raise WorkflowError(f"config key experiments.{wildcards.experiment}.training.device: {device}, but "
+                                f"torch sees no {device.upper()} device on this machine, where the job would "
+                                "run; set it to auto or cpu, or run on a machine (or cluster profile) with one")
+    return device
+
+
+@functools.cache
+def local_accelerators():
+    """{"cuda": bool, "mps": bool}: what torch sees on this machine, asked once in a subprocess (Snakemake's
+    own process never imports torch); None where this interpreter has no torch (the job's environment decides)."""
+    import subprocess
+    import sys
+
+    code = ("import json, torch; print(json.dumps({'cuda': torch.cuda.is_available(), "
+            "'mps': torch.backends.mps.is_available()}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -105,11 +105,12 @@ def float16_view_settings(wildcards):
 
 def float16_effect_inputs(wildcards):
     """The exact recording, and each run's summary.json and compared tables (thimble.analysis.float16_effect)."""
-    from thimble.analysis.float16_effect import COMPARED_TABLES
+    from thimble.analysis.float16_effect import COMPARED_TABLES, SUMMARY
+    from thimble.outputs import RECORDING_FILE
 
     view = float16_view_of_twin(wildcards)
-    inputs = {"recording": f"results/{wildcards.experiment}/recording.h5"}
+    inputs = {"recording": f"results/{wildcards.experiment}/{RECORDING_FILE}"}
     for side, name in (("exact", wildcards.experiment), ("view", view)):
-        for table in ("summary.json", *COMPARED_TABLES):
+        for table in (SUMMARY, *COMPARED_TABLES):
             inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
     return inputs

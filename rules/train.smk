@@ -2,6 +2,8 @@
 # run is complete; resume state lives in results/{experiment}/.partial/, outside
 # the declared output, so a killed job resumes where it stopped on the next run.
 
+from thimble.outputs import RESUME_DIR
+
 
 rule train:
     input:
@@ -14,7 +16,7 @@ rule train:
         "../workflow/envs/thimble.yaml"
     params:
         settings=stage_settings_of("train"),
-        partial="results/{experiment}/.partial",
+        partial=f"results/{{experiment}}/{RESUME_DIR}",
         # not in settings (thimble.config.UNTRACKED_SETTINGS): the check changes no recorded bit, so an edit
         # of it reruns nothing. Snakemake's rerun trigger skips a param whose function reads the job's threads
         # (a derived param), which is why this one names them; tests/test_workflow.py holds that.
@@ -29,9 +31,10 @@ rule train:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "train", attempt),
         runtime=lambda w: train_runtime_min(w.experiment),
         gpu=lambda w: train_gpus(w.experiment),
-        # a check (rules/checks.smk): no other trainer holds the resume state. training.device is checked by
-        # the job, where it runs
+        # checks before the job removes the stream and log it replaces (rules/checks.smk): no other trainer
+        # holds the resume state; training.device is one torch sees, when the job is about to run here
         resume_state=resume_state_free,
+        device=device_available,
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads}"

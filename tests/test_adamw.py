@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from thimble.training.adamw import (build_adamw, log2_ratio_floor, pre_rounding_weight, replay_steps, resolve_implementation,
-                           stays_from_ratio, stays_put, update_ratio)
+from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
+from thimble.training.adamw import (build_adamw, pre_rounding_weight, replay_steps, resolve_implementation, stays_put,
+                                    update_ratio)
 from thimble.numerics.bf16 import all_bfloat16, torch_to_bits as bits_of
 from thimble.numerics.lattice import ordinal, spacing_toward
 

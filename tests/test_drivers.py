@@ -11,7 +11,7 @@ import pytest
 
 from conftest import write_recording
 from thimble.analysis import drivers
-from thimble.training.adamw import half_spacing_exponent
+from thimble.numerics.lattice import half_spacing_exponent
 from thimble.numerics.bf16 import BFLOAT16
 from thimble.util.workers import WorkerPool
 from thimble.numerics.lattice import spacing_toward

@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 
-from thimble.outputs import DRIVERS_OUTPUTS, FREEZE_OUTPUTS
+from thimble.outputs import DRIVERS_OUTPUTS, FLOAT16_EFFECT_FILES, FREEZE_OUTPUTS
 from thimble.util.usage import write_usage
 
 
@@ -404,10 +404,10 @@ def add_float16_commands(sub) -> None:
     p.add_argument("--exact-dir", required=True, help="results/{experiment}/ of the exact run (its summary.json, "
                    "tables)")
     p.add_argument("--view-dir", required=True, help="results/{view}/ of its float16 view")
-    p.add_argument("--table", required=True, help="float16_effect.csv: per tensor and step")
-    p.add_argument("--bands", required=True, help="float16_effect_bands.csv: per tensor and binary exponent")
-    p.add_argument("--summary", required=True, help="float16_effect.json")
-    p.add_argument("--figure", required=True, help="float16_effect.png")
+    p.add_argument("--table", required=True, help=f"{FLOAT16_EFFECT_FILES['table']}: per tensor and step")
+    p.add_argument("--bands", required=True, help=f"{FLOAT16_EFFECT_FILES['bands']}: per tensor and binary exponent")
+    p.add_argument("--summary", required=True, help=FLOAT16_EFFECT_FILES["summary"])
+    p.add_argument("--figure", required=True, help=FLOAT16_EFFECT_FILES["figure"])
     p.set_defaults(func=_float16_effect)
 
 

@@ -46,7 +46,7 @@ from thimble.analysis.replay_kernel import (
 )
 from thimble.errors import DataError
 from thimble.numerics.bf16 import BFLOAT16
-from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE
+from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE, half_spacing_exponent
 from thimble.sizes import DRIVERS_BLOCK_STEPS
 from thimble.update_rules import hyperparameters, rule_of
 
@@ -113,7 +113,6 @@ def element_terms(w_before: np.ndarray, m: np.ndarray, v: np.ndarray, v_exact: n
     """Per element of one step t, from bf16 bit patterns (``w_before`` W[t−1], ``m`` and ``v`` the moments
     of row t) and the exact average ``v_exact`` after step t (float64): the terms of log2(|u|/h), with
     ``ratio`` formed directly from u = −lr·m̂/(√v̂+ε) and h (float64), and ``included`` (m ≠ 0)."""
-    from thimble.training.adamw import half_spacing_exponent
 
     lr, (beta1, beta2), eps = hyper["lr"], hyper["betas"], hyper["eps"]
     c1, c2 = bias_corrections(step, beta1, beta2)
@@ -169,7 +168,7 @@ def _row_pass(w_before, w_after, m, v, log2_exact_denominator, dead, hidden, log
                 continue
             log2_m_hat = log2_abs_magnitude[magnitude] - log2_c1
             log2_denominator = log2_denominator_table[vb]
-            # half the spacing toward the move, as thimble.training.adamw.half_spacing_exponent: u's sign is
+            # half the spacing toward the move, as thimble.numerics.lattice.half_spacing_exponent: u's sign is
             # opposite to m's; toward zero from a binade's bottom the spacing halves
             field = max(np.int32((before & BF16_MAGNITUDE) >> EXPONENT_SHIFT), 1)
             toward_zero = (before & BF16_MAGNITUDE) != 0 and (mb < BF16_SIGN) != (before >= BF16_SIGN)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from thimble.outputs import DRIVERS_OUTPUTS, FREEZE_OUTPUTS
 from thimble.update_rules import recorded_tensors
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ MIN_EXPONENT, MAX_EXPONENT = -133, 127
 #: rows histogrammed at a time
 BLOCK_ROWS = 16
 #: the tables compared between the runs, by their file names under results/{experiment}/
-COMPARED_TABLES = ("freeze.csv", "freeze_cycles.csv", "displacement_classes.csv", "lattice_positions.csv",
-                   "exp_avg_sq.csv", "freeze_drivers.csv")
+COMPARED_TABLES = (*(FREEZE_OUTPUTS[key] for key in ("freeze", "cycles", "classes", "lattice_positions", "variance")),
+                   DRIVERS_OUTPUTS["table"])
+#: the summary and the variance table, read for the lab's question
+SUMMARY, VARIANCE_TABLE = FREEZE_OUTPUTS["summary"], FREEZE_OUTPUTS["variance"]
 #: summary keys that name the run rather than describe it: not differences of the analysis
 IGNORED_KEYS = ("experiment", "provenance")
 #: the variance curve the lab looked at: exp_avg_sq.csv's per-group statistics over the tokens
@@ -294,14 +297,13 @@ def write_float16_effect(recording: str | Path, exact_dir: str | Path, view_dir:
     write_csv(str(bands), pd.concat(band_rows, ignore_index=True))
 
     exact_dir, view_dir = Path(exact_dir), Path(view_dir)
-    exact_summary = _read_json(exact_dir / "summary.json")
-    view_summary = _read_json(view_dir / "summary.json")
+    exact_summary = _read_json(exact_dir / SUMMARY)
+    view_summary = _read_json(view_dir / SUMMARY)
     tables = {}
     for name in COMPARED_TABLES:
         tables[name] = table_differences(_read_csv(exact_dir / name), _read_csv(view_dir / name))
-    groups = sorted({column.rsplit("_", 1)[0] for column in _read_csv(exact_dir / "exp_avg_sq.csv").columns
-                     if column.endswith("_median")})
-    exact_variance, view_variance = _read_csv(exact_dir / "exp_avg_sq.csv"), _read_csv(view_dir / "exp_avg_sq.csv")
+    exact_variance, view_variance = _read_csv(exact_dir / VARIANCE_TABLE), _read_csv(view_dir / VARIANCE_TABLE)
+    groups = sorted({column.rsplit("_", 1)[0] for column in exact_variance.columns if column.endswith("_median")})
     curves = variance_curve(exact_variance, view_variance, groups)
     result = {"experiment": exact_summary.get("experiment"), "float16_view": view_summary.get("experiment"),
               "computed_from": source, "shares": "fractions 0-1",

@@ -28,16 +28,9 @@ from tqdm.auto import tqdm
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
-from thimble.numerics.lattice import MAGNITUDE_BITS
+from thimble.numerics.lattice import MAGNITUDE_BITS, log2_ratio_floor, stays_from_ratio
 from thimble.sizes import REPLAY_BLOCK_STEPS
-from thimble.training.adamw import (
-    log2_ratio_floor,
-    pre_rounding_weight,
-    replay_rule_step,
-    replay_steps,
-    stays_from_ratio,
-    update_ratio,
-)
+from thimble.training.adamw import pre_rounding_weight, replay_rule_step, replay_steps, update_ratio
 from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
 from thimble.util.workers import WorkerPool, thread_spans
 

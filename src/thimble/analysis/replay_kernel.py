@@ -98,7 +98,7 @@ def _count_steps(w, m, v, replayed_w, replayed_m, replayed_v, pre_rounding, coun
             observed = _same_lattice_point(after, before)
             observed_count += observed
 
-            # floor(log2(|update| / half the spacing towards the move)), as thimble.training.adamw.log2_ratio_floor
+            # floor(log2(|update| / half the spacing towards the move)), as thimble.numerics.lattice.log2_ratio_floor
             update = pre_rounding[step, j] - _float32_from_bits(before << np.uint32(16))
             bits = _bits_from_float32(update)
             field = np.int32((bits >> np.uint32(23)) & np.uint32(0xFF))

@@ -19,7 +19,7 @@ are served (``thimble.provenance``): one computed from another recording is
 refused, naming the stale files and the target that rebuilds them.
 
 A ``Run`` is made of parts, each doing one thing: ``RunFiles`` opens the HDF5 files,
-``RecordedTensors`` serves every recorded tensor as a ``StepSeries``, ``ResultFiles``
+``StepSeriesByName`` serves every recorded tensor as a ``StepSeries``, ``ResultFiles``
 serves the tables and summaries once they are known to belong to the recording.
 """
 
@@ -140,7 +140,7 @@ class RunFiles:
         self._recording = self._delta_w = None
 
 
-class RecordedTensors(Mapping[str, StepSeries]):
+class StepSeriesByName(Mapping[str, StepSeries]):
     """Every per-step tensor of a recording by name (W, grad_W, momentum_W, variance_W; under other update
     rules their own, e.g. master_W), each a ``StepSeries`` made when first asked for; all read through one
     ``ChunkCache``."""
@@ -275,7 +275,7 @@ class Run:
         #: decoded chunks of every tensor of the run, within ``cache_bytes`` (thimble.notebook.chunk_cache)
         self.cache = ChunkCache(cache_bytes)
         self._files = RunFiles(self.directory, source)
-        self._recorded: RecordedTensors | None = None
+        self._recorded: StepSeriesByName | None = None
         self._results = ResultFiles(self.directory, lambda: self.stale, allow_stale)
         self._delta_w_lattice: StepSeries | None = None
         self._token_text: list[str] | None = None
@@ -287,10 +287,10 @@ class Run:
 
     # -- recorded tensors -----------------------------------------------------
     @property
-    def _tensors(self) -> RecordedTensors:
+    def _tensors(self) -> StepSeriesByName:
         """Every recorded per-step tensor by name, over the recording (opened here if need be)."""
         if self._recorded is None:
-            self._recorded = RecordedTensors(self._files.recording, self.cache)
+            self._recorded = StepSeriesByName(self._files.recording, self.cache)
         return self._recorded
 
     @property

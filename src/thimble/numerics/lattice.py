@@ -121,3 +121,51 @@ def spacing_toward(values: np.ndarray, direction: np.ndarray) -> np.ndarray:
     step = np.where(np.asarray(direction) < 0, -1, 1).astype(np.int32)
     neighbour = from_ordinal(here + step).astype(np.float64)
     return np.abs(neighbour - as_bits(values).view(BFLOAT16).astype(np.float64))
+
+
+def half_spacing_exponent(w_bits: np.ndarray, downward: np.ndarray) -> np.ndarray:
+    """log2 of half the lattice spacing from w (bf16 bit patterns) towards the move (int16); spacings
+    are powers of two.
+
+    Away from zero it is the spacing of w's binade, 2**(e - 134) (e the biased exponent field, 1 for
+    zero and subnormals); towards zero from a binade's bottom (a zero mantissa) it is half that.
+    """
+    magnitude = w_bits & MAGNITUDE_BITS
+    field = np.maximum(magnitude >> EXPONENT_SHIFT, np.uint16(1)).astype(np.int16)
+    negative = w_bits >= SIGN_BIT
+    towards_zero = (magnitude != 0) & (downward != negative)
+    # a zero mantissa above the subnormals' binades: the binade below is twice as fine
+    finer = towards_zero & ((magnitude & MANTISSA_BITS) == 0) & (magnitude >= np.uint16(2 << EXPONENT_SHIFT))
+    field -= finer
+    field -= EXPONENT_BIAS + EXPONENT_SHIFT + 1  # half a spacing: 2**(e - 127 - 7 - 1)
+    return field
+
+
+def log2_ratio_floor(w_bits: np.ndarray, pre_rounding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """floor(log2(update_ratio)) (int16, clipped to [-200, 200]: -200 where the update is 0, 200 past
+    float32's range) and where the ratio is exactly 1 (a tie), from the float32 update's exponent
+    bits and the bf16 weight's: the fast, exact form of ``update_ratio`` for histograms.
+
+    ``pre_rounding - w`` is exact in float32 whenever the update is smaller than w (Sterbenz); a larger
+    one has a ratio of at least 2**8, the histogram's last bin, where rounding cannot change the bin.
+    """
+    update = pre_rounding - (w_bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    bits = update.view(np.uint32)
+    field = ((bits >> np.uint32(23)) & np.uint32(0xFF)).astype(np.int16)
+    mantissa_zero = (bits & np.uint32(0x7FFFFF)) == 0
+    floor = field - 127  # floor(log2 |update|) of a normal float32
+    subnormal = np.flatnonzero((field == 0) & ~mantissa_zero)
+    if subnormal.size:  # below 2**-126: rare, and exact through frexp
+        fraction, exponent = np.frexp(update.reshape(-1)[subnormal])
+        floor.reshape(-1)[subnormal] = exponent - 1
+        mantissa_zero.reshape(-1)[subnormal] = np.abs(fraction) == 0.5
+    floor -= half_spacing_exponent(w_bits, bits >= np.uint32(0x80000000))
+    np.clip(floor, -199, 199, out=floor)
+    floor[update == 0] = -200
+    floor[field == 255] = 200
+    return floor, mantissa_zero & (floor == 0)
+
+
+def stays_from_ratio(w_bits: np.ndarray, log2_floor: np.ndarray, tie: np.ndarray) -> np.ndarray:
+    """``stays_put`` from the ratio's exponent: below half a spacing, or exactly half with an even w."""
+    return (log2_floor < 0) | (tie & ((w_bits & np.uint16(1)) == 0))

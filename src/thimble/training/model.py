@@ -60,16 +60,17 @@ def deterministic_math(device: torch.device) -> dict:
             "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG", "")}
 
 
-def select_device(setting: str, key: str = "training.device") -> torch.device:
-    """The device of training.device ``setting`` on this machine; ``key``, the config key that set it, names
-    it when the device is not here."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+def select_device(setting: str) -> torch.device:
     if setting == "auto":
-        return torch.device(next((kind for kind, here in available.items() if here), "cpu"))
-    if not available.get(setting, True):
-        raise TrainingError(f"config key {key}: {setting}, but torch sees no {setting.upper()} device on this "
-                            "machine, where the job runs; set it to auto or cpu, or run on a machine (or cluster "
-                            "profile) with one")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("training.device is 'cuda' but torch sees no CUDA device; set it to auto or cpu")
+    if setting == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError("training.device is 'mps' but MPS is not available; set it to auto or cpu")
     return torch.device(setting)
 
 

@@ -24,7 +24,11 @@ class PartialLock:
     def __enter__(self) -> PartialLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
-        holder = _held_by_another(handle)
+        try:
+            holder = _held_by_another(handle)
+        except OSError:
+            handle.close()
+            raise
         if holder is not None:
             handle.close()
             raise TrainingError(held_message(holder, self.path.with_suffix("")))

@@ -154,7 +154,7 @@ def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path)
     torch.set_num_threads(training["math_threads"])
     # before anything can initialise CUDA (it reads this when it creates the cuBLAS handle)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
-    device = select_device(training["device"], f"experiments.{settings['name']}.training.device")
+    device = select_device(training["device"])
     determinism = deterministic_math(device)
 
     tokens, masks = read_inputs(settings, tokens_path, masks_path)
