@@ -136,3 +136,24 @@ def test_no_import_cycle_in_the_package():
 
     for name in sorted(graph):
         visit(name, [])
+
+
+def test_the_recordings_public_readers_import_from_thimble_record_on_first_use():
+    from thimble.record import RecordedTensor, open_stream, read_steps, read_steps_torch, verify_stream
+    from thimble.record import reader, stream_reader
+
+    assert (open_stream, verify_stream) == (stream_reader.open_stream, stream_reader.verify_stream)
+    assert (read_steps, read_steps_torch, RecordedTensor) == (reader.read_steps, reader.read_steps_torch,
+                                                              reader.RecordedTensor)
+    # the codec alone loads no reader; an unknown name is an AttributeError, as for any module
+    probe = ("import sys, thimble.record.codec; "
+             "print(sorted(m for m in ('thimble.record.reader', 'thimble.record.stream_reader') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
+    import thimble.record
+
+    try:
+        thimble.record.no_such_reader
+    except AttributeError as error:
+        assert "no_such_reader" in str(error)
+    else:
+        raise AssertionError("thimble.record served a name it does not define")
