@@ -15,6 +15,7 @@ from thimble.numerics.lattice import (
     check_finite,
     ordinal,
 )
+from thimble.outputs import DELTA_W_DATASET
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool
     spans = thread_spans(row_elements, pool.threads)
     with h5py.File(path, "w") as out:
         # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
-        target = create_dataset(out, "delta_w_lattice", h5py.h5t.py_create(dtype), w.shape,
+        target = create_dataset(out, DELTA_W_DATASET, h5py.h5t.py_create(dtype), w.shape,
                                 zstd_dcpl(w.chunks, level, shuffle=False))
         previous = encoder = None
         for step, block in tqdm(RecordedTensor.of_recording(source, "W").blocks(BLOCK_ROWS), desc="ΔW′",

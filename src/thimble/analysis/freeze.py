@@ -41,7 +41,7 @@ from thimble.numerics.lattice import (
     ordinal,
     ulp,
 )
-from thimble.outputs import FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
+from thimble.outputs import DELTA_W_DATASET, FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
 from thimble.update_rules import rule_of
 from thimble.util.tables import write_csv
 
@@ -532,7 +532,7 @@ def read_recorded(recording: str, delta_path: str | None = None) -> Recorded:
     exact = attrs.get("storage_dtype") != "float16"
     if delta_path is not None:
         with open_h5(delta_path) as handle:
-            exact = bool(handle["delta_w_lattice"].attrs.get("exact", exact))
+            exact = bool(handle[DELTA_W_DATASET].attrs.get("exact", exact))
     return Recorded(losses, dead_mask, attrs, exact)
 
 
@@ -599,7 +599,7 @@ def delta_w_of(handle, path: str, recording) -> RecordedTensor:
     from thimble.errors import DataError
     from thimble.record.reader import RecordedTensor
 
-    dataset = handle["delta_w_lattice"]
+    dataset = handle[DELTA_W_DATASET]
     if dataset.shape != recording["W"].shape:
         raise DataError(f"{path}:/delta_w_lattice has shape {dataset.shape}, but W of {recording.filename} is "
                         f"{recording['W'].shape}: it was computed from another recording; rerun the lattice stage")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thimble.outputs import DELTA_W_FILE, DRIVERS_OUTPUTS, STREAM_DIR
+from thimble.outputs import DELTA_W_DATASET, DELTA_W_FILE, DRIVERS_OUTPUTS, STREAM_DIR
 
 #: steps compressed together when measuring ΔW′'s trend: a chunk holds many steps, and much of what
 #: zstd finds is repeated across steps, which one step alone would miss
@@ -48,7 +48,7 @@ def delta_w_block_bytes(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from thimble.record.reader import read_steps
 
     with open_h5(path) as handle:
-        dataset = handle["delta_w_lattice"]
+        dataset = handle[DELTA_W_DATASET]
         level = zstd_level(dataset)
         values = read_steps(dataset)  # checksums verified
     # the lattice stage's window, which reaches the step before
