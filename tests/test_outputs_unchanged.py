@@ -41,7 +41,7 @@ UNHASHED_ATTRS = {"git_commit", "source", "session_first_step_seconds", "session
                   # the library versions beside torch (the environment check pins torch): CI installs the
                   # newest releases, not constraints.txt's, and a version names the install, not the values
                   "transformers_version", "numpy_version", "h5py_version", "hdf5_version", "python_version",
-                  # how the training process took its memory (thimble.training.host_memory): where arrays lived, never
+                  # how the training process took its memory (thimble.host_memory): where arrays lived, never
                   # a value of them
                   "host_allocator"}
 
