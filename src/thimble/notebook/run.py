@@ -179,11 +179,22 @@ class _Recorded:
         return self if run is None else run._tensors[self.name]
 
 
-def token_selection(recording: h5py.File, name: str) -> torch.Tensor:
-    """A (V,) mask or id list the recording holds (live_mask, dead_mask, live_ids, dead_ids), checksum verified."""
-    import torch
+class _TokenSelection:
+    """A (V,) mask or id list the recording holds (live_mask, dead_mask, live_ids, dead_ids) as an attribute
+    of the run, read with its checksum verified."""
 
-    return torch.from_numpy(np.asarray(read_checked(recording[name])))
+    def __init__(self, doc: str):
+        self.__doc__ = doc
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: Run | None, owner=None):
+        if run is None:
+            return self
+        import torch
+
+        return torch.from_numpy(np.asarray(read_checked(run._files.recording[self.name])))
 
 
 def read_table(path: Path) -> pandas.DataFrame:
@@ -335,23 +346,10 @@ class Run:
         return self._delta_w_lattice
 
     # -- tokens ---------------------------------------------------------------
-    @property
-    def live_mask(self) -> torch.Tensor:
-        """(V,) bool: the token occurs in the model corpus."""
-        return token_selection(self._files.recording, "live_mask")
-
-    @property
-    def dead_mask(self) -> torch.Tensor:
-        """(V,) bool: the token never occurs in the model corpus."""
-        return token_selection(self._files.recording, "dead_mask")
-
-    @property
-    def live_ids(self) -> torch.Tensor:
-        return token_selection(self._files.recording, "live_ids")
-
-    @property
-    def dead_ids(self) -> torch.Tensor:
-        return token_selection(self._files.recording, "dead_ids")
+    live_mask = _TokenSelection("(V,) bool: the token occurs in the model corpus.")
+    dead_mask = _TokenSelection("(V,) bool: the token never occurs in the model corpus.")
+    live_ids = _TokenSelection("The ids of the tokens that occur in the model corpus.")
+    dead_ids = _TokenSelection("The ids of the tokens that never occur in the model corpus.")
 
     @property
     def token_text(self) -> list[str]:
