@@ -21,7 +21,14 @@ import jsonschema
 import yaml
 
 from thimble.errors import ThimbleError
-from thimble.sizes import HDF5_MAX_CHUNK_BYTES, row_bytes, steps_per_chunk
+from thimble.sizes import (
+    EMBEDDING,
+    HDF5_MAX_CHUNK_BYTES,
+    parameter_shapes,
+    row_bytes,
+    select_parameters,
+    steps_per_chunk,
+)
 from thimble.update_rules import rule_problems
 
 #: the schema's place in the workflow directory (the design's workflow/schemas/)
@@ -159,10 +166,11 @@ def stage_settings(experiment: dict, stage: str) -> dict:
 
 def trajectory_settings(settings: dict) -> dict:
     """The settings that shape a recorded trajectory, bit for bit, and the layout of its resume state:
-    model, training (math threads included), the stored dtype and the segment length."""
+    model, training (math threads included), the stored dtype, the segment length and the recorded tensors."""
     return {"model": copy.deepcopy(settings["model"]),
             "training": without_untracked(settings, "train")["training"],
-            "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"]}}
+            "record": {"dtype": settings["record"]["dtype"], "segment_steps": settings["record"]["segment_steps"],
+                       "tensors": settings["record"]["tensors"]}}
 
 
 def _training_without_storage(experiment: dict) -> dict:
@@ -219,6 +227,13 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
     if model["hidden_dim"] % model["n_heads"]:
         problems.append(f"config key {key}.model.n_heads: {model['n_heads']} does not divide "
                         f"model.hidden_dim {model['hidden_dim']}; choose heads that divide it")
+    try:
+        select_parameters(exp["record"]["tensors"], parameter_shapes(model), f"{key}.record.tensors")
+    except ThimbleError as error:
+        return [*problems, str(error)]
+    if exp["record"]["dtype"] == "float16" and exp["record"]["tensors"] != [EMBEDDING]:
+        problems.append(f"config key {key}.record.tensors: float16 storage (record.dtype) is the seed's storage of "
+                        f"the embedding alone; record {EMBEDDING!r} only, or store bfloat16")
     rechunk = exp["rechunk"]
     problems += rule_problems(key, exp["training"], exp["record"])
     # the widest recorded tensor (float32 state under fp32_master) sizes the largest chunk

@@ -7,6 +7,7 @@ exists once.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 from thimble.errors import ThimbleError
@@ -19,6 +20,55 @@ HDF5_MAX_CHUNK_BYTES = 2**32 - 1
 REPLAY_BLOCK_STEPS = 32
 #: steps the freeze_drivers stage decodes and analyses at once (as REPLAY_BLOCK_STEPS)
 DRIVERS_BLOCK_STEPS = 16
+
+
+#: the token embedding (tied with the LM head): the seed's W, recorded by default
+EMBEDDING = "transformer.wte.weight"
+
+
+def parameter_shapes(model: dict) -> dict[str, tuple[int, ...]]:
+    """The shape of each parameter of the GPT-2 that training builds, by its name in
+    ``model.named_parameters()`` and in that order (the tied LM head is the embedding, named once).
+    GPT-2's Conv1D stores its weight as (in, out). tests/test_train_record.py checks it against the model."""
+    vocab, hidden = model["vocab_size"], model["hidden_dim"]
+    shapes = {EMBEDDING: (vocab, hidden), "transformer.wpe.weight": (model["max_seq_len"], hidden)}
+    for layer in range(model["n_layers"]):
+        block = f"transformer.h.{layer}"
+        shapes.update({
+            f"{block}.ln_1.weight": (hidden,), f"{block}.ln_1.bias": (hidden,),
+            f"{block}.attn.c_attn.weight": (hidden, 3 * hidden), f"{block}.attn.c_attn.bias": (3 * hidden,),
+            f"{block}.attn.c_proj.weight": (hidden, hidden), f"{block}.attn.c_proj.bias": (hidden,),
+            f"{block}.ln_2.weight": (hidden,), f"{block}.ln_2.bias": (hidden,),
+            f"{block}.mlp.c_fc.weight": (hidden, 4 * hidden), f"{block}.mlp.c_fc.bias": (4 * hidden,),
+            f"{block}.mlp.c_proj.weight": (4 * hidden, hidden), f"{block}.mlp.c_proj.bias": (hidden,),
+        })
+    shapes.update({"transformer.ln_f.weight": (hidden,), "transformer.ln_f.bias": (hidden,)})
+    return shapes
+
+
+def select_parameters(patterns: list[str], names, key: str = "record.tensors") -> list[str]:
+    """The parameter names (of ``names``, in their order) that the names or shell-style patterns of
+    ``record.tensors`` select; a ThimbleError naming ``key`` for a pattern that selects none."""
+    names = list(names)
+    unmatched = [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]
+    if unmatched:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise ThimbleError(f"config key {key}: {', '.join(map(repr, unmatched))} names no parameter of the model "
+                           f"({len(names)} parameters: {shown}); use names of model.named_parameters() or "
+                           "shell-style patterns such as 'transformer.h.*.ln_1.*', or '*' for all")
+    return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+
+
+def recorded_shapes(settings: dict) -> dict[str, tuple[int, ...]]:
+    """The shapes of the parameters an experiment records (``record.tensors``; settings saved before the setting
+    existed, such as a calibration's probe, recorded the embedding alone)."""
+    shapes = parameter_shapes(settings["model"])
+    return {name: shapes[name] for name in select_parameters(settings["record"].get("tensors", [EMBEDDING]), shapes)}
+
+
+def recorded_elements(settings: dict) -> int:
+    """Values of the parameters an experiment records at each step."""
+    return sum(math.prod(shape) for shape in recorded_shapes(settings).values())
 
 
 def n_parameters(model: dict) -> int:
@@ -39,10 +89,10 @@ def step_flops(settings: dict) -> float:
 
 
 def row_bytes(settings: dict) -> int:
-    """Stored bytes of one step of the widest recorded tensor (V x D elements): what sizes a chunk."""
-    model = settings["model"]
-    element = widest_element_bytes(rule_of(settings["training"]), settings["record"]["dtype"])
-    return model["vocab_size"] * model["hidden_dim"] * element
+    """Stored bytes of one step of the largest recorded tensor in its widest stored dtype: what sizes a chunk
+    (every recorded tensor has the same steps per chunk)."""
+    largest = max(math.prod(shape) for shape in recorded_shapes(settings).values())
+    return largest * widest_element_bytes(rule_of(settings["training"]), settings["record"]["dtype"])
 
 
 def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:
@@ -74,7 +124,7 @@ def training_footprint(settings: dict, n_tokens: int) -> dict:
     model, training, record = settings["model"], settings["training"], settings["record"]
     vocab, steps = model["vocab_size"], training["steps"]
     tokens_per_batch = training["batch_size"] * model["max_seq_len"]
-    step_bytes = recorded_step_bytes(rule_of(training), record["dtype"], vocab, model["hidden_dim"])
+    step_bytes = recorded_step_bytes(rule_of(training), record["dtype"], recorded_elements(settings))
     return {
         "stream_bytes_uncompressed": (steps + 1) * step_bytes,
         # bf16 weights and AdamW's two bf16 moments

@@ -40,6 +40,20 @@ def hyperparameters(attrs) -> dict:
             "eps": float(attrs["adam_epsilon"]), "weight_decay": float(attrs["weight_decay"])}
 
 
+#: the state key, in a parameter's ``params/<name>/`` group, of each of the embedding's seed names: the recorded
+#: value and gradient, and the update rule's state under the optimizer's own key
+STATE_KEYS = {"W": "value", "grad_W": "grad", "momentum_W": "exp_avg", "variance_W": "exp_avg_sq",
+              "master_W": "master", "kahan_compensation_W": "kahan_comp"}
+#: the seed's name of each state key (the embedding's root names, and the analyses' names for any tensor's roles)
+SEED_NAMES = {key: name for name, key in STATE_KEYS.items()}
+
+
+def recorded_keys(update_rule: str, storage: str = "bfloat16") -> dict[str, str]:
+    """What each recorded parameter keeps at every step under ``update_rule``, by state key (``value``,
+    ``grad``, ``exp_avg``, ...), each with its stored dtype."""
+    return {STATE_KEYS[name]: dtype for name, dtype in recorded_tensors(update_rule, storage).items()}
+
+
 def recorded_tensors(update_rule: str, storage: str = "bfloat16") -> dict[str, str]:
     """The (V, D) tensors recorded at every step under ``update_rule``, each with its storage dtype.
 
@@ -57,9 +71,10 @@ def recorded_tensors(update_rule: str, storage: str = "bfloat16") -> dict[str, s
     return tensors
 
 
-def step_bytes(update_rule: str, storage: str, vocab: int, hidden: int) -> int:
-    """Bytes one recorded step takes, uncompressed, over all its tensors."""
-    return vocab * hidden * sum(ELEMENT_BYTES[dtype] for dtype in recorded_tensors(update_rule, storage).values())
+def step_bytes(update_rule: str, storage: str, elements: int) -> int:
+    """Bytes one recorded step takes, uncompressed, over all its tensors (``elements``: the recorded
+    parameters' values)."""
+    return elements * sum(ELEMENT_BYTES[dtype] for dtype in recorded_tensors(update_rule, storage).values())
 
 
 def widest_element_bytes(update_rule: str, storage: str) -> int:

@@ -1,11 +1,19 @@
 """The recording's format: how thimble lays out a recorded stream and names, stores and opens its tensors.
 
+Each recorded parameter is a group ``params/<parameter name>`` holding a dataset per state key, each of shape
+(T+1, *parameter shape): ``value`` (after step t), ``grad`` (what step t used) and the update rule's state under
+the optimizer's own keys (``exp_avg``, ``exp_avg_sq``; ``kahan_comp``, ``master``). The embedding
+(``transformer.wte.weight``) is also reachable under the seed's names at the root (``W``, ``grad_W``,
+``momentum_W``, ``variance_W``, ...): HDF5 hard links to the same datasets, stored once. ``RecordLayout`` says
+what a file holds (its attribute ``recorded_params``); a file written before this layout holds the embedding
+alone, under the seed's names, and reads as the same layout.
+
 A recorded stream is a directory:
 
-- ``segment_SSSSSS-EEEEEE.h5``: steps S..E of the recorded tensors (W, grad_W, momentum_W, variance_W
-  under the bf16 rule), one step per chunk, and their losses. A segment is written under a ``.tmp``
-  name and renamed only when it is complete and synced, so a segment file on disk is always whole.
-- ``stream.h5``: written last. Its tensors are HDF5 virtual datasets of shape (T+1, V, D) over the
+- ``segment_SSSSSS-EEEEEE.h5``: steps S..E of the recorded tensors, one step per chunk, and their losses.
+  A segment is written under a ``.tmp`` name and renamed only when it is complete and synced, so a segment
+  file on disk is always whole.
+- ``stream.h5``: written last. Its tensors are HDF5 virtual datasets of shape (T+1, *shape) over the
   segments (relative paths: move the directory as a whole), with the seed's ``losses``, masks and
   attributes, and ``complete = True``.
 
@@ -20,6 +28,7 @@ turns a damaged, truncated or missing file into a ``DataError`` naming the file,
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -29,7 +38,8 @@ from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_h5type
 from thimble.record.codec import damaged, zstd_dcpl
 from thimble.record.h5_datasets import create_dataset
-from thimble.update_rules import recorded_tensors
+from thimble.sizes import EMBEDDING
+from thimble.update_rules import SEED_NAMES, STATE_KEYS, recorded_tensors
 
 #: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
 TENSORS = tuple(recorded_tensors("bf16"))
@@ -48,8 +58,120 @@ def storage_h5type(storage: str) -> h5py.h5t.TypeID:
     raise ValueError(f"unknown stored dtype {storage!r}; use one of {TENSOR_DTYPES}")
 
 
+#: the group that holds one group per recorded parameter
+PARAMS_GROUP = "params"
+
+
+def param_dataset(param: str, key: str) -> str:
+    """The path of a recorded parameter's dataset ``key`` (``value``, ``grad``, ``exp_avg``, ...)."""
+    return f"{PARAMS_GROUP}/{param}/{key}"
+
+
+@dataclass(frozen=True)
+class RecordedParam:
+    """One recorded parameter: its name, shape, and each state key's stored dtype and dataset path."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtypes: dict[str, str]
+    paths: dict[str, str]
+
+    def roles(self) -> dict[str, str]:
+        """Its datasets by the seed's names (``W``, ``grad_W``, ``momentum_W``, ...): the roles the analyses
+        read any tensor by."""
+        return {SEED_NAMES[key]: path for key, path in self.paths.items()}
+
+    def role_dtypes(self) -> dict[str, str]:
+        return {SEED_NAMES[key]: dtype for key, dtype in self.dtypes.items()}
+
+
+class RecordLayout:
+    """What a recording holds: its recorded parameters in the model's order, and the seed's names of the
+    embedding (links at the root) when it is recorded."""
+
+    def __init__(self, params: dict[str, RecordedParam]):
+        self.params = params
+
+    @classmethod
+    def of_parameters(cls, shapes: dict[str, tuple[int, ...]], keys: dict[str, str]) -> RecordLayout:
+        """The layout of a new recording: each parameter of ``shapes`` with the state keys ``keys``
+        (``thimble.update_rules.recorded_keys``) under ``params/<name>/``."""
+        return cls.of_parameters_each({name: (tuple(shape), keys) for name, shape in shapes.items()})
+
+    @classmethod
+    def of_file(cls, handle: h5py.File) -> RecordLayout:
+        """The layout of a stream, a segment or a rechunked recording; one written before ``params/`` held
+        the embedding alone, under the seed's names."""
+        if "recorded_params" in handle.attrs:
+            recorded = json.loads(handle.attrs["recorded_params"])
+            return cls.of_parameters_each({name: (tuple(entry["shape"]), entry["tensors"])
+                                           for name, entry in recorded.items()})
+        tensors = stream_tensors(handle)
+        shape = tuple(handle["W"].shape[1:]) if "W" in handle else ()
+        return cls({EMBEDDING: RecordedParam(EMBEDDING, shape, {STATE_KEYS[name]: dtype for name, dtype in
+                                                                tensors.items()},
+                                             {STATE_KEYS[name]: name for name in tensors})})
+
+    @classmethod
+    def of_parameters_each(cls, entries: dict[str, tuple[tuple[int, ...], dict[str, str]]]) -> RecordLayout:
+        """Each parameter of ``entries`` (name: (shape, {state key: stored dtype})) under ``params/<name>/``."""
+        return cls({name: RecordedParam(name, shape, dict(keys), {key: param_dataset(name, key) for key in keys})
+                    for name, (shape, keys) in entries.items()})
+
+    @classmethod
+    def embedding(cls, shape: tuple[int, int], tensors: dict[str, str]) -> RecordLayout:
+        """The embedding alone, of ``shape``, with ``tensors`` by the seed's names (``recorded_tensors``)."""
+        return cls.of_parameters({EMBEDDING: tuple(shape)}, {STATE_KEYS[name]: dtype for name, dtype in
+                                                            tensors.items()})
+
+    def canonical(self, name: str) -> str:
+        """The stored dataset's path of ``name`` (a path, or a seed's root name of the embedding)."""
+        return self.aliases().get(name, name)
+
+    def datasets(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every stored dataset (each once) with its stored dtype and parameter shape."""
+        return {param.paths[key]: (dtype, param.shape)
+                for param in self.params.values() for key, dtype in param.dtypes.items()}
+
+    def aliases(self) -> dict[str, str]:
+        """The seed's root names of the embedding and the datasets they link to (none if it is not recorded, or
+        if the datasets are themselves at the root)."""
+        embedding = self.params.get(EMBEDDING)
+        if embedding is None:
+            return {}
+        return {name: path for name, path in embedding.roles().items() if name != path}
+
+    def alias_dtypes(self) -> dict[str, str]:
+        embedding = self.params.get(EMBEDDING)
+        return embedding.role_dtypes() if embedding is not None else {}
+
+    def dtype_of(self, name: str) -> str | None:
+        """The stored dtype of dataset ``name`` (a path or a seed's root name), or None if it is not recorded."""
+        for param in self.params.values():
+            for key, path in param.paths.items():
+                if name.lstrip("/") in (path, SEED_NAMES[key] if param.name == EMBEDDING else None):
+                    return param.dtypes[key]
+        return None
+
+    def attrs(self) -> dict[str, str]:
+        """The attributes that state the layout: ``recorded_params`` and, for the seed's readers,
+        ``recorded_tensors`` (the embedding's tensors by the seed's names)."""
+        return {"recorded_params": json.dumps({name: {"shape": list(param.shape), "tensors": param.dtypes}
+                                               for name, param in self.params.items()}),
+                "recorded_tensors": tensors_attr(self.alias_dtypes())}
+
+    def link_aliases(self, handle: h5py.File) -> None:
+        """Hard links at the root under the seed's names to the embedding's datasets (stored once)."""
+        for name, path in self.aliases().items():
+            handle[name] = handle[path]
+
+    def is_alias(self, name: str) -> bool:
+        return name.lstrip("/") in self.aliases()
+
+
 def stream_tensors(handle: h5py.File) -> dict[str, str]:
-    """The recorded tensors of a stream or rechunked file, each with its stored dtype."""
+    """The embedding's recorded tensors by the seed's names (``W``, ``grad_W``, ...), each with its stored dtype,
+    in a stream or rechunked file: the tensors the seed's readers find at the root (``RecordLayout`` has all)."""
     if "recorded_tensors" in handle.attrs:
         return json.loads(handle.attrs["recorded_tensors"])
     return recorded_tensors("bf16", str(handle.attrs.get("storage_dtype", "bfloat16")))
@@ -62,7 +184,7 @@ def tensors_attr(tensors: dict[str, str]) -> str:
 
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
                           level: int) -> h5py.Dataset:
-    """A chunked (chunk_rows, V, D), shuffle+zstd compressed dataset of the storage dtype."""
+    """A chunked (chunk_rows, *shape[1:]), shuffle+zstd compressed dataset of the storage dtype."""
     return create_dataset(group, name, storage_h5type(storage), shape, zstd_dcpl((chunk_rows, *shape[1:]), level))
 
 

@@ -13,10 +13,12 @@ import h5py
 def create_dataset(parent: h5py.Group, name: str, h5type: h5py.h5t.TypeID,
                    space: h5py.h5s.SpaceID | tuple[int, ...], dcpl: h5py.h5p.PropDCID) -> h5py.Dataset:
     """A dataset ``name`` in ``parent`` of the HDF5 type ``h5type``, of ``space`` (a dataspace or a shape),
-    created with the property list ``dcpl``."""
+    created with the property list ``dcpl``; the groups of a path (``params/<name>/value``) are created as needed."""
     if not isinstance(space, h5py.h5s.SpaceID):
         space = h5py.h5s.create_simple(tuple(space))
-    h5py.h5d.create(parent.id, name.encode(), h5type, space, dcpl=dcpl)
+    links = h5py.h5p.create(h5py.h5p.LINK_CREATE)
+    links.set_create_intermediate_group(True)
+    h5py.h5d.create(parent.id, name.encode(), h5type, space, dcpl=dcpl, lcpl=links)
     return parent[name]
 
 

@@ -42,7 +42,7 @@ from thimble.record.codec import (
     require_zstd_filter,
     time_chunks,
 )
-from thimble.record.format import STORAGE_DTYPES, TENSOR_DTYPES, is_bfloat16, open_h5, stream_tensors
+from thimble.record.format import STORAGE_DTYPES, TENSOR_DTYPES, RecordLayout, is_bfloat16, open_h5
 from thimble.record.h5_datasets import element_size
 from thimble.record.stream_reader import open_stream, read_stream_rows
 from thimble.update_rules import ELEMENT_BYTES
@@ -83,7 +83,7 @@ class RecordedTensor:
         uint32 bits. A DataError unless it is stored as thimble stores a recorded tensor."""
         dataset = handle[name]
         storage = handle.attrs.get("storage_dtype")
-        stored = stream_tensors(handle).get(name)
+        stored = RecordLayout.of_file(handle).dtype_of(name)
         if storage not in STORAGE_DTYPES or stored not in TENSOR_DTYPES \
                 or element_size(dataset) != ELEMENT_BYTES[stored]:
             raise DataError(f"{handle.filename}: {name} is stored as {stored or storage} ({dataset.dtype}); the "

@@ -1,8 +1,8 @@
 """Rechunk a recorded stream (one step per chunk) into large time chunks, bit for bit.
 
-The lab's analysis loads whole tensors at a time, so ``W``, ``grad_W``,
-``momentum_W`` and ``variance_W`` are rewritten with chunks of
-(steps_per_chunk, V, D); losses, masks and attributes are carried over.
+The lab's analysis loads whole tensors at a time, so every recorded tensor (``params/<name>/value``,
+``grad``, the optimizer's state; the embedding's seed names linked to them) is rewritten with chunks of
+(steps_per_chunk, *shape); losses, masks and attributes are carried over.
 
 Each destination chunk is read whole, shuffled and zstd-compressed in a
 streaming, multi-threaded pass, and written with one direct chunk write, so
@@ -125,30 +125,33 @@ def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | st
 def rechunk_into(stream_dir: Path, output: Path, setting: int | str, max_chunk_bytes: int, level: int,
                  threads: int) -> dict[str, str]:
     """``rechunk_stream``'s work: the stream read, verified and written to ``output`` whole."""
-    from thimble.record.format import create_checked_array, read_checked, stream_tensors
+    from thimble.record.format import RecordLayout, create_checked_array, read_checked
     from thimble.record.stream_reader import open_stream
     from thimble.util.files import atomic_output
 
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
-        n_rows, vocab, hidden = stream["W"].shape
-        # each tensor's element bytes; the widest sets the steps per chunk
-        element_bytes = {name: element_size(stream[name]) for name in stream_tensors(stream)}
-        row_bytes = vocab * hidden * max(element_bytes.values())
+        layout = RecordLayout.of_file(stream)
+        datasets = {name: stream[name] for name in layout.datasets()}
+        n_rows = stream["losses"].shape[0]
+        # every tensor gets the same steps per chunk (the stages read tensors block by block together): the
+        # largest step of any tensor sets it
+        row_bytes = max(math.prod(dataset.shape[1:]) * element_size(dataset) for dataset in datasets.values())
         rows = steps_per_chunk(n_rows, row_bytes, setting, max_chunk_bytes)
         if rows * row_bytes > HDF5_MAX_CHUNK_BYTES:
             raise RechunkError(f"{rows} steps per chunk make {rows * row_bytes} bytes, over HDF5's 4 GiB chunk limit")
-        log.info("rechunking %s: %d steps of %d x %d in chunks of %d steps (%.2f GB each)", stream_dir, n_rows, vocab,
-                 hidden, rows, rows * row_bytes / 1e9)
+        log.info("rechunking %s: %d steps of %d tensors (%d parameters) in chunks of %d steps (%.2f GB at most)",
+                 stream_dir, n_rows, len(datasets), len(layout.params), rows, rows * row_bytes / 1e9)
         checksums = {}
+        total = sum(dataset.size * element_size(dataset) for dataset in datasets.values())
         with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
-                tqdm(total=n_rows * vocab * hidden * sum(element_bytes.values()), unit="B", unit_scale=True,
-                     desc="rechunk", mininterval=5) as progress:
-            for name in element_bytes:
-                checksums[name] = copy_rechunked(stream[name], out, rows, level, pool, progress)
+                tqdm(total=total, unit="B", unit_scale=True, desc="rechunk", mininterval=5) as progress:
+            for name, dataset in datasets.items():
+                checksums[name] = copy_rechunked(dataset, out, rows, level, pool, progress)
                 log.info("%s: verified, sha256 %s", name, checksums[name])
-            for name in stream:
-                if name not in element_bytes:
-                    create_checked_array(out, name, read_checked(stream[name]))
+            layout.link_aliases(out)
+            for name, item in stream.items():
+                if isinstance(item, h5py.Dataset) and name not in datasets and not layout.is_alias(name):
+                    create_checked_array(out, name, read_checked(item))
             out.attrs.update(dict(stream.attrs))
             out.attrs["steps_per_chunk"] = rows
             out.attrs["chunk_checksum"] = CHUNK_CHECKSUM

@@ -22,7 +22,7 @@ from thimble.record.codec import (
     read_stored_chunk,
     require_zstd_filter,
 )
-from thimble.record.format import covering_segments, open_h5, read_checked, stream_tensors
+from thimble.record.format import RecordLayout, covering_segments, open_h5, read_checked
 from thimble.record.h5_datasets import element_size
 from thimble.util.workers import WorkerPool
 
@@ -38,7 +38,7 @@ def open_stream(directory: str | Path) -> h5py.File:
         if not handle.attrs.get("complete", False):
             raise DataError(f"{path} is not marked complete; delete {directory} and train again")
         # HDF5 reads a missing source of a virtual dataset as zeros: check every source first
-        for name in stream_tensors(handle):
+        for name in RecordLayout.of_file(handle).datasets():
             check_virtual_sources(handle[name], Path(directory))
     except BaseException:
         handle.close()
@@ -118,7 +118,7 @@ def verify_stream(directory: str | Path, threads: int = 1, block_rows: int = 16)
     directory = Path(directory)
     with open_stream(directory) as stream, WorkerPool(threads) as pool:
         read_checked(stream["losses"])
-        for name in stream_tensors(stream):
+        for name in RecordLayout.of_file(stream).datasets():
             dataset = stream[name]
             element_bytes = element_size(dataset)
             out = np.empty((block_rows, *dataset.shape[1:]), dtype=BITS_DTYPES[element_bytes])

@@ -25,6 +25,7 @@ from thimble.record.codec import CHUNK_CHECKSUM, encode_chunk
 from thimble.record.format import (
     STORAGE_DTYPES,
     TENSOR_DTYPES,
+    RecordLayout,
     covering_segments,
     create_checked_array,
     create_tensor_dataset,
@@ -32,10 +33,8 @@ from thimble.record.format import (
     read_checked,
     segment_name,
     storage_h5type,
-    tensors_attr,
 )
 from thimble.record.h5_datasets import create_dataset
-from thimble.update_rules import recorded_tensors
 from thimble.util.files import fsync_path
 
 if TYPE_CHECKING:
@@ -47,24 +46,26 @@ log = logging.getLogger(__name__)
 class _Segment:
     """One open segment file, steps first..last, written under a .tmp name."""
 
-    def __init__(self, directory: Path, first: int, last: int, shape: tuple, tensors: dict[str, str], level: int):
+    def __init__(self, directory: Path, first: int, last: int, layout: RecordLayout, storage: str, level: int):
         self.first, self.last = first, last
         self.final = directory / segment_name(first, last)
         self.tmp = self.final.with_suffix(".h5.tmp")
         self.file = h5py.File(self.tmp, "w")
         rows = last - first + 1
-        self.datasets = {name: create_tensor_dataset(self.file, name, (rows, *shape), 1, storage, level)
-                         for name, storage in tensors.items()}
+        self.datasets = {path: create_tensor_dataset(self.file, path, (rows, *shape), 1, dtype, level)
+                         for path, (dtype, shape) in layout.datasets().items()}
+        self.origins = {path: (0,) * (len(shape) + 1) for path, (_, shape) in layout.datasets().items()}
+        layout.link_aliases(self.file)
         # written whole at close: one Fletcher32-guarded chunk
         self.losses = np.full(rows, np.nan, dtype=np.float32)
-        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=tensors["W"],
-                               recorded_tensors=tensors_attr(tensors), chunk_checksum=CHUNK_CHECKSUM)
+        self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage, **layout.attrs(),
+                               chunk_checksum=CHUNK_CHECKSUM)
         self.written = 0
 
     def write(self, step: int, chunks: dict[str, bytes], loss: float) -> None:
         row = step - self.first
-        for name, chunk in chunks.items():
-            self.datasets[name].id.write_direct_chunk((row, 0, 0), chunk, 0)
+        for path, chunk in chunks.items():
+            self.datasets[path].id.write_direct_chunk((row, *self.origins[path][1:]), chunk, 0)
         self.losses[row] = loss
         self.written += 1
 
@@ -84,25 +85,26 @@ class _Segment:
 class StreamRecorder:
     """Absorbs steps from the training loop and writes them in the background.
 
-    ``tensors`` names the recorded tensors and their stored dtypes (default: the bf16 rule's four,
-    stored as ``storage``). ``record`` hands over CPU copies of them; it blocks only when
+    ``layout`` (``thimble.record.format.RecordLayout``) names the recorded parameters, their shapes and each
+    dataset's stored dtype; ``storage`` is record.dtype. ``record`` hands over CPU copies of the datasets' tensors
+    (by path, or the embedding's by the seed's names); it blocks only when
     ``queue_steps`` steps are already waiting, which bounds memory whatever T
     is. ``checkpoint`` closes the current segment and then calls ``on_durable``
     (in the writer thread) once everything up to that step is on disk.
     """
 
-    def __init__(self, directory: str | Path, shape: tuple[int, int], last_step: int, storage: str = "bfloat16",
-                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2,
-                 tensors: dict[str, str] | None = None):
+    def __init__(self, directory: str | Path, layout: RecordLayout, last_step: int, storage: str = "bfloat16",
+                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2):
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
-        self.tensors = dict(tensors) if tensors is not None else recorded_tensors("bf16", storage)
+        self.layout = layout
+        self.tensors = {path: dtype for path, (dtype, _) in layout.datasets().items()}
         for name, dtype in self.tensors.items():
             if dtype not in TENSOR_DTYPES:
                 raise ValueError(f"unknown stored dtype {dtype!r} for {name}; use one of {TENSOR_DTYPES}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.shape, self.last_step, self.storage = tuple(shape), last_step, storage
+        self.last_step, self.storage = last_step, storage
         self.segment_steps, self.level = segment_steps, level
         self.float16_altered = dict.fromkeys(self.tensors, 0)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_steps)
@@ -189,6 +191,7 @@ class StreamRecorder:
                     if hasattr(loss, "wait"):  # a thimble.training.host_copy.HostStep: its device copies end here
                         loss.wait()
                         loss = loss.loss
+                    tensors = {self.layout.canonical(name): tensor for name, tensor in tensors.items()}
                     futures = {name: self._pool.submit(self._encode, tensors[name], storage)
                                for name, storage in self.tensors.items()}
                     pending.append((step, futures, loss))
@@ -212,7 +215,7 @@ class StreamRecorder:
                 self.float16_altered[name] += altered
             if self._segment is None:
                 first, last = self.segment_bounds(step)
-                self._segment = _Segment(self.directory, first, last, self.shape, self.tensors, self.level)
+                self._segment = _Segment(self.directory, first, last, self.layout, self.storage, self.level)
             self._segment.write(step, chunks, loss)
             if step == self._segment.last:
                 self._segment.close()
@@ -228,28 +231,27 @@ class StreamRecorder:
         self._durable_futures.append(self._durable.submit(function, *args))
 
 
-def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: int, storage: str,
-                      masks: dict[str, np.ndarray], attrs: dict, tensors: dict[str, str] | None = None) -> Path:
-    """Write ``stream.h5``: virtual (T+1, V, D) datasets over the segments, losses, masks, attributes.
+def write_stream_file(directory: str | Path, layout: RecordLayout, last_step: int, storage: str,
+                      masks: dict[str, np.ndarray], attrs: dict) -> Path:
+    """Write ``stream.h5``: virtual (T+1, *shape) datasets over the segments, losses, masks, attributes.
 
     Fails if the segments do not cover steps 0..last_step exactly.
     """
     directory = Path(directory)
-    tensors = dict(tensors) if tensors is not None else recorded_tensors("bf16", storage)
     segments = covering_segments(directory, 0, last_step + 1)
-    full = (last_step + 1, *shape)
     losses = np.empty(last_step + 1, dtype=np.float32)
     final = directory / STREAM_FILE
     tmp = final.with_suffix(".h5.tmp")
     with h5py.File(tmp, "w") as out:
-        for name, dtype in tensors.items():
+        for name, (dtype, shape) in layout.datasets().items():
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            virtual_space = h5py.h5s.create_simple(full)
+            virtual_space = h5py.h5s.create_simple((last_step + 1, *shape))
             for first, last, path in segments:
                 rows = (last - first + 1, *shape)
-                virtual_space.select_hyperslab((first, 0, 0), rows)
+                virtual_space.select_hyperslab((first, *(0,) * len(shape)), rows)
                 dcpl.set_virtual(virtual_space, path.name.encode(), name.encode(), h5py.h5s.create_simple(rows))
             create_dataset(out, name, storage_h5type(dtype), virtual_space, dcpl)
+        layout.link_aliases(out)
         for first, last, path in segments:
             with open_h5(path) as segment:
                 losses[first:last + 1] = read_checked(segment["losses"])
@@ -258,7 +260,7 @@ def write_stream_file(directory: str | Path, shape: tuple[int, int], last_step: 
             create_checked_array(out, key, values)
         out.attrs.update(attrs)
         out.attrs["storage_dtype"] = storage
-        out.attrs["recorded_tensors"] = tensors_attr(tensors)
+        out.attrs.update(layout.attrs())
         out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
         out.attrs["complete"] = True
     fsync_path(tmp)

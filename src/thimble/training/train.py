@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 
 from thimble.config import settings_hash, without_untracked
 from thimble.data.tokenizer import load_token_ids
-from thimble.errors import TrainingError
+from thimble.errors import ThimbleError, TrainingError
+from thimble.record.format import RecordLayout
 from thimble.record.writer import StreamRecorder, write_stream_file
-from thimble.sizes import batch_problem, training_footprint
+from thimble.sizes import batch_problem, select_parameters, training_footprint
 from thimble.training.adamw import UpdateRule
 from thimble.training.checkpoint import (
     load_resume_state,
@@ -76,7 +77,7 @@ from thimble.training.model import (
     select_device,
 )
 from thimble.training.resume_lock import PartialLock
-from thimble.update_rules import recorded_tensors
+from thimble.update_rules import STATE_KEYS, recorded_keys
 from thimble.util.cpu import this_cpu
 
 log = logging.getLogger(__name__)
@@ -142,9 +143,10 @@ class Session:
     model: torch.nn.Module
     optimizer: UpdateRule
     batches: BatchStream
-    wte: torch.nn.Parameter
+    #: the recorded parameters by name (``record.tensors``), in the model's order
+    recorded: dict[str, torch.nn.Parameter]
+    layout: RecordLayout
     lookup: str
-    tensors: dict[str, str]
 
 
 def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path) -> Session:
@@ -174,8 +176,21 @@ def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path)
     use_lookup_backward(model, lookup)
     # explicit, so that the recording names the kernels that produced it (the replay rebuilds them)
     optimizer = build_optimizer(model, training, device)
-    return Session(settings, device, determinism, masks, key, model, optimizer, batches,
-                   model.transformer.wte.weight, lookup, recorded_tensors(training["update_rule"], record["dtype"]))
+    recorded = recorded_parameters(model, record["tensors"])
+    layout = RecordLayout.of_parameters({name: tuple(param.shape) for name, param in recorded.items()},
+                                        recorded_keys(training["update_rule"], record["dtype"]))
+    return Session(settings, device, determinism, masks, key, model, optimizer, batches, recorded, layout, lookup)
+
+
+def recorded_parameters(model: torch.nn.Module, patterns: list[str]) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``record.tensors`` selects, by name, in the model's order (a tied parameter once, under its
+    first name, as ``named_parameters`` gives it)."""
+    params = dict(model.named_parameters())
+    try:
+        names = select_parameters(patterns, params)
+    except ThimbleError as error:
+        raise TrainingError(str(error)) from None
+    return {name: params[name] for name in names}
 
 
 def read_inputs(settings: dict, tokens_path: str, masks_path: str) -> tuple[torch.Tensor, dict]:
@@ -207,11 +222,10 @@ def check_disk(plan: dict, directory: Path) -> None:
 def open_recorder(session: Session, partial_dir: Path, threads: int) -> tuple[StreamRecorder, int]:
     """The stream's recorder in ``partial_dir``, and its compression threads."""
     settings, device = session.settings, session.device
-    model_settings, training, record = settings["model"], settings["training"], settings["record"]
+    training, record = settings["training"], settings["record"]
     # on a GPU the loop keeps a core busy launching kernels: the recorder compresses on the others
     compression_threads = max(1, threads - 1) if device.type == "cuda" else max(1, threads)
-    recorder = StreamRecorder(partial_dir, (model_settings["vocab_size"], model_settings["hidden_dim"]),
-                              training["steps"], storage=record["dtype"], tensors=session.tensors,
+    recorder = StreamRecorder(partial_dir, session.layout, training["steps"], storage=record["dtype"],
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
                               level=record["compression_level"], threads=compression_threads)
     log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; lookups' "
@@ -234,14 +248,16 @@ def start_or_resume(session: Session, resume: dict | None, recorder: StreamRecor
     state); a resumed one takes the model, optimizer and data order of its checkpoint and holds nothing."""
     settings, optimizer = session.settings, session.optimizer
     if resume is None:
-        wte, tensors = session.wte, session.tensors
-        step_zero = StepBits(0, {"W": wte.detach().to("cpu", copy=True), **initial_state(tensors, wte)}, float("nan"))
+        step_zero = StepBits(0, initial_tensors(session.layout, session.recorded), float("nan"))
         zero_state = segment_end_state(session, recorder, 0)
-        model_settings, training = settings["model"], settings["training"]
-        log.info("recording %s: steps 0..%d, %d x %d, update rule %s (%s), tensors %s, on %s", settings["name"],
-                 training["steps"], model_settings["vocab_size"], model_settings["hidden_dim"],
-                 training["update_rule"], optimizer.implementation,
-                 ", ".join(f"{name} as {dtype}" for name, dtype in tensors.items()), session.device)
+        training, layout = settings["training"], session.layout
+        keys = next(iter(layout.params.values())).dtypes
+        log.info("recording %s: steps 0..%d, %d parameters (%d values: %s), update rule %s (%s), each with %s, "
+                 "on %s", settings["name"], training["steps"], len(layout.params),
+                 sum(param.numel() for param in session.recorded.values()),
+                 ", ".join(f"{name} {tuple(param.shape)}" for name, param in list(session.recorded.items())[:4])
+                 + (", ..." if len(layout.params) > 4 else ""), training["update_rule"], optimizer.implementation,
+                 ", ".join(f"{key} as {dtype}" for key, dtype in keys.items()), session.device)
         return 0, [], (step_zero, zero_state)
     restore_state(resume, session.model, optimizer, session.batches)
     log.info("resuming %s after step %d of %d", settings["name"], resume["step"], settings["training"]["steps"])
@@ -285,14 +301,15 @@ def train_steps(session: Session, recorder: StreamRecorder, check: DeterminismCh
     steps = settings["training"]["steps"]
     try:
         if check.steps:  # before the clock starts: the session's step rate stays the recorded run's own
-            first_pass(check, model, optimizer, batches, device, copies)
+            first_pass(check, session, copies)
         started = time.perf_counter()
         first_step_seconds = 0.0
         progress = tqdm(range(start + 1, steps + 1), initial=start, total=steps, desc=settings["name"],
                         unit="step", file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 10.0,
                         ascii=not sys.stderr.isatty())
         for step in progress:
-            bits = train_step(step, model, optimizer, batches, device, copies, wait=check.covers(step))
+            bits = train_step(step, model, optimizer, batches, device, copies, session.layout, session.recorded,
+                              wait=check.covers(step))
             held.hold(bits, segment_end_state(session, recorder, step))
             if check.covers(step):
                 check.compare_step(bits)
@@ -313,33 +330,41 @@ def train_steps(session: Session, recorder: StreamRecorder, check: DeterminismCh
 
 
 def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, device: torch.device,
-               copies: HostCopies, wait: bool = True) -> StepBits:
-    """One optimizer step in the seed's order; what it records (host copies) and its loss. With ``wait``
-    False, on a GPU, the copies may still be running: the loss is then the ``HostStep`` the recorder waits
-    for in its own thread (``thimble.training.host_copy``), so that this loop never waits for the device."""
-    wte = model.transformer.wte.weight
+               copies: HostCopies, layout: RecordLayout, recorded: dict[str, torch.nn.Parameter],
+               wait: bool = True) -> StepBits:
+    """One optimizer step in the seed's order; what it records (host copies of every recorded parameter's
+    gradient, value and optimizer state, by dataset path) and its loss. With ``wait`` False, on a GPU, the
+    copies may still be running: the loss is then the ``HostStep`` the recorder waits for in its own thread
+    (``thimble.training.host_copy``), so that this loop never waits for the device."""
     batch = batches.next()
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
     loss = model(input_ids=input_ids, labels=labels).loss
     loss.backward()
-    host = copies.copy({"grad_W": wte.grad})  # before the step, which may change the gradient
+    # before the step, which may change the gradient
+    host = copies.copy({layout.params[name].paths["grad"]: param.grad for name, param in recorded.items()})
     optimizer.step(step)
     optimizer.zero_grad()
-    host = copies.copy({"W": wte, **optimizer.device_state(wte)}, into=host, loss=loss)
+    after = {}
+    for name, param in recorded.items():
+        paths = layout.params[name].paths
+        after[paths["value"]] = param
+        after.update({paths[STATE_KEYS[role]]: tensor for role, tensor in optimizer.device_state(param).items()})
+    host = copies.copy(after, into=host, loss=loss)
     return StepBits(step, host.tensors, host.loss if wait or host.ready else host)
 
 
-def first_pass(check: DeterminismCheck, model, optimizer: UpdateRule, batches: BatchStream,
-               device: torch.device, copies: HostCopies) -> None:
+def first_pass(check: DeterminismCheck, session: Session, copies: HostCopies) -> None:
     """Run the check's steps once, keep what they record and the state after them, and put everything back
     (model, optimizer, data order, torch's generators) as it was, for the recorded run to do them again."""
+    model, optimizer, batches, device = session.model, session.optimizer, session.batches, session.device
     started = time.perf_counter()
     before = {**state_copy(model, optimizer), "data": batches.state()}
     generators = generator_states(device)
     try:
         for step in range(check.first_step, check.last_step + 1):
-            check.reference.append(train_step(step, model, optimizer, batches, device, copies))
+            check.reference.append(train_step(step, model, optimizer, batches, device, copies, session.layout,
+                                              session.recorded))
     except RuntimeError as error:
         # torch under use_deterministic_algorithms: an op without a deterministic kernel on this device raises
         if "determinis" not in str(error):
@@ -376,8 +401,7 @@ def set_generator_states(states: dict) -> None:
 def log_session(session: Session, recorder: StreamRecorder, check: DeterminismCheck, start: int,
                 elapsed: float) -> None:
     """The session's step rate, its determinism check and what float16 storage altered."""
-    model_settings, training, record = (session.settings["model"], session.settings["training"],
-                                        session.settings["record"])
+    training, record = session.settings["training"], session.settings["record"]
     steps = training["steps"]
     log.info("trained steps %d..%d in %.1f s (%.2f steps/s)", start + 1, steps, elapsed,
              (steps - start) / elapsed if elapsed > 0 else math.inf)
@@ -387,8 +411,11 @@ def log_session(session: Session, recorder: StreamRecorder, check: DeterminismCh
     elif steps > start:
         log.info("determinism check off (training.determinism_check_steps: 0)")
     if record["dtype"] == "float16":
-        total = model_settings["vocab_size"] * model_settings["hidden_dim"] * steps
-        for name, altered in recorder.float16_altered.items():
+        elements = {path: math.prod(shape) for path, (_, shape) in session.layout.datasets().items()}
+        seed_names = {path: name for name, path in session.layout.aliases().items()}
+        for path, altered in recorder.float16_altered.items():
+            total = elements[path] * steps
+            name = f"{seed_names[path]} ({path})" if path in seed_names else path
             log.warning("record.dtype float16 altered %d of %d %s values (%.2f%%) in steps %d..%d",
                         altered, total, name, 100 * altered / total, start + 1, steps)
 
@@ -418,24 +445,31 @@ def stream_attrs(session: Session, compression_threads: int, checks: list[dict],
 
 def finish_stream(session: Session, partial_dir: Path, output_dir: Path, attrs: dict) -> None:
     """The stream's file (masks, attributes) written, the resume state removed, the stream moved into place."""
-    model_settings, record, masks = session.settings["model"], session.settings["record"], session.masks
+    record, masks = session.settings["record"], session.masks
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
                    "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
-    write_stream_file(partial_dir, (model_settings["vocab_size"], model_settings["hidden_dim"]),
-                      session.settings["training"]["steps"], record["dtype"], mask_arrays, attrs, session.tensors)
+    write_stream_file(partial_dir, session.layout, session.settings["training"]["steps"], record["dtype"],
+                      mask_arrays, attrs)
     remove_checkpoints(partial_dir)
     os.replace(partial_dir, output_dir)
     log.info("recorded stream -> %s", output_dir)
 
 
-def initial_state(tensors: dict[str, str], wte: torch.Tensor) -> dict[str, torch.Tensor]:
-    """What step 0 records beside W: no gradient and empty optimizer state (zeros), and under
-    fp32_master the float32 master W starts from (W widened, exactly)."""
-    state = {name: torch.zeros(wte.shape, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
-             for name, dtype in tensors.items() if name != "W"}
-    if "master_W" in state:
-        state["master_W"] = wte.detach().to("cpu", torch.float32, copy=True)
-    return state
+def initial_tensors(layout: RecordLayout, recorded: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    """What step 0 records of each parameter: its value as initialised, no gradient and empty optimizer state
+    (zeros), and under fp32_master the float32 master it starts from (the value widened, exactly)."""
+    tensors = {}
+    for name, param in recorded.items():
+        entry = layout.params[name]
+        for key, dtype in entry.dtypes.items():
+            if key == "value":
+                tensors[entry.paths[key]] = param.detach().to("cpu", copy=True)
+            elif key == "master":
+                tensors[entry.paths[key]] = param.detach().to("cpu", torch.float32, copy=True)
+            else:
+                tensors[entry.paths[key]] = torch.zeros(param.shape, dtype=torch.float32 if dtype == "float32"
+                                                        else torch.bfloat16)
+    return tensors
 
 
 def git_commit() -> str:
