@@ -1,5 +1,5 @@
-"""The lattice stage: ΔW′ of a rechunked recording's W, in integer lattice steps, written beside it
-(``delta_w_lattice.h5``). The arithmetic is ``thimble.numerics.lattice``'s."""
+"""The lattice stage: ΔW′ of every tensor of a rechunked recording, each in its own bf16 lattice, in integer lattice
+steps, written beside it (``delta_w_lattice.h5``). The arithmetic is ``thimble.numerics.lattice``'s."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from thimble.numerics.lattice import (
     ordinal,
 )
 from thimble.outputs import DELTA_W_DATASET
+from thimble.record.format import param_dataset
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
     """
     both = np.concatenate([previous[None], bits])
     if (both & MAGNITUDE_BITS).max() >= NONFINITE_MAGNITUDE:
-        raise NonFiniteError("W holds NaN or Inf")
+        raise NonFiniteError("the tensor holds NaN or Inf")
     signed = ordinal(both)
     delta = np.subtract(signed[1:], signed[:-1])
     info = np.iinfo(out.dtype)
@@ -46,15 +47,23 @@ def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tup
 
 
 def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: int = 1) -> dict:
-    """ΔW′ of a rechunked recording, indexed by step (row 0 is 0: nothing moves before t = 0).
+    """ΔW′ of every recorded tensor of a rechunked recording, indexed by step (row 0 is 0: nothing moves before
+    t = 0), each in its own lattice.
 
-    Stored as int16 when every step count fits (checked), else int32, in chunks
-    of the recording's steps per chunk, zstd-compressed. Per-step counts of
-    moves and binade crossings go alongside. Returns the summary attributes.
-    W is decoded from its stored chunks block by block, so memory stays near
-    half a chunk of W plus the compressed output.
+    Each tensor's ΔW′ is ``params/<name>/delta_w_lattice`` of the tensor's shape, with its per-step counts of moves
+    and binade crossings beside it; the embedding's are also at the root under the seed's names (hard links),
+    so that an embedding-only run reads as before. A tensor's ΔW′ is int16 when every step count fits (checked),
+    else int32, in chunks of the recording's steps per chunk, zstd-compressed. Returns the summary: the
+    embedding's at the top level (when it is recorded) and every tensor's under ``tensors``. Values are decoded
+    from their stored chunks block by block, so memory stays near half a chunk of the largest tensor plus the
+    compressed output.
     """
+    import h5py
+
+    from thimble.analysis.tensors import recorded_params
+    from thimble.record.codec import CHUNK_CHECKSUM
     from thimble.record.format import open_h5
+    from thimble.sizes import EMBEDDING
     from thimble.util.files import atomic_output
     from thimble.util.workers import WorkerPool
 
@@ -62,78 +71,95 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
         if source.attrs.get("storage_dtype") == "float16":
             log.warning("%s stores float16 (record.dtype float16): ΔW′ is of the stored values read back as bf16, "
                         "not exact where float16 altered W", recording)
-        summary = _write_delta(source, recording, tmp, np.dtype(np.int16), level, pool)
-        if summary is None:  # a step count beyond int16: walk W again into int32, which holds every one
-            summary = _write_delta(source, recording, tmp, np.dtype(np.int32), level, pool)
-    return summary
+        summaries = {}
+        with h5py.File(tmp, "w") as out:
+            for param in recorded_params(source):
+                group = out.require_group(param_dataset(param.name, "")[:-1])
+                summary = _write_delta(source, param.roles()["W"], param.name, group, np.dtype(np.int16), level, pool)
+                if summary is None:  # a step count beyond int16: walk the tensor again into int32, which holds all
+                    for name in list(group):
+                        del group[name]
+                    summary = _write_delta(source, param.roles()["W"], param.name, group, np.dtype(np.int32), level,
+                                           pool)
+                summaries[param.name] = summary
+            if EMBEDDING in summaries:
+                for name in (DELTA_W_DATASET, *COUNTS):
+                    out[name] = out[param_dataset(EMBEDDING, name)]
+            out.attrs.update({key: value for key, value in source.attrs.items()
+                              if key not in ("sha256", "steps_per_chunk")})
+            out.attrs["source"] = str(recording)
+            out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
+    return {**summaries.get(EMBEDDING, {}), "tensors": summaries}
 
 
-def _write_delta(source, recording: str, path, dtype: np.dtype, level: int, pool) -> dict | None:
-    """Write ΔW′ of ``source``'s W (the file ``recording``) as ``dtype`` to ``path``; None (and a file to discard) when a step
-    count does not fit ``dtype``."""
+#: the per-step counts beside each ΔW′: steps that moved an element, and those that crossed a binade
+COUNTS = ("moves_per_step", "crossed_binade_per_step")
+
+
+def _write_delta(source, path: str, name: str, out, dtype: np.dtype, level: int, pool) -> dict | None:
+    """Write ΔW′ of ``source``'s tensor at ``path`` (parameter ``name``'s value) as ``dtype`` into the group
+    ``out``; None (and datasets to discard) when a step count does not fit ``dtype``."""
     import h5py
     from tqdm.auto import tqdm
 
-    from thimble.record.codec import CHUNK_CHECKSUM, FrameEncoder, window_log_for, write_chunk, zstd_dcpl
+    from thimble.record.codec import FrameEncoder, window_log_for, write_chunk, zstd_dcpl
     from thimble.record.format import create_checked_array
     from thimble.record.h5_datasets import create_dataset
     from thimble.record.reader import RecordedTensor
     from thimble.util.workers import thread_spans
 
-    w = source["W"]
+    w = source[path]
     rows, (n_steps, *row_shape) = w.chunks[0], w.shape
     row_elements = int(np.prod(row_shape))
     moves, crossed = np.zeros(n_steps, np.int64), np.zeros(n_steps, np.int64)
     # columns split across threads: numpy releases the GIL in its loops
     spans = thread_spans(row_elements, pool.threads)
-    with h5py.File(path, "w") as out:
-        # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
-        target = create_dataset(out, DELTA_W_DATASET, h5py.h5t.py_create(dtype), w.shape,
-                                zstd_dcpl(w.chunks, level, shuffle=False))
-        previous = encoder = None
-        for step, block in tqdm(RecordedTensor.of_recording(source, "W").blocks(BLOCK_ROWS), desc="ΔW′",
-                                unit="block", mininterval=5):
-            block = block.reshape(len(block), row_elements)
-            chunk_start, end = step - step % rows, step + len(block)
-            if step == chunk_start:
-                # unshuffled: the previous step of an element lies a row of integers back
-                encoder = FrameEncoder(rows * row_elements * dtype.itemsize, level, pool.threads,
-                                       window_log_for(row_elements * dtype.itemsize, level))
-            if previous is None:  # step 0: nothing moved before it
-                previous = block[0].copy()
-            delta = np.empty(block.shape, dtype)
-            futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b]) for a, b in spans]
-            try:
-                counts = [future.result() for future in futures]
-            except NonFiniteError:
-                check_finite(np.concatenate([previous[None], block]).reshape(-1, *row_shape), first_step=step - 1)
-                raise  # check_finite raised, naming the step and element
-            if any(count is None for count in counts):
-                return None
-            moves[step:end] = sum(count[0] for count in counts)
-            crossed[step:end] = sum(count[1] for count in counts)
-            encoder.add(delta)
-            previous = block[-1].copy()
-            if end == min(chunk_start + rows, n_steps):
-                if end - chunk_start < rows:  # edge chunk: stored full size, zero padded
-                    encoder.add(np.zeros((rows - (end - chunk_start)) * row_elements, dtype))
-                write_chunk(target, chunk_start, b"".join(encoder.finish()))
-        create_checked_array(out, "moves_per_step", moves)
-        create_checked_array(out, "crossed_binade_per_step", crossed)
-        summary = {
-            "first_step": 1,
-            "last_step": n_steps - 1,
-            "dtype": dtype.name,
-            "moves": int(moves.sum()),
-            "crossed_binade_moves": int(crossed.sum()),
-            "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
-            "source_storage": source.attrs.get("storage_dtype"),
-            "exact": source.attrs.get("storage_dtype") != "float16",
-        }
-        target.attrs.update(summary)
-        target.attrs["description"] = ("signed bf16 lattice steps from W[t-1] to W[t], indexed by t; "
-                                       "row 0 is 0 (no step before t = 0)")
-        out.attrs.update({key: value for key, value in source.attrs.items() if key not in ("sha256", "steps_per_chunk")})
-        out.attrs["source"] = str(recording)
-        out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
+    # zstd only, no shuffle: rows decode in order, and small integers compress well anyway
+    target = create_dataset(out, DELTA_W_DATASET, h5py.h5t.py_create(dtype), w.shape,
+                            zstd_dcpl(w.chunks, level, shuffle=False))
+    previous = encoder = None
+    for step, block in tqdm(RecordedTensor.of_recording(source, path).blocks(BLOCK_ROWS), desc=f"ΔW′ {name}",
+                            unit="block", mininterval=5):
+        block = block.reshape(len(block), row_elements)
+        chunk_start, end = step - step % rows, step + len(block)
+        if step == chunk_start:
+            # unshuffled: the previous step of an element lies a row of integers back
+            encoder = FrameEncoder(rows * row_elements * dtype.itemsize, level, pool.threads,
+                                   window_log_for(row_elements * dtype.itemsize, level))
+        if previous is None:  # step 0: nothing moved before it
+            previous = block[0].copy()
+        delta = np.empty(block.shape, dtype)
+        futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b]) for a, b in spans]
+        try:
+            counts = [future.result() for future in futures]
+        except NonFiniteError:
+            check_finite(np.concatenate([previous[None], block]).reshape(-1, *row_shape), first_step=step - 1,
+                         name=name)
+            raise  # check_finite raised, naming the tensor, the step and the element
+        if any(count is None for count in counts):
+            return None
+        moves[step:end] = sum(count[0] for count in counts)
+        crossed[step:end] = sum(count[1] for count in counts)
+        encoder.add(delta)
+        previous = block[-1].copy()
+        if end == min(chunk_start + rows, n_steps):
+            if end - chunk_start < rows:  # edge chunk: stored full size, zero padded
+                encoder.add(np.zeros((rows - (end - chunk_start)) * row_elements, dtype))
+            write_chunk(target, chunk_start, b"".join(encoder.finish()))
+    create_checked_array(out, COUNTS[0], moves)
+    create_checked_array(out, COUNTS[1], crossed)
+    summary = {
+        "first_step": 1,
+        "last_step": n_steps - 1,
+        "dtype": dtype.name,
+        "elements": row_elements,
+        "moves": int(moves.sum()),
+        "crossed_binade_moves": int(crossed.sum()),
+        "crossed_binade_fraction": float(crossed.sum() / moves.sum()) if moves.sum() else 0.0,
+        "source_storage": source.attrs.get("storage_dtype"),
+        "exact": source.attrs.get("storage_dtype") != "float16",
+    }
+    target.attrs.update(summary)
+    target.attrs["description"] = (f"signed bf16 lattice steps of {name} from step t-1 to t, indexed by t; "
+                                   "row 0 is 0 (no step before t = 0)")
     return summary

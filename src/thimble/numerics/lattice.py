@@ -44,14 +44,14 @@ def as_bits(values: np.ndarray) -> np.ndarray:
     raise TypeError(f"expected bfloat16 values or uint16 bit patterns, got {values.dtype}")
 
 
-def check_finite(bits: np.ndarray, first_step: int = 0) -> None:
-    """Raise NonFiniteError naming the first NaN/Inf as (step, row, column)."""
+def check_finite(bits: np.ndarray, first_step: int = 0, name: str = "W") -> None:
+    """Raise NonFiniteError naming the first NaN/Inf of tensor ``name`` as (step, row, column)."""
     bad = (bits & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE
     if bad.any():
         where = np.unravel_index(int(np.flatnonzero(bad.reshape(-1))[0]), bits.shape)
         value = float(bits[where].view(BFLOAT16))
         location = (where[0] + first_step, *where[1:]) if bits.ndim >= 1 else where
-        raise NonFiniteError(f"W is {value} at step {location[0]}, element {tuple(int(i) for i in location[1:])}: "
+        raise NonFiniteError(f"{name} is {value} at step {location[0]}, element {tuple(int(i) for i in location[1:])}: "
                              "the lattice displacement is undefined for NaN and Inf")
 
 
