@@ -23,8 +23,10 @@ from thimble.errors import TrainingError
 from conftest import VOCAB, run_train, tiny_settings  # the fixtures data and recorded live there too
 
 
-def seed_notebook_trajectory(settings, tokens):
-    """The Thimble 6 notebook's training loop, as written there, capturing the live tensors."""
+def seed_notebook_trajectory(settings, tokens, every_parameter=False):
+    """The Thimble 6 notebook's training loop, as written there, capturing the live tensors: the embedding's by
+    the seed's names, or with ``every_parameter`` each parameter's value, grad, exp_avg and exp_avg_sq by
+    (parameter name, key)."""
     from torch.utils.data import DataLoader, Dataset
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -67,6 +69,9 @@ def seed_notebook_trajectory(settings, tokens):
     wte = model.transformer.wte.weight
     zeros = torch.zeros_like(wte)
     out = {"W": [wte.detach().clone()], "grad_W": [zeros], "momentum_W": [zeros], "variance_W": [zeros]}
+    params = dict(model.named_parameters())
+    every = {(name, key): [param.detach().clone() if key == "value" else torch.zeros_like(param)]
+             for name, param in params.items() for key in ("value", "grad", "exp_avg", "exp_avg_sq")}
     losses = [float("nan")]
     data_iter = iter(dataloader)
     model.train()
@@ -80,12 +85,20 @@ def seed_notebook_trajectory(settings, tokens):
         loss = outputs.loss
         loss.backward()
         out["grad_W"].append(wte.grad.detach().clone())
+        for name, param in params.items():
+            every[name, "grad"].append(param.grad.detach().clone())
         optimizer.step()
         optimizer.zero_grad()
         out["W"].append(wte.detach().clone())
         out["momentum_W"].append(optimizer.state[wte]["exp_avg"].clone())
         out["variance_W"].append(optimizer.state[wte]["exp_avg_sq"].clone())
+        for name, param in params.items():
+            every[name, "value"].append(param.detach().clone())
+            every[name, "exp_avg"].append(optimizer.state[param]["exp_avg"].clone())
+            every[name, "exp_avg_sq"].append(optimizer.state[param]["exp_avg_sq"].clone())
         losses.append(loss.item())
+    if every_parameter:
+        return {key: torch.stack(values) for key, values in every.items()}, np.array(losses, dtype=np.float32)
     return {name: torch.stack(values) for name, values in out.items()}, np.array(losses, dtype=np.float32)
 
 

@@ -24,6 +24,8 @@ DRIVERS_BLOCK_STEPS = 16
 
 #: the token embedding (tied with the LM head): the seed's W, recorded by default
 EMBEDDING = "transformer.wte.weight"
+#: the second names of tied parameters, each with the first name it is recorded under
+TIED_NAMES = {"lm_head.weight": EMBEDDING}
 
 
 def parameter_shapes(model: dict) -> dict[str, tuple[int, ...]]:
@@ -48,15 +50,19 @@ def parameter_shapes(model: dict) -> dict[str, tuple[int, ...]]:
 
 def select_parameters(patterns: list[str], names, key: str = "record.tensors") -> list[str]:
     """The parameter names (of ``names``, in their order) that the names or shell-style patterns of
-    ``record.tensors`` select; a ThimbleError naming ``key`` for a pattern that selects none."""
+    ``record.tensors`` select (a tied parameter's second name, such as ``lm_head.weight``, selects it under its
+    first name); a ThimbleError naming ``key`` for a pattern that selects none."""
     names = list(names)
-    unmatched = [pattern for pattern in patterns if not fnmatch.filter(names, pattern)]
+    tied = {second: first for second, first in TIED_NAMES.items() if first in names}
+    unmatched = [pattern for pattern in patterns if not fnmatch.filter([*names, *tied], pattern)]
     if unmatched:
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
         raise ThimbleError(f"config key {key}: {', '.join(map(repr, unmatched))} names no parameter of the model "
                            f"({len(names)} parameters: {shown}); use names of model.named_parameters() or "
                            "shell-style patterns such as 'transformer.h.*.ln_1.*', or '*' for all")
-    return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    chosen = {tied.get(name, name) for name in [*names, *tied]
+              if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+    return [name for name in names if name in chosen]
 
 
 def recorded_shapes(settings: dict) -> dict[str, tuple[int, ...]]:
