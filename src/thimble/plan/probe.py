@@ -104,7 +104,7 @@ def dataset_files(settings: dict, workdir: Path) -> tuple[Path, Path] | None:
 def dataset_tokens(settings: dict, workdir: Path) -> int:
     """The tokens of the experiment's dataset in ``workdir`` once encoded, else 0."""
     tokens = dataset_dir(workdir / RESULTS_DIR, settings["dataset"]) / TOKENS_FILE
-    return int(np.load(tokens, mmap_mode="r").shape[0]) if tokens.exists() else 0
+    return int(np.load(tokens, mmap_mode="r", allow_pickle=False).shape[0]) if tokens.exists() else 0
 
 
 def token_source(settings: dict, workdir: Path) -> str:

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from thimble.config import trajectory_settings
+from thimble.errors import TrainingError
 from thimble.record.format import list_segments
 from thimble.training.adamw import UpdateRule
 from thimble.training.data_order import BatchStream
@@ -143,7 +145,13 @@ def verified_checkpoint(partial_dir: Path) -> dict | None:
             path.unlink()
             continue
         try:
-            state = torch.load(path, weights_only=False)
+            # tensors and plain data only: a checkpoint handed over with a pickle that calls code is refused
+            # unread, whatever checksum vouches for it (the checksum guards against damage, not intent)
+            state = torch.load(path, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise TrainingError(f"{path} holds more than tensors and plain data, which thimble never loads "
+                                f"({refused_global(error)}); nothing in it was run. If you did not write it, do not "
+                                f"trust {partial_dir}; delete it to train from step 0") from None
         except Exception as error:  # noqa: BLE001  (any unreadable checkpoint: torch raises many kinds)
             log.warning("discarding the checkpoint %s: it cannot be read (%s: %s)", path, type(error).__name__,
                         str(error)[:200])
@@ -155,6 +163,15 @@ def verified_checkpoint(partial_dir: Path) -> dict | None:
             continue
         states.append(state)
     return max(states, key=lambda state: state["step"], default=None)
+
+
+def refused_global(error: Exception) -> str:
+    """What torch's weights-only loader refused to load, from its message (which goes on to suggest loading
+    the file unsafely: not repeated here)."""
+    for line in str(error).splitlines():
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line.strip()[:300]
+    return "torch's weights-only loader refused it"
 
 
 def _discard(partial_dir: Path, why: str) -> None:
