@@ -97,6 +97,8 @@ rule series:
                     category="series {series}"),
         lattice_positions=report("results/series/{series}/lattice_positions.csv",
                                  caption="../workflow/report/series_lattice_positions.rst", category="series {series}"),
+        tensors=report("results/series/{series}/tensors.csv", caption="../workflow/report/series_tensors.rst",
+                       category="series {series}"),
     log:
         "logs/series/{series}.log",
     conda:
@@ -107,4 +109,4 @@ rule series:
     shell:
         "thimble series --name {wildcards.series} --summaries {input.summaries} --figure {output.figure}"
         " --table {output.table} --page {output.page} --lattice-positions {input.lattice_positions}"
-        " --lattice-table {output.lattice_positions} 2> {log}"
+        " --lattice-table {output.lattice_positions} --tensor-table {output.tensors} 2> {log}"

@@ -343,7 +343,7 @@ def _series(args) -> None:
     from thimble.report.figures import series_outputs
 
     series_outputs(args.name, args.summaries, args.figure, args.table, args.page, args.lattice_positions,
-                   args.lattice_table)
+                   args.lattice_table, args.tensor_table)
 
 
 def add_report_commands(sub) -> None:
@@ -365,6 +365,8 @@ def add_report_commands(sub) -> None:
     p.add_argument("--lattice-positions", nargs="+", help="each experiment's lattice_positions.csv, in the "
                    "order of --summaries")
     p.add_argument("--lattice-table", help="where to write the series' lattice-position table")
+    p.add_argument("--tensor-table", help="where to write every recorded tensor's verdict, onset and driver per "
+                   "experiment")
     p.set_defaults(func=_series)
 
 

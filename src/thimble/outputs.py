@@ -31,7 +31,7 @@ DELTA_W_FILE = f"{DELTA_W_DATASET}.h5"
 #: figures/{name}.png of an experiment, each with a caption workflow/report/{name}.rst
 FIGURES_DIR = "figures"
 FIGURES = ("loss", "displacement", "phases", "global_freeze", "variance", "update_ratio", "lattice_positions",
-           "drivers")
+           "drivers", "tensor_freeze", "tensor_onsets")
 
 #: the freeze stage's files under results/{experiment}/, each under its key in ``thimble.analysis.freeze.analyse``'s outputs,
 #: which is also its option of ``thimble freeze`` ("-" for "_") and its name in the freeze rule's output

@@ -14,10 +14,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from thimble.analysis.freeze import GROUPS, MEASURES, PHASES, VERDICTS, WINDOW_SHARES  # noqa: E402
+from thimble.sizes import EMBEDDING  # noqa: E402
 from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 from thimble.util.files import atomic_output, write_text  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
+DRIVER_COLORS = {"spacing": "tab:blue", "statistics": "tab:orange", "v_stall": "tab:red"}
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
 #: tokens drawn as individual lines per group (the mean and std use every token)
 SAMPLE_TOKENS = 150
@@ -349,8 +351,103 @@ def summary_html(summary: dict) -> str:
              "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in VERDICTS)
              + f". {rule['windows'][0].upper()}{rule['windows'][1:]}.</p>",
              _html_table(window_rows),
-             *drivers_html(summary.get("drivers", {}))]
+             *drivers_html(summary.get("drivers", {})),
+             *(["<p>Every recorded tensor (docs/tensors.md): its verdict (global freeze of its question group), "
+                "the share of steps it is globally frozen, its first such step, the share of its elements "
+                "unmoved over the last window, and its freeze onset with what drove it.</p>",
+                _html_table([{key: value for key, value in row.items() if key != "experiment"}
+                             for row in tensor_rows(summary)])]
+               if summary.get("tensors") else [])]
     return _html_page(f"{summary['experiment']}: verdicts and summary", parts)
+
+
+def question_rows(table: pd.DataFrame, summary: dict) -> pd.DataFrame:
+    """The rows of a per-tensor table (its ``tensor`` column) that describe the tensor the summary's top level
+    answers for (``question_tensor``: the embedding when it is recorded), without that column; a table of
+    one tensor as it is."""
+    if "tensor" not in table.columns:
+        return table
+    rows = table[table["tensor"] == summary.get("question_tensor", EMBEDDING)]
+    return rows.drop(columns="tensor").reset_index(drop=True)
+
+
+def short_name(name: str) -> str:
+    """A parameter's name as the figures label it (``transformer.`` left out)."""
+    return name.removeprefix("transformer.")
+
+
+def tensor_freeze(freeze: pd.DataFrame, experiment: str, path: str, window: int) -> None:
+    """One picture of every recorded tensor over the steps: the share of its elements that did not move
+    (ΔW′ = 0), averaged over windows of ``window`` steps; below, each tensor's globally frozen steps."""
+    if "tensor" not in freeze.columns:
+        freeze = freeze.assign(tensor=EMBEDDING)
+    names = list(dict.fromkeys(freeze["tensor"]))
+    steps = freeze.loc[freeze["tensor"] == names[0], "step"].to_numpy()
+    edges = np.arange(steps[0], steps[-1] + window, window)
+    shares, frozen = [], []
+    for name in names:
+        rows = freeze[freeze["tensor"] == name]
+        share = rows["all_frozen_element_share"].to_numpy(dtype=float)
+        shares.append([share[(steps >= a) & (steps < a + window)].mean() for a in edges[:-1]] or [share.mean()])
+        frozen.append(rows["all_globally_frozen"].to_numpy(dtype=float))
+    height = 1.2 + 0.22 * len(names)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2 * height), sharex=True)
+    extent = (steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5)
+    image = top.imshow(np.array(shares), aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
+                       extent=extent)
+    top.set_yticks(range(len(names)), [short_name(name) for name in names], fontsize=7)
+    top.set(title=f"share of each tensor's elements unmoved (ΔW′ = 0), mean over windows of {window} steps")
+    fig.colorbar(image, ax=top, fraction=0.025, pad=0.01)
+    bottom.imshow(np.array(frozen), aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
+                  extent=extent)
+    bottom.set_yticks(range(len(names)), [short_name(name) for name in names], fontsize=7)
+    bottom.set(xlabel="step", title="globally frozen steps (dark: every element of the tensor unmoved)")
+    fig.suptitle(f"{experiment}: which tensors freeze, and when")
+    _save(fig, path)
+
+
+def tensor_onsets(summary: dict, experiment: str, path: str) -> None:
+    """Each tensor's freeze onset (the first step more than half its elements are unmoved), coloured by what
+    drove it, and its first globally frozen step; its verdict and the frozen share of its last window beside."""
+    tensors = summary.get("tensors") or {}
+    if not tensors:
+        _message(f"{experiment}: no per-tensor summary", path, (8, 2), 11)
+        return
+    names = list(tensors)
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.3 * len(names)))
+    for row, name in enumerate(names):
+        entry = tensors[name]
+        onset, first = entry.get("onset_step"), entry.get("first_global_freeze_step")
+        if onset is not None:
+            ax.scatter(onset, row, marker="o", s=36, color=DRIVER_COLORS.get(entry.get("driver"), "tab:gray"),
+                       zorder=3)
+        if first is not None:
+            ax.scatter(first, row, marker="|", s=120, color="black", zorder=2)
+        share = entry.get("frozen_element_share_last_window")
+        ax.annotate(f"{entry.get('verdict')}; {share:.2f} unmoved at the end" if share is not None
+                    else f"{entry.get('verdict')}", (1.01, row), xycoords=("axes fraction", "data"), va="center",
+                    fontsize=7)
+    for driver, color in DRIVER_COLORS.items():
+        ax.scatter([], [], marker="o", color=color, label=f"onset driven by {driver}")
+    ax.scatter([], [], marker="|", s=120, color="black", label="first globally frozen step")
+    ax.set_yticks(range(len(names)), [short_name(name) for name in names], fontsize=7)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0, summary["steps"])
+    ax.set(xlabel="step", title=f"{experiment}: each tensor's freeze onset, its driver and its verdict")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+
+
+TENSOR_COLUMNS = ("rows", "columns", "verdict", "global_freeze_share", "first_global_freeze_step",
+                  "frozen_element_share_last_window", "onset_step", "driver")
+
+
+def tensor_rows(summary: dict) -> list[dict]:
+    """Per recorded tensor: its verdict, global freeze, onset and driver (summary.json's ``tensors``)."""
+    return [{"experiment": summary["experiment"], "tensor": name,
+             **{column: entry.get(column) for column in TENSOR_COLUMNS}}
+            for name, entry in (summary.get("tensors") or {}).items()]
 
 
 def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp_avg_sq_csv: str,
@@ -362,7 +459,8 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     from thimble.outputs import FIGURES
 
     summary = json.loads(Path(summary_json).read_text())
-    frame = pd.read_csv(freeze_csv)
+    every_tensor = pd.read_csv(freeze_csv)
+    frame = question_rows(every_tensor, summary)
     name = summary["experiment"]
     out = {figure: str(Path(outdir) / f"{figure}.png") for figure in FIGURES}
     loss(frame, name, out["loss"])
@@ -370,12 +468,15 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
         displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"])
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
-    variance(pd.read_csv(exp_avg_sq_csv), name, out["variance"],
+    variance(question_rows(pd.read_csv(exp_avg_sq_csv), summary), name, out["variance"],
              recorded_tensors(rule_of(summary))["variance_W"])
-    update_ratio(pd.read_csv(ratio_csv), summary["windows"], name, out["update_ratio"],
+    update_ratio(question_rows(pd.read_csv(ratio_csv), summary), summary["windows"], name, out["update_ratio"],
                  rule_of(summary))
-    lattice_positions(pd.read_csv(lattice_positions_csv), name, out["lattice_positions"])
-    drivers(pd.read_csv(drivers_csv) if drivers_csv else pd.DataFrame(), summary, name, out["drivers"])
+    lattice_positions(question_rows(pd.read_csv(lattice_positions_csv), summary), name, out["lattice_positions"])
+    drivers(question_rows(pd.read_csv(drivers_csv), summary) if drivers_csv else pd.DataFrame(), summary, name,
+            out["drivers"])
+    tensor_freeze(every_tensor, name, out["tensor_freeze"], summary["verdict_rule"]["window_steps"])
+    tensor_onsets(summary, name, out["tensor_onsets"])
     if summary_page:
         write_text(summary_page, summary_html(summary))
 
@@ -401,9 +502,11 @@ def verdict_rows(summaries: list[dict]) -> list[dict]:
 
 
 def series_outputs(name: str, summary_paths: list[str], figure: str, table: str, page: str | None = None,
-                   lattice_paths: list[str] | None = None, lattice_table: str | None = None) -> None:
-    """The series figure, a table of each experiment's verdict and the numbers behind it, and (with
-    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k."""
+                   lattice_paths: list[str] | None = None, lattice_table: str | None = None,
+                   tensor_table: str | None = None) -> None:
+    """The series figure, a table of each experiment's verdict and the numbers behind it, (with
+    ``lattice_paths``, in the order of the summaries) each experiment's frozen elements at ±2^k, and (with
+    ``tensor_table``) every recorded tensor's verdict, global freeze, onset and driver per experiment."""
     from thimble.util.tables import write_csv
 
     summaries = [json.loads(Path(path).read_text()) for path in summary_paths]
@@ -414,8 +517,11 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
     if lattice_table:
         for summary, path in zip(summaries, lattice_paths, strict=True):
             lattice_rows += lattice_position_summary(summary["experiment"], rule_of(summary),
-                                                     pd.read_csv(path))
+                                                     question_rows(pd.read_csv(path), summary))
         write_csv(lattice_table, lattice_rows)
+    per_tensor = [row for summary in summaries for row in tensor_rows(summary)]
+    if tensor_table:
+        write_csv(tensor_table, pd.DataFrame(per_tensor, columns=["experiment", "tensor", *TENSOR_COLUMNS]))
     if page:
         write_text(page, _html_page(f"series {name}: verdicts", [
             "<p>Per experiment, group and measure: the share over the last half (0–1), its trend per 1000 steps "
@@ -424,4 +530,8 @@ def series_outputs(name: str, summary_paths: list[str], figure: str, table: str,
             *(["<p>Frozen elements sitting exactly at ±2^k, per experiment and group: at the last step, and the "
                "share at a power of two averaged over the last half (lattice_positions.csv).</p>",
                _html_table(lattice_rows)]
-              if lattice_rows else [])]))
+              if lattice_rows else []),
+            *(["<p>Every recorded tensor per experiment (docs/tensors.md): verdict, globally frozen share of steps, "
+               "first globally frozen step, share of elements unmoved over the last window, onset and driver.</p>",
+               _html_table(per_tensor)]
+              if per_tensor else [])]))

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def write_csv(path: str, columns: dict[str, np.ndarray] | list[dict], quote_text: bool = False) -> None:
+def write_csv(path: str, columns, quote_text: bool = False) -> None:
     """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
-    a NUL or a quote read back exactly."""
+    a NUL or a quote read back exactly. ``columns``: what ``pandas.DataFrame`` takes (columns by name, rows
+    as dicts, or a frame)."""
     import csv
 
     import pandas as pd
