@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 
 def write_csv(path: str, columns, quote_text: bool = False) -> None:
     """A table as CSV; ``quote_text`` quotes every text field, so that token texts holding a carriage return,
