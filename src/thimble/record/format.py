@@ -39,7 +39,7 @@ from thimble.numerics.bf16 import bfloat16_h5type
 from thimble.record.codec import damaged, zstd_dcpl
 from thimble.record.h5_datasets import create_dataset
 from thimble.sizes import EMBEDDING
-from thimble.update_rules import SEED_NAMES, STATE_KEYS, recorded_tensors
+from thimble.update_rules import ELEMENT_BYTES, SEED_NAMES, STATE_KEYS, recorded_tensors
 
 #: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
 TENSORS = tuple(recorded_tensors("bf16"))
@@ -107,7 +107,10 @@ class RecordLayout:
             return cls.of_parameters_each({name: (tuple(entry["shape"]), entry["tensors"])
                                            for name, entry in recorded.items()})
         tensors = stream_tensors(handle)
-        shape = tuple(handle["W"].shape[1:]) if "W" in handle else ()
+        if "vocab_size" in handle.attrs and "hidden_dim" in handle.attrs:
+            shape = (int(handle.attrs["vocab_size"]), int(handle.attrs["hidden_dim"]))
+        else:
+            shape = tuple(handle["W"].shape[1:]) if isinstance(handle.get("W"), h5py.Dataset) else ()
         return cls({EMBEDDING: RecordedParam(EMBEDDING, shape, {STATE_KEYS[name]: dtype for name, dtype in
                                                                 tensors.items()},
                                              {STATE_KEYS[name]: name for name in tensors})})
@@ -167,6 +170,48 @@ class RecordLayout:
 
     def is_alias(self, name: str) -> bool:
         return name.lstrip("/") in self.aliases()
+
+
+def check_recorded_dataset(handle: h5py.File, name: str, layout: RecordLayout | None = None) -> h5py.Dataset:
+    """Dataset ``name`` of a recording, checked against what the recording's attributes say it holds: its stored
+    type, rank and shape, and where its bytes are (in this file, or for a stream in its own folder's segments);
+    a DataError naming the file, the dataset, what it holds and what was expected."""
+    layout = RecordLayout.of_file(handle) if layout is None else layout
+    where = f"{handle.filename}:/{name.lstrip('/')}"
+    stored = layout.dtype_of(name)
+    param = next((param for param in layout.params.values()
+                  if name.lstrip("/") in (*param.paths.values(), *(layout.aliases() if param.name == EMBEDDING
+                                                                   else ()))), None)
+    if stored is None or param is None:
+        raise DataError(f"{where}: the recording's attributes name no such recorded tensor (it holds "
+                        f"{', '.join(layout.datasets()) or 'none'})")
+    item = handle.get(name)
+    if not isinstance(item, h5py.Dataset):
+        raise DataError(f"{where}: the recording's attributes say it is a recorded tensor, but the file holds "
+                        f"{'nothing' if item is None else 'a group'} there; the file is not what thimble wrote")
+    plist = item.id.get_create_plist()
+    if plist.get_external_count() > 0:
+        raise DataError(f"{where}: its bytes are in an external file ({plist.get_external(0)[0].decode()!r}), which "
+                        "thimble never writes; refused without reading it")
+    if item.is_virtual:
+        sources = {source.file_name for source in item.virtual_sources()}
+        outside = sorted(file for file in sources if file in (".", "") or "/" in file or "\\" in file
+                         or not file.startswith("segment_"))
+        if outside or not handle.attrs.get("complete", False):
+            raise DataError(f"{where}: a virtual dataset over {', '.join(outside or sorted(sources))}, outside the "
+                            "stream's own segments; refused without reading it")
+    expected_rank = 1 + len(param.shape)
+    size = item.id.get_type().get_size()
+    if item.id.get_type().get_class() != h5py.h5t.FLOAT or size != ELEMENT_BYTES[stored]:
+        raise DataError(f"{where} holds {item.dtype} elements of {size} bytes; the recording's attributes say "
+                        f"{stored}")
+    if item.ndim != expected_rank or tuple(item.shape[1:]) != tuple(param.shape):
+        raise DataError(f"{where} has shape {item.shape}; the recording's attributes say (steps, "
+                        f"{', '.join(map(str, param.shape))}) for {param.name}")
+    if "losses" in handle and handle["losses"].shape[:1] != item.shape[:1]:
+        raise DataError(f"{where} has {item.shape[0]} steps, the recording's losses {handle['losses'].shape[0]}; "
+                        "the file is not what thimble wrote")
+    return item
 
 
 def stream_tensors(handle: h5py.File) -> dict[str, str]:

@@ -42,7 +42,14 @@ from thimble.record.codec import (
     require_zstd_filter,
     time_chunks,
 )
-from thimble.record.format import STORAGE_DTYPES, TENSOR_DTYPES, RecordLayout, is_bfloat16, open_h5
+from thimble.record.format import (
+    STORAGE_DTYPES,
+    TENSOR_DTYPES,
+    RecordLayout,
+    check_recorded_dataset,
+    is_bfloat16,
+    open_h5,
+)
 from thimble.record.h5_datasets import element_size
 from thimble.record.stream_reader import open_stream, read_stream_rows
 from thimble.update_rules import ELEMENT_BYTES
@@ -81,9 +88,10 @@ class RecordedTensor:
         """Tensor ``name`` of a file thimble train or rechunk wrote (a stream or recording.h5), read as the
         analyses read it: a float16 recording's values as bf16; float32 optimizer state (fp32_master) as its
         uint32 bits. A DataError unless it is stored as thimble stores a recorded tensor."""
-        dataset = handle[name]
+        layout = RecordLayout.of_file(handle)
+        dataset = check_recorded_dataset(handle, name, layout)
         storage = handle.attrs.get("storage_dtype")
-        stored = RecordLayout.of_file(handle).dtype_of(name)
+        stored = layout.dtype_of(name)
         if storage not in STORAGE_DTYPES or stored not in TENSOR_DTYPES \
                 or element_size(dataset) != ELEMENT_BYTES[stored]:
             raise DataError(f"{handle.filename}: {name} is stored as {stored or storage} ({dataset.dtype}); the "
