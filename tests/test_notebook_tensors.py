@@ -173,6 +173,34 @@ def test_a_damaged_chunk_of_any_parameter_names_file_dataset_and_steps(every_ten
             run.param(name).grad[9, 1]
 
 
+@pytest.mark.parametrize("rule, state_keys", [("kahan", ["exp_avg", "exp_avg_sq", "kahan_comp"]),
+                                               ("fp32_master", ["exp_avg", "exp_avg_sq", "master"])])
+def test_each_update_rules_state_is_read_for_every_parameter(data, tmp_path, rule, state_keys):
+    settings = tiny_settings(tensors=["*"])
+    settings["training"].update(update_rule=rule, steps=9)
+    results = tmp_path / "results/tiny"
+    run_train(data, results / "stream", settings)
+    rechunk_stream(results / "stream", results / "recording.h5", 4, 2**31)
+    float32 = {"exp_avg", "exp_avg_sq", "master"} if rule == "fp32_master" else set()
+    with open_run(results) as run:
+        assert run.update_rule == rule
+        tree = quiet(lambda: run.to_datatree(dtype="bfloat16"))
+        for name in run.params:
+            param = run.param(name)
+            assert param.state_keys == state_keys and param.dtype == torch.bfloat16
+            for key in state_keys:
+                state = param.state(key)
+                want = parameter_values(results / "recording.h5", name, key)
+                if key in float32:
+                    assert param.stored_dtypes[key] == "float32" and state.dtype == torch.float32
+                    assert np.array_equal(state[:].numpy().view(np.uint32), want.view(np.uint32))
+                    assert tree[name][key].dtype == np.float32  # float32 state stays as stored
+                else:
+                    assert np.array_equal(bits_of(state[:]), (want.view(np.uint32) >> 16).astype(np.uint16))
+                    assert tree[name][key].dtype == "bfloat16"
+                np.testing.assert_array_equal(np.asarray(tree[name][key].values, np.float32), want)
+
+
 def parameter_values(path, name: str, key: str) -> np.ndarray:
     with h5py.File(path, "r") as handle:
         return handle[param_dataset(name, key)][...]
