@@ -22,6 +22,7 @@ from thimble.provenance import StaleResultError, StaleResultWarning
 from thimble.record.format import create_checked_array, create_tensor_dataset
 from thimble.notebook.run import open_run
 from thimble.notebook.xarray_backend import ThimbleBackendEntrypoint
+from thimble.sizes import EMBEDDING
 
 STEPS, VOCAB, DIM, CHUNK = 30, 12, 4, 8
 NAMES = ("W", "grad_W", "momentum_W", "variance_W")
@@ -160,6 +161,26 @@ def test_xarray_engine_reads_lazily_exact_float32_or_bfloat16(synthetic):
         np.testing.assert_array_equal(as_bf16.grad_W[7].values.view(np.uint16), known_bits(1)[7])
         assert run.cache.stats.decoded == 1
 
+
+
+def test_a_recording_without_params_reads_as_the_embedding_alone(synthetic):
+    with open_run(synthetic) as run:
+        assert run.params == [EMBEDDING]
+        embedding = run.param(EMBEDDING)
+        assert embedding.shape == (VOCAB, DIM) and embedding.state_keys == ["exp_avg", "exp_avg_sq"]
+        assert embedding.value is run.W and embedding.state("exp_avg_sq") is run.variance_W
+        assert np.array_equal(embedding.grad[:].view(torch.int16).numpy().view(np.uint16), known_bits(1))
+        with pytest.raises(KeyError, match=r"'transformer\.wpe\.weight' is not a recorded parameter of "
+                                           r".*recording\.h5; recorded: transformer\.wte\.weight$"):
+            run.param("transformer.wpe.weight")
+        decoded = run.cache.stats.decoded
+        with pytest.warns(UserWarning, match="no token_text"):
+            tree = run.to_datatree()
+        assert list(tree.children) == [EMBEDDING] and run.cache.stats.decoded == decoded, "opening reads no tensor"
+        node = tree[EMBEDDING]
+        assert set(node.data_vars) == {"value", "grad", "exp_avg", "exp_avg_sq"}
+        np.testing.assert_array_equal(node.exp_avg.values, widened(known_bits(2)))
+        assert list(node.group.values[:4]) == ["dead", "live", "live", "dead"]
 
 
 @pytest.mark.parametrize("userblock", [0, 512, 2048])

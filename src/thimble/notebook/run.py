@@ -3,9 +3,12 @@
 Per-step tensors are read lazily (``thimble.notebook.step_series``): ``run.W[t]`` is the
 (V, D) embedding matrix after step t as a bf16 torch tensor, bit for bit;
 ``run.W[10:20]`` is steps 10..19, ``run.W[1000:1500, run.dead_ids]`` only the
-dead tokens' rows. Tables come back as pandas DataFrames and the JSON summaries
-as dicts; ``run.to_xarray()`` is the labelled view (``thimble.notebook.xarray_view``).
-A missing file is named, with the Snakemake target that makes it.
+dead tokens' rows. Every recorded parameter is read alike: ``run.params`` names them,
+``run.param(name).value``, ``.grad`` and ``.state("exp_avg")`` are its series
+(``thimble.notebook.parameters``). Tables come back as pandas DataFrames and the JSON
+summaries as dicts; ``run.to_xarray()`` (the embedding) and ``run.to_datatree()`` (every
+parameter) are the labelled views (``thimble.notebook.xarray_view``). A missing file is
+named, with the Snakemake target that makes it.
 
 The tensors come from ``recording.h5`` when it exists (the rechunked file,
 which outlives a temporary stream), else from ``stream/``. A read from
@@ -19,15 +22,16 @@ are served (``thimble.provenance``): one computed from another recording is
 refused, naming the stale files and the target that rebuilds them.
 
 A ``Run`` is made of parts, each doing one thing: ``RunFiles`` opens the HDF5 files,
-``StepSeriesByName`` serves every recorded tensor as a ``StepSeries``, ``ResultFiles``
+``RecordedSeries`` serves every recorded tensor as a ``StepSeries``, ``ResultFiles``
 serves the tables and summaries once they are known to belong to the recording.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,7 @@ import h5py
 import numpy as np
 
 from thimble.notebook.chunk_cache import ChunkCache
+from thimble.notebook.parameters import NotRecordedError, Parameter, RecordedSeries, parameter_axes_of
 from thimble.notebook.step_series import StepSeries
 from thimble.outputs import (
     DATA_DIR,
@@ -54,8 +59,9 @@ from thimble.outputs import (
 )
 from thimble.provenance import StaleResultError, StaleResultWarning, describe, rebuild_targets, stale_results
 from thimble.record.codec import require_zstd_filter
-from thimble.record.format import open_h5, read_checked, stream_tensors
+from thimble.record.format import PARAMS_GROUP, open_h5, param_dataset, read_checked
 from thimble.record.reader import RecordingSource
+from thimble.sizes import EMBEDDING
 from thimble.update_rules import rule_of
 
 if TYPE_CHECKING:
@@ -140,34 +146,9 @@ class RunFiles:
         self._recording = self._delta_w = None
 
 
-class StepSeriesByName(Mapping[str, StepSeries]):
-    """Every per-step tensor of a recording by name (W, grad_W, momentum_W, variance_W; under other update
-    rules their own, e.g. master_W), each a ``StepSeries`` made when first asked for; all read through one
-    ``ChunkCache``."""
-
-    def __init__(self, recording: h5py.File, cache: ChunkCache):
-        self._recording, self._cache = recording, cache
-        #: every recorded tensor and its stored dtype (float32 state under fp32_master)
-        self.stored_dtypes = stream_tensors(recording)
-        self._series: dict[str, StepSeries] = {}
-
-    def __getitem__(self, name: str) -> StepSeries:
-        if name not in self._series:
-            if name not in self.stored_dtypes:
-                raise KeyError(f"{name!r} is not recorded under update rule {rule_of(self._recording.attrs)}; "
-                               f"recorded: {', '.join(self.stored_dtypes)}")
-            self._series[name] = StepSeries(self._recording[name], name, self._cache)
-        return self._series[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.stored_dtypes)
-
-    def __len__(self) -> int:
-        return len(self.stored_dtypes)
-
-
 class _Recorded:
-    """A recorded tensor as an attribute of the run (``run.W`` is ``run.tensor("W")``)."""
+    """One of the embedding's recorded tensors as an attribute of the run (``run.W`` is ``run.tensor("W")``, the
+    same series as ``run.param("transformer.wte.weight").value``)."""
 
     def __init__(self, doc: str):
         self.__doc__ = doc
@@ -286,10 +267,15 @@ class Run:
         #: decoded chunks of every tensor of the run, within ``cache_bytes`` (thimble.notebook.chunk_cache)
         self.cache = ChunkCache(cache_bytes)
         self._files = RunFiles(self.directory, source)
-        self._recorded: StepSeriesByName | None = None
+        self._recorded: RecordedSeries | None = None
+        self._params: dict[str, Parameter] = {}
         self._results = ResultFiles(self.directory, lambda: self.stale, allow_stale)
-        self._delta_w_lattice: StepSeries | None = None
+        #: ΔW′ by parameter name
+        self._delta_w_lattice: dict[str, StepSeries] = {}
         self._token_text: list[str] | None = None
+        #: held while the xarray views read (dask may ask from several threads; h5py handles and the cache are
+        #: not for concurrent use)
+        self.read_lock = threading.Lock()
 
     @property
     def source(self) -> str:
@@ -298,20 +284,36 @@ class Run:
 
     # -- recorded tensors -----------------------------------------------------
     @property
-    def _tensors(self) -> StepSeriesByName:
-        """Every recorded per-step tensor by name, over the recording (opened here if need be)."""
+    def _tensors(self) -> RecordedSeries:
+        """Every recorded per-step tensor, over the recording (opened here if need be)."""
         if self._recorded is None:
-            self._recorded = StepSeriesByName(self._files.recording, self.cache)
+            self._recorded = RecordedSeries(self._files.recording, self.cache)
         return self._recorded
 
     @property
     def recorded_tensors(self) -> dict[str, str]:
-        """Every recorded per-step tensor and its stored dtype (float32 state under fp32_master)."""
+        """The embedding's recorded per-step tensors by the seed's names and their stored dtypes (float32 state
+        under fp32_master); empty when the embedding is not recorded."""
         return dict(self._tensors.stored_dtypes)
 
     def tensor(self, name: str) -> StepSeries:
-        """Any recorded tensor by name, e.g. ``master_W`` (fp32_master) or ``kahan_compensation_W`` (kahan)."""
+        """Any of the embedding's recorded tensors by the seed's name, e.g. ``master_W`` (fp32_master) or
+        ``kahan_compensation_W`` (kahan)."""
         return self._tensors[name]
+
+    @property
+    def params(self) -> list[str]:
+        """The recorded parameters' names, in the model's order (``record.tensors``; a recording made before it
+        holds the embedding alone, ``transformer.wte.weight``)."""
+        return list(self._tensors.layout.params)
+
+    def param(self, name: str) -> Parameter:
+        """Recorded parameter ``name`` (one of ``run.params``): ``.value``, ``.grad``, ``.state(key)``,
+        ``.delta_w_lattice``, each read lazily as ``run.W`` is."""
+        if name not in self._params:
+            series = self._tensors
+            self._params[name] = Parameter(series.recorded(name), series, self._delta_w_series)
+        return self._params[name]
 
     @property
     def update_rule(self) -> str:
@@ -338,12 +340,38 @@ class Run:
     # -- ΔW′ ------------------------------------------------------------------
     @property
     def delta_w_lattice(self) -> StepSeries:
-        """ΔW′[t]: signed bf16 lattice steps from W[t-1] to W[t] (int16 or int32; row 0 is 0)."""
-        if self._delta_w_lattice is None:
+        """ΔW′[t] of the embedding: signed bf16 lattice steps from W[t-1] to W[t] (int16 or int32; row 0 is 0)."""
+        return self._delta_w_series(EMBEDDING)
+
+    def _delta_w_series(self, param: str) -> StepSeries:
+        """ΔW′ of parameter ``param`` from delta_w_lattice.h5: ``params/<name>/delta_w_lattice``, the embedding's
+        also at the root (the one a file written before every tensor had its ΔW′ holds)."""
+        if param not in self._delta_w_lattice:
             handle = self._files.delta_w
-            self._results.check(stacklevel=3)  # ΔW′ carries its recording's attributes: refused if it is another's
-            self._delta_w_lattice = StepSeries(handle[DELTA_W_DATASET], DELTA_W_DATASET, self.cache)
-        return self._delta_w_lattice
+            # ΔW′ carries its recording's attributes: refused if it is another's; the warning points at the line
+            # reading run.delta_w_lattice or run.param(name).delta_w_lattice
+            self._results.check(stacklevel=4)
+            path = param_dataset(param, DELTA_W_DATASET)
+            if param == EMBEDDING and DELTA_W_DATASET in handle:
+                path = DELTA_W_DATASET
+            if path not in handle:
+                raise NotRecordedError(self._missing_delta_w(handle, param, path))
+            dataset = handle[path]
+            axes = parameter_axes_of(param, dataset.ndim - 1)
+            name = DELTA_W_DATASET if param == EMBEDDING else f"{param}/{DELTA_W_DATASET}"
+            self._delta_w_lattice[param] = StepSeries(dataset, name, self.cache, axes,
+                                                      "the run" if param == EMBEDDING else param)
+        return self._delta_w_lattice[param]
+
+    def _missing_delta_w(self, handle: h5py.File, param: str, path: str) -> str:
+        target = make_target(self.directory, DELTA_W_FILE)
+        held = [name for name in handle.get(PARAMS_GROUP, {}) if DELTA_W_DATASET in handle[PARAMS_GROUP][name]]
+        if not held:
+            return (f"{handle.filename} holds no {path}: it was written before the lattice stage computed ΔW′ of "
+                    f"every recorded parameter (it holds the embedding's alone); rebuild it with {target}")
+        return (f"{handle.filename} holds no ΔW′ of {param} ({path}); it holds those of the recorded parameters "
+                f"{', '.join(held)}: record {param} (record.tensors in the experiment's config), train and "
+                f"rebuild it with {target}")
 
     # -- tokens ---------------------------------------------------------------
     live_mask = _TokenSelection("(V,) bool: the token occurs in the model corpus.")
@@ -398,17 +426,27 @@ class Run:
 
     # -- the labelled view ------------------------------------------------------
     def to_xarray(self, dtype: str = "float32") -> xarray.Dataset:
-        """The recorded tensors as a lazy xarray Dataset labelled (step, token, dim), with token text and
-        group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see thimble.notebook.xarray_view)."""
+        """The embedding's recorded tensors as a lazy xarray Dataset labelled (step, token, dim), with token text
+        and group (dead/live) coordinates; ``dtype="bfloat16"`` gives ml_dtypes bf16 (see
+        thimble.notebook.xarray_view)."""
         from thimble.notebook.xarray_view import run_dataset
 
         return run_dataset(self, dtype)
+
+    def to_datatree(self, dtype: str = "float32") -> xarray.DataTree:
+        """Every recorded parameter as a node of a lazy xarray DataTree (variables value, grad and the optimizer
+        state over step and the parameter's axes), the losses, masks and token coordinates at the root; ``dtype``
+        as for ``to_xarray`` (see thimble.notebook.xarray_view)."""
+        from thimble.notebook.xarray_view import run_datatree
+
+        return run_datatree(self, dtype)
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
         self._files.close()
         self._recorded = None
-        self._delta_w_lattice = None
+        self._params.clear()
+        self._delta_w_lattice.clear()
         self.cache.clear()
 
     def __enter__(self) -> Run:

@@ -1,11 +1,11 @@
-"""One recorded per-step tensor of shape (T+1, V, ...), read lazily through a ``ChunkCache``.
+"""One recorded per-step tensor of shape (T+1, *shape), read lazily through a ``ChunkCache``.
 
-``series[steps, tokens, dims]`` selects each axis on its own (outer indexing, as
-h5py and xarray do; not numpy's pairing of index arrays): an int (dropping the
-axis), a slice, a list or array of ints, or a boolean mask of the axis's length,
-numpy arrays and torch tensors alike. Only the chunks holding the steps asked
-for are decoded, each once per read (and kept in the run's cache while the
-budget allows); only the token rows asked for are copied out of them.
+``series[steps, tokens, dims]`` (the embedding; another parameter's axes are its rows and
+columns) selects each axis on its own (outer indexing, as h5py and xarray do; not numpy's
+pairing of index arrays): an int (dropping the axis), a slice, a list or array of ints, or a
+boolean mask of the axis's length, numpy arrays and torch tensors alike. Only the chunks holding
+the steps asked for are decoded, each once per read (and kept in the run's cache while the
+budget allows); only the rows asked for are copied out of them.
 """
 
 from __future__ import annotations
@@ -35,20 +35,21 @@ def step_range(index, n_steps: int) -> tuple[int, int, int] | int:
     return _one_position(index, n_steps, "step")
 
 
-def axis_selection(index, length: int, axis: str, keep_slice: bool = False) -> tuple[np.ndarray | slice, bool]:
+def axis_selection(index, length: int, axis: str, keep_slice: bool = False,
+                   owner: str = "the run") -> tuple[np.ndarray | slice, bool]:
     """One axis's index as (the positions it selects, whether the axis is dropped).
 
     The positions are an int64 array, or the slice itself when ``keep_slice`` (numpy slices a chunk without
     a copy). A bool mask must have the axis's length; ints may be negative; out of range is an IndexError
-    naming the axis and its range.
+    naming the axis and its range (``owner``'s: "the run has steps 0..60", "ln_f.bias has rows 0..7").
     """
     if isinstance(index, slice):
         return (index if keep_slice else np.arange(*index.indices(length))), False
     if not isinstance(index, (list, tuple, np.ndarray)) and not hasattr(index, "__array__"):
-        return np.array([_one_position(index, length, axis)], dtype=np.int64), True
+        return np.array([_one_position(index, length, axis, owner)], dtype=np.int64), True
     values = np.asarray(index)
     if values.ndim == 0:
-        return axis_selection(values.item(), length, axis, keep_slice)
+        return axis_selection(values.item(), length, axis, keep_slice, owner)
     if values.ndim != 1:
         raise IndexError(f"{axis}s are indexed by a 1-d list, array or mask, not one of shape {values.shape}")
     if values.dtype == bool:
@@ -60,38 +61,57 @@ def axis_selection(index, length: int, axis: str, keep_slice: bool = False) -> t
     values = values.astype(np.int64)
     outside = values[(values < -length) | (values >= length)]
     if outside.size:
-        raise IndexError(f"{axis} {outside[0]} is out of range: the run has {axis}s 0..{length - 1}")
+        raise IndexError(f"{axis} {outside[0]} is out of range: {owner} has {axis}s 0..{length - 1}")
     return values % length if length else values, False
 
 
-def _one_position(index, length: int, axis: str) -> int:
+def _one_position(index, length: int, axis: str, owner: str = "the run") -> int:
     try:
         position = operator.index(index)
     except TypeError:
         raise TypeError(f"{axis}s are indexed by an int or a slice, a list of ints or a boolean mask, "
                         f"not {type(index).__name__}") from None
     if not -length <= position < length:
-        raise IndexError(f"{axis} {position} is out of range: the run has {axis}s 0..{length - 1}")
+        raise IndexError(f"{axis} {position} is out of range: {owner} has {axis}s 0..{length - 1}")
     return position % length
 
 
-def split_key(key) -> tuple:
-    """``series[key]``'s key as (steps, tokens, dims), each defaulting to every position."""
+#: the names of the embedding's axes after the step, (V, D)
+EMBEDDING_AXES = ("token", "dim")
+
+
+def parameter_axes(ndim: int) -> tuple[str, ...]:
+    """The names of the axes after the step of a parameter other than the embedding, of ``ndim`` axes: its rows
+    and columns, as the analyses view every tensor (``thimble.analysis.tensors``), then ``axis2``, ... ."""
+    return ("row", "column", *(f"axis{axis}" for axis in range(2, ndim)))[:ndim]
+
+
+def split_key(key, axes: tuple[str, ...] = EMBEDDING_AXES, name: str = "a per-step tensor") -> tuple:
+    """``series[key]``'s key as (steps, *one index per axis of ``axes``), each defaulting to every position."""
+    n_axes = 1 + len(axes)
     parts = key if isinstance(key, tuple) else (key,)
     if any(part is Ellipsis for part in parts):
         at = parts.index(Ellipsis)
-        parts = parts[:at] + (slice(None),) * (3 - len(parts) + 1) + parts[at + 1:]
-    if len(parts) > 3:
-        raise IndexError(f"a per-step tensor has 3 axes (step, token, dim); got {len(parts)} indices")
-    return parts + (slice(None),) * (3 - len(parts))
+        parts = parts[:at] + (slice(None),) * (n_axes - len(parts) + 1) + parts[at + 1:]
+    if len(parts) > n_axes:
+        raise IndexError(f"{name} has {n_axes} axes ({', '.join(('step', *axes))}); got {len(parts)} indices")
+    return parts + (slice(None),) * (n_axes - len(parts))
 
 
 class StepSeries:
-    """One recorded per-step tensor, read lazily: ``series[t]``, ``series[a:b]``, ``series[steps, tokens]``."""
+    """One recorded per-step tensor, read lazily: ``series[t]``, ``series[a:b]``, ``series[steps, tokens]``.
 
-    def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache):
-        self.name, self._cache = name, cache
+    ``axes`` names the axes after the step (the embedding's token and dim, another parameter's row and column) and
+    ``owner`` what an index out of range is out of: the run, for the embedding, else the parameter."""
+
+    def __init__(self, dataset: h5py.Dataset, name: str, cache: ChunkCache, axes: tuple[str, ...] = EMBEDDING_AXES,
+                 owner: str = "the run"):
+        self.name, self._cache, self.owner = name, cache, owner
         self._tensor = RecordedTensor(dataset)
+        if len(axes) != len(self._tensor.shape) - 1 or not axes:
+            raise ValueError(f"{self._tensor.where} has shape {self._tensor.shape}: a per-step tensor of "
+                             f"{len(axes)} axes after the step ({', '.join(axes)}) was expected")
+        self.axes = tuple(axes)
         #: the stored values' numpy dtype (ml_dtypes.bfloat16 for bf16 tensors)
         self.stored_dtype = self._tensor.dtype
         self.bfloat16 = self.stored_dtype == BFLOAT16
@@ -108,20 +128,31 @@ class StepSeries:
     def __len__(self) -> int:
         return self._tensor.shape[0]
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype ``series[key]`` comes back in (the stored one)."""
+        import torch
+
+        if self.bfloat16:
+            return torch.bfloat16
+        return torch.from_numpy(np.empty(0, self.stored_dtype)).dtype
+
     def bits(self, key=slice(None)) -> np.ndarray:
         """The stored bit patterns (uint16 or uint32) of ``series[key]``."""
-        steps_index, tokens_index, dims_index = split_key(key)
+        steps_index, rows_index, *later_indices = split_key(key, self.axes, self.name)
         steps, drop_step = axis_selection(steps_index, self.shape[0], "step")
-        tokens, drop_token = axis_selection(tokens_index, self.shape[1], "token", keep_slice=True)
-        out = self._cache.rows(self._tensor, steps, tokens)
-        if len(self.shape) > 2:
-            dims, drop_dim = axis_selection(dims_index, self.shape[2], "dim", keep_slice=True)
-            out = out[:, :, dims]
-            if drop_dim:
-                out = out[:, :, 0]
-        if drop_token:
-            out = out[:, 0]
-        return out[0] if drop_step else out
+        rows, drop_row = axis_selection(rows_index, self.shape[1], self.axes[0], keep_slice=True, owner=self.owner)
+        out = self._cache.rows(self._tensor, steps, rows)  # the axis after the step is selected in the chunks
+        dropped = [drop_step, drop_row]
+        for axis, index in enumerate(later_indices, start=2):
+            positions, drop = axis_selection(index, self.shape[axis], self.axes[axis - 1], keep_slice=True,
+                                             owner=self.owner)
+            out = out[(slice(None),) * axis + (positions,)]  # one axis at a time: outer indexing
+            dropped.append(drop)
+        for axis in reversed(range(len(dropped))):  # the last first, so that the positions of the others hold
+            if dropped[axis]:
+                out = out[(slice(None),) * axis + (0,)]
+        return out
 
     def __getitem__(self, key) -> torch.Tensor:
         """As a torch tensor in the stored dtype (bf16 bit for bit)."""
