@@ -44,7 +44,7 @@ LOSSES = np.linspace(5, 4, T + 1)
 
 @pytest.fixture
 def tables():
-    steps = token_steps_from_w(w_of(DELTA), DEAD)
+    steps = token_steps_from_w(w_of(DELTA), group_masks(DEAD))
     groups = group_masks(DEAD)
     return steps, groups, freeze_table(steps, groups, LOSSES, solid_max=8, cold_max=64)
 
@@ -109,7 +109,7 @@ def test_window_statistics_including_runs_cut_by_a_window_edge(tables):
 def test_a_group_that_never_freezes():
     delta = np.ones((T + 1, V, D), dtype=np.int32)
     delta[0] = 0
-    steps = token_steps_from_w(w_of(delta, np.uint16(0x3F01)), DEAD)
+    steps = token_steps_from_w(w_of(delta, np.uint16(0x3F01)), group_masks(DEAD))
     groups = group_masks(DEAD)
     columns = freeze_table(steps, groups, LOSSES, 8, 64)
     stats = window_stats(columns, groups, (1, T))
@@ -128,7 +128,7 @@ def test_motion_crossings_and_powers_of_two():
     w[0, 0] = [0x3F01, 0x0081]  # 0.50390625 (one step above 2^-1) and a tiny positive 2^-126 * 1.0078
     w[1, 0] = [0x3F00, 0x8081]  # 0.5 exactly (2^-1), and the tiny value's negative: through zero
     w[2, 0] = [0x3F00, 0x8081]  # both frozen
-    steps = token_steps_from_w(w, np.array([True]))
+    steps = token_steps_from_w(w, group_masks(np.array([True])))
     assert steps.max_abs[1, 0] == 2 * 0x81  # through zero: 258 lattice points
     assert steps.sign_crossings[1, 0] == 1 and steps.binade_crossings[1, 0] == 0
     # the zero crossing moves 2|w|, i.e. 2 * 129 spacings of its larger end: not thousands
@@ -138,7 +138,7 @@ def test_motion_crossings_and_powers_of_two():
     assert positions["dead_frozen_elements"].tolist() == [0, 2]
     assert positions["dead_at_power_of_two_share"][1] == 0.5 and positions["dead_at_2^-1_share"][1] == 0.5
     w[1, 0, 1] = 0x0080  # now the second coordinate stays positive and steps down into the subnormals' edge
-    steps = token_steps_from_w(w[:2], np.array([True]))
+    steps = token_steps_from_w(w[:2], group_masks(np.array([True])))
     assert steps.sign_crossings[1, 0] == 0 and steps.binade_crossings[1, 0] == 0  # 0x81 -> 0x80: same binade
 
 

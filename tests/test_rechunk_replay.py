@@ -227,12 +227,12 @@ def test_freeze_summaries_from_the_stored_delta_w_equal_those_computed_from_w(re
     do not divide the chunks included)."""
     import dataclasses
 
-    from thimble.analysis.freeze import read_token_steps
+    from thimble.analysis.freeze import group_masks, read_token_steps
 
     rechunk_stream(recorded, tmp_path / "recording.h5", 8, 2**31)
     write_delta_w_lattice(str(tmp_path / "recording.h5"), str(tmp_path / "delta.h5"))
     with h5py.File(tmp_path / "recording.h5", "r") as recording:
-        dead = recording["dead_mask"][...].astype(bool)
+        dead = group_masks(recording["dead_mask"][...].astype(bool))
     read = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2,
                             delta_path=str(tmp_path / "delta.h5"))
     computed = read_token_steps(str(tmp_path / "recording.h5"), dead, block_rows, threads=2)

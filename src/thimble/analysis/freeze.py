@@ -1,4 +1,8 @@
-"""Freeze/thaw analysis of the recorded W: tables, windows, and the verdicts.
+"""Freeze/thaw analysis of every recorded tensor: tables, windows, and the verdicts.
+
+Each recorded tensor is seen as the embedding W is (``thimble.analysis.tensors``): rows x columns, its rows in
+groups, the embedding's tokens in dead, live and all, any other tensor's rows in one group, all. The text below
+speaks of W's tokens and their D coordinates; for another tensor read its rows and their columns.
 
 A token is frozen at step t when ΔW′[t] is 0 in all D coordinates; a group
 (dead, live, all) is globally frozen at t when every token in it is. Each group
@@ -16,9 +20,11 @@ hot (above). The lab's own coordinate, ΔW in units of the spacing at the
 starting value W[t-1], is kept beside it; sign and binade crossings are counted
 apart.
 
-The core works on per-step, per-token summaries (``TokenSteps``) and per-step,
-per-group counts, which one streaming pass over W produces; everything else is
-pure functions of them.
+The core works on per-step, per-token summaries (``TokenSteps``) and per-step
+counts of each part of the rows (the groups that split them: the embedding's dead
+and live tokens, another tensor's all), which one streaming pass over a tensor
+produces; everything else is pure functions of them. The stage goes through the
+tensors one after the other, so that memory follows the largest of them.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from thimble.analysis.tensors import ALL
 from thimble.numerics.bf16 import BFLOAT16
 from thimble.numerics.lattice import (
     EXPONENT_BIAS,
@@ -42,15 +49,22 @@ from thimble.numerics.lattice import (
     ulp,
 )
 from thimble.outputs import DELTA_W_DATASET, FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
+from thimble.sizes import EMBEDDING
 from thimble.update_rules import rule_of
 from thimble.util.tables import write_csv
 
 if TYPE_CHECKING:
+    import h5py
+
+    from thimble.record.format import RecordedParam
     from thimble.record.reader import RecordedTensor
 
 log = logging.getLogger(__name__)
 
-GROUPS = ("dead", "live", "all")
+#: the embedding's groups of tokens (any other tensor has the one group ``all``)
+GROUPS = ("dead", "live", ALL)
+#: every table's first column: the parameter whose rows the row describes
+TENSOR_COLUMN = "tensor"
 PHASES = ("frozen", "solid", "cold", "hot")
 
 
@@ -87,9 +101,10 @@ class TokenSteps:
     start_spacings: np.ndarray  # (T+1, V) float32: largest |ΔW| / spacing at W[t-1] (the lab's coordinate)
     sign_crossings: np.ndarray  # (T+1, V) int32: coordinates whose sign flipped (both ends nonzero)
     binade_crossings: np.ndarray  # (T+1, V) int32: other moves that changed the exponent
-    # per step and side (0 dead, 1 live): frozen elements, and those sitting exactly at ±2^k by exponent field
-    frozen_elements: np.ndarray  # (T+1, 2) int64
-    frozen_at_power_of_two: np.ndarray  # (T+1, 2, EXPONENT_FIELDS) int64
+    # per step and part (``parts``): frozen elements, and those sitting exactly at ±2^k by exponent field
+    frozen_elements: np.ndarray  # (T+1, P) int64
+    frozen_at_power_of_two: np.ndarray  # (T+1, P, EXPONENT_FIELDS) int64
+    parts: tuple[str, ...]     # the groups that split the tokens (``partition``): the embedding's dead, live
     hidden: int = 1            # D: coordinates per token
 
     @property
@@ -122,13 +137,13 @@ def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str,
 
 
 def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np.ndarray | None,
-                      dead: np.ndarray, delta: np.ndarray | None = None
+                      parts: list[np.ndarray], delta: np.ndarray | None = None
                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Summaries of W rows ``bits`` (rows, V, D) uint16 after the row ``previous`` (V, D).
 
     ``delta`` is ΔW′ of these rows (int32, as the lattice stage stored it), computed here from W when not
-    given; ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``dead`` (V,) marks the dead tokens.
-    Returns the per-token fields of TokenSteps and the per-side (dead, live) element counts.
+    given; ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``parts``: a (V,) mask of each part
+    of the tokens (``partition``). Returns the per-token fields of TokenSteps and the per-part element counts.
     """
     both = np.concatenate([previous[None], bits])
     if delta is None:
@@ -146,20 +161,20 @@ def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np
     crossed_binade = moved & ~crossed_sign & ((before >> EXPONENT_SHIFT) != (after >> EXPONENT_SHIFT))
     tokens["sign_crossings"] = np.count_nonzero(crossed_sign, axis=2).astype(np.int32)
     tokens["binade_crossings"] = np.count_nonzero(crossed_binade, axis=2).astype(np.int32)
-    return tokens, frozen_counts(after, ~moved, dead)
+    return tokens, frozen_counts(after, ~moved, parts)
 
 
-def frozen_counts(after: np.ndarray, frozen: np.ndarray, dead: np.ndarray) -> dict[str, np.ndarray]:
-    """Per row and side (0 dead, 1 live): the ``frozen`` elements of W rows ``after`` (rows, V, D), and those
+def frozen_counts(after: np.ndarray, frozen: np.ndarray, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per row and part (a (V,) mask each): the ``frozen`` elements of W rows ``after`` (rows, V, D), and those
     sitting exactly at ±2^k, by exponent field."""
     # exactly ±2^k: a normal value with a zero mantissa
     field = ((after & MAGNITUDE_BITS) >> EXPONENT_SHIFT).astype(np.int64)
     at_power = frozen & ((after & MANTISSA_BITS) == 0) & (field > 0)
     rows = len(after)
-    counts = {"frozen_elements": np.zeros((rows, 2), np.int64),
-              "frozen_at_power_of_two": np.zeros((rows, 2, EXPONENT_FIELDS), np.int64)}
+    counts = {"frozen_elements": np.zeros((rows, len(parts)), np.int64),
+              "frozen_at_power_of_two": np.zeros((rows, len(parts), EXPONENT_FIELDS), np.int64)}
     row_index = np.arange(rows)[:, None, None] * EXPONENT_FIELDS
-    for side, mask in enumerate((dead, ~dead)):
+    for side, mask in enumerate(parts):
         counts["frozen_elements"][:, side] = np.count_nonzero(frozen[:, mask], axis=(1, 2))
         selected = at_power[:, mask]
         keys = (row_index + field[:, mask])[selected]
@@ -168,19 +183,48 @@ def frozen_counts(after: np.ndarray, frozen: np.ndarray, dead: np.ndarray) -> di
     return counts
 
 
-def token_steps_from_w(w_bits: np.ndarray, dead: np.ndarray) -> TokenSteps:
-    """TokenSteps of a whole in-memory W (T+1, V, D) of bf16 bit patterns (row 0: nothing moved)."""
-    tokens, counts = summarise_w_block(w_bits[1:], w_bits[0], None, np.asarray(dead, bool))
+def token_steps_from_w(w_bits: np.ndarray, groups: dict[str, np.ndarray]) -> TokenSteps:
+    """TokenSteps of a whole in-memory W (T+1, V, D) of bf16 bit patterns (row 0: nothing moved), its tokens in
+    ``groups``."""
+    parts = partition(groups)
+    tokens, counts = summarise_w_block(w_bits[1:], w_bits[0], None, list(parts.values()))
     zero_token = {name: np.zeros((1, *values.shape[1:]), values.dtype) for name, values in tokens.items()}
     zero_count = {name: np.zeros((1, *values.shape[1:]), values.dtype) for name, values in counts.items()}
     joined = {name: np.concatenate([zero_token[name], values]) for name, values in tokens.items()}
     joined.update({name: np.concatenate([zero_count[name], values]) for name, values in counts.items()})
-    return TokenSteps(**joined, hidden=w_bits.shape[2])
+    return TokenSteps(**joined, parts=tuple(parts), hidden=w_bits.shape[2])
 
 
 def group_masks(dead_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The embedding's groups of tokens by the recording's dead mask."""
     dead = np.asarray(dead_mask, dtype=bool)
-    return {"dead": dead, "live": ~dead, "all": np.ones_like(dead)}
+    return {"dead": dead, "live": ~dead, ALL: np.ones_like(dead)}
+
+
+def partition(groups: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The groups that split the tokens, each token in one: all but ``all`` when there are others (the
+    embedding's dead and live), else ``all``. Every group is a part or ``all``, the union of the parts."""
+    parts = {name: np.asarray(mask, bool) for name, mask in groups.items() if name != ALL} or \
+        {ALL: np.asarray(groups[ALL], bool)}
+    if ALL not in groups or (np.sum(list(parts.values()), axis=0) != 1).any():
+        raise ValueError(f"the groups {', '.join(groups)} do not split the tokens into parts beside {ALL!r}")
+    return parts
+
+
+def groups_of_parts(parts: tuple[str, ...]) -> tuple[str, ...]:
+    """The groups of tokens split into ``parts``: the parts and their union ``all``."""
+    return parts if parts == (ALL,) else (*parts, ALL)
+
+
+def of_group(counts: np.ndarray, parts: tuple[str, ...], group: str) -> np.ndarray:
+    """A group's counts from ``counts`` by part (steps, P, ...): its part's, or the sum of all the parts."""
+    return counts[:, parts.index(group)] if group in parts else counts.sum(axis=1)
+
+
+def groups_of(columns: dict[str, np.ndarray]) -> list[str]:
+    """The groups of freeze.csv's ``columns``, in their order."""
+    suffix = f"_{MEASURES['global_freeze'].column}"
+    return [name[:-len(suffix)] for name in columns if name.endswith(suffix)]
 
 
 def phase_of(max_abs: np.ndarray, motion: np.ndarray, solid_max: int, cold_max: int) -> np.ndarray:
@@ -229,16 +273,14 @@ def freeze_table(steps: TokenSteps, groups: dict[str, np.ndarray], losses: np.nd
     t = np.arange(1, steps.max_abs.shape[0])
     max_abs = steps.max_abs[1:]
     phase = phase_of(max_abs, steps.motion[1:], solid_max, cold_max)
-    frozen_elements = {"dead": steps.frozen_elements[1:, 0], "live": steps.frozen_elements[1:, 1]}
-    frozen_elements["all"] = frozen_elements["dead"] + frozen_elements["live"]
     columns: dict[str, np.ndarray] = {"step": t, "loss": losses[1:]}
-    for group in GROUPS:
-        mask = groups[group]
+    for group, mask in groups.items():
+        frozen_elements = of_group(steps.frozen_elements[1:], steps.parts, group)
         size = int(mask.sum())
         moved = (max_abs[:, mask] > 0).sum(axis=1)
         columns[f"{group}_moved_tokens"] = moved
         columns[f"{group}_frozen_token_share"] = 1 - moved / size if size else np.full(t.size, np.nan)
-        columns[f"{group}_frozen_element_share"] = (frozen_elements[group] / (size * steps.hidden) if size
+        columns[f"{group}_frozen_element_share"] = (frozen_elements / (size * steps.hidden) if size
                                                     else np.full(t.size, np.nan))
         columns[f"{group}_globally_frozen"] = moved == 0
         for index, name in enumerate(PHASES):
@@ -250,7 +292,7 @@ def cycles_table(columns: dict[str, np.ndarray]) -> list[dict]:
     """freeze_cycles.csv: per group, the stretch before the first global freeze ('not yet frozen'),
     each globally frozen run ('freeze', ``thawed`` False for an open final run) and the thaws between."""
     rows = []
-    for group in GROUPS:
+    for group in groups_of(columns):
         seen_freeze = False
         group_runs = runs(columns[f"{group}_globally_frozen"], columns["step"])
         for index, (frozen, first, last) in enumerate(group_runs):
@@ -279,7 +321,7 @@ def window_stats(columns: dict[str, np.ndarray], groups: dict[str, np.ndarray], 
     t = columns["step"]
     inside = (t >= start) & (t <= end)
     out = {}
-    for group in GROUPS:
+    for group in groups:
         mean = {name: float(columns[f"{group}_{measure.column}"][inside].mean()) if inside.any() else None
                 for name, measure in MEASURES.items()}
         globally = columns[f"{group}_globally_frozen"][inside]
@@ -327,8 +369,7 @@ def displacement_table(steps: TokenSteps, groups: dict[str, np.ndarray]) -> dict
     move ('oscillatory'), the other single lattice steps ('quantum'), the rest ('other'); and, counted
     apart, moves through zero (sign crossings) and other moves into another binade."""
     columns: dict[str, np.ndarray] = {"step": np.arange(1, steps.max_abs.shape[0])}
-    for group in GROUPS:
-        mask = groups[group]
+    for group, mask in groups.items():
         moved = steps.moved[1:, mask].sum(axis=1)
         oscillatory = steps.oscillatory[1:, mask].sum(axis=1)
         quantum = steps.quantum[1:, mask].sum(axis=1)
@@ -341,23 +382,45 @@ def displacement_table(steps: TokenSteps, groups: dict[str, np.ndarray]) -> dict
     return columns
 
 
+@dataclasses.dataclass
+class PowerCounts:
+    """Per step t = 1..T and part of the tokens: the frozen elements, and those sitting exactly at ±2^k for
+    each exponent field that occurs (the rest are 0): what lattice_positions.csv is made of, kept small."""
+
+    frozen: np.ndarray    # (T, P) int64
+    at_power: np.ndarray  # (T, P, F) int64, by field of ``fields``
+    fields: np.ndarray    # (F,) biased exponent fields, ascending
+    parts: tuple[str, ...]
+
+    @classmethod
+    def of(cls, steps: TokenSteps) -> PowerCounts:
+        counts = steps.frozen_at_power_of_two[1:]
+        fields = np.flatnonzero(counts.sum(axis=(0, 1)))
+        return cls(steps.frozen_elements[1:], counts[:, :, fields], fields, steps.parts)
+
+    def table(self, fields: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """lattice_positions.csv's columns with a column for each of ``fields`` (default: the fields that occur;
+        a field that does not occur is 0 wherever an element is frozen)."""
+        fields = self.fields if fields is None else np.asarray(fields)
+        counts = np.zeros((*self.at_power.shape[:2], len(fields)), np.int64)
+        counts[:, :, np.searchsorted(fields, self.fields)] = self.at_power
+        columns: dict[str, np.ndarray] = {"step": np.arange(1, len(self.frozen) + 1)}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for group in groups_of_parts(self.parts):
+                at_power, total = of_group(counts, self.parts, group), of_group(self.frozen, self.parts, group)
+                columns[f"{group}_frozen_elements"] = total
+                columns[f"{group}_at_power_of_two_share"] = np.where(total > 0, at_power.sum(axis=1) / total,
+                                                                     np.nan)
+                for index, field in enumerate(fields):
+                    columns[f"{group}_at_2^{int(field) - EXPONENT_BIAS}_share"] = np.where(
+                        total > 0, at_power[:, index] / total, np.nan)
+        return columns
+
+
 def lattice_position_table(steps: TokenSteps) -> dict[str, np.ndarray]:
     """lattice_positions.csv: per step and group, the share of frozen elements sitting exactly at
     ±2^k, in all and by k (the k that occur anywhere in the run)."""
-    counts = steps.frozen_at_power_of_two[1:]
-    frozen = steps.frozen_elements[1:]
-    by_group = {"dead": (counts[:, 0], frozen[:, 0]), "live": (counts[:, 1], frozen[:, 1]),
-                "all": (counts.sum(axis=1), frozen.sum(axis=1))}
-    fields = np.flatnonzero(counts.sum(axis=(0, 1)))
-    columns: dict[str, np.ndarray] = {"step": np.arange(1, steps.max_abs.shape[0])}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for group, (at_power, total) in by_group.items():
-            columns[f"{group}_frozen_elements"] = total
-            columns[f"{group}_at_power_of_two_share"] = np.where(total > 0, at_power.sum(axis=1) / total, np.nan)
-            for field in fields:
-                columns[f"{group}_at_2^{int(field) - EXPONENT_BIAS}_share"] = np.where(
-                    total > 0, at_power[:, field] / total, np.nan)
-    return columns
+    return PowerCounts.of(steps).table()
 
 
 def trend(fractions: np.ndarray, centers: np.ndarray) -> dict:
@@ -430,7 +493,7 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
     """Per group and measure: the windowed series, the last half's trend, and the verdict."""
     last_step = int(columns["step"][-1])
     out = {}
-    for group in GROUPS:
+    for group in groups_of(columns):
         out[group] = {}
         for name, measure in MEASURES.items():
             values = np.nan_to_num(np.asarray(columns[f"{group}_{measure.column}"], dtype=np.float64))
@@ -450,37 +513,83 @@ def variance_table(token_mean: np.ndarray, changed: np.ndarray, hidden: int, gro
                    beta1: float, beta2: float) -> dict[str, np.ndarray]:
     """exp_avg_sq.csv from each token's mean exp_avg_sq per step ``token_mean`` (T+1, V) and its elements that
     changed at the step ``changed`` (T+1, V) of ``hidden`` each: per step, the mean, median, 10th and 90th
-    percentile over each group's token means; the share of the group's elements that changed; AdamW's bias
+    percentile over the token means of each part of ``groups`` (``partition``: the embedding's dead and live
+    tokens, another tensor's all) that has tokens; the share of the part's elements that changed; AdamW's bias
     corrections."""
     steps = np.arange(len(token_mean))
     columns = {"step": steps}
-    for group in ("dead", "live"):
-        values = token_mean[:, groups[group]]
+    for group, mask in partition(groups).items():
+        values = token_mean[:, mask]
         if values.shape[1] == 0:
             continue
         columns[f"{group}_mean"] = values.mean(axis=1)
         columns[f"{group}_median"] = np.median(values, axis=1)
         columns[f"{group}_p10"] = np.percentile(values, 10, axis=1)
         columns[f"{group}_p90"] = np.percentile(values, 90, axis=1)
-        columns[f"{group}_changed_share"] = changed[:, groups[group]].sum(axis=1) / (values.shape[1] * hidden)
+        columns[f"{group}_changed_share"] = changed[:, mask].sum(axis=1) / (values.shape[1] * hidden)
     # what AdamW divides by at step t (1 at t = 0, where nothing is divided)
     columns["bias_correction1"] = np.where(steps > 0, 1 - beta1 ** steps.astype(np.float64), 1.0)
     columns["bias_correction2"] = np.where(steps > 0, 1 - beta2 ** steps.astype(np.float64), 1.0)
     return columns
 
 
-def freeze_tables(steps: TokenSteps, groups: dict[str, np.ndarray], losses: np.ndarray,
-                  windows: dict[str, tuple[int, int]], analysis: dict, token_text: list[str] | None = None) -> dict:
-    """The tables made of TokenSteps, by their names in FREEZE_OUTPUTS: all but ``variance`` (exp_avg_sq.csv,
-    made of exp_avg_sq). ``analysis``: the experiment's analysis settings."""
+def tensor_tables(steps: TokenSteps, groups: dict[str, np.ndarray], losses: np.ndarray, analysis: dict) -> dict:
+    """One tensor's tables made of its TokenSteps, by their names in FREEZE_OUTPUTS: ``freeze``, ``cycles``,
+    ``classes``, and ``lattice_positions`` as its PowerCounts (whose columns the stage widens to every tensor's
+    k). ``analysis``: the experiment's analysis settings."""
     columns = freeze_table(steps, groups, losses, analysis["solid_max"], analysis["cold_max"])
-    return {"freeze": columns, "cycles": cycles_table(columns), "tokens": token_table(steps, groups, windows, token_text),
-            "classes": displacement_table(steps, groups), "lattice_positions": lattice_position_table(steps)}
+    return {"freeze": columns, "cycles": cycles_table(columns), "classes": displacement_table(steps, groups),
+            "lattice_positions": PowerCounts.of(steps)}
+
+
+def merged_columns(orders: list[list[str]]) -> list[str]:
+    """The union of several tables' columns, the first table's in its order, each column another table adds
+    placed before the next of its own columns already there (at the end when none is)."""
+    merged: list[str] = []
+    for order in orders:
+        for index, column in enumerate(order):
+            if column in merged:
+                continue
+            following = next((other for other in order[index + 1:] if other in merged), None)
+            merged.insert(merged.index(following) if following is not None else len(merged), column)
+    return merged
+
+
+#: the nullable pandas type of each numpy kind, where a column some tensors lack is empty: integers and flags
+#: keep printing as integers and flags beside the empty fields
+NULLABLE = {"i": "Int", "u": "UInt", "f": "Float"}
+
+
+def stack_tables(tables: dict[str, dict | list[dict]]):
+    """One table (a pandas DataFrame) of the rows of every tensor's table, by tensor name in their order, each row
+    led by its tensor's name (TENSOR_COLUMN). A column that some tensors' tables lack (another tensor's groups) is
+    empty in their rows; the values of the others print as in a table of their tensor alone."""
+    import pandas as pd
+
+    frames = {name: pd.DataFrame(table) for name, table in tables.items()}
+    columns = merged_columns([list(frame.columns) for frame in frames.values()])
+    for name, frame in frames.items():
+        for column in frame.columns:
+            dtype = frame[column].dtype
+            if any(column not in other.columns for other in frames.values()) and dtype.kind in "iufb":
+                frame[column] = frame[column].astype(
+                    "boolean" if dtype.kind == "b" else f"{NULLABLE[dtype.kind]}{8 * dtype.itemsize}")
+        frame.insert(0, TENSOR_COLUMN, name)
+    stacked = pd.concat(frames.values(), ignore_index=True) if len(frames) > 1 else next(iter(frames.values()))
+    return stacked.reindex(columns=[TENSOR_COLUMN, *columns])
+
+
+def widened_lattice_positions(counts: dict[str, PowerCounts]) -> dict[str, dict[str, np.ndarray]]:
+    """Each tensor's lattice_positions.csv columns with a column for every k that occurs in any tensor: 0 where
+    none of the tensor's frozen elements sits at ±2^k, so that every tensor's rows give every k's share."""
+    fields = np.unique(np.concatenate([count.fields for count in counts.values()])) if counts else np.array([])
+    return {name: count.table(fields) for name, count in counts.items()}
 
 
 def question_group(groups: dict[str, np.ndarray]) -> str:
-    """The group the lab's question is about: the dead tokens, or all tokens when none is dead."""
-    return "dead" if groups["dead"].any() else "all"
+    """The group the lab's question is about: the dead tokens, or all tokens when none is dead (or the tensor
+    has no dead tokens: any but the embedding)."""
+    return "dead" if "dead" in groups and groups["dead"].any() else ALL
 
 
 def freeze_summary(experiment: str, update_rule: str, delta_w_exact: bool, columns: dict[str, np.ndarray],
@@ -502,7 +611,7 @@ def freeze_summary(experiment: str, update_rule: str, delta_w_exact: bool, colum
         "windows": {name: {"start": a, "end": b, **window_stats(columns, groups, (a, b))}
                     for name, (a, b) in windows.items()},
         "cooling": series,
-        "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in GROUPS},
+        "verdicts": {group: {measure: series[group][measure]["verdict"] for measure in MEASURES} for group in groups},
         # the lab's question: the global freeze
         "verdict": series[question_group(groups)]["global_freeze"]["verdict"],
     }
@@ -518,91 +627,142 @@ class Recorded:
     dead_mask: np.ndarray  # (V,) bool
     attrs: dict
     delta_w_exact: bool    # false for float16 storage
+    #: the recorded parameters, the embedding first, then the others in the model's order
+    params: list[RecordedParam]
+
+
+def question_tensor(params: list[RecordedParam]) -> str:
+    """The tensor summary.json's top level describes: the embedding, or the first recorded tensor without it."""
+    names = [param.name for param in params]
+    return EMBEDDING if EMBEDDING in names else names[0]
 
 
 def read_recorded(recording: str, delta_path: str | None = None) -> Recorded:
-    """The recording's losses, dead mask and attributes, and whether its ΔW′ is exact (as the lattice stage's
-    file ``delta_path`` says, when given)."""
+    """The recording's losses, dead mask, attributes and recorded parameters, and whether its ΔW′ is exact (as
+    the lattice stage's file ``delta_path`` says of the question tensor, when given)."""
+    from thimble.analysis.tensors import recorded_params
     from thimble.record.format import open_h5, read_checked
 
     with open_h5(recording) as handle:
         losses = read_checked(handle["losses"])
         dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         attrs = dict(handle.attrs)
+        params = recorded_params(handle)
+    if not params:
+        from thimble.errors import DataError
+
+        raise DataError(f"{recording} records no parameter (its attribute recorded_params is empty)")
+    question = question_tensor(params)
+    params = sorted(params, key=lambda param: param.name != question)  # stable: the others in the model's order
     exact = attrs.get("storage_dtype") != "float16"
     if delta_path is not None:
         with open_h5(delta_path) as handle:
-            exact = bool(handle[DELTA_W_DATASET].attrs.get("exact", exact))
-    return Recorded(losses, dead_mask, attrs, exact)
+            exact = bool(delta_w_dataset(handle, delta_path, question).attrs.get("exact", exact))
+    return Recorded(losses, dead_mask, attrs, exact, params)
 
 
-def read_token_steps(recording: str, dead: np.ndarray, block_rows: int = 16, threads: int = 1,
-                     delta_path: str | None = None) -> TokenSteps:
-    """One streaming pass over the recorded W (T+1, V, D): TokenSteps, in memory O(T x V).
+def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16, threads: int = 1,
+                     delta_path: str | None = None, name: str | None = None) -> TokenSteps:
+    """One streaming pass over a recorded tensor (T+1, *shape) seen as (T+1, rows, columns): TokenSteps, its rows
+    as the tokens, in ``groups``; in memory O(T x rows).
 
-    ΔW′ is read from ``delta_path`` (the lattice stage's file, every frame's checksum verified) beside W,
-    which the phases, crossings and lattice positions need; without it, ΔW′ is computed from W.
-    Tokens are split across ``threads`` (numpy releases the GIL in its loops).
+    ``name``: the recorded parameter, the embedding by default. ΔW′ is read from ``delta_path`` (the lattice
+    stage's file, every frame's checksum verified) beside the values, which the phases, crossings and lattice
+    positions need; without it, ΔW′ is computed from the values. Rows are split across ``threads`` (numpy
+    releases the GIL in its loops).
     """
     import contextlib
 
     from tqdm.auto import tqdm
 
-    from thimble.record.format import open_h5
+    from thimble.analysis.tensors import row_shape
+    from thimble.record.format import RecordLayout, open_h5
     from thimble.record.reader import RecordedTensor
     from thimble.util.workers import WorkerPool, thread_spans
 
+    name = EMBEDDING if name is None else name
+    parts = partition(groups)
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
-        n_steps, vocab, hidden = handle["W"].shape
+        param = recorded_param(RecordLayout.of_file(handle), name, recording)
+        values = RecordedTensor.of_recording(handle, param.roles()["W"])
+        n_steps, (vocab, hidden) = values.shape[0], row_shape(param.shape)
         delta_w = deltas = None
         if delta_path is not None:
-            delta_w = delta_w_of(stack.enter_context(open_h5(delta_path)), delta_path, handle)
+            delta_w = delta_w_of(stack.enter_context(open_h5(delta_path)), delta_path, handle, param)
             deltas = delta_w.in_order(block_rows)
-        fields = {name: np.zeros((n_steps, vocab), dtype) for name, dtype in TOKEN_FIELDS.items()}
-        fields["frozen_elements"] = np.zeros((n_steps, 2), np.int64)
-        fields["frozen_at_power_of_two"] = np.zeros((n_steps, 2, EXPONENT_FIELDS), np.int64)
+        fields = {field: np.zeros((n_steps, vocab), dtype) for field, dtype in TOKEN_FIELDS.items()}
+        fields["frozen_elements"] = np.zeros((n_steps, len(parts)), np.int64)
+        fields["frozen_at_power_of_two"] = np.zeros((n_steps, len(parts), EXPONENT_FIELDS), np.int64)
         bounds = thread_spans(vocab, threads)
         previous = previous_delta = None
-        with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc="freeze", unit="step", mininterval=5) as bar:
-            for step, block in RecordedTensor.of_recording(handle, "W").blocks(block_rows):
+        with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc=f"freeze {name}", unit="step",
+                                               mininterval=5) as bar:
+            for step, block in values.blocks(block_rows):
+                block = block.reshape(len(block), vocab, hidden)
                 # int32, the type ΔW′ is computed in
                 delta = None if deltas is None else \
-                    deltas.read(step, step + len(block)).view(delta_w.dtype).astype(np.int32)
+                    deltas.read(step, step + len(block)).view(delta_w.dtype).astype(np.int32).reshape(block.shape)
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
                     delta = None if delta is None else delta[1:]
                     if not len(block):
                         continue
                 futures = {(a, b): pool.submit(summarise_w_block, block[:, a:b], previous[a:b],
-                                               None if previous_delta is None else previous_delta[a:b], dead[a:b],
+                                               None if previous_delta is None else previous_delta[a:b],
+                                               [mask[a:b] for mask in parts.values()],
                                                None if delta is None else delta[:, a:b])
                            for a, b in bounds}
                 rows = slice(step, step + len(block))
                 for (a, b), future in futures.items():
                     tokens, counts = future.result()
-                    for name, values in tokens.items():
-                        fields[name][rows, a:b] = values
-                    for name, values in counts.items():
-                        fields[name][rows] += values
+                    for field, part in tokens.items():
+                        fields[field][rows, a:b] = part
+                    for field, part in counts.items():
+                        fields[field][rows] += part
                 previous_delta = delta[-1] if delta is not None else \
                     ordinal(block[-1]) - ordinal(block[-2] if len(block) > 1 else previous)
                 previous = block[-1].copy()
                 bar.update(len(block))
         if deltas is not None:
             deltas.finish()
-    return TokenSteps(**fields, hidden=hidden)
+    return TokenSteps(**fields, parts=tuple(parts), hidden=hidden)
 
 
-def delta_w_of(handle, path: str, recording) -> RecordedTensor:
-    """ΔW′ of the lattice stage's file ``handle`` (at ``path``), refused unless it was computed from the W of
-    ``recording`` (its shape and resume key)."""
+def recorded_param(layout, name: str, recording: str) -> RecordedParam:
+    """The recorded parameter ``name`` of a recording's ``layout``, or a DataError naming what it records."""
+    from thimble.errors import DataError
+
+    if name not in layout.params:
+        raise DataError(f"{recording} does not record {name} (it records {', '.join(layout.params)})")
+    return layout.params[name]
+
+
+def delta_w_dataset(handle: h5py.File, path: str, name: str) -> h5py.Dataset:
+    """ΔW′ of the recorded parameter ``name`` in the lattice stage's file ``handle`` (at ``path``):
+    ``params/<name>/delta_w_lattice``; in a file written before ``params/``, the embedding's at the root."""
+    from thimble.errors import DataError
+    from thimble.record.format import param_dataset
+
+    stored = param_dataset(name, DELTA_W_DATASET)
+    if stored in handle:
+        return handle[stored]
+    if name == EMBEDDING and DELTA_W_DATASET in handle:
+        return handle[DELTA_W_DATASET]
+    raise DataError(f"{path} holds no ΔW′ of {name} ({stored}): it was computed from another recording, or "
+                    "before every recorded tensor had its ΔW′; rerun the lattice stage")
+
+
+def delta_w_of(handle: h5py.File, path: str, recording: h5py.File, param: RecordedParam) -> RecordedTensor:
+    """ΔW′ of ``param`` in the lattice stage's file ``handle`` (at ``path``), refused unless it was computed
+    from the values of ``recording`` (their shape and its resume key)."""
     from thimble.errors import DataError
     from thimble.record.reader import RecordedTensor
 
-    dataset = handle[DELTA_W_DATASET]
-    if dataset.shape != recording["W"].shape:
-        raise DataError(f"{path}:/delta_w_lattice has shape {dataset.shape}, but W of {recording.filename} is "
-                        f"{recording['W'].shape}: it was computed from another recording; rerun the lattice stage")
+    dataset, values = delta_w_dataset(handle, path, param.name), recording[param.roles()["W"]]
+    if dataset.shape != values.shape:
+        raise DataError(f"{path}:{dataset.name} has shape {dataset.shape}, but {param.name} of "
+                        f"{recording.filename} is {values.shape}: it was computed from another recording; rerun "
+                        "the lattice stage")
     made_from, current = handle.attrs.get("resume_key"), recording.attrs.get("resume_key")
     if made_from is not None and current is not None and made_from != current:
         raise DataError(f"{path} was computed from another recording than {recording.filename} (their settings "
@@ -610,18 +770,25 @@ def delta_w_of(handle, path: str, recording) -> RecordedTensor:
     return RecordedTensor(dataset)
 
 
-def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16) -> dict[str, np.ndarray]:
-    """exp_avg_sq.csv (``variance_table``) from one streaming pass over the recorded exp_avg_sq."""
-    from thimble.record.format import open_h5
+def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16,
+                      name: str | None = None) -> dict[str, np.ndarray]:
+    """exp_avg_sq.csv (``variance_table``) of the recorded parameter ``name`` (the embedding by default), its
+    rows in ``groups``, from one streaming pass over its recorded exp_avg_sq."""
+    from thimble.analysis.tensors import row_shape
+    from thimble.record.format import RecordLayout, open_h5
     from thimble.record.reader import RecordedTensor
 
+    name = EMBEDDING if name is None else name
     with open_h5(recording) as handle:
-        n_steps, vocab, hidden = handle["variance_W"].shape
+        param = recorded_param(RecordLayout.of_file(handle), name, recording)
+        variance = RecordedTensor.of_recording(handle, param.roles()["variance_W"])
+        n_steps, (vocab, hidden) = variance.shape[0], row_shape(param.shape)
         beta1, beta2 = float(handle.attrs["adam_beta1"]), float(handle.attrs["adam_beta2"])
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
-        for start, block in RecordedTensor.of_recording(handle, "variance_W").blocks(block_rows):
+        for start, block in variance.blocks(block_rows):
+            block = block.reshape(len(block), vocab, hidden)
             values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
             token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])
@@ -639,13 +806,21 @@ def write_tables(tables: dict, outputs: dict[str, str]) -> list[str]:
     for name in TABLES:
         table = tables[name]
         # token texts may hold a carriage return, a NUL or a quote: quoted, they read back exactly
-        write_csv(outputs[name], table, quote_text=isinstance(table, dict) and TOKEN_TEXT_COLUMN in table)
+        write_csv(outputs[name], table, quote_text=TOKEN_TEXT_COLUMN in table)
     return [outputs[name] for name in TABLES]
 
 
-def write_token_steps(path: str, steps: TokenSteps, dead_mask: np.ndarray, computed_from: dict) -> None:
+#: token_displacement.h5's note when the embedding is not recorded (its datasets then hold no token)
+NO_TOKENS_NOTE = ("the embedding (transformer.wte.weight) is not recorded: no tensor's rows are tokens, so "
+                  "token_freeze.csv and token_displacement.h5 hold no token; every recorded tensor is in the other "
+                  "tables")
+
+
+def write_token_steps(path: str, steps: TokenSteps, dead_mask: np.ndarray, computed_from: dict,
+                      note: str | None = None) -> None:
     """token_displacement.h5: DISPLACEMENT_FIELDS (gzip) and the dead mask, each with Fletcher32, which HDF5
-    verifies on every chunk the figures read; ``computed_from`` (thimble.provenance) as a JSON attribute."""
+    verifies on every chunk the figures read; ``computed_from`` (thimble.provenance) as a JSON attribute, and
+    ``note`` as one when given."""
     import h5py
 
     from thimble.util.files import atomic_output
@@ -656,12 +831,42 @@ def write_token_steps(path: str, steps: TokenSteps, dead_mask: np.ndarray, compu
                                fletcher32=True)
         out.create_dataset("dead_mask", data=dead_mask, fletcher32=True)
         out.attrs["computed_from"] = json.dumps(computed_from, sort_keys=True)
+        if note is not None:
+            out.attrs["note"] = note
+
+
+def no_token_steps(n_steps: int) -> TokenSteps:
+    """TokenSteps of no token over ``n_steps`` rows (the token outputs of a recording without the embedding)."""
+    return TokenSteps(**{name: np.zeros((n_steps, 0), dtype) for name, dtype in TOKEN_FIELDS.items()},
+                      frozen_elements=np.zeros((n_steps, 1), np.int64),
+                      frozen_at_power_of_two=np.zeros((n_steps, 1, EXPONENT_FIELDS), np.int64), parts=(ALL,))
+
+
+def tensor_summary(summary: dict, columns: dict[str, np.ndarray], shape: tuple[int, int],
+                   drivers: dict | None) -> dict:
+    """A tensor's entry of summary.json's ``tensors``, from its freeze_summary, its freeze.csv ``columns``, its
+    (rows, columns) ``shape`` and its freeze_drivers.json entry ``drivers`` (by group; None without one)."""
+    frozen = np.asarray(columns[f"{ALL}_{MEASURES['global_freeze'].column}"], bool)
+    elements = summary["cooling"][ALL]["element_frozen"]["fractions"]
+    driven = (drivers or {}).get(ALL) or {}
+    return {
+        "rows": shape[0],
+        "columns": shape[1],
+        "groups": list(summary["verdicts"]),
+        "verdict": summary["verdict"],
+        "verdicts": summary["verdicts"],
+        "global_freeze_share": summary["windows"]["all"][ALL][WINDOW_SHARES["global_freeze"]],
+        "first_global_freeze_step": int(columns["step"][frozen][0]) if frozen.any() else None,
+        "frozen_element_share_last_window": elements[-1] if elements else None,
+        "onset_step": driven.get("onset_step"),
+        "driver": driven.get("driver"),
+    }
 
 
 def log_verdicts(summary: dict, question: str) -> None:
     """Each group's statistics over the whole run and its verdicts, then the answer for the ``question`` group."""
     whole = summary["windows"]["all"]
-    for group in GROUPS:
+    for group in summary["verdicts"]:
         stats = whole[group]
         log.info("%s: globally frozen %.3f of steps (%d/%d), %d completed freeze/thaw cycles, open final run %d, "
                  "longest run %d%s; verdicts %s", group, stats["global_freeze_share"] or 0,
@@ -673,35 +878,77 @@ def log_verdicts(summary: dict, question: str) -> None:
 
 def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path: str | None = None,
             threads: int = 1, drivers_path: str | None = None, tokenizer_path: str | None = None) -> dict:
-    """Write every freeze table and the summary of one experiment; return the summary.
+    """Write every freeze table and the summary of one experiment, for every recorded tensor; return the summary.
 
-    ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``.
-    ``tokenizer_path``: the dataset's tokenizer, for token_freeze.csv's token_text column. The summary's
-    ``provenance`` names the recording read and the sha256 of every table (thimble.provenance).
+    The tensors are read one after the other (memory follows the largest), the embedding first. Each table holds
+    the rows of every tensor, led by its name; token_freeze.csv and token_displacement.h5 are the embedding's
+    tokens' (with no token when it is not recorded). The summary's top level describes ``question_tensor`` (the
+    embedding, or the first recorded tensor without it) as it always described W; ``tensors`` gives each
+    tensor's verdicts and headline numbers.
+
+    ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``, and each tensor's
+    onset and driver (group all) from its ``tensors``. ``tokenizer_path``: the dataset's tokenizer, for
+    token_freeze.csv's token_text column. The summary's ``provenance`` names the recording read and the sha256 of
+    every table (thimble.provenance).
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
-    ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from W.
+    ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from the values.
     """
+    from thimble.analysis.tensors import has_token_groups, row_groups, row_shape
     from thimble.config import settings_hash
     from thimble.data.tokenizer import token_texts
-    from thimble.provenance import stage_provenance
+    from thimble.provenance import computed_from, stage_provenance
     from thimble.util.files import write_json
 
     analysis = settings["analysis"]
     recorded = read_recorded(recording, delta_path)
-    groups = group_masks(recorded.dead_mask)
-    steps = read_token_steps(recording, recorded.dead_mask, threads=threads, delta_path=delta_path)
-    windows = default_windows(steps.last_step, analysis["windows"])
-    token_text = None if tokenizer_path is None else token_texts(tokenizer_path, len(recorded.dead_mask))
-    tables = {**freeze_tables(steps, groups, recorded.losses, windows, analysis, token_text),
-              "variance": variance_by_group(recording, groups)}
-    provenance = stage_provenance(recording, recorded.attrs, settings_hash(settings), write_tables(tables, outputs))
-    write_token_steps(outputs["token_steps"], steps, recorded.dead_mask, provenance["computed_from"])
-    summary = {**freeze_summary(settings["name"], rule_of(recorded.attrs), recorded.delta_w_exact, tables["freeze"],
-                                groups, windows, analysis),
-               "provenance": provenance}
-    if drivers_path is not None:
-        summary["drivers"] = json.loads(Path(drivers_path).read_text())
+    drivers = None if drivers_path is None else json.loads(Path(drivers_path).read_text())
+    driven = (drivers or {}).get("tensors") or {}
+    source = computed_from(recording, recorded.attrs)
+    question = recorded.params[0].name
+    by_tensor: dict[str, dict] = {}
+    entries: dict[str, dict] = {}
+    top = top_groups = token_rows = None
+    for index, param in enumerate(recorded.params, 1):
+        shape = row_shape(param.shape)
+        groups = row_groups(param.name, shape[0], recorded.dead_mask)
+        log.info("tensor %d/%d: %s, %d rows x %d columns, groups %s", index, len(recorded.params), param.name,
+                 *shape, ", ".join(groups))
+        steps = read_token_steps(recording, groups, threads=threads, delta_path=delta_path, name=param.name)
+        windows = default_windows(steps.last_step, analysis["windows"])
+        tables = {**tensor_tables(steps, groups, recorded.losses, analysis),
+                  "variance": variance_by_group(recording, groups, name=param.name)}
+        if has_token_groups(param.name):
+            token_text = None if tokenizer_path is None else token_texts(tokenizer_path, shape[0])
+            token_rows = {param.name: token_table(steps, groups, windows, token_text)}
+            write_token_steps(outputs["token_steps"], steps, recorded.dead_mask, source)
+        del steps  # the next tensor's take its place
+        summary = freeze_summary(settings["name"], rule_of(recorded.attrs), recorded.delta_w_exact, tables["freeze"],
+                                 groups, windows, analysis)
+        entries[param.name] = tensor_summary(summary, tables["freeze"], shape, driven.get(param.name))
+        by_tensor[param.name] = tables
+        if param.name == question:
+            top, top_groups = summary, groups
+        entry = entries[param.name]
+        log.info("%s: verdict %s (global freeze of %s); all its rows globally frozen at %.3f of steps, first at "
+                 "step %s", param.name, summary["verdict"], question_group(groups), entry["global_freeze_share"] or 0,
+                 entry["first_global_freeze_step"])
+    if token_rows is None:
+        log.warning("%s", NO_TOKENS_NOTE)
+        empty = no_token_steps(len(recorded.losses))
+        windows = default_windows(empty.last_step, analysis["windows"])
+        token_rows = {EMBEDDING: token_table(empty, group_masks(np.zeros(0, bool)), windows,
+                                             None if tokenizer_path is None else [])}
+        write_token_steps(outputs["token_steps"], empty, np.zeros(0, bool), source, note=NO_TOKENS_NOTE)
+    counts = widened_lattice_positions({name: tables["lattice_positions"] for name, tables in by_tensor.items()})
+    stacked = {name: stack_tables({tensor: tables[name] for tensor, tables in by_tensor.items()})
+               for name in ("freeze", "cycles", "classes", "variance")}
+    stacked["lattice_positions"] = stack_tables(counts)
+    stacked["tokens"] = stack_tables(token_rows)
+    provenance = stage_provenance(recording, recorded.attrs, settings_hash(settings), write_tables(stacked, outputs))
+    summary = {**top, "question_tensor": question, "tensors": entries, "provenance": provenance}
+    if drivers is not None:
+        summary["drivers"] = drivers
     write_json(outputs["summary"], summary, indent=2)
-    log_verdicts(summary, question_group(groups))
+    log_verdicts(top, question_group(top_groups))
     return summary
