@@ -11,8 +11,10 @@ import pytest
 
 from conftest import write_recording
 from thimble.analysis import drivers
+from thimble.analysis.tensors import row_groups
 from thimble.numerics.lattice import half_spacing_exponent
 from thimble.numerics.bf16 import BFLOAT16
+from thimble.sizes import EMBEDDING
 from thimble.util.workers import WorkerPool
 from thimble.numerics.lattice import spacing_toward
 
@@ -202,7 +204,7 @@ def test_a_group_that_never_freezes_has_no_onset():
 def test_other_update_rules_say_why_the_split_does_not_apply(tmp_path, rule):
     tensors = adamw_run(np.full((4, 2), 0.1), np.full((3, 4, 2), 1e-3), lr=1e-3)
     table, result = run_drivers(tmp_path, tensors, np.zeros(4, bool), 1e-3, update_rule=rule)
-    assert table.empty and list(table.columns) == ["step", "group", *drivers.COLUMNS]
+    assert table.empty and list(table.columns) == ["tensor", "step", "group", *drivers.COLUMNS]
     assert result["applies"] is False and result["update_rule"] == rule and result["why"]
     from thimble.report import figures
 
@@ -230,8 +232,8 @@ def test_medians_are_exact_for_odd_and_even_counts():
 
 def test_pass_buffers_are_reused_across_blocks():
     with WorkerPool(1) as pool:
-        analysis = drivers.DriverPass(np.zeros(3, bool), 2, {"lr": 1e-3, "betas": (BETA1, BETA2), "eps": EPS},
-                                      pool, block_rows=4)
+        analysis = drivers.DriverPass(EMBEDDING, row_groups(EMBEDDING, 3, np.zeros(3, bool)), 2,
+                                      {"lr": 1e-3, "betas": (BETA1, BETA2), "eps": EPS}, pool, block_rows=4)
         zeros = np.zeros((4, 6), np.uint16)
         first = analysis.block(1, zeros[0], zeros, zeros, zeros, zeros)
         again = analysis.block(5, zeros[0], zeros, zeros, zeros, zeros)

@@ -320,12 +320,13 @@ def add_analysis_commands(sub) -> None:
     p.set_defaults(func=_freeze)
 
     p = sub.add_parser("freeze-drivers", help="what drives the freeze: the update ratio split into its causes",
-                       description="Per step and group, the mean log2 of AdamW's update over half the bf16 spacing "
-                       "toward the move, split exactly into lr, |m̂|, the denominator (bf16's and exact AdamW's) "
-                       "and the spacing; per group, the onset's drop split into spacing, statistics and v_stall.")
+                       description="Per recorded tensor, step and group, the mean log2 of AdamW's update over half "
+                       "the bf16 spacing toward the move, split exactly into lr, |m̂|, the denominator (bf16's and "
+                       "exact AdamW's) and the spacing; per tensor and group, the onset's drop split into spacing, "
+                       "statistics and v_stall.")
     p.add_argument("--recording", required=True, help="the rechunked recording")
     p.add_argument("--table", required=True, help=DRIVERS_OUTPUTS["table"])
-    p.add_argument("--summary", required=True, help="the per-group answer (JSON)")
+    p.add_argument("--summary", required=True, help="the per-tensor and per-group answer (JSON)")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_freeze_drivers)
 
