@@ -12,9 +12,9 @@ it measured to the full run:
 
 Both scale with what ``record.tensors`` records (``recorded_summary`` says what that is). Training holds
 every recorded parameter (its queue of steps); the stages after it work one recorded parameter after
-another (rechunk copies each of its datasets in turn, and every analysis reads a parameter's rows as it
-reads the embedding's), so a stage's peak follows the largest recorded parameter and its time the values
-of all of them. A probe made before ``record.tensors`` existed recorded the embedding alone
+another (rechunk copies one dataset after another; an analysis reads a parameter's rows as it reads the
+embedding's, a parameter at a time), so a stage's peak follows the largest recorded parameter and its time
+the values of all of them. A probe made before ``record.tensors`` existed recorded the embedding alone
 (``thimble.sizes.recorded_shapes``).
 - what the rules ask a scheduler for (``job_mem_mb``, ``job_runtime_min``).
 """
