@@ -155,6 +155,7 @@ def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert status == 3
     assert "WARNING: the plan needs" in out and "only 1.00 kB are free" in out
+    assert f"  records 1 of 28 parameters (record.tensors ['{EMBEDDING}']): 6,144 values a step" in out
     assert not (tmp_path / "results/thimble_mini").exists(), "planning runs nothing"
 
 
