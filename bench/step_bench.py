@@ -14,13 +14,23 @@ the warm-up) and their ratio, and the top operators of one step's profile.
 
     python bench/step_bench.py --experiment thimble_7 --steps 5 --threads 1 2 --json step_bench.json
 
-``--recorder`` measures instead what recording costs a step: thimble's step bare against the same step
-handing its tensors to thimble's StreamRecorder as ``thimble train`` does (the experiment's record settings,
-compression on the math threads' count, segments fsynced into a scratch directory), the two sides
-alternating over ``--rounds``. A recorded side's time per step is its steps after the first plus the
-recorder's closing flush, over those steps: compression that overlaps the next step's math is charged to it.
+``--recorder`` measures instead what recording costs a step, through the training code itself
+(``thimble.training.train``: ``set_up``, ``open_recorder``, ``train_step``; the experiment's model, update
+rule, math threads and record settings; random tokens), three sides in fresh processes, their order rotating
+over ``--rounds``:
 
-    python bench/step_bench.py --recorder --experiment thimble_7 --steps 8 --rounds 2 --threads 2
+- ``bare``: the step recording nothing (``train_step`` with no recorded parameter: no host copies);
+- ``embedding``: the step recording the embedding alone (``record.tensors`` its default, the seed's W);
+- ``every_tensor``: the step recording every parameter (``record.tensors: ["*"]``).
+
+The recorded sides hand every step to the StreamRecorder as ``thimble train`` does (segments fsynced into a
+scratch directory, a checkpoint at each segment's end) with ``--job-threads`` compression threads (2: what a
+CPU training job gets). Steps 0 and 1 (the warm-up) are recorded and written before the clock starts; a side's
+time per step is then its steps 2.. plus the recorder's closing flush, over those steps, so that compression
+that overlaps the next step's math is charged to it. The recorder's whole cost is its share of a recorded
+step, 1 - bare / recorded (medians); every step's parameters and loss must be equal on all three sides.
+
+    python bench/step_bench.py --recorder --experiment thimble_7 --steps 8 --rounds 3 --json recorder.json
 """
 
 from __future__ import annotations
@@ -40,8 +50,10 @@ sys.path.insert(0, str(REPO / "src"))
 from thimble.util.cpu import this_cpu  # noqa: E402  (torch-free)
 
 SIDES = ("seed", "thimble")
-#: the sides of ``--recorder``
-RECORDER_SIDES = ("thimble", "thimble_recorded")
+#: the sides of ``--recorder`` and what each records (``record.tensors``; None: nothing)
+RECORDER_SIDES = {"bare": None, "embedding": ["transformer.wte.weight"], "every_tensor": ["*"]}
+#: the recorder's share of a step that ``--recorder`` holds every tensor's recording to
+RECORDER_GOAL = 0.05
 
 
 def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: int) -> dict:
@@ -73,21 +85,6 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
                              "exp_avg_sq": optimizer.device_state(wte)["variance_W"]}
         step_optimizer = optimizer.step
     wte = model.transformer.wte.weight
-    recorder = scratch = None
-    if side == "thimble_recorded":
-        import tempfile
-
-        from thimble.record.writer import StreamRecorder
-        from thimble.update_rules import recorded_tensors
-
-        record = settings["record"]
-        tensors = recorded_tensors(training["update_rule"], record["dtype"])
-        scratch = Path(tempfile.mkdtemp(prefix="step-bench-"))
-        recorder = StreamRecorder(scratch / "stream", tuple(wte.shape), steps, storage=record["dtype"], tensors=tensors,
-                                  segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
-                                  level=record["compression_level"], threads=threads)
-        recorder.record(0, {"W": wte.detach().clone(), "grad_W": torch.zeros_like(wte),
-                            "momentum_W": torch.zeros_like(wte), "variance_W": torch.zeros_like(wte)}, float("nan"))
     generator = torch.Generator().manual_seed(training["seed"])
     shape = (training["batch_size"], model_settings["max_seq_len"] + 1)
     digests, seconds = [], []
@@ -105,31 +102,13 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         optimizer.zero_grad()
         loss_bits = loss.detach().view(torch.int32).item()
         moments = state(wte)
-        if recorder is not None and step <= steps:
-            # what train hands over on the CPU: clones (thimble.training.host_copy), the loss as a float
-            recorder.record(step, {"W": wte.detach().clone(), "grad_W": grad, "momentum_W": moments["exp_avg"].clone(),
-                                   "variance_W": moments["exp_avg_sq"].clone()}, loss.item())
         seconds.append(time.perf_counter() - started)
         digests.append({"loss_bits": loss_bits, "W": digest(wte), "grad_W": digest(grad),
                         "exp_avg": digest(moments["exp_avg"]), "exp_avg_sq": digest(moments["exp_avg_sq"])})
 
     model.train()
-    cpu_started = None
     for step in range(1, steps + 1):
-        if step == 2:  # after the warm-up step, as the timings
-            cpu_started = os.times()
         one_step(step)
-    close_seconds = None
-    if recorder is not None:
-        import shutil
-
-        started = time.perf_counter()
-        recorder.close()
-        close_seconds = time.perf_counter() - started
-        shutil.rmtree(scratch)
-    cpu_ended = os.times()
-    # CPU seconds of every thread of the process (math, the recorder's writer and compression) over steps 2..
-    cpu_seconds = (cpu_ended.user + cpu_ended.system - cpu_started.user - cpu_started.system) if cpu_started else None
     profile = []
     if profile_ops:
         from torch.profiler import ProfilerActivity
@@ -141,11 +120,11 @@ def run_side(side: str, experiment: str, steps: int, threads: int, profile_ops: 
         total = sum(e.self_cpu_time_total for e in events)
         profile = [{"op": e.key, "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3,
                     "share": e.self_cpu_time_total / total} for e in events[:profile_ops]]
-    return {"side": side, "anon_huge_pages_mb": anon_huge_pages_mb(), "loss_path": "transformers" if side == "seed" else loss_path(device),
+    return {"side": side, "anon_huge_pages_mb": anon_huge_pages_mb(),
+            "loss_path": "transformers" if side == "seed" else loss_path(device),
             "host_allocator": host_allocator(), "threads": threads,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "digests": digests[:steps],
-            "step_seconds": seconds[:steps], "recorder_close_seconds": close_seconds, "cpu_seconds_after_first_step": cpu_seconds,
-            "profiled_step_seconds": seconds[steps] if profile_ops else None,
+            "step_seconds": seconds[:steps], "profiled_step_seconds": seconds[steps] if profile_ops else None,
             "profile": profile}
 
 
@@ -159,51 +138,153 @@ def anon_huge_pages_mb() -> float | None:
         return None
 
 
+def run_recorder_side(side: str, experiment: str, steps: int, math_threads: int, job_threads: int) -> dict:
+    """``steps`` training steps of ``experiment`` in this process through thimble.training.train, recording what
+    ``RECORDER_SIDES[side]`` names into a scratch directory; per-step digests and the timings."""
+    import copy
+    import shutil
+    import tempfile
+    import threading
+    import time
+
+    import numpy as np
+    import torch
+
+    from thimble.config import load_config
+    from thimble.data.masks import write_masks
+    from thimble.training.checkpoint import save_checkpoint
+    from thimble.training.host_copy import HostCopies
+    from thimble.training.train import initial_tensors, open_recorder, segment_end_state, set_up, train_step
+
+    settings = copy.deepcopy(load_config(str(REPO / "config.yaml"))["experiments"][experiment])
+    settings["training"].update(steps=steps, device="cpu", math_threads=math_threads)
+    # the bare side sets up the embedding's layout and hands nothing over
+    settings["record"]["tensors"] = RECORDER_SIDES[side] or RECORDER_SIDES["embedding"]
+    model_settings, training = settings["model"], settings["training"]
+    scratch = Path(tempfile.mkdtemp(prefix="step-bench-"))
+    try:
+        tokens, masks, partial = scratch / "tokens.npy", scratch / "masks.safetensors", scratch / "partial"
+        rng = np.random.default_rng(training["seed"])
+        count = training["batch_size"] * (model_settings["max_seq_len"] + 1) * 4
+        np.save(tokens, rng.integers(0, model_settings["vocab_size"], count, dtype=np.int64))
+        write_masks(str(tokens), model_settings["vocab_size"], str(masks))
+        session = set_up(settings, str(tokens), str(masks), partial)
+        recorded = session.recorded if RECORDER_SIDES[side] else {}
+        recorder = None
+        if recorded:
+            recorder, _ = open_recorder(session, partial, job_threads)
+            recorder.record(0, initial_tensors(session.layout, recorded), float("nan"))
+        copies = HostCopies(session.device)
+        session.model.train()
+        digests, seconds, cpu_started = [], [], None
+
+        def digest(loss: float) -> str:
+            bits = hashlib.sha256(np.float64(loss).tobytes())
+            for param in session.model.parameters():
+                bits.update(param.detach().contiguous().view(torch.uint8).numpy().tobytes())
+            return bits.hexdigest()
+
+        for step in range(1, steps + 1):
+            if step == 2:
+                if recorder is not None:  # steps 0 and 1 written before the clock starts: the warm-up's own
+                    drained = threading.Event()
+                    recorder.checkpoint(1, lambda _step: drained.set())
+                    drained.wait()
+                cpu_started = os.times()
+            started = time.perf_counter()
+            bits = train_step(step, session.model, session.optimizer, session.batches, session.device, copies,
+                              session.layout, recorded)
+            if recorder is not None:  # as thimble train hands a step over (HeldSteps.record)
+                state = segment_end_state(session, recorder, step)
+                recorder.record(step, bits.tensors, bits.loss)
+                if state is not None:
+                    recorder.checkpoint(step, lambda _step, state=state: save_checkpoint(partial, state))
+            seconds.append(time.perf_counter() - started)
+            digests.append(digest(float(bits.loss)))
+        close_seconds = 0.0
+        if recorder is not None:
+            started = time.perf_counter()
+            recorder.close()
+            close_seconds = time.perf_counter() - started
+        cpu_ended = os.times()
+    finally:
+        shutil.rmtree(scratch)
+    timed = seconds[1:]
+    return {"side": side, "record_tensors": RECORDER_SIDES[side], "recorded_parameters": len(recorded),
+            "recorded_values": sum(param.numel() for param in recorded.values()), "math_threads": math_threads,
+            "job_threads": job_threads, "digests": digests, "step_seconds": seconds,
+            "recorder_close_seconds": close_seconds,
+            "seconds_per_step": (sum(timed) + close_seconds) / len(timed),
+            # every thread of the process (math, the recorder's writer and compression) over steps 2.. and the close
+            "cpu_seconds_per_step": (cpu_ended.user + cpu_ended.system - cpu_started.user - cpu_started.system)
+            / len(timed), "anon_huge_pages_mb": anon_huge_pages_mb()}
+
+
 def side_in_subprocess(side: str, args, threads: int) -> dict:
     env = dict(os.environ)
     env.pop("THP_MEM_ALLOC_ENABLE", None)  # thimble's side sets its allocator as `thimble train` does
     command = [sys.executable, __file__, "--side", side, "--experiment", args.experiment, "--steps", str(args.steps),
-               "--threads", str(threads), "--profile-ops", str(args.profile_ops)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+               "--threads", str(threads), "--profile-ops", str(args.profile_ops),
+               "--job-threads", str(args.job_threads)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {side} side failed (exit status {result.returncode}):\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def recorder_share(args) -> int:
-    """``--recorder``: the recorded step against the bare one, rounds alternating; the bits must agree."""
+def recorder_cost(args) -> int:
+    """``--recorder``: the step bare, recording the embedding and recording every tensor, in rotating order
+    over the rounds; medians, the ratio and the recorder's share of a step. Fails unless the bits agree."""
+    import math
+
+    from thimble.config import load_config
+
+    if args.steps < 2:
+        raise SystemExit("--recorder times steps 2..: give --steps 2 or more")
+    settings = load_config(str(REPO / "config.yaml"))["experiments"][args.experiment]
     rows, ok = [], True
-    for threads in args.threads:
+    for threads in args.threads or [settings["training"]["math_threads"]]:
         runs = {side: [] for side in RECORDER_SIDES}
+        sides = list(RECORDER_SIDES)
         for round_index in range(args.rounds):
-            order = RECORDER_SIDES if round_index % 2 == 0 else RECORDER_SIDES[::-1]
-            for side in order:
-                runs[side].append(side_in_subprocess(side, argparse.Namespace(**{**vars(args), "profile_ops": 0}),
-                                                     threads))
-        agree = all(run["digests"] == runs["thimble"][0]["digests"] for side in RECORDER_SIDES for run in runs[side])
+            shift = round_index % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                runs[side].append(side_in_subprocess(side, args, threads))
+        reference = runs["bare"][0]["digests"]
+        agree = all(run["digests"] == reference for side_runs in runs.values() for run in side_runs)
         ok &= agree
-
-        def per_step(run: dict) -> float:
-            timed = run["step_seconds"][1:]
-            return (sum(timed) + (run["recorder_close_seconds"] or 0)) / len(timed)
-
-        bare = [per_step(run) for run in runs["thimble"]]
-        recorded = [per_step(run) for run in runs["thimble_recorded"]]
-        share = 1 - statistics.median(bare) / statistics.median(recorded)
-        # CPU time is far less disturbed by other load than wall time: the recorder's CPU per step
-        cpu = {side: [run["cpu_seconds_after_first_step"] / (args.steps - 1) for run in runs[side]] for side in runs}
-        cpu_share = 1 - statistics.median(cpu["thimble"]) / statistics.median(cpu["thimble_recorded"])
-        rows.append({"experiment": args.experiment, "threads": threads, "steps": args.steps, "cpu": this_cpu(),
-                     "bits_agree": agree, "bare_seconds_per_step": bare, "recorded_seconds_per_step": recorded,
-                     "recorder_share": share, "bare_cpu_seconds_per_step": cpu["thimble"],
-                     "recorded_cpu_seconds_per_step": cpu["thimble_recorded"], "recorder_cpu_share": cpu_share,
-                     "runs": runs})
+        per_run = {side: [run["seconds_per_step"] for run in side_runs] for side, side_runs in runs.items()}
+        wall = {side: statistics.median(values) for side, values in per_run.items()}
+        cpu = {side: statistics.median(run["cpu_seconds_per_step"] for run in side_runs)
+               for side, side_runs in runs.items()}
+        row = {"experiment": args.experiment, "math_threads": threads, "job_threads": args.job_threads,
+               "steps": args.steps, "rounds": args.rounds, "cpu": this_cpu(), "bits_agree": agree,
+               "recorded_values": {side: side_runs[0]["recorded_values"] for side, side_runs in runs.items()},
+               "seconds_per_step": per_run,
+               "median_seconds_per_step": wall, "median_cpu_seconds_per_step": cpu,
+               "every_tensor_over_embedding": wall["every_tensor"] / wall["embedding"],
+               "recorder_share": {side: 1 - wall["bare"] / wall[side] for side in ("embedding", "every_tensor")},
+               "recorder_cpu_share": {side: 1 - cpu["bare"] / cpu[side] for side in ("embedding", "every_tensor")},
+               "runs": runs}
+        rows.append(row)
+        share = row["recorder_share"]["every_tensor"]
         print(f"{args.experiment} on {this_cpu()['device_name']} ({this_cpu()['cpu_capability']}), {threads} math "
-              f"thread(s), {args.rounds} rounds: bare {', '.join(f'{v:.3f}' for v in bare)} s/step, recorded "
-              f"{', '.join(f'{v:.3f}' for v in recorded)} s/step; the recorder's share of a recorded step "
-              f"{100 * share:.1f}% (medians); CPU seconds per step bare {statistics.median(cpu['thimble']):.3f}, recorded "
-              f"{statistics.median(cpu['thimble_recorded']):.3f}: the recorder's share of the CPU {100 * cpu_share:.1f}%; "
-              f"bits {'equal' if agree else 'DIFFER'} with and without it")
+              f"thread(s), {args.job_threads} job threads, steps 2..{args.steps} of {args.rounds} rounds "
+              f"(medians; bits {'equal' if agree else 'DIFFER'} on all sides):")
+        for side in RECORDER_SIDES:
+            values = ", ".join(f"{value:.3f}" for value in row["seconds_per_step"][side])
+            print(f"  {side:13s} {row['recorded_values'][side]:>10,} values  {wall[side]:.3f} s/step ({values}), "
+                  f"CPU {cpu[side]:.3f} s/step")
+        print(f"  every tensor / embedding alone: {row['every_tensor_over_embedding']:.3f}x a step; the recorder's "
+              f"share of a step: {100 * row['recorder_share']['embedding']:.1f}% recording the embedding, "
+              f"{100 * share:.1f}% recording every tensor (of the CPU: "
+              f"{100 * row['recorder_cpu_share']['embedding']:.1f}%, "
+              f"{100 * row['recorder_cpu_share']['every_tensor']:.1f}%); goal {100 * RECORDER_GOAL:.0f}%: "
+              f"{'within' if math.isfinite(share) and share <= RECORDER_GOAL else 'over'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    if not ok:
+        print("the sides' bits differ: recording changed the trajectory", file=sys.stderr)
     return 0 if ok else 1
 
 
@@ -211,12 +292,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="thimble_7")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, nargs="+",
+                        help="math threads (default 1; with --recorder the experiment's training.math_threads)")
+    parser.add_argument("--job-threads", type=int, default=2,
+                        help="with --recorder: the training job's threads, the recorder's compression (2 on a CPU)")
     parser.add_argument("--profile-ops", type=int, default=8)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--recorder", action="store_true", help="thimble's step bare against recorded (see above)")
-    parser.add_argument("--rounds", type=int, default=2, help="with --recorder: alternating rounds of both sides")
-    parser.add_argument("--side", choices=SIDES + RECORDER_SIDES[1:], help=argparse.SUPPRESS)  # one side, in the child process
+    parser.add_argument("--recorder", action="store_true",
+                        help="the step bare, recording the embedding, recording every tensor (see above)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --recorder: rounds of the three sides, in rotating order")
+    # one side, in the child process
+    parser.add_argument("--side", choices=SIDES + tuple(RECORDER_SIDES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         threads = args.threads[0]
@@ -224,12 +311,16 @@ def main() -> int:
             from thimble.training.host_memory import keep_freed_memory
 
             keep_freed_memory()
-        print(json.dumps(run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)))
+        if args.side in RECORDER_SIDES:
+            result = run_recorder_side(args.side, args.experiment, args.steps, threads, args.job_threads)
+        else:
+            result = run_side(args.side, args.experiment, args.steps, threads, args.profile_ops)
+        print(json.dumps(result))
         return 0
     if args.recorder:
-        return recorder_share(args)
+        return recorder_cost(args)
     rows, ok = [], True
-    for threads in args.threads:
+    for threads in args.threads or [1]:
         sides = {side: side_in_subprocess(side, args, threads) for side in SIDES}
         same = [step + 1 for step, (a, b) in enumerate(zip(sides["seed"]["digests"], sides["thimble"]["digests"]))
                 if a == b]

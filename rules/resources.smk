@@ -68,9 +68,9 @@ def warn_foreign_probe(experiment, note):
 
 def stage_runtime_min(experiment, stage):
     """Minutes to ask a scheduler for a stage after training: the time `thimble plan` predicts for it (fitted
-    to the probe's two lengths, scaled to the experiment's steps and W's elements), doubled."""
+    to the probe's two lengths, scaled to the experiment's steps and recorded values), doubled."""
     from thimble.plan import job_runtime_min, stage_seconds
 
     settings = CFG["experiments"][experiment]
-    timed = stage_seconds(calibration_of(experiment).record, settings["training"]["steps"], settings["model"])
+    timed = stage_seconds(calibration_of(experiment).record, settings["training"]["steps"], settings)
     return job_runtime_min(timed[stage]["seconds"])

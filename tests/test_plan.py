@@ -15,7 +15,7 @@ from thimble import plan
 from thimble.config import load_config
 from thimble.outputs import EXPERIMENT_FILES
 from thimble.plan import calibration, costs, measure
-from thimble.sizes import step_flops
+from thimble.sizes import EMBEDDING, recorded_elements, step_flops
 
 
 def test_size_models_scale_with_steps():
@@ -67,7 +67,8 @@ def test_step_time_from_another_shape_is_scaled_by_flops(tmp_path):
     calibrations.mkdir(parents=True)
     record = {"format": plan.CALIBRATION_FORMAT, "device_kind": "cuda", "probed_as": "thimble_7",
               "step_flops": step_flops(big), "first_step_seconds": 2.0, "seconds_per_step": 0.5,
-              "device_name": "a GPU", "host": "h"}
+              "device_name": "a GPU", "host": "h", "probe_settings": big, "token_source": "random",
+              "torch_threads": big["training"]["math_threads"]}
     (calibrations / "x-cuda.json").write_text(json.dumps(record))
     seconds, calibration = plan.training_seconds(mini, "cuda", tmp_path)
     ratio = step_flops(mini) / step_flops(big)
@@ -154,6 +155,7 @@ def test_plan_warns_when_the_disk_cannot_hold_it(mini_data, tmp_path, monkeypatc
     out = capsys.readouterr().out
     assert status == 3
     assert "WARNING: the plan needs" in out and "only 1.00 kB are free" in out
+    assert f"  records 1 of 28 parameters (record.tensors ['{EMBEDDING}']): 6,144 values a step" in out
     assert not (tmp_path / "results/thimble_mini").exists(), "planning runs nothing"
 
 
@@ -173,9 +175,10 @@ def test_stage_time_is_fitted_to_two_probe_lengths():
     assert times["freeze"] == {"seconds": pytest.approx(3.2 * 100 / 10), "upper_bound": True, "scaled": 1.0}
     # a run shorter than the probe: never below the probe's own time (its start-up does not shrink)
     assert costs.stage_seconds(record, 3)["rechunk"]["seconds"] == pytest.approx(10.0)
-    # a probe of another shape: the per-step part scales with W's elements, the fixed start-up does not
-    record["probe_settings"] = {"model": {"vocab_size": 100, "hidden_dim": 8}}
-    larger = costs.stage_seconds(record, 99, {"vocab_size": 400, "hidden_dim": 8})
+    # a probe of another shape: the per-step part scales with the recorded values, the fixed start-up does not
+    model = {"vocab_size": 100, "hidden_dim": 8, "max_seq_len": 4, "n_layers": 1}
+    record["probe_settings"] = {"model": model, "record": {"tensors": [EMBEDDING]}}
+    larger = costs.stage_seconds(record, 99, {"model": {**model, "vocab_size": 400}, "record": {"tensors": [EMBEDDING]}})
     assert larger["lattice"]["seconds"] == pytest.approx(2 + 0.5 * 100 * 4) and larger["lattice"]["scaled"] == 4
     # noise, not a negative rate
     assert costs.fit_stage_time((4, 3.0), (24, 2.5)) == {"fixed": 2.5, "per_step": 0.0}
@@ -270,6 +273,135 @@ def test_a_stage_newer_than_the_probe_is_sized_by_its_stand_in():
     peaks = costs.peak_ram_bytes(settings, record)
     arrays = costs.array_bytes(settings, stages=("freeze", "freeze_drivers"))
     assert peaks["freeze_drivers"] - peaks["freeze"] == arrays["freeze_drivers"] - arrays["freeze"]
-    times = costs.stage_seconds(record, settings["training"]["steps"], settings["model"])
+    times = costs.stage_seconds(record, settings["training"]["steps"], settings)
     assert times["freeze_drivers"] == {**times["freeze"], "stand_in": "freeze"}
     assert list(times) == list(costs.AFTER_TRAINING)
+
+
+def probe_record(settings: dict, before_tensors: bool) -> dict:
+    """A probe's measurements of ``settings`` cut to 24 steps (made before ``record.tensors`` existed when
+    ``before_tensors``: it recorded the embedding alone and its settings lack the key), every stage after
+    training resolved: 2 s of start-up and 0.3 s per step."""
+    probe = json.loads(json.dumps(settings))
+    probe["training"]["steps"] = 24
+    if before_tensors:
+        del probe["record"]["tensors"]
+    return {"probe_settings": probe, "n_tokens": 20000, "probe_steps": 24, "short_probe_steps": 4,
+            "stages": {stage: {"peak_rss_bytes": 300_000_000, "seconds": 9.5} for stage in costs.STAGES},
+            "stage_times": {stage: {"fixed": 2.0, "per_step": 0.3} for stage in costs.AFTER_TRAINING}}
+
+
+def test_every_tensor_scales_the_prediction_as_its_recorded_values():
+    from thimble.sizes import n_parameters, training_footprint
+    from thimble.update_rules import step_bytes
+
+    config = load_config(REPO / "config.yaml")["experiments"]
+    embedding, every = config["thimble_small"], config["thimble_small_all"]
+    assert embedding["record"]["tensors"] == [EMBEDDING] and every["record"]["tensors"] == ["*"]
+    assert recorded_elements(every) == n_parameters(every["model"])
+    ratio = recorded_elements(every) / recorded_elements(embedding)
+    assert ratio > 1.4  # the embedding is most of thimble_small, not all of it
+
+    # the stream, uncompressed, holds every recorded value of every step
+    streams = [training_footprint(settings, 20000)["stream_bytes_uncompressed"] for settings in (embedding, every)]
+    assert streams[1] / streams[0] == pytest.approx(ratio)
+
+    # one probe sizes both, as the rules' same-FLOPs calibration does: a probe of the embedding alone
+    probe = probe_record(embedding, before_tensors=True)
+    peaks = {name: costs.peak_ram_bytes(settings, probe, 20000) for name, settings in
+             (("embedding", embedding), ("every", every))}
+    # training's recorder queue holds every recorded tensor of queue_steps steps
+    rule, storage = every["training"]["update_rule"], every["record"]["dtype"]
+    queue_growth = every["record"]["queue_steps"] * (step_bytes(rule, storage, recorded_elements(every))
+                                                     - step_bytes(rule, storage, recorded_elements(embedding)))
+    assert peaks["every"]["train"] - peaks["embedding"]["train"] == queue_growth > 0
+    # the stages after training hold one parameter at a time: the embedding is the largest of both
+    for stage in costs.AFTER_TRAINING:
+        assert peaks["every"][stage] == peaks["embedding"][stage], stage
+    # their time per step follows the recorded values; the start-up does not
+    steps = every["training"]["steps"]
+    times = {name: costs.stage_seconds(probe, steps, settings) for name, settings in
+             (("embedding", embedding), ("every", every))}
+    for stage in costs.AFTER_TRAINING:
+        assert times["embedding"][stage]["scaled"] == 1.0 and times["every"][stage]["scaled"] == pytest.approx(ratio)
+        assert times["every"][stage]["seconds"] - 2.0 == pytest.approx(ratio * (times["embedding"][stage]["seconds"] - 2.0))
+    # a probe of every tensor times thimble_small_all as measured
+    own = probe_record(every, before_tensors=False)
+    assert costs.stage_seconds(own, 24, every)["replay"] == {"seconds": pytest.approx(2.0 + 0.3 * 25),
+                                                            "upper_bound": False, "scaled": 1.0}
+    assert set(costs.peak_ram_bytes(own["probe_settings"], own, 20000).values()) == {300_000_000}
+
+
+def test_the_largest_recorded_tensor_sets_a_stages_arrays():
+    from thimble.sizes import row_bytes
+
+    every = load_config(REPO / "config.yaml")["experiments"]["thimble_small_all"]
+    blocks = json.loads(json.dumps(every))
+    blocks["record"]["tensors"] = ["transformer.h.*"]  # no embedding: the MLP's (16, 64) and (64, 16) are largest
+    assert row_bytes(blocks) == 16 * 64 * 2 and row_bytes(every) == 1024 * 16 * 2
+    arrays = {name: costs.array_bytes(settings, 20000) for name, settings in (("blocks", blocks), ("every", every))}
+    steps = every["training"]["steps"]
+    # per-row summaries of the parameter with the most rows: the MLP's 64 rows against the embedding's 1024 tokens
+    assert arrays["blocks"]["figures"] == 2 * (steps + 1) * 64 * 4
+    assert arrays["every"]["figures"] == 2 * (steps + 1) * 1024 * 4
+    for stage in ("rechunk", "lattice", "replay", "freeze", "freeze_drivers"):
+        assert arrays["blocks"][stage] < arrays["every"][stage], stage
+    assert arrays["blocks"]["train"] < arrays["every"]["train"]
+
+
+def test_the_plan_states_what_is_recorded():
+    from thimble.plan.report import format_recorded
+
+    config = load_config(REPO / "config.yaml")["experiments"]
+    every = costs.recorded_summary(config["thimble_small_all"])
+    assert every["count"] == every["model_parameters"] == 28 and every["largest"] == EMBEDDING
+    assert every["values_per_step"] == recorded_elements(config["thimble_small_all"])
+    assert every["datasets"] == ["value", "grad", "exp_avg", "exp_avg_sq"]
+    text = format_recorded(every)
+    assert text.startswith("records 28 of 28 parameters (record.tensors ['*']): 23,488 values a step")
+    assert f"the largest {EMBEDDING} 1024 x 16" in text
+    alone = format_recorded(costs.recorded_summary(config["thimble_small"]))
+    assert alone == (f"records 1 of 28 parameters (record.tensors ['{EMBEDDING}']): 16,384 values a step, 131.07 kB "
+                     f"uncompressed with value, grad, exp_avg, exp_avg_sq of each; {EMBEDDING} 1024 x 16")
+
+
+def test_a_probe_of_the_experiments_own_tensors_times_its_steps(tmp_path):
+    config = load_config(REPO / "config.yaml")["experiments"]
+    thimble_7, every = config["thimble_7"], config["thimble_7_all"]
+    shipped_path = calibration.shipped_calibration_dir() / "thimble_7-cpu.json"
+    shipped = json.loads(shipped_path.read_text())
+    assert "tensors" not in shipped["probe_settings"]["record"]  # probed before record.tensors: the embedding alone
+    assert calibration.own_calibration(every, "random", "cpu", tmp_path) is None
+    # thimble_7 asked to record every tensor: the plan says why its shipped probe does not do
+    assert (f"record.tensors ['{EMBEDDING}'] there, ['*'] here"
+            in calibration.why_not_shipped({**every, "name": "thimble_7"}, "random", "cpu"))
+    # until thimble_7_all is probed, the shipped probe of the same step FLOPs times it
+    assert calibration.step_time_calibration(every, "cpu", tmp_path).path == shipped_path
+    own = {**shipped, "probed_as": "thimble_7_all", "seconds_per_step": 1.05 * shipped["seconds_per_step"],
+           "probe_settings": {**shipped["probe_settings"],
+                              "record": {**shipped["probe_settings"]["record"], "tensors": ["*"]}}}
+    (tmp_path / plan.CALIBRATION_DIR).mkdir(parents=True)
+    (tmp_path / plan.CALIBRATION_DIR / "own-cpu.json").write_text(json.dumps(own))
+    assert calibration.step_time_calibration(every, "cpu", tmp_path).record["probed_as"] == "thimble_7_all"
+    # and thimble_7 keeps its own, though the cached probe of every tensor has its step FLOPs and is found first
+    assert calibration.step_time_calibration(thimble_7, "cpu", tmp_path).path == shipped_path
+
+
+def test_a_recording_measures_each_dataset_once_through_its_hard_links(tmp_path):
+    import h5py
+
+    path = tmp_path / "recording.h5"
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as handle:
+        for name, shape in ((EMBEDDING, (12, 4)), ("transformer.ln_f.bias", (4,))):
+            for key in ("value", "grad"):
+                handle.create_dataset(f"params/{name}/{key}", data=rng.integers(0, 2**16, (11, *shape), np.uint16),
+                                      chunks=(4, *shape), compression="gzip")
+        # the embedding's seed names, as the recording links them
+        handle["W"], handle["grad_W"] = handle[f"params/{EMBEDDING}/value"], handle[f"params/{EMBEDDING}/grad"]
+    with h5py.File(path, "r") as handle:
+        stored = sum(handle[f"params/{name}/{key}"].id.get_storage_size()
+                     for name in (EMBEDDING, "transformer.ln_f.bias") for key in ("value", "grad"))
+    model = measure.measure_file(path, 10)
+    assert model["per_row"] * 11 == pytest.approx(stored)
+    assert costs.predict_size(model, 10, 5) == path.stat().st_size

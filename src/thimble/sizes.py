@@ -77,6 +77,24 @@ def recorded_elements(settings: dict) -> int:
     return sum(math.prod(shape) for shape in recorded_shapes(settings).values())
 
 
+def largest_recorded_elements(settings: dict) -> int:
+    """Values of the largest recorded parameter at one step: what a stage that works tensor by tensor holds of
+    one step at once."""
+    return max(math.prod(shape) for shape in recorded_shapes(settings).values())
+
+
+def rows_of(shape: tuple[int, ...]) -> int:
+    """Rows of a parameter as the analyses view it (``thimble.analysis.tensors``): its first axis, a 1-D
+    parameter's values each a row, a scalar one row."""
+    return shape[0] if shape else 1
+
+
+def largest_recorded_rows(settings: dict) -> int:
+    """Rows of the recorded parameter with the most rows: what a stage's per-row summaries of one tensor hold
+    per step."""
+    return max(rows_of(shape) for shape in recorded_shapes(settings).values())
+
+
 def n_parameters(model: dict) -> int:
     """Parameters of the GPT-2 that training builds (tied embeddings, so wte is counted once): wte and
     wpe; per layer two layer norms (2 x 2h), attention c_attn (3h^2 + 3h) and c_proj (h^2 + h), the MLP
@@ -97,8 +115,8 @@ def step_flops(settings: dict) -> float:
 def row_bytes(settings: dict) -> int:
     """Stored bytes of one step of the largest recorded tensor in its widest stored dtype: what sizes a chunk
     (every recorded tensor has the same steps per chunk)."""
-    largest = max(math.prod(shape) for shape in recorded_shapes(settings).values())
-    return largest * widest_element_bytes(rule_of(settings["training"]), settings["record"]["dtype"])
+    return largest_recorded_elements(settings) * widest_element_bytes(rule_of(settings["training"]),
+                                                                      settings["record"]["dtype"])
 
 
 def steps_per_chunk(n_rows: int, row_bytes: int, setting: int | str, max_chunk_bytes: int) -> int:

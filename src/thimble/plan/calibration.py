@@ -18,7 +18,7 @@ from thimble.config import without_untracked
 from thimble.errors import PlanError
 from thimble.outputs import RESULTS_DIR
 from thimble.plan import costs
-from thimble.sizes import step_flops
+from thimble.sizes import EMBEDDING, recorded_elements, step_flops
 from thimble.util.cpu import this_cpu
 from thimble.util.files import write_json
 from thimble.util.workflow_dir import WorkflowNotFoundError, find_workflow_dir
@@ -80,12 +80,14 @@ def probed_settings(record: dict) -> dict:
     A probe made before ``training.math_threads`` existed lacks it in its settings; its torch ran on the
     threads it recorded as ``torch_threads``, so that is its value. One made before
     ``training.optimizer_impl`` existed built torch's default AdamW, which is what ``auto`` names; one
-    made before ``training.update_rule`` existed trained with plain bf16 AdamW, the rule ``bf16``.
+    made before ``training.update_rule`` existed trained with plain bf16 AdamW, the rule ``bf16``; one made
+    before ``record.tensors`` existed recorded the embedding alone, the setting's default.
     """
     settings = copy.deepcopy(record["probe_settings"])
     settings["training"].setdefault("math_threads", int(record["torch_threads"]))
     settings["training"].setdefault("optimizer_impl", "auto")
     settings["training"].setdefault("update_rule", "bf16")
+    settings["record"].setdefault("tensors", [EMBEDDING])
     return settings
 
 
@@ -216,8 +218,9 @@ def on_this_cpu(calibration: Calibration, workdir: Path, math_threads: int) -> C
 
 
 def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Calibration | None:
-    """The calibration that times this experiment's steps on ``device_kind``: one of the same step FLOPs
-    (its own probe, cached or shipped) if there is one, else the one nearest in FLOPs, scaled by the ratio."""
+    """The calibration that times this experiment's steps on ``device_kind``: one of the same step FLOPs if
+    there is one (its own probe, cached or shipped, first; then one that recorded as many values a step, whose
+    recorder did the same work), else the one nearest in FLOPs, scaled by the ratio."""
     flops = step_flops(settings)
     candidates = [(path, record) for path, record in load_calibrations(calibration_directories(workdir))
                   if record["device_kind"] == device_kind]
@@ -225,7 +228,14 @@ def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Ca
         return None
     same = [(path, record) for path, record in candidates if math.isclose(record["step_flops"], flops)]
     if same:
-        path, record = same[0]
+        values = recorded_elements(settings)
+
+        def preference(item: tuple[Path, dict]) -> tuple[bool, bool]:
+            own = record_key(item[1]) == calibration_key(settings, item[1]["token_source"])
+            return not own, recorded_elements(probed_settings(item[1])) != values
+
+        # the first of the most preferred: the cached probes come before the shipped ones
+        path, record = min(same, key=preference)
         return on_this_cpu(Calibration(record, path), workdir, settings["training"]["math_threads"])
     path, record = min(candidates, key=lambda item: abs(math.log(item[1]["step_flops"] / flops)))
     scale = flops / record["step_flops"]

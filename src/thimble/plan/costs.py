@@ -9,6 +9,13 @@ it measured to the full run:
   those arrays at the full size (``array_bytes``, ``peak_ram_bytes``);
 - a stage's time: training from the probe's steady seconds per step, the stages after training from
   a fixed part and seconds per step fitted to two probe lengths (``stage_seconds``);
+
+Both scale with what ``record.tensors`` records (``recorded_summary`` says what that is). Training holds
+every recorded parameter (its queue of steps); the stages after it work one recorded parameter after
+another (rechunk copies one dataset after another; an analysis reads a parameter's rows as it reads the
+embedding's, a parameter at a time), so a stage's peak follows the largest recorded parameter and its time
+the values of all of them. A probe made before ``record.tensors`` existed recorded the embedding alone
+(``thimble.sizes.recorded_shapes``).
 - what the rules ask a scheduler for (``job_mem_mb``, ``job_runtime_min``).
 """
 
@@ -16,8 +23,20 @@ from __future__ import annotations
 
 import math
 
-from thimble.sizes import DRIVERS_BLOCK_STEPS, REPLAY_BLOCK_STEPS, chunk_rows, row_bytes, training_footprint
-from thimble.update_rules import ELEMENT_BYTES, recorded_tensors, rule_of
+from thimble.sizes import (
+    DRIVERS_BLOCK_STEPS,
+    EMBEDDING,
+    REPLAY_BLOCK_STEPS,
+    chunk_rows,
+    largest_recorded_elements,
+    largest_recorded_rows,
+    parameter_shapes,
+    recorded_elements,
+    recorded_shapes,
+    row_bytes,
+    training_footprint,
+)
+from thimble.update_rules import ELEMENT_BYTES, recorded_keys, recorded_tensors, rule_of, step_bytes
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze", "figures")
@@ -42,10 +61,17 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
 
     The rules' ``mem_mb`` and the plan both use this; the plan adds each stage's measured baseline.
     Only the settings the asked stages depend on are read (training sees no rechunk settings).
+    Training holds every recorded parameter; a stage after it holds one at a time, so its arrays are
+    the largest recorded parameter's: its values per step (``row_elements``), and for per-row summaries
+    its rows per step (``per_row_step``, the embedding's tokens when it is recorded).
     """
-    model, steps = settings["model"], settings["training"]["steps"]
-    row_elements = embedding_elements(model)
-    per_token_step = (steps + 1) * model["vocab_size"]
+    steps = settings["training"]["steps"]
+
+    def row_elements() -> int:
+        return largest_recorded_elements(settings)
+
+    def per_row_step() -> int:
+        return (steps + 1) * largest_recorded_rows(settings)
 
     def chunk() -> int:
         return chunk_rows(settings) * row_bytes(settings)
@@ -62,25 +88,26 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
                              if key.startswith("ram")),
         # the source chunk's bits and the compressed pieces of the chunk being written (measured 1.85-2.0
-        # chunks at thimble_7 size, docs/benchmarks.md)
+        # chunks at thimble_7 size, docs/benchmarks.md); one dataset at a time, the largest's chunk the most
         "rechunk": lambda: 2 * chunk(),
         # the compressed source chunk and ΔW′'s compressed pieces (measured ~1 chunk at thimble_7 size)
         "lattice": chunk,
-        # per block of steps (thimble.analysis.replay.BLOCK_STEPS): the decoded rows of W, grad and both moments
-        # (bf16, one more row than steps), the optimizer's W, m, v (bf16) and the criterion's float32 sums;
-        # and one step's temporaries (the criterion's float32 arithmetic, a listed step's numpy reference);
-        # and per recorded tensor the lower byte planes of the recording.h5 chunk being read
-        "replay": lambda: row_elements * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40)
-        + chunk_rows(settings) * row_elements * held_planes(),
-        # nine (T+1) x V per-token summaries of 4 bytes and working copies of them, and half a chunk of W
-        # (its low bytes) held while the chunk is decoded
-        "freeze": lambda: 2 * 9 * per_token_step * 4 + chunk() // 2,
-        # per tensor (W, grad, both moments), half a chunk (its low bytes) held while the chunk is decoded and
-        # a block of decoded rows (2 bytes) with its top bytes (1); the exact average and two float64 rows
-        "freeze_drivers": lambda: 4 * (chunk() // 2 + min(steps, DRIVERS_BLOCK_STEPS) * row_elements * 3)
-        + row_elements * 3 * 8,
-        # max |ΔW′| and the norm per token and step
-        "figures": lambda: 2 * per_token_step * 4,
+        # per block of steps (thimble.analysis.replay.BLOCK_STEPS), of the parameter being replayed: the decoded
+        # rows of its value, grad and both moments (bf16, one more row than steps), the optimizer's W, m, v
+        # (bf16) and the criterion's float32 sums; and one step's temporaries (the criterion's float32
+        # arithmetic, a listed step's numpy reference); and per dataset of the parameter the lower byte planes
+        # of the recording.h5 chunk being read
+        "replay": lambda: row_elements() * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40)
+        + chunk_rows(settings) * row_elements() * held_planes(),
+        # nine (T+1) x rows per-row summaries of 4 bytes and working copies of them, and half a chunk (its low
+        # bytes) held while the chunk is decoded
+        "freeze": lambda: 2 * 9 * per_row_step() * 4 + chunk() // 2,
+        # per dataset (value, grad, both moments), half a chunk (its low bytes) held while the chunk is decoded
+        # and a block of decoded rows (2 bytes) with its top bytes (1); the exact average and two float64 rows
+        "freeze_drivers": lambda: 4 * (chunk() // 2 + min(steps, DRIVERS_BLOCK_STEPS) * row_elements() * 3)
+        + row_elements() * 3 * 8,
+        # max |ΔW′| and the norm per row and step
+        "figures": lambda: 2 * per_row_step() * 4,
     }
     return {stage: formulas[stage]() for stage in stages}
 
@@ -152,23 +179,19 @@ def per_step_resolved(calibration: dict, stage: str) -> bool:
     return fitted["per_step"] * between >= RESOLVED_SHARE * calibration["stages"][stage]["seconds"]
 
 
-def embedding_elements(model: dict) -> int:
-    """Elements of W per step: what every stage after training reads, compares or counts."""
-    return model["vocab_size"] * model["hidden_dim"]
-
-
-def stage_seconds(calibration: dict, steps: int, model: dict | None = None) -> dict[str, dict]:
+def stage_seconds(calibration: dict, steps: int, settings: dict | None = None) -> dict[str, dict]:
     """Each stage after training: its predicted seconds at ``steps`` and how they were found.
 
     From the fit of two probe lengths (``fit_stage_time``) where it resolved the per-step part; else
     (one probe length, or steps too cheap to time beside the start-up) the whole time scaled by the
-    steps, an upper bound that the result says it is. A probe of another shape than ``model`` (the
-    experiment's) has its per-step part scaled by the elements of W, which these stages' work is
-    proportional to (``scaled`` gives the factor).
+    steps, an upper bound that the result says it is. A probe that recorded other values per step than
+    the experiment ``settings`` (another shape, other ``record.tensors``) has its per-step part scaled
+    by the recorded values, which these stages read, compare and count one parameter after another
+    (``scaled`` gives the factor).
     """
     scale = 1.0
-    if model is not None:
-        scale = embedding_elements(model) / embedding_elements(calibration["probe_settings"]["model"])
+    if settings is not None:
+        scale = recorded_elements(settings) / recorded_elements(calibration["probe_settings"])
     times = {}
     for stage in AFTER_TRAINING:
         if stage not in calibration["stages"] and STAND_INS.get(stage) in calibration["stages"]:
@@ -197,3 +220,18 @@ def job_runtime_min(seconds: float) -> int:
     """The runtime a job asks for, in minutes (Snakemake's unit for ``runtime``): the predicted time with
     a margin, at least ``MIN_RUNTIME_MIN``."""
     return max(MIN_RUNTIME_MIN, int(RUNTIME_MARGIN * seconds / 60) + 1)
+
+
+def recorded_summary(settings: dict) -> dict:
+    """What ``record.tensors`` records, for the plan: the patterns, the parameters (name -> shape) of the
+    model's parameters (``model_parameters`` of them), their values and uncompressed bytes per step, the datasets kept of each, and the
+    largest (which sets the chunks and the analyses' peak)."""
+    shapes = recorded_shapes(settings)
+    rule, storage = rule_of(settings["training"]), settings["record"]["dtype"]
+    elements = {name: math.prod(shape) for name, shape in shapes.items()}
+    largest = max(elements, key=elements.get)
+    return {"patterns": list(settings["record"].get("tensors", [EMBEDDING])), "count": len(shapes),
+            "model_parameters": len(parameter_shapes(settings["model"])),
+            "shapes": {name: list(shape) for name, shape in shapes.items()},
+            "values_per_step": sum(elements.values()), "step_bytes": step_bytes(rule, storage, sum(elements.values())),
+            "datasets": list(recorded_keys(rule, storage)), "largest": largest}

@@ -30,10 +30,28 @@ PROBE_SOURCES = {
 }
 
 
+#: recorded parameters named one by one in the plan's text; of more, the largest (the JSON names every one)
+NAMED_PARAMETERS = 4
+
+
+def format_recorded(recorded: dict) -> str:
+    """What an experiment records, in a line: how many of the model's parameters, their values and bytes a step."""
+    def shape_of(name: str) -> str:
+        return f"{name} {' x '.join(map(str, recorded['shapes'][name]))}"
+
+    named = (", ".join(map(shape_of, recorded["shapes"])) if recorded["count"] <= NAMED_PARAMETERS
+             else f"the largest {shape_of(recorded['largest'])} (--json lists each)")
+    return (f"records {recorded['count']} of {recorded['model_parameters']} parameters (record.tensors "
+            f"{recorded['patterns']}): {recorded['values_per_step']:,} values a step, "
+            f"{human_bytes(recorded['step_bytes'])} uncompressed with {', '.join(recorded['datasets'])} of each; "
+            f"{named}")
+
+
 def format_plan(plan: dict) -> str:
     lines = []
     for name, entry in plan["experiments"].items():
         lines.append(f"{name}: {entry['settings_summary']}")
+        lines.append(f"  {format_recorded(entry['recorded'])}")
         lines.append(f"  probe: {entry['probe_steps']} steps on {entry['token_source']} tokens, "
                      f"{PROBE_SOURCES[entry['probe_source']]} ({entry['probe']}); `thimble plan --reprobe` probes again")
         for file in entry["files"]:

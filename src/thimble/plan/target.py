@@ -113,7 +113,7 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
     # a float16 view never trains: its twin's training made its bits (thimble.config.training_twin)
     twin = training_twin(config["experiments"], name)
     training = dict.fromkeys(("cpu", "cuda")) if twin else training_times(settings, own, workdir)
-    stage_seconds = {stage: value for stage, value in costs.stage_seconds(record, steps, settings["model"]).items()
+    stage_seconds = {stage: value for stage, value in costs.stage_seconds(record, steps, settings).items()
                      if stage in stages}
     # what each job asks a scheduler for (the train row: on the CPU, as the plan's table shows it)
     runtime_min = {stage: costs.job_runtime_min(value["seconds"]) for stage, value in stage_seconds.items()}
@@ -123,6 +123,7 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
         "settings_summary": f"dataset {settings['dataset']}, {steps} steps, {settings['model']['vocab_size']} x "
                             f"{settings['model']['hidden_dim']}, stored as {settings['record']['dtype']}, "
                             f"training.math_threads {settings['training']['math_threads']}",
+        "recorded": costs.recorded_summary(settings),
         "probe": str(cpu.path), "probe_source": source, "probe_steps": record["probe_steps"],
         "token_source": record["token_source"], "files": files,
         "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
