@@ -5,6 +5,7 @@ named with its step; stochastic rounding's later parameters; a recording of the 
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -147,6 +148,19 @@ def test_a_tampered_value_in_a_later_tensor_is_found_by_tensor_and_step(bf16_rec
     assert mismatches[6] > 0   # and step 6 starts from the tampered value
     assert all(count == 0 for step, count in mismatches.items() if step not in (5, 6))
     assert all(row["W_mismatches"] == "0" for row in rows if row["tensor"] != LATER)
+
+
+def test_every_tensor_of_a_stream_replays_as_of_its_recording(bf16_recording, tmp_path):
+    """The replay reads each tensor's rows from the stream's segments as from recording.h5's chunks: the same
+    tables and summary."""
+    outputs = {}
+    for label, source in (("stream", Path(bf16_recording).parent / "stream"), ("recording", bf16_recording)):
+        (tmp_path / label).mkdir()
+        summary, rows, ratio_rows = replay(source, tmp_path / label, threads=2, block_steps=4)
+        summary.pop("provenance")  # names the file read
+        outputs[label] = summary, rows, ratio_rows
+    assert outputs["stream"] == outputs["recording"]
+    assert len(outputs["stream"][0]["tensors"]) == 16 and outputs["stream"][0]["bitwise_match"]
 
 
 @pytest.fixture(scope="module")

@@ -552,8 +552,8 @@ def replay_tensor(handle, param: RecordedParam, replay: TensorReplay, steps: int
     for role, path in param.roles().items():
         tensor = RecordedTensor.of_recording(handle, path)
         if tensor.shape != (steps + 1, *param.shape):
-            raise DataError(f"{tensor.where} has shape {tensor.shape}, not ({steps + 1}, {param.shape}) as "
-                            f"recorded_params and the recording's steps say")
+            raise DataError(f"{tensor.where} has shape {tensor.shape}, not {(steps + 1, *param.shape)} as the "
+                            f"recording's recorded_params and steps say; train and rechunk it again")
         rows[role] = tensor.in_order(block_steps, pool)
     buffers = {role: np.empty((block_steps + 1, *param.shape), dtype=tensor_rows.tensor.bits_dtype)
                for role, tensor_rows in rows.items()}
