@@ -1,4 +1,5 @@
-# Replay AdamW from the recording and compare bit for bit; test the freeze criterion.
+# Replay the optimizer's steps of every recorded tensor from the recording, one tensor at a time, and compare bit
+# for bit; test the freeze criterion.
 
 
 rule replay:

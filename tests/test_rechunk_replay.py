@@ -139,8 +139,9 @@ def test_replay_of_a_recording_matches_with_zero_mismatches(recorded, tmp_path):
     summary = replay_recording(str(recorded), str(tmp_path / "replay.csv"), str(tmp_path / "replay.json"),
                             str(tmp_path / "ratio.csv"))
     assert summary == json.loads((tmp_path / "replay.json").read_text())
-    histogram = np.loadtxt(tmp_path / "ratio.csv", delimiter=",", skiprows=1)
+    histogram = np.loadtxt(tmp_path / "ratio.csv", delimiter=",", skiprows=1, usecols=range(1, 36))
     assert histogram.shape == (30, 1 + 34)
+    assert {row["tensor"] for row in csv.DictReader(open(tmp_path / "ratio.csv"))} == {"transformer.wte.weight"}
     assert (histogram[:, 1:].sum(axis=1) == VOCAB * 8).all()  # every element in one bin, every step
     assert summary["same_kernel"] and summary["bitwise_match"]
     rows = list(csv.DictReader(open(tmp_path / "replay.csv")))

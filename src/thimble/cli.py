@@ -296,13 +296,15 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=_lattice)
 
-    p = sub.add_parser("replay", help="replay AdamW bit for bit and test the freeze criterion")
+    p = sub.add_parser("replay", help="replay the optimizer's steps of every recorded tensor bit for bit and test "
+                                      "the freeze criterion")
     # --stream: a second name, so that command lines written with it run unchanged
     p.add_argument("--recording", "--stream", dest="recording", required=True,
                    help="recording.h5, or the stream folder it was rechunked from (--stream: a deprecated alias)")
-    p.add_argument("--table", required=True, help="per-step CSV")
-    p.add_argument("--summary", required=True, help="JSON summary")
-    p.add_argument("--ratio-table", required=True, help="per-step histogram of log2(|update| / half spacing)")
+    p.add_argument("--table", required=True, help="CSV, a row per tensor and step")
+    p.add_argument("--summary", required=True, help="JSON summary, over every tensor and of each")
+    p.add_argument("--ratio-table", required=True,
+                   help="histogram of log2(|update| / half spacing), a row per tensor and step")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="where to replay; auto: the recording's device type if this machine has it, else cpu")
     p.add_argument("--threads", type=int, default=1)

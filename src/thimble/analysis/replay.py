@@ -1,23 +1,30 @@
-"""Replay AdamW from the recording, bit for bit, and test the freeze criterion.
+"""Replay every recorded tensor's optimizer steps from the recording, bit for bit, and test the freeze criterion.
 
-For every step t the optimizer that trained the run (the recorded
-``optimizer_impl``: single_tensor, foreach or fused) is rebuilt on the replay
-device, loaded with the recorded W[t-1], exp_avg[t-1], exp_avg_sq[t-1] and step
-count t-1, given the recorded grad_W[t], and its own ``step()`` is called. Its
-result is compared with the recorded W[t], exp_avg[t], exp_avg_sq[t] element by
-element: on the device and kernels that recorded the run, every mismatch is real.
-Steps are replayed in blocks (one parameter per step), decoded in parallel.
+For every recorded parameter (in the model's order, the embedding first) and every step t, the optimizer that
+trained the run (under the bf16 rule the recorded ``optimizer_impl``: single_tensor, foreach or fused; under
+another rule the rule's own) is rebuilt on the replay device, loaded with the recorded value and state after
+step t-1 and step count t-1, given the recorded gradient of step t, and its own ``step()`` is called. Its result
+is compared with the recorded value and state after t element by element: on the device and kernels that
+recorded the run, every mismatch is real. Each tensor keeps its own shape (the elementwise kernels get what
+training gave them) and the tensors are replayed one after the other, so the replay holds one tensor's
+blocks at a time. Steps are replayed in blocks (one parameter per step), decoded in parallel.
 
-Beside it, the freeze criterion (``thimble.training.adamw``): from the float32 sum that
-the weight update forms before rounding, predict which elements stay put, and
-compare with the observed ΔW′ = 0. Every disagreement is counted, and the first
-ones are listed in ``replay.json`` with the values involved and the reason.
+Beside it, under the bf16 rule, the freeze criterion (``thimble.training.adamw``): from the float32 sum that
+the weight update forms before rounding, predict which elements stay put, and compare with the observed
+ΔW′ = 0. Every disagreement is counted, and the first ones are listed in ``replay.json`` with the values
+involved and the reason.
+
+Stochastic rounding draws each parameter's rounding bits from torch's global generator, seeded before each
+step, in the optimizer's parameter order: a later parameter's bits come after those of every parameter stepped
+before it, which the replay draws again first (``rounding_draws``), sized by the recorded model settings.
 """
 
 from __future__ import annotations
 
+import abc
 import csv
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,15 +33,17 @@ import torch
 from tqdm.auto import tqdm
 
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
+from thimble.analysis.tensors import recorded_params, row_shape
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
 from thimble.numerics.lattice import MAGNITUDE_BITS, log2_ratio_floor, stays_from_ratio
-from thimble.sizes import REPLAY_BLOCK_STEPS
+from thimble.sizes import EMBEDDING, REPLAY_BLOCK_STEPS, parameter_shapes
 from thimble.training.adamw import pre_rounding_weight, replay_rule_step, replay_steps, update_ratio
 from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
 from thimble.util.workers import WorkerPool, thread_spans
 
 if TYPE_CHECKING:
+    from thimble.record.format import RecordedParam
     from thimble.record.reader import RowsInOrder
 
 log = logging.getLogger(__name__)
@@ -43,7 +52,10 @@ log = logging.getLogger(__name__)
 RATIO_EDGES = np.arange(RATIO_LOW + 1, RATIO_HIGH + 1)
 RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
 
-COLUMNS = ("step", *COUNT_COLUMNS, "freeze_agreement", "elements")
+#: replay.csv's columns under the bf16 rule: a row per tensor and step
+COLUMNS = ("tensor", "step", *COUNT_COLUMNS, "freeze_agreement", "elements")
+#: the mismatch columns of the bf16 rule's table
+MISMATCH_COLUMNS = COLUMNS[2:5]
 #: disagreements listed one by one in replay.json (all are counted)
 LISTED_DISAGREEMENTS = 50
 #: steps replayed per optimizer call
@@ -132,14 +144,25 @@ def explain(replay_differs: bool, storage: str, implementation: str) -> str:
     return "the criterion's float32 arithmetic differs from the kernel's here (e.g. a fused multiply-add)"
 
 
-def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, freeze_criterion: dict,
-                   tail: dict | None = None) -> dict:
-    """replay.json: ``head`` (steps, rule, storage), where it ran, the mismatch totals of ``rows``, the
-    freeze criterion's account, ``tail``, and a note on a cross-device replay."""
+def mismatch_account(rows: list[dict], mismatch_columns) -> tuple[dict, list[int]]:
+    """The mismatch totals of ``rows`` (a tensor's or several tensors' steps), the count of steps with any
+    mismatch, whether every element matched; and those steps, in order."""
     totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
-    summary = {**head, **where, "total_mismatches": totals,
-               "steps_with_mismatches": sum(1 for row in rows if any(row[column] for column in mismatch_columns)),
-               "bitwise_match": not any(totals.values()), "freeze_criterion": freeze_criterion, **(tail or {})}
+    steps = sorted({row["step"] for row in rows if any(row[column] for column in mismatch_columns)})
+    return {"total_mismatches": totals, "steps_with_mismatches": len(steps),
+            "bitwise_match": not any(totals.values())}, steps
+
+
+def replay_summary(head: dict, where: dict, replays: list, not_replayed: dict[str, str], freeze_criterion: dict,
+                   tail: dict | None = None) -> dict:
+    """replay.json: ``head`` (steps, rule, storage), where it ran, the mismatch totals over every replayed tensor
+    (``bitwise_match`` only if each matches), the freeze criterion's account, ``tail``, each tensor's summary
+    (``tensors``), the tensors that could not be replayed and why (``not_replayed``), and a note on a
+    cross-device replay. For a recording of the embedding alone, the totals are the embedding's."""
+    rows = [row for replay in replays for row in replay.rows]
+    account, _ = mismatch_account(rows, replays[0].mismatch_columns)
+    summary = {**head, **where, **account, "freeze_criterion": freeze_criterion, **(tail or {}),
+               "tensors": {replay.name: replay.tensor_summary() for replay in replays}, "not_replayed": not_replayed}
     if not where["same_device"]:
         summary["note"] = (f"recorded on {where['recorded_on']['device']}, replayed on "
                            f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
@@ -147,10 +170,11 @@ def replay_summary(head: dict, where: dict, rows: list[dict], mismatch_columns, 
     return summary
 
 
-def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, histograms,
+def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, ratio_rows: list[list],
                          output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
-    """replay.csv, update_ratio.csv (one row per step from 1) and replay.json, each written whole or not at all;
-    replay.json's ``provenance`` names the file read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
+    """replay.csv (a row per tensor and step from 1), update_ratio.csv (``ratio_rows``: tensor, step and the
+    bins' counts) and replay.json, each written whole or not at all; replay.json's ``provenance`` names the file
+    read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
     from thimble.provenance import PROVENANCE_KEY, stage_provenance
     from thimble.util.files import atomic_output, write_json
 
@@ -160,9 +184,8 @@ def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: 
         writer.writerows(rows)
     with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["step", *RATIO_COLUMNS])
-        for step, counts in enumerate(histograms, start=1):
-            writer.writerow([step, *counts.tolist()])
+        writer.writerow(["tensor", "step", *RATIO_COLUMNS])
+        writer.writerows(ratio_rows)
     # the replay reads no settings: its hyperparameters are the recording's
     summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
     write_json(output_json, summary, indent=2)
@@ -187,28 +210,82 @@ def tensor_of_bits(bits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(bits.view(np.float32))
 
 
-class Bf16Replay:
-    """The bf16 rule's replay, a block of steps at a time: the optimizer's own ``step()`` on the block, the
-    per-step counts of the compiled pass, the first disagreements of the criterion listed, and the summary."""
+#: what the bf16 rule's freeze criterion predicts
+CRITERION_RULE = ("an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
+                  "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
+                  "move, or exactly half with an even last mantissa bit")
+
+
+class TensorReplay(abc.ABC):
+    """What the replays of every rule share: one recorded parameter, its rows of replay.csv, its summary."""
+
+    #: replay.csv's columns that count mismatching elements
+    mismatch_columns: tuple[str, ...] | list[str] = ()
+
+    def __init__(self, param: RecordedParam):
+        self.name, self.shape = param.name, tuple(param.shape)
+        self.elements = math.prod(self.shape)
+        self.rows: list[dict] = []
+
+    @abc.abstractmethod
+    def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
+        """Replay steps first.. of ``recorded_block`` and add their rows."""
+
+    @abc.abstractmethod
+    def criterion(self) -> dict:
+        """The freeze criterion's account of the tensor (replay.json's ``tensors``)."""
+
+    @abc.abstractmethod
+    def ratio_rows(self) -> list[list]:
+        """update_ratio.csv's rows of the tensor."""
+
+    def finish(self) -> None:
+        """Let go of the buffers the tensor's blocks were replayed in (the next tensor has its own)."""
+
+    def tensor_summary(self) -> dict:
+        """The tensor's entry of replay.json's ``tensors``: its shape as rows x columns
+        (``thimble.analysis.tensors.row_shape``), its mismatches, the first step with any, the freeze criterion."""
+        account, steps = mismatch_account(self.rows, self.mismatch_columns)
+        rows, columns = row_shape(self.shape)
+        return {"shape": list(self.shape), "rows": rows, "columns": columns, "elements": self.elements,
+                "steps": len(self.rows), **account, "first_mismatch_step": steps[0] if steps else None,
+                "freeze_criterion": self.criterion()}
+
+
+def log_mismatches(summary: dict) -> None:
+    """Name each tensor that differs from the recording and the first step where it does."""
+    for name, tensor in summary["tensors"].items():
+        if not tensor["bitwise_match"]:
+            log.warning("replay of %s differs from the recording from step %d on: %s over %d steps with mismatches",
+                        name, tensor["first_mismatch_step"], tensor["total_mismatches"],
+                        tensor["steps_with_mismatches"])
+    for name, why in summary["not_replayed"].items():
+        log.warning("%s is not replayed: %s", name, why)
+
+
+class Bf16Replay(TensorReplay):
+    """The bf16 rule's replay of one tensor, a block of steps at a time: the optimizer's own ``step()`` on the
+    block, the per-step counts of the compiled pass, the first disagreements of the criterion listed."""
 
     #: replay.csv's columns
     columns = COLUMNS
+    mismatch_columns = MISMATCH_COLUMNS
 
-    def __init__(self, attrs: dict, shape: tuple[int, ...], target: torch.device, block_steps: int,
+    def __init__(self, param: RecordedParam, attrs: dict, target: torch.device, block_steps: int,
                  pool: WorkerPool):
-        self.attrs, self.shape, self.target, self.pool = attrs, shape, target, pool
+        super().__init__(param)
+        self.attrs, self.target, self.pool = attrs, target, pool
         self.hyper = hyperparameters(attrs)
         # recordings made before the setting existed were trained by the CPU's default, single-tensor AdamW
         self.implementation = str(attrs.get("optimizer_impl", "single_tensor"))
         self.storage = attrs.get("storage_dtype")
-        self.elements = int(np.prod(shape[1:]))
-        self.rows: list[dict] = []
+        self.columns_per_row = row_shape(self.shape)[1]
         self.histograms: list[np.ndarray] = []
         self.listed: list[dict] = []
         self.disagreements = self.ties = 0
-        self._replayed_out = tuple(torch.empty((block_steps, *shape[1:]), dtype=torch.bfloat16, device=target)
+        self._replayed_out = tuple(torch.empty((block_steps, *self.shape), dtype=torch.bfloat16, device=target)
                                    for _ in range(3))
-        self._pre_rounding_out = torch.empty((block_steps, *shape[1:]), dtype=torch.float32)
+        self._pre_rounding_out = torch.empty((block_steps, *self.shape), dtype=torch.float32)
 
     def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
         """Replay steps first.. of ``recorded_block`` and count them."""
@@ -216,7 +293,7 @@ class Bf16Replay:
         replayed, pre_rounding = self.replay(first, w, m, v, grads)
         columns, histograms = self.count(recorded, replayed, pre_rounding)
         for index, step in enumerate(range(first, first + len(grads))):
-            row = {"step": step, **{key: int(value[index]) for key, value in columns.items()}}
+            row = {"tensor": self.name, "step": step, **{key: int(value[index]) for key, value in columns.items()}}
             row["freeze_agreement"] = 1 - row["criterion_disagreements"] / self.elements
             row["elements"] = self.elements
             self.rows.append(row)
@@ -225,6 +302,9 @@ class Bf16Replay:
         self.ties += int(columns["ties"].sum())
         self.list_disagreements(first, columns["criterion_disagreements"], recorded, (w, m, v), replayed,
                                 pre_rounding)
+
+    def finish(self) -> None:
+        self._replayed_out = self._pre_rounding_out = None
 
     def replay(self, first: int, w: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                grads: torch.Tensor) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
@@ -251,7 +331,8 @@ class Bf16Replay:
                            values: tuple[torch.Tensor, ...], replayed: tuple[np.ndarray, ...],
                            pre_rounding: np.ndarray) -> None:
         """Add the elements behind the block's disagreements to ``listed`` until LISTED_DISAGREEMENTS are: found
-        by the numpy reference, one step at a time and only for the steps with disagreements."""
+        by the numpy reference, one step at a time and only for the steps with disagreements. An element is
+        named by its row and column (``thimble.analysis.tensors.row_shape``)."""
         w_bits, m_bits, v_bits = (recorded[name] for name in ("W", "momentum_W", "variance_W"))
         w, m, v = values
         for index in np.flatnonzero(disagreements).tolist():
@@ -264,8 +345,9 @@ class Bf16Replay:
                                         pre_rounding[one])
             for element in np.argwhere(reference["differs"][0])[:room].tolist():
                 at = (index, *element)
+                row, column = divmod(int(np.ravel_multi_index(element, self.shape)), self.columns_per_row)
                 self.listed.append({
-                    "step": first + index, "element": element,
+                    "tensor": self.name, "step": first + index, "element": [row, column],
                     "w_before": float(w[at]), "w_after": float(w[1:][at]), "exp_avg": float(m[1:][at]),
                     "exp_avg_sq": float(v[1:][at]), "pre_rounding_weight": float(pre_rounding[at]),
                     "ratio": float(update_ratio(w[:-1][at].reshape(1), torch.tensor([pre_rounding[at]]))[0]),
@@ -274,61 +356,77 @@ class Bf16Replay:
                     "reason": explain(bool(replayed[0][at] != w_bits[1:][at]), self.storage, self.implementation),
                 })
 
-    def summary(self) -> dict:
-        """replay.json: the mismatch totals and the freeze criterion's account."""
-        last = len(self.rows)
-        criterion = {
-            "rule": "an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
-                    "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
-                    "move, or exactly half with an even last mantissa bit",
-            "elements": last * self.elements,
-            "disagreements": self.disagreements,
-            "agreement": 1 - self.disagreements / (last * self.elements) if last else None,
-            "ties_at_half_spacing": self.ties,
-            "listed": self.listed,
-        }
-        return replay_summary({"steps": last, "update_rule": "bf16", "storage_dtype": self.storage},
-                              replay_environments(self.attrs, self.target, self.implementation), self.rows,
-                              COLUMNS[1:4], criterion)
+    def criterion(self) -> dict:
+        """The freeze criterion's account of this tensor: every element at every step."""
+        elements = len(self.rows) * self.elements
+        return {"elements": elements, "disagreements": self.disagreements,
+                "agreement": 1 - self.disagreements / elements if elements else None,
+                "ties_at_half_spacing": self.ties,
+                "predicted_frozen": int(sum(row["predicted_frozen"] for row in self.rows)),
+                "observed_frozen": int(sum(row["observed_frozen"] for row in self.rows)), "listed": self.listed}
 
-    def log_result(self, summary: dict) -> None:
+    def ratio_rows(self) -> list[list]:
+        """update_ratio.csv's rows of this tensor: tensor, step, the bins' counts."""
+        return [[self.name, row["step"], *counts.tolist()] for row, counts in zip(self.rows, self.histograms)]
+
+    @staticmethod
+    def summary(replays: list[Bf16Replay], not_replayed: dict[str, str]) -> dict:
+        """replay.json: the mismatch totals and the freeze criterion's account, over every tensor and each."""
+        first = replays[0]
+        criteria = [replay.criterion() for replay in replays]
+        elements, disagreements = sum(c["elements"] for c in criteria), sum(c["disagreements"] for c in criteria)
+        criterion = {
+            "rule": CRITERION_RULE, "elements": elements, "disagreements": disagreements,
+            "agreement": 1 - disagreements / elements if elements else None,
+            "ties_at_half_spacing": sum(c["ties_at_half_spacing"] for c in criteria),
+            "listed": [listed for c in criteria for listed in c["listed"]][:LISTED_DISAGREEMENTS],
+        }
+        return replay_summary({"steps": len(first.rows), "update_rule": "bf16", "storage_dtype": first.storage},
+                              replay_environments(first.attrs, first.target, first.implementation), replays,
+                              not_replayed, criterion)
+
+    @staticmethod
+    def log_result(summary: dict) -> None:
+        where = f"{summary['replayed_on']['optimizer_impl']} AdamW on {summary['replayed_on']['device']}"
         if summary["bitwise_match"]:
-            log.info("replay (%s AdamW on %s) matches the recording bit for bit at all %d steps",
-                     self.implementation, self.target, summary["steps"])
+            log.info("replay (%s) matches the recording bit for bit at all %d steps of %d tensors", where,
+                     summary["steps"], len(summary["tensors"]))
         else:
             log.warning("replay differs from the recording: %s over %d steps with mismatches (replayed on %s, "
                         "recorded on %s)", summary["total_mismatches"], summary["steps_with_mismatches"],
                         summary["replayed_on"], summary["recorded_on"])
+        log_mismatches(summary)
+        criterion = summary["freeze_criterion"]
         log.info("freeze criterion vs observed ΔW′ = 0: %d disagreements in %d elements (%d ties at exactly half "
-                 "a spacing, resolved by rounding)", self.disagreements, summary["freeze_criterion"]["elements"],
-                 self.ties)
+                 "a spacing, resolved by rounding)", criterion["disagreements"], criterion["elements"],
+                 criterion["ties_at_half_spacing"])
 
 
 #: replay.csv's columns for a rule other than bf16, beside one ``<tensor>_mismatches`` column per recorded tensor
-OTHER_RULE_COLUMNS = ("step", "observed_frozen", "elements")
+OTHER_RULE_COLUMNS = ("tensor", "step", "observed_frozen", "elements")
 
 
-class OtherRuleReplay:
-    """The replay of a recording made under stochastic rounding, Kahan or fp32 master weights, step by step
-    through the rule's own ``step()``, comparing every recorded tensor bit for bit.
+class OtherRuleReplay(TensorReplay):
+    """The replay of one tensor of a recording made under stochastic rounding, Kahan or fp32 master weights,
+    step by step through the rule's own ``step()``, comparing every recorded tensor bit for bit.
 
     The freeze criterion and the update-ratio histograms are the bf16 rule's (round to nearest from the
     addcdiv_ sum); for these rules ``replay.json`` says so, and the ratio table has its header only.
+    ``stepped_before``: under stochastic rounding, the shapes of the parameters whose rounding bits the step
+    drew before this one's (``rounding_draws``).
     """
 
-    #: the ratio table's rows: none, the ratio is the bf16 rule's
-    histograms = ()
-
-    def __init__(self, attrs: dict, shape: tuple[int, ...], tensors: dict[str, str], target: torch.device):
-        self.attrs, self.tensors, self.target = attrs, tensors, target
+    def __init__(self, param: RecordedParam, attrs: dict, target: torch.device,
+                 stepped_before: tuple[tuple[int, ...], ...] = ()):
+        super().__init__(param)
+        self.attrs, self.target, self.stepped_before = attrs, target, stepped_before
+        self.tensors = param.role_dtypes()
         self.rule = str(attrs["update_rule"])
         self.hyper = hyperparameters(attrs)
         self.implementation, self.seed = str(attrs["optimizer_impl"]), int(attrs["seed"])
-        self.elements = int(np.prod(shape[1:]))
-        self.state_names = [name for name in tensors if name != GRADIENT]
+        self.state_names = [name for name in self.tensors if name != GRADIENT]
         self.mismatch_columns = [f"{name}_mismatches" for name in self.state_names]
-        self.columns = ["step", *self.mismatch_columns, *OTHER_RULE_COLUMNS[1:]]
-        self.rows: list[dict] = []
+        self.columns = [*OTHER_RULE_COLUMNS[:2], *self.mismatch_columns, *OTHER_RULE_COLUMNS[2:]]
 
     def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
         """Replay steps first.. of ``recorded_block``, one at a time, and compare each recorded tensor."""
@@ -337,8 +435,8 @@ class OtherRuleReplay:
         for index, step in enumerate(range(first, first + len(grads))):
             before = {name: values[index].to(self.target) for name, values in state.items()}
             after = replay_rule_step(self.rule, before, grads[index].to(self.target), step, self.hyper,
-                                     self.implementation, self.seed)
-            row = {"step": step}
+                                     self.implementation, self.seed, self.stepped_before)
+            row = {"tensor": self.name, "step": step}
             for name in self.state_names:
                 expected = state[name][index + 1]
                 got = after[name].cpu()
@@ -349,27 +447,42 @@ class OtherRuleReplay:
             row["elements"] = self.elements
             self.rows.append(row)
 
-    def summary(self) -> dict:
+    def criterion(self) -> dict:
+        return {"applies": False, "observed_frozen": int(sum(row["observed_frozen"] for row in self.rows))}
+
+    def ratio_rows(self) -> list[list]:
+        """None: the ratio is the bf16 rule's."""
+        return []
+
+    @staticmethod
+    def summary(replays: list[OtherRuleReplay], not_replayed: dict[str, str]) -> dict:
         """replay.json: the mismatch totals, why the freeze criterion does not apply, and how a stochastic
         rounding replay draws the training's random bits."""
+        first = replays[0]
         criterion = {"applies": False,
                      "why": f"the criterion predicts round-to-nearest bf16 AdamW (update_rule bf16); under "
-                            f"{self.rule} the weight is rounded another way, so only the replay's bits are compared"}
+                            f"{first.rule} the weight is rounded another way, so only the replay's bits are compared"}
         random_bits = {"random_bits": "torch's generator is seeded from (training.seed, t) before step t "
                                       "(thimble.update_rules.stochastic_rounding_seed), so the replay draws the "
-                                      "training's bits"} if self.rule == "stochastic_rounding" else {}
-        return replay_summary({"steps": len(self.rows), "update_rule": self.rule,
-                               "storage_dtype": self.attrs.get("storage_dtype"), "recorded_tensors": self.tensors},
-                              replay_environments(self.attrs, self.target, self.implementation), self.rows,
-                              self.mismatch_columns, criterion, random_bits)
+                                      "training's bits; a parameter's bits follow those of every parameter the "
+                                      "optimizer stepped before it (model.parameters() order), which the replay "
+                                      "draws first, sized by the recorded model settings"
+                       } if first.rule == "stochastic_rounding" else {}
+        return replay_summary({"steps": len(first.rows), "update_rule": first.rule,
+                               "storage_dtype": first.attrs.get("storage_dtype"), "recorded_tensors": first.tensors},
+                              replay_environments(first.attrs, first.target, first.implementation), replays,
+                              not_replayed, criterion, random_bits)
 
-    def log_result(self, summary: dict) -> None:
+    @staticmethod
+    def log_result(summary: dict) -> None:
         if summary["bitwise_match"]:
-            log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps", self.rule,
-                     self.implementation, self.target, summary["steps"])
+            log.info("replay (%s, %s on %s) matches the recording bit for bit at all %d steps of %d tensors",
+                     summary["update_rule"], summary["replayed_on"]["optimizer_impl"],
+                     summary["replayed_on"]["device"], summary["steps"], len(summary["tensors"]))
         else:
-            log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches", self.rule,
-                        summary["total_mismatches"], summary["steps_with_mismatches"])
+            log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches",
+                        summary["update_rule"], summary["total_mismatches"], summary["steps_with_mismatches"])
+        log_mismatches(summary)
 
 
 def _int_view(tensor: torch.Tensor) -> torch.dtype:
@@ -377,12 +490,88 @@ def _int_view(tensor: torch.Tensor) -> torch.dtype:
     return {2: torch.int16, 4: torch.int32}[tensor.element_size()]
 
 
+#: the recording's attributes that size the model (``thimble.sizes.parameter_shapes``)
+MODEL_ATTRS = ("vocab_size", "hidden_dim", "n_layers", "n_heads", "max_seq_len")
+
+
+def rounding_draws(attrs: dict, params: list[RecordedParam]) -> tuple[dict[str, tuple], dict[str, str]]:
+    """Under stochastic rounding: per recorded parameter, the shapes of the parameters that training's optimizer
+    stepped before it (``model.parameters()`` order, the embedding first: ``build_optimizer``), whose rounding
+    bits the step drew first from the generator it seeded; and the recorded parameters whose draws cannot be
+    known, each with why. Every parameter's shape follows from the recorded model settings."""
+    missing = [key for key in MODEL_ATTRS if key not in attrs]
+    model = None if missing else {key: int(attrs[key]) for key in MODEL_ATTRS}
+    shapes = None if model is None else parameter_shapes(model)
+    names = [] if shapes is None else list(shapes)
+    before, not_replayed = {}, {}
+    for param in params:
+        if param.name == EMBEDDING:
+            before[param.name] = ()
+        elif shapes is None:
+            not_replayed[param.name] = (
+                "stochastic rounding draws its bits after those of every parameter stepped before it, whose sizes "
+                f"follow from the model's settings; the recording lacks the attributes {', '.join(missing)}")
+        elif tuple(shapes.get(param.name, ())) != tuple(param.shape):
+            found = f"shape {list(shapes[param.name])}" if param.name in shapes else "no such parameter"
+            not_replayed[param.name] = (
+                f"stochastic rounding draws its bits after those of every parameter stepped before it, sized by the "
+                f"model of the recorded settings ({model}), which has {found} where the recording has shape "
+                f"{list(param.shape)}: the bits drawn before it are unknown")
+        else:
+            before[param.name] = tuple(shapes[name] for name in names[:names.index(param.name)])
+    return before, not_replayed
+
+
+#: the roles every rule records for each parameter, and the replay needs
+REQUIRED_ROLES = ("W", GRADIENT, "momentum_W", "variance_W")
+
+
+def check_roles(filename: str, params: list[RecordedParam]) -> None:
+    """Every parameter records the roles the replay needs, and all the same ones (one rule recorded them all):
+    else a DataError naming the file and the parameter."""
+    first = params[0].roles()
+    for param in params:
+        roles = param.roles()
+        missing = [role for role in REQUIRED_ROLES if role not in roles]
+        if missing:
+            raise DataError(f"{filename}: {param.name} is recorded without {', '.join(missing)} "
+                            f"({', '.join(roles.values())} only); the replay needs its value, gradient and both "
+                            "moments")
+        if set(roles) != set(first):
+            raise DataError(f"{filename}: {param.name} records {', '.join(roles)}, {params[0].name} "
+                            f"{', '.join(first)}; under one update rule every parameter records the same tensors")
+
+
+def replay_tensor(handle, param: RecordedParam, replay: TensorReplay, steps: int, block_steps: int,
+                  pool: WorkerPool, bar: tqdm) -> None:
+    """Replay every step of one recorded parameter: each of its datasets read in order, a block of steps at a
+    time, into buffers of the block's size that go with it."""
+    from thimble.record.reader import RecordedTensor
+
+    rows = {}
+    for role, path in param.roles().items():
+        tensor = RecordedTensor.of_recording(handle, path)
+        if tensor.shape != (steps + 1, *param.shape):
+            raise DataError(f"{tensor.where} has shape {tensor.shape}, not {(steps + 1, *param.shape)} as the "
+                            f"recording's recorded_params and steps say; train and rechunk it again")
+        rows[role] = tensor.in_order(block_steps, pool)
+    buffers = {role: np.empty((block_steps + 1, *param.shape), dtype=tensor_rows.tensor.bits_dtype)
+               for role, tensor_rows in rows.items()}
+    for first in range(1, steps + 1, block_steps):
+        stop = min(first + block_steps, steps + 1)
+        replay.block(first, recorded_block(rows, buffers, first, stop))
+        bar.update(stop - first)
+    for tensor_rows in rows.values():  # the last chunks' checksums are checked at their frames' ends
+        tensor_rows.finish()
+    replay.finish()
+
+
 def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
                      threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
-    """Replay every step of a recording (recording.h5, or the stream folder it was rechunked from); write
-    the per-step table, the update-ratio histograms and a summary."""
-    from thimble.record.format import stream_tensors
-    from thimble.record.reader import RecordedTensor, RecordingSource
+    """Replay every step of every recorded tensor of a recording (recording.h5, or the stream folder it was
+    rechunked from), one tensor after the other; write the per-tensor, per-step table, the update-ratio
+    histograms and a summary."""
+    from thimble.record.reader import RecordingSource
 
     torch.set_num_threads(threads)
     source = RecordingSource.of_path(recording)
@@ -394,29 +583,34 @@ def replay_recording(recording: str, output_csv: str, output_json: str, ratio_cs
                             f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
                             f"version that recorded it (its git_commit attribute), or train it again")
         target = replay_device(device, str(attrs.get("device", "cpu")))
-        tensors = stream_tensors(handle)
-        shape = handle["W"].shape
-        if rule == "bf16":
-            if attrs.get("storage_dtype") == "float16":
-                log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                            "bf16, so it reports mismatches wherever float16 altered them", recording)
-            replay = Bf16Replay(attrs, shape, target, block_steps, pool)
+        params = recorded_params(handle)
+        if rule == "stochastic_rounding":
+            stepped_before, not_replayed = rounding_draws(attrs, params)
         else:
-            replay = OtherRuleReplay(attrs, shape, tensors, target)
-        rows = {name: RecordedTensor.of_recording(handle, name).in_order(block_steps, pool) for name in tensors}
-        buffers = {name: np.empty((block_steps + 1, *shape[1:]), dtype=tensor_rows.tensor.bits_dtype)
-                   for name, tensor_rows in rows.items()}
-        last = shape[0] - 1
-        with tqdm(total=last, desc="replay" if rule == "bf16" else f"replay ({rule})", unit="step",
-                  mininterval=5) as bar:
-            for first in range(1, last + 1, block_steps):
-                stop = min(first + block_steps, last + 1)
-                replay.block(first, recorded_block(rows, buffers, first, stop))
-                bar.update(stop - first)
-        for tensor_rows in rows.values():  # the last chunks' checksums are checked at their frames' ends
-            tensor_rows.finish()
-    summary = replay.summary()
-    write_replay_outputs(output_csv, replay.columns, replay.rows, ratio_csv, replay.histograms, output_json, summary,
+            stepped_before, not_replayed = {param.name: () for param in params}, {}
+        replayable = [param for param in params if param.name not in not_replayed]
+        if not replayable:
+            reasons = "; ".join(f"{name}: {why}" for name, why in not_replayed.items()) or "it records no tensor"
+            raise DataError(f"{recording}: no recorded tensor can be replayed ({reasons})")
+        if rule == "bf16" and attrs.get("storage_dtype") == "float16":
+            log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                        "bf16, so it reports mismatches wherever float16 altered them", recording)
+        check_roles(handle.filename, replayable)
+        steps = handle[replayable[0].roles()["W"]].shape[0] - 1
+        replays: list[TensorReplay] = []
+        with tqdm(total=steps * len(replayable), desc="replay" if rule == "bf16" else f"replay ({rule})",
+                  unit="step", mininterval=5) as bar:
+            for param in replayable:
+                if rule == "bf16":
+                    replay = Bf16Replay(param, attrs, target, block_steps, pool)
+                else:
+                    replay = OtherRuleReplay(param, attrs, target, stepped_before[param.name])
+                replay_tensor(handle, param, replay, steps, block_steps, pool, bar)
+                replays.append(replay)
+    kind = type(replays[0])
+    summary = kind.summary(replays, not_replayed)
+    write_replay_outputs(output_csv, replays[0].columns, [row for replay in replays for row in replay.rows],
+                         ratio_csv, [row for replay in replays for row in replay.ratio_rows()], output_json, summary,
                          source.file, attrs)
-    replay.log_result(summary)
+    kind.log_result(summary)
     return summary

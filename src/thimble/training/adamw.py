@@ -340,16 +340,33 @@ def build_update_rule(rule: str, params, hyper: dict, implementation: str, devic
 
 
 def replay_rule_step(rule: str, before: dict[str, torch.Tensor], grad: torch.Tensor, step: int, hyper: dict,
-                     implementation: str, seed: int) -> dict[str, torch.Tensor]:
+                     implementation: str, seed: int,
+                     stepped_before: tuple[tuple[int, ...], ...] = ()) -> dict[str, torch.Tensor]:
     """Optimizer step ``step`` of one recorded parameter, recomputed by the rule's own ``step()``.
 
     ``before``: the recorded tensors after step t-1 (W and the rule's state, names as recorded);
     ``grad``: the recorded gradient of step t. Returns the tensors after step t, W included.
     The optimizer is built afresh and its state loaded through ``load_state_dict``, as a resume would.
+
+    ``stepped_before`` (stochastic rounding only): the shapes of the parameters that training's optimizer
+    stepped before this one (``model.parameters()`` order). Each drew its rounding bits from the generator the
+    step seeded, so the replay draws and discards as many, each as torchao draws it for that shape, before
+    stepping this parameter: it then draws the bits this parameter was rounded with.
     """
     param = torch.nn.Parameter(before["W"].clone())
-    optimizer = build_update_rule(rule, [param], hyper, implementation, before["W"].device, seed)
+    device = before["W"].device
+    optimizer = build_update_rule(rule, [param], hyper, implementation, device, seed)
     optimizer.load_recorded_state(before, step - 1)
     param.grad = grad.clone()
-    optimizer.step(step)
+    if not stepped_before:
+        optimizer.step(step)
+    elif rule != "stochastic_rounding":
+        raise ValueError(f"update rule {rule} draws no random bits: no parameter's bits to draw before this one")
+    else:
+        from torchao.optim.adam import _fp32_to_bf16_sr
+
+        torch.manual_seed(stochastic_rounding_seed(seed, step))
+        for shape in stepped_before:  # the rounding function itself, so its draws are torchao's whatever its version
+            _fp32_to_bf16_sr(torch.zeros(shape, dtype=torch.float32, device=device))
+        optimizer.optimizer.step()  # the rule's step less its seeding, done above
     return {"W": param.detach().clone(), **optimizer.recorded_state(param)}
