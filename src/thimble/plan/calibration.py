@@ -231,7 +231,8 @@ def step_time_calibration(settings: dict, device_kind: str, workdir: Path) -> Ca
         values = recorded_elements(settings)
 
         def preference(item: tuple[Path, dict]) -> tuple[bool, bool]:
-            own = record_key(item[1]) == calibration_key(settings, item[1]["token_source"])
+            # training's own settings carry no rechunk section: there, only the values recorded tell probes apart
+            own = "rechunk" in settings and record_key(item[1]) == calibration_key(settings, item[1]["token_source"])
             return not own, recorded_elements(probed_settings(item[1])) != values
 
         # the first of the most preferred: the cached probes come before the shipped ones
