@@ -206,8 +206,6 @@ def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> N
     Outside the bf16 rule the decomposition does not apply: the figure says why instead (summary.json).
     """
     answer = summary.get("drivers", {})
-    if "tensor" in table and "question_tensor" in answer:  # the tensor the answer's top level describes
-        table = table[table["tensor"] == answer["question_tensor"]]
     groups = [group for group in GROUPS if group in set(table.get("group", []))]
     if not answer.get("applies", False) or not groups:
         why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
