@@ -57,7 +57,13 @@ def hdf5_digest(path: Path) -> dict[str, str]:
         digests["/"] = hashlib.sha256(json.dumps(
             {key: plain(value) for key, value in sorted(handle.attrs.items()) if key not in UNHASHED_ATTRS},
             sort_keys=True, default=str).encode()).hexdigest()
-        for name, dataset in handle.items():
+        # the root's datasets under their names (the embedding's seed names among them), then every recorded
+        # parameter's under params/ (the embedding's again, by its path)
+        datasets = {name: item for name, item in handle.items() if isinstance(item, h5py.Dataset)}
+        if "params" in handle:
+            handle["params"].visititems(lambda name, item: datasets.setdefault(f"params/{name}", item)
+                                        if isinstance(item, h5py.Dataset) else None)
+        for name, dataset in datasets.items():
             plist = dataset.id.get_create_plist()
             filters = [] if dataset.is_virtual else [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
             digest = hashlib.sha256(json.dumps({
