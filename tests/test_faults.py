@@ -27,6 +27,7 @@ from thimble.record.reader import read_steps
 from thimble.record.stream_reader import open_stream
 from thimble.training.checkpoint import CHECKPOINT, CHECKPOINT_SHA256, PREVIOUS_CHECKPOINT
 from thimble.training.train import train
+from thimble.update_rules import STATE_KEYS
 
 EXPERIMENT = "tiny"
 TINY = {"model": {"hidden_dim": 8, "n_layers": 1, "n_heads": 2, "max_seq_len": 8},
@@ -152,13 +153,17 @@ def test_a_truncated_segment_is_an_error_naming_it(run, tmp_path, capsys):
 
 # -- 2. flipped bytes in a stored chunk of each file kind -----------------------------------------
 
+W_PATH = f"params/transformer.wte.weight/{STATE_KEYS['W']}"
+
+
 def test_flipped_bytes_in_a_stream_segment_are_an_error_naming_file_dataset_and_step(run, tmp_path, capsys):
     stream = tmp_path / "stream"
     shutil.copytree(run / f"results/{EXPERIMENT}/stream", stream)
     flip_chunk_bytes(stream / "segment_000010-000019.h5", "W", chunk=3)  # step 13
     status, err = thimble(capsys, *rechunk_args(run, stream, tmp_path / "recording.h5"))
     line = error_line(err, "rechunk")
-    assert status == 1 and "segment_000010-000019.h5:/W steps 13..13" in line and "damaged" in line
+    # the embedding's W is stored as params/transformer.wte.weight/value (W links to it)
+    assert status == 1 and f"segment_000010-000019.h5:/{W_PATH} steps 13..13" in line and "damaged" in line
     assert not (tmp_path / "recording.h5").exists()
     # the replay decodes the segments' frames itself and verifies the same checksum
     status, err = thimble(capsys, "replay", "--recording", stream, "--table", tmp_path / "r.csv", "--summary",
@@ -168,7 +173,7 @@ def test_flipped_bytes_in_a_stream_segment_are_an_error_naming_file_dataset_and_
     # the stream checked on its own; an intact stream passes
     status, err = thimble(capsys, "verify-stream", "--stream", stream, "--threads", "2")
     line = error_line(err, "verify-stream")
-    assert status == 1 and "segment_000010-000019.h5:/W steps 13..13" in line
+    assert status == 1 and f"segment_000010-000019.h5:/{W_PATH} steps 13..13" in line
     assert thimble(capsys, "verify-stream", "--stream", run / f"results/{EXPERIMENT}/stream")[0] == 0
 
 
@@ -184,12 +189,14 @@ def test_flipped_bytes_in_the_recording_are_an_error(run, tmp_path, capsys, data
     else:
         status, err = freeze(run, capsys, tmp_path, recording=recording)
         line = error_line(err, "freeze")
-    assert status == 1 and f"recording.h5:/{dataset} steps {steps}" in line
+    # errors name the dataset as stored: the embedding's under params/ (the seed's names link to it)
+    stored = f"params/transformer.wte.weight/{STATE_KEYS[dataset]}"
+    assert status == 1 and f"recording.h5:/{stored} steps {steps}" in line
     # the freeze drivers read every tensor through the same checksummed reader
     status, err = thimble(capsys, "freeze-drivers", "--recording", recording, "--table", tmp_path / "drivers.csv",
                           "--summary", tmp_path / "drivers.json")
     line = error_line(err, "freeze-drivers")
-    assert status == 1 and f"recording.h5:/{dataset} steps {steps}" in line
+    assert status == 1 and f"recording.h5:/{stored} steps {steps}" in line
     assert not (tmp_path / "drivers.csv").exists() and not (tmp_path / "drivers.json").exists()
 
 
@@ -228,7 +235,7 @@ def test_freeze_reads_delta_w_and_names_its_damage(run, tmp_path, capsys):
     flip_chunk_bytes(delta, "delta_w_lattice", chunk=1)
     status, err = freeze(run, capsys, tmp_path, delta=delta)
     line = error_line(err, "freeze")
-    assert status == 1 and "delta_w_lattice.h5:/delta_w_lattice steps 16..31" in line, line
+    assert status == 1 and "delta_w_lattice.h5:/params/transformer.wte.weight/delta_w_lattice steps 16..31" in line, line
     assert not list(tmp_path.glob("*.out"))
 
 
@@ -259,7 +266,7 @@ def test_a_flipped_frame_header_names_file_and_step(run, tmp_path, capsys, xor, 
         raw.write(bytes([byte ^ xor]))
     status, err = thimble(capsys, "lattice", "--recording", recording, "--output", tmp_path / "delta.h5")
     line = error_line(err, "lattice")
-    assert status == 1 and "recording.h5:/W steps 0..15" in line and problem in line
+    assert status == 1 and f"recording.h5:/{W_PATH} steps 0..15" in line and problem in line
 
 
 def test_a_flipped_loss_is_an_error(run, tmp_path, capsys):

@@ -243,9 +243,13 @@ def test_the_view_is_float16_training_bit_for_bit(data, tmp_path):
             np.testing.assert_array_equal(read_steps(a).view(np.uint16), read_steps(b).view(np.uint16))
             for first in range(0, a.shape[0], a.chunks[0]):
                 assert read_stored_chunk(a, first, name) == read_stored_chunk(b, first, name)
-        for name in set(trained) - {"W", "grad_W", "momentum_W", "variance_W"}:
+        for name in set(trained) - {"W", "grad_W", "momentum_W", "variance_W", "params"}:
             np.testing.assert_array_equal(read_checked(trained[name]), read_checked(view[name]))
-        for key in IDENTITY_ATTRS + ("storage_dtype", "recorded_tensors", "steps_per_chunk", "chunk_checksum"):
+        # the embedding under params/ as training lays it out, the seed's names linked to it
+        assert set(trained["params"]) == set(view["params"]) == {"transformer.wte.weight"}
+        assert view["W"].id == view["params/transformer.wte.weight/value"].id
+        for key in IDENTITY_ATTRS + ("storage_dtype", "recorded_tensors", "recorded_params", "steps_per_chunk",
+                                     "chunk_checksum"):
             assert trained.attrs[key] == view.attrs[key], key
         assert recording_identity(trained.attrs) == recording_identity(view.attrs)
         assert view.attrs["float16_view_of"] == "tiny" and json.loads(view.attrs["float16_altered"]) == altered

@@ -31,7 +31,7 @@ from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, to_float16_counting
 from thimble.provenance import plain, recording_identity
 from thimble.record.codec import CHUNK_CHECKSUM
-from thimble.sizes import HDF5_MAX_CHUNK_BYTES, steps_per_chunk
+from thimble.sizes import EMBEDDING, HDF5_MAX_CHUNK_BYTES, steps_per_chunk
 from thimble.update_rules import recorded_tensors
 from thimble.util.workers import WorkerPool
 
@@ -102,10 +102,17 @@ def view_attrs(twin_attrs, settings: dict, twin: str, altered: dict[str, int], r
     resume_key["settings"] = trajectory_settings(settings)
     attrs.update(experiment=settings["name"], config_hash=settings_hash(settings),
                  resume_key=json.dumps(resume_key, sort_keys=True), storage_dtype="float16",
-                 recorded_tensors=json.dumps(recorded_tensors("bf16", "float16")), float16_view_of=twin,
+                 **view_layout((int(attrs["vocab_size"]), int(attrs["hidden_dim"]))).attrs(), float16_view_of=twin,
                  float16_view_source_identity=recording_identity(twin_attrs),
                  float16_altered=json.dumps(altered), steps_per_chunk=rows, chunk_checksum=CHUNK_CHECKSUM)
     return attrs
+
+
+def view_layout(shape: tuple[int, int]):
+    """The view's layout: the embedding alone, float16, as training with float16 storage lays it out."""
+    from thimble.record.format import RecordLayout
+
+    return RecordLayout.embedding(shape, recorded_tensors("bf16", "float16"))
 
 
 def write_float16_view(twin_recording: str | Path, output: str | Path, settings: dict, twin: str,
@@ -132,6 +139,8 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
         log.info("float16 view of %s: %d steps of %d x %d in chunks of %d steps", twin_recording, n_rows, vocab,
                  hidden, rows)
         altered = dict.fromkeys(tensors, 0)
+        layout = view_layout((vocab, hidden))
+        paths = layout.params[EMBEDDING].roles()
         with h5py.File(tmp, "w") as out, WorkerPool(threads) as pool, \
                 tqdm(total=n_rows * vocab * hidden * 2 * len(tensors), unit="B", unit_scale=True,
                      desc="float16 view", mininterval=5) as progress:
@@ -146,13 +155,14 @@ def write_float16_view(twin_recording: str | Path, output: str | Path, settings:
                         chunk[low - start:high - start] = bits
                         digest.update(bits.data)  # as rechunk hashes rows in step order
 
-                checksum = write_rechunked(out, name, storage_h5type("float16"), (n_rows, vocab, hidden), rows,
-                                           level, pool, progress, cast_rows)
+                checksum = write_rechunked(out, paths[name], storage_h5type("float16"), (n_rows, vocab, hidden),
+                                           rows, level, pool, progress, cast_rows)
                 twin_rows.finish()  # its last chunk's checksum is checked at its frame's end
                 log.info("%s: %d of %d values altered by float16; verified, sha256 %s", name, altered[name],
                          n_rows * vocab * hidden, checksum)
-            for name in source:
-                if name not in tensors:
-                    create_checked_array(out, name, read_checked(source[name]))
+            layout.link_aliases(out)
+            for name, item in source.items():
+                if isinstance(item, h5py.Dataset) and name not in tensors:
+                    create_checked_array(out, name, read_checked(item))
             out.attrs.update(view_attrs(source.attrs, settings, twin, altered, rows))
     return altered
