@@ -429,6 +429,7 @@ def tensor_onsets(summary: dict, experiment: str, path: str) -> None:
                     fontsize=7)
     for driver, color in DRIVER_COLORS.items():
         ax.scatter([], [], marker="o", color=color, label=f"onset driven by {driver}")
+    ax.scatter([], [], marker="o", color="tab:gray", label="onset with no drop to split (frozen from its peak)")
     ax.scatter([], [], marker="|", s=120, color="black", label="first globally frozen step")
     ax.set_yticks(range(len(names)), [short_name(name) for name in names], fontsize=7)
     ax.set_ylim(len(names) - 0.5, -0.5)
