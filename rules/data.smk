@@ -42,6 +42,10 @@ rule corpus:
     resources:
         mem_mb=2000,
         runtime=10,
+        # checks before the job runs, at -n too (rules/checks.smk): the texts the config selects exist and
+        # support its vocab_size (checked here too, so that a run stops before its first job)
+        texts=corpus_texts_found,
+        vocab_size=vocab_size_fits,
     shell:
         "thimble corpus --dataset {wildcards.dataset} --settings {params.settings:q} {params.archive}"
         " --tokenizer-texts {output.tokenizer_texts} --model-corpus {output.model_corpus}"
@@ -62,6 +66,9 @@ rule tokenizer:
     resources:
         mem_mb=4000,
         runtime=30,
+        # checks (rules/checks.smk): its texts are the corpus stage's, and support the vocab_size
+        texts=tokenizer_texts_verified,
+        vocab_size=vocab_size_fits,
     shell:
         "thimble tokenizer --texts {input.texts} --vocab-size {params.vocab_size} --output {output} 2> {log}"
 
@@ -80,6 +87,8 @@ rule encode:
     resources:
         mem_mb=4000,
         runtime=30,
+        # a check (rules/checks.smk): its corpus is the corpus stage's
+        corpus=corpus_verified,
     shell:
         "thimble encode --tokenizer {input.tokenizer} --corpus {input.corpus} --output {output.tokens}"
         " --digest {output.digest} 2> {log}"
@@ -99,5 +108,7 @@ rule masks:
     resources:
         mem_mb=1000,
         runtime=5,
+        # a check (rules/checks.smk): its tokens are the encode stage's
+        tokens=tokens_verified,
     shell:
         "thimble masks --tokens {input.tokens} --vocab-size {params.vocab_size} --output {output} 2> {log}"

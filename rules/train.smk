@@ -32,9 +32,11 @@ rule train:
         runtime=lambda w: train_runtime_min(w.experiment),
         gpu=lambda w: train_gpus(w.experiment),
         # checks before the job removes the stream and log it replaces (rules/checks.smk): no other trainer
-        # holds the resume state; training.device is one torch sees, when the job is about to run here
+        # holds the resume state; training.device is one torch sees, when the job is about to run here; the
+        # batch fits the dataset's tokens, once encoded
         resume_state=resume_state_free,
         device=device_available,
+        batch_size=batch_fits,
     shell:
         "thimble train --settings {params.settings:q} --tokens {input.tokens} --masks {input.masks}"
         " --output {output} --partial {params.partial} --threads {threads}"

@@ -84,6 +84,15 @@ BAD_CONFIGS = {
                     "datasets.shakespeare.source"),
     "window past the end": (lambda c: c["experiments"]["thimble_5"].update(analysis={"windows": [[2000, 3001]]}),
                             "experiments.thimble_5.analysis.windows[0]"),
+    # JSON Schema's number takes NaN and infinities, and no bound refuses NaN
+    "NaN learning rate": (lambda c: c["experiments"]["thimble_7"].update(training={"learning_rate": float("nan")}),
+                          "config key experiments.thimble_7.training.learning_rate: .nan is not a finite number"),
+    "infinite default": (lambda c: c["defaults"]["training"].update(weight_decay=float("inf")),
+                         "config key defaults.training.weight_decay: .inf is not a finite number"),
+    "NaN in a list": (lambda c: c["experiments"]["thimble_5"].update(analysis={"windows": [[1, float("nan")]]}),
+                      "config key experiments.thimble_5.analysis.windows.0.1: .nan is not a finite number"),
+    "infinite cluster setting": (lambda c: c.update(cluster={"gpu_train_threads": float("-inf")}),
+                                 "config key cluster.gpu_train_threads: -.inf is not a finite number"),
 }
 
 
@@ -116,3 +125,23 @@ def test_bad_config_fails_dry_run_before_anything_is_written(workdir):
     output = result.stdout + result.stderr
     assert "experiments.thimble_7.model.n_heads" in output and "bad.yaml" in output
     assert not (workdir / "results").exists() and not (workdir / "logs").exists()
+
+
+def test_nan_and_infinities_in_a_config_file_are_refused_naming_each_key(tmp_path):
+    text = (REPO / "config.yaml").read_text()
+    for old, new in (("learning_rate: 1.0e-3", "learning_rate: .nan"), ("adam_epsilon: 1.0e-8", "adam_epsilon: .inf"),
+                     ("steps: 6000", "steps: -.inf")):
+        assert old in text
+        text = text.replace(old, new, 1)
+    (tmp_path / "config.yaml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "config.yaml")
+    lines = str(caught.value).splitlines()
+    assert lines == [f"invalid configuration in {tmp_path / 'config.yaml'}:",
+                     "config key defaults.training.adam_epsilon: .inf is not a finite number; NaN and infinities are "
+                     "refused wherever the config takes a number: give a finite value",
+                     "config key defaults.training.learning_rate: .nan is not a finite number; NaN and infinities are "
+                     "refused wherever the config takes a number: give a finite value",
+                     # an integer setting: the same line, not a type error beside it
+                     "config key defaults.training.steps: -.inf is not a finite number; NaN and infinities are "
+                     "refused wherever the config takes a number: give a finite value"]

@@ -15,6 +15,7 @@ from thimble.analysis.freeze import MEASURES, VERDICTS
 from thimble.outputs import FIGURES
 from thimble.plan import any_calibration, peak_ram_bytes
 from thimble.record.stream_reader import open_stream
+from thimble.util.units import format_bytes
 
 
 def planned_jobs(output: str) -> dict[str, int]:
@@ -102,7 +103,7 @@ def test_mini_training_through_snakemake(mini_data):
     # one RAM estimate: the one `thimble plan` and the rules' mem_mb use
     n_tokens = len(np.load(mini_data / "results/data/shakespeare_mini/tokens.npy"))
     peak = peak_ram_bytes(settings, any_calibration(settings, mini_data).record, n_tokens)["train"]
-    assert f"peak RAM about {peak / 1e9:.2f} GB (thimble plan's model" in log
+    assert f"peak RAM about {format_bytes(peak)} (thimble plan's model" in log
     assert not (mini_data / "results/thimble_mini/.partial").exists()
     for stage in ("rechunk", "lattice", "replay"):
         assert (mini_data / f"logs/thimble_mini/{stage}.log").stat().st_size > 0

@@ -200,6 +200,7 @@ def _log_peak_ram(settings: dict, tokens_path: str) -> None:
     import numpy as np
 
     from thimble.plan import PlanError, training_peak_ram
+    from thimble.util.units import format_bytes
 
     log = logging.getLogger("thimble.training.train")
     try:
@@ -214,7 +215,7 @@ def _log_peak_ram(settings: dict, tokens_path: str) -> None:
     if peak is None:
         log.info("safety check: peak RAM not predicted: %s", how)
     else:
-        log.info("safety check: peak RAM about %.2f GB (%s)", peak / 1e9, how)
+        log.info("safety check: peak RAM about %s (%s)", format_bytes(peak), how)
 
 
 def _rechunk(args) -> None:
@@ -459,6 +460,8 @@ def disk_full_message(error: BaseException, args) -> str | None:
     import os
     import shutil
 
+    from thimble.util.units import format_bytes
+
     full = next((cause for cause in _causes(error) if isinstance(cause, OSError)
                  and (cause.errno == errno.ENOSPC or "No space left on device" in str(cause))), None)
     if full is None:
@@ -470,8 +473,8 @@ def disk_full_message(error: BaseException, args) -> str | None:
         folder = os.path.dirname(folder)
     free = shutil.disk_usage(folder).free
     needed = needed_bytes(args)
-    need = f"; it needs about {needed / 1e9:.3g} GB" if needed else ""
-    return (f"the disk is full writing {target} ({free / 1e9:.3g} GB free in {folder}{need}): free space there "
+    need = f"; it needs about {format_bytes(needed)}" if needed else ""
+    return (f"the disk is full writing {target} ({format_bytes(free)} free in {folder}{need}): free space there "
             "(or point results/ elsewhere) and run again; `thimble plan TARGET` predicts every file's size")
 
 

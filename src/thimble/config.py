@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -83,11 +84,35 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return f"config key {where}: {error.message}"
 
 
+def non_finite_numbers(value, path=()) -> list[tuple[tuple, float]]:
+    """(key path, value) of every NaN or infinity in ``value`` (YAML's .nan, .inf and -.inf), nested keys and
+    list items included. JSON Schema's ``number`` takes them, and no bound refuses NaN (every comparison with
+    it is false)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in non_finite_numbers(item, (*path, key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in non_finite_numbers(item, (*path, index))]
+    return []
+
+
+def _yaml_number(value: float) -> str:
+    return ".nan" if math.isnan(value) else (".inf" if value > 0 else "-.inf")
+
+
 def validate_schema(config: dict, schema: dict) -> None:
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
-    if errors:
-        raise ConfigError("\n".join(_describe(error) for error in errors))
+    non_finite = {tuple(path): value for path, value in non_finite_numbers(config)}
+    lines = [(path, f"config key {_key(path)}: {_yaml_number(value)} is not a finite number; NaN and infinities are "
+                    "refused wherever the config takes a number: give a finite value")
+             for path, value in non_finite.items()]
+    # a non-finite value's own line says what is wrong with it: a type error of it would not
+    lines += [(tuple(error.absolute_path), _describe(error))
+              for error in jsonschema.Draft202012Validator(schema).iter_errors(config)
+              if tuple(error.absolute_path) not in non_finite]
+    if lines:
+        lines.sort(key=lambda line: [str(part) for part in line[0]])
+        raise ConfigError("\n".join(text for _, text in lines))
 
 
 def schema_defaults(schema: dict) -> dict:

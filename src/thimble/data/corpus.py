@@ -123,12 +123,6 @@ def build_corpus(texts: dict[str, bytes], dataset: dict, dataset_name: str) -> t
     return tokenizer_text, model_text, manifest
 
 
-def local_tokenizer_text(dataset: dict, dataset_name: str) -> str:
-    """The tokenizer text a local source will assemble to, read before anything runs (config checks)."""
-    texts = read_local_texts(dataset["source"]["local"])
-    return join_texts(texts, select(texts, dataset["tokenizer_texts"], f"datasets.{dataset_name}.tokenizer_texts"))
-
-
 def write_corpus(dataset: dict, dataset_name: str, archive: str | None,
                  tokenizer_texts: str, model_corpus: str, manifest: str, digests: bool = False) -> None:
     """Assemble the dataset's tokenizer texts and model corpus, and its manifest; with ``digests``, each

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from thimble.data.digests import verify_digest
 from thimble.errors import DataError
 from thimble.util.files import atomic_output, write_json
 
@@ -96,6 +97,7 @@ def built_vocab_size(path: Path) -> int | None:
 
 
 def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
+    verify_digest(tokenizer_texts, "corpus")
     tokenizer = train_bpe_on_text(read_text(tokenizer_texts), vocab_size)
     got = tokenizer.get_vocab_size()
     if got != vocab_size:
@@ -107,8 +109,10 @@ def write_tokenizer(tokenizer_texts: str, vocab_size: int, output: str) -> None:
 
 def load_token_ids(path: str | Path, vocab_size: int) -> np.ndarray:
     """The token ids of ``tokens.npy``: a 1-D integer array of ids in [0, vocab_size), or a DataError
-    naming the file and the fix."""
+    naming the file and the fix; one that no longer matches the sha256 the encode stage wrote beside it is
+    refused (``thimble.data.digests``)."""
     fix = "rebuild it with `thimble encode` (snakemake reruns it when you delete it)"
+    verify_digest(path, "encode")
     try:
         ids = np.load(path, allow_pickle=False)
     except FileNotFoundError:
@@ -134,6 +138,7 @@ def write_encoded(tokenizer_path: str, model_corpus: str, output: str, digest: s
     compares the file's content rather than its modification time)."""
     from thimble.util.files import write_digest
 
+    verify_digest(model_corpus, "corpus")
     tokenizer = Tokenizer.from_file(tokenizer_path)
     ids = encode(tokenizer, read_text(model_corpus))
     with atomic_output(output) as tmp:

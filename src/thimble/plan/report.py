@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from thimble.plan import costs
+from thimble.util.units import format_bytes
 
 
 def human_bytes(count: float | None) -> str:
-    if count is None:
-        return "not predicted"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(count) < 1000 or unit == "TB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1000
-    raise AssertionError
+    return "not predicted" if count is None else format_bytes(count)
 
 
 def human_seconds(seconds: float) -> str:

@@ -79,6 +79,7 @@ from thimble.training.model import (
 from thimble.training.resume_lock import PartialLock
 from thimble.update_rules import STATE_KEYS, recorded_keys
 from thimble.util.cpu import this_cpu
+from thimble.util.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -211,11 +212,11 @@ def check_disk(plan: dict, directory: Path) -> None:
     """Refuse a run whose stream, uncompressed, may not fit in ``directory``'s free space."""
     free = shutil.disk_usage(directory).free
     need = plan["stream_bytes_uncompressed"]
-    log.info("safety check: the stream needs at most %.2f GB on disk (uncompressed bound; compression "
-             "typically halves it), %.2f GB free in %s", need / 1e9, free / 1e9, directory)
+    log.info("safety check: the stream needs at most %s on disk (uncompressed bound; compression typically "
+             "halves it), %s free in %s", format_bytes(need), format_bytes(free), directory)
     if need > free:
-        raise TrainingError(f"not enough free disk in {directory}: the run may need {need / 1e9:.2f} GB "
-                            f"(uncompressed bound) and {free / 1e9:.2f} GB are free; free space or "
+        raise TrainingError(f"not enough free disk in {directory}: the run may need {format_bytes(need)} "
+                            f"(uncompressed bound) and {format_bytes(free)} are free; free space or "
                             "reduce training.steps")
 
 
