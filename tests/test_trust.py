@@ -356,3 +356,27 @@ def test_a_full_disk_says_what_is_free_and_needed_in_units_that_fit(monkeypatch,
     error = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "stream.partial/segment.h5"))
     message = cli.disk_full_message(error, args)
     assert "(4.10 kB free in " in message and "; it needs about " in message and " GB" not in message, message
+
+
+def test_the_notebook_names_a_foreign_dataset_instead_of_crashing(tmp_path):
+    import thimble
+    from thimble.errors import DataError
+
+    recording_with(tmp_path, lambda f: f.create_dataset("W", shape=(10**7, 10**6, 1024), dtype="float64"))
+    run = thimble.open_run(tmp_path, source="recording")
+    with pytest.raises(DataError, match=r"recording.h5:/W holds float64 elements of 8 bytes; the recording's "
+                                        r"attributes say bfloat16"):
+        run.W[0]
+
+
+@pytest.mark.parametrize("name", ["freeze.csv", "delta_w_lattice.h5"])
+def test_the_xarray_engine_refuses_a_file_that_is_not_a_recording(tmp_path, name):
+    import xarray
+
+    from thimble.errors import DataError
+
+    recording_with(tmp_path, lambda f: f.create_dataset("W", data=np.zeros((5, 4, 3), np.float16)))
+    other = tmp_path / name
+    other.write_bytes(b"step,loss\n1,2.0\n")
+    with pytest.raises(DataError, match=rf"{other} is not a thimble recording; engine='thimble' opens"):
+        xarray.open_dataset(other, engine="thimble")

@@ -22,7 +22,7 @@ import h5py
 from thimble.errors import ThimbleError
 from thimble.notebook.chunk_cache import ChunkCache
 from thimble.notebook.step_series import EMBEDDING_AXES, StepSeries, parameter_axes
-from thimble.record.format import RecordedParam, RecordLayout, stream_tensors
+from thimble.record.format import RecordedParam, RecordLayout, check_recorded_dataset, stream_tensors
 from thimble.sizes import EMBEDDING, parameter_shapes
 from thimble.update_rules import SEED_NAMES, STATE_KEYS, rule_of
 
@@ -106,7 +106,9 @@ class RecordedSeries(Mapping[str, StepSeries]):
         path = recorded.paths[key]
         if path not in self._series:
             axes = parameter_axes_of(param, len(recorded.shape))
-            self._series[path] = StepSeries(self._recording[path], series_name(param, key), self._cache, axes,
+            # as the attributes say (type, rank, shape, bytes inside the run), or a DataError naming it
+            dataset = check_recorded_dataset(self._recording, path, self.layout)
+            self._series[path] = StepSeries(dataset, series_name(param, key), self._cache, axes,
                                             "the run" if param == EMBEDDING else param)
         return self._series[path]
 

@@ -32,9 +32,15 @@ def run_of_path(path: str | Path, cache_bytes: int | None = None, allow_stale: b
     """The run a path names: results/{experiment}, its recording.h5 or its stream/stream.h5."""
     from thimble.notebook.run import Run
 
+    from thimble.errors import DataError
+
     path = Path(path)
     if path.is_dir():
         return Run(path, "auto", cache_bytes, allow_stale)
+    if path.name not in (RECORDING_FILE, STREAM_FILE) or not is_hdf5(path):
+        # another file of the run (a table, ΔW′) is not the run's recording: never serve the one beside it
+        raise DataError(f"{path} is not a thimble recording; engine='thimble' opens a results folder, its "
+                        f"{RECORDING_FILE} or its {STREAM_DIR}/{STREAM_FILE}")
     if path.name == STREAM_FILE:
         return Run(path.parent.parent, "stream", cache_bytes, allow_stale)
     return Run(path.parent, "recording", cache_bytes, allow_stale)
