@@ -380,3 +380,29 @@ def test_the_xarray_engine_refuses_a_file_that_is_not_a_recording(tmp_path, name
     other.write_bytes(b"step,loss\n1,2.0\n")
     with pytest.raises(DataError, match=rf"{other} is not a thimble recording; engine='thimble' opens"):
         xarray.open_dataset(other, engine="thimble")
+
+
+def test_a_recording_copied_into_another_experiments_folder_is_refused_naming_both(tmp_path):
+    import h5py
+
+    import thimble
+    from thimble.errors import DataError
+    from thimble.record.reader import RecordedTensor
+
+    folder = tmp_path / "results" / "thimble_small"
+    folder.mkdir(parents=True)
+    path = recording_with(folder, lambda f: f.create_dataset("W", data=np.zeros((5, 4, 3), np.float16)))
+    with h5py.File(path, "r+") as handle:
+        handle.attrs["experiment"] = "thimble_small_float16"
+    message = (r"recording.h5 is thimble_small_float16's recording \(its attribute experiment\), not thimble_small's"
+               r".*results/thimble_small/recording.h5")
+    with h5py.File(path) as handle, pytest.raises(DataError, match=message):
+        RecordedTensor.of_recording(handle, "grad_W")
+    with pytest.raises(DataError, match=message):
+        thimble.open_run(folder, source="recording").W[0]
+    # outside a workflow's results folder, a file is whatever its attributes say
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    path = recording_with(loose, lambda f: f.create_dataset("W", data=np.zeros((5, 4, 3), np.float16)))
+    with h5py.File(path) as handle:
+        assert RecordedTensor.of_recording(handle, "grad_W").shape == (5, 4, 3)

@@ -30,9 +30,8 @@ NOTEBOOK_GUIDE = source_checkout() / "docs" / "notebook.md"
 
 def run_of_path(path: str | Path, cache_bytes: int | None = None, allow_stale: bool = False):
     """The run a path names: results/{experiment}, its recording.h5 or its stream/stream.h5."""
-    from thimble.notebook.run import Run
-
     from thimble.errors import DataError
+    from thimble.notebook.run import Run
 
     path = Path(path)
     if path.is_dir():

@@ -36,6 +36,7 @@ import numpy as np
 
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_h5type
+from thimble.outputs import RECORDING_FILE, RESULTS_DIR, STREAM_DIR
 from thimble.record.codec import damaged, zstd_dcpl
 from thimble.record.h5_datasets import create_dataset
 from thimble.sizes import EMBEDDING
@@ -172,10 +173,24 @@ class RecordLayout:
         return name.lstrip("/") in self.aliases()
 
 
+def check_own_folder(handle: h5py.File) -> None:
+    """A DataError when a recording (or a stream) in the workflow's ``results/{experiment}/`` is another experiment's
+    (its attribute ``experiment``): copied or moved there, it would be analysed as this experiment's."""
+    path = Path(handle.filename).resolve()
+    run_dir = path.parent.parent if path.parent.name == STREAM_DIR else path.parent
+    recorded = handle.attrs.get("experiment")
+    if run_dir.parent.name != RESULTS_DIR or recorded is None or str(recorded) == run_dir.name:
+        return
+    raise DataError(f"{handle.filename} is {recorded}'s recording (its attribute experiment), not {run_dir.name}'s: it "
+                    f"was copied or moved into {run_dir}. Move it back, or delete it and run `snakemake --cores 2 "
+                    f"{RESULTS_DIR}/{run_dir.name}/{RECORDING_FILE}` to make {run_dir.name}'s")
+
+
 def check_recorded_dataset(handle: h5py.File, name: str, layout: RecordLayout | None = None) -> h5py.Dataset:
     """Dataset ``name`` of a recording, checked against what the recording's attributes say it holds: its stored
     type, rank and shape, and where its bytes are (in this file, or for a stream in its own folder's segments);
     a DataError naming the file, the dataset, what it holds and what was expected."""
+    check_own_folder(handle)
     layout = RecordLayout.of_file(handle) if layout is None else layout
     where = f"{handle.filename}:/{name.lstrip('/')}"
     stored = layout.dtype_of(name)
