@@ -394,7 +394,7 @@ def test_a_recording_copied_into_another_experiments_folder_is_refused_naming_bo
     path = recording_with(folder, lambda f: f.create_dataset("W", data=np.zeros((5, 4, 3), np.float16)))
     with h5py.File(path, "r+") as handle:
         handle.attrs["experiment"] = "thimble_small_float16"
-    message = (r"recording.h5 is thimble_small_float16's recording \(its attribute experiment\), not thimble_small's"
+    message = (r"recording.h5 is thimble_small_float16's \(its attribute experiment\), not thimble_small's"
                r".*results/thimble_small/recording.h5")
     with h5py.File(path) as handle, pytest.raises(DataError, match=message):
         RecordedTensor.of_recording(handle, "grad_W")

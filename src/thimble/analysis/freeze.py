@@ -756,8 +756,10 @@ def delta_w_of(handle: h5py.File, path: str, recording: h5py.File, param: Record
     """ΔW′ of ``param`` in the lattice stage's file ``handle`` (at ``path``), refused unless it was computed
     from the values of ``recording`` (their shape and its resume key)."""
     from thimble.errors import DataError
+    from thimble.record.format import check_own_folder
     from thimble.record.reader import RecordedTensor
 
+    check_own_folder(handle)  # ΔW′ carries its recording's attributes, the experiment among them
     dataset, values = delta_w_dataset(handle, path, param.name), recording[param.roles()["W"]]
     if dataset.shape != values.shape:
         raise DataError(f"{path}:{dataset.name} has shape {dataset.shape}, but {param.name} of "

@@ -174,16 +174,17 @@ class RecordLayout:
 
 
 def check_own_folder(handle: h5py.File) -> None:
-    """A DataError when a recording (or a stream) in the workflow's ``results/{experiment}/`` is another experiment's
-    (its attribute ``experiment``): copied or moved there, it would be analysed as this experiment's."""
+    """A DataError when a recording, a stream or a file made of one (ΔW′ carries its recording's attributes) in the
+    workflow's ``results/{experiment}/`` is another experiment's (its attribute ``experiment``): copied or moved
+    there, it would be analysed as this experiment's."""
     path = Path(handle.filename).resolve()
     run_dir = path.parent.parent if path.parent.name == STREAM_DIR else path.parent
     recorded = handle.attrs.get("experiment")
     if run_dir.parent.name != RESULTS_DIR or recorded is None or str(recorded) == run_dir.name:
         return
-    raise DataError(f"{handle.filename} is {recorded}'s recording (its attribute experiment), not {run_dir.name}'s: it "
-                    f"was copied or moved into {run_dir}. Move it back, or delete it and run `snakemake --cores 2 "
-                    f"{RESULTS_DIR}/{run_dir.name}/{RECORDING_FILE}` to make {run_dir.name}'s")
+    raise DataError(f"{handle.filename} is {recorded}'s (its attribute experiment), not {run_dir.name}'s: it was "
+                    f"copied or moved into {run_dir}. Move it back, or delete it and run `snakemake --cores 2 "
+                    f"{RESULTS_DIR}/{run_dir.name}/{path.name}` to make {run_dir.name}'s")
 
 
 def check_recorded_dataset(handle: h5py.File, name: str, layout: RecordLayout | None = None) -> h5py.Dataset:
