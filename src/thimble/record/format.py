@@ -36,7 +36,7 @@ import numpy as np
 
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_h5type
-from thimble.outputs import RECORDING_FILE, RESULTS_DIR, STREAM_DIR
+from thimble.outputs import RESULTS_DIR, STREAM_DIR
 from thimble.record.codec import damaged, zstd_dcpl
 from thimble.record.h5_datasets import create_dataset
 from thimble.sizes import EMBEDDING
@@ -184,7 +184,8 @@ def check_own_folder(handle: h5py.File) -> None:
         return
     raise DataError(f"{handle.filename} is {recorded}'s (its attribute experiment), not {run_dir.name}'s: it was "
                     f"copied or moved into {run_dir}. Move it back, or delete it and run `snakemake --cores 2 "
-                    f"{RESULTS_DIR}/{run_dir.name}/{path.name}` to make {run_dir.name}'s")
+                    f"{RESULTS_DIR}/{run_dir.name}/{STREAM_DIR if run_dir != path.parent else path.name}` to make "
+                    f"{run_dir.name}'s")
 
 
 def check_recorded_dataset(handle: h5py.File, name: str, layout: RecordLayout | None = None) -> h5py.Dataset:
