@@ -61,8 +61,11 @@ def hdf5_digest(path: Path) -> dict[str, str]:
         # parameter's under params/ (the embedding's again, by its path)
         datasets = {name: item for name, item in handle.items() if isinstance(item, h5py.Dataset)}
         if "params" in handle:
-            handle["params"].visititems(lambda name, item: datasets.setdefault(f"params/{name}", item)
-                                        if isinstance(item, h5py.Dataset) else None)
+            def collect(name, item):  # h5py stops visiting at the first callback that returns a value
+                if isinstance(item, h5py.Dataset):
+                    datasets[f"params/{name}"] = item
+
+            handle["params"].visititems(collect)
         for name, dataset in datasets.items():
             plist = dataset.id.get_create_plist()
             filters = [] if dataset.is_virtual else [plist.get_filter(i)[0] for i in range(plist.get_nfilters())]
