@@ -529,12 +529,8 @@ def group_blocks(handle, param, groups: dict[str, np.ndarray], hyper: dict, pool
 
     from thimble.record.reader import RecordedTensor, aligned_blocks
 
-    roles = param.roles()
-    missing = [role for role in ROLES if role not in roles]
-    if missing:
-        raise DataError(f"{handle.filename}: {param.name} has no {', '.join(missing)} recorded (datasets "
-                        f"{', '.join(sorted(roles.values()))}); the freeze drivers need its value, gradient and "
-                        "both moments")
+    roles = param.require_roles(handle.filename, ROLES, "the freeze drivers need its value, gradient and both "
+                                                       "moments")
     tensors = {role: RecordedTensor.of_recording(handle, roles[role]) for role in ROLES}
     n_steps = tensors["W"].shape[0]
     _, columns = row_shape(param.shape)

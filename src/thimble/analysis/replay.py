@@ -531,12 +531,8 @@ def check_roles(filename: str, params: list[RecordedParam]) -> None:
     else a DataError naming the file and the parameter."""
     first = params[0].roles()
     for param in params:
-        roles = param.roles()
-        missing = [role for role in REQUIRED_ROLES if role not in roles]
-        if missing:
-            raise DataError(f"{filename}: {param.name} is recorded without {', '.join(missing)} "
-                            f"({', '.join(roles.values())} only); the replay needs its value, gradient and both "
-                            "moments")
+        roles = param.require_roles(filename, REQUIRED_ROLES, "the replay needs its value, gradient and both "
+                                                              "moments")
         if set(roles) != set(first):
             raise DataError(f"{filename}: {param.name} records {', '.join(roles)}, {params[0].name} "
                             f"{', '.join(first)}; under one update rule every parameter records the same tensors")

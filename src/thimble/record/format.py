@@ -82,6 +82,16 @@ class RecordedParam:
         read any tensor by."""
         return {SEED_NAMES[key]: path for key, path in self.paths.items()}
 
+    def require_roles(self, filename: str, roles, needs: str) -> dict[str, str]:
+        """Its datasets by role (``roles()``), or a DataError naming the file, the parameter and the roles it was
+        recorded without (``needs``: what the caller needs them for)."""
+        paths = self.roles()
+        missing = [role for role in roles if role not in paths]
+        if missing:
+            raise DataError(f"{filename}: {self.name} is recorded without {', '.join(missing)} (datasets "
+                            f"{', '.join(sorted(paths.values()))}); {needs}")
+        return paths
+
     def role_dtypes(self) -> dict[str, str]:
         return {SEED_NAMES[key]: dtype for key, dtype in self.dtypes.items()}
 
@@ -92,6 +102,10 @@ class RecordLayout:
 
     def __init__(self, params: dict[str, RecordedParam]):
         self.params = params
+        embedding = params.get(EMBEDDING)
+        # asked for every tensor of every recorded step (``canonical``): built once
+        self._aliases = {} if embedding is None else {name: path for name, path in embedding.roles().items()
+                                                      if name != path}
 
     @classmethod
     def of_parameters(cls, shapes: dict[str, tuple[int, ...]], keys: dict[str, str]) -> RecordLayout:
@@ -130,7 +144,7 @@ class RecordLayout:
 
     def canonical(self, name: str) -> str:
         """The stored dataset's path of ``name`` (a path, or a seed's root name of the embedding)."""
-        return self.aliases().get(name, name)
+        return self._aliases.get(name, name)
 
     def datasets(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Every stored dataset (each once) with its stored dtype and parameter shape."""
@@ -140,10 +154,7 @@ class RecordLayout:
     def aliases(self) -> dict[str, str]:
         """The seed's root names of the embedding and the datasets they link to (none if it is not recorded, or
         if the datasets are themselves at the root)."""
-        embedding = self.params.get(EMBEDDING)
-        if embedding is None:
-            return {}
-        return {name: path for name, path in embedding.roles().items() if name != path}
+        return dict(self._aliases)
 
     def alias_dtypes(self) -> dict[str, str]:
         embedding = self.params.get(EMBEDDING)
@@ -170,7 +181,7 @@ class RecordLayout:
             handle[name] = handle[path]
 
     def is_alias(self, name: str) -> bool:
-        return name.lstrip("/") in self.aliases()
+        return name.lstrip("/") in self._aliases
 
 
 def check_own_folder(handle: h5py.File) -> None:
