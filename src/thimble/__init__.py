@@ -1,13 +1,14 @@
 """Thimble: bit-faithful recording and lattice analysis of bfloat16 embedding training.
 
 ``thimble.open_run("results/thimble_mini")`` opens an experiment's results in a
-notebook (``thimble.notebook.run``); it is imported on first use, so ``import thimble``
-stays cheap.
+notebook (``thimble.notebook.run``); ``thimble.Recorder(path, model, optimizer)`` records any
+PyTorch loop's optimizer steps (``thimble.record.recorder``). Both are imported on first use, so
+``import thimble`` stays cheap.
 """
 
 from thimble.version import __version__
 
-__all__ = ["open_run", "Run", "__version__"]
+__all__ = ["open_run", "Run", "Recorder", "__version__"]
 
 
 def __getattr__(name: str):
@@ -15,4 +16,8 @@ def __getattr__(name: str):
         from thimble.notebook import run
 
         return getattr(run, name)
+    if name == "Recorder":
+        from thimble.record.recorder import Recorder
+
+        return Recorder
     raise AttributeError(f"module 'thimble' has no attribute {name!r}")

@@ -45,6 +45,8 @@ from thimble.update_rules import ELEMENT_BYTES, SEED_NAMES, STATE_KEYS, recorded
 #: the tensors of a bf16-rule recording (``thimble.update_rules.recorded_tensors`` gives each rule's)
 TENSORS = tuple(recorded_tensors("bf16"))
 STORAGE_DTYPES = ("bfloat16", "float16")
+#: a recording's storage_dtype when every tensor is stored in its own dtype (``thimble.Recorder``)
+NATIVE_STORAGE = "native"
 #: the stored dtype of a tensor: record.dtype for bf16 tensors, float32 for float32 optimizer state
 TENSOR_DTYPES = ("bfloat16", "float16", "float32")
 
@@ -80,7 +82,7 @@ class RecordedParam:
     def roles(self) -> dict[str, str]:
         """Its datasets by the seed's names (``W``, ``grad_W``, ``momentum_W``, ...): the roles the analyses
         read any tensor by."""
-        return {SEED_NAMES[key]: path for key, path in self.paths.items()}
+        return {SEED_NAMES.get(key, key): path for key, path in self.paths.items()}
 
     def require_roles(self, filename: str, roles, needs: str) -> dict[str, str]:
         """Its datasets by role (``roles()``), or a DataError naming the file, the parameter and the roles it was
@@ -93,7 +95,7 @@ class RecordedParam:
         return paths
 
     def role_dtypes(self) -> dict[str, str]:
-        return {SEED_NAMES[key]: dtype for key, dtype in self.dtypes.items()}
+        return {SEED_NAMES.get(key, key): dtype for key, dtype in self.dtypes.items()}
 
 
 class RecordLayout:
@@ -164,7 +166,7 @@ class RecordLayout:
         """The stored dtype of dataset ``name`` (a path or a seed's root name), or None if it is not recorded."""
         for param in self.params.values():
             for key, path in param.paths.items():
-                if name.lstrip("/") in (path, SEED_NAMES[key] if param.name == EMBEDDING else None):
+                if name.lstrip("/") in (path, SEED_NAMES.get(key) if param.name == EMBEDDING else None):
                     return param.dtypes[key]
         return None
 
@@ -256,9 +258,11 @@ def tensors_attr(tensors: dict[str, str]) -> str:
 
 
 def create_tensor_dataset(group: h5py.Group, name: str, shape: tuple, chunk_rows: int, storage: str,
-                          level: int) -> h5py.Dataset:
-    """A chunked (chunk_rows, *shape[1:]), shuffle+zstd compressed dataset of the storage dtype."""
-    return create_dataset(group, name, storage_h5type(storage), shape, zstd_dcpl((chunk_rows, *shape[1:]), level))
+                          level: int, resizable: bool = False) -> h5py.Dataset:
+    """A chunked (chunk_rows, *shape[1:]), shuffle+zstd compressed dataset of the storage dtype (``resizable``:
+    its steps can be cut later)."""
+    space = h5py.h5s.create_simple(tuple(shape), (h5py.h5s.UNLIMITED, *shape[1:])) if resizable else shape
+    return create_dataset(group, name, storage_h5type(storage), space, zstd_dcpl((chunk_rows, *shape[1:]), level))
 
 
 def create_checked_array(group: h5py.Group, name: str, data: np.ndarray) -> h5py.Dataset:

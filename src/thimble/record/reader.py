@@ -43,6 +43,7 @@ from thimble.record.codec import (
     time_chunks,
 )
 from thimble.record.format import (
+    NATIVE_STORAGE,
     STORAGE_DTYPES,
     TENSOR_DTYPES,
     RecordLayout,
@@ -92,14 +93,15 @@ class RecordedTensor:
         dataset = check_recorded_dataset(handle, name, layout)
         storage = handle.attrs.get("storage_dtype")
         stored = layout.dtype_of(name)
-        if storage not in STORAGE_DTYPES or stored not in TENSOR_DTYPES \
+        if storage not in (*STORAGE_DTYPES, NATIVE_STORAGE) or stored not in TENSOR_DTYPES \
                 or element_size(dataset) != ELEMENT_BYTES[stored]:
             raise DataError(f"{handle.filename}: {name} is stored as {stored or storage} ({dataset.dtype}); the "
                             "analysis needs a recording written by thimble train (bfloat16 or float16)")
         if not dataset.is_virtual and not has_shuffle_zstd(dataset):
             raise DataError(f"{handle.filename}: {name} is not shuffle+zstd compressed; rechunk it with "
                             "thimble rechunk")
-        return cls(dataset, float16_as_bfloat16=True)
+        # the seed's float16 storage held bf16 values; a float16 parameter stored in its own dtype is float16
+        return cls(dataset, float16_as_bfloat16=storage == "float16")
 
     # -- by steps ----------------------------------------------------------------------------------
 

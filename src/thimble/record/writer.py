@@ -23,6 +23,7 @@ from thimble.numerics.bf16 import to_float16_counting, torch_to_bits
 from thimble.outputs import STREAM_FILE
 from thimble.record.codec import CHUNK_CHECKSUM, encode_chunk
 from thimble.record.format import (
+    NATIVE_STORAGE,
     STORAGE_DTYPES,
     TENSOR_DTYPES,
     RecordLayout,
@@ -46,33 +47,51 @@ log = logging.getLogger(__name__)
 class _Segment:
     """One open segment file, steps first..last, written under a .tmp name."""
 
-    def __init__(self, directory: Path, first: int, last: int, layout: RecordLayout, storage: str, level: int):
+    def __init__(self, directory: Path, first: int, last: int, layout: RecordLayout, storage: str, level: int,
+                 step_tables: dict[str, tuple[np.dtype, tuple[int, ...]]], open_ended: bool = False):
         self.first, self.last = first, last
         self.final = directory / segment_name(first, last)
         self.tmp = self.final.with_suffix(".h5.tmp")
         self.file = h5py.File(self.tmp, "w")
         rows = last - first + 1
-        self.datasets = {path: create_tensor_dataset(self.file, path, (rows, *shape), 1, dtype, level)
+        # a run of unknown length ends inside its last segment, whose datasets are then cut to the steps written
+        self.datasets = {path: create_tensor_dataset(self.file, path, (rows, *shape), 1, dtype, level,
+                                                     resizable=open_ended)
                          for path, (dtype, shape) in layout.datasets().items()}
         self.origins = {path: (0,) * (len(shape) + 1) for path, (_, shape) in layout.datasets().items()}
         layout.link_aliases(self.file)
-        # written whole at close: one Fletcher32-guarded chunk
+        # written whole at close: one Fletcher32-guarded chunk each
         self.losses = np.full(rows, np.nan, dtype=np.float32)
+        self.tables = {name: np.zeros((rows, *shape), dtype=dtype) for name, (dtype, shape) in step_tables.items()}
         self.file.attrs.update(first_step=first, last_step=last, storage_dtype=storage, **layout.attrs(),
                                chunk_checksum=CHUNK_CHECKSUM)
         self.written = 0
 
-    def write(self, step: int, chunks: dict[str, bytes], loss: float) -> None:
+    def write(self, step: int, chunks: dict[str, bytes], loss: float, tables: dict[str, np.ndarray]) -> None:
         row = step - self.first
         for path, chunk in chunks.items():
             self.datasets[path].id.write_direct_chunk((row, *self.origins[path][1:]), chunk, 0)
         self.losses[row] = loss
+        for name, values in tables.items():
+            self.tables[name][row] = values
         self.written += 1
+
+    def cut(self) -> None:
+        """End the segment at the last step written (a run of unknown length stopped inside it)."""
+        self.last = self.first + self.written - 1
+        self.final = self.final.with_name(segment_name(self.first, self.last))
+        for dataset in self.datasets.values():
+            dataset.resize(self.written, axis=0)
+        self.losses = self.losses[:self.written]
+        self.tables = {name: values[:self.written] for name, values in self.tables.items()}
+        self.file.attrs["last_step"] = self.last
 
     def close(self) -> None:
         if self.written != self.last - self.first + 1:
             raise RuntimeError(f"segment {self.first}-{self.last} got {self.written} steps")
         create_checked_array(self.file, "losses", self.losses)
+        for name, values in self.tables.items():
+            create_checked_array(self.file, name, values)
         self.file.close()
 
     def commit(self) -> Path:
@@ -86,16 +105,19 @@ class StreamRecorder:
     """Absorbs steps from the training loop and writes them in the background.
 
     ``layout`` (``thimble.record.format.RecordLayout``) names the recorded parameters, their shapes and each
-    dataset's stored dtype; ``storage`` is record.dtype. ``record`` hands over CPU copies of the datasets' tensors
-    (by path, or the embedding's by the seed's names); it blocks only when
-    ``queue_steps`` steps are already waiting, which bounds memory whatever T
-    is. ``checkpoint`` closes the current segment and then calls ``on_durable``
-    (in the writer thread) once everything up to that step is on disk.
+    dataset's stored dtype; ``storage`` is record.dtype (``native``: every tensor in its own dtype). ``record``
+    hands over CPU copies of the datasets' tensors (by path, or the embedding's by the seed's names); it blocks
+    only when ``queue_steps`` steps are already waiting, which bounds memory whatever T is. ``checkpoint`` closes
+    the current segment and then calls ``on_durable`` (in the writer thread) once everything up to that step is on
+    disk. ``last_step`` None: a run of unknown length, whose last segment ends where ``close`` finds it.
+    ``step_tables``: small per-step arrays (name: (dtype, shape of a step's row)) each step hands over beside its
+    tensors, stored in each segment like the losses.
     """
 
-    def __init__(self, directory: str | Path, layout: RecordLayout, last_step: int, storage: str = "bfloat16",
-                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2):
-        if storage not in STORAGE_DTYPES:
+    def __init__(self, directory: str | Path, layout: RecordLayout, last_step: int | None, storage: str = "bfloat16",
+                 segment_steps: int = 100, queue_steps: int = 64, level: int = 1, threads: int = 2,
+                 step_tables: dict[str, tuple[np.dtype, tuple[int, ...]]] | None = None):
+        if storage not in (*STORAGE_DTYPES, NATIVE_STORAGE):
             raise ValueError(f"unknown record.dtype {storage!r}; use one of {STORAGE_DTYPES}")
         self.layout = layout
         self.tensors = {path: dtype for path, (dtype, _) in layout.datasets().items()}
@@ -105,6 +127,9 @@ class StreamRecorder:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.last_step, self.storage = last_step, storage
+        self.step_tables = dict(step_tables or {})
+        #: the last step on disk once ``close`` returned
+        self.last_written: int | None = None
         self.segment_steps, self.level = segment_steps, level
         self.float16_altered = dict.fromkeys(self.tensors, 0)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_steps)
@@ -121,15 +146,18 @@ class StreamRecorder:
     # -- training side -------------------------------------------------------
     def segment_bounds(self, step: int) -> tuple[int, int]:
         first = step - step % self.segment_steps
-        return first, min(first + self.segment_steps - 1, self.last_step)
+        last = first + self.segment_steps - 1
+        return first, last if self.last_step is None else min(last, self.last_step)
 
     def is_segment_end(self, step: int) -> bool:
         return step == self.segment_bounds(step)[1]
 
-    def record(self, step: int, tensors: dict[str, torch.Tensor], loss) -> None:
+    def record(self, step: int, tensors: dict[str, torch.Tensor], loss, tables: dict[str, np.ndarray] | None = None
+               ) -> None:
         """Queue a step: its host tensors and its loss, a float or the ``thimble.training.host_copy.HostStep`` whose
-        copies (still running on a GPU) fill ``tensors``; the writer thread waits for them."""
-        self._put(("step", step, tensors, loss))
+        copies (still running on a GPU) fill ``tensors``; the writer thread waits for them. ``tables``: the step's
+        row of each of ``step_tables``."""
+        self._put(("step", step, tensors, loss, tables or {}))
 
     def checkpoint(self, step: int, on_durable) -> None:
         self._put(("checkpoint", step, on_durable))
@@ -176,6 +204,8 @@ class StreamRecorder:
             if tensor.element_size() != 4:
                 raise TypeError(f"float32 storage got a {tensor.dtype} tensor")
             return encode_chunk(tensor.contiguous().numpy(), self.level), 0
+        if str(tensor.dtype) == "torch.float16":  # a float16 tensor in its own dtype: its bits as they are
+            return encode_chunk(tensor.contiguous().numpy(), self.level), 0
         values, altered = to_float16_counting(tensor)
         return encode_chunk(values, self.level), altered
 
@@ -187,14 +217,14 @@ class StreamRecorder:
                 if item is None or self._error is not None:
                     break
                 if item[0] == "step":
-                    _, step, tensors, loss = item
+                    _, step, tensors, loss, tables = item
                     if hasattr(loss, "wait"):  # a thimble.training.host_copy.HostStep: its device copies end here
                         loss.wait()
                         loss = loss.loss
                     tensors = {self.layout.canonical(name): tensor for name, tensor in tensors.items()}
                     futures = {name: self._pool.submit(self._encode, tensors[name], storage)
                                for name, storage in self.tensors.items()}
-                    pending.append((step, futures, loss))
+                    pending.append((step, futures, loss, tables))
                     self._drain(pending, keep=2)
                 else:
                     _, step, on_durable = item
@@ -202,21 +232,29 @@ class StreamRecorder:
                     self._after_durable(on_durable, step)
             if self._error is None:
                 self._drain(pending, keep=0)
+                if self._segment is not None and self.last_step is None and self._segment.written:
+                    self._segment.cut()
+                    self._segment.close()
+                    self._after_durable(self._segment.commit)
+                    self.last_written = self._segment.last
+                    self._segment = None
         except BaseException as error:  # surfaced to the training thread by record()/close()
             self._error = error
             log.exception("HDF5 writer failed")
 
     def _drain(self, pending, keep: int) -> None:
         while len(pending) > keep:
-            step, futures, loss = pending.popleft()
+            step, futures, loss, tables = pending.popleft()
             chunks = {}
             for name, future in futures.items():
                 chunks[name], altered = future.result()
                 self.float16_altered[name] += altered
             if self._segment is None:
                 first, last = self.segment_bounds(step)
-                self._segment = _Segment(self.directory, first, last, self.layout, self.storage, self.level)
-            self._segment.write(step, chunks, loss)
+                self._segment = _Segment(self.directory, first, last, self.layout, self.storage, self.level,
+                                         self.step_tables, open_ended=self.last_step is None)
+            self._segment.write(step, chunks, loss, tables)
+            self.last_written = step
             if step == self._segment.last:
                 self._segment.close()
                 self._after_durable(self._segment.commit)
@@ -232,14 +270,16 @@ class StreamRecorder:
 
 
 def write_stream_file(directory: str | Path, layout: RecordLayout, last_step: int, storage: str,
-                      masks: dict[str, np.ndarray], attrs: dict) -> Path:
-    """Write ``stream.h5``: virtual (T+1, *shape) datasets over the segments, losses, masks, attributes.
+                      masks: dict[str, np.ndarray], attrs: dict, step_tables: tuple[str, ...] = ()) -> Path:
+    """Write ``stream.h5``: virtual (T+1, *shape) datasets over the segments, losses, ``step_tables`` (each
+    segment's rows joined), masks, attributes.
 
     Fails if the segments do not cover steps 0..last_step exactly.
     """
     directory = Path(directory)
     segments = covering_segments(directory, 0, last_step + 1)
     losses = np.empty(last_step + 1, dtype=np.float32)
+    tables: dict[str, list[np.ndarray]] = {name: [] for name in step_tables}
     final = directory / STREAM_FILE
     tmp = final.with_suffix(".h5.tmp")
     with h5py.File(tmp, "w") as out:
@@ -255,7 +295,11 @@ def write_stream_file(directory: str | Path, layout: RecordLayout, last_step: in
         for first, last, path in segments:
             with open_h5(path) as segment:
                 losses[first:last + 1] = read_checked(segment["losses"])
+                for name, parts in tables.items():
+                    parts.append(read_checked(segment[name]))
         create_checked_array(out, "losses", losses)
+        for name, parts in tables.items():
+            create_checked_array(out, name, np.concatenate(parts))
         for key, values in masks.items():
             create_checked_array(out, key, values)
         out.attrs.update(attrs)

@@ -1,0 +1,530 @@
+"""``thimble.Recorder``: any PyTorch training loop recorded bit for bit at every optimizer step.
+
+The recorder attaches to a torch optimizer through its step hooks (``register_step_pre_hook``,
+``register_step_post_hook``), so it sees exactly what the optimizer consumed and produced, whatever the loop does
+around it (clipping, unscaling, a closure that runs the forward and backward inside ``step()``, a scheduler):
+
+- step 0: each recorded parameter's value when the recorder attaches, and its gradient and optimizer state as
+  zeros (the state the optimizer already holds, when it holds one);
+- step t (after the t-th optimizer step): each recorded parameter's value after the step, the gradient the step
+  consumed (read after the step: torch's optimizers leave ``.grad`` as they found it) and every tensor of the
+  optimizer's state of the parameter's shape (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...), each in its
+  own dtype (bfloat16, float16 or float32: stored losslessly);
+- per step, tables beside the tensors: each param group's hyperparameters as the step used them
+  (``hyperparameters``: lr a scheduler set, betas, eps, weight decay, ...), each recorded parameter's optimizer
+  step count (``param_steps``) and whether the optimizer stepped it (``param_stepped``: a parameter without a
+  gradient is skipped), and the loss handed to ``log``.
+
+It writes ``<path>/stream/`` in thimble's recording format (``thimble.record.format``): segments written in the
+background, each complete and checksummed before it gets its name, and ``stream.h5`` over them when the recorder
+closes. A loop killed before that leaves its complete segments and no ``stream.h5``: a partial recording, which
+``close_partial`` turns into a readable one (marked ``interrupted``). Nothing is unpickled, here or in a reader.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import platform
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from thimble.errors import ThimbleError
+from thimble.outputs import STREAM_DIR, STREAM_FILE
+from thimble.record.format import NATIVE_STORAGE, RecordLayout, list_segments, open_h5
+from thimble.record.writer import StreamRecorder, write_stream_file
+from thimble.sizes import select_parameters
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+#: the stored dtype of each torch dtype a recorder keeps losslessly
+STORED_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
+#: the recorder's description of the run beside the segments, for ``close_partial``
+RUN_FILE = "recorder.json"
+#: the per-step tables a recorder stores beside the tensors (``StreamRecorder`` step tables)
+STEP_TABLES = ("hyperparameters", "param_steps", "param_stepped")
+#: what a recording made by ``Recorder`` says it is (its attribute ``source``)
+SOURCE = "thimble.Recorder"
+
+
+class RecorderError(ThimbleError):
+    """A loop, model or optimizer the recorder cannot record as asked."""
+
+
+def optimizer_class_name(optimizer) -> str:
+    """The optimizer's class as ``module.QualName`` (``torch.optim.adamw.AdamW``)."""
+    kind = type(optimizer)
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def group_implementation(group: dict, params: list) -> str:
+    """How torch runs a param group's step: ``fused``, ``foreach`` or ``single_tensor``, as the optimizer resolves
+    an unset ``foreach``/``fused`` for these parameters (torch's own default)."""
+    if group.get("fused"):
+        return "fused"
+    foreach = group.get("foreach")
+    if foreach is None and "foreach" in group:
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        _, foreach = _default_to_fused_or_foreach(params, bool(group.get("differentiable", False)), use_fused=False)
+    return "foreach" if foreach else "single_tensor"
+
+
+def hyperparameter_columns(groups: list[dict]) -> list[str]:
+    """The numeric settings of the param groups, each a column of the ``hyperparameters`` table (a tuple such as
+    ``betas`` one column per entry: ``betas.0``, ``betas.1``); flags are 0/1, an unset value (None) NaN."""
+    columns: list[str] = []
+    for group in groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            for column, _ in _numeric_entries(key, value):
+                if column not in columns:
+                    columns.append(column)
+    return columns
+
+
+def _numeric_entries(key: str, value):
+    if isinstance(value, (tuple, list)):
+        if all(_is_number(item) for item in value):
+            for index, item in enumerate(value):
+                yield f"{key}.{index}", item
+        return
+    if value is None or _is_number(value):
+        yield key, value
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, (bool, numbers.Real)):
+        return True
+    return hasattr(value, "numel") and value.numel() == 1  # a tensor lr
+
+
+def _as_float(value) -> float:
+    if value is None:
+        return math.nan
+    if hasattr(value, "item"):
+        return float(value.item())
+    return float(value)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a loop ran with (those it imported)."""
+    import h5py
+    import torch
+
+    from thimble.version import __version__
+
+    versions = {"thimble_version": __version__, "torch_version": str(torch.__version__),
+                "numpy_version": np.__version__, "h5py_version": h5py.__version__,
+                "hdf5_version": h5py.version.hdf5_version, "python_version": platform.python_version()}
+    for module, key in (("transformers", "transformers_version"), ("accelerate", "accelerate_version"),
+                        ("lightning", "lightning_version"), ("pytorch_lightning", "pytorch_lightning_version")):
+        if module in sys.modules:
+            versions[key] = str(getattr(sys.modules[module], "__version__", "unknown"))
+    return versions
+
+
+class Recorder:
+    """Record a training loop's optimizer steps into ``<path>/stream/``.
+
+    ``model``: the module whose ``named_parameters()`` name what is recorded; ``optimizer``: the torch optimizer
+    that steps them (an ``accelerate`` or Lightning wrapper is unwrapped to it). ``tensors``: ``"*"`` (every
+    parameter), a name, or a list of names and shell-style patterns. ``token_groups``: ``{"dead": mask}`` (and
+    optionally ``"live"``, the complement by default), a boolean mask over the rows of the embedding
+    ``embedding`` (a parameter's name; by default the one recorded ``nn.Embedding`` with as many rows as the
+    mask), which the analyses then split as they split the seed's live and dead tokens. ``name``: the
+    experiment's name in the recording (default: the directory's name). Use it as a context manager, or call
+    ``close()``; ``log(loss=...)`` adds the last step's loss.
+    """
+
+    def __init__(self, path: str | Path, model, optimizer, tensors: str | list[str] = "*",
+                 token_groups: dict | None = None, *, embedding: str | None = None, name: str | None = None,
+                 segment_steps: int = 100, queue_steps: int = 16, compression_level: int = 1, threads: int = 2):
+        import torch
+
+        self.path = Path(path)
+        self.directory = self.path / STREAM_DIR
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.name = name or self.path.resolve().name
+        check_new_directory(self.directory)
+        patterns = [tensors] if isinstance(tensors, str) else list(tensors)
+        params = dict(model.named_parameters())
+        try:
+            names = select_parameters(patterns, params, key="tensors")
+        except ThimbleError as error:
+            raise RecorderError(str(error)) from None
+        self.params = {name: params[name] for name in names}
+        self._index = {id(param): name for name, param in self.params.items()}
+        self.groups = self.optimizer.param_groups
+        self.group_of = self._group_of_params()
+        for name, param in self.params.items():
+            if str(param.dtype) not in STORED_DTYPES:
+                raise RecorderError(f"{name} is {param.dtype}; the recorder stores bfloat16, float16 and float32 "
+                                    "parameters (losslessly)")
+        self.columns = hyperparameter_columns(self.groups)
+        self.token_groups_param, self.masks = token_masks(token_groups, embedding, model, self.params)
+        self.devices = sorted({str(param.device) for param in self.params.values()})
+        self.segment_steps, self.queue_steps = segment_steps, queue_steps
+        self.compression_level, self.threads = compression_level, threads
+        self.step = 0
+        self._writer: StreamRecorder | None = None
+        self._layout: RecordLayout | None = None
+        self._pending: tuple[int, dict, dict] | None = None
+        self._loss = math.nan
+        self._hyper_zero = self._row_hyper = self._hyperparameter_row()
+        self._implementations: list[str] | None = None
+        self._closed = False
+        with torch.no_grad():
+            self._step_zero = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
+            self._state_zero = {name: {key: value.detach().to("cpu", copy=True)
+                                       for key, value in self.optimizer.state.get(param, {}).items()
+                                       if _is_state_tensor(value, param)}
+                                for name, param in self.params.items()}
+        self._steps_zero = np.array([self._param_step(param) for param in self.params.values()], dtype=np.float64)
+        self._initial_state = "empty" if not any(self._state_zero.values()) else "as_found"
+        self._handles = [self.optimizer.register_step_pre_hook(self._before_step),
+                         self.optimizer.register_step_post_hook(self._after_step)]
+        log.info("recording %d parameters of %s stepped by %s into %s", len(self.params), type(model).__name__,
+                 optimizer_class_name(self.optimizer), self.directory)
+
+    # -- the loop's side ---------------------------------------------------------------------------
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None:
+            self.close()
+        else:
+            self.abort()
+
+    def log(self, loss=None) -> None:
+        """The loss of the last optimizer step (a float or a one-element tensor)."""
+        if loss is not None:
+            self._loss = _as_float(loss.detach() if hasattr(loss, "detach") else loss)
+
+    def close(self) -> Path:
+        """Write every step to disk and ``stream.h5`` over them; return the stream's directory."""
+        if self._closed:
+            return self.directory
+        self._detach()
+        self._closed = True
+        if self._writer is None:
+            raise RecorderError(f"{self.directory}: the optimizer made no step while the recorder was attached, so "
+                                "there is nothing to record")
+        self._flush_pending()
+        self._writer.close()
+        last = self._writer.last_written
+        write_stream_file(self.directory, self._layout, last, NATIVE_STORAGE, self.masks, self.attrs(),
+                          STEP_TABLES)
+        log.info("recorded steps 0..%d -> %s", last, self.directory)
+        return self.directory
+
+    def abort(self) -> None:
+        """Stop recording: the complete segments stay (a partial recording), the open one is dropped."""
+        self._detach()
+        self._closed = True
+        if self._writer is not None:
+            self._flush_pending(ignore_errors=True)
+            self._writer.abort()
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- the optimizer's hooks ---------------------------------------------------------------------
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """The hyperparameters the step is about to use (a scheduler set them before it)."""
+        self._flush_pending()
+        self._row_hyper = self._hyperparameter_row()
+        if self._implementations is None:
+            self._implementations = [group_implementation(group, [p for p in group["params"] if p.grad is not None])
+                                     for group in self.groups]
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        import torch
+
+        with torch.no_grad():
+            if self._writer is None:
+                self._open()
+            self.step += 1
+            tensors, stepped = {}, np.zeros(len(self.params), dtype=np.uint8)
+            for index, (name, param) in enumerate(self.params.items()):
+                entry = self._layout.params[name]
+                state = self.optimizer.state.get(param, {})
+                for key, path in entry.paths.items():
+                    if key == "value":
+                        tensors[path] = param.detach().to("cpu", copy=True)
+                    elif key == "grad":
+                        grad = param.grad
+                        stepped[index] = grad is not None
+                        tensors[path] = (grad.detach().to("cpu", copy=True) if grad is not None
+                                         else torch.zeros(param.shape, dtype=_torch_dtype(entry.dtypes[key])))
+                    else:
+                        value = state.get(key)
+                        if value is None:
+                            tensors[path] = torch.zeros(param.shape, dtype=_torch_dtype(entry.dtypes[key]))
+                        elif not _is_state_tensor(value, param) or STORED_DTYPES.get(str(value.dtype)) \
+                                != entry.dtypes[key]:
+                            raise RecorderError(f"{name}'s optimizer state {key!r} changed kind at step {self.step} "
+                                                f"({value.dtype}, shape {tuple(value.shape)}); the recording "
+                                                f"stores it as {entry.dtypes[key]} {tuple(param.shape)}")
+                        else:
+                            tensors[path] = value.detach().to("cpu", copy=True)
+                unknown = [key for key, value in state.items() if key not in entry.paths
+                           and _is_state_tensor(value, param)]
+                if unknown:
+                    raise RecorderError(f"{name} gained optimizer state {unknown} at step {self.step}, after the "
+                                        f"recording's layout was fixed at step 1 ({sorted(entry.paths)})")
+            steps = np.array([self._param_step(param) for param in self.params.values()], dtype=np.float64)
+        tables = {"hyperparameters": self._row_hyper, "param_steps": steps, "param_stepped": stepped}
+        self._pending = (self.step, tensors, tables)
+        self._loss = math.nan
+
+    # -- the recording -----------------------------------------------------------------------------
+    def _open(self) -> None:
+        """Fix the layout at the first step (its state keys are the optimizer's, known once it made them) and
+        hand step 0 to a new writer."""
+        import torch
+
+        entries = {}
+        for name, param in self.params.items():
+            keys = {"value": STORED_DTYPES[str(param.dtype)],
+                    "grad": STORED_DTYPES[str(param.grad.dtype if param.grad is not None else param.dtype)]}
+            state = self.optimizer.state.get(param, {})
+            for key, value in state.items():
+                if _is_state_tensor(value, param):
+                    if str(value.dtype) not in STORED_DTYPES:
+                        raise RecorderError(f"{name}'s optimizer state {key!r} is {value.dtype}; the recorder "
+                                            "stores bfloat16, float16 and float32 tensors")
+                    keys[key] = STORED_DTYPES[str(value.dtype)]
+            entries[name] = (tuple(param.shape), keys)
+        self._fill_unstepped_keys(entries)
+        self._layout = RecordLayout.of_parameters_each(entries)
+        tables = {"hyperparameters": (np.float64, (len(self.groups), len(self.columns))),
+                  "param_steps": (np.float64, (len(self.params),)),
+                  "param_stepped": (np.uint8, (len(self.params),))}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        from thimble.util.files import write_json
+
+        write_json(self.directory / RUN_FILE, {"attrs": self.attrs(), "masks": {key: value.tolist() for key, value
+                                                                                in self.masks.items()}})
+        self._writer = StreamRecorder(self.directory, self._layout, None, storage=NATIVE_STORAGE,
+                                      segment_steps=self.segment_steps, queue_steps=self.queue_steps,
+                                      level=self.compression_level, threads=self.threads, step_tables=tables)
+        zero = {}
+        for name, entry in self._layout.params.items():
+            for key, path in entry.paths.items():
+                if key == "value":
+                    zero[path] = self._step_zero[name]
+                elif key in self._state_zero[name]:
+                    zero[path] = self._state_zero[name][key]
+                else:
+                    zero[path] = torch.zeros(entry.shape, dtype=_torch_dtype(entry.dtypes[key]))
+        self._step_zero = self._state_zero = None
+        self._writer.record(0, zero, math.nan, {"hyperparameters": self._hyper_zero,
+                                                "param_steps": self._steps_zero,
+                                                "param_stepped": np.zeros(len(self.params), dtype=np.uint8)})
+
+    def _fill_unstepped_keys(self, entries: dict) -> None:
+        """A parameter the first step skipped (no gradient) has no state yet: it gets its group's keys."""
+        for name, (shape, keys) in entries.items():
+            if len(keys) > 2:
+                continue
+            group = self.group_of[name]
+            for other, (other_shape, other_keys) in entries.items():
+                if self.group_of[other] == group and len(other_keys) > 2:
+                    for key, dtype in other_keys.items():
+                        if key not in ("value", "grad"):
+                            keys.setdefault(key, keys["value"] if dtype == other_keys["value"] else dtype)
+                    break
+
+    def _flush_pending(self, ignore_errors: bool = False) -> None:
+        if self._pending is None:
+            return
+        step, tensors, tables = self._pending
+        self._pending = None
+        try:
+            self._writer.record(step, tensors, self._loss, tables)
+        except BaseException:
+            if not ignore_errors:
+                raise
+        self._loss = math.nan
+
+    def _hyperparameter_row(self) -> np.ndarray:
+        row = np.full((len(self.groups), len(self.columns)), np.nan)
+        for index, group in enumerate(self.groups):
+            for key, value in group.items():
+                if key == "params":
+                    continue
+                for column, number in _numeric_entries(key, value):
+                    if column in self.columns:
+                        row[index, self.columns.index(column)] = _as_float(number)
+        return row
+
+    def _param_step(self, param) -> float:
+        value = self.optimizer.state.get(param, {}).get("step")
+        return math.nan if value is None else _as_float(value)
+
+    def _group_of_params(self) -> dict[str, int]:
+        found = {}
+        for index, group in enumerate(self.groups):
+            for param in group["params"]:
+                if id(param) in self._index:
+                    found[self._index[id(param)]] = index
+        missing = [name for name in self.params if name not in found]
+        if missing:
+            raise RecorderError(f"the optimizer ({optimizer_class_name(self.optimizer)}) does not step "
+                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: record only "
+                                "parameters it updates (tensors=...)")
+        return found
+
+    def attrs(self) -> dict:
+        """The recording's attributes: what made it (optimizer, its param groups, the parameters, the device,
+        the CPU, the libraries)."""
+        import torch
+
+        groups = []
+        for index, group in enumerate(self.groups):
+            settings = {key: value for key, value in group.items() if key != "params"
+                        and (value is None or isinstance(value, (bool, int, float, str))
+                             or (isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)))}
+            settings = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
+            groups.append({"params": [name for name in self.params if self.group_of[name] == index],
+                           "implementation": (self._implementations or [None] * len(self.groups))[index],
+                           "settings_at_attach": settings})
+        implementations = sorted({group["implementation"] for group in groups if group["implementation"]})
+        return {
+            "experiment": self.name,
+            "source": SOURCE,
+            "optimizer_class": optimizer_class_name(self.optimizer),
+            "optimizer_impl": implementations[0] if len(implementations) == 1 else ",".join(implementations),
+            "param_groups": json.dumps(groups),
+            "hyperparameter_columns": json.dumps(self.columns),
+            "param_names": json.dumps(list(self.params)),
+            "param_dtypes": json.dumps({name: str(param.dtype).removeprefix("torch.")
+                                        for name, param in self.params.items()}),
+            "initial_state": self._initial_state,
+            "token_groups_param": self.token_groups_param or "",
+            "device": self.devices[0] if len(self.devices) == 1 else ",".join(self.devices),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            **library_versions(),
+        }
+
+
+def _is_state_tensor(value, param) -> bool:
+    """A state entry the recorder keeps: a tensor of the parameter's shape (a moment, a buffer), not a count."""
+    return hasattr(value, "shape") and hasattr(value, "dtype") and tuple(value.shape) == tuple(param.shape) \
+        and value.dtype.is_floating_point
+
+
+def _torch_dtype(stored: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[stored]
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside a wrapper (accelerate's ``AcceleratedOptimizer``, Lightning's
+    ``LightningOptimizer``): the one whose ``step()`` runs the hooks."""
+    import torch
+
+    seen = optimizer
+    for _ in range(8):
+        if isinstance(seen, torch.optim.Optimizer) and type(seen).__name__ not in ("AcceleratedOptimizer",):
+            return seen
+        inner = getattr(seen, "optimizer", None) or getattr(seen, "_optimizer", None)
+        if inner is None:
+            break
+        seen = inner
+    if isinstance(seen, torch.optim.Optimizer):
+        return seen
+    raise RecorderError(f"{type(optimizer).__name__} is not a torch optimizer (torch.optim.Optimizer), nor does it "
+                        "wrap one; the recorder attaches to the optimizer's step hooks")
+
+
+def check_new_directory(directory: Path) -> None:
+    """Refuse to record over a recording: a finished one, or the segments a killed loop left."""
+    if (directory / STREAM_FILE).exists():
+        raise RecorderError(f"{directory} already holds a recording ({STREAM_FILE}); record into another path, or "
+                            f"delete {directory} to record again")
+    segments = list_segments(directory) if directory.is_dir() else []
+    if segments:
+        raise RecorderError(f"{directory} holds a partial recording (segments of steps 0..{segments[-1][1]}, no "
+                            f"{STREAM_FILE}: the loop that wrote it did not close its recorder); make it readable "
+                            f"with thimble.record.recorder.close_partial({str(directory.parent)!r}), or delete "
+                            f"{directory} to record again")
+
+
+def token_masks(token_groups: dict | None, embedding: str | None, model, params: dict
+                ) -> tuple[str | None, dict[str, np.ndarray]]:
+    """The embedding's name and the live and dead masks and ids of ``token_groups`` over its rows, as the seed's
+    recordings hold them (``live_mask``, ``dead_mask``, ``live_ids``, ``dead_ids``)."""
+    if token_groups is None:
+        return None, {}
+    unknown = sorted(set(token_groups) - {"dead", "live"})
+    if unknown or "dead" not in token_groups:
+        raise RecorderError(f"token_groups takes masks 'dead' (and optionally 'live') over the embedding's rows, "
+                            f"got {sorted(token_groups)}")
+    dead = np.asarray(_to_numpy(token_groups["dead"]), dtype=bool)
+    live = np.asarray(_to_numpy(token_groups["live"]), dtype=bool) if "live" in token_groups else ~dead
+    if dead.ndim != 1 or live.shape != dead.shape:
+        raise RecorderError(f"token_groups' masks must be 1-D and of one length, got {dead.shape} and {live.shape}")
+    name = embedding or _find_embedding(model, params, len(dead))
+    if name not in params:
+        raise RecorderError(f"embedding={name!r} is not a recorded parameter ({', '.join(list(params)[:6])})")
+    if params[name].shape[0] != len(dead):
+        raise RecorderError(f"token_groups' masks have {len(dead)} rows, {name} {params[name].shape[0]}")
+    return name, {"live_mask": live, "dead_mask": dead, "live_ids": np.flatnonzero(live).astype(np.int64),
+                  "dead_ids": np.flatnonzero(dead).astype(np.int64)}
+
+
+def _to_numpy(mask):
+    return mask.detach().cpu().numpy() if hasattr(mask, "detach") else mask
+
+
+def _find_embedding(model, params: dict, rows: int) -> str:
+    import torch
+
+    names = {id(param): name for name, param in params.items()}
+    found = [names[id(module.weight)] for module in model.modules()
+             if isinstance(module, torch.nn.Embedding) and id(module.weight) in names
+             and module.weight.shape[0] == rows]
+    found = list(dict.fromkeys(found))
+    if len(found) != 1:
+        raise RecorderError(f"token_groups: {'no' if not found else 'more than one'} recorded nn.Embedding has "
+                            f"{rows} rows ({', '.join(found) or 'none'}); name it with embedding=...")
+    return found[0]
+
+
+def close_partial(path: str | Path) -> Path:
+    """Make the partial recording a killed loop left in ``<path>/stream/`` readable: ``stream.h5`` over its
+    complete segments (steps 0..the last one written whole), marked ``interrupted``. The open segment the loop
+    was writing (a ``.tmp`` file) is left as it is."""
+    directory = Path(path) / STREAM_DIR
+    if (directory / STREAM_FILE).exists():
+        raise RecorderError(f"{directory} already holds {STREAM_FILE}: nothing to close")
+    segments = list_segments(directory) if directory.is_dir() else []
+    if not segments or segments[0][0] != 0:
+        raise RecorderError(f"{directory} holds no complete segment from step 0: nothing was recorded whole")
+    run = json.loads((directory / RUN_FILE).read_text())
+    with open_h5(segments[0][2]) as first:
+        layout = RecordLayout.of_file(first)
+    last = segments[-1][1]
+    masks = {key: np.asarray(value, dtype=bool if key.endswith("mask") else np.int64)
+             for key, value in run["masks"].items()}
+    attrs = {**run["attrs"], "interrupted": True}
+    write_stream_file(directory, layout, last, NATIVE_STORAGE, masks, attrs, STEP_TABLES)
+    log.warning("closed the partial recording %s at step %d (the loop stopped before closing its recorder)",
+                directory, last)
+    return directory
