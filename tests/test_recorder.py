@@ -1,0 +1,222 @@
+"""``thimble.Recorder`` on plain PyTorch loops that were not written for thimble: what the loop held at every
+optimizer step, bit for bit, in the parameters' own dtypes; the per-step tables; a killed loop's partial
+recording; the refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import thimble
+from thimble.record.format import read_checked
+from thimble.record.reader import RecordedTensor
+from thimble.record.recorder import RecorderError, close_partial
+
+
+def bits(tensor: torch.Tensor) -> np.ndarray:
+    width = {2: torch.int16, 4: torch.int32}[tensor.element_size()]
+    return tensor.detach().contiguous().view(width).numpy().view(np.dtype(f"u{tensor.element_size()}"))
+
+
+def recorded_rows(stream_file, param: str, key: str) -> np.ndarray:
+    with h5py.File(stream_file) as handle:
+        tensor = RecordedTensor.of_recording(handle, f"params/{param}/{key}")
+        return tensor.bits(0, tensor.shape[0])
+
+
+class SmallCNN(torch.nn.Module):
+    """Not a transformer: a convolution, LayerNorm and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = torch.nn.LayerNorm([4, 6, 6])
+        self.head = torch.nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))).flatten(1))
+
+
+def held_copies(model, optimizer) -> dict:
+    """What the loop holds after a step: each parameter's value, gradient and optimizer state, copied."""
+    return {name: {"value": param.detach().clone(), "grad": param.grad.detach().clone(),
+                   **{key: value.detach().clone() for key, value in optimizer.state[param].items()
+                      if torch.is_tensor(value) and value.shape == param.shape}}
+            for name, param in model.named_parameters()}
+
+
+def test_fp32_cnn_under_autocast_is_recorded_bit_for_bit(tmp_path):
+    """fp32 parameters trained under bf16 autocast with AdamW, a step schedule and clipping: every recorded
+    tensor equals what the loop held after each step, in float32; the tables give the lr the schedule set."""
+    torch.manual_seed(0)
+    model = SmallCNN()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.5)
+    generator = torch.Generator().manual_seed(1)
+    initial = {name: param.detach().clone() for name, param in model.named_parameters()}
+    held, lrs = [], []
+    with thimble.Recorder(tmp_path / "cnn", model, optimizer, tensors="*", segment_steps=5) as rec:
+        for _ in range(13):
+            x = torch.randn(8, 1, 6, 6, generator=generator)
+            y = torch.randint(3, (8,), generator=generator)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            rec.log(loss=loss)
+            held.append(held_copies(model, optimizer))
+            optimizer.zero_grad()
+            schedule.step()
+    stream = tmp_path / "cnn" / "stream" / "stream.h5"
+    with h5py.File(stream) as handle:
+        attrs = dict(handle.attrs)
+        columns = json.loads(attrs["hyperparameter_columns"])
+        hyper = read_checked(handle["hyperparameters"])
+        losses = read_checked(handle["losses"])
+        steps = read_checked(handle["param_steps"])
+        stepped = read_checked(handle["param_stepped"])
+    assert attrs["optimizer_class"] == "torch.optim.adamw.AdamW"
+    assert attrs["optimizer_impl"] == "single_tensor"
+    assert attrs["storage_dtype"] == "native"
+    assert attrs["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert json.loads(attrs["param_dtypes"]) == {name: "float32" for name, _ in model.named_parameters()}
+    assert hyper.shape == (14, 1, len(columns))
+    np.testing.assert_array_equal(hyper[1:, 0, columns.index("lr")], lrs)
+    assert len(set(lrs)) == 4  # the schedule halved it three times
+    assert (hyper[:, 0, columns.index("weight_decay")] == 0.1).all()
+    assert np.isnan(losses[0]) and np.isfinite(losses[1:]).all()
+    np.testing.assert_array_equal(steps[1:, 0], np.arange(1, 14))
+    assert stepped[1:].all() and not stepped[0].any()
+    for name, param in model.named_parameters():
+        for key in ("value", "grad", "exp_avg", "exp_avg_sq"):
+            rows = recorded_rows(stream, name, key)
+            assert rows.dtype == np.uint32 and rows.shape == (14, *param.shape)
+            for step, copies in enumerate(held, start=1):
+                np.testing.assert_array_equal(rows[step], bits(copies[name][key]), err_msg=f"{name} {key} {step}")
+        np.testing.assert_array_equal(recorded_rows(stream, name, "value")[0], bits(initial[name]))
+        assert not recorded_rows(stream, name, "grad")[0].any() and not recorded_rows(stream, name, "exp_avg")[0].any()
+    # the clipping shows in what the optimizer consumed
+    norms = [torch.sqrt(sum(copies[name]["grad"].double().pow(2).sum() for name in copies)) for copies in held]
+    assert max(norms) <= 0.5 + 1e-6
+
+
+def test_float16_sgd_with_momentum_and_a_skipped_parameter(tmp_path):
+    """float16 parameters under SGD with Nesterov momentum: stored as float16; a parameter without a gradient at
+    a step is marked not stepped and its recorded momentum buffer stays what the optimizer holds."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(20, 4).to(torch.float16)
+    head = torch.nn.Linear(4, 2).to(torch.float16)
+    model = torch.nn.ModuleDict({"embedding": embedding, "head": head})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    held = []
+    dead = np.zeros(20, bool)
+    dead[15:] = True
+    with thimble.Recorder(tmp_path / "sgd", model, optimizer, tensors=["embedding.*", "head.weight"],
+                          token_groups={"dead": dead}) as rec:
+        for step in range(6):
+            ids = torch.randint(15, (5,))
+            out = head(embedding(ids)).float().sum()
+            out.backward()
+            if step == 2:
+                head.weight.grad = None  # the optimizer skips it at this step
+            optimizer.step()
+            rec.log(loss=out)
+            held.append({name: (param.detach().clone(), optimizer.state[param].get("momentum_buffer"))
+                         for name, param in model.named_parameters()})
+            held[-1] = {name: (value, None if buffer is None else buffer.clone())
+                        for name, (value, buffer) in held[-1].items()}
+            optimizer.zero_grad()
+    stream = tmp_path / "sgd" / "stream" / "stream.h5"
+    with h5py.File(stream) as handle:
+        layout = json.loads(handle.attrs["recorded_params"])
+        stepped = read_checked(handle["param_stepped"])
+        assert handle.attrs["token_groups_param"] == "embedding.weight"
+        np.testing.assert_array_equal(read_checked(handle["dead_mask"]), dead)
+        np.testing.assert_array_equal(read_checked(handle["live_ids"]), np.arange(15))
+        assert np.isnan(read_checked(handle["param_steps"])).all()  # SGD keeps no step count
+    assert list(layout) == ["embedding.weight", "head.weight"]
+    assert layout["head.weight"]["tensors"] == {"value": "float16", "grad": "float16", "momentum_buffer": "float16"}
+    assert stepped[3].tolist() == [1, 0] and stepped[1:].sum() == 11
+    for name in layout:
+        values, buffers = (recorded_rows(stream, name, key) for key in ("value", "momentum_buffer"))
+        assert values.dtype == np.uint16
+        for step, copies in enumerate(held, start=1):
+            value, buffer = copies[name]
+            np.testing.assert_array_equal(values[step], bits(value))
+            np.testing.assert_array_equal(buffers[step], bits(buffer))
+    assert not recorded_rows(stream, "head.weight", "grad")[3].any()
+
+
+KILLED_LOOP = textwrap.dedent("""
+    import os, pathlib, signal, sys, time, torch, thimble
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 6).to(torch.bfloat16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    rec = thimble.Recorder(sys.argv[1], model, optimizer, segment_steps=4)
+    for step in range(1, 100):
+        model(torch.randn(3, 6, dtype=torch.bfloat16)).float().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 11:  # once steps 0..7 are in complete segments, killed inside the next one
+            done = pathlib.Path(sys.argv[1], "stream", "segment_000004-000007.h5")
+            for _ in range(300):
+                if done.exists():
+                    break
+                time.sleep(0.1)
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_loop_leaves_a_partial_recording_that_close_partial_makes_readable(tmp_path):
+    run = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", KILLED_LOOP, str(run)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    stream = run / "stream"
+    names = sorted(path.name for path in stream.iterdir())
+    assert "stream.h5" not in names and "segment_000000-000003.h5" in names
+    with pytest.raises(RecorderError, match="partial recording"):
+        thimble.Recorder(run, torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1))
+    close_partial(run)
+    with h5py.File(stream / "stream.h5") as handle:
+        assert handle.attrs["interrupted"]
+        last = handle["losses"].shape[0] - 1
+        values = RecordedTensor.of_recording(handle, "params/weight/value").bits(0, last + 1)
+        assert handle.attrs["optimizer_class"] == "torch.optim.adam.Adam"
+    assert last == 7
+    assert values.shape == (last + 1, 6, 6) and (values[1:] != values[:-1]).any(axis=(1, 2)).all()
+    # nothing a reader could unpickle: HDF5 and JSON only
+    assert {path.suffix for path in stream.iterdir() if path.is_file()} <= {".h5", ".json", ".tmp"}
+
+
+def test_refusals_name_what_to_do(tmp_path):
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RecorderError, match="'decoder.*' names no parameter"):
+        thimble.Recorder(tmp_path / "a", model, optimizer, tensors=["decoder.*"])
+    other = torch.optim.SGD([model.weight], lr=0.1)
+    with pytest.raises(RecorderError, match="does not step bias"):
+        thimble.Recorder(tmp_path / "b", model, other, tensors="*")
+    with pytest.raises(RecorderError, match="float64"):
+        thimble.Recorder(tmp_path / "c", model.double(), torch.optim.SGD(model.parameters(), lr=0.1))
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with thimble.Recorder(tmp_path / "d", model, optimizer):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+    with pytest.raises(RecorderError, match="already holds a recording"):
+        thimble.Recorder(tmp_path / "d", model, optimizer)
+    with pytest.raises(RecorderError, match="made no step"):
+        with thimble.Recorder(tmp_path / "e", model, optimizer):
+            pass
