@@ -41,7 +41,7 @@ from thimble.record.writer import StreamRecorder, write_stream_file
 from thimble.sizes import select_parameters
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 log = logging.getLogger(__name__)
 
