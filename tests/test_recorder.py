@@ -220,3 +220,33 @@ def test_refusals_name_what_to_do(tmp_path):
     with pytest.raises(RecorderError, match="made no step"):
         with thimble.Recorder(tmp_path / "e", model, optimizer):
             pass
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_the_gradient_is_the_one_the_step_received(tmp_path, foreach):
+    """SGD's foreach Nesterov adds the momentum into ``.grad`` in place; a closure computes the gradient inside
+    ``step()`` (Lightning's automatic optimization): either way the recording holds the gradient the step got."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, foreach=foreach)
+    received = []
+
+    def closure():
+        optimizer.zero_grad()
+        loss = model(torch.randn(2, 4, dtype=torch.bfloat16)).float().pow(2).sum()
+        loss.backward()
+        received.append(model.weight.grad.detach().clone())
+        return loss
+
+    with thimble.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for step in range(4):
+            if step % 2:
+                optimizer.step(closure)
+            else:
+                closure()
+                optimizer.step()
+            rec.log(loss=0.0)
+    rows = recorded_rows(tmp_path / "run" / "stream" / "stream.h5", "weight", "grad")
+    for step, grad in enumerate(received, start=1):
+        np.testing.assert_array_equal(rows[step], bits(grad))
+    assert rec.attrs()["optimizer_impl"] == ("foreach" if foreach else "single_tensor")

@@ -7,9 +7,11 @@ around it (clipping, unscaling, a closure that runs the forward and backward ins
 - step 0: each recorded parameter's value when the recorder attaches, and its gradient and optimizer state as
   zeros (the state the optimizer already holds, when it holds one);
 - step t (after the t-th optimizer step): each recorded parameter's value after the step, the gradient the step
-  consumed (read after the step: torch's optimizers leave ``.grad`` as they found it) and every tensor of the
-  optimizer's state of the parameter's shape (``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``, ...), each in its
-  own dtype (bfloat16, float16 or float32: stored losslessly);
+  consumed and every tensor of the optimizer's state of the parameter's shape (``exp_avg``, ``exp_avg_sq``,
+  ``momentum_buffer``, ...), each in its own dtype (bfloat16, float16 or float32: stored losslessly). The
+  gradient is copied as the step receives it: in the pre-hook, or, when ``step(closure)`` computes it (Lightning's
+  automatic optimization), as the closure returns; never after the step, which may change it in place (SGD's
+  foreach Nesterov adds the momentum into ``.grad``);
 - per step, tables beside the tensors: each param group's hyperparameters as the step used them
   (``hyperparameters``: lr a scheduler set, betas, eps, weight decay, ...), each recorded parameter's optimizer
   step count (``param_steps``) and whether the optimizer stepped it (``param_stepped``: a parameter without a
@@ -182,6 +184,7 @@ class Recorder:
         self._loss = math.nan
         self._hyper_zero = self._row_hyper = self._hyperparameter_row()
         self._implementations: list[str] | None = None
+        self._grads: dict = {}
         self._closed = False
         with torch.no_grad():
             self._step_zero = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
@@ -242,13 +245,34 @@ class Recorder:
         self._handles = []
 
     # -- the optimizer's hooks ---------------------------------------------------------------------
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        """The hyperparameters the step is about to use (a scheduler set them before it)."""
+    def _before_step(self, optimizer, args, kwargs):
+        """The hyperparameters the step is about to use (a scheduler set them before it) and the gradients it
+        receives; a closure that computes them inside the step is wrapped to copy them as it returns."""
         self._flush_pending()
         self._row_hyper = self._hyperparameter_row()
         if self._implementations is None:
-            self._implementations = [group_implementation(group, [p for p in group["params"] if p.grad is not None])
-                                     for group in self.groups]
+            self._implementations = [group_implementation(group, list(group["params"])) for group in self.groups]
+        self._grads = self._copy_grads()
+        # torch hands the hook step()'s own arguments, the optimizer first: (self, closure)
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if not callable(closure):
+            return None
+
+        def closure_copying_gradients():
+            result = closure()
+            self._grads = self._copy_grads()
+            return result
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_copying_gradients}
+        return (args[0], closure_copying_gradients, *args[2:]), kwargs
+
+    def _copy_grads(self) -> dict:
+        import torch
+
+        with torch.no_grad():
+            return {name: param.grad.detach().to("cpu", copy=True) for name, param in self.params.items()
+                    if param.grad is not None}
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         import torch
@@ -265,10 +289,10 @@ class Recorder:
                     if key == "value":
                         tensors[path] = param.detach().to("cpu", copy=True)
                     elif key == "grad":
-                        grad = param.grad
+                        grad = self._grads.get(name)
                         stepped[index] = grad is not None
-                        tensors[path] = (grad.detach().to("cpu", copy=True) if grad is not None
-                                         else torch.zeros(param.shape, dtype=_torch_dtype(entry.dtypes[key])))
+                        tensors[path] = grad if grad is not None else torch.zeros(
+                            param.shape, dtype=_torch_dtype(entry.dtypes[key]))
                     else:
                         value = state.get(key)
                         if value is None:
@@ -288,6 +312,7 @@ class Recorder:
             steps = np.array([self._param_step(param) for param in self.params.values()], dtype=np.float64)
         tables = {"hyperparameters": self._row_hyper, "param_steps": steps, "param_stepped": stepped}
         self._pending = (self.step, tensors, tables)
+        self._grads = {}
         self._loss = math.nan
 
     # -- the recording -----------------------------------------------------------------------------
@@ -298,8 +323,9 @@ class Recorder:
 
         entries = {}
         for name, param in self.params.items():
+            grad = self._grads.get(name)
             keys = {"value": STORED_DTYPES[str(param.dtype)],
-                    "grad": STORED_DTYPES[str(param.grad.dtype if param.grad is not None else param.dtype)]}
+                    "grad": STORED_DTYPES[str(grad.dtype if grad is not None else param.dtype)]}
             state = self.optimizer.state.get(param, {})
             for key, value in state.items():
                 if _is_state_tensor(value, param):
