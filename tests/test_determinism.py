@@ -202,7 +202,7 @@ def test_only_mps_moves_the_lookup_backward():
 
 def test_an_op_without_a_deterministic_kernel_is_a_one_line_refusal(data, tmp_path, monkeypatch):
     """What torch raises under use_deterministic_algorithms on MPS for an atomic scatter (pytorch#195754)."""
-    def no_kernel(step, *args):
+    def no_kernel(step, *args, **kwargs):
         raise RuntimeError("index_put_ with accumulate=True does not have a deterministic implementation on mps\n"
                            "You can turn off determinism just for this operation ...")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from thimble.record.format import TENSORS, list_segments
+from thimble.record.format import TENSORS, list_segments, read_checked
 
 from thimble.record.reader import read_steps, read_steps_torch
 
@@ -151,6 +151,17 @@ def test_stream_carries_masks_attributes_and_provenance(recorded, data):
             assert key in attrs, key
         assert attrs["complete"] and attrs["storage_dtype"] == "bfloat16" and attrs["device"] == "cpu"
         assert attrs["n_live"] + attrs["n_dead"] == VOCAB
+        # the optimizer's per-step tables, as thimble.Recorder writes them for a user's loop
+        columns = json.loads(attrs["hyperparameter_columns"])
+        hyper, steps, stepped = (read_checked(stream[name]) for name in ("hyperparameters", "param_steps",
+                                                                          "param_stepped"))
+        assert attrs["optimizer_class"] == "torch.optim.adamw.AdamW"
+        assert json.loads(attrs["param_names"]) == ["transformer.wte.weight"]
+        assert hyper.shape == (31, 1, len(columns))
+        assert (hyper[:, 0, columns.index("lr")] == attrs["learning_rate"]).all()
+        assert (hyper[:, 0, columns.index("betas.1")] == attrs["adam_beta2"]).all()
+        np.testing.assert_array_equal(steps[1:, 0], np.arange(1, 31))
+        assert np.isnan(steps[0, 0]) and stepped[1:].all() and not stepped[0].any()
     # segments of 7 steps, the last one short; no leftovers
     assert [(a, b) for a, b, _ in list_segments(recorded)] == [(0, 6), (7, 13), (14, 20), (21, 27), (28, 30)]
     assert sorted(p.name for p in recorded.iterdir() if not p.name.startswith("segment_")) == ["stream.h5"]

@@ -47,6 +47,15 @@ TENSORS = tuple(recorded_tensors("bf16"))
 STORAGE_DTYPES = ("bfloat16", "float16")
 #: a recording's storage_dtype when every tensor is stored in its own dtype (``thimble.Recorder``)
 NATIVE_STORAGE = "native"
+#: the ``recorded_by`` attribute of a recording made by ``thimble.Recorder`` on a user's loop
+RECORDER = "thimble.Recorder"
+
+
+def made_by_recorder(attrs) -> bool:
+    """Whether a recording's attributes (or those a file made of it carried over) are a ``thimble.Recorder``'s:
+    a user's loop and optimizer, whose hyperparameters are the per-step ``hyperparameters`` table, not settings."""
+    value = attrs.get("recorded_by")
+    return (value.decode() if isinstance(value, bytes) else str(value)) == RECORDER
 #: the stored dtype of a tensor: record.dtype for bf16 tensors, float32 for float32 optimizer state
 TENSOR_DTYPES = ("bfloat16", "float16", "float32")
 

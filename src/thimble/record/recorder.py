@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import numbers
 import platform
 import sys
 from pathlib import Path
@@ -38,7 +37,8 @@ import numpy as np
 
 from thimble.errors import ThimbleError
 from thimble.outputs import STREAM_DIR, STREAM_FILE
-from thimble.record.format import NATIVE_STORAGE, RecordLayout, list_segments, open_h5
+from thimble.record.format import NATIVE_STORAGE, RECORDER, RecordLayout, list_segments, open_h5
+from thimble.record.optimizer_tables import STEP_TABLES, OptimizerTables, as_float, optimizer_class_name
 from thimble.record.writer import StreamRecorder, write_stream_file
 from thimble.sizes import select_parameters
 
@@ -51,71 +51,10 @@ log = logging.getLogger(__name__)
 STORED_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
 #: the recorder's description of the run beside the segments, for ``close_partial``
 RUN_FILE = "recorder.json"
-#: the per-step tables a recorder stores beside the tensors (``StreamRecorder`` step tables)
-STEP_TABLES = ("hyperparameters", "param_steps", "param_stepped")
-#: what a recording made by ``Recorder`` says it is (its attribute ``source``)
-SOURCE = "thimble.Recorder"
 
 
 class RecorderError(ThimbleError):
     """A loop, model or optimizer the recorder cannot record as asked."""
-
-
-def optimizer_class_name(optimizer) -> str:
-    """The optimizer's class as ``module.QualName`` (``torch.optim.adamw.AdamW``)."""
-    kind = type(optimizer)
-    return f"{kind.__module__}.{kind.__qualname__}"
-
-
-def group_implementation(group: dict, params: list) -> str:
-    """How torch runs a param group's step: ``fused``, ``foreach`` or ``single_tensor``, as the optimizer resolves
-    an unset ``foreach``/``fused`` for these parameters (torch's own default)."""
-    if group.get("fused"):
-        return "fused"
-    foreach = group.get("foreach")
-    if foreach is None and "foreach" in group:
-        from torch.optim.optimizer import _default_to_fused_or_foreach
-
-        _, foreach = _default_to_fused_or_foreach(params, bool(group.get("differentiable", False)), use_fused=False)
-    return "foreach" if foreach else "single_tensor"
-
-
-def hyperparameter_columns(groups: list[dict]) -> list[str]:
-    """The numeric settings of the param groups, each a column of the ``hyperparameters`` table (a tuple such as
-    ``betas`` one column per entry: ``betas.0``, ``betas.1``); flags are 0/1, an unset value (None) NaN."""
-    columns: list[str] = []
-    for group in groups:
-        for key, value in group.items():
-            if key == "params":
-                continue
-            for column, _ in _numeric_entries(key, value):
-                if column not in columns:
-                    columns.append(column)
-    return columns
-
-
-def _numeric_entries(key: str, value):
-    if isinstance(value, (tuple, list)):
-        if all(_is_number(item) for item in value):
-            for index, item in enumerate(value):
-                yield f"{key}.{index}", item
-        return
-    if value is None or _is_number(value):
-        yield key, value
-
-
-def _is_number(value) -> bool:
-    if isinstance(value, (bool, numbers.Real)):
-        return True
-    return hasattr(value, "numel") and value.numel() == 1  # a tensor lr
-
-
-def _as_float(value) -> float:
-    if value is None:
-        return math.nan
-    if hasattr(value, "item"):
-        return float(value.item())
-    return float(value)
 
 
 def library_versions() -> dict[str, str]:
@@ -165,14 +104,17 @@ class Recorder:
         except ThimbleError as error:
             raise RecorderError(str(error)) from None
         self.params = {name: params[name] for name in names}
-        self._index = {id(param): name for name, param in self.params.items()}
-        self.groups = self.optimizer.param_groups
-        self.group_of = self._group_of_params()
+        self.tables = OptimizerTables(self.optimizer, self.params)
+        if self.tables.missing:
+            missing = self.tables.missing
+            raise RecorderError(f"the optimizer ({optimizer_class_name(self.optimizer)}) does not step "
+                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: record only "
+                                "parameters it updates (tensors=...)")
+        self.group_of = self.tables.group_of
         for name, param in self.params.items():
             if str(param.dtype) not in STORED_DTYPES:
                 raise RecorderError(f"{name} is {param.dtype}; the recorder stores bfloat16, float16 and float32 "
                                     "parameters (losslessly)")
-        self.columns = hyperparameter_columns(self.groups)
         self.token_groups_param, self.masks = token_masks(token_groups, embedding, model, self.params)
         self.devices = sorted({str(param.device) for param in self.params.values()})
         self.segment_steps, self.queue_steps = segment_steps, queue_steps
@@ -182,8 +124,7 @@ class Recorder:
         self._layout: RecordLayout | None = None
         self._pending: tuple[int, dict, dict] | None = None
         self._loss = math.nan
-        self._hyper_zero = self._row_hyper = self._hyperparameter_row()
-        self._implementations: list[str] | None = None
+        self._hyper_zero = self._row_hyper = self.tables.hyperparameters()
         self._grads: dict = {}
         self._closed = False
         with torch.no_grad():
@@ -192,7 +133,7 @@ class Recorder:
                                        for key, value in self.optimizer.state.get(param, {}).items()
                                        if _is_state_tensor(value, param)}
                                 for name, param in self.params.items()}
-        self._steps_zero = np.array([self._param_step(param) for param in self.params.values()], dtype=np.float64)
+        self._steps_zero = self.tables.steps()
         self._initial_state = "empty" if not any(self._state_zero.values()) else "as_found"
         self._handles = [self.optimizer.register_step_pre_hook(self._before_step),
                          self.optimizer.register_step_post_hook(self._after_step)]
@@ -212,7 +153,7 @@ class Recorder:
     def log(self, loss=None) -> None:
         """The loss of the last optimizer step (a float or a one-element tensor)."""
         if loss is not None:
-            self._loss = _as_float(loss.detach() if hasattr(loss, "detach") else loss)
+            self._loss = as_float(loss.detach() if hasattr(loss, "detach") else loss)
 
     def close(self) -> Path:
         """Write every step to disk and ``stream.h5`` over them; return the stream's directory."""
@@ -249,9 +190,7 @@ class Recorder:
         """The hyperparameters the step is about to use (a scheduler set them before it) and the gradients it
         receives; a closure that computes them inside the step is wrapped to copy them as it returns."""
         self._flush_pending()
-        self._row_hyper = self._hyperparameter_row()
-        if self._implementations is None:
-            self._implementations = [group_implementation(group, list(group["params"])) for group in self.groups]
+        self._row_hyper = self.tables.hyperparameters()
         self._grads = self._copy_grads()
         # torch hands the hook step()'s own arguments, the optimizer first: (self, closure)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
@@ -309,8 +248,7 @@ class Recorder:
                 if unknown:
                     raise RecorderError(f"{name} gained optimizer state {unknown} at step {self.step}, after the "
                                         f"recording's layout was fixed at step 1 ({sorted(entry.paths)})")
-            steps = np.array([self._param_step(param) for param in self.params.values()], dtype=np.float64)
-        tables = {"hyperparameters": self._row_hyper, "param_steps": steps, "param_stepped": stepped}
+        tables = self.tables.rows(self._row_hyper, stepped)
         self._pending = (self.step, tensors, tables)
         self._grads = {}
         self._loss = math.nan
@@ -336,9 +274,6 @@ class Recorder:
             entries[name] = (tuple(param.shape), keys)
         self._fill_unstepped_keys(entries)
         self._layout = RecordLayout.of_parameters_each(entries)
-        tables = {"hyperparameters": (np.float64, (len(self.groups), len(self.columns))),
-                  "param_steps": (np.float64, (len(self.params),)),
-                  "param_stepped": (np.uint8, (len(self.params),))}
         self.directory.mkdir(parents=True, exist_ok=True)
         from thimble.util.files import write_json
 
@@ -346,7 +281,8 @@ class Recorder:
                                                                                 in self.masks.items()}})
         self._writer = StreamRecorder(self.directory, self._layout, None, storage=NATIVE_STORAGE,
                                       segment_steps=self.segment_steps, queue_steps=self.queue_steps,
-                                      level=self.compression_level, threads=self.threads, step_tables=tables)
+                                      level=self.compression_level, threads=self.threads,
+                                      step_tables=self.tables.specs())
         zero = {}
         for name, entry in self._layout.params.items():
             for key, path in entry.paths.items():
@@ -386,59 +322,16 @@ class Recorder:
                 raise
         self._loss = math.nan
 
-    def _hyperparameter_row(self) -> np.ndarray:
-        row = np.full((len(self.groups), len(self.columns)), np.nan)
-        for index, group in enumerate(self.groups):
-            for key, value in group.items():
-                if key == "params":
-                    continue
-                for column, number in _numeric_entries(key, value):
-                    if column in self.columns:
-                        row[index, self.columns.index(column)] = _as_float(number)
-        return row
-
-    def _param_step(self, param) -> float:
-        value = self.optimizer.state.get(param, {}).get("step")
-        return math.nan if value is None else _as_float(value)
-
-    def _group_of_params(self) -> dict[str, int]:
-        found = {}
-        for index, group in enumerate(self.groups):
-            for param in group["params"]:
-                if id(param) in self._index:
-                    found[self._index[id(param)]] = index
-        missing = [name for name in self.params if name not in found]
-        if missing:
-            raise RecorderError(f"the optimizer ({optimizer_class_name(self.optimizer)}) does not step "
-                                f"{', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}: record only "
-                                "parameters it updates (tensors=...)")
-        return found
-
     def attrs(self) -> dict:
-        """The recording's attributes: what made it (optimizer, its param groups, the parameters, the device,
+        """The recording's attributes: what made it (the optimizer, its param groups, the parameters, the device,
         the CPU, the libraries)."""
         import torch
 
-        groups = []
-        for index, group in enumerate(self.groups):
-            settings = {key: value for key, value in group.items() if key != "params"
-                        and (value is None or isinstance(value, (bool, int, float, str))
-                             or (isinstance(value, (tuple, list)) and all(_is_number(v) for v in value)))}
-            settings = {key: list(value) if isinstance(value, tuple) else value for key, value in settings.items()}
-            groups.append({"params": [name for name in self.params if self.group_of[name] == index],
-                           "implementation": (self._implementations or [None] * len(self.groups))[index],
-                           "settings_at_attach": settings})
-        implementations = sorted({group["implementation"] for group in groups if group["implementation"]})
+        dtypes = {name: str(param.dtype).removeprefix("torch.") for name, param in self.params.items()}
         return {
             "experiment": self.name,
-            "source": SOURCE,
-            "optimizer_class": optimizer_class_name(self.optimizer),
-            "optimizer_impl": implementations[0] if len(implementations) == 1 else ",".join(implementations),
-            "param_groups": json.dumps(groups),
-            "hyperparameter_columns": json.dumps(self.columns),
-            "param_names": json.dumps(list(self.params)),
-            "param_dtypes": json.dumps({name: str(param.dtype).removeprefix("torch.")
-                                        for name, param in self.params.items()}),
+            "recorded_by": RECORDER,
+            **self.tables.attrs(dtypes),
             "initial_state": self._initial_state,
             "token_groups_param": self.token_groups_param or "",
             "device": self.devices[0] if len(self.devices) == 1 else ",".join(self.devices),

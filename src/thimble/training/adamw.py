@@ -207,6 +207,10 @@ class UpdateRule:
     def recorded_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.device_state(param).items()}
 
+    def stepped_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        """The tensor the optimizer steps for the model's ``param`` (itself, or its master copy)."""
+        return param
+
     def load_recorded_state(self, recorded: dict[str, torch.Tensor], step: int) -> None:
         """Load the state of a one-parameter optimizer from ``recorded`` (the recorded tensors after
         step ``step``), through ``load_state_dict`` as a resume would: the inverse of ``recorded_state``."""
@@ -308,6 +312,9 @@ class Fp32MasterAdamW(UpdateRule):
         for master, saved in zip(self.masters, state["masters"]):
             master.copy_(saved)
         self.optimizer.load_state_dict(state["adamw"])
+
+    def stepped_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        return self._master_of[id(param)]
 
     def device_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
         master = self._master_of[id(param)]

@@ -85,6 +85,8 @@ class StepBits:
     step: int
     tensors: dict[str, torch.Tensor]
     loss: float
+    #: the step's rows of the recording's per-step tables (``thimble.record.optimizer_tables``)
+    tables: dict = field(default_factory=dict)
 
     def leaves(self) -> dict:
         return {**self.tensors, "loss": self.loss}

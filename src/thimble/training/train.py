@@ -45,6 +45,7 @@ from thimble.config import settings_hash, without_untracked
 from thimble.data.tokenizer import load_token_ids
 from thimble.errors import ThimbleError, TrainingError
 from thimble.record.format import RecordLayout
+from thimble.record.optimizer_tables import STEP_TABLES, OptimizerTables
 from thimble.record.writer import StreamRecorder, write_stream_file
 from thimble.sizes import batch_problem, select_parameters, training_footprint
 from thimble.training.adamw import UpdateRule
@@ -148,6 +149,8 @@ class Session:
     recorded: dict[str, torch.nn.Parameter]
     layout: RecordLayout
     lookup: str
+    #: the per-step tables of the optimizer's hyperparameters and step counts
+    tables: OptimizerTables
 
 
 def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path) -> Session:
@@ -180,7 +183,10 @@ def set_up(settings: dict, tokens_path: str, masks_path: str, partial_dir: Path)
     recorded = recorded_parameters(model, record["tensors"])
     layout = RecordLayout.of_parameters({name: tuple(param.shape) for name, param in recorded.items()},
                                         recorded_keys(training["update_rule"], record["dtype"]))
-    return Session(settings, device, determinism, masks, key, model, optimizer, batches, recorded, layout, lookup)
+    tables = OptimizerTables(optimizer.optimizer, {name: optimizer.stepped_tensor(param)
+                                                   for name, param in recorded.items()})
+    return Session(settings, device, determinism, masks, key, model, optimizer, batches, recorded, layout, lookup,
+                   tables)
 
 
 def recorded_parameters(model: torch.nn.Module, patterns: list[str]) -> dict[str, torch.nn.Parameter]:
@@ -228,7 +234,8 @@ def open_recorder(session: Session, partial_dir: Path, threads: int) -> tuple[St
     compression_threads = max(1, threads - 1) if device.type == "cuda" else max(1, threads)
     recorder = StreamRecorder(partial_dir, session.layout, training["steps"], storage=record["dtype"],
                               segment_steps=record["segment_steps"], queue_steps=record["queue_steps"],
-                              level=record["compression_level"], threads=compression_threads)
+                              level=record["compression_level"], threads=compression_threads,
+                              step_tables=session.tables.specs())
     log.info("math on %d torch threads (training.math_threads), recorder compression on %d threads; lookups' "
              "backward on the %s; %s", training["math_threads"], compression_threads, session.lookup,
              session.determinism)
@@ -249,7 +256,8 @@ def start_or_resume(session: Session, resume: dict | None, recorder: StreamRecor
     state); a resumed one takes the model, optimizer and data order of its checkpoint and holds nothing."""
     settings, optimizer = session.settings, session.optimizer
     if resume is None:
-        step_zero = StepBits(0, initial_tensors(session.layout, session.recorded), float("nan"))
+        step_zero = StepBits(0, initial_tensors(session.layout, session.recorded), float("nan"),
+                             session.tables.rows(session.tables.hyperparameters(), np.zeros(len(session.recorded))))
         zero_state = segment_end_state(session, recorder, 0)
         training, layout = settings["training"], session.layout
         keys = next(iter(layout.params.values())).dtypes
@@ -282,7 +290,7 @@ class HeldSteps:
     def record(self) -> None:
         """Record every held step, in order (the check has passed, or the session trains no more)."""
         for bits, state in self._held:
-            self.recorder.record(bits.step, bits.tensors, bits.loss)
+            self.recorder.record(bits.step, bits.tensors, bits.loss, bits.tables)
             if state is not None:
                 state["determinism_checks"] = self.checks()
                 self.recorder.checkpoint(bits.step, lambda step, state=state: save_checkpoint(self.partial_dir, state))
@@ -310,7 +318,7 @@ def train_steps(session: Session, recorder: StreamRecorder, check: DeterminismCh
                         ascii=not sys.stderr.isatty())
         for step in progress:
             bits = train_step(step, model, optimizer, batches, device, copies, session.layout, session.recorded,
-                              wait=check.covers(step))
+                              wait=check.covers(step), tables=session.tables)
             held.hold(bits, segment_end_state(session, recorder, step))
             if check.covers(step):
                 check.compare_step(bits)
@@ -332,11 +340,11 @@ def train_steps(session: Session, recorder: StreamRecorder, check: DeterminismCh
 
 def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, device: torch.device,
                copies: HostCopies, layout: RecordLayout, recorded: dict[str, torch.nn.Parameter],
-               wait: bool = True) -> StepBits:
+               wait: bool = True, tables: OptimizerTables | None = None) -> StepBits:
     """One optimizer step in the seed's order; what it records (host copies of every recorded parameter's
-    gradient, value and optimizer state, by dataset path) and its loss. With ``wait`` False, on a GPU, the
-    copies may still be running: the loss is then the ``HostStep`` the recorder waits for in its own thread
-    (``thimble.training.host_copy``), so that this loop never waits for the device."""
+    gradient, value and optimizer state, by dataset path), its loss and its rows of ``tables``. With ``wait``
+    False, on a GPU, the copies may still be running: the loss is then the ``HostStep`` the recorder waits for
+    in its own thread (``thimble.training.host_copy``), so that this loop never waits for the device."""
     batch = batches.next()
     input_ids = batch["input_ids"].to(device)
     labels = batch["labels"].to(device)
@@ -344,6 +352,7 @@ def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, de
     loss.backward()
     # before the step, which may change the gradient
     host = copies.copy({layout.params[name].paths["grad"]: param.grad for name, param in recorded.items()})
+    hyperparameters = tables.hyperparameters() if tables is not None else None
     optimizer.step(step)
     optimizer.zero_grad()
     after = {}
@@ -352,7 +361,8 @@ def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, de
         after[paths["value"]] = param
         after.update({paths[STATE_KEYS[role]]: tensor for role, tensor in optimizer.device_state(param).items()})
     host = copies.copy(after, into=host, loss=loss)
-    return StepBits(step, host.tensors, host.loss if wait or host.ready else host)
+    rows = tables.rows(hyperparameters, np.ones(len(recorded))) if tables is not None else {}
+    return StepBits(step, host.tensors, host.loss if wait or host.ready else host, rows)
 
 
 def first_pass(check: DeterminismCheck, session: Session, copies: HostCopies) -> None:
@@ -365,7 +375,7 @@ def first_pass(check: DeterminismCheck, session: Session, copies: HostCopies) ->
     try:
         for step in range(check.first_step, check.last_step + 1):
             check.reference.append(train_step(step, model, optimizer, batches, device, copies, session.layout,
-                                              session.recorded))
+                                              session.recorded, tables=session.tables))
     except RuntimeError as error:
         # torch under use_deterministic_algorithms: an op without a deterministic kernel on this device raises
         if "determinis" not in str(error):
@@ -428,7 +438,10 @@ def stream_attrs(session: Session, compression_threads: int, checks: list[dict],
     training = settings["training"]
     steps = training["steps"]
     attrs = {**hyperparameter_attrs(settings),
+             **session.tables.attrs({name: str(param.dtype).removeprefix("torch.")
+                                     for name, param in session.recorded.items()}),
              **environment_attrs(device, training["math_threads"], compression_threads), **session.determinism,
+             # the rule's name for its implementation (torchao's, optimi's included), not torch's flags'
              "optimizer_impl": session.optimizer.implementation, "update_rule": training["update_rule"],
              "lookup_backward": session.lookup, "loss_path": loss_path(device),
              "host_allocator": json.dumps(host_allocator(), sort_keys=True)}
@@ -450,7 +463,7 @@ def finish_stream(session: Session, partial_dir: Path, output_dir: Path, attrs: 
     mask_arrays = {"live_mask": masks["live_mask"].numpy(), "dead_mask": masks["dead_mask"].numpy(),
                    "live_ids": masks["live_indices"].numpy(), "dead_ids": masks["dead_indices"].numpy()}
     write_stream_file(partial_dir, session.layout, session.settings["training"]["steps"], record["dtype"],
-                      mask_arrays, attrs)
+                      mask_arrays, attrs, STEP_TABLES)
     remove_checkpoints(partial_dir)
     os.replace(partial_dir, output_dir)
     log.info("recorded stream -> %s", output_dir)
