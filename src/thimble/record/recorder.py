@@ -247,7 +247,10 @@ class Recorder:
         self._flush_pending()
         self._row_hyper = self._hyperparameter_row()
         if self._implementations is None:
-            self._implementations = [group_implementation(group, [p for p in group["params"] if p.grad is not None])
+            # a closure (Lightning's) runs the backward inside step(): before the first step no parameter has a
+            # gradient yet, and torch decides over those that will, all of them among the group's
+            self._implementations = [group_implementation(group, [p for p in group["params"] if p.grad is not None]
+                                                          or group["params"])
                                      for group in self.groups]
 
     def _after_step(self, optimizer, args, kwargs) -> None:
