@@ -202,7 +202,7 @@ def test_a_transformers_trainer_run_is_recorded_bit_for_bit(tmp_path):
     with open_stream(tmp_path / "llama" / "stream") as handle:
         names = json.loads(handle.attrs["param_names"])
         assert names == [name for name, _ in trainer.model.named_parameters()]  # tensors="*": all 21
-        assert handle.attrs["source"] == "thimble.Recorder" and handle.attrs["experiment"] == "llama"
+        assert handle.attrs["recorded_by"] == "thimble.Recorder" and handle.attrs["experiment"] == "llama"
         assert handle.attrs["optimizer_class"] == "torch.optim.adamw.AdamW"  # the inner optimizer, not accelerate's
         assert handle.attrs["initial_state"] == "empty"
         assert "accelerate_version" in handle.attrs and "transformers_version" in handle.attrs

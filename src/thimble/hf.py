@@ -120,7 +120,7 @@ class RecorderCallback(TrainerCallback):
             self.abort()
 
     # -- finding the optimizer ---------------------------------------------------------------------
-    def _attach_at_first_step(self, optimizer, args, kwargs) -> None:
+    def _attach_at_first_step(self, optimizer, args, kwargs):
         """torch's global step pre-hook: the recorder on the first optimizer that steps the model's parameters."""
         if self.recorder is not None or self._model is None:
             return
@@ -137,10 +137,10 @@ class RecorderCallback(TrainerCallback):
             raise
         if optimizer is inner:
             # This step has begun: whether torch runs the pre-hook the recorder just registered in this same
-            # call depends on how it iterates its hooks, so run it here (what it takes, the hyperparameters this
-            # step uses and the optimizer's implementation, is the same if torch runs it again). The post-hook
-            # runs after the step either way: the step is recorded.
-            self.recorder._before_step(inner, args, kwargs)
+            # call depends on how it iterates its hooks, so run it here (it acts once per step; its result, the
+            # step's arguments with a closure wrapped, is this hook's). The post-hook runs after the step either
+            # way: the step is recorded.
+            return self.recorder.begin_step(inner, args, kwargs)
         # else a wrapper's step began, and the inner step it calls runs both of the recorder's hooks
 
     def _remove_hook(self) -> None:

@@ -126,6 +126,7 @@ class Recorder:
         self._loss = math.nan
         self._hyper_zero = self._row_hyper = self.tables.hyperparameters()
         self._grads: dict = {}
+        self._step_begun = False
         self._closed = False
         with torch.no_grad():
             self._step_zero = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
@@ -135,7 +136,7 @@ class Recorder:
                                 for name, param in self.params.items()}
         self._steps_zero = self.tables.steps()
         self._initial_state = "empty" if not any(self._state_zero.values()) else "as_found"
-        self._handles = [self.optimizer.register_step_pre_hook(self._before_step),
+        self._handles = [self.optimizer.register_step_pre_hook(self.begin_step),
                          self.optimizer.register_step_post_hook(self._after_step)]
         log.info("recording %d parameters of %s stepped by %s into %s", len(self.params), type(model).__name__,
                  optimizer_class_name(self.optimizer), self.directory)
@@ -186,9 +187,14 @@ class Recorder:
         self._handles = []
 
     # -- the optimizer's hooks ---------------------------------------------------------------------
-    def _before_step(self, optimizer, args, kwargs):
-        """The hyperparameters the step is about to use (a scheduler set them before it) and the gradients it
-        receives; a closure that computes them inside the step is wrapped to copy them as it returns."""
+    def begin_step(self, optimizer, args, kwargs):
+        """The optimizer's step pre-hook (public for an integration that attaches the recorder from inside a step
+        that has begun: run twice for one step, it acts once). Takes the hyperparameters the step is about to use
+        (a scheduler set them before it) and the gradients it receives; a closure that computes them inside the
+        step is wrapped to copy them as it returns (the hook's return value: torch's new step arguments)."""
+        if self._step_begun:
+            return None
+        self._step_begun = True
         self._flush_pending()
         self._row_hyper = self.tables.hyperparameters()
         self._grads = self._copy_grads()
@@ -216,6 +222,7 @@ class Recorder:
     def _after_step(self, optimizer, args, kwargs) -> None:
         import torch
 
+        self._step_begun = False
         with torch.no_grad():
             if self._writer is None:
                 self._open()
