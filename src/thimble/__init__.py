@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from thimble.record.recorder import Recorder
 
         return Recorder
+    if name in ("hf", "lightning"):  # the integrations, each behind its extra: imported when first named
+        import importlib
+
+        return importlib.import_module(f"thimble.{name}")
     raise AttributeError(f"module 'thimble' has no attribute {name!r}")
