@@ -34,6 +34,7 @@ from thimble.analysis.replay_base import (
     LISTED_DISAGREEMENTS,
     RATIO_COLUMNS,
     RATIO_EDGES,
+    ReplayResult,
     TensorReplay,
     bits_view,
     explain,
@@ -48,6 +49,7 @@ from thimble.analysis.replay_base import (
 )
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, count_steps
 from thimble.analysis.tensors import recorded_params, row_shape
+from thimble.analysis.torch_replay import is_recorder_recording, replay_recorder_recording
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
 from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
@@ -385,47 +387,58 @@ def replay_recording(recording: str, output_csv: str, output_json: str, ratio_cs
                      threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
     """Replay every step of every recorded tensor of a recording (recording.h5, or the stream folder it was
     rechunked from), one tensor after the other; write the per-tensor, per-step table, the update-ratio
-    histograms and a summary."""
+    histograms and a summary. A recording of thimble's own training is replayed under its update rule, one that
+    ``thimble.Recorder`` made in another loop by torch's optimizer of its class (``thimble.analysis.torch_replay``)."""
     from thimble.record.reader import RecordingSource
 
     torch.set_num_threads(threads)
     source = RecordingSource.of_path(recording)
     with source.open() as handle, WorkerPool(threads) as pool:
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in handle.attrs.items()}
-        rule = rule_of(attrs)
-        if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
-            raise DataError(f"{recording} was recorded under training.update_rule {rule!r}, which this version of "
-                            f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
-                            f"version that recorded it (its git_commit attribute), or train it again")
-        target = replay_device(device, str(attrs.get("device", "cpu")))
-        params = recorded_params(handle)
-        if rule == "stochastic_rounding":
-            stepped_before, not_replayed = rounding_draws(attrs, params)
+        if is_recorder_recording(attrs):
+            replayed = replay_recorder_recording(handle, attrs, device, block_steps, pool)
         else:
-            stepped_before, not_replayed = {param.name: () for param in params}, {}
-        replayable = [param for param in params if param.name not in not_replayed]
-        if not replayable:
-            reasons = "; ".join(f"{name}: {why}" for name, why in not_replayed.items()) or "it records no tensor"
-            raise DataError(f"{recording}: no recorded tensor can be replayed ({reasons})")
-        if rule == "bf16" and attrs.get("storage_dtype") == "float16":
-            log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                        "bf16, so it reports mismatches wherever float16 altered them", recording)
-        check_roles(handle.filename, replayable)
-        steps = handle[replayable[0].roles()["W"]].shape[0] - 1
-        replays: list[TensorReplay] = []
-        with tqdm(total=steps * len(replayable), desc="replay" if rule == "bf16" else f"replay ({rule})",
-                  unit="step", mininterval=5) as bar:
-            for param in replayable:
-                if rule == "bf16":
-                    replay = Bf16Replay(param, attrs, target, block_steps, pool)
-                else:
-                    replay = OtherRuleReplay(param, attrs, target, stepped_before[param.name])
-                replay_tensor(handle, param, replay, steps, block_steps, pool, bar)
-                replays.append(replay)
+            replayed = replay_rule_recording(recording, handle, attrs, device, block_steps, pool)
+    write_replay_outputs(output_csv, replayed.columns, replayed.rows, ratio_csv, replayed.ratio_rows, output_json,
+                         replayed.summary, source.file, attrs)
+    replayed.log_result(replayed.summary)
+    return replayed.summary
+
+
+def replay_rule_recording(recording: str, handle, attrs: dict, device: str, block_steps: int,
+                          pool: WorkerPool) -> ReplayResult:
+    """The replay of a recording of thimble's own training, under the update rule it was trained with."""
+    rule = rule_of(attrs)
+    if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
+        raise DataError(f"{recording} was recorded under training.update_rule {rule!r}, which this version of "
+                        f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
+                        f"version that recorded it (its git_commit attribute), or train it again")
+    target = replay_device(device, str(attrs.get("device", "cpu")))
+    params = recorded_params(handle)
+    if rule == "stochastic_rounding":
+        stepped_before, not_replayed = rounding_draws(attrs, params)
+    else:
+        stepped_before, not_replayed = {param.name: () for param in params}, {}
+    replayable = [param for param in params if param.name not in not_replayed]
+    if not replayable:
+        reasons = "; ".join(f"{name}: {why}" for name, why in not_replayed.items()) or "it records no tensor"
+        raise DataError(f"{recording}: no recorded tensor can be replayed ({reasons})")
+    if rule == "bf16" and attrs.get("storage_dtype") == "float16":
+        log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                    "bf16, so it reports mismatches wherever float16 altered them", recording)
+    check_roles(handle.filename, replayable)
+    steps = handle[replayable[0].roles()["W"]].shape[0] - 1
+    replays: list[TensorReplay] = []
+    with tqdm(total=steps * len(replayable), desc="replay" if rule == "bf16" else f"replay ({rule})",
+              unit="step", mininterval=5) as bar:
+        for param in replayable:
+            if rule == "bf16":
+                replay = Bf16Replay(param, attrs, target, block_steps, pool)
+            else:
+                replay = OtherRuleReplay(param, attrs, target, stepped_before[param.name])
+            replay_tensor(handle, param, replay, steps, block_steps, pool, bar)
+            replays.append(replay)
     kind = type(replays[0])
-    summary = kind.summary(replays, not_replayed)
-    write_replay_outputs(output_csv, replays[0].columns, [row for replay in replays for row in replay.rows],
-                         ratio_csv, [row for replay in replays for row in replay.ratio_rows()], output_json, summary,
-                         source.file, attrs)
-    kind.log_result(summary)
-    return summary
+    return ReplayResult(replays[0].columns, [row for replay in replays for row in replay.rows],
+                        [row for replay in replays for row in replay.ratio_rows()], kind.summary(replays, not_replayed),
+                        kind.log_result)

@@ -12,6 +12,8 @@ import abc
 import csv
 import logging
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -103,6 +105,18 @@ def replay_summary(head: dict, where: dict, replays: list, not_replayed: dict[st
                            f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
                            "where the kernels round differently")
     return summary
+
+
+@dataclass
+class ReplayResult:
+    """What a replay writes: replay.csv's columns and rows (a row per tensor and step), update_ratio.csv's rows
+    (tensor, step, the bins' counts), replay.json; and how its result is logged."""
+
+    columns: list[str] | tuple[str, ...]
+    rows: list[dict]
+    ratio_rows: list[list]
+    summary: dict
+    log_result: Callable[[dict], None]
 
 
 def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, ratio_rows: list[list],
