@@ -63,9 +63,9 @@ IMPLEMENTATIONS = {"adamw_single_tensor": "single_tensor", "adamw_foreach": "for
 
 
 def record(directory, make_optimizer, dtype=torch.bfloat16, steps: int = STEPS, steps_before: int = 0,
-           groups: bool = False, scheduler: bool = True):
+           groups: bool = False, scheduler: bool = True, skipped_steps=SKIPPED_STEPS):
     """A recorder's recording of a tiny loop: the lr set by a scheduler at every step, gradients clipped, norm.bias
-    without a gradient at SKIPPED_STEPS; ``steps_before`` steps taken before the recorder attaches; ``groups``:
+    without a gradient at ``skipped_steps``; ``steps_before`` steps taken before the recorder attaches; ``groups``:
     the norm and the biases in a second group without weight decay. Returns the run's directory."""
     torch.manual_seed(0)
     model = Tiny().to(dtype)
@@ -81,7 +81,7 @@ def record(directory, make_optimizer, dtype=torch.bfloat16, steps: int = STEPS, 
         tokens = torch.randint(0, 40, (4, 6))
         loss = torch.nn.functional.cross_entropy(model(tokens).float().reshape(-1, 40), tokens.reshape(-1))
         loss.backward()
-        if number in SKIPPED_STEPS:
+        if number in skipped_steps:
             model.norm.bias.grad = None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
         optimizer.step()
@@ -257,6 +257,14 @@ def test_a_tensor_missing_a_state_tensor_is_not_replayed_the_others_are(adamw_bf
     assert list(summary["not_replayed"]) == ["norm.weight"] and "exp_avg_sq" in summary["not_replayed"]["norm.weight"]
     assert list(summary["tensors"]) == [name for name in NAMES if name != "norm.weight"]
     assert {row["tensor"] for row in rows} == set(summary["tensors"])
+
+
+def test_fused_sgd_of_bf16_on_the_cpu_is_replayed_with_a_note_on_its_kernel(tmp_path):
+    run = record(tmp_path / "run", lambda params: torch.optim.SGD(params, lr=5e-2, momentum=0.9, fused=True),
+                 steps=3, skipped_steps=())
+    summary, rows, _ = replay(run / "stream", tmp_path / "out")
+    assert summary["replayed"] and all(row["W_mismatches"] == "0" for row in rows)
+    assert "fused SGD" in summary["kernel_notes"][0] and "embed.weight" in summary["kernel_notes"][0]
 
 
 def test_a_tensor_valued_lr_is_not_replayed_and_says_why(tmp_path):

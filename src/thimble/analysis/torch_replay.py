@@ -77,8 +77,8 @@ ADAM_CLASSES = ("torch.optim.adamw.AdamW", "torch.optim.adam.Adam")
 #: group settings not taken from the hyperparameters table: the table holds what the loop set (None: torch's
 #: default), the recording's param_groups the implementation torch resolved, which the replay builds with
 IMPLEMENTATION_FLAGS = ("foreach", "fused")
-#: the recorded tensors of a parameter that are not optimizer state
-VALUE, GRAD = "value", "grad"
+#: the recorded tensors of a parameter that are not optimizer state, and the state key of Adam's step count
+VALUE, GRAD, STEP_COUNT = "value", "grad", "step"
 #: the stored dtypes as torch's
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: replay.csv's columns besides the mismatch columns and the criterion's
@@ -291,7 +291,8 @@ def plan_tensor(run: RecorderRun, param, defaults: dict, settings_of: dict[int, 
         settings_of[group] = run.settings(group, defaults)
     settings = settings_of[group][1:]
     expected = expected_state(run.optimizer, settings)
-    recorded = [key for key in param.dtypes if key not in (VALUE, GRAD)]
+    # a 0-d parameter's step count has its shape, so the recorder keeps it as a tensor too; param_steps has it
+    recorded = [key for key in param.dtypes if key not in (VALUE, GRAD, STEP_COUNT)]
     missing = [key for key in expected if key not in recorded]
     if missing:
         return f"the recording lacks its optimizer state {', '.join(missing)}, which torch's {short} keeps under the " \
@@ -538,20 +539,19 @@ class RecorderTensorReplay(TensorReplay):
 
     def list_disagreements(self, step: int, w: np.ndarray, replayed_w: np.ndarray, pre_rounding: np.ndarray) -> None:
         """The elements of one step where the criterion and the recording disagree, by row and column."""
+        w, replayed_w, pre_rounding = w.reshape(2, -1), replayed_w.reshape(-1), pre_rounding.reshape(-1)
         log2_floor, tie = log2_ratio_floor(w[0], pre_rounding)
         predicted = stays_from_ratio(w[0], log2_floor, tie)
         observed = same_lattice_point(w[1], w[0])
+        values = torch_of_bits(w, "bfloat16")
         columns = row_shape(self.shape)[1]
-        for element in np.argwhere(predicted != observed)[:LISTED_DISAGREEMENTS - len(self.listed)].tolist():
-            at = tuple(element)
-            row, column = divmod(int(np.ravel_multi_index(at, self.shape)) if self.shape else 0, columns)
+        for flat in np.flatnonzero(predicted != observed)[:LISTED_DISAGREEMENTS - len(self.listed)].tolist():
             self.listed.append({
-                "tensor": self.name, "step": step, "element": [row, column],
-                "w_before": float(torch_of_bits(w[0], "bfloat16")[at]),
-                "w_after": float(torch_of_bits(w[1], "bfloat16")[at]),
-                "pre_rounding_weight": float(pre_rounding[at]), "predicted_frozen": bool(predicted[at]),
-                "observed_frozen": bool(observed[at]),
-                "reason": explain(bool(replayed_w[at] != w[1][at]), NATIVE_STORAGE, self.plan.implementation),
+                "tensor": self.name, "step": step, "element": list(divmod(flat, columns)),
+                "w_before": float(values[0, flat]), "w_after": float(values[1, flat]),
+                "pre_rounding_weight": float(pre_rounding[flat]), "predicted_frozen": bool(predicted[flat]),
+                "observed_frozen": bool(observed[flat]),
+                "reason": explain(bool(replayed_w[flat] != w[1, flat]), NATIVE_STORAGE, self.plan.implementation),
             })
 
     def criterion(self) -> dict:
@@ -695,11 +695,30 @@ def recorder_summary(run: RecorderRun, attrs: dict, target: torch.device, replay
         "freeze_criterion": freeze_criterion(replays, why),
         "tensors": {replay.name: replay.tensor_summary() for replay in replays}, "not_replayed": not_replayed,
     }
+    notes = kernel_notes(run, replays, str(attrs.get("torch_version")))
+    if notes:
+        summary["kernel_notes"] = notes
     if replays and not where["same_device"]:
         summary["note"] = (f"recorded on {where['recorded_on']['device']}, replayed on "
                            f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
                            "where the kernels round differently")
     return summary
+
+
+def kernel_notes(run: RecorderRun, replays: list[RecorderTensorReplay], torch_version: str) -> list[str]:
+    """What a known fault of the kernel that trained the run means for its replay and its freezing."""
+    faulty = [replay.name for replay in replays if run.optimizer == "torch.optim.sgd.SGD"
+              and replay.plan.implementation == "fused" and torch.device(run.device).type == "cpu"
+              and replay.stored[replay.value_role] in ("bfloat16", "float16")]
+    if not faulty:
+        return []
+    return [f"torch's fused SGD on the CPU for bfloat16 and float16 parameters (seen with torch 2.13; this run's is "
+            f"{torch_version}) skips the "
+            "update of every full SIMD block of a parameter and can write stray values into its momentum buffer: "
+            "the replay runs the same kernel, so the weights match (unmoved, as in training), and stray values that "
+            "differ between the run and the replay are counted as mismatches. Where "
+            f"{', '.join(faulty[:5])}{', ...' if len(faulty) > 5 else ''} do not move, that may be the kernel's "
+            "skipped update, not the lattice"]
 
 
 def freeze_criterion(replays: list[RecorderTensorReplay], why: str | None) -> dict:
