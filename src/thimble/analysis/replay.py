@@ -21,22 +21,38 @@ before it, which the replay draws again first (``rounding_draws``), sized by the
 
 from __future__ import annotations
 
-import abc
-import csv
 import logging
-import math
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from thimble.analysis.replay_kernel import COUNT_COLUMNS, RATIO_HIGH, RATIO_LOW, count_steps
+from thimble.analysis.replay_base import (
+    CRITERION_RULE,
+    GRADIENT,
+    LISTED_DISAGREEMENTS,
+    RATIO_COLUMNS,
+    RATIO_EDGES,
+    ReplayResult,
+    TensorReplay,
+    bits_view,
+    explain,
+    log_mismatches,
+    replay_device,
+    replay_environments,
+    replay_summary,
+    replay_tensor,
+    same_lattice_point,
+    tensor_of_bits,
+    write_replay_outputs,
+)
+from thimble.analysis.replay_kernel import COUNT_COLUMNS, count_steps
 from thimble.analysis.tensors import recorded_params, row_shape
+from thimble.analysis.torch_replay import is_recorder_recording, replay_recorder_recording
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
-from thimble.numerics.lattice import MAGNITUDE_BITS, log2_ratio_floor, stays_from_ratio
+from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
 from thimble.sizes import EMBEDDING, REPLAY_BLOCK_STEPS, parameter_shapes
 from thimble.training.adamw import pre_rounding_weight, replay_rule_step, replay_steps, update_ratio
 from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
@@ -44,24 +60,15 @@ from thimble.util.workers import WorkerPool, thread_spans
 
 if TYPE_CHECKING:
     from thimble.record.format import RecordedParam
-    from thimble.record.reader import RowsInOrder
 
 log = logging.getLogger(__name__)
-
-#: bin edges of log2(|u| / half spacing); the first bin also takes u = 0, the last everything above
-RATIO_EDGES = np.arange(RATIO_LOW + 1, RATIO_HIGH + 1)
-RATIO_COLUMNS = [f"log2ratio_{edge}" for edge in (RATIO_EDGES[0] - 1, *RATIO_EDGES)]
 
 #: replay.csv's columns under the bf16 rule: a row per tensor and step
 COLUMNS = ("tensor", "step", *COUNT_COLUMNS, "freeze_agreement", "elements")
 #: the mismatch columns of the bf16 rule's table
 MISMATCH_COLUMNS = COLUMNS[2:5]
-#: disagreements listed one by one in replay.json (all are counted)
-LISTED_DISAGREEMENTS = 50
 #: steps replayed per optimizer call
 BLOCK_STEPS = REPLAY_BLOCK_STEPS
-#: the recorded tensor that holds the gradient each step applied (the others hold the state it leaves)
-GRADIENT = "grad_W"
 
 
 def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
@@ -72,11 +79,6 @@ def ratio_histograms(log2_floor: np.ndarray) -> np.ndarray:
     bins -= RATIO_EDGES[0] - 1  # 0 .. len(RATIO_EDGES)
     bins += (np.arange(steps, dtype=np.int16) * len(RATIO_COLUMNS))[:, None]
     return np.bincount(bins.reshape(-1), minlength=steps * len(RATIO_COLUMNS)).reshape(steps, len(RATIO_COLUMNS))
-
-
-def same_lattice_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """bf16 bit patterns equal, or both zero (±0 are one lattice point)."""
-    return (a == b) | (((a | b) & MAGNITUDE_BITS) == 0)
 
 
 def per_step(flags: np.ndarray) -> np.ndarray:
@@ -109,158 +111,6 @@ def step_statistics(w: np.ndarray, m: np.ndarray, v: np.ndarray, replayed: tuple
     }
     return {"columns": columns, "histograms": ratio_histograms(log2_floor), "differs": differs,
             "predicted": predicted}
-
-
-def replay_device(setting: str, recorded: str) -> torch.device:
-    """``auto``: the recording's device type where this machine has it, else the CPU."""
-    if setting != "auto":
-        return torch.device(setting)
-    kind = torch.device(recorded).type
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    return torch.device(kind if available.get(kind) else "cpu")
-
-
-def replay_environments(attrs: dict, target: torch.device, implementation: str) -> dict:
-    """Where the run was recorded and where it is replayed, and whether the kernels can be the same."""
-    replayed = {"device": str(target), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "torch_version": str(torch.__version__), "optimizer_impl": implementation}
-    recorded = {key: str(attrs.get(key)) for key in ("device", "cpu_capability", "torch_version")}
-    recorded["optimizer_impl"] = implementation
-    same_device = torch.device(str(attrs.get("device", "cpu"))).type == target.type
-    return {"replayed_on": replayed, "recorded_on": recorded, "same_device": same_device,
-            "same_kernel": same_device and replayed["torch_version"] == recorded["torch_version"] and (
-                target.type != "cpu" or replayed["cpu_capability"] == recorded["cpu_capability"])}
-
-
-def explain(replay_differs: bool, storage: str, implementation: str) -> str:
-    if replay_differs:
-        return "the replay differs from the recording at this element (another device or kernel), so the " \
-               "criterion's inputs are not what trained the run"
-    if storage == "float16":
-        return "float16 storage altered a recorded value"
-    if implementation == "fused":
-        return "the fused kernel keeps m, v and the update in float32 registers; the criterion follows the " \
-               "single-tensor arithmetic (bf16 m, v and denom)"
-    return "the criterion's float32 arithmetic differs from the kernel's here (e.g. a fused multiply-add)"
-
-
-def mismatch_account(rows: list[dict], mismatch_columns) -> tuple[dict, list[int]]:
-    """The mismatch totals of ``rows`` (a tensor's or several tensors' steps), the count of steps with any
-    mismatch, whether every element matched; and those steps, in order."""
-    totals = {column: int(sum(row[column] for row in rows)) for column in mismatch_columns}
-    steps = sorted({row["step"] for row in rows if any(row[column] for column in mismatch_columns)})
-    return {"total_mismatches": totals, "steps_with_mismatches": len(steps),
-            "bitwise_match": not any(totals.values())}, steps
-
-
-def replay_summary(head: dict, where: dict, replays: list, not_replayed: dict[str, str], freeze_criterion: dict,
-                   tail: dict | None = None) -> dict:
-    """replay.json: ``head`` (steps, rule, storage), where it ran, the mismatch totals over every replayed tensor
-    (``bitwise_match`` only if each matches), the freeze criterion's account, ``tail``, each tensor's summary
-    (``tensors``), the tensors that could not be replayed and why (``not_replayed``), and a note on a
-    cross-device replay. For a recording of the embedding alone, the totals are the embedding's."""
-    rows = [row for replay in replays for row in replay.rows]
-    account, _ = mismatch_account(rows, replays[0].mismatch_columns)
-    summary = {**head, **where, **account, "freeze_criterion": freeze_criterion, **(tail or {}),
-               "tensors": {replay.name: replay.tensor_summary() for replay in replays}, "not_replayed": not_replayed}
-    if not where["same_device"]:
-        summary["note"] = (f"recorded on {where['recorded_on']['device']}, replayed on "
-                           f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
-                           "where the kernels round differently")
-    return summary
-
-
-def write_replay_outputs(output_csv: str, columns, rows: list[dict], ratio_csv: str, ratio_rows: list[list],
-                         output_json: str, summary: dict, read_file: Path, attrs: dict) -> None:
-    """replay.csv (a row per tensor and step from 1), update_ratio.csv (``ratio_rows``: tensor, step and the
-    bins' counts) and replay.json, each written whole or not at all; replay.json's ``provenance`` names the file
-    read (its ``attrs``) and the tables' sha256 (thimble.provenance)."""
-    from thimble.provenance import PROVENANCE_KEY, stage_provenance
-    from thimble.util.files import atomic_output, write_json
-
-    with atomic_output(output_csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    with atomic_output(ratio_csv) as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["tensor", "step", *RATIO_COLUMNS])
-        writer.writerows(ratio_rows)
-    # the replay reads no settings: its hyperparameters are the recording's
-    summary[PROVENANCE_KEY] = stage_provenance(read_file, attrs, None, [output_csv, ratio_csv])
-    write_json(output_json, summary, indent=2)
-
-
-def recorded_block(rows: dict[str, RowsInOrder], buffers: dict[str, np.ndarray], first: int,
-                   stop: int) -> dict[str, np.ndarray]:
-    """The recorded bits that steps first..stop-1 replay from: each state tensor's rows first-1..stop-1 (the
-    state before each step, then after it), grad_W's rows first..stop-1 (the gradient each step applied), read
-    into ``buffers`` (reused by every block: fresh ones would cost more in page faults than the copies)."""
-    block = {}
-    for name, tensor_rows in rows.items():
-        start = first if name == GRADIENT else first - 1
-        block[name] = tensor_rows.read(start, stop, buffers[name][:stop - start])
-    return block
-
-
-def tensor_of_bits(bits: np.ndarray) -> torch.Tensor:
-    """Stored bits as the torch tensor they hold, without copying: bf16 (uint16) or float32 (uint32)."""
-    if bits.dtype.itemsize == 2:
-        return bits_to_torch(bits)
-    return torch.from_numpy(bits.view(np.float32))
-
-
-#: what the bf16 rule's freeze criterion predicts
-CRITERION_RULE = ("an element stays put when the float32 weight that addcdiv_ forms before rounding rounds "
-                  "(to nearest, ties to even) back onto W[t-1]: update below half the spacing towards the "
-                  "move, or exactly half with an even last mantissa bit")
-
-
-class TensorReplay(abc.ABC):
-    """What the replays of every rule share: one recorded parameter, its rows of replay.csv, its summary."""
-
-    #: replay.csv's columns that count mismatching elements
-    mismatch_columns: tuple[str, ...] | list[str] = ()
-
-    def __init__(self, param: RecordedParam):
-        self.name, self.shape = param.name, tuple(param.shape)
-        self.elements = math.prod(self.shape)
-        self.rows: list[dict] = []
-
-    @abc.abstractmethod
-    def block(self, first: int, recorded: dict[str, np.ndarray]) -> None:
-        """Replay steps first.. of ``recorded_block`` and add their rows."""
-
-    @abc.abstractmethod
-    def criterion(self) -> dict:
-        """The freeze criterion's account of the tensor (replay.json's ``tensors``)."""
-
-    @abc.abstractmethod
-    def ratio_rows(self) -> list[list]:
-        """update_ratio.csv's rows of the tensor."""
-
-    def finish(self) -> None:
-        """Let go of the buffers the tensor's blocks were replayed in (the next tensor has its own)."""
-
-    def tensor_summary(self) -> dict:
-        """The tensor's entry of replay.json's ``tensors``: its shape as rows x columns
-        (``thimble.analysis.tensors.row_shape``), its mismatches, the first step with any, the freeze criterion."""
-        account, steps = mismatch_account(self.rows, self.mismatch_columns)
-        rows, columns = row_shape(self.shape)
-        return {"shape": list(self.shape), "rows": rows, "columns": columns, "elements": self.elements,
-                "steps": len(self.rows), **account, "first_mismatch_step": steps[0] if steps else None,
-                "freeze_criterion": self.criterion()}
-
-
-def log_mismatches(summary: dict) -> None:
-    """Name each tensor that differs from the recording and the first step where it does."""
-    for name, tensor in summary["tensors"].items():
-        if not tensor["bitwise_match"]:
-            log.warning("replay of %s differs from the recording from step %d on: %s over %d steps with mismatches",
-                        name, tensor["first_mismatch_step"], tensor["total_mismatches"],
-                        tensor["steps_with_mismatches"])
-    for name, why in summary["not_replayed"].items():
-        log.warning("%s is not replayed: %s", name, why)
 
 
 class Bf16Replay(TensorReplay):
@@ -440,7 +290,7 @@ class OtherRuleReplay(TensorReplay):
             for name in self.state_names:
                 expected = state[name][index + 1]
                 got = after[name].cpu()
-                row[f"{name}_mismatches"] = int((got.view(_int_view(got)) != expected.view(_int_view(expected)))
+                row[f"{name}_mismatches"] = int((got.view(bits_view(got)) != expected.view(bits_view(expected)))
                                                 .sum())
             w_bits = recorded["W"]
             row["observed_frozen"] = int(same_lattice_point(w_bits[index + 1], w_bits[index]).sum())
@@ -483,11 +333,6 @@ class OtherRuleReplay(TensorReplay):
             log.warning("replay (%s) differs from the recording: %s over %d steps with mismatches",
                         summary["update_rule"], summary["total_mismatches"], summary["steps_with_mismatches"])
         log_mismatches(summary)
-
-
-def _int_view(tensor: torch.Tensor) -> torch.dtype:
-    """The integer dtype of ``tensor``'s width: compare bits, not values (NaNs, ±0)."""
-    return {2: torch.int16, 4: torch.int32}[tensor.element_size()]
 
 
 #: the recording's attributes that size the model (``thimble.sizes.parameter_shapes``)
@@ -538,75 +383,62 @@ def check_roles(filename: str, params: list[RecordedParam]) -> None:
                             f"{', '.join(first)}; under one update rule every parameter records the same tensors")
 
 
-def replay_tensor(handle, param: RecordedParam, replay: TensorReplay, steps: int, block_steps: int,
-                  pool: WorkerPool, bar: tqdm) -> None:
-    """Replay every step of one recorded parameter: each of its datasets read in order, a block of steps at a
-    time, into buffers of the block's size that go with it."""
-    from thimble.record.reader import RecordedTensor
-
-    rows = {}
-    for role, path in param.roles().items():
-        tensor = RecordedTensor.of_recording(handle, path)
-        if tensor.shape != (steps + 1, *param.shape):
-            raise DataError(f"{tensor.where} has shape {tensor.shape}, not {(steps + 1, *param.shape)} as the "
-                            f"recording's recorded_params and steps say; train and rechunk it again")
-        rows[role] = tensor.in_order(block_steps, pool)
-    buffers = {role: np.empty((block_steps + 1, *param.shape), dtype=tensor_rows.tensor.bits_dtype)
-               for role, tensor_rows in rows.items()}
-    for first in range(1, steps + 1, block_steps):
-        stop = min(first + block_steps, steps + 1)
-        replay.block(first, recorded_block(rows, buffers, first, stop))
-        bar.update(stop - first)
-    for tensor_rows in rows.values():  # the last chunks' checksums are checked at their frames' ends
-        tensor_rows.finish()
-    replay.finish()
-
-
 def replay_recording(recording: str, output_csv: str, output_json: str, ratio_csv: str, device: str = "auto",
                      threads: int = 1, block_steps: int = BLOCK_STEPS) -> dict:
     """Replay every step of every recorded tensor of a recording (recording.h5, or the stream folder it was
     rechunked from), one tensor after the other; write the per-tensor, per-step table, the update-ratio
-    histograms and a summary."""
+    histograms and a summary. A recording of thimble's own training is replayed under its update rule, one that
+    ``thimble.Recorder`` made in another loop by torch's optimizer of its class (``thimble.analysis.torch_replay``)."""
     from thimble.record.reader import RecordingSource
 
     torch.set_num_threads(threads)
     source = RecordingSource.of_path(recording)
     with source.open() as handle, WorkerPool(threads) as pool:
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in handle.attrs.items()}
-        rule = rule_of(attrs)
-        if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
-            raise DataError(f"{recording} was recorded under training.update_rule {rule!r}, which this version of "
-                            f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
-                            f"version that recorded it (its git_commit attribute), or train it again")
-        target = replay_device(device, str(attrs.get("device", "cpu")))
-        params = recorded_params(handle)
-        if rule == "stochastic_rounding":
-            stepped_before, not_replayed = rounding_draws(attrs, params)
+        if is_recorder_recording(attrs):
+            replayed = replay_recorder_recording(handle, attrs, device, block_steps, pool)
         else:
-            stepped_before, not_replayed = {param.name: () for param in params}, {}
-        replayable = [param for param in params if param.name not in not_replayed]
-        if not replayable:
-            reasons = "; ".join(f"{name}: {why}" for name, why in not_replayed.items()) or "it records no tensor"
-            raise DataError(f"{recording}: no recorded tensor can be replayed ({reasons})")
-        if rule == "bf16" and attrs.get("storage_dtype") == "float16":
-            log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
-                        "bf16, so it reports mismatches wherever float16 altered them", recording)
-        check_roles(handle.filename, replayable)
-        steps = handle[replayable[0].roles()["W"]].shape[0] - 1
-        replays: list[TensorReplay] = []
-        with tqdm(total=steps * len(replayable), desc="replay" if rule == "bf16" else f"replay ({rule})",
-                  unit="step", mininterval=5) as bar:
-            for param in replayable:
-                if rule == "bf16":
-                    replay = Bf16Replay(param, attrs, target, block_steps, pool)
-                else:
-                    replay = OtherRuleReplay(param, attrs, target, stepped_before[param.name])
-                replay_tensor(handle, param, replay, steps, block_steps, pool, bar)
-                replays.append(replay)
+            replayed = replay_rule_recording(recording, handle, attrs, device, block_steps, pool)
+    write_replay_outputs(output_csv, replayed.columns, replayed.rows, ratio_csv, replayed.ratio_rows, output_json,
+                         replayed.summary, source.file, attrs)
+    replayed.log_result(replayed.summary)
+    return replayed.summary
+
+
+def replay_rule_recording(recording: str, handle, attrs: dict, device: str, block_steps: int,
+                          pool: WorkerPool) -> ReplayResult:
+    """The replay of a recording of thimble's own training, under the update rule it was trained with."""
+    rule = rule_of(attrs)
+    if rule not in UPDATE_RULES:  # the recording's attribute, not the config: a file this version cannot replay
+        raise DataError(f"{recording} was recorded under training.update_rule {rule!r}, which this version of "
+                        f"thimble cannot replay (it knows {', '.join(UPDATE_RULES)}); replay it with the thimble "
+                        f"version that recorded it (its git_commit attribute), or train it again")
+    target = replay_device(device, str(attrs.get("device", "cpu")))
+    params = recorded_params(handle)
+    if rule == "stochastic_rounding":
+        stepped_before, not_replayed = rounding_draws(attrs, params)
+    else:
+        stepped_before, not_replayed = {param.name: () for param in params}, {}
+    replayable = [param for param in params if param.name not in not_replayed]
+    if not replayable:
+        reasons = "; ".join(f"{name}: {why}" for name, why in not_replayed.items()) or "it records no tensor"
+        raise DataError(f"{recording}: no recorded tensor can be replayed ({reasons})")
+    if rule == "bf16" and attrs.get("storage_dtype") == "float16":
+        log.warning("%s stores float16 (record.dtype float16): the replay reads the stored values back as "
+                    "bf16, so it reports mismatches wherever float16 altered them", recording)
+    check_roles(handle.filename, replayable)
+    steps = handle[replayable[0].roles()["W"]].shape[0] - 1
+    replays: list[TensorReplay] = []
+    with tqdm(total=steps * len(replayable), desc="replay" if rule == "bf16" else f"replay ({rule})",
+              unit="step", mininterval=5) as bar:
+        for param in replayable:
+            if rule == "bf16":
+                replay = Bf16Replay(param, attrs, target, block_steps, pool)
+            else:
+                replay = OtherRuleReplay(param, attrs, target, stepped_before[param.name])
+            replay_tensor(handle, param, replay, steps, block_steps, pool, bar)
+            replays.append(replay)
     kind = type(replays[0])
-    summary = kind.summary(replays, not_replayed)
-    write_replay_outputs(output_csv, replays[0].columns, [row for replay in replays for row in replay.rows],
-                         ratio_csv, [row for replay in replays for row in replay.ratio_rows()], output_json, summary,
-                         source.file, attrs)
-    kind.log_result(summary)
-    return summary
+    return ReplayResult(replays[0].columns, [row for replay in replays for row in replay.rows],
+                        [row for replay in replays for row in replay.ratio_rows()], kind.summary(replays, not_replayed),
+                        kind.log_result)
