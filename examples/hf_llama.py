@@ -60,7 +60,8 @@ def main() -> None:
         training = TrainingArguments(
             output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch,
             learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup, weight_decay=0.1,
-            max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no", logging_steps=100, seed=0)
+            max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+            logging_steps=1, disable_tqdm=True)  # a log per step: the recorder takes each step's loss from it
         recorder = thimble.hf.RecorderCallback(args.run, tensors="*", token_groups={"dead": dead})
         Trainer(model=model, args=training, train_dataset=TokenWindows(tokens, args.seq_len),
                 callbacks=[recorder]).train()

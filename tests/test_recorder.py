@@ -250,3 +250,29 @@ def test_the_gradient_is_the_one_the_step_received(tmp_path, foreach):
     for step, grad in enumerate(received, start=1):
         np.testing.assert_array_equal(rows[step], bits(grad))
     assert rec.attrs()["optimizer_impl"] == ("foreach" if foreach else "single_tensor")
+
+
+def test_a_scalar_parameter_is_recorded_and_its_step_count_is_no_state_tensor(tmp_path):
+    """A 0-d parameter (a learned temperature): its rows read back as the loop held them, and Adam's 0-d
+    ``state["step"]`` goes to ``param_steps``, not among its state tensors."""
+    torch.manual_seed(0)
+    temperature = torch.nn.Parameter(torch.tensor(1.5))
+    linear = torch.nn.Linear(3, 3)
+    model = torch.nn.ParameterDict({"temperature": temperature, "weight": linear.weight})
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    held = []
+    with thimble.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for _ in range(5):
+            (torch.nn.functional.linear(torch.randn(2, 3), linear.weight) * temperature).pow(2).sum().backward()
+            optimizer.step()
+            rec.log(loss=0.0)
+            held.append(temperature.detach().clone())
+            optimizer.zero_grad()
+    stream = tmp_path / "run" / "stream" / "stream.h5"
+    with h5py.File(stream) as handle:
+        assert json.loads(handle.attrs["recorded_params"])["temperature"]["tensors"] == {
+            "value": "float32", "grad": "float32", "exp_avg": "float32", "exp_avg_sq": "float32"}
+        np.testing.assert_array_equal(read_checked(handle["param_steps"])[1:, 0], np.arange(1, 6))
+    values = recorded_rows(stream, "temperature", "value")
+    assert values.shape == (6,)
+    np.testing.assert_array_equal(values[1:], np.stack([bits(value) for value in held]))

@@ -63,8 +63,8 @@ from thimble.analysis.tensors import recorded_params, row_shape
 from thimble.errors import DataError
 from thimble.numerics.bf16 import torch_to_bits
 from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
-from thimble.record.format import NATIVE_STORAGE, read_checked
-from thimble.record.recorder import SOURCE, STEP_TABLES
+from thimble.record.format import NATIVE_STORAGE, RECORDER, made_by_recorder, read_checked
+from thimble.record.optimizer_tables import STEP_TABLES
 from thimble.training.adamw import IMPLEMENTATIONS, pre_rounding_weight
 from thimble.update_rules import STATE_KEYS
 
@@ -91,7 +91,7 @@ CRITERION_COLUMNS = ("replay_frozen", "predicted_frozen", "criterion_disagreemen
 
 def is_recorder_recording(attrs) -> bool:
     """Whether a recording's attributes say ``thimble.Recorder`` made it."""
-    return attrs.get("source") == SOURCE
+    return made_by_recorder(attrs)
 
 
 class OptimizerRefused(Exception):
@@ -685,7 +685,7 @@ def recorder_summary(run: RecorderRun, attrs: dict, target: torch.device, replay
     mismatched = {row["step"] for row in rows if any(row.get(column, 0) for column in columns)}
     where = replay_environments({**attrs, "device": run.device}, target, run.implementation)
     summary = {
-        "source": SOURCE, "optimizer": run.optimizer, "optimizer_impl": run.implementation,
+        "recorded_by": RECORDER, "optimizer": run.optimizer, "optimizer_impl": run.implementation,
         "replayed": bool(replays), **({"why": why} if why else {}),
         "steps": run.steps, "storage_dtype": attrs.get("storage_dtype"), "initial_state": run.initial_state,
         "hyperparameter_columns": run.columns, "varying_hyperparameters": varying_settings(run), **where,

@@ -132,7 +132,7 @@ class Recorder:
             self._step_zero = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
             self._state_zero = {name: {key: value.detach().to("cpu", copy=True)
                                        for key, value in self.optimizer.state.get(param, {}).items()
-                                       if _is_state_tensor(value, param)}
+                                       if _is_state_tensor(value, param, key)}
                                 for name, param in self.params.items()}
         self._steps_zero = self.tables.steps()
         self._initial_state = "empty" if not any(self._state_zero.values()) else "as_found"
@@ -243,7 +243,7 @@ class Recorder:
                         value = state.get(key)
                         if value is None:
                             tensors[path] = torch.zeros(param.shape, dtype=_torch_dtype(entry.dtypes[key]))
-                        elif not _is_state_tensor(value, param) or STORED_DTYPES.get(str(value.dtype)) \
+                        elif not _is_state_tensor(value, param, key) or STORED_DTYPES.get(str(value.dtype)) \
                                 != entry.dtypes[key]:
                             raise RecorderError(f"{name}'s optimizer state {key!r} changed kind at step {self.step} "
                                                 f"({value.dtype}, shape {tuple(value.shape)}); the recording "
@@ -251,7 +251,7 @@ class Recorder:
                         else:
                             tensors[path] = value.detach().to("cpu", copy=True)
                 unknown = [key for key, value in state.items() if key not in entry.paths
-                           and _is_state_tensor(value, param)]
+                           and _is_state_tensor(value, param, key)]
                 if unknown:
                     raise RecorderError(f"{name} gained optimizer state {unknown} at step {self.step}, after the "
                                         f"recording's layout was fixed at step 1 ({sorted(entry.paths)})")
@@ -273,7 +273,7 @@ class Recorder:
                     "grad": STORED_DTYPES[str(grad.dtype if grad is not None else param.dtype)]}
             state = self.optimizer.state.get(param, {})
             for key, value in state.items():
-                if _is_state_tensor(value, param):
+                if _is_state_tensor(value, param, key):
                     if str(value.dtype) not in STORED_DTYPES:
                         raise RecorderError(f"{name}'s optimizer state {key!r} is {value.dtype}; the recorder "
                                             "stores bfloat16, float16 and float32 tensors")
@@ -348,10 +348,11 @@ class Recorder:
         }
 
 
-def _is_state_tensor(value, param) -> bool:
-    """A state entry the recorder keeps: a tensor of the parameter's shape (a moment, a buffer), not a count."""
-    return hasattr(value, "shape") and hasattr(value, "dtype") and tuple(value.shape) == tuple(param.shape) \
-        and value.dtype.is_floating_point
+def _is_state_tensor(value, param, key: str = "") -> bool:
+    """A state entry the recorder keeps: a tensor of the parameter's shape (a moment, a buffer), not the step
+    count (the ``param_steps`` table; of a 0-d parameter's shape too)."""
+    return key != "step" and hasattr(value, "shape") and hasattr(value, "dtype") \
+        and tuple(value.shape) == tuple(param.shape) and value.dtype.is_floating_point
 
 
 def _torch_dtype(stored: str):

@@ -99,12 +99,13 @@ def read_stream_rows(stream_dir: str | Path, name: str, start: int, stop: int, o
             def finish(step: int, future: Future) -> None:
                 future.result()
                 if digest is not None:
-                    digest.update(out[step - start].data)
+                    digest.update(out[step - start, ...].data)
 
             for step in range(low, high):
                 where = chunk_location(dataset, step, step)
                 raw = read_stored_chunk(dataset, step - first, where)
-                pending.append((step, pool.submit(decode_chunk, raw, out[step - start], where)))
+                # `[step, ...]`: a view also for a 0-d parameter's rows (`out[step]` would be a copied scalar)
+                pending.append((step, pool.submit(decode_chunk, raw, out[step - start, ...], where)))
                 while len(pending) >= window:
                     finish(*pending.popleft())
             while pending:
