@@ -273,3 +273,24 @@ def test_a_tensor_valued_lr_is_not_replayed_and_says_why(tmp_path):
     summary, rows, _ = replay(run / "stream", tmp_path / "out")
     assert summary["replayed"] is False and rows == []
     assert all("lr was a tensor" in why for why in summary["not_replayed"].values())
+
+
+@pytest.mark.parametrize("dtype, lr, vanishes", [(torch.bfloat16, 1e-3, True), (torch.float32, 1e-3, False),
+                                                 (torch.bfloat16, 0.2, False)], ids=["bf16", "fp32", "bf16_large"])
+def test_the_replay_says_what_the_weight_decay_changed(tmp_path, dtype, lr, vanishes):
+    """AdamW's decoupled decay, ``param.mul_(1 - lr * weight_decay)`` on its own rounding: on bf16 weights with
+    lr * weight_decay = 1e-4, under half of bf16's relative spacing (2^-9 at least), every product rounds back
+    to the weight, so the decay changes no element; on float32 weights it changes almost every one; on bf16 with
+    lr * weight_decay = 0.02 it changes many."""
+    run = record(tmp_path / "run", lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=0.1, foreach=False),
+                 dtype, scheduler=False)
+    summary, rows, _ = replay(run / "stream", tmp_path / "replay")
+    assert summary["bitwise_match"]
+    decay = summary["weight_decay"]
+    stepped = [row for row in rows if row["stepped"] == "1"]
+    assert decay["applies"] and decay["element_steps"] == sum(int(row["elements"]) for row in stepped)
+    assert decay["changed"] == sum(int(row["decay_changed"]) for row in rows)
+    if vanishes:
+        assert decay["changed"] == 0
+    else:
+        assert decay["changed_share"] > (0.9 if dtype == torch.float32 else 0.05)

@@ -87,6 +87,9 @@ STEPPED, OBSERVED, ELEMENTS = "stepped", "observed_frozen", "elements"
 STEP_COUNT_COLUMN = "step_count_mismatches"
 #: the criterion's columns, for tensors it applies to (empty for the others)
 CRITERION_COLUMNS = ("replay_frozen", "predicted_frozen", "criterion_disagreements", "ties", "freeze_agreement")
+#: elements whose value after a step differs from the same step replayed with weight_decay 0: what the decay did
+#: (a tensor whose group decays at some step)
+DECAY_COLUMN = "decay_changed"
 
 
 def is_recorder_recording(attrs) -> bool:
@@ -421,8 +424,12 @@ class RecorderTensorReplay(TensorReplay):
         if plan.keeps_count:
             self.mismatch_columns.append(STEP_COUNT_COLUMN)
         self.criterion_applies = plan.criterion_why is None
+        #: whether the tensor's group decays at some step: each such step is replayed once more without the decay
+        self.decays = any(step_settings.get("weight_decay") for step_settings in settings[1:])
         self.columns = ["tensor", "step", *self.mismatch_columns, STEPPED, OBSERVED,
-                        *(CRITERION_COLUMNS if self.criterion_applies else ()), ELEMENTS]
+                        *(CRITERION_COLUMNS if self.criterion_applies else ()),
+                        *((DECAY_COLUMN,) if self.decays else ()), ELEMENTS]
+        self.decay_changed = 0
         if self.criterion_applies:
             moment = "max_exp_avg_sq" if "max_exp_avg_sq" in plan.state_keys else "exp_avg_sq"
             self.criterion_roles = (self.value_role, roles["exp_avg"], roles[moment])
@@ -460,14 +467,26 @@ class RecorderTensorReplay(TensorReplay):
             if criterion is not None:
                 self.criterion_step(criterion, index, step, stepped, values, replayed,
                                     count_recorded if not math.isnan(count_recorded) else count_after)
+            if self.decays:
+                # last: the replay without decay reuses the optimizer whose tensors ``replayed`` holds
+                row[DECAY_COLUMN] = self.decay_effect(step, index, values, grads[index], count_before) \
+                    if stepped and self.settings[step].get("weight_decay") else 0
+                self.decay_changed += row[DECAY_COLUMN]
             self.rows.append(row)
         if criterion is not None:
             self.count_criterion(first, recorded, criterion)
 
+    def decay_effect(self, step: int, index: int, values: dict[str, torch.Tensor], grad: torch.Tensor,
+                     count_before: float) -> int:
+        """Elements of the recorded value after ``step`` that the same step without weight decay would leave
+        elsewhere: where the decay changed the weight (0 where rounding threw the decay term away)."""
+        without, _ = self.step(step, index, values, grad, count_before, {"weight_decay": 0.0})
+        return count_mismatches(without[self.value_role], values[self.value_role][index + 1])
+
     def step(self, step: int, index: int, values: dict[str, torch.Tensor], grad: torch.Tensor,
-             count_before: float) -> tuple[dict[str, torch.Tensor | None], float | None]:
+             count_before: float, changed: dict | None = None) -> tuple[dict[str, torch.Tensor | None], float | None]:
         """Step ``step`` through torch's optimizer: the recorded value and state of row step-1 (or no state where
-        torch had none), the recorded gradient, the group's settings of row ``step``."""
+        torch had none), the recorded gradient, the group's settings of row ``step`` (with ``changed``'s)."""
         if self.plan.keeps_count:
             absent = math.isnan(count_before)
         else:
@@ -480,7 +499,7 @@ class RecorderTensorReplay(TensorReplay):
             value, state_after, count_after = self.stepper.step(
                 values[self.value_role][index].to(self.target), grad.to(self.target), state,
                 None if absent or not self.plan.keeps_count else count_before,
-                self.settings[step], self.companion is not None and bool(self.companion[step]))
+                {**self.settings[step], **(changed or {})}, self.companion is not None and bool(self.companion[step]))
         except (RuntimeError, ValueError, TypeError) as error:
             raise OptimizerRefused(f"torch's {OPTIMIZERS[self.run.optimizer]} ({self.plan.implementation}, on "
                                    f"{self.target}) raised at step {step}: {error}") from error
@@ -572,7 +591,16 @@ class RecorderTensorReplay(TensorReplay):
     def tensor_summary(self) -> dict:
         return {"replayed": True, "implementation": self.plan.implementation, "param_group": self.plan.group,
                 "dtypes": {role: self.stored[role] for role, _ in self.compared}, **super().tensor_summary(),
-                "skipped_steps": self.skipped}
+                "skipped_steps": self.skipped, "weight_decay": self.decay_summary()}
+
+    def decay_summary(self) -> dict:
+        """What the weight decay did to the tensor: the element-steps it changed, of those it applied to."""
+        if not self.decays:
+            return {"applies": False}
+        decayed = sum(1 for row in self.rows if row[STEPPED] and self.settings[row["step"]].get("weight_decay"))
+        elements = decayed * self.elements
+        return {"applies": True, "decayed_steps": decayed, "element_steps": elements,
+                "changed": self.decay_changed, "changed_share": self.decay_changed / elements if elements else None}
 
 
 def log_recorder_result(summary: dict) -> None:
@@ -657,7 +685,8 @@ def recorder_columns(replays: list[RecorderTensorReplay]) -> list[str]:
     """replay.csv's columns: every replayed tensor's (a column a tensor lacks is left empty in its rows)."""
     mismatches = union(replay.mismatch_columns for replay in replays)
     criterion = list(CRITERION_COLUMNS) if any(replay.criterion_applies for replay in replays) else []
-    return ["tensor", "step", *mismatches, STEPPED, OBSERVED, *criterion, ELEMENTS]
+    decay = [DECAY_COLUMN] if any(replay.decays for replay in replays) else []
+    return ["tensor", "step", *mismatches, STEPPED, OBSERVED, *criterion, *decay, ELEMENTS]
 
 
 def varying_settings(run: RecorderRun) -> dict[str, dict]:
@@ -693,6 +722,7 @@ def recorder_summary(run: RecorderRun, attrs: dict, target: torch.device, replay
         "bitwise_match": (not any(totals.values())) if replays else None,
         "skipped_steps": sum(replay.skipped for replay in replays),
         "freeze_criterion": freeze_criterion(replays, why),
+        "weight_decay": weight_decay_summary(replays),
         "tensors": {replay.name: replay.tensor_summary() for replay in replays}, "not_replayed": not_replayed,
     }
     notes = kernel_notes(run, replays, str(attrs.get("torch_version")))
@@ -703,6 +733,19 @@ def recorder_summary(run: RecorderRun, attrs: dict, target: torch.device, replay
                            f"{where['replayed_on']['device']}: a cross-device replay; mismatches are expected "
                            "where the kernels round differently")
     return summary
+
+
+def weight_decay_summary(replays: list[RecorderTensorReplay]) -> dict:
+    """Over every tensor whose group decays: the element-steps whose value the decay changed (each step replayed
+    once more with weight_decay 0), against those it applied to."""
+    decaying = [replay.decay_summary() for replay in replays if replay.decays]
+    if not decaying:
+        return {"applies": False, "why": "no replayed tensor's group has a weight decay"}
+    elements = sum(summary["element_steps"] for summary in decaying)
+    changed = sum(summary["changed"] for summary in decaying)
+    return {"applies": True, "measure": DECAY_COLUMN + ": elements whose value after the step differs from the "
+                                        "same step replayed with weight_decay 0",
+            "element_steps": elements, "changed": changed, "changed_share": changed / elements if elements else None}
 
 
 def kernel_notes(run: RecorderRun, replays: list[RecorderTensorReplay], torch_version: str) -> list[str]:
