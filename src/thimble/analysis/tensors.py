@@ -4,6 +4,10 @@ The analyses were written for W, a (V, D) matrix whose rows are tokens in the de
 recorded parameter of shape (r, *rest) is viewed as r rows of prod(rest) columns, a 1-D parameter of n values
 as n rows of one (each value its own row), so that every per-row measure keeps its meaning ("a row is frozen":
 every value of it unmoved). The embedding keeps its token groups; every other tensor is one group, ``all``.
+
+A recording made by ``thimble.Recorder`` names the parameter its live and dead masks group (attribute
+``token_groups_param``, empty when the loop gave none): that parameter takes the embedding's place. Each tensor is
+counted in its own lattice (``stored_lattice``): bf16's, float16's or float32's, as it was stored.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import math
 
 import numpy as np
 
+from thimble.numerics.lattice import BF16_LATTICE, Lattice, lattice_named
 from thimble.record.format import RecordedParam, RecordLayout
+from thimble.record.recorder import SOURCE as RECORDER_SOURCE
 from thimble.sizes import EMBEDDING
 
 #: the group every tensor has: all its rows
@@ -26,20 +32,50 @@ def row_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def has_token_groups(name: str) -> bool:
-    """Whether the tensor's rows are the vocabulary's tokens (the embedding), which the live and dead masks group."""
-    return name == EMBEDDING
+def is_recorder_recording(attrs) -> bool:
+    """Whether a recording's attributes are those of a loop recorded by ``thimble.Recorder`` (no seed
+    attributes; its hyperparameters per step in the ``hyperparameters`` table)."""
+    return str(attrs.get("source", "")) == RECORDER_SOURCE
 
 
-def row_groups(name: str, rows: int, dead_mask: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The groups of a tensor's rows as boolean masks: the embedding's ``dead``, ``live`` and ``all`` (in the
-    recording's ``dead_mask``), one group ``all`` for any other tensor."""
-    if has_token_groups(name) and dead_mask is not None:
+def token_groups_param(attrs) -> str | None:
+    """The parameter whose rows the recording's dead and live masks group: for a recorder's recording the one
+    ``token_groups=`` was given for (None when none was), for thimble's own the embedding."""
+    if is_recorder_recording(attrs):
+        return str(attrs.get("token_groups_param", "")) or None
+    return EMBEDDING
+
+
+def has_token_groups(name: str, grouped: str | None = EMBEDDING) -> bool:
+    """Whether the tensor's rows are the ones the live and dead masks group (``grouped``, ``token_groups_param``:
+    the embedding's tokens for thimble's own recordings)."""
+    return grouped is not None and name == grouped
+
+
+def row_groups(name: str, rows: int, dead_mask: np.ndarray | None,
+               grouped: str | None = EMBEDDING) -> dict[str, np.ndarray]:
+    """The groups of a tensor's rows as boolean masks: the grouped tensor's (the embedding's) ``dead``, ``live``
+    and ``all`` (in the recording's ``dead_mask``), one group ``all`` for any other tensor."""
+    if has_token_groups(name, grouped) and dead_mask is not None:
         dead = np.asarray(dead_mask, bool)
         if dead.shape != (rows,):
             raise ValueError(f"dead_mask has {dead.shape[0]} tokens, {name} {rows} rows")
         return {"dead": dead, "live": ~dead, ALL: np.ones(rows, bool)}
     return {ALL: np.ones(rows, bool)}
+
+
+def grouped_first(params: list[RecordedParam], grouped: str | None) -> list[RecordedParam]:
+    """The recorded parameters with the grouped one (the embedding) first, the others in the model's order."""
+    return sorted(params, key=lambda param: not has_token_groups(param.name, grouped))  # stable
+
+
+def stored_lattice(attrs, param: RecordedParam, key: str = "value") -> Lattice:
+    """The lattice in which the analyses read a recorded parameter's dataset ``key``: its stored dtype's (bf16,
+    float16 or float32), but bf16's for the seed's float16 storage, whose float16 values are bf16 values read
+    back as bf16 (``thimble.record.reader.RecordedTensor``)."""
+    if attrs.get("storage_dtype") == "float16":
+        return BF16_LATTICE
+    return lattice_named(param.dtypes[key])
 
 
 def recorded_params(handle) -> list[RecordedParam]:
