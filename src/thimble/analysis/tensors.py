@@ -12,10 +12,13 @@ counted in its own lattice (``stored_lattice``): bf16's, float16's or float32's,
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 
 import numpy as np
 
+from thimble.errors import DataError
 from thimble.numerics.lattice import BF16_LATTICE, Lattice, lattice_named
 from thimble.record.format import RecordedParam, RecordLayout
 from thimble.record.recorder import SOURCE as RECORDER_SOURCE
@@ -81,3 +84,68 @@ def stored_lattice(attrs, param: RecordedParam, key: str = "value") -> Lattice:
 def recorded_params(handle) -> list[RecordedParam]:
     """The recorded parameters of a recording (or a stream) in the model's order."""
     return list(RecordLayout.of_file(handle).params.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """One recorded parameter's optimizer settings as each step t = 0..T used them (row 0: at attach).
+
+    A recorder's recording holds them per step (its ``hyperparameters`` table: a scheduler may change lr at every
+    step; ``param_steps``, ``param_stepped``); thimble's own hold the seed's constant attributes, and its
+    optimizer steps every parameter at every step."""
+
+    #: each numeric setting of the parameter's param group by the recorder's column name (``lr``, ``betas.0``,
+    #: ``betas.1``, ``eps``, ``weight_decay``, flags as 0/1, ...), (T+1,) float64
+    columns: dict[str, np.ndarray]
+    #: (T+1,) the optimizer's step count of the parameter after step t, which its bias corrections use (NaN where
+    #: the optimizer keeps none)
+    counts: np.ndarray
+    #: (T+1,) whether the optimizer stepped the parameter at step t (torch skips a parameter without a gradient)
+    stepped: np.ndarray
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.columns.get(key)
+
+
+#: the seed's attributes of AdamW's settings, by the recorder's column names
+SEED_SETTINGS = {"lr": "learning_rate", "betas.0": "adam_beta1", "betas.1": "adam_beta2", "eps": "adam_epsilon",
+                 "weight_decay": "weight_decay"}
+
+
+def step_settings(handle, name: str) -> StepSettings:
+    """The optimizer settings of the recorded parameter ``name`` at every step of the open recording ``handle``;
+    a DataError naming the file and what is missing when the recording lacks them."""
+    from thimble.record.format import read_checked
+
+    attrs = handle.attrs
+    n_steps = handle["losses"].shape[0]
+    if not is_recorder_recording(attrs):
+        missing = [attr for attr in SEED_SETTINGS.values() if attr not in attrs]
+        if missing:
+            raise DataError(f"{handle.filename} has no attribute {', '.join(missing)}: AdamW's settings of the run")
+        steps = np.arange(n_steps, dtype=np.float64)
+        return StepSettings({key: np.full(n_steps, float(attrs[attr])) for key, attr in SEED_SETTINGS.items()},
+                            steps, steps > 0)
+    try:
+        columns = json.loads(attrs["hyperparameter_columns"])
+        groups = json.loads(attrs["param_groups"])
+        names = json.loads(attrs["param_names"])
+    except KeyError as error:
+        raise DataError(f"{handle.filename} has no attribute {error.args[0]}, which a recording of "
+                        f"thimble.Recorder holds; the file is not what the recorder wrote") from None
+    group = next((index for index, entry in enumerate(groups) if name in entry["params"]), None)
+    if group is None or name not in names:
+        raise DataError(f"{handle.filename}: {name} is in no param group of its attribute param_groups")
+    tables = {}
+    for table in ("hyperparameters", "param_steps", "param_stepped"):
+        if table not in handle:
+            raise DataError(f"{handle.filename} has no {table} table, which a recording of thimble.Recorder holds")
+        tables[table] = read_checked(handle[table])
+    hyper = tables["hyperparameters"]
+    if hyper.shape != (n_steps, len(groups), len(columns)):
+        raise DataError(f"{handle.filename}:/hyperparameters has shape {hyper.shape}, expected ({n_steps}, "
+                        f"{len(groups)}, {len(columns)}) (steps, param groups, hyperparameter_columns)")
+    index = names.index(name)
+    return StepSettings({column: hyper[:, group, position].astype(np.float64) for position, column in
+                         enumerate(columns)}, tables["param_steps"][:, index].astype(np.float64),
+                        tables["param_stepped"][:, index].astype(bool))
