@@ -158,6 +158,10 @@ def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np
     size = np.abs(after.view(lattice.values).astype(real) - before.view(lattice.values).astype(real))
     tokens["motion"] = (size / np.maximum(spacing_before, spacing_after)).max(axis=2)
     tokens["start_spacings"] = (size / spacing_before).max(axis=2)
+    if real is np.float64:
+        with np.errstate(over="ignore"):  # a float32 weight leaving 0 walks past float32's range of spacings: inf
+            tokens["motion"] = tokens["motion"].astype(np.float32)
+            tokens["start_spacings"] = tokens["start_spacings"].astype(np.float32)
     moved = delta != 0
     signs_differ = ((before ^ after) & lattice.sign_bit) != 0
     crossed_sign = signs_differ & ((before & lattice.magnitude_bits) != 0) & ((after & lattice.magnitude_bits) != 0)
