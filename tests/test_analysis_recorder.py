@@ -449,3 +449,36 @@ def test_the_stages_command_lines_run_without_a_tokenizer(token_run, tmp_path):
                      str(tmp_path / "lattice_positions.csv"), "--drivers", str(table), "--outdir",
                      str(tmp_path / "figures"), "--summary-html", str(tmp_path / "summary.html")]) in (0, None)
     assert all((tmp_path / "figures" / f"{figure}.png").exists() for figure in FIGURES)
+
+
+def test_the_numpy_pass_on_bf16_tensors_is_the_compiled_pass(token_run):
+    # the pass of float16 and float32 tensors (LatticePass), given bf16's lattice, against the compiled pass on the
+    # same bf16 tensor: the same columns up to the order of their sums; with Adam's coupled decay in both
+    from thimble.analysis import drivers
+    from thimble.analysis.tensors import recorded_params, row_groups, step_settings
+    from thimble.numerics.lattice import BF16_LATTICE
+    from thimble.util.workers import WorkerPool
+
+    with h5py.File(token_run, "r") as handle:
+        param = next(param for param in recorded_params(handle) if param.name == "head.weight")
+        bits = {role: RecordedTensor.of_recording(handle, path).bits().reshape(STEPS + 1, -1)
+                for role, path in param.roles().items()}
+        settings = step_settings(handle, param.name)
+    groups = row_groups(param.name, 40, None)
+    results = {}
+    for coupled in (False, True):
+        update = drivers.UpdateSettings.of_steps(settings, coupled)
+        with WorkerPool(2) as pool:
+            passes = {"compiled": drivers.DriverPass(param.name, groups, 8, update, pool, block_rows=STEPS),
+                      "numpy": drivers.LatticePass(param.name, groups, 8, update, dict.fromkeys(
+                          ("value", "grad", "exp_avg", "exp_avg_sq"), BF16_LATTICE))}
+            for kind, analysis in passes.items():
+                results[coupled, kind] = analysis.block(1, bits["W"][0], *(bits[role][1:] for role in
+                                                                          ("W", "momentum_W", "variance_W", "grad_W")))
+    for coupled in (False, True):
+        compiled, numpy_pass = results[coupled, "compiled"]["all"], results[coupled, "numpy"]["all"]
+        for column in ("step", *drivers.COLUMNS, drivers.LR_COLUMN):
+            np.testing.assert_allclose(numpy_pass[column], compiled[column], rtol=1e-12, atol=1e-12, err_msg=column)
+    # the coupled decay changes the exact average (and nothing else)
+    assert not np.allclose(results[True, "compiled"]["all"]["mean_log2_exact_denominator"],
+                           results[False, "compiled"]["all"]["mean_log2_exact_denominator"], equal_nan=True)

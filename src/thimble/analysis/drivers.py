@@ -429,7 +429,8 @@ class DriverPass:
                 np.multiply(v_exact, update.beta2, out=v_exact)
                 np.copyto(square, (g[r, cols].astype(np.uint32) << 16).view(np.float32))
                 if update.coupled_decay:  # Adam's decay joins the gradient the moments see: g + λ·W[t−1]
-                    square += update.coupled_decay * (before.astype(np.uint32) << 16).view(np.float32)
+                    square += update.coupled_decay * (before.astype(np.uint32) << 16).view(np.float32).astype(
+                        np.float64)
                 np.multiply(square, square, out=square)
                 np.multiply(square, 1 - update.beta2, out=square)
                 np.add(v_exact, square, out=v_exact)
