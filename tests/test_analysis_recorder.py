@@ -451,10 +451,13 @@ def test_the_stages_command_lines_run_without_a_tokenizer(token_run, tmp_path):
     assert all((tmp_path / "figures" / f"{figure}.png").exists() for figure in FIGURES)
 
 
-def test_the_numpy_pass_on_bf16_tensors_is_the_compiled_pass(token_run):
+def test_the_numpy_pass_on_bf16_tensors_is_the_compiled_pass(token_run, monkeypatch):
     # the pass of float16 and float32 tensors (LatticePass), given bf16's lattice, against the compiled pass on the
-    # same bf16 tensor: the same columns up to the order of their sums; with Adam's coupled decay in both
+    # same bf16 tensor: the same columns up to the order of their sums; with Adam's coupled decay in both, and the
+    # numpy pass's rows taken a few at a time
     from thimble.analysis import drivers
+
+    monkeypatch.setattr(drivers.LatticePass, "SPAN_ELEMENTS", 20)
     from thimble.analysis.tensors import recorded_params, row_groups, step_settings
     from thimble.numerics.lattice import BF16_LATTICE
     from thimble.util.workers import WorkerPool
@@ -482,3 +485,13 @@ def test_the_numpy_pass_on_bf16_tensors_is_the_compiled_pass(token_run):
     # the coupled decay changes the exact average (and nothing else)
     assert not np.allclose(results[True, "compiled"]["all"]["mean_log2_exact_denominator"],
                            results[False, "compiled"]["all"]["mean_log2_exact_denominator"], equal_nan=True)
+
+
+def test_the_exact_median_is_numpys():
+    from thimble.analysis.drivers import exact_median
+
+    rng = np.random.default_rng(3)
+    for size in (1, 2, 7, 8, 1001):
+        values = np.abs(rng.standard_normal(size)).astype(np.float32)
+        assert exact_median(values) == np.median(values.astype(np.float64))
+    assert math.isnan(exact_median(np.zeros(0, np.float16)))

@@ -518,20 +518,36 @@ def name_non_finite(tensor: str, grouped: str | None, columns: int, first_step: 
     raise AssertionError("the pass met a non-finite value that the check does not find")
 
 
+def exact_median(values: np.ndarray) -> float:
+    """numpy's median of ``values`` (the middle value, or the mean of the two middle values in float64), found
+    by partitioning them in their own type: a float32 tensor's magnitudes are not copied to float64."""
+    n = values.size
+    if n == 0:
+        return math.nan
+    low, high = (n - 1) // 2, n // 2
+    middle = np.partition(values, [low, high])
+    return (float(middle[low]) + float(middle[high])) / 2
+
+
 class LatticePass:
     """The pass of ``DriverPass`` in numpy, for a tensor whose values or moments are not all bf16 (a recorder's
     float16 or float32 parameter): each in its own lattice, the spacing that of W's. Same columns; each row's
-    sums are numpy's (pairwise) over the row, the medians numpy's over the group's elements."""
+    sums are numpy's (pairwise) over the row, the medians numpy's over the group's elements. Rows are taken a
+    span of about ``SPAN_ELEMENTS`` elements at a time, so that the float64 temporaries stay small."""
+
+    #: elements formed in float64 at a time
+    SPAN_ELEMENTS = 1 << 20
 
     def __init__(self, tensor: str, groups: dict[str, np.ndarray], columns: int, settings: UpdateSettings,
                  lattices: dict[str, Lattice], grouped: str | None = None):
         """``lattices``: of the tensor's ``value``, ``grad``, ``exp_avg`` and ``exp_avg_sq``."""
         self.tensor, self.parts, self.columns, self.settings = tensor, RowParts(groups), columns, settings
         self.lattices, self.grouped = lattices, grouped
-        self.v_exact = np.zeros(self.parts.rows * columns, dtype=np.float64)  # v = 0 before step 1
-        self.masks = {group: np.repeat(mask[:, None], columns, axis=1).reshape(-1)
-                      for group, mask in zip(self.parts.names, (np.isin(self.parts.part, members)
-                                                                for members in self.parts.members.values()))}
+        rows = self.parts.rows
+        self.v_exact = np.zeros(rows * columns, dtype=np.float64)  # v = 0 before step 1
+        self.row_masks = {group: np.isin(self.parts.part, members) for group, members in self.parts.members.items()}
+        step = max(1, self.SPAN_ELEMENTS // max(columns, 1))
+        self.spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
     def _values(self, role: str, bits: np.ndarray) -> np.ndarray:
         return bits.view(self.lattices[role].values).astype(np.float64)
@@ -550,32 +566,33 @@ class LatticePass:
                 name_non_finite(self.tensor, self.grouped, width, first_step, w_previous, w, m, v,
                                 self.lattices)
         for r, update in enumerate(updates):
-            before, after = (w_previous if r == 0 else w[r - 1]), w[r]
-            w_before = self._values("value", before)
-            if update.stepped:
-                gradient = self._values("grad", g[r])
-                if update.coupled_decay:
-                    gradient = gradient + update.coupled_decay * w_before
-                self.v_exact = update.beta2 * self.v_exact + (1 - update.beta2) * (gradient * gradient)
+            before_row, after_row = (w_previous if r == 0 else w[r - 1]), w[r]
             c1, c2 = bias_corrections(update.count, update.beta1, update.beta2)
-            m_value, v_value = self._values("exp_avg", m[r]), self._values("exp_avg_sq", v[r])
-            included = m_value != 0
-            with np.errstate(divide="ignore", invalid="ignore"):
-                log2_m_hat = np.log2(np.abs(m_value)) - math.log2(c1)
-                log2_denominator = np.log2(np.sqrt(v_value / c2) + update.eps)
-                log2_exact = np.log2(np.sqrt(self.v_exact / c2) + update.eps)
-            # u = −lr·m̂/(√v̂+ε) moves W down where m > 0
-            log2_half = half_spacing_exponent(before, m_value > 0, lattice).astype(np.float64)
-            ratio = _log2_lr(update) + log2_m_hat - log2_denominator - log2_half
-            for column, term in enumerate((ratio, log2_m_hat, log2_denominator, log2_half, log2_exact)):
-                sums[r, :, column] = np.where(included, term, 0.0).reshape(rows, width).sum(axis=1)
-            frozen = (before == after) | (((before | after) & lattice.magnitude_bits) == 0)  # ±0: one point
-            counts[r, :, 0] = included.reshape(rows, width).sum(axis=1)
-            counts[r, :, 1] = frozen.reshape(rows, width).sum(axis=1)
-            magnitude = np.abs(w_before)
-            for group, mask in self.masks.items():
-                if mask.any():
-                    medians[group][r] = np.median(magnitude[mask])
+            for a, b in self.spans:
+                cols = slice(a * width, b * width)
+                before, after = before_row[cols], after_row[cols]
+                if update.stepped:  # a step that skipped the tensor leaves the exact average as it was
+                    gradient = self._values("grad", g[r, cols])
+                    if update.coupled_decay:  # Adam's decay joins the gradient the moments see
+                        gradient += update.coupled_decay * self._values("value", before)
+                    self.v_exact[cols] = update.beta2 * self.v_exact[cols] + (1 - update.beta2) * (gradient * gradient)
+                m_value, v_value = self._values("exp_avg", m[r, cols]), self._values("exp_avg_sq", v[r, cols])
+                included = m_value != 0
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    log2_m_hat = np.log2(np.abs(m_value)) - math.log2(c1)
+                    log2_denominator = np.log2(np.sqrt(v_value / c2) + update.eps)
+                    log2_exact = np.log2(np.sqrt(self.v_exact[cols] / c2) + update.eps)
+                # u = −lr·m̂/(√v̂+ε) moves W down where m > 0
+                log2_half = half_spacing_exponent(before, m_value > 0, lattice).astype(np.float64)
+                ratio = _log2_lr(update) + log2_m_hat - log2_denominator - log2_half
+                for column, term in enumerate((ratio, log2_m_hat, log2_denominator, log2_half, log2_exact)):
+                    sums[r, a:b, column] = np.where(included, term, 0.0).reshape(b - a, width).sum(axis=1)
+                frozen = (before == after) | (((before | after) & lattice.magnitude_bits) == 0)  # ±0: one point
+                counts[r, a:b, 0] = included.reshape(b - a, width).sum(axis=1)
+                counts[r, a:b, 1] = frozen.reshape(b - a, width).sum(axis=1)
+            magnitude = np.abs(before_row.view(lattice.values)).reshape(rows, width)
+            for group, mask in self.row_masks.items():
+                medians[group][r] = exact_median(magnitude[mask].reshape(-1))
         return group_columns(self.parts, width, steps, sums, counts, medians, updates)
 
 

@@ -963,7 +963,8 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     A recording made by ``thimble.Recorder`` is read as the seed's is: its tensor with token groups
     (``token_groups_param``) in the embedding's place, each tensor in its own lattice, exp_avg_sq.csv's bias
     corrections from its per-step settings (a tensor whose optimizer keeps no exp_avg_sq has no rows there). Its
-    summary's ``update_rule`` is the optimizer's class, and it says ``source`` and each tensor's ``dtype``.
+    summary's ``update_rule`` is the optimizer's class, and it says ``source`` and each tensor's ``dtype`` (of its
+    values) and ``dtypes`` (of each recorded tensor: value, grad, the optimizer's state).
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from the values.
@@ -1009,8 +1010,9 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
         summary = freeze_summary(settings["name"], rule, recorded.delta_w_exact, tables["freeze"], groups, windows,
                                  analysis)
         entries[param.name] = tensor_summary(summary, tables["freeze"], shape, driven.get(param.name))
-        if recorder:
+        if recorder:  # the lattice its ΔW′ counts in, and the dtype of each of its recorded tensors
             entries[param.name]["dtype"] = stored_lattice(recorded.attrs, param).name
+            entries[param.name]["dtypes"] = dict(param.dtypes)
         by_tensor[param.name] = tables
         if param.name == question:
             top, top_groups = summary, groups

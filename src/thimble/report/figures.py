@@ -544,8 +544,9 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     global_freeze(frame, summary, name, out["global_freeze"])
     recorder = summary.get("source") == RECORDER_SOURCE
     question = summary.get("question_tensor", EMBEDDING)
-    # a recorder's moments are of the parameter's own dtype; the seed's rules say theirs
-    stored = (summary["tensors"][question].get("dtype", "bfloat16") if recorder
+    # a recorder's summary says the dtype of each tensor it recorded; the seed's rules say theirs
+    entry = summary["tensors"][question] if recorder else {}
+    stored = (entry.get("dtypes", {}).get("exp_avg_sq", entry.get("dtype")) if recorder
               else recorded_tensors(rule_of(summary))["variance_W"])
     variance(question_rows(pd.read_csv(exp_avg_sq_csv), summary), name, out["variance"], stored, rule_of(summary))
     update_ratio(question_rows(pd.read_csv(ratio_csv), summary), summary["windows"], name, out["update_ratio"],
