@@ -340,11 +340,17 @@ def mlp() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.LayerNorm(16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
 
 
-def train_mlp(run, optimizer_of) -> str:
+def train_mlp(run, optimizer_of, steps_before: int = 0) -> str:
+    """A recording of an MLP's training under bf16 autocast; ``steps_before``: optimizer steps taken before the
+    recorder attaches (it finds the optimizer's state)."""
     model = mlp()
     optimizer = optimizer_of(model.parameters())
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    for _ in range(steps_before):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     with thimble.Recorder(run, model, optimizer, segment_steps=5) as rec:
         for _ in range(STEPS):
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -401,6 +407,20 @@ def test_a_float32_tensors_delta_w_counts_its_float32_moves(adam_run, adam_outpu
     np.testing.assert_array_equal(steps[1:], ordinal(w[1:], FLOAT32_LATTICE) - ordinal(w[:-1], FLOAT32_LATTICE))
     # the moves of a float32 weight span many of its lattice steps, as no bf16 count would
     assert np.abs(steps[1:]).max() > 1 << 16
+
+
+def test_an_optimizer_found_with_state_continues_its_counts_and_its_exact_average(tmp_path):
+    before = 3
+    recording = train_mlp(tmp_path / "warm", lambda params: torch.optim.AdamW(params, lr=LR), steps_before=before)
+    outputs = run_stages(recording, tmp_path / "out", "warm")
+    with h5py.File(recording, "r") as handle:
+        assert handle.attrs["initial_state"] == "as_found"
+    # the exact average starts from the exp_avg_sq found: float32's then tracks it (from 0 it would sit far below)
+    assert outputs["drivers_table"]["v_stall_bits"].abs().max() < 1e-4
+    table = pd.read_csv(tmp_path / "out" / "exp_avg_sq.csv")
+    rows = table[table["tensor"] == "0.weight"]
+    counts = rows["step"].to_numpy() + before
+    np.testing.assert_allclose(rows["bias_correction1"], 1 - 0.9 ** counts, rtol=1e-15)
 
 
 # -- SGD: no moments -------------------------------------------------------------------------------------------
