@@ -25,6 +25,12 @@ counts of each part of the rows (the groups that split them: the embedding's dea
 and live tokens, another tensor's all), which one streaming pass over a tensor
 produces; everything else is pure functions of them. The stage goes through the
 tensors one after the other, so that memory follows the largest of them.
+
+Each tensor is counted in its own lattice (``thimble.numerics.lattice``): bf16's for thimble's own training,
+float16's or float32's for a parameter a ``thimble.Recorder`` loop kept in that type; spacings, binades and
+the powers of two frozen elements sit at are the tensor's type's. A recorder's loop names the tensor whose rows
+its dead and live masks group (``token_groups_param``), which takes the embedding's place; without token groups
+every tensor is one group, all.
 """
 
 from __future__ import annotations
