@@ -291,7 +291,8 @@ def _freeze_drivers(args) -> None:
 
 def add_analysis_commands(sub) -> None:
     """The analyses' subcommands: ``lattice``, ``replay``, ``freeze``, ``freeze-drivers``."""
-    p = sub.add_parser("lattice", help="ΔW′: exact bf16 lattice displacement of W, per step")
+    p = sub.add_parser("lattice", help="ΔW′: exact lattice displacement of every recorded tensor, per step, in its "
+                                       "own lattice (bf16, float16 or float32)")
     p.add_argument("--recording", required=True, help="the rechunked recording")
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
@@ -315,7 +316,8 @@ def add_analysis_commands(sub) -> None:
     p.add_argument("--settings", required=True, help="the experiment's resolved settings (JSON)")
     p.add_argument("--delta", help="the lattice stage's ΔW′ file (read for its exactness flag)")
     p.add_argument("--recording", required=True)
-    p.add_argument("--tokenizer", help="the dataset's tokenizer.json, for token_freeze.csv's token_text column")
+    p.add_argument("--tokenizer", help="the dataset's tokenizer.json, for token_freeze.csv's token_text column "
+                                       "(optional: without it the tokens are their ids alone)")
     for name in FREEZE_OUTPUTS:
         p.add_argument(f"--{name.replace('_', '-')}", required=True)
     p.add_argument("--drivers", help="the freeze_drivers stage's JSON, copied into the summary as `drivers`")
@@ -326,7 +328,9 @@ def add_analysis_commands(sub) -> None:
                        description="Per recorded tensor, step and group, the mean log2 of AdamW's update over half "
                        "the bf16 spacing toward the move, split exactly into lr, |m̂|, the denominator (bf16's and "
                        "exact AdamW's) and the spacing; per tensor and group, the onset's drop split into spacing, "
-                       "statistics and v_stall.")
+                       "statistics and v_stall. A loop recorded by thimble.Recorder: where its optimizer is torch's "
+                       "Adam or AdamW, with each step's lr (a fourth term, learning_rate), each tensor in its own "
+                       "lattice; elsewhere the JSON says why not.")
     p.add_argument("--recording", required=True, help="the rechunked recording")
     p.add_argument("--table", required=True, help=DRIVERS_OUTPUTS["table"])
     p.add_argument("--summary", required=True, help="the per-tensor and per-group answer (JSON)")

@@ -1,5 +1,6 @@
-"""The lattice stage: ΔW′ of every tensor of a rechunked recording, each in its own bf16 lattice, in integer lattice
-steps, written beside it (``delta_w_lattice.h5``). The arithmetic is ``thimble.numerics.lattice``'s."""
+"""The lattice stage: ΔW′ of every tensor of a rechunked recording, each in its own lattice (bf16's; a recorder's
+float16 or float32 parameter in float16's or float32's), in integer lattice steps, written beside it
+(``delta_w_lattice.h5``). The arithmetic is ``thimble.numerics.lattice``'s."""
 
 from __future__ import annotations
 
@@ -7,14 +8,7 @@ import logging
 
 import numpy as np
 
-from thimble.numerics.lattice import (
-    EXPONENT_SHIFT,
-    MAGNITUDE_BITS,
-    NONFINITE_MAGNITUDE,
-    NonFiniteError,
-    check_finite,
-    ordinal,
-)
+from thimble.numerics.lattice import BF16_LATTICE, Lattice, NonFiniteError, check_finite, ordinal
 from thimble.outputs import DELTA_W_DATASET
 from thimble.record.format import param_dataset
 
@@ -25,22 +19,30 @@ log = logging.getLogger(__name__)
 BLOCK_ROWS = 32
 
 
-def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """ΔW′ of ``bits`` (rows, n) after the row ``previous`` (n,) into ``out``; (moves, crossed) per row,
-    or None when a step count does not fit ``out``'s integer type.
+def delta_dtypes(lattice: Lattice) -> tuple[np.dtype, ...]:
+    """The integer types a tensor's ΔW′ is tried in, narrowest first: int16 when every step count fits, then
+    the lattice's ordinal type, which holds every difference of two ordinals (int32 for the 16-bit lattices,
+    int64 for float32's)."""
+    return tuple(dict.fromkeys([np.dtype(np.int16), np.dtype(np.int32), lattice.ordinal_dtype]))
+
+
+def _block_delta(bits: np.ndarray, previous: np.ndarray, out: np.ndarray,
+                 lattice: Lattice = BF16_LATTICE) -> tuple[np.ndarray, np.ndarray] | None:
+    """ΔW′ of ``bits`` (rows, n) after the row ``previous`` (n,) in ``lattice`` into ``out``; (moves, crossed)
+    per row, or None when a step count does not fit ``out``'s integer type.
 
     Raises NonFiniteError without a location (the caller names it).
     """
     both = np.concatenate([previous[None], bits])
-    if (both & MAGNITUDE_BITS).max() >= NONFINITE_MAGNITUDE:
+    if (both & lattice.magnitude_bits).max() >= lattice.nonfinite_magnitude:
         raise NonFiniteError("the tensor holds NaN or Inf")
-    signed = ordinal(both)
+    signed = ordinal(both, lattice)
     delta = np.subtract(signed[1:], signed[:-1])
     info = np.iinfo(out.dtype)
     if delta.min() < info.min or delta.max() > info.max:
         return None
     out[...] = delta
-    binade = both >> EXPONENT_SHIFT  # sign and exponent field
+    binade = both >> lattice.exponent_shift  # sign and exponent field
     moved = delta != 0
     crossed = moved & (binade[1:] != binade[:-1])
     return np.count_nonzero(moved, axis=1), np.count_nonzero(crossed, axis=1)
@@ -52,15 +54,16 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
 
     Each tensor's ΔW′ is ``params/<name>/delta_w_lattice`` of the tensor's shape, with its per-step counts of moves
     and binade crossings beside it; the embedding's are also at the root under the seed's names (hard links),
-    so that an embedding-only run reads as before. A tensor's ΔW′ is int16 when every step count fits (checked),
-    else int32, in chunks of the recording's steps per chunk, zstd-compressed. Returns the summary: the
+    so that an embedding-only run reads as before. Each tensor is counted in its own lattice
+    (``thimble.analysis.tensors.stored_lattice``). A tensor's ΔW′ is int16 when every step count fits (checked),
+    else int32 (int64 for a float32 tensor whose step counts exceed int32: ``delta_dtypes``), in chunks of the recording's steps per chunk, zstd-compressed. Returns the summary: the
     embedding's at the top level (when it is recorded) and every tensor's under ``tensors``. Values are decoded
     from their stored chunks block by block, so memory stays near half a chunk of the largest tensor plus the
     compressed output.
     """
     import h5py
 
-    from thimble.analysis.tensors import recorded_params
+    from thimble.analysis.tensors import recorded_params, stored_lattice
     from thimble.record.codec import CHUNK_CHECKSUM
     from thimble.record.format import open_h5
     from thimble.sizes import EMBEDDING
@@ -75,13 +78,16 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
         with h5py.File(tmp, "w") as out:
             for param in recorded_params(source):
                 group = out.require_group(param_dataset(param.name, "")[:-1])
-                summary = _write_delta(source, param.roles()["W"], param.name, group, np.dtype(np.int16), level, pool)
-                if summary is None:  # a step count beyond int16: walk the tensor again into int32, which holds all
+                lattice = stored_lattice(source.attrs, param)
+                for dtype in delta_dtypes(lattice):
+                    # a step count beyond the type: walk the tensor again into the next, the last holds all
                     for name in list(group):
                         del group[name]
-                    summary = _write_delta(source, param.roles()["W"], param.name, group, np.dtype(np.int32), level,
-                                           pool)
-                summaries[param.name] = summary
+                    summary = _write_delta(source, param.roles()["W"], param.name, group, dtype, level, pool,
+                                           lattice)
+                    if summary is not None:
+                        break
+                summaries[param.name] = {**summary, "lattice": lattice.name}
             if EMBEDDING in summaries:
                 for name in (DELTA_W_DATASET, *COUNTS):
                     out[name] = out[param_dataset(EMBEDDING, name)]
@@ -96,9 +102,10 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
 COUNTS = ("moves_per_step", "crossed_binade_per_step")
 
 
-def _write_delta(source, path: str, name: str, out, dtype: np.dtype, level: int, pool) -> dict | None:
-    """Write ΔW′ of ``source``'s tensor at ``path`` (parameter ``name``'s value) as ``dtype`` into the group
-    ``out``; None (and datasets to discard) when a step count does not fit ``dtype``."""
+def _write_delta(source, path: str, name: str, out, dtype: np.dtype, level: int, pool,
+                 lattice: Lattice = BF16_LATTICE) -> dict | None:
+    """Write ΔW′ of ``source``'s tensor at ``path`` (parameter ``name``'s value) in ``lattice`` as ``dtype`` into
+    the group ``out``; None (and datasets to discard) when a step count does not fit ``dtype``."""
     import h5py
     from tqdm.auto import tqdm
 
@@ -129,12 +136,13 @@ def _write_delta(source, path: str, name: str, out, dtype: np.dtype, level: int,
         if previous is None:  # step 0: nothing moved before it
             previous = block[0].copy()
         delta = np.empty(block.shape, dtype)
-        futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b]) for a, b in spans]
+        futures = [pool.submit(_block_delta, block[:, a:b], previous[a:b], delta[:, a:b], lattice)
+                   for a, b in spans]
         try:
             counts = [future.result() for future in futures]
         except NonFiniteError:
             check_finite(np.concatenate([previous[None], block]).reshape(-1, *row_shape), first_step=step - 1,
-                         name=name)
+                         name=name, lattice=lattice)
             raise  # check_finite raised, naming the tensor, the step and the element
         if any(count is None for count in counts):
             return None
@@ -160,6 +168,6 @@ def _write_delta(source, path: str, name: str, out, dtype: np.dtype, level: int,
         "exact": source.attrs.get("storage_dtype") != "float16",
     }
     target.attrs.update(summary)
-    target.attrs["description"] = (f"signed bf16 lattice steps of {name} from step t-1 to t, indexed by t; "
+    target.attrs["description"] = (f"signed {lattice.label} lattice steps of {name} from step t-1 to t, indexed by t; "
                                    "row 0 is 0 (no step before t = 0)")
     return summary

@@ -28,12 +28,22 @@ Every recorded tensor is analysed the same way, one after another, viewed as row
 (``thimble.analysis.tensors``) in its groups of rows: the embedding's dead, live and all tokens, any other
 tensor's all. The top level of the answer is the embedding's; every tensor's is under ``tensors``.
 
+A loop recorded by ``thimble.Recorder`` is analysed where its optimizer is torch's Adam or AdamW and the tensor
+has both moments (exp_avg, exp_avg_sq): with the lr, betas and eps each step used (its ``hyperparameters``
+table: a schedule changes lr, so the drop gains a fourth term, ``learning_rate``, the fall of log2 lr), the
+tensor's own step count in the bias corrections, and the spacing of each tensor's own lattice (a float32
+parameter's, whose float32 exp_avg_sq decays, so its v_stall stays near 0). A step where the optimizer did not
+step the tensor, or stepped it with lr 0, forms no update to split: its row is empty. Elsewhere (SGD, an
+optimizer of another kind, a tensor without the moments) freeze_drivers.json says for which tensors the split
+does not apply, and why.
+
 The per-element work is one compiled pass (numba, releasing the GIL; rows split across threads);
 ``element_terms`` is its numpy reference, which computes the ratio directly from u, for the tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
@@ -50,8 +60,15 @@ from thimble.analysis.replay_kernel import (
 from thimble.analysis.tensors import has_token_groups, row_groups, row_shape
 from thimble.errors import DataError
 from thimble.numerics.bf16 import BFLOAT16
-from thimble.numerics.lattice import EXPONENT_SHIFT, MAGNITUDE_BITS, NONFINITE_MAGNITUDE, half_spacing_exponent
-from thimble.sizes import DRIVERS_BLOCK_STEPS
+from thimble.numerics.lattice import (
+    BF16_LATTICE,
+    EXPONENT_SHIFT,
+    MAGNITUDE_BITS,
+    NONFINITE_MAGNITUDE,
+    Lattice,
+    half_spacing_exponent,
+)
+from thimble.sizes import DRIVERS_BLOCK_STEPS, EMBEDDING
 from thimble.update_rules import hyperparameters, rule_of
 
 log = logging.getLogger(__name__)
@@ -61,6 +78,9 @@ COLUMNS = ("mean_log2_ratio", "mean_log2_abs_m_hat", "mean_log2_denominator", "m
            "mean_log2_exact_denominator", "v_stall_bits", "frozen_share", "median_abs_w", "elements")
 #: the three terms the drop of the mean ratio splits into, in the order ``driver`` breaks ties
 TERMS = ("spacing", "statistics", "v_stall")
+#: a recorder's recording: lr may change at every step, and its fall is a fourth term (the column ``log2_lr``)
+LR_TERM = "learning_rate"
+LR_COLUMN = "log2_lr"
 #: sums the kernel keeps per step and row, in this order: COLUMNS begins with their means
 SUMS = ("ratio", "log2_abs_m_hat", "log2_denominator", "log2_half_spacing", "log2_exact_denominator")
 #: bf16 magnitudes (sign bit off): the bins of the |W| histograms the medians come from
@@ -91,6 +111,59 @@ def not_applicable(update_rule: str) -> str | None:
                        "float32's spacing, not bf16's, and exp_avg_sq decays as in exact arithmetic",
     }
     return why.get(update_rule, f"the decomposition is defined for update_rule bf16, not {update_rule}")
+
+
+# -- AdamW's settings at each step ------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StepUpdate:
+    """AdamW's settings of one step of one tensor."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    count: float           # the tensor's step count after the step: its bias corrections' power
+    stepped: bool          # the optimizer stepped the tensor (torch skips one without a gradient)
+    coupled_decay: float   # Adam's (not AdamW's) weight decay, added to the gradient as λ·W before the moments
+
+    @property
+    def forms_update(self) -> bool:
+        """Whether the step formed an update of the tensor to split (stepped, with lr above 0)."""
+        return self.stepped and self.lr > 0
+
+
+class UpdateSettings:
+    """AdamW's settings of one tensor at every step: the seed's constant ones (``hyper``, as
+    ``thimble.update_rules.hyperparameters`` gives them; the step count is the step), or a recorder's per step
+    (``of_steps``)."""
+
+    def __init__(self, hyper: dict, per_step: dict[str, np.ndarray] | None = None):
+        self.hyper, self.per_step = hyper, per_step
+
+    @classmethod
+    def of_steps(cls, settings, adam_l2: bool) -> UpdateSettings:
+        """From a recorder's ``thimble.analysis.tensors.StepSettings``; ``adam_l2``: torch's Adam without
+        decoupled decay, whose weight decay joins the gradient."""
+        n_steps = len(settings.counts)
+        nothing = np.full(n_steps, np.nan)
+
+        def column(key: str, default: np.ndarray = nothing) -> np.ndarray:
+            values = settings.get(key)
+            return default if values is None else values
+
+        decay = column("weight_decay", np.zeros(n_steps))
+        return cls({}, {"lr": column("lr"), "beta1": column("betas.0"), "beta2": column("betas.1"),
+                        "eps": column("eps"), "count": settings.counts, "stepped": settings.stepped,
+                        "coupled_decay": decay if adam_l2 else np.zeros(n_steps)})
+
+    def at(self, step: int) -> StepUpdate:
+        if self.per_step is None:
+            lr, (beta1, beta2), eps = self.hyper["lr"], self.hyper["betas"], self.hyper["eps"]
+            return StepUpdate(lr, beta1, beta2, eps, float(step), True, 0.0)
+        row = {key: values[step] for key, values in self.per_step.items()}
+        return StepUpdate(float(row["lr"]), float(row["beta1"]), float(row["beta2"]), float(row["eps"]),
+                          float(row["count"]), bool(row["stepped"]), float(row["coupled_decay"]))
 
 
 # -- the numpy reference ------------------------------------------------------------------------------
@@ -263,20 +336,67 @@ class RowParts:
         return len(self.part_masks)
 
 
+def group_columns(parts: RowParts, columns: int, steps: np.ndarray, sums: np.ndarray, counts: np.ndarray,
+                  medians: dict[str, np.ndarray], updates: list[StepUpdate] | None = None
+                  ) -> dict[str, dict[str, np.ndarray]]:
+    """Per group of ``parts``, the columns of ``steps`` from the rows' ``sums`` (steps, rows, SUMS) and ``counts``
+    (steps, rows, 2: included, frozen) and the group's median |W[t−1]| (``medians``). With ``updates`` (a
+    recorder's recording: each step's settings) the column ``log2_lr`` too, and a step that formed no update
+    (``StepUpdate.forms_update``) has no elements, NaN means and a NaN frozen share."""
+    part_totals = [(sums[:, mask].sum(axis=1), counts[:, mask].sum(axis=1)) for mask in parts.part_masks]
+    formed = None if updates is None else np.array([update.forms_update for update in updates])
+    out = {}
+    for group in parts.names:
+        members = parts.members[group]
+        if members:
+            group_sums, group_counts = part_totals[members[0]]
+            for index in members[1:]:
+                group_sums, group_counts = group_sums + part_totals[index][0], group_counts + part_totals[index][1]
+        else:  # a group without rows (the embedding's dead group when every token occurs)
+            group_sums, group_counts = np.zeros(sums.shape[::2]), np.zeros(counts.shape[::2], np.int64)
+        included = group_counts[:, 0]
+        size = parts.sizes[group]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = group_sums / included[:, None]
+            frozen = group_counts[:, 1] / (size * columns) if size else np.full(len(steps), np.nan)
+        table = {"step": steps, **dict(zip(COLUMNS[: len(SUMS)], means.T))}
+        table["v_stall_bits"] = table["mean_log2_denominator"] - table["mean_log2_exact_denominator"]
+        table["frozen_share"] = frozen
+        table["median_abs_w"] = medians[group]
+        table["elements"] = included
+        if formed is not None:
+            for name in (*COLUMNS[: len(SUMS)], "v_stall_bits", "frozen_share"):
+                table[name] = np.where(formed, table[name], np.nan)
+            table["elements"] = np.where(formed, included, 0)
+            table[LR_COLUMN] = np.array([math.log2(update.lr) if update.forms_update else np.nan
+                                         for update in updates])
+        out[group] = table
+    return out
+
+
+def _log2_lr(update: StepUpdate) -> float:
+    """log2 lr of a step that forms an update; a placeholder (0) for one that forms none, whose row is dropped."""
+    return math.log2(update.lr) if update.forms_update else 0.0
+
+
 class DriverPass:
-    """The compiled pass over blocks of steps of one tensor, viewed as rows x ``columns``
-    (``thimble.analysis.tensors``), its exact average and buffers kept from block to block.
+    """The compiled pass over blocks of steps of one tensor of bf16 values and moments, viewed as rows x
+    ``columns`` (``thimble.analysis.tensors``), its exact average and buffers kept from block to block.
 
     Rows are split across ``pool``'s threads; each row's elements are summed in order by one thread,
-    so the results do not depend on the thread count.
+    so the results do not depend on the thread count. ``hyper``: AdamW's settings (the seed's, a dict), or an
+    ``UpdateSettings`` of each step's (a recorder's recording); ``grouped``: the tensor with token groups.
     """
 
-    def __init__(self, tensor: str, groups: dict[str, np.ndarray], columns: int, hyper: dict, pool,
-                 block_rows: int = BLOCK_ROWS):
+    def __init__(self, tensor: str, groups: dict[str, np.ndarray], columns: int, hyper: dict | UpdateSettings,
+                 pool, block_rows: int = BLOCK_ROWS, grouped: str | None = EMBEDDING):
         from thimble.util.workers import thread_spans
 
         self.tensor, self.parts, self.columns, self.pool = tensor, RowParts(groups), columns, pool
-        self.lr, (self.beta1, self.beta2), self.eps = hyper["lr"], hyper["betas"], hyper["eps"]
+        self.grouped = grouped
+        #: a recorder's settings per step (their rows and log2_lr are written); None for the seed's
+        self.per_step = hyper if isinstance(hyper, UpdateSettings) else None
+        self.settings = self.per_step or UpdateSettings(hyper)
         rows = self.parts.rows
         self.spans = thread_spans(rows, pool.threads)
         self.v_exact = np.zeros(rows * columns, dtype=np.float64)  # v = 0 before step 1
@@ -291,7 +411,7 @@ class DriverPass:
         self.table_at_present = rows * columns < MAGNITUDES
 
     def _span(self, span: tuple[int, int], histograms: np.ndarray, bins: np.ndarray, w_previous, w, m, v, g,
-              log2_c1, tables, c2) -> int:
+              log2_c1, tables, c2, updates: list[StepUpdate]) -> int:
         """The block's steps over the rows ``span`` (one thread): the exact average advanced and its
         denominators formed by numpy (vectorized), then the compiled pass; returns the non-finite count."""
         a, b = span
@@ -302,38 +422,26 @@ class DriverPass:
         exact = np.empty(v_exact.shape, np.float64)
         bins[:, 0], bins[:, 1] = MAGNITUDES, -1
         bad = 0
-        for r in range(len(w)):
-            # v ← β2·v + (1−β2)·g², each product and the sum rounded once in float64 (g² is exact)
-            np.multiply(v_exact, self.beta2, out=v_exact)
-            np.copyto(square, (g[r, cols].astype(np.uint32) << 16).view(np.float32))
-            np.multiply(square, square, out=square)
-            np.multiply(square, 1 - self.beta2, out=square)
-            np.add(v_exact, square, out=v_exact)
+        for r, update in enumerate(updates):
+            before = w_previous[cols] if r == 0 else w[r - 1, cols]
+            if update.stepped:  # a step that skipped the tensor leaves its moments, and the exact average, as they were
+                # v ← β2·v + (1−β2)·g², each product and the sum rounded once in float64 (g² is exact)
+                np.multiply(v_exact, update.beta2, out=v_exact)
+                np.copyto(square, (g[r, cols].astype(np.uint32) << 16).view(np.float32))
+                if update.coupled_decay:  # Adam's decay joins the gradient the moments see: g + λ·W[t−1]
+                    square += update.coupled_decay * (before.astype(np.uint32) << 16).view(np.float32).astype(
+                        np.float64)
+                np.multiply(square, square, out=square)
+                np.multiply(square, 1 - update.beta2, out=square)
+                np.add(v_exact, square, out=v_exact)
             np.divide(v_exact, c2[r], out=exact)
             np.sqrt(exact, out=exact)
-            np.add(exact, self.eps, out=exact)
+            np.add(exact, update.eps, out=exact)
             np.log2(exact, out=exact)
-            bad += _row_pass(w_previous[cols] if r == 0 else w[r - 1, cols], w[r, cols], m[r, cols], v[r, cols],
+            bad += _row_pass(before, w[r, cols], m[r, cols], v[r, cols],
                              exact, self.parts.part[a:b], columns, self.log2_abs_magnitude, log2_c1[r], tables[r],
-                             math.log2(self.lr), self.sums[r, a:b], self.counts[r, a:b], histograms[r], bins[r])
+                             _log2_lr(update), self.sums[r, a:b], self.counts[r, a:b], histograms[r], bins[r])
         return bad
-
-    def _name_non_finite(self, first_step: int, w_previous, w, m, v) -> None:
-        """Raise a DataError naming the first NaN or Inf of the block (tensor, step, row and column: for the
-        embedding token and coordinate)."""
-        row_word, column_word = ("token", "coordinate") if has_token_groups(self.tensor) else ("row", "column")
-        value_name = "W" if has_token_groups(self.tensor) else "value"
-        for name, bits, first in ((value_name, w_previous[None], first_step - 1), (value_name, w, first_step),
-                                  ("exp_avg", m, first_step), ("exp_avg_sq", v, first_step)):
-            where = np.argwhere((bits & MAGNITUDE_BITS) >= NONFINITE_MAGNITUDE)
-            if where.size:
-                row, element = (int(x) for x in where[0])
-                value = float(bits[row, element].view(BFLOAT16))
-                raise DataError(f"{self.tensor}: {name} is {value} at step {first + row}, "
-                                f"{row_word} {element // self.columns}, {column_word} {element % self.columns}: "
-                                "the bf16 spacing and AdamW's update are undefined there, so the freeze drivers "
-                                "cannot be formed")
-        raise AssertionError("the compiled pass met a non-finite value that the check does not find")
 
     def block(self, first_step: int, w_previous: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray,
               g: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
@@ -341,24 +449,25 @@ class DriverPass:
         blocks)."""
         rows = len(w)
         steps = np.arange(first_step, first_step + rows)
-        corrections = np.array([bias_corrections(step, self.beta1, self.beta2) for step in steps])
+        updates = [self.settings.at(int(step)) for step in steps]
+        corrections = np.array([bias_corrections(update.count, update.beta1, update.beta2) for update in updates])
         log2_c1, c2 = np.log2(corrections[:, 0]), np.ascontiguousarray(corrections[:, 1])
         tables = self.tables[:rows]
-        for r, c in enumerate(c2):
+        for r, (c, update) in enumerate(zip(c2, updates)):
             if self.table_at_present:
                 present = np.unique(v[r] & BF16_MAGNITUDE)
-                tables[r, present] = denominator_log2_table(c, self.eps, present)
+                tables[r, present] = denominator_log2_table(c, update.eps, present)
             else:
-                tables[r] = denominator_log2_table(c, self.eps)
+                tables[r] = denominator_log2_table(c, update.eps)
         sums, counts = self.sums[:rows], self.counts[:rows]
         sums.fill(0)
         counts.fill(0)
         futures = [self.pool.submit(self._span, span, histograms[:rows], bins[:rows], w_previous, w, m, v, g,
-                                    log2_c1, tables, c2)
+                                    log2_c1, tables, c2, updates)
                    for span, histograms, bins in zip(self.spans, self.histograms, self.bins)]
         bad = sum(future.result() for future in futures)
         if bad:
-            self._name_non_finite(first_step, w_previous, w, m, v)
+            name_non_finite(self.tensor, self.grouped, self.columns, first_step, w_previous, w, m, v)
         # the bins any step of any span counted: every count of the block lies in them
         low = min(int(bins[:rows, 0].min()) for bins in self.bins)
         high = max(int(bins[:rows, 1].max()) for bins in self.bins) + 1
@@ -367,38 +476,124 @@ class DriverPass:
             histogram += histograms[:rows, :, low:high]
         for histograms in self.histograms:
             histograms[:rows, :, low:high] = 0
-        return self._group_columns(steps, sums, counts, histogram, low)
+        return group_columns(self.parts, self.columns, steps, sums, counts, self._medians(histogram, low),
+                             None if self.per_step is None else updates)
 
-    def _group_columns(self, steps: np.ndarray, sums: np.ndarray, counts: np.ndarray, histogram: np.ndarray,
-                       first_bin: int) -> dict[str, dict[str, np.ndarray]]:
-        """Per group, the columns of ``steps`` from the rows' ``sums`` and ``counts`` and the parts'
-        ``histogram`` of |W[t−1]| (steps, parts, bins of the magnitudes ``first_bin`` on)."""
-        parts = self.parts
-        part_totals = [(sums[:, mask].sum(axis=1), counts[:, mask].sum(axis=1)) for mask in parts.part_masks]
-        out = {}
-        for group in parts.names:
-            members = parts.members[group]
+    def _medians(self, histogram: np.ndarray, first_bin: int) -> dict[str, np.ndarray]:
+        """Each group's median |W[t−1]| from the parts' ``histogram`` (steps, parts, bins of the magnitudes
+        ``first_bin`` on)."""
+        medians = {}
+        for group in self.parts.names:
+            members = self.parts.members[group]
             if members:
-                group_sums, group_counts = part_totals[members[0]]
                 group_histogram = histogram[:, members[0]]
                 for index in members[1:]:
-                    group_sums, group_counts = group_sums + part_totals[index][0], group_counts + part_totals[index][1]
                     group_histogram = group_histogram + histogram[:, index]
-            else:  # a group without rows (the embedding's dead group when every token occurs)
-                group_sums, group_counts = np.zeros(sums.shape[::2]), np.zeros(counts.shape[::2], np.int64)
-                group_histogram = np.zeros((len(steps), histogram.shape[2]), np.int64)
-            included = group_counts[:, 0]
-            size = parts.sizes[group]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                means = group_sums / included[:, None]
-                frozen = group_counts[:, 1] / (size * self.columns) if size else np.full(len(steps), np.nan)
-            columns = {"step": steps, **dict(zip(COLUMNS[: len(SUMS)], means.T))}
-            columns["v_stall_bits"] = columns["mean_log2_denominator"] - columns["mean_log2_exact_denominator"]
-            columns["frozen_share"] = frozen
-            columns["median_abs_w"] = medians_from_histograms(group_histogram, first_bin)
-            columns["elements"] = included
-            out[group] = columns
-        return out
+            else:
+                group_histogram = np.zeros((histogram.shape[0], histogram.shape[2]), np.int64)
+            medians[group] = medians_from_histograms(group_histogram, first_bin)
+        return medians
+
+
+def name_non_finite(tensor: str, grouped: str | None, columns: int, first_step: int, w_previous, w, m, v,
+                    lattices: dict[str, Lattice] | None = None) -> None:
+    """Raise a DataError naming the first NaN or Inf of a block of bit patterns (tensor, step, row and column:
+    for the embedding token and coordinate); ``lattices`` of its ``value``, ``exp_avg`` and ``exp_avg_sq`` by
+    state key (bf16's by default)."""
+    lattices = lattices or {}
+    row_word, column_word = ("token", "coordinate") if has_token_groups(tensor, grouped) else ("row", "column")
+    value_name = "W" if has_token_groups(tensor, grouped) else "value"
+    for name, key, bits, first in ((value_name, "value", w_previous[None], first_step - 1),
+                                   (value_name, "value", w, first_step),
+                                   ("exp_avg", "exp_avg", m, first_step), ("exp_avg_sq", "exp_avg_sq", v, first_step)):
+        lattice = lattices.get(key, BF16_LATTICE)
+        where = np.argwhere((bits & lattice.magnitude_bits) >= lattice.nonfinite_magnitude)
+        if where.size:
+            row, element = (int(x) for x in where[0])
+            value = float(bits[row, element].view(lattice.values))
+            raise DataError(f"{tensor}: {name} is {value} at step {first + row}, "
+                            f"{row_word} {element // columns}, {column_word} {element % columns}: "
+                            f"the {lattice.label} spacing and AdamW's update are undefined there, so the freeze "
+                            "drivers cannot be formed")
+    raise AssertionError("the pass met a non-finite value that the check does not find")
+
+
+def exact_median(values: np.ndarray) -> float:
+    """numpy's median of ``values`` (the middle value, or the mean of the two middle values in float64), found
+    by partitioning them in their own type: a float32 tensor's magnitudes are not copied to float64."""
+    n = values.size
+    if n == 0:
+        return math.nan
+    low, high = (n - 1) // 2, n // 2
+    middle = np.partition(values, [low, high])
+    return (float(middle[low]) + float(middle[high])) / 2
+
+
+class LatticePass:
+    """The pass of ``DriverPass`` in numpy, for a tensor whose values or moments are not all bf16 (a recorder's
+    float16 or float32 parameter): each in its own lattice, the spacing that of W's. Same columns; each row's
+    sums are numpy's (pairwise) over the row, the medians numpy's over the group's elements. Rows are taken a
+    span of about ``SPAN_ELEMENTS`` elements at a time, so that the float64 temporaries stay small."""
+
+    #: elements formed in float64 at a time
+    SPAN_ELEMENTS = 1 << 20
+
+    def __init__(self, tensor: str, groups: dict[str, np.ndarray], columns: int, settings: UpdateSettings,
+                 lattices: dict[str, Lattice], grouped: str | None = None):
+        """``lattices``: of the tensor's ``value``, ``grad``, ``exp_avg`` and ``exp_avg_sq``."""
+        self.tensor, self.parts, self.columns, self.settings = tensor, RowParts(groups), columns, settings
+        self.lattices, self.grouped = lattices, grouped
+        rows = self.parts.rows
+        self.v_exact = np.zeros(rows * columns, dtype=np.float64)  # v = 0 before step 1
+        self.row_masks = {group: np.isin(self.parts.part, members) for group, members in self.parts.members.items()}
+        step = max(1, self.SPAN_ELEMENTS // max(columns, 1))
+        self.spans = [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+    def _values(self, role: str, bits: np.ndarray) -> np.ndarray:
+        return bits.view(self.lattices[role].values).astype(np.float64)
+
+    def block(self, first_step: int, w_previous: np.ndarray, w: np.ndarray, m: np.ndarray, v: np.ndarray,
+              g: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        rows, width = self.parts.rows, self.columns
+        steps = np.arange(first_step, first_step + len(w))
+        updates = [self.settings.at(int(step)) for step in steps]
+        sums = np.zeros((len(w), rows, len(SUMS)), np.float64)
+        counts = np.zeros((len(w), rows, 2), np.int64)
+        medians = {group: np.full(len(w), np.nan) for group in self.parts.names}
+        lattice = self.lattices["value"]
+        for key, bits in (("value", w_previous[None]), ("value", w), ("exp_avg", m), ("exp_avg_sq", v)):
+            if ((bits & self.lattices[key].magnitude_bits) >= self.lattices[key].nonfinite_magnitude).any():
+                name_non_finite(self.tensor, self.grouped, width, first_step, w_previous, w, m, v,
+                                self.lattices)
+        for r, update in enumerate(updates):
+            before_row, after_row = (w_previous if r == 0 else w[r - 1]), w[r]
+            c1, c2 = bias_corrections(update.count, update.beta1, update.beta2)
+            for a, b in self.spans:
+                cols = slice(a * width, b * width)
+                before, after = before_row[cols], after_row[cols]
+                if update.stepped:  # a step that skipped the tensor leaves the exact average as it was
+                    gradient = self._values("grad", g[r, cols])
+                    if update.coupled_decay:  # Adam's decay joins the gradient the moments see
+                        gradient += update.coupled_decay * self._values("value", before)
+                    self.v_exact[cols] = update.beta2 * self.v_exact[cols] + (1 - update.beta2) * (gradient * gradient)
+                m_value, v_value = self._values("exp_avg", m[r, cols]), self._values("exp_avg_sq", v[r, cols])
+                included = m_value != 0
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    log2_m_hat = np.log2(np.abs(m_value)) - math.log2(c1)
+                    log2_denominator = np.log2(np.sqrt(v_value / c2) + update.eps)
+                    log2_exact = np.log2(np.sqrt(self.v_exact[cols] / c2) + update.eps)
+                # u = −lr·m̂/(√v̂+ε) moves W down where m > 0
+                log2_half = half_spacing_exponent(before, m_value > 0, lattice).astype(np.float64)
+                ratio = _log2_lr(update) + log2_m_hat - log2_denominator - log2_half
+                for column, term in enumerate((ratio, log2_m_hat, log2_denominator, log2_half, log2_exact)):
+                    sums[r, a:b, column] = np.where(included, term, 0.0).reshape(b - a, width).sum(axis=1)
+                frozen = (before == after) | (((before | after) & lattice.magnitude_bits) == 0)  # ±0: one point
+                counts[r, a:b, 0] = included.reshape(b - a, width).sum(axis=1)
+                counts[r, a:b, 1] = frozen.reshape(b - a, width).sum(axis=1)
+            magnitude = np.abs(before_row.view(lattice.values)).reshape(rows, width)
+            for group, mask in self.row_masks.items():
+                medians[group][r] = exact_median(magnitude[mask].reshape(-1))
+        return group_columns(self.parts, width, steps, sums, counts, medians, updates)
 
 
 # -- the per-group answer ------------------------------------------------------------------------------
@@ -419,7 +614,9 @@ def drivers_of(columns: dict[str, np.ndarray]) -> dict:
     of the largest mean ratio from step 1 to the onset (the first on ties); ``drop_bits``: the mean ratio at
     the peak minus at the onset, split into ``spacing_bits`` (the rise of the mean log2 half spacing),
     ``statistics_bits`` (the fall of mean log2|m̂| − mean log2 exact denominator) and ``v_stall_bits`` (the
-    rise of the stall), which sum to it up to float rounding (``residual_bits``); ``driver``: the largest.
+    rise of the stall), and where the table has the column ``log2_lr`` (a recorder's lr per step)
+    ``learning_rate_bits`` (its fall), which sum to it up to float rounding (``residual_bits``); ``driver``: the
+    largest. Steps without a frozen share (a recorder's steps that formed no update) are never the onset.
     """
     steps = np.asarray(columns["step"])
     ratio = np.asarray(columns["mean_log2_ratio"], dtype=np.float64)
@@ -428,10 +625,16 @@ def drivers_of(columns: dict[str, np.ndarray]) -> dict:
                   - np.asarray(columns["mean_log2_exact_denominator"], dtype=np.float64))
     stall = np.asarray(columns["v_stall_bits"], dtype=np.float64)
     frozen = np.asarray(columns["frozen_share"], dtype=np.float64)
+    terms_of = TERMS if LR_COLUMN not in columns else (*TERMS, LR_TERM)
     result = {"onset_step": None, "peak_step": None, "drop_bits": None, "spacing_bits": None,
               "statistics_bits": None, "v_stall_bits": None, "residual_bits": None, "driver": None,
               "claim_supported": None, "v_stall_bits_last": _number(stall[-1]) if len(stall) else None}
-    onset_rows = np.flatnonzero(frozen > 0.5)
+    if LR_COLUMN in columns:
+        result[f"{LR_TERM}_bits"] = None
+        formed = np.flatnonzero(np.isfinite(stall))
+        result["v_stall_bits_last"] = _number(stall[formed[-1]]) if formed.size else None
+    with np.errstate(invalid="ignore"):  # NaN: a step that formed no update
+        onset_rows = np.flatnonzero(frozen > 0.5)
     if not onset_rows.size:
         return result
     onset = int(onset_rows[0])
@@ -441,24 +644,29 @@ def drivers_of(columns: dict[str, np.ndarray]) -> dict:
     peak = int(np.nanargmax(before))
     terms = {"spacing": spacing[onset] - spacing[peak], "statistics": statistics[peak] - statistics[onset],
              "v_stall": stall[onset] - stall[peak]}
+    if LR_COLUMN in columns:
+        log2_lr = np.asarray(columns[LR_COLUMN], dtype=np.float64)
+        terms[LR_TERM] = log2_lr[peak] - log2_lr[onset]
     drop = ratio[peak] - ratio[onset]
-    driver = max(TERMS, key=lambda term: terms[term]) if peak != onset else None
+    driver = max(terms_of, key=lambda term: terms[term]) if peak != onset else None
     return {**result, "onset_step": int(steps[onset]), "peak_step": int(steps[peak]), "drop_bits": _number(drop),
             **{f"{term}_bits": _number(value) for term, value in terms.items()},
             "residual_bits": _number(drop - sum(terms.values())), "driver": driver,
             "claim_supported": None if driver is None else driver == "v_stall"}
 
 
-def answer(group: str, drivers: dict) -> str:
-    """One sentence: which term drove the group's onset and how much the stall adds by the end."""
+def answer(group: str, drivers: dict, moments: str = "bf16", optimizer: str = "AdamW") -> str:
+    """One sentence: which term drove the group's onset and how much the stall adds by the end (``moments``: the
+    lattice exp_avg_sq is kept in; ``optimizer``: whose exact arithmetic it is held against)."""
     last = drivers["v_stall_bits_last"]
-    stall = "" if last is None else f"; by the last step bf16's exp_avg_sq holds the denominator {last:.2f} bits " \
-                                    "above exact AdamW's"
+    stall = "" if last is None else f"; by the last step {moments}'s exp_avg_sq holds the denominator {last:.2f} " \
+                                    f"bits above exact {optimizer}'s"
     if drivers["onset_step"] is None:
         return f"{group}: never more than half of its elements frozen at one step, so no onset{stall}"
     if drivers["driver"] is None:
         return f"{group}: more than half frozen already at step {drivers['onset_step']} (no drop to split){stall}"
-    terms = ", ".join(f"{term} {drivers[f'{term}_bits']:.2f}" for term in TERMS)
+    terms = ", ".join(f"{term} {drivers[f'{term}_bits']:.2f}" for term in (*TERMS, LR_TERM)
+                      if drivers.get(f"{term}_bits") is not None)
     return (f"{group}: the onset at step {drivers['onset_step']} was driven by {drivers['driver']} (the mean "
             f"log2 ratio fell {drivers['drop_bits']:.2f} bits from its peak at step {drivers['peak_step']}: "
             f"{terms}); the lab's claim (v_stall) is {'supported' if drivers['claim_supported'] else 'not supported'}"
@@ -474,13 +682,23 @@ DEFINITION = ("per step t: u = −lr·m̂/(√v̂+ε) from the recorded bf16 exp
               "v_stall")
 
 
+def table_columns(per_step_lr: bool) -> tuple[str, ...]:
+    """freeze_drivers.csv's columns after ``step`` and ``group``: COLUMNS, and ``log2_lr`` where lr is a
+    recorder's, per step."""
+    return (*COLUMNS, LR_COLUMN) if per_step_lr else COLUMNS
+
+
 def as_written(parts: dict[str, list[dict]]) -> dict[str, dict[str, np.ndarray]]:
     """Each group's columns over every step, joined from its blocks' ``parts``, the log2 means rounded as
     freeze_drivers.csv holds them (the answer is computed from the table as written)."""
-    tables = {group: {name: np.concatenate([part[name] for part in group_parts]) for name in ("step", *COLUMNS)}
+    first = next(iter(parts.values()))[0] if parts and next(iter(parts.values())) else {}
+    names = table_columns(LR_COLUMN in first)
+    tables = {group: {name: np.concatenate([part[name] for part in group_parts]) for name in ("step", *names)}
               for group, group_parts in parts.items()}
     for table in tables.values():
         table.update({name: significant(table[name]) for name in LOG2_COLUMNS})
+        if LR_COLUMN in table:
+            table[LR_COLUMN] = significant(table[LR_COLUMN])
     return tables
 
 
@@ -491,15 +709,18 @@ def step_major(tensor: str, tables: dict[str, dict[str, np.ndarray]]) -> dict[st
     steps = tables[groups[0]]["step"]
     frame = {"tensor": np.full(len(steps) * len(groups), tensor, dtype=object),
              "step": np.repeat(steps, len(groups)), "group": np.tile(np.array(groups, dtype=object), len(steps))}
-    frame.update({name: np.stack([tables[group][name] for group in groups], axis=1).reshape(-1) for name in COLUMNS})
+    frame.update({name: np.stack([tables[group][name] for group in groups], axis=1).reshape(-1)
+                  for name in table_columns(LR_COLUMN in tables[groups[0]])})
     return frame
 
 
-def tensor_drivers(tables: dict[str, dict[str, np.ndarray]]) -> dict[str, dict]:
-    """Per group of one tensor, from its tables as written: the onset, what drove it and the answer in words."""
+def tensor_drivers(tables: dict[str, dict[str, np.ndarray]], moments: str = "bf16",
+                   optimizer: str = "AdamW") -> dict[str, dict]:
+    """Per group of one tensor, from its tables as written: the onset, what drove it and the answer in words
+    (``answer``'s ``moments`` and ``optimizer``)."""
     result = {group: drivers_of(table) for group, table in tables.items()}
     for group, drivers in result.items():
-        drivers["answer"] = answer(group, drivers)
+        drivers["answer"] = answer(group, drivers, moments, optimizer)
     return result
 
 
@@ -521,12 +742,21 @@ def drivers_summary(tables: dict[str, dict[str, np.ndarray]], update_rule: str, 
 ROLES = ("W", "momentum_W", "variance_W", "grad_W")
 
 
-def group_blocks(handle, param, groups: dict[str, np.ndarray], hyper: dict, pool,
-                 block_rows: int) -> dict[str, list[dict]]:
-    """The compiled pass over one recorded parameter ``param`` (``RecordedParam``) of the open recording
-    ``handle``, a block of steps at a time, its rows in ``groups``: per group, each block's columns."""
+#: each role's state key, by which a tensor's stored lattice is found (``thimble.analysis.tensors.stored_lattice``)
+ROLE_KEYS = {"W": "value", "momentum_W": "exp_avg", "variance_W": "exp_avg_sq", "grad_W": "grad"}
+
+
+def group_blocks(handle, param, groups: dict[str, np.ndarray], hyper: dict | UpdateSettings, pool,
+                 block_rows: int, grouped: str | None = EMBEDDING,
+                 exact_from_start: bool = False) -> dict[str, list[dict]]:
+    """The pass over one recorded parameter ``param`` (``RecordedParam``) of the open recording ``handle``, a
+    block of steps at a time, its rows in ``groups``: per group, each block's columns. The compiled pass where
+    its value and moments are bf16, else ``LatticePass`` in their own lattices. ``exact_from_start``: the exact
+    average starts from the recorded exp_avg_sq of step 0 (a recorder attached to an optimizer that already held
+    its state), not from 0."""
     from tqdm.auto import tqdm
 
+    from thimble.analysis.tensors import stored_lattice
     from thimble.record.reader import RecordedTensor, aligned_blocks
 
     roles = param.require_roles(handle.filename, ROLES, "the freeze drivers need its value, gradient and both "
@@ -535,13 +765,19 @@ def group_blocks(handle, param, groups: dict[str, np.ndarray], hyper: dict, pool
     n_steps = tensors["W"].shape[0]
     _, columns = row_shape(param.shape)
     out: dict[str, list[dict]] = {group: [] for group in groups}
-    analysis = DriverPass(param.name, groups, columns, hyper, pool, block_rows)
+    lattices = {key: stored_lattice(handle.attrs, param, key) for key in ROLE_KEYS.values()}
+    if all(lattice is BF16_LATTICE for lattice in lattices.values()):
+        analysis = DriverPass(param.name, groups, columns, hyper, pool, block_rows, grouped)
+    else:
+        analysis = LatticePass(param.name, groups, columns, hyper, lattices, grouped)
     previous = None
     with tqdm(total=n_steps - 1, desc=f"freeze drivers {param.name}", unit="step", mininterval=5) as bar:
         for first, block in aligned_blocks(tensors, block_rows, pool):
             block = {name: rows.reshape(len(rows), -1) for name, rows in block.items()}  # (steps, rows·columns)
             if previous is None:  # step 0: the initial W; its moments and gradient are empty
                 previous = block["W"][0]
+                if exact_from_start:
+                    analysis.v_exact[...] = block["variance_W"][0].view(lattices["exp_avg_sq"].values)
                 block = {name: rows[1:] for name, rows in block.items()}
                 first += 1
                 if not len(block["W"]):
@@ -555,24 +791,72 @@ def group_blocks(handle, param, groups: dict[str, np.ndarray], hyper: dict, pool
     return out
 
 
-def tensor_tables(recording: str, hyper: dict, threads: int, block_rows: int):
+def tensor_tables(recording: str, hyper: dict | None, threads: int, block_rows: int):
     """Every recorded parameter one after another, the embedding first, then in the model's order: (its
-    ``RecordedParam``, its groups' tables as written). Only one tensor's buffers are held at a time."""
-    from thimble.analysis.tensors import recorded_params
+    ``RecordedParam``, its groups' tables as written). Only one tensor's buffers are held at a time.
+
+    ``hyper``: AdamW's settings (the seed's); None for a recorder's recording, whose settings are each step's and
+    each tensor's: a tensor the split does not apply to comes as (its ``RecordedParam``, why, a string)."""
+    from thimble.analysis.tensors import grouped_first, recorded_params, token_groups_param
     from thimble.record.format import open_h5, read_checked
     from thimble.util.workers import WorkerPool
 
     with open_h5(recording) as handle, WorkerPool(max(threads, 1)) as pool:
-        params = sorted(recorded_params(handle), key=lambda param: not has_token_groups(param.name))
+        grouped = token_groups_param(handle.attrs)
+        params = grouped_first(recorded_params(handle), grouped)
         dead = None
-        if any(has_token_groups(param.name) for param in params):
+        if any(has_token_groups(param.name, grouped) for param in params):
             if "dead_mask" not in handle:
-                raise DataError(f"{recording} has no dead_mask dataset: the embedding's dead and live groups come "
-                                "from it; rechunk the stream again with thimble rechunk")
+                raise DataError(f"{recording} has no dead_mask dataset: {grouped}'s dead and live groups come from "
+                                "it; rechunk the stream again with thimble rechunk")
             dead = read_checked(handle["dead_mask"]).astype(bool)
         for param in params:
-            groups = row_groups(param.name, row_shape(param.shape)[0], dead)
-            yield param, as_written(group_blocks(handle, param, groups, hyper, pool, block_rows))
+            groups = row_groups(param.name, row_shape(param.shape)[0], dead, grouped)
+            if hyper is not None:
+                yield param, as_written(group_blocks(handle, param, groups, hyper, pool, block_rows))
+                continue
+            settings, why = recorder_settings(handle, param)
+            if why is not None:
+                yield param, why
+                continue
+            from_start = handle.attrs.get("initial_state") == "as_found"
+            yield param, as_written(group_blocks(handle, param, groups, settings, pool, block_rows, grouped,
+                                                 from_start))
+
+
+#: the optimizers whose update the split is of, by their class (a recording's attribute optimizer_class)
+ADAM_CLASSES = ("torch.optim.adamw.AdamW", "torch.optim.adam.Adam")
+
+
+def recorder_settings(handle, param) -> tuple[UpdateSettings | None, str | None]:
+    """A recorder's tensor's settings at each step, or why the split does not apply to it: its optimizer is not
+    torch's Adam or AdamW, it has not both moments, amsgrad or maximize is on, or it was never stepped."""
+    from thimble.analysis.tensors import step_settings
+
+    optimizer = str(handle.attrs.get("optimizer_class", "an unnamed optimizer"))
+    if optimizer not in ADAM_CLASSES:
+        kind = ("SGD's update is lr times the gradient (or its momentum_buffer), with no denominator that "
+                "could stall") if optimizer.endswith(".SGD") else f"{optimizer} forms its update otherwise"
+        return None, (f"the split is of the update of torch's Adam and AdamW, u = −lr·m̂/(√v̂+ε), against half "
+                      f"the spacing of W; {kind}")
+    state = sorted(key for key in param.paths if key not in ("value", "grad"))
+    missing = [key for key in ("exp_avg", "exp_avg_sq") if key not in param.paths]
+    if missing:
+        return None, (f"{param.name} is recorded without {' and '.join(missing)} (its optimizer state: "
+                      f"{', '.join(state) or 'none'}), of which AdamW's update is made")
+    settings = step_settings(handle, param.name)
+    for flag, why in (("amsgrad", "amsgrad: the update divides by max_exp_avg_sq, the largest exp_avg_sq so "
+                                  "far, not by exp_avg_sq"),
+                      ("maximize", "maximize: the update ascends the gradient, u = +lr·m̂/(√v̂+ε)")):
+        values = settings.get(flag)
+        if values is not None and (values[1:] == 1).any():
+            return None, why
+    if not settings.stepped[1:].any():
+        return None, (f"the optimizer never stepped {param.name} (it never had a gradient): no update was formed, "
+                      "and it never moved")
+    decoupled = settings.get("decoupled_weight_decay")
+    adam_l2 = optimizer == "torch.optim.adam.Adam" and (decoupled is None or not (decoupled[1:] == 1).all())
+    return UpdateSettings.of_steps(settings, adam_l2), None
 
 
 def write_drivers(recording: str, table_path: str, summary_path: str, threads: int = 1,
@@ -582,12 +866,15 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     recorded, ``question_tensor``), every tensor's under ``tensors``."""
     import pandas as pd
 
+    from thimble.analysis.tensors import is_recorder_recording
     from thimble.record.format import open_h5
     from thimble.util.files import atomic_output, write_json
     from thimble.util.tables import write_csv
 
     with open_h5(recording) as handle:
         attrs = dict(handle.attrs)
+    if is_recorder_recording(attrs):
+        return write_recorder_drivers(recording, attrs, table_path, summary_path, threads, block_rows)
     rule = rule_of(attrs)
     why = not_applicable(rule)
     if why is not None:
@@ -615,5 +902,72 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
         if result is None:
             raise DataError(f"{recording} records no parameter (its recorded_params attribute is empty)")
     result["tensors"] = every
+    write_json(summary_path, result, indent=2)
+    return result
+
+
+RECORDER_DEFINITION = (
+    "per step t: u = −lr·m̂/(√v̂+ε) from the recorded exp_avg[t], exp_avg_sq[t] with the lr, betas and eps of the "
+    "tensor's param group at step t (the recording's hyperparameters table) and its own step count in the bias "
+    "corrections (param_steps), and h = half the spacing of W[t−1] toward u in W's own lattice (bf16, float16 or "
+    "float32); means over the group's elements with exp_avg ≠ 0; the exact denominator from v ← β2·v + (1−β2)·g² "
+    "(float64, from v = 0 before step 1, or from the recorded exp_avg_sq at step 0 when the optimizer already held "
+    "state; with torch's Adam's coupled weight decay g + λ·W[t−1]) of the recorded gradients, advanced at the "
+    "steps that stepped the tensor; a step that did not step the tensor, or used lr 0, forms no update: its row "
+    "is empty (elements 0); onset: the first step more than half of the group's elements have W[t] = W[t−1]; "
+    "peak: the largest mean log2(|u|/h) from step 1 to the onset; drop_bits = spacing_bits + statistics_bits + "
+    "v_stall_bits + learning_rate_bits (the fall of log2 lr; residual_bits: float rounding); the lab's claim is "
+    "supported where the driver is v_stall")
+
+
+def write_recorder_drivers(recording: str, attrs: dict, table_path: str, summary_path: str, threads: int,
+                           block_rows: int) -> dict:
+    """``write_drivers`` for a loop recorded by ``thimble.Recorder``: each tensor the split applies to (torch's
+    Adam or AdamW, both moments) with its per-step settings; freeze_drivers.json's ``not_applicable`` says for
+    which tensors it does not, and why (``applies`` false, with ``why``, when it applies to none). The top level
+    describes the question tensor (the one with token groups, else the first recorded) when the split applies to
+    it; the table has the column ``log2_lr``."""
+    import pandas as pd
+
+    from thimble.analysis.tensors import RECORDER_SOURCE, stored_lattice
+    from thimble.util.files import atomic_output, write_json
+
+    optimizer = str(attrs.get("optimizer_class", "unknown optimizer"))
+    result = {"applies": False, "source": RECORDER_SOURCE, "update_rule": optimizer, "inputs_exact": True,
+              "definition": RECORDER_DEFINITION, "question_tensor": None}
+    every, skipped = {}, {}
+    with atomic_output(table_path) as tmp, open(tmp, "w", newline="") as table:
+        header = True
+        for param, tables in tensor_tables(recording, None, threads, block_rows):
+            name = param.name
+            if result["question_tensor"] is None:
+                result["question_tensor"] = name
+            if isinstance(tables, str):
+                skipped[name] = tables
+                log.info("freeze drivers: %s: not computed: %s", name, tables)
+                continue
+            pd.DataFrame(step_major(name, tables)).to_csv(table, header=header, index=False)
+            header = False
+            every[name] = tensor_drivers(tables, stored_lattice(attrs, param, "exp_avg_sq").label,
+                                         optimizer.rsplit(".", 1)[-1])
+            if name == result["question_tensor"]:
+                result.update(every[name])
+            log.info("freeze drivers: %s (%d x %d): %s", name, *row_shape(param.shape),
+                     " | ".join(drivers["answer"] for drivers in every[name].values()))
+        if header:  # no tensor the split applies to: the table's columns alone
+            pd.DataFrame(columns=["tensor", "step", "group", *table_columns(True)]).to_csv(table, index=False)
+    if result["question_tensor"] is None:
+        raise DataError(f"{recording} records no parameter (its recorded_params attribute is empty)")
+    result["applies"] = bool(every)
+    if not every:
+        reasons = list(dict.fromkeys(skipped.values()))
+        result["why"] = reasons[0] if len(reasons) == 1 else "; ".join(f"{name}: {why}" for name, why in
+                                                                      skipped.items())
+    result["tensors"] = every
+    if skipped:
+        result["not_applicable"] = skipped
+    if every and optimizer == "torch.optim.adamw.AdamW":
+        result["note"] = ("AdamW's decoupled decay W·(1 − lr·λ) is applied before the update and is not part of u "
+                          "(the weight_decay of each step is in the recording's hyperparameters table)")
     write_json(summary_path, result, indent=2)
     return result

@@ -25,6 +25,12 @@ counts of each part of the rows (the groups that split them: the embedding's dea
 and live tokens, another tensor's all), which one streaming pass over a tensor
 produces; everything else is pure functions of them. The stage goes through the
 tensors one after the other, so that memory follows the largest of them.
+
+Each tensor is counted in its own lattice (``thimble.numerics.lattice``): bf16's for thimble's own training,
+float16's or float32's for a parameter a ``thimble.Recorder`` loop kept in that type; spacings, binades and
+the powers of two frozen elements sit at are the tensor's type's. A recorder's loop names the tensor whose rows
+its dead and live masks group (``token_groups_param``), which takes the embedding's place; without token groups
+every tensor is one group, all.
 """
 
 from __future__ import annotations
@@ -38,16 +44,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from thimble.analysis.tensors import ALL
-from thimble.numerics.bf16 import BFLOAT16
-from thimble.numerics.lattice import (
-    EXPONENT_BIAS,
-    EXPONENT_SHIFT,
-    MAGNITUDE_BITS,
-    MANTISSA_BITS,
-    SIGN_BIT,
-    ordinal,
-    ulp,
-)
+from thimble.numerics.lattice import BF16_LATTICE, EXPONENT_BIAS, EXPONENT_SHIFT, MAGNITUDE_BITS, Lattice, ordinal, ulp
 from thimble.outputs import DELTA_W_DATASET, FREEZE_OUTPUTS, TOKEN_TEXT_COLUMN
 from thimble.sizes import EMBEDDING
 from thimble.update_rules import rule_of
@@ -84,8 +81,12 @@ WINDOW_SHARES = {name: f"{name}_share" for name in MEASURES}
 VERDICTS = ("never frozen", "still cooling", "stabilised", "thawing", "inconclusive")
 #: a trend needs at least this many windows in the last half (a t interval with 2 degrees of freedom)
 MIN_TREND_WINDOWS = 4
-#: biased exponent fields of bf16 (the k of ±2^k is the field minus EXPONENT_BIAS)
+#: biased exponent fields of bf16 (the k of ±2^k is the field minus EXPONENT_BIAS); another lattice has its own
+#: (``Lattice.exponent_fields``)
 EXPONENT_FIELDS = (int(MAGNITUDE_BITS) >> EXPONENT_SHIFT) + 1
+#: the largest |ΔW′| a token's ``max_abs`` holds: a float32 tensor's moves may be longer (up to 2^32 steps, through
+#: zero), and count there as this (only zero and the phases' motion, kept apart, decide anything)
+MAX_ABS_LIMIT = np.iinfo(np.int32).max
 
 
 @dataclasses.dataclass
@@ -103,9 +104,10 @@ class TokenSteps:
     binade_crossings: np.ndarray  # (T+1, V) int32: other moves that changed the exponent
     # per step and part (``parts``): frozen elements, and those sitting exactly at ±2^k by exponent field
     frozen_elements: np.ndarray  # (T+1, P) int64
-    frozen_at_power_of_two: np.ndarray  # (T+1, P, EXPONENT_FIELDS) int64
+    frozen_at_power_of_two: np.ndarray  # (T+1, P, exponent fields of the tensor's lattice) int64
     parts: tuple[str, ...]     # the groups that split the tokens (``partition``): the embedding's dead, live
     hidden: int = 1            # D: coordinates per token
+    exponent_bias: int = EXPONENT_BIAS  # of the tensor's lattice: the k of ±2^k is the field minus it
 
     @property
     def last_step(self) -> int:
@@ -122,13 +124,15 @@ DISPLACEMENT_FIELDS = ("max_abs", "norm", "motion", "start_spacings")
 
 def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str, np.ndarray]:
     """Per-row, per-token summaries of a block of ΔW′ rows (rows, V, D); ``previous`` is the row before."""
-    magnitude = np.abs(delta.astype(np.int32))
+    wide = delta.dtype.itemsize > 4  # float32's step counts
+    magnitude = np.abs(delta.astype(np.int64 if wide else np.int32))
     before = np.concatenate([previous[None], delta[:-1]]) if previous is not None else \
         np.concatenate([np.zeros_like(delta[:1]), delta[:-1]])
     nonzero = delta != 0
     undo = nonzero & (delta == -before)
+    largest = magnitude.max(axis=2)
     return {
-        "max_abs": magnitude.max(axis=2),
+        "max_abs": np.minimum(largest, MAX_ABS_LIMIT).astype(np.int32) if wide else largest,
         "norm": np.sqrt((magnitude.astype(np.float32) ** 2).sum(axis=2)),
         "oscillatory": np.count_nonzero(undo, axis=2).astype(np.int32),
         "quantum": np.count_nonzero((magnitude == 1) & ~undo, axis=2).astype(np.int32),
@@ -137,62 +141,73 @@ def summarise_block(delta: np.ndarray, previous: np.ndarray | None) -> dict[str,
 
 
 def summarise_w_block(bits: np.ndarray, previous: np.ndarray, previous_delta: np.ndarray | None,
-                      parts: list[np.ndarray], delta: np.ndarray | None = None
+                      parts: list[np.ndarray], delta: np.ndarray | None = None, lattice: Lattice = BF16_LATTICE
                       ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Summaries of W rows ``bits`` (rows, V, D) uint16 after the row ``previous`` (V, D).
+    """Summaries of W rows ``bits`` (rows, V, D), bit patterns of ``lattice`` (bf16's: uint16), after the row
+    ``previous`` (V, D).
 
-    ``delta`` is ΔW′ of these rows (int32, as the lattice stage stored it), computed here from W when not
-    given; ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``parts``: a (V,) mask of each part
-    of the tokens (``partition``). Returns the per-token fields of TokenSteps and the per-part element counts.
+    ``delta`` is ΔW′ of these rows (the lattice's ordinal type, int32 for bf16, as the lattice stage stored it),
+    computed here from W when not given; ``previous_delta`` is ΔW′ of ``previous`` (for exact undos); ``parts``:
+    a (V,) mask of each part of the tokens (``partition``). Returns the per-token fields of TokenSteps and the
+    per-part element counts.
     """
     both = np.concatenate([previous[None], bits])
     if delta is None:
-        signed = ordinal(both)
+        signed = ordinal(both, lattice)
         delta = signed[1:] - signed[:-1]
     tokens = summarise_block(delta, previous_delta)
     before, after = both[:-1], both[1:]
-    spacing_before, spacing_after = ulp(before, np.float32), ulp(after, np.float32)
-    size = np.abs(after.view(BFLOAT16).astype(np.float32) - before.view(BFLOAT16).astype(np.float32))
+    # a 16-bit lattice's moves in float32 (as for bf16); float32's in float64, where a difference of two float32
+    # values a few binades apart is exact
+    real = np.float32 if lattice.bits.itemsize == 2 else np.float64
+    spacing_before, spacing_after = ulp(before, real, lattice), ulp(after, real, lattice)
+    size = np.abs(after.view(lattice.values).astype(real) - before.view(lattice.values).astype(real))
     tokens["motion"] = (size / np.maximum(spacing_before, spacing_after)).max(axis=2)
     tokens["start_spacings"] = (size / spacing_before).max(axis=2)
+    if real is np.float64:
+        with np.errstate(over="ignore"):  # a float32 weight leaving 0 walks past float32's range of spacings: inf
+            tokens["motion"] = tokens["motion"].astype(np.float32)
+            tokens["start_spacings"] = tokens["start_spacings"].astype(np.float32)
     moved = delta != 0
-    signs_differ = ((before ^ after) & SIGN_BIT) != 0
-    crossed_sign = signs_differ & ((before & MAGNITUDE_BITS) != 0) & ((after & MAGNITUDE_BITS) != 0)
-    crossed_binade = moved & ~crossed_sign & ((before >> EXPONENT_SHIFT) != (after >> EXPONENT_SHIFT))
+    signs_differ = ((before ^ after) & lattice.sign_bit) != 0
+    crossed_sign = signs_differ & ((before & lattice.magnitude_bits) != 0) & ((after & lattice.magnitude_bits) != 0)
+    crossed_binade = moved & ~crossed_sign & ((before >> lattice.exponent_shift) != (after >> lattice.exponent_shift))
     tokens["sign_crossings"] = np.count_nonzero(crossed_sign, axis=2).astype(np.int32)
     tokens["binade_crossings"] = np.count_nonzero(crossed_binade, axis=2).astype(np.int32)
-    return tokens, frozen_counts(after, ~moved, parts)
+    return tokens, frozen_counts(after, ~moved, parts, lattice)
 
 
-def frozen_counts(after: np.ndarray, frozen: np.ndarray, parts: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Per row and part (a (V,) mask each): the ``frozen`` elements of W rows ``after`` (rows, V, D), and those
-    sitting exactly at ±2^k, by exponent field."""
+def frozen_counts(after: np.ndarray, frozen: np.ndarray, parts: list[np.ndarray],
+                  lattice: Lattice = BF16_LATTICE) -> dict[str, np.ndarray]:
+    """Per row and part (a (V,) mask each): the ``frozen`` elements of W rows ``after`` (rows, V, D; bit patterns
+    of ``lattice``), and those sitting exactly at ±2^k, by exponent field."""
     # exactly ±2^k: a normal value with a zero mantissa
-    field = ((after & MAGNITUDE_BITS) >> EXPONENT_SHIFT).astype(np.int64)
-    at_power = frozen & ((after & MANTISSA_BITS) == 0) & (field > 0)
-    rows = len(after)
+    field = ((after & lattice.magnitude_bits) >> lattice.exponent_shift).astype(np.int64)
+    at_power = frozen & ((after & lattice.mantissa_bits) == 0) & (field > 0)
+    rows, fields = len(after), lattice.exponent_fields
     counts = {"frozen_elements": np.zeros((rows, len(parts)), np.int64),
-              "frozen_at_power_of_two": np.zeros((rows, len(parts), EXPONENT_FIELDS), np.int64)}
-    row_index = np.arange(rows)[:, None, None] * EXPONENT_FIELDS
+              "frozen_at_power_of_two": np.zeros((rows, len(parts), fields), np.int64)}
+    row_index = np.arange(rows)[:, None, None] * fields
     for side, mask in enumerate(parts):
         counts["frozen_elements"][:, side] = np.count_nonzero(frozen[:, mask], axis=(1, 2))
         selected = at_power[:, mask]
         keys = (row_index + field[:, mask])[selected]
         counts["frozen_at_power_of_two"][:, side] = np.bincount(
-            keys, minlength=rows * EXPONENT_FIELDS).reshape(rows, EXPONENT_FIELDS)
+            keys, minlength=rows * fields).reshape(rows, fields)
     return counts
 
 
-def token_steps_from_w(w_bits: np.ndarray, groups: dict[str, np.ndarray]) -> TokenSteps:
-    """TokenSteps of a whole in-memory W (T+1, V, D) of bf16 bit patterns (row 0: nothing moved), its tokens in
-    ``groups``."""
+def token_steps_from_w(w_bits: np.ndarray, groups: dict[str, np.ndarray],
+                       lattice: Lattice = BF16_LATTICE) -> TokenSteps:
+    """TokenSteps of a whole in-memory W (T+1, V, D) of bit patterns of ``lattice`` (bf16's by default; row 0:
+    nothing moved), its tokens in ``groups``."""
     parts = partition(groups)
-    tokens, counts = summarise_w_block(w_bits[1:], w_bits[0], None, list(parts.values()))
+    tokens, counts = summarise_w_block(w_bits[1:], w_bits[0], None, list(parts.values()), lattice=lattice)
     zero_token = {name: np.zeros((1, *values.shape[1:]), values.dtype) for name, values in tokens.items()}
     zero_count = {name: np.zeros((1, *values.shape[1:]), values.dtype) for name, values in counts.items()}
     joined = {name: np.concatenate([zero_token[name], values]) for name, values in tokens.items()}
     joined.update({name: np.concatenate([zero_count[name], values]) for name, values in counts.items()})
-    return TokenSteps(**joined, parts=tuple(parts), hidden=w_bits.shape[2])
+    return TokenSteps(**joined, parts=tuple(parts), hidden=w_bits.shape[2], exponent_bias=lattice.exponent_bias)
 
 
 def group_masks(dead_mask: np.ndarray) -> dict[str, np.ndarray]:
@@ -385,25 +400,26 @@ def displacement_table(steps: TokenSteps, groups: dict[str, np.ndarray]) -> dict
 @dataclasses.dataclass
 class PowerCounts:
     """Per step t = 1..T and part of the tokens: the frozen elements, and those sitting exactly at ±2^k for
-    each exponent field that occurs (the rest are 0): what lattice_positions.csv is made of, kept small."""
+    each k that occurs (the rest are 0): what lattice_positions.csv is made of, kept small. k is the power itself
+    (the biased exponent field less the lattice's bias), so that tensors of different lattices share columns."""
 
-    frozen: np.ndarray    # (T, P) int64
-    at_power: np.ndarray  # (T, P, F) int64, by field of ``fields``
-    fields: np.ndarray    # (F,) biased exponent fields, ascending
+    frozen: np.ndarray     # (T, P) int64
+    at_power: np.ndarray   # (T, P, K) int64, by k of ``exponents``
+    exponents: np.ndarray  # (K,) the k of ±2^k, ascending
     parts: tuple[str, ...]
 
     @classmethod
     def of(cls, steps: TokenSteps) -> PowerCounts:
         counts = steps.frozen_at_power_of_two[1:]
         fields = np.flatnonzero(counts.sum(axis=(0, 1)))
-        return cls(steps.frozen_elements[1:], counts[:, :, fields], fields, steps.parts)
+        return cls(steps.frozen_elements[1:], counts[:, :, fields], fields - steps.exponent_bias, steps.parts)
 
-    def table(self, fields: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """lattice_positions.csv's columns with a column for each of ``fields`` (default: the fields that occur;
-        a field that does not occur is 0 wherever an element is frozen)."""
-        fields = self.fields if fields is None else np.asarray(fields)
-        counts = np.zeros((*self.at_power.shape[:2], len(fields)), np.int64)
-        counts[:, :, np.searchsorted(fields, self.fields)] = self.at_power
+    def table(self, exponents: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """lattice_positions.csv's columns with a column for each k of ``exponents`` (default: the k that occur;
+        a k that does not occur is 0 wherever an element is frozen)."""
+        exponents = self.exponents if exponents is None else np.asarray(exponents)
+        counts = np.zeros((*self.at_power.shape[:2], len(exponents)), np.int64)
+        counts[:, :, np.searchsorted(exponents, self.exponents)] = self.at_power
         columns: dict[str, np.ndarray] = {"step": np.arange(1, len(self.frozen) + 1)}
         with np.errstate(invalid="ignore", divide="ignore"):
             for group in groups_of_parts(self.parts):
@@ -411,8 +427,8 @@ class PowerCounts:
                 columns[f"{group}_frozen_elements"] = total
                 columns[f"{group}_at_power_of_two_share"] = np.where(total > 0, at_power.sum(axis=1) / total,
                                                                      np.nan)
-                for index, field in enumerate(fields):
-                    columns[f"{group}_at_2^{int(field) - EXPONENT_BIAS}_share"] = np.where(
+                for index, power in enumerate(exponents):
+                    columns[f"{group}_at_2^{int(power)}_share"] = np.where(
                         total > 0, at_power[:, index] / total, np.nan)
         return columns
 
@@ -510,12 +526,14 @@ def cooling(columns: dict[str, np.ndarray], width: int, tolerance_per_1000: floa
 
 
 def variance_table(token_mean: np.ndarray, changed: np.ndarray, hidden: int, groups: dict[str, np.ndarray],
-                   beta1: float, beta2: float) -> dict[str, np.ndarray]:
+                   beta1: float | np.ndarray, beta2: float | np.ndarray,
+                   counts: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """exp_avg_sq.csv from each token's mean exp_avg_sq per step ``token_mean`` (T+1, V) and its elements that
     changed at the step ``changed`` (T+1, V) of ``hidden`` each: per step, the mean, median, 10th and 90th
     percentile over the token means of each part of ``groups`` (``partition``: the embedding's dead and live
     tokens, another tensor's all) that has tokens; the share of the part's elements that changed; AdamW's bias
-    corrections."""
+    corrections, of the betas (each a number, or one per step) and the optimizer's step ``counts`` (T+1,) (by
+    default the step itself; 1 where there is no count, NaN or 0)."""
     steps = np.arange(len(token_mean))
     columns = {"step": steps}
     for group, mask in partition(groups).items():
@@ -528,8 +546,11 @@ def variance_table(token_mean: np.ndarray, changed: np.ndarray, hidden: int, gro
         columns[f"{group}_p90"] = np.percentile(values, 90, axis=1)
         columns[f"{group}_changed_share"] = changed[:, mask].sum(axis=1) / (values.shape[1] * hidden)
     # what AdamW divides by at step t (1 at t = 0, where nothing is divided)
-    columns["bias_correction1"] = np.where(steps > 0, 1 - beta1 ** steps.astype(np.float64), 1.0)
-    columns["bias_correction2"] = np.where(steps > 0, 1 - beta2 ** steps.astype(np.float64), 1.0)
+    counts = steps.astype(np.float64) if counts is None else np.asarray(counts, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # NaN > 0: no count
+        counted = counts > 0
+    columns["bias_correction1"] = np.where(counted, 1 - beta1 ** counts, 1.0)
+    columns["bias_correction2"] = np.where(counted, 1 - beta2 ** counts, 1.0)
     return columns
 
 
@@ -579,11 +600,19 @@ def stack_tables(tables: dict[str, dict | list[dict]]):
     return stacked.reindex(columns=[TENSOR_COLUMN, *columns])
 
 
+def empty_table(columns: list[str]):
+    """A table (a pandas DataFrame) of no rows, its columns TENSOR_COLUMN and ``columns``."""
+    import pandas as pd
+
+    return pd.DataFrame(columns=[TENSOR_COLUMN, *columns])
+
+
 def widened_lattice_positions(counts: dict[str, PowerCounts]) -> dict[str, dict[str, np.ndarray]]:
     """Each tensor's lattice_positions.csv columns with a column for every k that occurs in any tensor: 0 where
     none of the tensor's frozen elements sits at ±2^k, so that every tensor's rows give every k's share."""
-    fields = np.unique(np.concatenate([count.fields for count in counts.values()])) if counts else np.array([])
-    return {name: count.table(fields) for name, count in counts.items()}
+    exponents = np.unique(np.concatenate([count.exponents for count in counts.values()])) if counts \
+        else np.array([])
+    return {name: count.table(exponents) for name, count in counts.items()}
 
 
 def question_group(groups: dict[str, np.ndarray]) -> str:
@@ -624,41 +653,51 @@ class Recorded:
     """What the freeze stage reads of a recording beside its per-step tensors."""
 
     losses: np.ndarray     # (T+1,)
-    dead_mask: np.ndarray  # (V,) bool
+    dead_mask: np.ndarray | None  # (V,) bool; None for a recorder's recording without token groups
     attrs: dict
     delta_w_exact: bool    # false for float16 storage
     #: the recorded parameters, the embedding first, then the others in the model's order
     params: list[RecordedParam]
+    #: the parameter whose rows the dead mask groups (``thimble.analysis.tensors.token_groups_param``): the
+    #: embedding, or what a recorder's loop gave token groups for (None: none)
+    grouped: str | None = EMBEDDING
 
 
-def question_tensor(params: list[RecordedParam]) -> str:
-    """The tensor summary.json's top level describes: the embedding, or the first recorded tensor without it."""
+def question_tensor(params: list[RecordedParam], grouped: str | None = EMBEDDING) -> str:
+    """The tensor summary.json's top level describes: the embedding (the tensor with token groups, ``grouped``),
+    or the first recorded tensor without it."""
     names = [param.name for param in params]
-    return EMBEDDING if EMBEDDING in names else names[0]
+    return grouped if grouped in names else names[0]
 
 
 def read_recorded(recording: str, delta_path: str | None = None) -> Recorded:
     """The recording's losses, dead mask, attributes and recorded parameters, and whether its ΔW′ is exact (as
     the lattice stage's file ``delta_path`` says of the question tensor, when given)."""
-    from thimble.analysis.tensors import recorded_params
+    from thimble.analysis.tensors import recorded_params, token_groups_param
+    from thimble.errors import DataError
     from thimble.record.format import open_h5, read_checked
 
     with open_h5(recording) as handle:
         losses = read_checked(handle["losses"])
-        dead_mask = read_checked(handle["dead_mask"]).astype(bool)
         attrs = dict(handle.attrs)
         params = recorded_params(handle)
+        grouped = token_groups_param(attrs)
+        if "dead_mask" in handle:
+            dead_mask = read_checked(handle["dead_mask"]).astype(bool)
+        elif grouped is None:  # a recorder's loop that gave no token groups
+            dead_mask = None
+        else:
+            raise DataError(f"{recording} has no dead_mask dataset: {grouped}'s dead and live groups come from it; "
+                            "rechunk the stream again")
     if not params:
-        from thimble.errors import DataError
-
         raise DataError(f"{recording} records no parameter (its attribute recorded_params is empty)")
-    question = question_tensor(params)
+    question = question_tensor(params, grouped)
     params = sorted(params, key=lambda param: param.name != question)  # stable: the others in the model's order
     exact = attrs.get("storage_dtype") != "float16"
     if delta_path is not None:
         with open_h5(delta_path) as handle:
             exact = bool(delta_w_dataset(handle, delta_path, question).attrs.get("exact", exact))
-    return Recorded(losses, dead_mask, attrs, exact, params)
+    return Recorded(losses, dead_mask, attrs, exact, params, grouped)
 
 
 def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16, threads: int = 1,
@@ -666,16 +705,17 @@ def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: 
     """One streaming pass over a recorded tensor (T+1, *shape) seen as (T+1, rows, columns): TokenSteps, its rows
     as the tokens, in ``groups``; in memory O(T x rows).
 
-    ``name``: the recorded parameter, the embedding by default. ΔW′ is read from ``delta_path`` (the lattice
-    stage's file, every frame's checksum verified) beside the values, which the phases, crossings and lattice
-    positions need; without it, ΔW′ is computed from the values. Rows are split across ``threads`` (numpy
-    releases the GIL in its loops).
+    ``name``: the recorded parameter, the embedding by default, read in its own lattice
+    (``thimble.analysis.tensors.stored_lattice``). ΔW′ is read from ``delta_path`` (the lattice stage's file,
+    every frame's checksum verified) beside the values, which the phases, crossings and lattice positions need;
+    without it, ΔW′ is computed from the values. Rows are split across ``threads`` (numpy releases the GIL in its
+    loops).
     """
     import contextlib
 
     from tqdm.auto import tqdm
 
-    from thimble.analysis.tensors import row_shape
+    from thimble.analysis.tensors import row_shape, stored_lattice
     from thimble.record.format import RecordLayout, open_h5
     from thimble.record.reader import RecordedTensor
     from thimble.util.workers import WorkerPool, thread_spans
@@ -684,6 +724,7 @@ def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: 
     parts = partition(groups)
     with open_h5(recording) as handle, contextlib.ExitStack() as stack:
         param = recorded_param(RecordLayout.of_file(handle), name, recording)
+        lattice = stored_lattice(handle.attrs, param)
         values = RecordedTensor.of_recording(handle, param.roles()["W"])
         n_steps, (vocab, hidden) = values.shape[0], row_shape(param.shape)
         delta_w = deltas = None
@@ -692,16 +733,16 @@ def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: 
             deltas = delta_w.in_order(block_rows)
         fields = {field: np.zeros((n_steps, vocab), dtype) for field, dtype in TOKEN_FIELDS.items()}
         fields["frozen_elements"] = np.zeros((n_steps, len(parts)), np.int64)
-        fields["frozen_at_power_of_two"] = np.zeros((n_steps, len(parts), EXPONENT_FIELDS), np.int64)
+        fields["frozen_at_power_of_two"] = np.zeros((n_steps, len(parts), lattice.exponent_fields), np.int64)
         bounds = thread_spans(vocab, threads)
         previous = previous_delta = None
         with WorkerPool(threads) as pool, tqdm(total=n_steps - 1, desc=f"freeze {name}", unit="step",
                                                mininterval=5) as bar:
             for step, block in values.blocks(block_rows):
                 block = block.reshape(len(block), vocab, hidden)
-                # int32, the type ΔW′ is computed in
-                delta = None if deltas is None else \
-                    deltas.read(step, step + len(block)).view(delta_w.dtype).astype(np.int32).reshape(block.shape)
+                # the type ΔW′ is computed in: int32, int64 for float32's lattice
+                delta = None if deltas is None else deltas.read(step, step + len(block)).view(delta_w.dtype).astype(
+                    lattice.ordinal_dtype).reshape(block.shape)
                 if previous is None:  # step 0: nothing moved before it
                     previous, block, step = block[0], block[1:], step + 1
                     delta = None if delta is None else delta[1:]
@@ -710,7 +751,7 @@ def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: 
                 futures = {(a, b): pool.submit(summarise_w_block, block[:, a:b], previous[a:b],
                                                None if previous_delta is None else previous_delta[a:b],
                                                [mask[a:b] for mask in parts.values()],
-                                               None if delta is None else delta[:, a:b])
+                                               None if delta is None else delta[:, a:b], lattice)
                            for a, b in bounds}
                 rows = slice(step, step + len(block))
                 for (a, b), future in futures.items():
@@ -720,12 +761,12 @@ def read_token_steps(recording: str, groups: dict[str, np.ndarray], block_rows: 
                     for field, part in counts.items():
                         fields[field][rows] += part
                 previous_delta = delta[-1] if delta is not None else \
-                    ordinal(block[-1]) - ordinal(block[-2] if len(block) > 1 else previous)
+                    ordinal(block[-1], lattice) - ordinal(block[-2] if len(block) > 1 else previous, lattice)
                 previous = block[-1].copy()
                 bar.update(len(block))
         if deltas is not None:
             deltas.finish()
-    return TokenSteps(**fields, parts=tuple(parts), hidden=hidden)
+    return TokenSteps(**fields, parts=tuple(parts), hidden=hidden, exponent_bias=lattice.exponent_bias)
 
 
 def recorded_param(layout, name: str, recording: str) -> RecordedParam:
@@ -773,30 +814,47 @@ def delta_w_of(handle: h5py.File, path: str, recording: h5py.File, param: Record
 
 
 def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows: int = 16,
-                      name: str | None = None) -> dict[str, np.ndarray]:
+                      name: str | None = None) -> dict[str, np.ndarray] | None:
     """exp_avg_sq.csv (``variance_table``) of the recorded parameter ``name`` (the embedding by default), its
-    rows in ``groups``, from one streaming pass over its recorded exp_avg_sq."""
-    from thimble.analysis.tensors import row_shape
+    rows in ``groups``, from one streaming pass over its recorded exp_avg_sq; None when its optimizer keeps no
+    exp_avg_sq (a recorder's SGD, say).
+
+    The bias corrections are AdamW's of the seed's settings, or for a recorder's recording of the betas and the
+    parameter's step count as each step used them (its per-step tables)."""
+    from thimble.analysis.tensors import is_recorder_recording, row_shape, step_settings, stored_lattice
     from thimble.record.format import RecordLayout, open_h5
     from thimble.record.reader import RecordedTensor
 
     name = EMBEDDING if name is None else name
     with open_h5(recording) as handle:
         param = recorded_param(RecordLayout.of_file(handle), name, recording)
-        variance = RecordedTensor.of_recording(handle, param.roles()["variance_W"])
+        role = "variance_W"
+        if role not in param.roles():
+            return None
+        variance = RecordedTensor.of_recording(handle, param.roles()[role])
+        # float32 under fp32_master, and a recorder's float32 or float16 moments in their own type
+        value_type = stored_lattice(handle.attrs, param, "exp_avg_sq").values
         n_steps, (vocab, hidden) = variance.shape[0], row_shape(param.shape)
-        beta1, beta2 = float(handle.attrs["adam_beta1"]), float(handle.attrs["adam_beta2"])
+        if is_recorder_recording(handle.attrs):
+            settings = step_settings(handle, name)
+            missing = np.full(n_steps, np.nan)
+            beta1, beta2 = (settings.get(key) if settings.get(key) is not None else missing
+                            for key in ("betas.0", "betas.1"))
+            counts = settings.counts
+        else:
+            beta1, beta2 = float(handle.attrs["adam_beta1"]), float(handle.attrs["adam_beta2"])
+            counts = None
         token_mean = np.zeros((n_steps, vocab), dtype=np.float64)
         changed = np.zeros((n_steps, vocab), dtype=np.int32)
         previous = None
         for start, block in variance.blocks(block_rows):
             block = block.reshape(len(block), vocab, hidden)
-            values = block.view(BFLOAT16 if block.dtype.itemsize == 2 else np.float32)  # float32 under fp32_master
+            values = block.view(value_type)
             token_mean[start: start + len(block)] = values.astype(np.float64).mean(axis=2)
             before = np.concatenate([block[:1] if previous is None else previous[None], block[:-1]])
             changed[start: start + len(block)] = np.count_nonzero(block != before, axis=2)
             previous = block[-1].copy()
-    return variance_table(token_mean, changed, hidden, groups, beta1, beta2)
+    return variance_table(token_mean, changed, hidden, groups, beta1, beta2, counts)
 
 
 #: the freeze stage's tables, its .csv outputs, in FREEZE_OUTPUTS' order
@@ -816,6 +874,20 @@ def write_tables(tables: dict, outputs: dict[str, str]) -> list[str]:
 NO_TOKENS_NOTE = ("the embedding (transformer.wte.weight) is not recorded: no tensor's rows are tokens, so "
                   "token_freeze.csv and token_displacement.h5 hold no token; every recorded tensor is in the other "
                   "tables")
+#: the same note for a recorder's recording whose loop gave no token groups
+NO_TOKEN_GROUPS_NOTE = ("the loop gave thimble.Recorder no token_groups=: no tensor's rows are tokens in dead and "
+                        "live groups, so token_freeze.csv and token_displacement.h5 hold no token; every recorded "
+                        "tensor is in the other tables, as one group, all")
+
+
+def update_rule_of(attrs) -> str:
+    """What updates the recorded weights, as summary.json names it: the seed's update rule, or the optimizer's class
+    of a recorder's recording (``torch.optim.adamw.AdamW``)."""
+    from thimble.analysis.tensors import is_recorder_recording
+
+    if is_recorder_recording(attrs):
+        return str(attrs.get("optimizer_class", "unknown optimizer"))
+    return rule_of(attrs)
 
 
 def write_token_steps(path: str, steps: TokenSteps, dead_mask: np.ndarray, computed_from: dict,
@@ -890,13 +962,27 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
 
     ``drivers_path`` (the freeze_drivers stage's JSON) goes into the summary as ``drivers``, and each tensor's
     onset and driver (group all) from its ``tensors``. ``tokenizer_path``: the dataset's tokenizer, for
-    token_freeze.csv's token_text column. The summary's ``provenance`` names the recording read and the sha256 of
-    every table (thimble.provenance).
+    token_freeze.csv's token_text column (without it the tokens are their ids alone, as for a recorder's loop
+    that has no tokenizer). The summary's ``provenance`` names the recording read and the sha256 of every table
+    (thimble.provenance).
+
+    A recording made by ``thimble.Recorder`` is read as the seed's is: its tensor with token groups
+    (``token_groups_param``) in the embedding's place, each tensor in its own lattice, exp_avg_sq.csv's bias
+    corrections from its per-step settings (a tensor whose optimizer keeps no exp_avg_sq has no rows there). Its
+    summary's ``update_rule`` is the optimizer's class, and it says ``source`` and each tensor's ``dtype`` (of its
+    values) and ``dtypes`` (of each recorded tensor: value, grad, the optimizer's state).
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from the values.
     """
-    from thimble.analysis.tensors import has_token_groups, row_groups, row_shape
+    from thimble.analysis.tensors import (
+        RECORDER_SOURCE,
+        has_token_groups,
+        is_recorder_recording,
+        row_groups,
+        row_shape,
+        stored_lattice,
+    )
     from thimble.config import settings_hash
     from thimble.data.tokenizer import token_texts
     from thimble.provenance import computed_from, stage_provenance
@@ -908,26 +994,31 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     driven = (drivers or {}).get("tensors") or {}
     source = computed_from(recording, recorded.attrs)
     question = recorded.params[0].name
+    recorder = is_recorder_recording(recorded.attrs)
+    rule = update_rule_of(recorded.attrs)
     by_tensor: dict[str, dict] = {}
     entries: dict[str, dict] = {}
     top = top_groups = token_rows = None
     for index, param in enumerate(recorded.params, 1):
         shape = row_shape(param.shape)
-        groups = row_groups(param.name, shape[0], recorded.dead_mask)
+        groups = row_groups(param.name, shape[0], recorded.dead_mask, recorded.grouped)
         log.info("tensor %d/%d: %s, %d rows x %d columns, groups %s", index, len(recorded.params), param.name,
                  *shape, ", ".join(groups))
         steps = read_token_steps(recording, groups, threads=threads, delta_path=delta_path, name=param.name)
         windows = default_windows(steps.last_step, analysis["windows"])
         tables = {**tensor_tables(steps, groups, recorded.losses, analysis),
                   "variance": variance_by_group(recording, groups, name=param.name)}
-        if has_token_groups(param.name):
+        if has_token_groups(param.name, recorded.grouped):
             token_text = None if tokenizer_path is None else token_texts(tokenizer_path, shape[0])
             token_rows = {param.name: token_table(steps, groups, windows, token_text)}
             write_token_steps(outputs["token_steps"], steps, recorded.dead_mask, source)
         del steps  # the next tensor's take its place
-        summary = freeze_summary(settings["name"], rule_of(recorded.attrs), recorded.delta_w_exact, tables["freeze"],
-                                 groups, windows, analysis)
+        summary = freeze_summary(settings["name"], rule, recorded.delta_w_exact, tables["freeze"], groups, windows,
+                                 analysis)
         entries[param.name] = tensor_summary(summary, tables["freeze"], shape, driven.get(param.name))
+        if recorder:  # the lattice its ΔW′ counts in, and the dtype of each of its recorded tensors
+            entries[param.name]["dtype"] = stored_lattice(recorded.attrs, param).name
+            entries[param.name]["dtypes"] = dict(param.dtypes)
         by_tensor[param.name] = tables
         if param.name == question:
             top, top_groups = summary, groups
@@ -936,19 +1027,27 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
                  "step %s", param.name, summary["verdict"], question_group(groups), entry["global_freeze_share"] or 0,
                  entry["first_global_freeze_step"])
     if token_rows is None:
-        log.warning("%s", NO_TOKENS_NOTE)
+        note = NO_TOKEN_GROUPS_NOTE if recorder and recorded.grouped is None else NO_TOKENS_NOTE
+        log.warning("%s", note)
         empty = no_token_steps(len(recorded.losses))
         windows = default_windows(empty.last_step, analysis["windows"])
-        token_rows = {EMBEDDING: token_table(empty, group_masks(np.zeros(0, bool)), windows,
-                                             None if tokenizer_path is None else [])}
-        write_token_steps(outputs["token_steps"], empty, np.zeros(0, bool), source, note=NO_TOKENS_NOTE)
+        token_rows = {recorded.grouped or EMBEDDING: token_table(empty, group_masks(np.zeros(0, bool)), windows,
+                                                                 None if tokenizer_path is None else [])}
+        write_token_steps(outputs["token_steps"], empty, np.zeros(0, bool), source, note=note)
     counts = widened_lattice_positions({name: tables["lattice_positions"] for name, tables in by_tensor.items()})
     stacked = {name: stack_tables({tensor: tables[name] for tensor, tables in by_tensor.items()})
-               for name in ("freeze", "cycles", "classes", "variance")}
+               for name in ("freeze", "cycles", "classes")}
+    variances = {tensor: tables["variance"] for tensor, tables in by_tensor.items() if tables["variance"] is not None}
+    if len(variances) < len(by_tensor):
+        log.info("exp_avg_sq.csv: no rows of %s, whose optimizer keeps no exp_avg_sq",
+                 ", ".join(name for name in by_tensor if name not in variances))
+    stacked["variance"] = stack_tables(variances) if variances else empty_table(["step"])
     stacked["lattice_positions"] = stack_tables(counts)
     stacked["tokens"] = stack_tables(token_rows)
     provenance = stage_provenance(recording, recorded.attrs, settings_hash(settings), write_tables(stacked, outputs))
     summary = {**top, "question_tensor": question, "tensors": entries, "provenance": provenance}
+    if recorder:
+        summary["source"] = RECORDER_SOURCE
     if drivers is not None:
         summary["drivers"] = drivers
     write_json(outputs["summary"], summary, indent=2)

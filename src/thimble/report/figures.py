@@ -1,4 +1,9 @@
-"""Figures of one experiment and of a series (PNG, matplotlib, headless)."""
+"""Figures of one experiment and of a series (PNG, matplotlib, headless).
+
+Every figure of ``thimble.outputs.FIGURES`` is drawn for every experiment, thimble's own and a loop recorded by
+``thimble.Recorder``: where a measure does not apply to the question tensor (no token groups, no exp_avg_sq, no
+loss logged, a split the optimizer does not have), the figure says so in its own text instead of drawing an
+empty plot. A tensor without token groups is drawn as one group, all its rows."""
 
 from __future__ import annotations
 
@@ -14,12 +19,15 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from thimble.analysis.freeze import GROUPS, MEASURES, PHASES, VERDICTS, WINDOW_SHARES  # noqa: E402
+from thimble.analysis.tensors import RECORDER_SOURCE  # noqa: E402
 from thimble.sizes import EMBEDDING  # noqa: E402
 from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 from thimble.util.files import atomic_output, write_text  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
 DRIVER_COLORS = {"spacing": "tab:blue", "statistics": "tab:orange", "v_stall": "tab:red"}
+#: the fourth driver of a recorder's recording, where lr changes from step to step
+LR_DRIVER_COLOR = ("learning_rate", "tab:green")
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
 #: tokens drawn as individual lines per group (the mean and std use every token)
 SAMPLE_TOKENS = 150
@@ -40,16 +48,40 @@ def _message(text: str, path: str, figsize: tuple[float, float], fontsize: int) 
     _save(fig, path)
 
 
+def split_groups(frame: pd.DataFrame, column: str) -> tuple[str, ...]:
+    """The groups a figure draws apart from a question tensor's table rows ``frame``: its dead and live tokens
+    that have values in the column ``{group}_{column}``, else all its rows."""
+    split = tuple(group for group in ("dead", "live")
+                  if f"{group}_{column}" in frame and frame[f"{group}_{column}"].notna().any())
+    return split or ("all",)
+
+
+def group_title(group: str) -> str:
+    """How a figure names a group of the question tensor's rows."""
+    return "all rows" if group == "all" else f"{group} tokens"
+
+
 def loss(freeze: pd.DataFrame, experiment: str, path: str) -> None:
+    if freeze["loss"].isna().all():  # a recorder's loop that never called rec.log(loss=...)
+        _message(f"{experiment}: no training loss was recorded\n(the loop never handed the recorder a loss: "
+                 "rec.log(loss=...))", path, figsize=(8, 4), fontsize=11)
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(freeze["step"], freeze["loss"], lw=0.8)
-    ax.set(title=f"{experiment}: training loss", xlabel="step", ylabel="cross-entropy loss (nats)")
+    logged = freeze["loss"].notna()
+    ax.plot(freeze["step"][logged], freeze["loss"][logged], lw=0.8, marker="." if (~logged).any() else None)
+    ax.set(title=f"{experiment}: training loss" + ("" if logged.all() else " (at the steps the loop logged one)"),
+           xlabel="step", ylabel="cross-entropy loss (nats)" if logged.all() else "loss")
     ax.grid(alpha=0.3)
     _save(fig, path)
 
 
-def displacement(norm: np.ndarray, dead_mask: np.ndarray, experiment: str, path: str) -> None:
-    """|ΔW′| per token over time, all tokens superimposed (a sample drawn), mean ± 1 std; log scale."""
+def displacement(norm: np.ndarray, dead_mask: np.ndarray, experiment: str, path: str, note: str | None = None) -> None:
+    """|ΔW′| per token over time, all tokens superimposed (a sample drawn), mean ± 1 std; log scale. Without
+    tokens (no tensor with token groups recorded) the figure says why: ``note``, token_displacement.h5's."""
+    if norm.shape[1] == 0:
+        why = "\n".join(textwrap.wrap(note or "no recorded tensor's rows are tokens", 80))
+        _message(f"{experiment}: no token displacement to draw\n{why}", path, figsize=(9, 3), fontsize=10)
+        return
     steps = np.arange(1, norm.shape[0])
     fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True, sharey=True)
     rng = np.random.default_rng(0)
@@ -79,15 +111,17 @@ def displacement(norm: np.ndarray, dead_mask: np.ndarray, experiment: str, path:
 
 
 def phases(freeze: pd.DataFrame, thresholds: dict, experiment: str, path: str) -> None:
-    fig, axes = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    groups = split_groups(freeze, "phase_frozen")
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3 * len(groups)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
     labels = {"frozen": "frozen (ΔW′ = 0)", "solid": f"solid (motion ≤ {thresholds['solid_max']})",
               "cold": f"cold (≤ {thresholds['cold_max']})", "hot": f"hot (> {thresholds['cold_max']})"}
-    for ax, group in zip(axes, ("dead", "live")):
+    for ax, group in zip(axes, groups):
         stacks = [freeze[f"{group}_phase_{phase}"] for phase in PHASES]
         ax.stackplot(freeze["step"], stacks, labels=[labels[p] for p in PHASES],
                      colors=[PHASE_COLORS[p] for p in PHASES], linewidth=0)
-        ax.set(title=f"{group} tokens by largest motion (|ΔW| in steps of the coarser endpoint spacing)",
-               ylabel="tokens")
+        ax.set(title=f"{group_title(group)} by largest motion (|ΔW| in steps of the coarser endpoint spacing)",
+               ylabel="tokens" if group != "all" else "rows")
         ax.legend(loc="upper right", fontsize=8)
     axes[-1].set_xlabel("step")
     fig.suptitle(f"{experiment}: phase populations")
@@ -99,9 +133,10 @@ def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: st
     fig, axes = plt.subplots(len(MEASURES) + 1, 1, figsize=(9, 10), sharex=True,
                              gridspec_kw={"height_ratios": [2] * len(MEASURES) + [1]})
     width = summary["verdict_rule"]["window_steps"]
+    groups = [group for group in GROUPS if group in summary["cooling"]]
     for ax, measure in zip(axes, MEASURES):
         label = MEASURES[measure].label
-        for group in GROUPS:
+        for group in groups:
             series_ = summary["cooling"][group][measure]
             ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
                     color=GROUP_COLORS[group], label=f"{group}: {series_['verdict']}")
@@ -111,24 +146,29 @@ def global_freeze(freeze: pd.DataFrame, summary: dict, experiment: str, path: st
         ax.legend(fontsize=8, loc="lower right")
         ax.grid(alpha=0.3)
     raster = axes[-1]
-    image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in GROUPS])
+    image = np.array([freeze[f"{group}_globally_frozen"].to_numpy(dtype=float) for group in groups])
     steps = freeze["step"].to_numpy()
     raster.imshow(image, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0, vmax=1,
-                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(GROUPS) - 0.5, -0.5))
-    raster.set_yticks(range(len(GROUPS)), GROUPS)
-    raster.set(xlabel="step", title="globally frozen steps (dark: every token of the group has ΔW′ = 0)")
+                  extent=(steps[0] - 0.5, steps[-1] + 0.5, len(groups) - 0.5, -0.5))
+    raster.set_yticks(range(len(groups)), groups)
+    raster.set(xlabel="step", title="globally frozen steps (dark: every "
+               f"{'token' if groups != ['all'] else 'row'} of the group has ΔW′ = 0)")
     fig.suptitle(f"{experiment}: freezing by group and measure")
     _save(fig, path)
 
 
-def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str = "bfloat16") -> None:
+def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str = "bfloat16",
+             missing: str | None = None) -> None:
     """exp_avg_sq per token (median, 10-90%), the share of its elements that change per step, and the
-    bias corrections AdamW divides by. ``stored``: the dtype the update rule keeps exp_avg_sq in."""
+    bias corrections AdamW divides by. ``stored``: the dtype the update rule keeps exp_avg_sq in. Without rows
+    (the optimizer keeps no exp_avg_sq) the figure says so: ``missing``, what the optimizer is."""
+    if exp_avg_sq.empty:
+        _message(f"{experiment}: no exp_avg_sq to draw\n{missing or 'the optimizer'} keeps no exp_avg_sq "
+                 "(Adam's second moment) of the question tensor", path, figsize=(9, 3), fontsize=10)
+        return
     fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
     steps = exp_avg_sq["step"][1:]
-    for group in ("dead", "live"):
-        if f"{group}_mean" not in exp_avg_sq:
-            continue
+    for group in split_groups(exp_avg_sq, "mean"):
         top.plot(steps, exp_avg_sq[f"{group}_median"][1:], color=GROUP_COLORS[group], lw=1.2, label=f"{group} median")
         top.fill_between(steps, exp_avg_sq[f"{group}_p10"][1:], exp_avg_sq[f"{group}_p90"][1:],
                          color=GROUP_COLORS[group], alpha=0.2, label=f"{group} 10–90%")
@@ -137,11 +177,11 @@ def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str =
     top.set_yscale("log")
     top.set(title=f"{experiment}: AdamW exp_avg_sq per token (mean over its coordinates)",
             ylabel="exp_avg_sq (squared gradient units)")
-    if stored != "float32":  # a float32 v (fp32_master) does decay
+    if stored == "bfloat16":  # a float32 v (fp32_master, a recorder's float32 moments) does decay
         top.text(0.01, 0.02, "exp_avg_sq.mul_(0.999) cannot change a normal bf16 value: it never decays",
                  transform=top.transAxes, fontsize=8)
     middle.set(ylabel="share of elements changed", ylim=(-0.02, 1.02),
-               title=f"share of exp_avg_sq elements whose {'float32' if stored == 'float32' else 'bf16'} "
+               title=f"share of exp_avg_sq elements whose {'bf16' if stored == 'bfloat16' else stored} "
                      "value changed at the step")
     bottom.plot(steps, exp_avg_sq["bias_correction1"][1:], label="1 − β1^t (divides the step size)")
     bottom.plot(steps, exp_avg_sq["bias_correction2"][1:], label="1 − β2^t (its square root divides sqrt(v))")
@@ -154,30 +194,38 @@ def variance(exp_avg_sq: pd.DataFrame, experiment: str, path: str, stored: str =
 
 def lattice_positions(table: pd.DataFrame, experiment: str, path: str) -> None:
     """Share of frozen elements sitting exactly at ±2^k, in all and for the most common k, per group."""
-    fig, axes = plt.subplots(2, 1, figsize=(9, 7), sharex=True, sharey=True)
-    for ax, group in zip(axes, ("dead", "live")):
+    groups = split_groups(table, "frozen_elements")
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 3.5 * len(groups)), sharex=True, sharey=True,
+                             squeeze=False)
+    for ax, group in zip(axes[:, 0], groups):
         ax.plot(table["step"], table[f"{group}_at_power_of_two_share"], color="black", lw=1.2, label="any k")
         by_k = [c for c in table.columns if c.startswith(f"{group}_at_2^")]
         top = sorted(by_k, key=lambda c: -np.nan_to_num(table[c].to_numpy()).sum())[:5]
         for column in top:
             ax.plot(table["step"], table[column], lw=0.8, label=column.removeprefix(f"{group}_at_").removesuffix("_share"))
-        ax.set(title=f"{group} tokens: frozen elements exactly at ±2^k", ylabel="share of frozen elements",
+        ax.set(title=f"{group_title(group)}: frozen elements exactly at ±2^k", ylabel="share of frozen elements",
                ylim=(-0.02, 1.02))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-    axes[-1].set_xlabel("step")
+    axes[-1, 0].set_xlabel("step")
     fig.suptitle(f"{experiment}: where frozen weights sit on the lattice (the spacing doubles just above 2^k)")
     _save(fig, path)
 
 
 def update_ratio(histogram: pd.DataFrame, windows: dict, experiment: str, path: str,
-                 update_rule: str = "bf16") -> None:
+                 update_rule: str = "bf16", tensor: str | None = None) -> None:
     """Distribution of |update| / half the lattice spacing per window, against the threshold 1.
 
     The ratio is the bf16 rule's (round to nearest from the addcdiv_ sum); the replay of another rule
-    writes no rows, and the figure says why instead of drawing an empty plot.
+    writes no rows, and the figure says why instead of drawing an empty plot. ``tensor``: the question tensor of
+    a recorder's recording (whose replay may write rows for some tensors and not for others).
     """
     if histogram.empty:
+        if tensor is not None:
+            _message(f"{experiment} ({update_rule}):\nthe replay wrote no update ratio of {tensor}: the ratio (round "
+                     "to nearest from AdamW's float32 sum)\nis defined for bf16 AdamW; replay.json says what was "
+                     "replayed", path, figsize=(9, 4.5), fontsize=10)
+            return
         _message(f"{experiment} trains with update rule {update_rule}:\nthe update ratio (round to nearest from "
                  "AdamW's float32 sum)\nis defined for the bf16 rule only; see replay.json", path, figsize=(9, 4.5),
                  fontsize=11)
@@ -207,12 +255,20 @@ def drivers(table: pd.DataFrame, summary: dict, experiment: str, path: str) -> N
     """
     answer = summary.get("drivers", {})
     groups = [group for group in GROUPS if group in set(table.get("group", []))]
+    question = summary.get("question_tensor", EMBEDDING)
+    skipped = (answer.get("not_applicable") or {}).get(question)
+    if answer.get("applies", False) and skipped is not None:  # a recorder's: it applies to other tensors
+        why = "\n".join(textwrap.wrap(skipped, 90))
+        _message(f"{experiment} ({rule_of(summary)}):\nthe freeze drivers do not apply to {question}:\n{why}\n"
+                 "(freeze_drivers.json has the tensors they apply to)", path, figsize=(9, 3), fontsize=9)
+        return
     if not answer.get("applies", False) or not groups:
         why = "\n".join(textwrap.wrap(answer.get("why", "no freeze_drivers rows"), 90))
         _message(f"{experiment} trains with update rule {rule_of(summary)}:\nthe freeze drivers do not apply:\n{why}",
                  path, figsize=(9, 3), fontsize=9)
         return
-    fig, axes = plt.subplots(2, len(groups), figsize=(5.2 * len(groups), 7.5), sharex=True, squeeze=False)
+    # a tensor of one group (all its rows) as wide as the title above it needs
+    fig, axes = plt.subplots(2, len(groups), figsize=(max(5.2 * len(groups), 10), 7.5), sharex=True, squeeze=False)
     for column, group in enumerate(groups):
         _driver_panels(axes[0, column], axes[1, column], table[table["group"] == group], group, answer[group])
     fig.suptitle(f"{experiment}: what drives the freeze (dotted: the peak; dashed: the onset, more than half frozen)")
@@ -238,6 +294,9 @@ def _driver_panels(top, bottom, rows: pd.DataFrame, group: str, result: dict) ->
         bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
         bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
         bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
+        if "log2_lr" in rows:  # a recorder's lr, step by step
+            bottom.plot(steps, -at(rows["log2_lr"].to_numpy()), lw=1, color=LR_DRIVER_COLOR[1],
+                        label="learning_rate (the fall of log2 lr)")
         for ax in (top, bottom):
             ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
     if result["onset_step"] is not None:
@@ -258,10 +317,17 @@ def drivers_html(answer: dict) -> list[str]:
         return []
     if not answer.get("applies", False):
         return [f"<p>Freeze drivers: not computed: {answer.get('why', '')}</p>"]
+    question = answer.get("question_tensor")
+    skipped = (answer.get("not_applicable") or {}).get(question)
+    if skipped is not None:  # a recorder's recording: they apply to other tensors, not to the question tensor
+        return [f"<p>Freeze drivers of {question}: not computed: {skipped} (freeze_drivers.json has the tensors "
+                "they apply to)</p>"]
     keys = ("onset_step", "peak_step", "drop_bits", "spacing_bits", "statistics_bits", "v_stall_bits", "driver",
             "claim_supported", "v_stall_bits_last")
-    rows = [{"group": group, **{key: answer[group][key] for key in keys}} for group in GROUPS
-            if group in answer]
+    rows = [{"group": group, **{key: answer[group][key] for key in keys},
+             **({"learning_rate_bits": answer[group]["learning_rate_bits"]}
+                if "learning_rate_bits" in answer[group] else {})}
+            for group in GROUPS if group in answer]
     return ["<p>What drives the freeze (the lab: \"it's really the variance term\"): from the peak of the mean "
             "log2(|u|/h) to the onset (more than half of the group frozen), its drop splits into the weights' "
             "coarser spacing, the gradient statistics as exact AdamW sees them, and bf16's stalled exp_avg_sq "
@@ -345,7 +411,10 @@ def summary_html(summary: dict) -> str:
                    for name, window in summary["windows"].items()
                    for group, stats in window.items() if isinstance(stats, dict)]
     rule = summary["verdict_rule"]
-    parts = [f"<p>The lab's question (dead tokens, global freeze): <b>{summary['verdict']}</b>. "
+    question = ("The lab's question (dead tokens, global freeze)" if summary.get("source") != RECORDER_SOURCE else
+                f"The question ({summary['question_tensor']}, {'dead tokens' if 'dead' in summary['cooling'] else 'all'}"
+                f", global freeze; {rule_of(summary)})")
+    parts = [f"<p>{question}: <b>{summary['verdict']}</b>. "
              f"{summary['steps']} steps; ΔW′ exact: {summary['delta_w_exact']}. Shares are fractions 0–1.</p>",
              _html_table(verdict_rows),
              "<p>Verdict rule: " + "; ".join(f"<i>{key}</i>: {rule[key]}" for key in VERDICTS)
@@ -419,15 +488,18 @@ def tensor_onsets(summary: dict, experiment: str, path: str) -> None:
         entry = tensors[name]
         onset, first = entry.get("onset_step"), entry.get("first_global_freeze_step")
         if onset is not None:
-            ax.scatter(onset, row, marker="o", s=36, color=DRIVER_COLORS.get(entry.get("driver"), "tab:gray"),
-                       zorder=3)
+            ax.scatter(onset, row, marker="o", s=36, color=dict([*DRIVER_COLORS.items(), LR_DRIVER_COLOR]).get(
+                entry.get("driver"), "tab:gray"), zorder=3)
         if first is not None:
             ax.scatter(first, row, marker="|", s=120, color="black", zorder=2)
         share = entry.get("frozen_element_share_last_window")
         ax.annotate(f"{entry.get('verdict')}; {share:.2f} unmoved at the end" if share is not None
                     else f"{entry.get('verdict')}", (1.01, row), xycoords=("axes fraction", "data"), va="center",
                     fontsize=7)
-    for driver, color in DRIVER_COLORS.items():
+    colors = dict(DRIVER_COLORS)
+    if any(entry.get("driver") == LR_DRIVER_COLOR[0] for entry in tensors.values()):
+        colors[LR_DRIVER_COLOR[0]] = LR_DRIVER_COLOR[1]
+    for driver, color in colors.items():
         ax.scatter([], [], marker="o", color=color, label=f"onset driven by {driver}")
     ax.scatter([], [], marker="o", color="tab:gray", label="onset with no drop to split (frozen from its peak)")
     ax.scatter([], [], marker="|", s=120, color="black", label="first globally frozen step")
@@ -466,13 +538,19 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
     out = {figure: str(Path(outdir) / f"{figure}.png") for figure in FIGURES}
     loss(frame, name, out["loss"])
     with h5py.File(token_steps, "r") as handle:
-        displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"])
+        displacement(handle["norm"][...], handle["dead_mask"][...], name, out["displacement"],
+                     handle.attrs.get("note"))
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
-    variance(question_rows(pd.read_csv(exp_avg_sq_csv), summary), name, out["variance"],
-             recorded_tensors(rule_of(summary))["variance_W"])
+    recorder = summary.get("source") == RECORDER_SOURCE
+    question = summary.get("question_tensor", EMBEDDING)
+    # a recorder's summary says the dtype of each tensor it recorded; the seed's rules say theirs
+    entry = summary["tensors"][question] if recorder else {}
+    stored = (entry.get("dtypes", {}).get("exp_avg_sq", entry.get("dtype")) if recorder
+              else recorded_tensors(rule_of(summary))["variance_W"])
+    variance(question_rows(pd.read_csv(exp_avg_sq_csv), summary), name, out["variance"], stored, rule_of(summary))
     update_ratio(question_rows(pd.read_csv(ratio_csv), summary), summary["windows"], name, out["update_ratio"],
-                 rule_of(summary))
+                 rule_of(summary), question if recorder else None)
     lattice_positions(question_rows(pd.read_csv(lattice_positions_csv), summary), name, out["lattice_positions"])
     drivers(question_rows(pd.read_csv(drivers_csv), summary) if drivers_csv else pd.DataFrame(), summary, name,
             out["drivers"])
