@@ -47,6 +47,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--optim", default="adamw_torch_fused",
+                        help="Trainer's optim: adamw_torch_fused (its default on the CPU) or adamw_torch (torch's "
+                             "AdamW, whose decay is its own rounding step)")
     args = parser.parse_args()
 
     tokens = np.load(f"{args.data}/tokens.npy")
@@ -60,7 +63,7 @@ def main() -> None:
         training = TrainingArguments(
             output_dir=scratch, max_steps=args.steps, per_device_train_batch_size=args.batch,
             learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=args.warmup, weight_decay=0.1,
-            max_grad_norm=1.0, use_cpu=True, report_to=[], save_strategy="no", seed=0,
+            max_grad_norm=1.0, optim=args.optim, use_cpu=True, report_to=[], save_strategy="no", seed=0,
             logging_steps=1, disable_tqdm=True)  # a log per step: the recorder takes each step's loss from it
         recorder = thimble.hf.RecorderCallback(args.run, tensors="*", token_groups={"dead": dead})
         Trainer(model=model, args=training, train_dataset=TokenWindows(tokens, args.seq_len),
