@@ -212,7 +212,7 @@ def test_steps_with_lr_0_and_a_tensor_never_stepped_are_frozen_exactly_there(ulp
     assert never["global_freeze_share"] == 1.0 and never["first_global_freeze_step"] == 1
     assert never["verdict"] == "stabilised" and never["dtype"] == "float32"
     assert summary["question_tensor"] == "w32" and summary["update_rule"].endswith("UlpStepper")
-    assert summary["source"] == "thimble.Recorder" and summary["tensors"]["w16"]["dtype"] == "float16"
+    assert summary["recorded_by"] == "thimble.Recorder" and summary["tensors"]["w16"]["dtype"] == "float16"
 
 
 def test_drivers_do_not_apply_to_an_optimizer_without_adams_update(ulp_outputs):

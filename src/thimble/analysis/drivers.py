@@ -929,11 +929,12 @@ def write_recorder_drivers(recording: str, attrs: dict, table_path: str, summary
     it; the table has the column ``log2_lr``."""
     import pandas as pd
 
-    from thimble.analysis.tensors import RECORDER_SOURCE, stored_lattice
+    from thimble.analysis.tensors import stored_lattice
+    from thimble.record.format import RECORDER as RECORDER_SOURCE
     from thimble.util.files import atomic_output, write_json
 
     optimizer = str(attrs.get("optimizer_class", "unknown optimizer"))
-    result = {"applies": False, "source": RECORDER_SOURCE, "update_rule": optimizer, "inputs_exact": True,
+    result = {"applies": False, "recorded_by": RECORDER_SOURCE, "update_rule": optimizer, "inputs_exact": True,
               "definition": RECORDER_DEFINITION, "question_tensor": None}
     every, skipped = {}, {}
     with atomic_output(table_path) as tmp, open(tmp, "w", newline="") as table:

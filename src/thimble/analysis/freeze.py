@@ -969,14 +969,13 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     A recording made by ``thimble.Recorder`` is read as the seed's is: its tensor with token groups
     (``token_groups_param``) in the embedding's place, each tensor in its own lattice, exp_avg_sq.csv's bias
     corrections from its per-step settings (a tensor whose optimizer keeps no exp_avg_sq has no rows there). Its
-    summary's ``update_rule`` is the optimizer's class, and it says ``source`` and each tensor's ``dtype`` (of its
+    summary's ``update_rule`` is the optimizer's class, and it says ``recorded_by`` and each tensor's ``dtype`` (of its
     values) and ``dtypes`` (of each recorded tensor: value, grad, the optimizer's state).
 
     ΔW′ comes from ``delta_path`` (the lattice stage's file: its frames' checksums verified, and whether
     ΔW′ is exact, false for float16 storage); without it, the tables compute ΔW′ from the values.
     """
     from thimble.analysis.tensors import (
-        RECORDER_SOURCE,
         has_token_groups,
         is_recorder_recording,
         row_groups,
@@ -986,6 +985,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     from thimble.config import settings_hash
     from thimble.data.tokenizer import token_texts
     from thimble.provenance import computed_from, stage_provenance
+    from thimble.record.format import RECORDER
     from thimble.util.files import write_json
 
     analysis = settings["analysis"]
@@ -1047,7 +1047,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     provenance = stage_provenance(recording, recorded.attrs, settings_hash(settings), write_tables(stacked, outputs))
     summary = {**top, "question_tensor": question, "tensors": entries, "provenance": provenance}
     if recorder:
-        summary["source"] = RECORDER_SOURCE
+        summary["recorded_by"] = RECORDER
     if drivers is not None:
         summary["drivers"] = drivers
     write_json(outputs["summary"], summary, indent=2)

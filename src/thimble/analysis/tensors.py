@@ -20,8 +20,7 @@ import numpy as np
 
 from thimble.errors import DataError
 from thimble.numerics.lattice import BF16_LATTICE, Lattice, lattice_named
-from thimble.record.format import RecordedParam, RecordLayout
-from thimble.record.recorder import SOURCE as RECORDER_SOURCE
+from thimble.record.format import RecordedParam, RecordLayout, made_by_recorder
 from thimble.sizes import EMBEDDING
 
 #: the group every tensor has: all its rows
@@ -38,7 +37,7 @@ def row_shape(shape: tuple[int, ...]) -> tuple[int, int]:
 def is_recorder_recording(attrs) -> bool:
     """Whether a recording's attributes are those of a loop recorded by ``thimble.Recorder`` (no seed
     attributes; its hyperparameters per step in the ``hyperparameters`` table)."""
-    return str(attrs.get("source", "")) == RECORDER_SOURCE
+    return made_by_recorder(attrs)
 
 
 def token_groups_param(attrs) -> str | None:

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from thimble.analysis.freeze import GROUPS, MEASURES, PHASES, VERDICTS, WINDOW_SHARES  # noqa: E402
-from thimble.analysis.tensors import RECORDER_SOURCE  # noqa: E402
+from thimble.record.format import RECORDER as RECORDER_SOURCE  # noqa: E402
 from thimble.sizes import EMBEDDING  # noqa: E402
 from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 from thimble.util.files import atomic_output, write_text  # noqa: E402
@@ -411,7 +411,7 @@ def summary_html(summary: dict) -> str:
                    for name, window in summary["windows"].items()
                    for group, stats in window.items() if isinstance(stats, dict)]
     rule = summary["verdict_rule"]
-    question = ("The lab's question (dead tokens, global freeze)" if summary.get("source") != RECORDER_SOURCE else
+    question = ("The lab's question (dead tokens, global freeze)" if summary.get("recorded_by") != RECORDER_SOURCE else
                 f"The question ({summary['question_tensor']}, {'dead tokens' if 'dead' in summary['cooling'] else 'all'}"
                 f", global freeze; {rule_of(summary)})")
     parts = [f"<p>{question}: <b>{summary['verdict']}</b>. "
@@ -542,7 +542,7 @@ def experiment_figures(freeze_csv: str, summary_json: str, token_steps: str, exp
                      handle.attrs.get("note"))
     phases(frame, summary["thresholds"], name, out["phases"])
     global_freeze(frame, summary, name, out["global_freeze"])
-    recorder = summary.get("source") == RECORDER_SOURCE
+    recorder = summary.get("recorded_by") == RECORDER_SOURCE
     question = summary.get("question_tensor", EMBEDDING)
     # a recorder's summary says the dtype of each tensor it recorded; the seed's rules say theirs
     entry = summary["tensors"][question] if recorder else {}
