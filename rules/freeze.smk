@@ -28,6 +28,15 @@ rule freeze_drivers:
 FREEZE_RULE_OUTPUT = {"variance": "exp_avg_sq"}
 
 
+def freeze_command(tokenizer):
+    """The freeze rule's command, with the dataset's tokenizer (token_freeze.csv's token_text column) or, for an
+    experiment whose source is a recording, without (it has no dataset: the column stays empty)."""
+    return ("thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
+            + (" --tokenizer {input.tokenizer} " if tokenizer else " ")
+            + " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}" for key in FREEZE_OUTPUTS)
+            + " --drivers {input.drivers} 2> {log}")
+
+
 rule freeze:
     input:
         delta="results/{experiment}/delta_w_lattice.h5",
@@ -43,15 +52,40 @@ rule freeze:
         "../workflow/envs/thimble.yaml"
     params:
         settings=stage_settings_of("freeze"),
+    wildcard_constraints:
+        experiment=recording_pattern(outside=False),
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
         runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
-        "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
-        " --tokenizer {input.tokenizer} "
-        + " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}" for key in FREEZE_OUTPUTS)
-        + " --drivers {input.drivers} 2> {log}"
+        freeze_command(tokenizer=True)
+
+
+# An experiment whose source is a recording has no dataset, so no tokenizer: token_freeze.csv's token_text column
+# stays empty (tokens are named by their row). The rule otherwise is freeze's (a rule's command cannot be
+# changed by `use rule`).
+rule freeze_recording:
+    input:
+        delta="results/{experiment}/delta_w_lattice.h5",
+        recording="results/{experiment}/recording.h5",
+        drivers="results/{experiment}/freeze_drivers.json",
+    output:
+        **{FREEZE_RULE_OUTPUT.get(key, key): freeze_output(key, file) for key, file in FREEZE_OUTPUTS.items()},
+    log:
+        "logs/{experiment}/freeze.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
+    params:
+        settings=stage_settings_of("freeze"),
+    wildcard_constraints:
+        experiment=recording_pattern(),
+    threads: 2
+    resources:
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
+        runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
+    shell:
+        freeze_command(tokenizer=False)
 
 
 rule figures:

@@ -108,3 +108,37 @@ def float16_effect_inputs(wildcards):
         for table in (SUMMARY, *COMPARED_TABLES):
             inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
     return inputs
+
+
+def recording_inputs(wildcards):
+    """An outside recording's files, rechunk_recording's inputs: its stream.h5, recorder.json and every segment.
+    A new recording in place has new files: Snakemake reruns rechunk and the stages after it on their times (on
+    their content, for files under 1 MB; the segments hold the bits, so two recordings whose stream.h5 happen to
+    be byte for byte alike still differ). A recording not finished or missing: none, and the job's resource
+    ``recording`` stops the run naming the file and the fix (rules/checks.smk; an error here would be taken
+    for "this rule cannot make the file")."""
+    from thimble.plan.recording import read_folder
+
+    folder = read_folder(outside_recording(wildcards))
+    if not folder.finished:
+        return {}
+    inputs = {"stream": str(folder.stream_file), "segments": [str(path) for _, _, path in folder.segments]}
+    if folder.run_file.is_file():
+        inputs["run"] = str(folder.run_file)
+    return inputs
+
+
+def recording_stream(wildcards):
+    """The stream folder of the recording an experiment analyses, for `thimble rechunk --stream`."""
+    from thimble.outputs import STREAM_DIR
+
+    return str(outside_recording(wildcards) / STREAM_DIR)
+
+
+def recording_expects(wildcards, threads):
+    """What the config's source expects of the recording (``source.tensors``, ``source.experiment``), as JSON for
+    `thimble rechunk --source-expects`: not in the rechunk settings (thimble.config.UNTRACKED_SETTINGS), since
+    no bit of recording.h5 depends on it, so an edit of it reruns nothing. (Snakemake's rerun trigger skips a
+    param whose function reads the job's threads, which is why this one names them.)"""
+    source = CFG["experiments"][wildcards.experiment]["source"]
+    return json.dumps({key: source[key] for key in ("tensors", "experiment")}, sort_keys=True)
