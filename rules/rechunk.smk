@@ -45,6 +45,7 @@ rule rechunk_recording:
         settings=stage_settings_of("rechunk"),
         stream=recording_stream,
         expects=recording_expects,
+        recording_files=recording_files,
     wildcard_constraints:
         experiment=recording_pattern(),
     threads: 2

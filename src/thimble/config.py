@@ -412,6 +412,8 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
         if "source" in raw:
             exp = {section: deep_merge(defaults.get(section, {}), raw.get(section, {}))
                    for section in RECORDING_SECTIONS}
+            # the recording's stream is the loop's: never deleted, so keep_stream does not apply
+            exp["rechunk"].pop("keep_stream", None)
             exp.update(name=name, description=raw.get("description", ""),
                        source={"recording": raw["source"]["recording"], "tensors": raw["source"].get("tensors"),
                                "experiment": raw["source"].get("experiment")})

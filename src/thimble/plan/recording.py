@@ -80,9 +80,9 @@ def read_folder(path: Path) -> RecordingFolder:
     return RecordingFolder(path, stream, tuple(sorted(segments)), (stream / STREAM_FILE).is_file(), run)
 
 
-def shown_path(path: Path) -> str:
+def shown_path(path: Path, workdir: Path) -> str:
     """A recording's path for a message: relative ones with the directory they are taken from."""
-    return str(path) if path.is_absolute() else f"{path} (in {Path.cwd()})"
+    return str(path) if path.is_absolute() else f"{path} (in {Path(workdir).resolve()})"
 
 
 def folder_problem(experiment: dict, workdir: Path = Path(".")) -> str | None:
@@ -94,7 +94,7 @@ def folder_problem(experiment: dict, workdir: Path = Path(".")) -> str | None:
     source = recording_source(experiment)
     path = recording_path(experiment, workdir)
     folder = read_folder(path)
-    shown = shown_path(Path(source["recording"]).expanduser())
+    shown = shown_path(Path(source["recording"]).expanduser(), workdir)
     if not path.exists():
         return (f"config key {key}.source.recording: {shown} does not exist; record into it with "
                 f"thimble.Recorder({source['recording']!r}, model, optimizer), or point source.recording at the "
@@ -108,8 +108,8 @@ def folder_problem(experiment: dict, workdir: Path = Path(".")) -> str | None:
             return (f"{folder.stream} holds a partial recording: segments of steps {folder.segments[0][0]}.."
                     f"{folder.last_step} but no {STREAM_FILE} (the loop recording it is still running, or it "
                     f"stopped before closing its recorder). If it stopped, make it readable with "
-                    f"thimble.record.recorder.close_partial({str(path)!r}) (it keeps the complete segments, steps "
-                    f"0..{folder.last_step}), or record again")
+                    f"thimble.record.recorder.close_partial({str(path.resolve())!r}) (it keeps the complete "
+                    f"segments, steps 0..{folder.last_step}), or record again")
         return (f"{folder.stream} holds no recording (neither {STREAM_FILE} nor a segment): record again, or point "
                 f"config key {key}.source.recording at the folder a Recorder wrote")
     if folder.run is None:
