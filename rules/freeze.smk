@@ -28,13 +28,9 @@ rule freeze_drivers:
 FREEZE_RULE_OUTPUT = {"variance": "exp_avg_sq"}
 
 
-def freeze_command(tokenizer):
-    """The freeze rule's command, with the dataset's tokenizer (token_freeze.csv's token_text column) or, for an
-    experiment whose source is a recording, without (it has no dataset: the column stays empty)."""
-    return ("thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
-            + (" --tokenizer {input.tokenizer} " if tokenizer else " ")
-            + " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}" for key in FREEZE_OUTPUTS)
-            + " --drivers {input.drivers} 2> {log}")
+# the command's options naming the freeze rule's outputs
+FREEZE_OUTPUT_OPTIONS = " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}"
+                                 for key in FREEZE_OUTPUTS)
 
 
 rule freeze:
@@ -59,7 +55,10 @@ rule freeze:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
         runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
-        freeze_command(tokenizer=True)
+        "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
+        " --tokenizer {input.tokenizer} "
+        + FREEZE_OUTPUT_OPTIONS
+        + " --drivers {input.drivers} 2> {log}"
 
 
 # An experiment whose source is a recording has no dataset, so no tokenizer: token_freeze.csv's token_text column
@@ -85,7 +84,9 @@ rule freeze_recording:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
         runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
     shell:
-        freeze_command(tokenizer=False)
+        "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording} "
+        + FREEZE_OUTPUT_OPTIONS
+        + " --drivers {input.drivers} 2> {log}"
 
 
 rule figures:

@@ -42,7 +42,10 @@ from thimble.util.files import sha256_file
 
 #: the recording attributes that determine its bits (thimble.training.train writes them; the stages copy them on)
 IDENTITY_ATTRS = ("config_hash", "resume_key", "update_rule", "storage_dtype", "device", "cpu_capability",
-                  "torch_version", "source_tensors_sha256")
+                  "torch_version")
+#: what else determines the bits of a recording made by a loop of the user's (thimble.Recorder), which has no
+#: training settings: its tensors' sha256, written by rechunk
+RECORDER_IDENTITY_ATTRS = ("source_tensors_sha256",)
 #: attributes quoted in messages, so that a user sees which training a table came from
 SHOWN_ATTRS = ("seed", "num_steps", "learning_rate", "update_rule", "cpu_capability")
 #: the stage whose JSON summary carries the provenance of its tables
@@ -70,8 +73,8 @@ def plain(value):
 
 
 def recording_identity(attrs) -> str:
-    """The sha256 of a recording's bit-determining attributes (``IDENTITY_ATTRS``)."""
-    chosen = {name: plain(attrs[name]) for name in IDENTITY_ATTRS if name in attrs}
+    """The sha256 of a recording's bit-determining attributes (``IDENTITY_ATTRS``, ``RECORDER_IDENTITY_ATTRS``)."""
+    chosen = {name: plain(attrs[name]) for name in IDENTITY_ATTRS + RECORDER_IDENTITY_ATTRS if name in attrs}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
 
