@@ -134,6 +134,21 @@ def test_an_experiment_names_a_dataset_or_a_recording():
         resolve_config(recording_config({"recording": "runs/my_run", "steps": 3}))
 
 
+def test_what_the_dag_reads_of_a_recording_is_what_its_stream_holds(recording):
+    """The sizes the rules read from recorder.json and the segments' names (no HDF5) equal those of stream.h5, for
+    a recording named by an absolute path."""
+    from thimble.plan.recording import folder_problem, recorded_run, recorded_run_of_stream
+
+    experiment = resolve_config(recording_config({"recording": str(recording)}))["experiments"][EXPERIMENT]
+    assert folder_problem(experiment, Path("/nonexistent")) is None  # an absolute path is taken as it is
+    from_json = recorded_run(experiment)
+    from_stream, attrs = recorded_run_of_stream(experiment)
+    assert from_json == from_stream and from_json.steps == 40 and list(from_json.params) == PARAMS
+    assert from_json.params["0.weight"] == ((50, 8), {"value": "bfloat16", "grad": "bfloat16",
+                                                       "exp_avg": "bfloat16", "exp_avg_sq": "bfloat16"})
+    assert attrs["experiment"] == RECORDED_AS and attrs["source"] == "thimble.Recorder"
+
+
 # -- the DAG ---------------------------------------------------------------------------------------------------
 
 def test_the_dry_run_plans_the_stages_after_training_and_nothing_heavy(workdir, recording, tmp_path, monkeypatch):
