@@ -27,10 +27,9 @@ NOT_FOR_RECORDINGS = {"fetch_sdist", "corpus", "tokenizer", "encode", "masks", "
 PARAMS = ["0.weight", "1.weight", "1.bias", "2.weight", "2.bias"]
 
 
-def record_loop(path: Path, steps: int = 40, seed: int = 0, close: bool = True) -> Path:
+def record_loop(path: Path, steps: int = 40, seed: int = 0) -> Path:
     """A plain torch loop recorded by thimble.Recorder: an embedding, a LayerNorm and a linear head in bf16,
-    AdamW with weight decay. ``close`` false: the loop is killed (the recorder is not closed), leaving a partial
-    recording."""
+    AdamW with weight decay."""
     import torch
 
     import thimble
@@ -40,17 +39,13 @@ def record_loop(path: Path, steps: int = 40, seed: int = 0, close: bool = True) 
     model = model.to(torch.bfloat16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     tokens = torch.randint(0, 50, (16,))
-    recorder = thimble.Recorder(path, model, optimizer, tensors="*", name=RECORDED_AS, segment_steps=8)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(model(tokens).float(), tokens)
-        loss.backward()
-        optimizer.step()
-        recorder.log(loss=loss)
-        optimizer.zero_grad()
-    if close:
-        recorder.close()
-    else:
-        recorder.abort()
+    with thimble.Recorder(path, model, optimizer, tensors="*", name=RECORDED_AS, segment_steps=8) as recorder:
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(tokens).float(), tokens)
+            loss.backward()
+            optimizer.step()
+            recorder.log(loss=loss)
+            optimizer.zero_grad()
     return path
 
 
@@ -208,16 +203,19 @@ def test_a_recording_that_is_not_what_the_config_says_stops_the_dry_run(workdir,
         assert f"thimble.record.recorder.close_partial('{workdir / 'runs/my_run'}')" in output
 
 
-def test_a_killed_loop_is_named_partial_until_close_partial_makes_it_readable(workdir, tmp_path):
+def test_a_partial_recording_is_analysed_once_close_partial_made_it_readable(workdir, recording):
     from thimble.record.recorder import close_partial
 
-    killed = record_loop(tmp_path / "killed" / "my_run", steps=20, close=False)
-    place(workdir, killed)
+    source = place(workdir, recording)
+    (source / STREAM_DIR / STREAM_FILE).unlink()  # as a loop killed before its recorder closed leaves it
+    (source / STREAM_DIR / "segment_000040-000040.h5").unlink()
     result = run_snakemake(workdir, "-n", f"results/{EXPERIMENT}/recording.h5", check=False)
     assert result.returncode != 0
-    assert "holds a partial recording: segments of steps 0..15" in result.stdout + result.stderr
-    close_partial(workdir / "runs/my_run")
+    assert "holds a partial recording: segments of steps 0..39" in result.stdout + result.stderr
+    close_partial(source)
     assert "rule rechunk_recording:" in run_snakemake(workdir, "-n", f"results/{EXPERIMENT}/recording.h5").stdout
+    with h5py.File(source / STREAM_DIR / STREAM_FILE, "r") as stream:
+        assert stream.attrs["interrupted"] and stream["losses"].shape == (40,)
 
 
 @pytest.mark.parametrize("source, message", [
