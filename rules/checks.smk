@@ -1,5 +1,6 @@
 # Checks that stop a run before a job starts, each naming the config key or file and the fix. Planning
-# (building the DAG, -n, --lint) imports neither torch nor h5py and reads no recorded file: the stream is
+# (building the DAG, -n, --lint) imports neither torch nor h5py and decodes no recorded file (of an outside
+# recording it reads the recorder's JSON and the segments' names): the stream is
 # verified by the rechunk job itself, and training.device is asked of torch (in a subprocess) only right
 # before a train job really runs here (docs/architecture.md). CFG, the validated config, is the Snakefile's
 # global.
@@ -97,6 +98,18 @@ def batch_fits(wildcards):
     experiment = CFG["experiments"][wildcards.experiment]
     stop_on(batch_on_disk_problem(experiment, CFG["datasets"][experiment["dataset"]]))
     return "fits"
+
+
+def recording_matches(wildcards):
+    """A rechunk_recording job's resource ``recording``: the recording the experiment analyses is there, finished
+    (a stream.h5 over its segments), thimble.Recorder's, with no segment missing, and holds what the config's
+    source expects (the parameters of source.tensors, the name of source.experiment) and the steps of its analysis
+    windows: read from its recorder.json and the segments' names, no HDF5 file opened
+    (thimble.plan.recording.folder_problem). The job checks the stream.h5 again as it reads it."""
+    from thimble.plan.recording import folder_problem
+
+    stop_on(folder_problem(CFG["experiments"][wildcards.experiment]))
+    return "found"
 
 
 def resume_state_free(wildcards):

@@ -28,6 +28,11 @@ rule freeze_drivers:
 FREEZE_RULE_OUTPUT = {"variance": "exp_avg_sq"}
 
 
+# the command's options naming the freeze rule's outputs
+FREEZE_OUTPUT_OPTIONS = " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}"
+                                 for key in FREEZE_OUTPUTS)
+
+
 rule freeze:
     input:
         delta="results/{experiment}/delta_w_lattice.h5",
@@ -43,6 +48,8 @@ rule freeze:
         "../workflow/envs/thimble.yaml"
     params:
         settings=stage_settings_of("freeze"),
+    wildcard_constraints:
+        experiment=recording_pattern(outside=False),
     threads: 2
     resources:
         mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
@@ -50,7 +57,35 @@ rule freeze:
     shell:
         "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording}"
         " --tokenizer {input.tokenizer} "
-        + " ".join(f"--{key.replace('_', '-')} {{output.{FREEZE_RULE_OUTPUT.get(key, key)}}}" for key in FREEZE_OUTPUTS)
+        + FREEZE_OUTPUT_OPTIONS
+        + " --drivers {input.drivers} 2> {log}"
+
+
+# An experiment whose source is a recording has no dataset, so no tokenizer: token_freeze.csv's token_text column
+# stays empty (tokens are named by their row). The rule otherwise is freeze's (a rule's command cannot be
+# changed by `use rule`).
+rule freeze_recording:
+    input:
+        delta="results/{experiment}/delta_w_lattice.h5",
+        recording="results/{experiment}/recording.h5",
+        drivers="results/{experiment}/freeze_drivers.json",
+    output:
+        **{FREEZE_RULE_OUTPUT.get(key, key): freeze_output(key, file) for key, file in FREEZE_OUTPUTS.items()},
+    log:
+        "logs/{experiment}/freeze.log",
+    conda:
+        "../workflow/envs/thimble.yaml"
+    params:
+        settings=stage_settings_of("freeze"),
+    wildcard_constraints:
+        experiment=recording_pattern(),
+    threads: 2
+    resources:
+        mem_mb=lambda w, attempt: stage_mem_mb(w.experiment, "freeze", attempt),
+        runtime=lambda w: stage_runtime_min(w.experiment, "freeze"),
+    shell:
+        "thimble freeze --threads {threads} --settings {params.settings:q} --delta {input.delta} --recording {input.recording} "
+        + FREEZE_OUTPUT_OPTIONS
         + " --drivers {input.drivers} 2> {log}"
 
 

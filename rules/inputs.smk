@@ -108,3 +108,50 @@ def float16_effect_inputs(wildcards):
         for table in (SUMMARY, *COMPARED_TABLES):
             inputs[f"{side}_{table.replace('.', '_')}"] = f"results/{name}/{table}"
     return inputs
+
+
+def recording_inputs(wildcards):
+    """An outside recording's stream.h5 and recorder.json, rechunk_recording's inputs (its segments, whose bits
+    stream.h5 does not hold, are compared through the param ``recording_files``). A recording not finished or
+    missing: none, and the job's resource ``recording`` stops the run naming the file and the fix
+    (rules/checks.smk; an error here would be taken for "this rule cannot make the file")."""
+    from thimble.plan.recording import read_folder
+
+    folder = read_folder(outside_recording(wildcards))
+    if not folder.finished:
+        return {}
+    inputs = {"stream": str(folder.stream_file)}
+    if folder.run_file.is_file():
+        inputs["run"] = str(folder.run_file)
+    return inputs
+
+
+def recording_files(wildcards):
+    """Each file of an outside recording's stream folder (stream.h5, recorder.json, the segments) with its size and
+    modification time, as a param of rechunk_recording: a new recording in place differs in them, so Snakemake
+    reruns rechunk and the stages after it, even where its stream.h5 is older than recording.h5 (moved into place)
+    or byte for byte alike (a loop that logs no loss writes the same tables), which the inputs' times and
+    checksums miss. As for the experiment's own files, a copy that keeps no times reruns rechunk. Stat calls
+    only, no file read."""
+    from thimble.plan.recording import read_folder
+
+    folder = read_folder(outside_recording(wildcards))
+    paths = [folder.stream_file, folder.run_file, *(path for _, _, path in folder.segments)]
+    return json.dumps([[path.name, stat.st_size, stat.st_mtime_ns] for path in paths if path.is_file()
+                       for stat in (path.stat(),)])
+
+
+def recording_stream(wildcards):
+    """The stream folder of the recording an experiment analyses, for `thimble rechunk --stream`."""
+    from thimble.outputs import STREAM_DIR
+
+    return str(outside_recording(wildcards) / STREAM_DIR)
+
+
+def recording_expects(wildcards, threads):
+    """What the config's source expects of the recording (``source.tensors``, ``source.experiment``), as JSON for
+    `thimble rechunk --source-expects`: not in the rechunk settings (thimble.config.UNTRACKED_SETTINGS), since
+    no bit of recording.h5 depends on it, so an edit of it reruns nothing. (Snakemake's rerun trigger skips a
+    param whose function reads the job's threads, which is why this one names them.)"""
+    source = CFG["experiments"][wildcards.experiment]["source"]
+    return json.dumps({key: source[key] for key in ("tensors", "experiment")}, sort_keys=True)

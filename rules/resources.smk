@@ -24,12 +24,40 @@ def train_threads(wildcards):
     return CFG["cluster"]["gpu_train_threads"] if train_gpus(wildcards.experiment) else 2
 
 
+def sized(experiment):
+    """What the cost model sizes an experiment's stages after training by: its settings, or for one whose source is
+    a recording, the recording's sizes (``outside_run``)."""
+    from thimble.config import recording_source
+
+    settings = CFG["experiments"][experiment]
+    return settings if recording_source(settings) is None else outside_run(experiment)
+
+
+@functools.cache
+def outside_run(experiment):
+    """The sizes of the recording an experiment analyses, from its recorder.json and its segments' names (no HDF5
+    file opened), once per Snakemake process; a recording the config does not describe stops the run first,
+    naming the file and the fix (the check of rules/checks.smk)."""
+    from thimble.plan.recording import folder_problem, recorded_run
+
+    stop_on(folder_problem(CFG["experiments"][experiment]))
+    return recorded_run(CFG["experiments"][experiment])
+
+
 @functools.cache
 def calibration_of(experiment):
     """The probe that `thimble plan` cached for the experiment, or the nearest shipped or cached one (read
-    once per Snakemake process: every job's resources ask for it)."""
-    from thimble.plan import any_calibration
+    once per Snakemake process: every job's resources ask for it). An outside recording has no model to probe:
+    the probe nearest in values recorded a step sizes its stages."""
+    from thimble.config import recording_source
+    from thimble.plan import any_calibration, nearest_calibration
 
+    if recording_source(CFG["experiments"][experiment]) is not None:
+        calibration = nearest_calibration(outside_run(experiment).elements(), Path("."))
+        if calibration is None:
+            raise WorkflowError(f"no calibration to size the jobs of {experiment}: restore workflow/calibration/ from "
+                                "the repository, or run `thimble plan` on an experiment that trains")
+        return calibration
     calibration = any_calibration(CFG["experiments"][experiment], Path("."))
     if calibration is None:
         raise WorkflowError(f"no calibration to size the jobs of {experiment}: run `thimble plan "
@@ -42,7 +70,7 @@ def stage_mem_mb(experiment, stage, attempt=1):
     with half again as margin, times the attempt."""
     from thimble.plan import job_mem_mb, peak_ram_bytes
 
-    peak = peak_ram_bytes(CFG["experiments"][experiment], calibration_of(experiment).record, stages=(stage,))
+    peak = peak_ram_bytes(sized(experiment), calibration_of(experiment).record, stages=(stage,))
     return job_mem_mb(peak[stage], attempt)
 
 
@@ -69,8 +97,9 @@ def warn_foreign_probe(experiment, note):
 def stage_runtime_min(experiment, stage):
     """Minutes to ask a scheduler for a stage after training: the time `thimble plan` predicts for it (fitted
     to the probe's two lengths, scaled to the experiment's steps and recorded values), doubled."""
-    from thimble.plan import job_runtime_min, stage_seconds
+    from thimble.plan import RecordedRun, job_runtime_min, stage_seconds
 
-    settings = CFG["experiments"][experiment]
-    timed = stage_seconds(calibration_of(experiment).record, settings["training"]["steps"], settings)
+    settings = sized(experiment)
+    steps = settings.steps if isinstance(settings, RecordedRun) else settings["training"]["steps"]
+    timed = stage_seconds(calibration_of(experiment).record, steps, settings)
     return job_runtime_min(timed[stage]["seconds"])

@@ -221,9 +221,14 @@ def _log_peak_ram(settings: dict, tokens_path: str) -> None:
 def _rechunk(args) -> None:
     from thimble.record.rechunk import rechunk_stream
 
-    rechunk = _settings(args.settings)["rechunk"]
+    settings = _settings(args.settings)
+    rechunk = settings["rechunk"]
+    # an experiment whose source is a recording: what its config expects of the recording comes beside the
+    # settings (an edit of it changes no bit of recording.h5)
+    outside = None if "source" not in settings else {
+        "name": settings["name"], "source": {**settings["source"], **_settings(args.source_expects or "{}")}}
     rechunk_stream(args.stream, args.output, rechunk["steps_per_chunk"], rechunk["max_chunk_bytes"],
-                   level=rechunk["compression_level"], threads=args.threads)
+                   level=rechunk["compression_level"], threads=args.threads, outside=outside)
 
 
 def _verify_stream(args) -> None:
@@ -252,6 +257,8 @@ def add_recording_commands(sub) -> None:
     p.add_argument("--stream", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--source-expects", help="for a recording's experiment: what its config's source expects of the "
+                                            'recording (JSON {"tensors": [...], "experiment": ...})')
     p.set_defaults(func=_rechunk)
 
     p = sub.add_parser("verify-stream", help="decode every chunk of a recorded stream against its checksum")

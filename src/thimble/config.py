@@ -6,12 +6,17 @@ against it, then the cross-key rules a schema cannot express, and returns
 every experiment with its settings fully merged:
 schema defaults <- ``defaults`` <- the experiment's own keys.
 
+An experiment either trains (it names a ``dataset``) or analyses a recording that a loop of the user's made
+with ``thimble.Recorder`` (``source: {recording: <path>}``): that one has no dataset, model, training or record
+settings, only what the stages after training read (``RECORDING_SECTIONS``).
+
 Every problem becomes one ``ConfigError`` line that names the offending key.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import hashlib
 import json
 import math
@@ -128,7 +133,19 @@ def schema_defaults(schema: dict) -> dict:
 
 
 #: an experiment's own keys beside its settings sections: none of them is a default to override
-EXPERIMENT_KEYS = ("dataset", "description", "float16_view")
+EXPERIMENT_KEYS = ("dataset", "description", "float16_view", "source")
+#: the settings sections of an experiment whose source is a recording: what the stages after training read
+RECORDING_SECTIONS = ("rechunk", "analysis")
+#: keys an experiment whose source is a recording cannot have, each with why (the message's end)
+NOT_FOR_RECORDINGS = {
+    "dataset": "its data went through the loop that made the recording; drop dataset",
+    "model": "its model is the one the recording holds (the parameters' names and shapes are the recording's; "
+             "source.tensors states which it must hold); drop model",
+    "training": "it trains nothing: the optimizer's settings at every step are the recording's own (its "
+                "hyperparameters table); drop training",
+    "record": "what is recorded was chosen in the loop (thimble.Recorder(..., tensors=...)); drop record",
+    "float16_view": "it applies to float16 storage of a training; drop float16_view",
+}
 
 
 def experiment_default(schema: dict, key: str):
@@ -166,6 +183,9 @@ STAGE_SETTINGS = {
 #: reruns nothing and keeps a resumable run; the rule hands them to the job beside the settings
 UNTRACKED_SETTINGS = {
     "train": (("training", "determinism_check_steps"),),
+    # what the config expects a recording to hold: checked whenever rechunk reads the recording (at -n too),
+    # and no bit of recording.h5 depends on it
+    "rechunk": (("source", "tensors"), ("source", "experiment")),
 }
 
 
@@ -178,7 +198,15 @@ def without_untracked(settings: dict, stage: str) -> dict:
 
 
 def stage_settings(experiment: dict, stage: str) -> dict:
-    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``), less its ``UNTRACKED_SETTINGS``."""
+    """The part of a resolved experiment that ``stage`` reads (``STAGE_SETTINGS``), less its ``UNTRACKED_SETTINGS``.
+
+    The rechunk of a recording also reads the experiment's name (recording.h5's attribute ``experiment``) and
+    its source (the recording's path, written beside it); an experiment whose source is a recording has no
+    train stage."""
+    source = recording_source(experiment)
+    if stage == "train" and source is not None:
+        raise ConfigError(f"experiment {experiment['name']} analyses the recording {source['recording']}: it has no "
+                          "train stage")
     selected: dict = {}
     for key in STAGE_SETTINGS[stage]:
         if isinstance(key, tuple):
@@ -186,7 +214,43 @@ def stage_settings(experiment: dict, stage: str) -> dict:
             selected.setdefault(section, {})[name] = copy.deepcopy(experiment[section][name])
         else:
             selected[key] = copy.deepcopy(experiment[key])
+    if stage == "rechunk" and source is not None:
+        selected.update(name=experiment["name"], source=copy.deepcopy(source))
     return without_untracked(selected, stage)
+
+
+def recording_source(experiment: dict) -> dict | None:
+    """The resolved ``source`` of an experiment that analyses a recording (``recording``: its path as the config
+    gives it, relative to the working directory or absolute; ``tensors`` and ``experiment``: what it must hold,
+    or None), or None for an experiment that trains."""
+    return experiment.get("source")
+
+
+def recording_path(experiment: dict, workdir: str | Path = ".") -> Path:
+    """The recording an experiment analyses (the folder ``thimble.Recorder`` was given; its stream is under
+    ``stream/``), relative paths taken from ``workdir``, the workflow's working directory."""
+    return Path(workdir) / Path(recording_source(experiment)["recording"]).expanduser()
+
+
+def recording_mismatch(key: str, source: dict, where: str, param_names: list[str],
+                       recorded_experiment: str | None) -> str | None:
+    """Why a recording does not hold what the config expects of it (``source.tensors``: names or shell-style
+    patterns each matching a recorded parameter; ``source.experiment``: the name it was recorded under), or
+    None. ``key``: the experiment's config key; ``where``: the file the recording's names were read from."""
+    expected = source.get("experiment")
+    if expected is not None and recorded_experiment != expected:
+        return (f"{where} was recorded as experiment {recorded_experiment!r}, but config key {key}.source.experiment "
+                f"expects {expected!r}: it is another run's recording; point {key}.source.recording at the run's "
+                "recording, or correct source.experiment")
+    unmatched = [pattern for pattern in source.get("tensors") or ()
+                 if not fnmatch.filter(param_names, pattern)]
+    if unmatched:
+        shown = ", ".join(param_names[:8]) + (", ..." if len(param_names) > 8 else "")
+        return (f"{where} records {len(param_names)} parameters ({shown}), and none is named "
+                f"{' or '.join(map(repr, unmatched))}, which config key {key}.source.tensors expects: it is a "
+                "recording of another model, or of other tensors; point source.recording at the recording of "
+                "this model, or correct source.tensors")
+    return None
 
 
 def trajectory_settings(settings: dict) -> dict:
@@ -217,11 +281,12 @@ def training_twin(experiments: dict, name: str) -> str | None:
     cheap: the Snakefile calls it while building the DAG.
     """
     experiment = experiments[name]
-    if experiment["record"]["dtype"] != "float16" or not experiment.get("float16_view", True):
+    if recording_source(experiment) is not None or experiment["record"]["dtype"] != "float16" \
+            or not experiment.get("float16_view", True):
         return None
     trajectory = _training_without_storage(experiment)
     for other, candidate in experiments.items():
-        if other != name and candidate["record"]["dtype"] == "bfloat16" \
+        if other != name and recording_source(candidate) is None and candidate["record"]["dtype"] == "bfloat16" \
                 and _training_without_storage(candidate) == trajectory:
             return other
     return None
@@ -277,22 +342,62 @@ def _check_experiment(name: str, exp: dict, datasets: dict) -> list[str]:
             problems.append(f"config key {key}.rechunk.steps_per_chunk: {rows} steps x {step_bytes} bytes "
                             f"= {rows * step_bytes} bytes per chunk, over HDF5's 4 GiB chunk limit; "
                             f"use at most {fit} or 'auto'")
-    analysis = exp["analysis"]
+    return problems + _analysis_problems(key, exp["analysis"], exp["training"]["steps"])
+
+
+def _analysis_problems(key: str, analysis: dict, steps: int | None) -> list[str]:
+    """The analysis settings' cross-key problems; ``steps``: the run's, None for a recording (whose steps are
+    known once it is read: the workflow checks its windows then, ``window_problem``)."""
+    problems = []
     if analysis["cold_max"] <= analysis["solid_max"]:
         problems.append(f"config key {key}.analysis.cold_max: {analysis['cold_max']} must exceed "
                         f"analysis.solid_max {analysis['solid_max']}")
     for index, (start, end) in enumerate(analysis["windows"]):
-        if not 1 <= start <= end <= exp["training"]["steps"]:
+        if steps is None and not 1 <= start <= end:
             problems.append(f"config key {key}.analysis.windows[{index}]: [{start}, {end}] must satisfy "
-                            f"1 <= start <= end <= training.steps ({exp['training']['steps']})")
+                            "1 <= start <= end <= the recording's steps")
+        elif steps is not None and not 1 <= start <= end <= steps:
+            problems.append(f"config key {key}.analysis.windows[{index}]: [{start}, {end}] must satisfy "
+                            f"1 <= start <= end <= training.steps ({steps})")
     return problems
+
+
+def window_problem(experiment: dict, steps: int, where: str) -> str | None:
+    """An analysis window of a recording's experiment past the recording's last step ``steps`` (read from
+    ``where``), or None."""
+    for index, (start, end) in enumerate(experiment["analysis"]["windows"]):
+        if end > steps:
+            return (f"config key experiments.{experiment['name']}.analysis.windows[{index}]: [{start}, {end}] ends "
+                    f"after the recording's last step {steps} ({where}); end it at {steps} at most")
+    return None
+
+
+def _check_recording_experiment(name: str, raw: dict, exp: dict) -> list[str]:
+    """The problems of an experiment whose source is a recording: keys it cannot have, its rechunk and analysis
+    settings."""
+    key = f"experiments.{name}"
+    problems = []
+    if name in RESERVED_NAMES:
+        problems.append(f"config key {key}: the name '{name}' is reserved for results/{name}/; "
+                        "rename the experiment")
+    where = f"the recording {exp['source']['recording']}"
+    problems += [f"config key {key}.{section}: the experiment's source is {where}, and {why}"
+                 for section, why in NOT_FOR_RECORDINGS.items() if section in raw]
+    if "keep_stream" in raw.get("rechunk", {}):
+        problems.append(f"config key {key}.rechunk.keep_stream: the experiment's source is {where}, whose stream is "
+                        "the loop's own and is never deleted; drop rechunk.keep_stream")
+    if exp["rechunk"]["max_chunk_bytes"] > HDF5_MAX_CHUNK_BYTES:
+        problems.append(f"config key {key}.rechunk.max_chunk_bytes: {exp['rechunk']['max_chunk_bytes']} is over "
+                        f"HDF5's chunk limit of {HDF5_MAX_CHUNK_BYTES} bytes (4 GiB - 1)")
+    return problems + _analysis_problems(key, exp["analysis"], None)
 
 
 def resolve_config(config: dict, schema: dict | None = None) -> dict:
     """Validate ``config`` and return ``{"datasets", "experiments", "series", "cluster"}``, fully resolved.
 
-    Each resolved experiment holds ``name``, ``dataset``, ``description``, ``float16_view`` and the
-    settings sections, with ``model.vocab_size`` taken from its dataset.
+    Each resolved experiment that trains holds ``name``, ``dataset``, ``description``, ``float16_view`` and the
+    settings sections, with ``model.vocab_size`` taken from its dataset; one whose source is a recording holds
+    ``name``, ``description``, ``source`` (``recording_source``) and the ``RECORDING_SECTIONS``.
     """
     schema = load_schema() if schema is None else schema
     validate_schema(config, schema)
@@ -304,6 +409,21 @@ def resolve_config(config: dict, schema: dict | None = None) -> dict:
             problems.append(f"config key datasets.{name}: the name '{name}' is reserved; rename the dataset")
     experiments = {}
     for name, raw in config["experiments"].items():
+        if "source" in raw:
+            exp = {section: deep_merge(defaults.get(section, {}), raw.get(section, {}))
+                   for section in RECORDING_SECTIONS}
+            # the recording's stream is the loop's: never deleted, so keep_stream does not apply
+            exp["rechunk"].pop("keep_stream", None)
+            exp.update(name=name, description=raw.get("description", ""),
+                       source={"recording": raw["source"]["recording"], "tensors": raw["source"].get("tensors"),
+                               "experiment": raw["source"].get("experiment")})
+            problems += _check_recording_experiment(name, raw, exp)
+            experiments[name] = exp
+            continue
+        if "dataset" not in raw:
+            problems.append(f"config key experiments.{name}: give dataset (an experiment that thimble trains) or "
+                            "source: {recording: <path>} (one that analyses a recording made with thimble.Recorder)")
+            continue
         overrides = {k: v for k, v in raw.items() if k not in EXPERIMENT_KEYS}
         exp = deep_merge(defaults, overrides)
         exp.update(name=name, dataset=raw["dataset"], description=raw.get("description", ""),

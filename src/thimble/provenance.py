@@ -3,7 +3,9 @@
 A recording's identity is the sha256 of the attributes that determine its bits:
 the training settings' hash, the resume key (those settings and the sha256 of
 the tokens and masks), the update rule, the storage dtype, the device, the CPU
-kernels and the torch build. The stream, the rechunked ``recording.h5`` and
+kernels and the torch build; for a recording made by a loop of the user's (thimble.Recorder), which has no
+training settings, the sha256 of its tensors' bits, which rechunk writes (``source_tensors_sha256``). The
+stream, the rechunked ``recording.h5`` and
 ``delta_w_lattice.h5`` carry these attributes (each copies its source's), so the
 identity is the same in all of them; a retrain with another seed, other inputs
 or on another CPU kernel set changes it.
@@ -41,6 +43,9 @@ from thimble.util.files import sha256_file
 #: the recording attributes that determine its bits (thimble.training.train writes them; the stages copy them on)
 IDENTITY_ATTRS = ("config_hash", "resume_key", "update_rule", "storage_dtype", "device", "cpu_capability",
                   "torch_version")
+#: what else determines the bits of a recording made by a loop of the user's (thimble.Recorder), which has no
+#: training settings: its tensors' sha256, written by rechunk
+RECORDER_IDENTITY_ATTRS = ("source_tensors_sha256",)
 #: attributes quoted in messages, so that a user sees which training a table came from
 SHOWN_ATTRS = ("seed", "num_steps", "learning_rate", "update_rule", "cpu_capability")
 #: the stage whose JSON summary carries the provenance of its tables
@@ -68,8 +73,8 @@ def plain(value):
 
 
 def recording_identity(attrs) -> str:
-    """The sha256 of a recording's bit-determining attributes (``IDENTITY_ATTRS``)."""
-    chosen = {name: plain(attrs[name]) for name in IDENTITY_ATTRS if name in attrs}
+    """The sha256 of a recording's bit-determining attributes (``IDENTITY_ATTRS``, ``RECORDER_IDENTITY_ATTRS``)."""
+    chosen = {name: plain(attrs[name]) for name in IDENTITY_ATTRS + RECORDER_IDENTITY_ATTRS if name in attrs}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True).encode()).hexdigest()
 
 
@@ -142,6 +147,13 @@ def _stale_recording(directory: Path, identity: str, recording_attrs, recording_
     stream = directory / STREAM_DIR / STREAM_FILE
     if recording_name != RECORDING_FILE or not stream.exists():
         return []
+    if "source_stream_sha256" in recording_attrs:
+        # an outside recording that the loop wrote into the experiment's folder: its stream carries no tensor
+        # digest, rechunk wrote the sha256 of the stream.h5 it read
+        if sha256_file(stream) == plain(recording_attrs["source_stream_sha256"]):
+            return []
+        return [Stale(RECORDING_FILE, f"it was rechunked from another recording than {STREAM_DIR}/ (its "
+                      f"{STREAM_FILE} has changed since)", RECORDING_FILE)]
     stream_attrs = _read_attrs(stream)
     if recording_identity(stream_attrs) == identity:
         return []

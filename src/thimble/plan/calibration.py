@@ -264,6 +264,22 @@ def any_calibration(settings: dict, workdir: Path) -> Calibration | None:
     return None
 
 
+def nearest_calibration(elements: int, workdir: Path) -> Calibration | None:
+    """A calibration for the stages after training of an outside recording, which has no model to time and is
+    sized by what it recorded: of the probes made on a CPU (else a GPU), the one that recorded the nearest
+    number of values a step to ``elements`` (its stage times then scale by the ratio, ``costs.stage_seconds``);
+    the cached probes before the shipped ones among equals."""
+    for device_kind in ("cpu", "cuda"):
+        candidates = [(path, record) for path, record in load_calibrations(calibration_directories(workdir))
+                      if record["device_kind"] == device_kind]
+        if candidates:
+            path, record = min(candidates, key=lambda item: abs(math.log(
+                recorded_elements(probed_settings(item[1])) / max(1, elements))))
+            return Calibration(record, path, note=f"the probe of {record['probed_as']}, nearest in values recorded "
+                                                  "a step")
+    return None
+
+
 def training_peak_ram(settings: dict, n_tokens: int, workdir: Path) -> tuple[int | None, str]:
     """Training's peak RAM as the plan predicts it (and the rules' mem_mb ask for) and how, or None and why
     not: a probe's measured peak, interpreter and libraries included, its arrays replaced by those of a run

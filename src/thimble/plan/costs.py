@@ -22,21 +22,20 @@ the values of all of them. A probe made before ``record.tensors`` existed record
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from thimble.sizes import (
     DRIVERS_BLOCK_STEPS,
     EMBEDDING,
     REPLAY_BLOCK_STEPS,
-    chunk_rows,
-    largest_recorded_elements,
-    largest_recorded_rows,
     parameter_shapes,
     recorded_elements,
     recorded_shapes,
-    row_bytes,
+    rows_of,
+    steps_per_chunk,
     training_footprint,
 )
-from thimble.update_rules import ELEMENT_BYTES, recorded_keys, recorded_tensors, rule_of, step_bytes
+from thimble.update_rules import ELEMENT_BYTES, recorded_keys, rule_of, step_bytes
 
 #: an experiment's stages in pipeline order: each is a rule of that name and a `thimble` subcommand
 STAGES = ("train", "rechunk", "lattice", "replay", "freeze_drivers", "freeze", "figures")
@@ -56,33 +55,87 @@ RESOLVED_SHARE = 0.2
 MIN_RUNTIME_MIN = 10
 
 
-def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
+@dataclass(frozen=True)
+class RecordedRun:
+    """What the stages after training read of a run, in sizes: its last step, each recorded parameter's shape and
+    the dtype of each tensor kept of it (by state key: ``value``, ``grad``, ``exp_avg``, ...), and the rechunk
+    settings that chunk its recording. ``of_settings`` derives it from an experiment that trains;
+    ``thimble.plan.recording`` reads it from an outside recording."""
+
+    steps: int
+    params: dict[str, tuple[tuple[int, ...], dict[str, str]]]
+    rechunk: dict | None = None
+
+    @classmethod
+    def of_settings(cls, settings: dict) -> RecordedRun:
+        keys = recorded_keys(rule_of(settings["training"]), settings["record"]["dtype"])
+        return cls(settings["training"]["steps"], {name: (tuple(shape), dict(keys))
+                                                   for name, shape in recorded_shapes(settings).items()},
+                   settings.get("rechunk"))
+
+    def elements(self) -> int:
+        """Values of the recorded parameters at each step."""
+        return sum(math.prod(shape) for shape, _ in self.params.values())
+
+    def largest(self) -> str:
+        """The recorded parameter with the most values (the first of equals)."""
+        return max(self.params, key=lambda name: math.prod(self.params[name][0]))
+
+    def largest_elements(self) -> int:
+        return math.prod(self.params[self.largest()][0])
+
+    def largest_rows(self) -> int:
+        return max(rows_of(shape) for shape, _ in self.params.values())
+
+    def row_bytes(self) -> int:
+        """Stored bytes of the widest step of any recorded dataset: what sizes recording.h5's chunks (rechunk
+        gives every dataset the same steps per chunk)."""
+        return max(math.prod(shape) * ELEMENT_BYTES[dtype] for shape, dtypes in self.params.values()
+                   for dtype in dtypes.values())
+
+    def chunk_rows(self) -> int:
+        return steps_per_chunk(self.steps + 1, self.row_bytes(), self.rechunk["steps_per_chunk"],
+                               self.rechunk["max_chunk_bytes"])
+
+    def step_bytes(self) -> int:
+        """Bytes of one recorded step, uncompressed, over every dataset."""
+        return sum(math.prod(shape) * ELEMENT_BYTES[dtype] for shape, dtypes in self.params.values()
+                   for dtype in dtypes.values())
+
+
+def recorded_run(settings: dict | RecordedRun) -> RecordedRun:
+    return settings if isinstance(settings, RecordedRun) else RecordedRun.of_settings(settings)
+
+
+def array_bytes(settings: dict | RecordedRun, n_tokens: int = 0, stages: tuple[str, ...] = STAGES) -> dict[str, int]:
     """Bytes of the large arrays each of ``stages`` holds at its peak (interpreter and libraries excluded).
 
     The rules' ``mem_mb`` and the plan both use this; the plan adds each stage's measured baseline.
     Only the settings the asked stages depend on are read (training sees no rechunk settings).
     Training holds every recorded parameter; a stage after it holds one at a time, so its arrays are
     the largest recorded parameter's: its values per step (``row_elements``), and for per-row summaries
-    its rows per step (``per_row_step``, the embedding's tokens when it is recorded).
+    its rows per step (``per_row_step``, the embedding's tokens when it is recorded). ``settings``: an
+    experiment's, or for the stages after training an outside recording's sizes (``RecordedRun``).
     """
-    steps = settings["training"]["steps"]
+    run = recorded_run(settings)
+    steps = run.steps
 
     def row_elements() -> int:
-        return largest_recorded_elements(settings)
+        return run.largest_elements()
 
     def per_row_step() -> int:
-        return (steps + 1) * largest_recorded_rows(settings)
+        return (steps + 1) * run.largest_rows()
 
     def chunk() -> int:
-        return chunk_rows(settings) * row_bytes(settings)
+        return run.chunk_rows() * run.row_bytes()
 
     def replay_rows() -> int:
         return min(steps, REPLAY_BLOCK_STEPS)
 
     def held_planes() -> int:
-        """Byte planes a reader of recording.h5 holds per element of a chunk, over the recorded tensors."""
-        tensors = recorded_tensors(rule_of(settings["training"]), settings["record"]["dtype"])
-        return sum(ELEMENT_BYTES[dtype] - 1 for dtype in tensors.values())
+        """Byte planes a reader of recording.h5 holds per element of a chunk, over the largest parameter's
+        recorded tensors."""
+        return sum(ELEMENT_BYTES[dtype] - 1 for dtype in run.params[run.largest()][1].values())
 
     formulas = {
         "train": lambda: sum(value for key, value in training_footprint(settings, n_tokens).items()
@@ -98,7 +151,7 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
         # arithmetic, a listed step's numpy reference); and per dataset of the parameter the lower byte planes
         # of the recording.h5 chunk being read
         "replay": lambda: row_elements() * ((replay_rows() + 1) * 4 * 2 + replay_rows() * (3 * 2 + 4) + 40)
-        + chunk_rows(settings) * row_elements() * held_planes(),
+        + run.chunk_rows() * row_elements() * held_planes(),
         # nine (T+1) x rows per-row summaries of 4 bytes and working copies of them, and half a chunk (its low
         # bytes) held while the chunk is decoded
         "freeze": lambda: 2 * 9 * per_row_step() * 4 + chunk() // 2,
@@ -112,10 +165,11 @@ def array_bytes(settings: dict, n_tokens: int = 0, stages: tuple[str, ...] = STA
     return {stage: formulas[stage]() for stage in stages}
 
 
-def peak_ram_bytes(settings: dict, calibration: dict, n_tokens: int = 0,
+def peak_ram_bytes(settings: dict | RecordedRun, calibration: dict, n_tokens: int = 0,
                    stages: tuple[str, ...] = STAGES) -> dict[str, int]:
     """Each probed stage's peak RSS at full size: its measured peak, less the probe's arrays, plus the
-    full run's arrays (``array_bytes``)."""
+    full run's arrays (``array_bytes``; of an outside recording, ``settings`` is its ``RecordedRun`` and only
+    the stages after training are asked)."""
     measured = calibration["stages"]
     measured_as = {stage: stage if stage in measured else STAND_INS.get(stage) for stage in stages}
     measured_as = {stage: probed_stage for stage, probed_stage in measured_as.items() if probed_stage in measured}
@@ -179,7 +233,7 @@ def per_step_resolved(calibration: dict, stage: str) -> bool:
     return fitted["per_step"] * between >= RESOLVED_SHARE * calibration["stages"][stage]["seconds"]
 
 
-def stage_seconds(calibration: dict, steps: int, settings: dict | None = None) -> dict[str, dict]:
+def stage_seconds(calibration: dict, steps: int, settings: dict | RecordedRun | None = None) -> dict[str, dict]:
     """Each stage after training: its predicted seconds at ``steps`` and how they were found.
 
     From the fit of two probe lengths (``fit_stage_time``) where it resolved the per-step part; else
@@ -187,11 +241,12 @@ def stage_seconds(calibration: dict, steps: int, settings: dict | None = None) -
     steps, an upper bound that the result says it is. A probe that recorded other values per step than
     the experiment ``settings`` (another shape, other ``record.tensors``) has its per-step part scaled
     by the recorded values, which these stages read, compare and count one parameter after another
-    (``scaled`` gives the factor).
+    (``scaled`` gives the factor). ``settings`` may be an outside recording's ``RecordedRun``.
     """
     scale = 1.0
     if settings is not None:
-        scale = recorded_elements(settings) / recorded_elements(calibration["probe_settings"])
+        elements = settings.elements() if isinstance(settings, RecordedRun) else recorded_elements(settings)
+        scale = elements / recorded_elements(calibration["probe_settings"])
     times = {}
     for stage in AFTER_TRAINING:
         if stage not in calibration["stages"] and STAND_INS.get(stage) in calibration["stages"]:

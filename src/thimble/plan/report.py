@@ -42,13 +42,32 @@ def format_recorded(recorded: dict) -> str:
             f"{named}")
 
 
+def format_outside_recording(recorded: dict) -> str:
+    """What an outside recording holds, in a line (as ``format_recorded`` for an experiment that trains)."""
+    def shape_of(name: str) -> str:
+        return f"{name} {' x '.join(map(str, recorded['shapes'][name]))}"
+
+    named = (", ".join(map(shape_of, recorded["shapes"])) if recorded["count"] <= NAMED_PARAMETERS
+             else f"the largest {shape_of(recorded['largest'])} (--json lists each)")
+    interrupted = " (closed after its loop stopped: close_partial)" if recorded["interrupted"] else ""
+    return (f"holds {recorded['count']} parameters{interrupted}: {recorded['values_per_step']:,} values a step, "
+            f"{human_bytes(recorded['step_bytes'])} uncompressed with {', '.join(recorded['datasets'])}; {named}")
+
+
 def format_plan(plan: dict) -> str:
     lines = []
     for name, entry in plan["experiments"].items():
         lines.append(f"{name}: {entry['settings_summary']}")
-        lines.append(f"  {format_recorded(entry['recorded'])}")
-        lines.append(f"  probe: {entry['probe_steps']} steps on {entry['token_source']} tokens, "
-                     f"{PROBE_SOURCES[entry['probe_source']]} ({entry['probe']}); `thimble plan --reprobe` probes again")
+        if entry.get("recording"):
+            lines.append(f"  {format_outside_recording(entry['recorded'])}")
+            lines.append(f"  sized by {entry['probe_note']} ({entry['probe_steps']} steps, "
+                         f"{PROBE_SOURCES[entry['probe_source']]}: {entry['probe']}), its stages' time per step "
+                         "scaled by the values recorded a step; no probe of its own (it has no model to train)")
+        else:
+            lines.append(f"  {format_recorded(entry['recorded'])}")
+            lines.append(f"  probe: {entry['probe_steps']} steps on {entry['token_source']} tokens, "
+                         f"{PROBE_SOURCES[entry['probe_source']]} ({entry['probe']}); `thimble plan --reprobe` probes "
+                         "again")
         for file in entry["files"]:
             state = "to write" if file["pending"] else "exists"
             size = human_bytes(file["bytes"]) if file["predicted"] or not file["pending"] else \
@@ -72,7 +91,10 @@ def format_plan(plan: dict) -> str:
         if entry.get("trained_by"):
             lines.append(f"  training: none; its recording.h5 is the float16 view of {entry['trained_by']}'s "
                          "recording (thimble float16-view, docs/float16.md)")
-        for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")) if not entry.get("trained_by") else ():
+        if entry.get("recording"):
+            lines.append(f"  training: none; it analyses the recording in {entry['recording']}")
+        trains = not entry.get("trained_by") and not entry.get("recording")
+        for device_kind, label in (("cpu", "CPU"), ("cuda", "GPU")) if trains else ():
             timed = entry["training_seconds"][device_kind]
             if timed is None:
                 hint = "run `thimble plan --probe-device cuda ...` on a GPU machine" if device_kind == "cuda" \

@@ -11,11 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from thimble.config import training_twin
+from thimble.config import recording_path, recording_source, training_twin
 from thimble.errors import PlanError
-from thimble.outputs import EXPERIMENT_FILES, RESULTS_DIR
+from thimble.outputs import EXPERIMENT_FILES, RECORDING_FILE, RESULTS_DIR
 from thimble.plan import costs, machine
-from thimble.plan.calibration import Calibration, training_seconds
+from thimble.plan.calibration import Calibration, nearest_calibration, probed_settings, training_seconds
 from thimble.plan.probe import dataset_tokens, ensure_probe
 
 log = logging.getLogger("thimble.plan")
@@ -132,6 +132,85 @@ def plan_experiment(config: dict, name: str, files: list[dict], workdir: Path, s
     }
 
 
+def recorded_run_summary(run: costs.RecordedRun, attrs: dict) -> dict:
+    """What an outside recording holds, for the plan: each recorded parameter's shape, the values and
+    uncompressed bytes a step, the tensors kept of each, the largest, the optimizer that stepped them."""
+    keys = list(dict.fromkeys(key for _, dtypes in run.params.values() for key in dtypes))
+    return {"count": len(run.params), "shapes": {name: list(shape) for name, (shape, _) in run.params.items()},
+            "values_per_step": run.elements(), "step_bytes": run.step_bytes(), "datasets": keys,
+            "largest": run.largest(), "optimizer_class": str(attrs.get("optimizer_class", "")),
+            "interrupted": bool(attrs.get("interrupted", False))}
+
+
+def predict_recording_files(files: list[dict], record: dict, run: costs.RecordedRun, stream_bytes: int,
+                            workdir: Path) -> None:
+    """Each file of an outside recording's experiment, predicted in place: recording.h5 as the stream's segments
+    take on disk (rechunk stores the same bits; its chunks of many steps compress them no worse); the rest by the
+    probe ``record``'s models with their per-step part scaled to the recording: the HDF5 files by the values
+    recorded a step, the tables (rows of every recorded tensor) by the recorded tensors."""
+    probe = costs.RecordedRun.of_settings(probed_settings(record))
+    scale = {".h5": run.elements() / probe.elements(), ".csv": len(run.params) / len(probe.params)}
+    for file in files:
+        model = record["files"].get(file["relative"])
+        if file["relative"] == RECORDING_FILE:
+            predicted = stream_bytes
+        elif model is None:
+            predicted = None
+        else:
+            factor = scale.get(Path(file["relative"]).suffix, 1.0)
+            scaled = dict(model)
+            for part in ("per_row", "probe_stored"):
+                if part in scaled:
+                    scaled[part] = scaled[part] * factor
+            predicted = costs.predict_size(scaled, run.steps, 1)
+        file.update(bytes=predicted, predicted=predicted is not None)
+        if predicted is None and not file["pending"]:
+            file["bytes"] = existing_bytes(workdir / file["path"])
+
+
+def plan_recording_experiment(config: dict, name: str, files: list[dict], workdir: Path) -> dict:
+    """The plan of an experiment whose source is a recording: its sizes from the recording's stream.h5 (its
+    attributes and datasets' shapes), its stages sized by the probe nearest in values recorded a step (it has no
+    model of thimble's to probe), no training."""
+    from thimble.plan.recording import folder_problem, read_folder, recorded_run_of_stream
+
+    settings = config["experiments"][name]
+    problem = folder_problem(settings, workdir)
+    if problem:
+        raise PlanError(problem)
+    run, attrs = recorded_run_of_stream(settings, workdir)
+    calibration = nearest_calibration(run.elements(), workdir)
+    if calibration is None:
+        raise PlanError(f"no probe to size the stages of {name} by: restore workflow/calibration/ from the "
+                        "repository, or run `thimble plan` on an experiment that trains")
+    record = calibration.record
+    folder = read_folder(recording_path(settings, workdir))
+    files.sort(key=lambda file: costs.STAGES.index(file["stage"]) if file["stage"] in costs.STAGES
+               else len(costs.STAGES))
+    predict_recording_files(files, record, run, sum(path.stat().st_size for _, _, path in folder.segments), workdir)
+    stages = tuple(stage for stage in costs.AFTER_TRAINING if stage in {file["stage"] for file in files})
+    peak = costs.peak_ram_bytes(run, record, stages=stages)
+    stage_seconds = {stage: value for stage, value in costs.stage_seconds(record, run.steps, run).items()
+                     if stage in stages}
+    return {
+        "settings_summary": f"the recording {recording_source(settings)['recording']}: steps 0..{run.steps} of "
+                            f"{run_summary_optimizer(attrs)}",
+        "recording": str(folder.path), "recorded": recorded_run_summary(run, attrs),
+        "probe": str(calibration.path), "probe_source": "shipped" if calibration.shipped else "cached",
+        "probe_steps": record["probe_steps"], "probe_note": calibration.note, "token_source": record["token_source"],
+        "files": files, "peak_ram_bytes": peak, "mem_mb": {stage: costs.job_mem_mb(value) for stage, value in peak.items()},
+        "stage_seconds": stage_seconds,
+        "runtime_min": {stage: costs.job_runtime_min(value["seconds"]) for stage, value in stage_seconds.items()},
+        "training_seconds": dict.fromkeys(("cpu", "cuda")), "trained_by": None,
+    }
+
+
+def run_summary_optimizer(attrs: dict) -> str:
+    optimizer = str(attrs.get("optimizer_class", "an unknown optimizer"))
+    implementation = attrs.get("optimizer_impl")
+    return f"{optimizer} ({implementation})" if implementation else optimizer
+
+
 def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, probe_steps: int | None,
               probe_devices: list[str], threads: int, reprobe: bool = False,
               configfile: Path | None = None) -> dict:
@@ -149,8 +228,10 @@ def make_plan(config: dict, targets: list[str], workdir: Path, snakefile: Path, 
         name, relative = found
         files_of.setdefault(name, []).append({"path": row["output_file"], "relative": relative,
                                               "stage": EXPERIMENT_FILES.get(relative, row["rule"]), "pending": row["pending"]})
-    experiments = {name: plan_experiment(config, name, files, workdir, snakefile, probe_steps, probe_devices,
-                                         threads, reprobe) for name, files in files_of.items()}
+    experiments = {name: plan_recording_experiment(config, name, files, workdir)
+                   if recording_source(config["experiments"][name]) is not None
+                   else plan_experiment(config, name, files, workdir, snakefile, probe_steps, probe_devices, threads,
+                                        reprobe) for name, files in files_of.items()}
 
     pending = [file for entry in experiments.values() for file in entry["files"] if file["pending"]]
     pending += [file for file in other_files if file["pending"]]

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from thimble.errors import DataError
+from thimble.outputs import STREAM_FILE
 from thimble.record.codec import (
     BITS_DTYPES,
     CHUNK_CHECKSUM,
@@ -102,34 +103,82 @@ def copy_rechunked(source: h5py.Dataset, out: h5py.File, rows: int, level: int,
     return write_rechunked(out, name, source.id.get_type(), source.shape, rows, level, pool, progress, from_stream)
 
 
+class RecordingSourceError(DataError):
+    """An outside recording that is not what the experiment's config says it analyses."""
+
+
 def rechunk_stream(stream_dir: str | Path, output: str | Path, setting: int | str, max_chunk_bytes: int,
-                   level: int = 1, threads: int = 1) -> dict[str, str]:
+                   level: int = 1, threads: int = 1, outside: dict | None = None) -> dict[str, str]:
     """Write ``output``: the stream's tensors in large time chunks, the rest carried over.
 
     Returns the sha256 of each tensor's bits. The file appears under its final
     name only when complete and verified, so a recording already at ``output``
     stays as it was when the stream turns out damaged, and the error says so
     (the workflow keeps it for a rerun: the last intact copy of what the stream lost).
+
+    ``outside``: for an experiment whose source is a recording made by ``thimble.Recorder``, ``{"name": the
+    experiment, "source": its config's source}`` (``thimble.config.recording_source``). The stream must then be
+    the Recorder's and hold what ``source`` expects (``RecordingSourceError`` otherwise), and ``output`` is the
+    experiment's: its attribute ``experiment`` is the experiment's name (the recording's own is kept as
+    ``source_experiment``), and ``source_attrs`` say which recording it was made from.
     """
     output = Path(output)
     replaced = output.exists()
     try:
-        return rechunk_into(Path(stream_dir), output, setting, max_chunk_bytes, level, threads)
+        return rechunk_into(Path(stream_dir), output, setting, max_chunk_bytes, level, threads, outside)
     except DataError as error:
-        if not replaced or isinstance(error, RechunkError):
+        if not replaced or isinstance(error, (RechunkError, RecordingSourceError)):
             raise
+        again = "record again" if outside else "train again"
         raise DataError(f"{error}; {output} is kept as it was: restore {stream_dir}, or delete the stream and "
-                        "train again") from error
+                        f"{again}") from error
+
+
+def check_outside_recording(stream: h5py.File, stream_dir: Path, outside: dict) -> None:
+    """A ``RecordingSourceError`` unless ``stream`` is thimble.Recorder's and holds the parameters and the run
+    the experiment's ``source`` expects."""
+    import json
+
+    from thimble.config import recording_mismatch
+    from thimble.record.recorder import SOURCE
+
+    where = stream_dir / STREAM_FILE
+    if stream.attrs.get("source") != SOURCE:
+        raise RecordingSourceError(f"{where} is not a recording of thimble.Recorder (its attribute source is "
+                                   f"{stream.attrs.get('source')!r}); point config key experiments.{outside['name']}"
+                                   ".source.recording at a folder a Recorder wrote")
+    problem = recording_mismatch(f"experiments.{outside['name']}", outside["source"], str(where),
+                                 json.loads(stream.attrs["param_names"]), stream.attrs.get("experiment"))
+    if problem:
+        raise RecordingSourceError(problem)
+
+
+def source_attrs(stream: h5py.File, stream_dir: Path, outside: dict, checksums: dict[str, str]) -> dict:
+    """The attributes of an outside recording's recording.h5 that say what it was made from: ``experiment`` (the
+    experiment's name, which the stages check against the folder), ``source_experiment`` (the name it was
+    recorded under), ``source_recording`` (the recording's folder, resolved), ``source_stream_sha256`` (of its
+    stream.h5) and ``source_tensors_sha256`` (of every recorded tensor's bits: the sha256 of the JSON
+    ``{dataset: sha256 of its bits}``, keys sorted), the recording's identity."""
+    import json
+
+    from thimble.util.files import sha256_file
+
+    return {"experiment": outside["name"], "source_experiment": str(stream.attrs.get("experiment", "")),
+            "source_recording": str(stream_dir.resolve().parent),
+            "source_stream_sha256": sha256_file(stream_dir / STREAM_FILE),
+            "source_tensors_sha256": hashlib.sha256(json.dumps(checksums, sort_keys=True).encode()).hexdigest()}
 
 
 def rechunk_into(stream_dir: Path, output: Path, setting: int | str, max_chunk_bytes: int, level: int,
-                 threads: int) -> dict[str, str]:
+                 threads: int, outside: dict | None = None) -> dict[str, str]:
     """``rechunk_stream``'s work: the stream read, verified and written to ``output`` whole."""
     from thimble.record.format import RecordLayout, create_checked_array, read_checked
     from thimble.record.stream_reader import open_stream
     from thimble.util.files import atomic_output
 
     with open_stream(stream_dir) as stream, atomic_output(output) as tmp:
+        if outside is not None:
+            check_outside_recording(stream, stream_dir, outside)
         layout = RecordLayout.of_file(stream)
         datasets = {name: stream[name] for name in layout.datasets()}
         n_rows = stream["losses"].shape[0]
@@ -153,6 +202,8 @@ def rechunk_into(stream_dir: Path, output: Path, setting: int | str, max_chunk_b
                 if isinstance(item, h5py.Dataset) and name not in datasets and not layout.is_alias(name):
                     create_checked_array(out, name, read_checked(item))
             out.attrs.update(dict(stream.attrs))
+            if outside is not None:
+                out.attrs.update(source_attrs(stream, stream_dir, outside, checksums))
             out.attrs["steps_per_chunk"] = rows
             out.attrs["chunk_checksum"] = CHUNK_CHECKSUM
     return checksums

@@ -284,8 +284,10 @@ class Recorder:
         self.directory.mkdir(parents=True, exist_ok=True)
         from thimble.util.files import write_json
 
-        write_json(self.directory / RUN_FILE, {"attrs": self.attrs(), "masks": {key: value.tolist() for key, value
-                                                                                in self.masks.items()}})
+        # the layout's attributes too (each parameter's shape and tensors' dtypes): the workflow sizes its jobs
+        # from this file while it plans, when it may not open an HDF5 file
+        write_json(self.directory / RUN_FILE, {"attrs": {**self.attrs(), **self._layout.attrs()},
+                                               "masks": {key: value.tolist() for key, value in self.masks.items()}})
         self._writer = StreamRecorder(self.directory, self._layout, None, storage=NATIVE_STORAGE,
                                       segment_steps=self.segment_steps, queue_steps=self.queue_steps,
                                       level=self.compression_level, threads=self.threads,
