@@ -141,7 +141,7 @@ def test_what_the_dag_reads_of_a_recording_is_what_its_stream_holds(recording):
     assert from_json == from_stream and from_json.steps == 40 and list(from_json.params) == PARAMS
     assert from_json.params["0.weight"] == ((50, 8), {"value": "bfloat16", "grad": "bfloat16",
                                                        "exp_avg": "bfloat16", "exp_avg_sq": "bfloat16"})
-    assert attrs["experiment"] == RECORDED_AS and attrs["source"] == "thimble.Recorder"
+    assert attrs["experiment"] == RECORDED_AS and attrs["recorded_by"] == "thimble.Recorder"
 
 
 # -- the DAG ---------------------------------------------------------------------------------------------------
@@ -175,7 +175,7 @@ def break_recording(recording: Path, how: str) -> None:
         (stream / "recorder.json").unlink()
     elif how == "another source":
         run = json.loads((stream / "recorder.json").read_text())
-        run["attrs"]["source"] = "my.own.Recorder"
+        run["attrs"]["recorded_by"] = "my.own.Recorder"
         (stream / "recorder.json").write_text(json.dumps(run))
     elif how == "segment missing":
         (stream / "segment_000008-000015.h5").unlink()
@@ -189,7 +189,7 @@ def break_recording(recording: Path, how: str) -> None:
     ("partial", "runs/my_run/stream holds a partial recording: segments of steps 0..40 but no stream.h5"),
     ("not the recorder's", "runs/my_run/stream/stream.h5 was not written by thimble.Recorder (there is no "
                            "recorder.json beside it"),
-    ("another source", "runs/my_run/stream/recorder.json says its source is 'my.own.Recorder', not "
+    ("another source", "runs/my_run/stream/recorder.json says it was recorded by 'my.own.Recorder', not "
                        "'thimble.Recorder'"),
     ("segment missing", "runs/my_run/stream: no segment holds steps 8..15 (a segment is missing)"),
 ])
@@ -287,7 +287,7 @@ def test_rechunk_makes_the_experiments_recording_and_reruns_on_a_new_recording(w
         check_own_folder(rechunked)  # the stages' trust check: the file is this experiment's
         attrs = rechunked.attrs
         assert attrs["experiment"] == EXPERIMENT and attrs["source_experiment"] == RECORDED_AS
-        assert attrs["source"] == "thimble.Recorder"
+        assert attrs["recorded_by"] == "thimble.Recorder"
         assert attrs["source_recording"] == str(source.resolve())
         assert attrs["source_stream_sha256"] == sha256_file(source / STREAM_DIR / STREAM_FILE)
         digests = {(name, key): rechunked[f"params/{name}/{key}"].attrs["sha256"] for name in PARAMS
@@ -318,7 +318,7 @@ def test_the_rechunk_job_checks_the_stream_itself(recording, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(recording, copy)
     with h5py.File(copy / STREAM_DIR / STREAM_FILE, "r+") as stream:
-        stream.attrs["source"] = "thimble training"
+        stream.attrs["recorded_by"] = "thimble training"
     outside = {"name": EXPERIMENT, "source": {"recording": str(copy)}}
     with pytest.raises(RecordingSourceError, match="is not a recording of thimble.Recorder"):
         rechunk_stream(copy / STREAM_DIR, tmp_path / "recording.h5", 8, 2**31, outside=outside)

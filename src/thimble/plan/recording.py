@@ -22,8 +22,8 @@ from thimble.errors import DataError
 from thimble.outputs import STREAM_DIR, STREAM_FILE
 from thimble.plan.costs import RecordedRun
 
-#: what a recording made by thimble.Recorder says it is (``thimble.record.recorder.SOURCE``; that module loads
-#: h5py, which planning must not)
+#: what a recording made by thimble.Recorder says it is, its attribute ``recorded_by``
+#: (``thimble.record.format.RECORDER``; that module loads h5py, which planning must not)
 RECORDER_SOURCE = "thimble.Recorder"
 #: the recorder's description of the run beside the segments (``thimble.record.recorder.RUN_FILE``)
 RUN_FILE = "recorder.json"
@@ -117,9 +117,9 @@ def folder_problem(experiment: dict, workdir: Path = Path(".")) -> str | None:
                 "thimble's own training writes none): an experiment whose source is a recording analyses a "
                 "recording of thimble.Recorder; to analyse a thimble training, give the experiment a dataset and "
                 f"its training settings instead of config key {key}.source")
-    recorded_by = folder.attrs.get("source")
+    recorded_by = folder.attrs.get("recorded_by")
     if recorded_by != RECORDER_SOURCE:
-        what = "is not JSON" if isinstance(folder.run, str) else f"says its source is {recorded_by!r}"
+        what = "is not JSON" if isinstance(folder.run, str) else f"says it was recorded by {recorded_by!r}"
         return (f"{folder.run_file} {what}, not {RECORDER_SOURCE!r}: {folder.stream} is not a recording of "
                 f"thimble.Recorder; point config key {key}.source.recording at one")
     missing = missing_steps(folder)

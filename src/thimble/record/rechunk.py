@@ -140,13 +140,13 @@ def check_outside_recording(stream: h5py.File, stream_dir: Path, outside: dict) 
     import json
 
     from thimble.config import recording_mismatch
-    from thimble.record.recorder import SOURCE
+    from thimble.record.format import made_by_recorder
 
     where = stream_dir / STREAM_FILE
-    if stream.attrs.get("source") != SOURCE:
-        raise RecordingSourceError(f"{where} is not a recording of thimble.Recorder (its attribute source is "
-                                   f"{stream.attrs.get('source')!r}); point config key experiments.{outside['name']}"
-                                   ".source.recording at a folder a Recorder wrote")
+    if not made_by_recorder(stream.attrs):
+        raise RecordingSourceError(f"{where} is not a recording of thimble.Recorder (its attribute recorded_by is "
+                                   f"{stream.attrs.get('recorded_by')!r}); point config key "
+                                   f"experiments.{outside['name']}.source.recording at a folder a Recorder wrote")
     problem = recording_mismatch(f"experiments.{outside['name']}", outside["source"], str(where),
                                  json.loads(stream.attrs["param_names"]), stream.attrs.get("experiment"))
     if problem:
