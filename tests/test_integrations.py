@@ -11,7 +11,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -124,14 +123,6 @@ def global_grad_norms(handle) -> np.ndarray:
         values = tensor.bits().view(tensor.dtype).astype(np.float64)
         squares = squares + (values.reshape(len(values), -1) ** 2).sum(axis=1)
     return np.sqrt(squares)
-
-
-def wait_for_segments(directory, last_step: int, seconds: float = 30.0) -> None:
-    """Until the segment ending at ``last_step`` is on disk (the recorder writes them in the background)."""
-    deadline = time.monotonic() + seconds
-    while not any(last == last_step for _, last, _ in list_segments(directory)):
-        assert time.monotonic() < deadline, f"no segment ending at step {last_step} in {directory}"
-        time.sleep(0.01)
 
 
 # -- transformers' Trainer ----------------------------------------------------------------------------
@@ -250,9 +241,6 @@ def test_a_transformers_trainer_that_raises_leaves_a_partial_recording(tmp_path)
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 10:
-                # as if killed once the segment of steps 4..7 is on disk (the writer keeps the two last steps
-                # it was handed, so it writes step 7 once step 9 came)
-                wait_for_segments(tmp_path / "llama" / "stream", 7)
                 raise RuntimeError("killed at step 10")
 
     recording = thimble.hf.RecorderCallback(tmp_path / "llama", tensors="*", segment_steps=4)
@@ -263,14 +251,15 @@ def test_a_transformers_trainer_that_raises_leaves_a_partial_recording(tmp_path)
 
     directory = tmp_path / "llama" / "stream"
     assert not (directory / "stream.h5").exists()
-    assert [(first, last) for first, last, _ in list_segments(directory)] == [(0, 3), (4, 7)]
+    # every step made before the raise is written, the last segment ending at step 10
+    assert [(first, last) for first, last, _ in list_segments(directory)] == [(0, 3), (4, 7), (8, 10)]
     assert not recording.recorder.optimizer._optimizer_step_pre_hooks  # the recorder let go of the optimizer
     with pytest.raises(Exception, match="does not exist"):
         open_stream(directory)
     close_partial(tmp_path / "llama")
     with open_stream(directory) as handle:
-        assert bool(handle.attrs["interrupted"]) and len(handle["losses"]) == 8
-        assert_recording_holds(handle, copier.at_begin, copier.after_steps[:7])
+        assert bool(handle.attrs["interrupted"]) and len(handle["losses"]) == 11
+        assert_recording_holds(handle, copier.at_begin, copier.after_steps[:10])
 
 
 @pytest.mark.parametrize("hooks", ["torch's", "snapshot"])
@@ -470,10 +459,8 @@ def test_a_lightning_run_that_raises_leaves_a_partial_recording(tmp_path):
     import thimble.lightning
 
     def crash(batch_idx):
-        # batch 19 is step 10's second batch: inside step 10, as if killed once the segment of steps 4..7 is on
-        # disk (the writer keeps the two last steps it was handed, so it writes step 7 once step 9 came)
+        # batch 19 is step 10's second batch: inside step 10, before it updates anything
         if batch_idx == 19:
-            wait_for_segments(tmp_path / "next_byte" / "stream", 7)
             raise RuntimeError("killed in step 10")
 
     copier = pl_copier()
@@ -483,12 +470,13 @@ def test_a_lightning_run_that_raises_leaves_a_partial_recording(tmp_path):
 
     directory = tmp_path / "next_byte" / "stream"
     assert not (directory / "stream.h5").exists()
-    assert [(first, last) for first, last, _ in list_segments(directory)] == [(0, 3), (4, 7)]
+    # steps 0..9, each whole; step 10 never happened
+    assert [(first, last) for first, last, _ in list_segments(directory)] == [(0, 3), (4, 7), (8, 9)]
     assert not recording.recorder.optimizer._optimizer_step_pre_hooks  # on_exception stopped the recorder
     close_partial(tmp_path / "next_byte")
     with open_stream(directory) as handle:
-        assert bool(handle.attrs["interrupted"]) and len(handle["losses"]) == 8
-        assert_recording_holds(handle, copier.at_start, copier.after_steps[:7])
+        assert bool(handle.attrs["interrupted"]) and len(handle["losses"]) == 10
+        assert_recording_holds(handle, copier.at_start, copier.after_steps[:9])
 
 
 @pytest.mark.parametrize("module, extra", [("thimble.hf", "hf"), ("thimble.lightning", "lightning")])

@@ -107,7 +107,8 @@ class RecorderCallback(TrainerCallback):
 
     # -- a train() that raises ---------------------------------------------------------------------
     def abort(self) -> None:
-        """Stop recording where training stopped: the complete segments stay, the open one is dropped."""
+        """Stop recording where training stopped: every step recorded so far is written, no stream.h5 (a partial
+        recording; ``thimble.record.recorder.close_partial`` makes it readable)."""
         self._remove_hook()
         if self.recorder is not None:
             self.recorder.abort()

@@ -174,12 +174,22 @@ class Recorder:
         return self.directory
 
     def abort(self) -> None:
-        """Stop recording: the complete segments stay (a partial recording), the open one is dropped."""
+        """Stop recording where the loop stopped (it raised): every step recorded so far is written, the last
+        segment ending at the last step, and no ``stream.h5``: a partial recording, which ``close_partial`` makes
+        readable. If the writer itself failed, its complete segments stay and the open one is dropped."""
         self._detach()
         self._closed = True
-        if self._writer is not None:
-            self._flush_pending(ignore_errors=True)
+        if self._writer is None:
+            return
+        try:
+            self._flush_pending()
+            self._writer.close()
+        except BaseException:
             self._writer.abort()
+            log.exception("the recorder's writer failed while the loop stopped")
+        log.warning("the loop stopped after optimizer step %d: %s holds a partial recording (steps 0..%s in complete "
+                    "segments, no %s); thimble.record.recorder.close_partial(%r) makes it readable", self.step,
+                    self.directory, self._writer.last_written, STREAM_FILE, str(self.path))
 
     def _detach(self) -> None:
         for handle in self._handles:
