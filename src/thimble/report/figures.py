@@ -345,13 +345,18 @@ def experiment_label(summary: dict) -> str:
 def series(summaries: list[dict], name: str, path: str) -> None:
     """Per measure (rows) and group (columns: dead and live tokens, or all tokens where none is dead),
     each experiment's windowed frozen share, labelled with its update rule and verdict."""
-    groups = ["dead", "live"] if any(s["windows"]["all"]["dead"]["tokens"] for s in summaries) else ["all"]
+    groups = ["dead", "live"] if any(s["windows"]["all"].get("dead", {}).get("tokens") for s in summaries) else []
+    # an experiment without token groups (a recording of a loop given none) has the group all alone
+    if not groups or any("dead" not in s["cooling"] for s in summaries):
+        groups.append("all")
     fig, axes = plt.subplots(len(MEASURES), len(groups), figsize=(7 * len(groups), 9), sharex=True, squeeze=False)
     for row, measure in enumerate(MEASURES):
         label = MEASURES[measure].label
         for column, group in enumerate(groups):
             ax = axes[row, column]
             for summary in summaries:
+                if group not in summary["cooling"]:
+                    continue
                 series_ = summary["cooling"][group][measure]
                 ax.plot(series_["window_centers"], series_["fractions"], marker="o", ms=2.5, lw=1,
                         label=f"{experiment_label(summary)}: {series_['verdict']}")
