@@ -4,6 +4,7 @@ recording; the refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -207,7 +208,9 @@ def test_refusals_name_what_to_do(tmp_path):
         thimble.Recorder(tmp_path / "a", model, optimizer, tensors=["decoder.*"])
     other = torch.optim.SGD([model.weight], lr=0.1)
     with pytest.raises(RecorderError, match="does not step bias"):
-        thimble.Recorder(tmp_path / "b", model, other, tensors="*")
+        thimble.Recorder(tmp_path / "b", model, other, tensors=["weight", "bias"])
+    # "*": every parameter the optimizer steps (a frozen one is not trained, so not recorded)
+    assert list(thimble.Recorder(tmp_path / "b", model, other, tensors="*").params) == ["weight"]
     with pytest.raises(RecorderError, match="float64"):
         thimble.Recorder(tmp_path / "c", model.double(), torch.optim.SGD(model.parameters(), lr=0.1))
     model = torch.nn.Linear(3, 3)
@@ -276,3 +279,110 @@ def test_a_scalar_parameter_is_recorded_and_its_step_count_is_no_state_tensor(tm
     values = recorded_rows(stream, "temperature", "value")
     assert values.shape == (6,)
     np.testing.assert_array_equal(values[1:], np.stack([bits(value) for value in held]))
+
+
+def test_a_step_that_raises_does_not_leave_its_gradient_to_the_next(tmp_path):
+    """A closure that raises inside step() (an out-of-memory batch the loop skips): the next step's pre-hook
+    acts again, so that step records the gradient it consumed, not the failed step's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3).to(torch.bfloat16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    received, calls = [], []
+
+    def closure():
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        received.append(model.weight.grad.detach().clone())
+
+    with thimble.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for _ in range(5):
+            try:
+                optimizer.step(closure)
+            except RuntimeError:
+                continue
+            rec.log(loss=0.0)
+    rows = recorded_rows(tmp_path / "run" / "stream" / "stream.h5", "weight", "grad")
+    assert len(rows) == 5
+    for step, grad in enumerate(received, start=1):
+        np.testing.assert_array_equal(rows[step], bits(grad))
+
+
+def test_step_zero_is_the_state_the_first_step_starts_from(tmp_path):
+    """A checkpoint loaded after the recorder was made (model and optimizer): step 0 is what step 1 started from,
+    with the loaded optimizer state and step count."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(torch.randn(2, 3)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    saved_model = {key: value.clone() for key, value in model.state_dict().items()}
+    saved_optimizer = copy.deepcopy(optimizer.state_dict())  # load_state_dict shares the tensors it is given
+    fresh = torch.nn.Linear(3, 3)
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=0.1)
+    with thimble.Recorder(tmp_path / "run", fresh, fresh_optimizer) as rec:
+        fresh.load_state_dict(saved_model)
+        fresh_optimizer.load_state_dict(copy.deepcopy(saved_optimizer))
+        fresh(torch.randn(2, 3)).sum().backward()
+        fresh_optimizer.step()
+        rec.log(loss=0.0)
+    stream = tmp_path / "run" / "stream" / "stream.h5"
+    np.testing.assert_array_equal(recorded_rows(stream, "weight", "value")[0], bits(saved_model["weight"]))
+    with h5py.File(stream) as handle:
+        assert handle.attrs["initial_state"] == "as_found"
+        np.testing.assert_array_equal(read_checked(handle["param_steps"])[:, 0], [3, 4])
+    np.testing.assert_array_equal(recorded_rows(stream, "weight", "exp_avg")[0],
+                                  bits(saved_optimizer["state"][0]["exp_avg"]))
+
+
+def test_what_the_recorder_refuses_or_warns_inside_the_loop(tmp_path, caplog):
+    """A param group added after the recorder attached, a fused optimizer handed scaled gradients by GradScaler:
+    refused at that step, naming the fix; a tensor-valued setting is in the table, not the attributes; a loss
+    logged before any step is said to be dropped."""
+    model = torch.nn.Linear(3, 3)
+    extra = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, betas=(torch.tensor(0.9), torch.tensor(0.999)))
+    rec = thimble.Recorder(tmp_path / "groups", model, optimizer)
+    with caplog.at_level("WARNING"):
+        rec.log(loss=1.0)
+    assert "dropped" in caplog.text
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    optimizer.add_param_group({"params": [extra]})
+    with pytest.raises(RecorderError, match="add_param_group"):
+        optimizer.step()
+    rec.abort()
+    assert json.loads((tmp_path / "groups" / "stream" / "recorder.json").read_text())["attrs"]["param_groups"]
+
+    fused = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    rec = thimble.Recorder(tmp_path / "scaled", model, fused)
+    scaler.scale(model(torch.ones(1, 3)).sum()).backward()
+    with pytest.raises(RecorderError, match=r"scaler.unscale_\(optimizer\)"):
+        scaler.step(fused)
+    rec.abort()
+
+
+def test_a_group_whose_parameters_first_step_late_gets_the_optimizers_state_keys(tmp_path):
+    """A group without gradients at the first step (its layers unfrozen later): its parameters' state keys are
+    another group's, so their moments are recorded once they exist."""
+    torch.manual_seed(0)
+    body, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)
+    model = torch.nn.Sequential(body, head)
+    optimizer = torch.optim.AdamW([{"params": body.parameters()}, {"params": head.parameters(), "lr": 0.01}])
+    with thimble.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for step in range(4):
+            model(torch.randn(2, 3)).sum().backward()
+            if step < 2:
+                head.weight.grad = head.bias.grad = None
+            optimizer.step()
+            rec.log(loss=0.0)
+            optimizer.zero_grad()
+    stream = tmp_path / "run" / "stream" / "stream.h5"
+    moments = recorded_rows(stream, "1.weight", "exp_avg")
+    assert not moments[:3].any() and moments[3:].any()
+    np.testing.assert_array_equal(moments[4], bits(optimizer.state[head.weight]["exp_avg"]))

@@ -9,9 +9,9 @@ The recorder attaches when training starts (``on_train_start``: the optimizers e
 resumes from is loaded, the sanity check is over) to the torch optimizer that steps the recorded parameters
 (Lightning's ``LightningOptimizer`` unwrapped), so step 0 is the state then. Lightning's automatic optimization
 runs the forward and backward in a closure inside ``optimizer.step()``, and clips the gradients there: the
-recorder reads the gradient after the step, so what it records is the gradient the step consumed. The recording is
-closed at ``on_train_end``, and stopped at ``on_exception`` (a partial recording of the complete segments:
-``thimble.record.recorder.close_partial``).
+recorder wraps the closure and copies the gradient as it returns, so what it records is the gradient the step
+consumed. The recording is closed at ``on_train_end``, and stopped at ``on_exception`` (every step made so far
+written, no ``stream.h5``: a partial recording, which ``thimble.record.recorder.close_partial`` makes readable).
 
 The step's loss is the loss ``training_step`` returned (``on_train_batch_end``'s ``outputs``) when it belongs to
 exactly one optimizer step: under automatic optimization the sum over the step's ``accumulate_grad_batches``

@@ -21,6 +21,11 @@ MASKS_FILE = "live_dead_tokens.safetensors"
 #: stream.h5 over the segments) and the file rechunk makes of it
 STREAM_DIR = "stream"
 STREAM_FILE = "stream.h5"
+#: the JSON ``thimble.Recorder`` writes beside its segments: the run's attributes and masks (what the workflow
+#: reads of a recording while it plans, without opening HDF5, and what ``close_partial`` writes stream.h5 from)
+RECORDER_RUN_FILE = "recorder.json"
+#: the ``recorded_by`` attribute of a recording made by ``thimble.Recorder`` on a user's loop
+RECORDER = "thimble.Recorder"
 RECORDING_FILE = "recording.h5"
 #: training's resume state under results/{experiment}/, present while a training is under way or interrupted
 RESUME_DIR = ".partial"

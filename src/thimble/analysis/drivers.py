@@ -866,14 +866,13 @@ def write_drivers(recording: str, table_path: str, summary_path: str, threads: i
     recorded, ``question_tensor``), every tensor's under ``tensors``."""
     import pandas as pd
 
-    from thimble.analysis.tensors import is_recorder_recording
-    from thimble.record.format import open_h5
+    from thimble.record.format import made_by_recorder, open_h5
     from thimble.util.files import atomic_output, write_json
     from thimble.util.tables import write_csv
 
     with open_h5(recording) as handle:
         attrs = dict(handle.attrs)
-    if is_recorder_recording(attrs):
+    if made_by_recorder(attrs):
         return write_recorder_drivers(recording, attrs, table_path, summary_path, threads, block_rows)
     rule = rule_of(attrs)
     why = not_applicable(rule)

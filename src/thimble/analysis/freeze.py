@@ -821,8 +821,8 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
 
     The bias corrections are AdamW's of the seed's settings, or for a recorder's recording of the betas and the
     parameter's step count as each step used them (its per-step tables)."""
-    from thimble.analysis.tensors import is_recorder_recording, row_shape, step_settings, stored_lattice
-    from thimble.record.format import RecordLayout, open_h5
+    from thimble.analysis.tensors import row_shape, step_settings, stored_lattice
+    from thimble.record.format import RecordLayout, made_by_recorder, open_h5
     from thimble.record.reader import RecordedTensor
 
     name = EMBEDDING if name is None else name
@@ -835,7 +835,7 @@ def variance_by_group(recording: str, groups: dict[str, np.ndarray], block_rows:
         # float32 under fp32_master, and a recorder's float32 or float16 moments in their own type
         value_type = stored_lattice(handle.attrs, param, "exp_avg_sq").values
         n_steps, (vocab, hidden) = variance.shape[0], row_shape(param.shape)
-        if is_recorder_recording(handle.attrs):
+        if made_by_recorder(handle.attrs):
             settings = step_settings(handle, name)
             missing = np.full(n_steps, np.nan)
             beta1, beta2 = (settings.get(key) if settings.get(key) is not None else missing
@@ -883,9 +883,9 @@ NO_TOKEN_GROUPS_NOTE = ("the loop gave thimble.Recorder no token_groups=: no ten
 def update_rule_of(attrs) -> str:
     """What updates the recorded weights, as summary.json names it: the seed's update rule, or the optimizer's class
     of a recorder's recording (``torch.optim.adamw.AdamW``)."""
-    from thimble.analysis.tensors import is_recorder_recording
+    from thimble.record.format import made_by_recorder
 
-    if is_recorder_recording(attrs):
+    if made_by_recorder(attrs):
         return str(attrs.get("optimizer_class", "unknown optimizer"))
     return rule_of(attrs)
 
@@ -977,7 +977,6 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     """
     from thimble.analysis.tensors import (
         has_token_groups,
-        is_recorder_recording,
         row_groups,
         row_shape,
         stored_lattice,
@@ -985,7 +984,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     from thimble.config import settings_hash
     from thimble.data.tokenizer import token_texts
     from thimble.provenance import computed_from, stage_provenance
-    from thimble.record.format import RECORDER
+    from thimble.record.format import RECORDER, made_by_recorder
     from thimble.util.files import write_json
 
     analysis = settings["analysis"]
@@ -994,7 +993,7 @@ def analyse(recording: str, settings: dict, outputs: dict[str, str], delta_path:
     driven = (drivers or {}).get("tensors") or {}
     source = computed_from(recording, recorded.attrs)
     question = recorded.params[0].name
-    recorder = is_recorder_recording(recorded.attrs)
+    recorder = made_by_recorder(recorded.attrs)
     rule = update_rule_of(recorded.attrs)
     by_tensor: dict[str, dict] = {}
     entries: dict[str, dict] = {}

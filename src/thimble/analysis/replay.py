@@ -49,10 +49,11 @@ from thimble.analysis.replay_base import (
 )
 from thimble.analysis.replay_kernel import COUNT_COLUMNS, count_steps
 from thimble.analysis.tensors import recorded_params, row_shape
-from thimble.analysis.torch_replay import is_recorder_recording, replay_recorder_recording
+from thimble.analysis.torch_replay import replay_recorder_recording
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bits_to_torch, torch_to_bits
 from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
+from thimble.record.format import made_by_recorder
 from thimble.sizes import EMBEDDING, REPLAY_BLOCK_STEPS, parameter_shapes
 from thimble.training.adamw import pre_rounding_weight, replay_rule_step, replay_steps, update_ratio
 from thimble.update_rules import UPDATE_RULES, hyperparameters, rule_of
@@ -395,7 +396,7 @@ def replay_recording(recording: str, output_csv: str, output_json: str, ratio_cs
     source = RecordingSource.of_path(recording)
     with source.open() as handle, WorkerPool(threads) as pool:
         attrs = {key: (value.decode() if isinstance(value, bytes) else value) for key, value in handle.attrs.items()}
-        if is_recorder_recording(attrs):
+        if made_by_recorder(attrs):
             replayed = replay_recorder_recording(handle, attrs, device, block_steps, pool)
         else:
             replayed = replay_rule_recording(recording, handle, attrs, device, block_steps, pool)

@@ -34,16 +34,10 @@ def row_shape(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def is_recorder_recording(attrs) -> bool:
-    """Whether a recording's attributes are those of a loop recorded by ``thimble.Recorder`` (no seed
-    attributes; its hyperparameters per step in the ``hyperparameters`` table)."""
-    return made_by_recorder(attrs)
-
-
 def token_groups_param(attrs) -> str | None:
     """The parameter whose rows the recording's dead and live masks group: for a recorder's recording the one
     ``token_groups=`` was given for (None when none was), for thimble's own the embedding."""
-    if is_recorder_recording(attrs):
+    if made_by_recorder(attrs):
         return str(attrs.get("token_groups_param", "")) or None
     return EMBEDDING
 
@@ -118,7 +112,7 @@ def step_settings(handle, name: str) -> StepSettings:
 
     attrs = handle.attrs
     n_steps = handle["losses"].shape[0]
-    if not is_recorder_recording(attrs):
+    if not made_by_recorder(attrs):
         missing = [attr for attr in SEED_SETTINGS.values() if attr not in attrs]
         if missing:
             raise DataError(f"{handle.filename} has no attribute {', '.join(missing)}: AdamW's settings of the run")

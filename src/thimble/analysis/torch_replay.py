@@ -63,7 +63,7 @@ from thimble.analysis.tensors import recorded_params, row_shape
 from thimble.errors import DataError
 from thimble.numerics.bf16 import torch_to_bits
 from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
-from thimble.record.format import NATIVE_STORAGE, RECORDER, made_by_recorder, read_checked
+from thimble.record.format import NATIVE_STORAGE, RECORDER, read_checked
 from thimble.record.optimizer_tables import STEP_TABLES
 from thimble.training.adamw import IMPLEMENTATIONS, pre_rounding_weight
 from thimble.update_rules import STATE_KEYS
@@ -90,11 +90,6 @@ CRITERION_COLUMNS = ("replay_frozen", "predicted_frozen", "criterion_disagreemen
 #: elements whose value after a step differs from the same step replayed with weight_decay 0: what the decay did
 #: (a tensor whose group decays at some step)
 DECAY_COLUMN = "decay_changed"
-
-
-def is_recorder_recording(attrs) -> bool:
-    """Whether a recording's attributes say ``thimble.Recorder`` made it."""
-    return made_by_recorder(attrs)
 
 
 class OptimizerRefused(Exception):
@@ -129,7 +124,7 @@ class RecorderRun:
                                                   "param_groups") if key not in attrs]
         missing += [f"table {name}" for name in STEP_TABLES if name not in handle]
         if missing:
-            raise DataError(f"{handle.filename} says thimble.Recorder made it (attribute source) but has no "
+            raise DataError(f"{handle.filename} says thimble.Recorder made it (attribute recorded_by) but has no "
                             f"{', '.join(missing)}; the file is not what the recorder wrote: record the run again")
         tables = {name: read_checked(handle[name]) for name in STEP_TABLES}
         run = cls(handle.filename, str(attrs["optimizer_class"]), str(attrs.get("optimizer_impl", "")),
@@ -497,7 +492,7 @@ class RecorderTensorReplay(TensorReplay):
                 self.stepper = OptimizerStepper(self.kind, self.shape, TORCH_DTYPES[self.stored[self.value_role]],
                                                 self.target, self.plan.implementation)
             value, state_after, count_after = self.stepper.step(
-                values[self.value_role][index].to(self.target), grad.to(self.target), state,
+                values[self.value_role][index].to(self.target), grad.to(self.target, copy=True), state,
                 None if absent or not self.plan.keeps_count else count_before,
                 {**self.settings[step], **(changed or {})}, self.companion is not None and bool(self.companion[step]))
         except (RuntimeError, ValueError, TypeError) as error:

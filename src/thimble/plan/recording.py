@@ -3,7 +3,7 @@
 While Snakemake builds the DAG (``snakemake -n`` included) nothing may import h5py or torch, so what the rules ask
 of a recording is read from its stream folder without opening an HDF5 file: the names of its segments (which
 steps each holds), whether ``stream.h5`` exists (the recorder writes it when it closes), and ``recorder.json``,
-the JSON the recorder writes beside its segments (the run's attributes: ``source``, ``experiment``,
+the JSON the recorder writes beside its segments (the run's attributes: ``recorded_by``, ``experiment``,
 ``param_names``, ``recorded_params``: each parameter's shape and the dtype of each tensor kept of it).
 ``folder_problem`` says what keeps a recording from being analysed as the config says, naming the file and the
 fix; ``recorded_run`` gives the sizes the jobs' resources are computed from (``thimble.plan.costs.RecordedRun``).
@@ -19,14 +19,11 @@ from pathlib import Path
 
 from thimble.config import recording_mismatch, recording_path, recording_source, window_problem
 from thimble.errors import DataError
+from thimble.outputs import RECORDER as RECORDER_SOURCE
+from thimble.outputs import RECORDER_RUN_FILE as RUN_FILE
 from thimble.outputs import STREAM_DIR, STREAM_FILE
 from thimble.plan.costs import RecordedRun
 
-#: what a recording made by thimble.Recorder says it is, its attribute ``recorded_by``
-#: (``thimble.record.format.RECORDER``; that module loads h5py, which planning must not)
-RECORDER_SOURCE = "thimble.Recorder"
-#: the recorder's description of the run beside the segments (``thimble.record.recorder.RUN_FILE``)
-RUN_FILE = "recorder.json"
 #: a complete segment's name (``thimble.record.format.segment_name``): the first and last step it holds
 SEGMENT_NAME = re.compile(r"segment_(\d+)-(\d+)\.h5")
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from thimble.errors import DataError
 from thimble.numerics.bf16 import bfloat16_h5type
-from thimble.outputs import RESULTS_DIR, STREAM_DIR
+from thimble.outputs import RECORDER, RESULTS_DIR, STREAM_DIR
 from thimble.record.codec import damaged, zstd_dcpl
 from thimble.record.h5_datasets import create_dataset
 from thimble.sizes import EMBEDDING
@@ -47,8 +47,6 @@ TENSORS = tuple(recorded_tensors("bf16"))
 STORAGE_DTYPES = ("bfloat16", "float16")
 #: a recording's storage_dtype when every tensor is stored in its own dtype (``thimble.Recorder``)
 NATIVE_STORAGE = "native"
-#: the ``recorded_by`` attribute of a recording made by ``thimble.Recorder`` on a user's loop
-RECORDER = "thimble.Recorder"
 
 
 def made_by_recorder(attrs) -> bool:

@@ -78,7 +78,8 @@ class OptimizerTables:
 
     def __init__(self, optimizer, params: dict):
         self.optimizer, self.params = optimizer, params
-        self.groups = optimizer.param_groups
+        # the groups when recording began (a group added later is not in the tables: the recorder refuses it)
+        self.groups = list(optimizer.param_groups)
         index = {id(param): name for name, param in params.items()}
         self.group_of: dict[str, int] = {}
         for number, group in enumerate(self.groups):
@@ -131,10 +132,11 @@ class OptimizerTables:
         implementations = self.implementations or [None] * len(self.groups)
         groups = []
         for number, group in enumerate(self.groups):
+            # plain values only (a tensor lr or betas is in the table, per step)
             settings = {key: list(value) if isinstance(value, tuple) else value for key, value in group.items()
                         if key != "params" and (value is None or isinstance(value, (bool, int, float, str))
                                                 or (isinstance(value, (tuple, list))
-                                                    and all(_is_number(v) for v in value)))}
+                                                    and all(isinstance(v, (bool, int, float)) for v in value)))}
             groups.append({"params": [name for name in self.params if self.group_of.get(name) == number],
                            "implementation": implementations[number], "settings_at_attach": settings})
         used = sorted({groups[self.group_of[name]]["implementation"] for name in self.params

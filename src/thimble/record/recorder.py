@@ -31,26 +31,21 @@ import math
 import platform
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from thimble.errors import ThimbleError
+from thimble.outputs import RECORDER_RUN_FILE as RUN_FILE
 from thimble.outputs import STREAM_DIR, STREAM_FILE
 from thimble.record.format import NATIVE_STORAGE, RECORDER, RecordLayout, list_segments, open_h5
 from thimble.record.optimizer_tables import STEP_TABLES, OptimizerTables, as_float, optimizer_class_name
 from thimble.record.writer import StreamRecorder, write_stream_file
 from thimble.sizes import select_parameters
 
-if TYPE_CHECKING:
-    pass
-
 log = logging.getLogger(__name__)
 
 #: the stored dtype of each torch dtype a recorder keeps losslessly
 STORED_DTYPES = {"torch.bfloat16": "bfloat16", "torch.float16": "float16", "torch.float32": "float32"}
-#: the recorder's description of the run beside the segments, for ``close_partial``
-RUN_FILE = "recorder.json"
 
 
 class RecorderError(ThimbleError):
@@ -84,13 +79,14 @@ class Recorder:
     ``embedding`` (a parameter's name; by default the one recorded ``nn.Embedding`` with as many rows as the
     mask), which the analyses then split as they split the seed's live and dead tokens. ``name``: the
     experiment's name in the recording (default: the directory's name). Use it as a context manager, or call
-    ``close()``; ``log(loss=...)`` adds the last step's loss.
+    ``close()``; ``log(loss=...)`` adds the last step's loss. Up to ``queue_steps`` recorded steps wait in host
+    memory for the background writer (each a copy of every recorded tensor: lower it for a large model), which
+    compresses on ``threads`` threads into segments of ``segment_steps`` steps.
     """
 
     def __init__(self, path: str | Path, model, optimizer, tensors: str | list[str] = "*",
                  token_groups: dict | None = None, *, embedding: str | None = None, name: str | None = None,
                  segment_steps: int = 100, queue_steps: int = 16, compression_level: int = 1, threads: int = 2):
-        import torch
 
         self.path = Path(path)
         self.directory = self.path / STREAM_DIR
@@ -99,6 +95,14 @@ class Recorder:
         check_new_directory(self.directory)
         patterns = [tensors] if isinstance(tensors, str) else list(tensors)
         params = dict(model.named_parameters())
+        if patterns == ["*"]:
+            # every parameter the optimizer steps: a frozen one (a LoRA base, a frozen backbone) is not trained
+            stepped = {id(param) for group in self.optimizer.param_groups for param in group["params"]}
+            left_out = [name for name, param in params.items() if id(param) not in stepped]
+            if left_out:
+                log.info("tensors='*': %d parameters the optimizer does not step are not recorded (%s%s)",
+                         len(left_out), ", ".join(left_out[:5]), ", ..." if len(left_out) > 5 else "")
+            params = {name: param for name, param in params.items() if id(param) in stepped}
         try:
             names = select_parameters(patterns, params, key="tensors")
         except ThimbleError as error:
@@ -124,18 +128,18 @@ class Recorder:
         self._layout: RecordLayout | None = None
         self._pending: tuple[int, dict, dict] | None = None
         self._loss = math.nan
-        self._hyper_zero = self._row_hyper = self.tables.hyperparameters()
+        self._row_hyper = None
         self._grads: dict = {}
-        self._step_begun = False
+        #: the arguments of the step whose pre-hook ran (its post-hook clears them): a second pre-hook call for
+        #: the same ``step()`` call acts not again, one for a step after a step that raised does
+        self._step_args = None
+        self._skipped_by_scaler = False
         self._closed = False
-        with torch.no_grad():
-            self._step_zero = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
-            self._state_zero = {name: {key: value.detach().to("cpu", copy=True)
-                                       for key, value in self.optimizer.state.get(param, {}).items()
-                                       if _is_state_tensor(value, param, key)}
-                                for name, param in self.params.items()}
-        self._steps_zero = self.tables.steps()
-        self._initial_state = "empty" if not any(self._state_zero.values()) else "as_found"
+        self._logged_early = False
+        #: step 0, taken as the first step begins (a checkpoint loaded after the recorder was made is in it)
+        self._zero: dict | None = None
+        self._initial_state = "empty"
+        self._groups_at_attach = len(self.optimizer.param_groups)
         self._handles = [self.optimizer.register_step_pre_hook(self.begin_step),
                          self.optimizer.register_step_post_hook(self._after_step)]
         log.info("recording %d parameters of %s stepped by %s into %s", len(self.params), type(model).__name__,
@@ -152,8 +156,16 @@ class Recorder:
             self.abort()
 
     def log(self, loss=None) -> None:
-        """The loss of the last optimizer step (a float or a one-element tensor)."""
-        if loss is not None:
+        """The loss of the last optimizer step (a float or a one-element tensor): call it after
+        ``optimizer.step()``; the loss is filed under the step the optimizer made last."""
+        if loss is None:
+            return
+        if self._pending is None and not self._logged_early:
+            self._logged_early = True
+            log.warning("Recorder.log(loss=...) was called with no optimizer step since the last one it filed (or "
+                        "before the first): it files the loss under the step made last, so call it after "
+                        "optimizer.step(); this loss is %s", "dropped" if self.step == 0 else "ignored")
+        if self._pending is not None:
             self._loss = as_float(loss.detach() if hasattr(loss, "detach") else loss)
 
     def close(self) -> Path:
@@ -202,10 +214,21 @@ class Recorder:
         that has begun: run twice for one step, it acts once). Takes the hyperparameters the step is about to use
         (a scheduler set them before it) and the gradients it receives; a closure that computes them inside the
         step is wrapped to copy them as it returns (the hook's return value: torch's new step arguments)."""
-        if self._step_begun:
+        if args is self._step_args:
             return None
-        self._step_begun = True
+        self._step_args = args
         self._flush_pending()
+        self._check_groups(optimizer)
+        if getattr(optimizer, "grad_scale", None) is not None:
+            raise RecorderError(
+                f"{self.directory}: GradScaler hands {optimizer_class_name(optimizer)} (fused) scaled gradients that "
+                "its kernel unscales inside the step, so the gradient it consumes is never a tensor the recorder can "
+                "copy; call scaler.unscale_(optimizer) before scaler.step(optimizer)")
+        found_inf = getattr(optimizer, "found_inf", None)
+        # GradScaler's found_inf: a fused kernel then leaves every parameter and its state as they were
+        self._skipped_by_scaler = found_inf is not None and bool(as_float(found_inf))
+        if self._zero is None:
+            self._take_step_zero()
         self._row_hyper = self.tables.hyperparameters()
         self._grads = self._copy_grads()
         # torch hands the hook step()'s own arguments, the optimizer first: (self, closure)
@@ -219,8 +242,34 @@ class Recorder:
             return result
 
         if "closure" in kwargs:
+            self._step_args = args
             return args, {**kwargs, "closure": closure_copying_gradients}
-        return (args[0], closure_copying_gradients, *args[2:]), kwargs
+        self._step_args = (args[0], closure_copying_gradients, *args[2:])
+        return self._step_args, kwargs
+
+    def _take_step_zero(self) -> None:
+        """Step 0: the recorded parameters' values, their optimizer state (zeros where it has none yet) and step
+        counts, and the groups' settings, as the first recorded step begins."""
+        import torch
+
+        with torch.no_grad():
+            values = {name: param.detach().to("cpu", copy=True) for name, param in self.params.items()}
+            state = {name: {key: value.detach().to("cpu", copy=True)
+                            for key, value in self.optimizer.state.get(param, {}).items()
+                            if _is_state_tensor(value, param, key)}
+                     for name, param in self.params.items()}
+        self._zero = {"values": values, "state": state, "steps": self.tables.steps(),
+                      "hyperparameters": self.tables.hyperparameters()}
+        self._initial_state = "as_found" if any(state.values()) else "empty"
+        self.devices = sorted({str(param.device) for param in self.params.values()})
+
+    def _check_groups(self, optimizer) -> None:
+        if len(optimizer.param_groups) != self._groups_at_attach:
+            raise RecorderError(
+                f"{self.directory}: the optimizer has {len(optimizer.param_groups)} param groups, "
+                f"{self._groups_at_attach} when the recorder attached (add_param_group, e.g. a backbone unfrozen "
+                "later): one recording holds one set of groups; close this recorder and record the next phase "
+                "into another path")
 
     def _copy_grads(self) -> dict:
         import torch
@@ -232,7 +281,7 @@ class Recorder:
     def _after_step(self, optimizer, args, kwargs) -> None:
         import torch
 
-        self._step_begun = False
+        self._step_args = None
         with torch.no_grad():
             if self._writer is None:
                 self._open()
@@ -246,7 +295,10 @@ class Recorder:
                         tensors[path] = param.detach().to("cpu", copy=True)
                     elif key == "grad":
                         grad = self._grads.get(name)
-                        stepped[index] = grad is not None
+                        stepped[index] = grad is not None and not self._skipped_by_scaler
+                        if grad is not None and STORED_DTYPES.get(str(grad.dtype)) != entry.dtypes[key]:
+                            raise RecorderError(f"{name}'s gradient is {grad.dtype} at step {self.step}; the "
+                                                f"recording stores it as {entry.dtypes[key]}")
                         tensors[path] = grad if grad is not None else torch.zeros(
                             param.shape, dtype=_torch_dtype(entry.dtypes[key]))
                     else:
@@ -302,32 +354,33 @@ class Recorder:
                                       segment_steps=self.segment_steps, queue_steps=self.queue_steps,
                                       level=self.compression_level, threads=self.threads,
                                       step_tables=self.tables.specs())
-        zero = {}
+        taken, zero = self._zero, {}
+        self._zero = {}  # handed to the writer (not None: step 0 is not taken again)
         for name, entry in self._layout.params.items():
             for key, path in entry.paths.items():
                 if key == "value":
-                    zero[path] = self._step_zero[name]
-                elif key in self._state_zero[name]:
-                    zero[path] = self._state_zero[name][key]
+                    zero[path] = taken["values"][name]
+                elif key in taken["state"][name]:
+                    zero[path] = taken["state"][name][key]
                 else:
                     zero[path] = torch.zeros(entry.shape, dtype=_torch_dtype(entry.dtypes[key]))
-        self._step_zero = self._state_zero = None
-        self._writer.record(0, zero, math.nan, {"hyperparameters": self._hyper_zero,
-                                                "param_steps": self._steps_zero,
+        self._writer.record(0, zero, math.nan, {"hyperparameters": taken["hyperparameters"],
+                                                "param_steps": taken["steps"],
                                                 "param_stepped": np.zeros(len(self.params), dtype=np.uint8)})
 
     def _fill_unstepped_keys(self, entries: dict) -> None:
-        """A parameter the first step skipped (no gradient) has no state yet: it gets its group's keys."""
+        """A parameter the first step skipped (no gradient) has no state yet: it gets the keys of a parameter its
+        group stepped, else of one another group stepped (a group unfrozen later), each in the parameter's own
+        dtype where the other's state is in that one's."""
+        stepped = [(other, other_keys) for other, (_, other_keys) in entries.items() if len(other_keys) > 2]
         for name, (shape, keys) in entries.items():
             if len(keys) > 2:
                 continue
-            group = self.group_of[name]
-            for other, (other_shape, other_keys) in entries.items():
-                if self.group_of[other] == group and len(other_keys) > 2:
-                    for key, dtype in other_keys.items():
-                        if key not in ("value", "grad"):
-                            keys.setdefault(key, keys["value"] if dtype == other_keys["value"] else dtype)
-                    break
+            same_group = [item for item in stepped if self.group_of[item[0]] == self.group_of[name]]
+            for other, other_keys in (same_group or stepped)[:1]:
+                for key, dtype in other_keys.items():
+                    if key not in ("value", "grad"):
+                        keys.setdefault(key, keys["value"] if dtype == other_keys["value"] else dtype)
 
     def _flush_pending(self, ignore_errors: bool = False) -> None:
         if self._pending is None:

@@ -206,6 +206,8 @@ class StreamRecorder:
             return encode_chunk(tensor.contiguous().numpy(), self.level), 0
         if str(tensor.dtype) == "torch.float16":  # a float16 tensor in its own dtype: its bits as they are
             return encode_chunk(tensor.contiguous().numpy(), self.level), 0
+        if self.storage == NATIVE_STORAGE:  # every tensor in its own dtype: nothing may be converted
+            raise TypeError(f"float16 storage got a {tensor.dtype} tensor")
         values, altered = to_float16_counting(tensor)
         return encode_chunk(values, self.level), altered
 
