@@ -386,3 +386,32 @@ def test_a_group_whose_parameters_first_step_late_gets_the_optimizers_state_keys
     moments = recorded_rows(stream, "1.weight", "exp_avg")
     assert not moments[:3].any() and moments[3:].any()
     np.testing.assert_array_equal(moments[4], bits(optimizer.state[head.weight]["exp_avg"]))
+
+
+def test_a_step_gradscaler_skips_is_recorded_as_not_stepped_and_replays(tmp_path):
+    """A fused AdamW under GradScaler, unscaled before its step as the recorder asks: a step with an inf gradient
+    (which the fused kernel skips, leaving weights, moments and step count) is recorded as not stepped, and the
+    replay checks it unchanged."""
+    from thimble.analysis.replay import replay_recording
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with thimble.Recorder(tmp_path / "run", model, optimizer) as rec:
+        for step in range(4):
+            scaler.scale(model(torch.randn(2, 3)).sum()).backward()
+            if step == 1:
+                model.weight.grad[0, 0] = float("inf")
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+            rec.log(loss=0.0)
+            optimizer.zero_grad()
+    stream = tmp_path / "run" / "stream"
+    with h5py.File(stream / "stream.h5") as handle:
+        assert read_checked(handle["param_stepped"])[:, 0].tolist() == [0, 1, 0, 1, 1]
+    values = recorded_rows(stream / "stream.h5", "weight", "value")
+    np.testing.assert_array_equal(values[2], values[1])
+    summary = replay_recording(str(stream), *(str(tmp_path / name) for name in ("r.csv", "r.json", "u.csv")))
+    assert summary["bitwise_match"] and summary["skipped_steps"] == 2
