@@ -9,6 +9,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 import yaml
 from conftest import offline_config, run_snakemake
 from test_imports import probed
@@ -349,3 +350,18 @@ def test_the_whole_analysis_of_a_recording(workdir, recording):
     summary = json.loads((results / "summary.json").read_text())
     assert list(summary["tensors"]) == PARAMS
     assert not list((workdir / "results").glob("data")), "no data stage ran"
+    # the notebook reads it as it reads thimble's own runs: every parameter, bit for bit, and a DataTree without
+    # token coordinates (the loop gave no token groups)
+    import warnings
+
+    import thimble
+    from thimble.record.reader import RecordedTensor
+
+    with h5py.File(workdir / "runs/my_run" / STREAM_DIR / STREAM_FILE) as stream:
+        recorded = RecordedTensor.of_recording(stream, "params/2.weight/value").bits(0, 41)
+    with thimble.open_run(results) as run, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no tokenizer: no token_text coordinate
+        assert list(run.params) == PARAMS
+        assert (run.param("2.weight").value[7].view(torch.int16).numpy().view("u2") == recorded[7]).all()
+        tree = run.to_datatree()
+        assert sorted(tree.children) == sorted(PARAMS) and "token" not in tree.ds.dims

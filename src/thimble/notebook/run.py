@@ -386,6 +386,9 @@ class Run:
         if self._token_text is None:
             from thimble.data.tokenizer import token_texts
 
+            if "dataset" not in self.attrs:  # a recording of your own loop (thimble.Recorder) names no tokenizer
+                raise FileNotFoundError(f"{self.source} was recorded from a loop of your own and names no dataset, "
+                                        "so there is no tokenizer to decode its tokens")
             dataset = str(self.attrs["dataset"])
             path = dataset_dir(self.directory.parent, dataset) / TOKENIZER_FILE
             if not path.exists():

@@ -110,8 +110,12 @@ def losses_variable(run) -> xr.Variable:
 
 
 def run_coordinates(run) -> dict:
-    """The positions along step and token, each token's group and, when the tokenizer is there, its text."""
-    dead = run.dead_mask.numpy()
+    """The positions along step and token, each token's group and, when the tokenizer is there, its text (a
+    recording without token masks, a loop of your own recorded without ``token_groups``: the steps alone)."""
+    try:
+        dead = run.dead_mask.numpy()
+    except KeyError:  # h5py names the dataset it lacks
+        return {"step": np.arange(len(run.losses))}
     coords = {"step": np.arange(len(run.losses)), "token": np.arange(len(dead)),
               "group": ("token", np.where(dead, "dead", "live"))}
     try:
