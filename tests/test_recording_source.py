@@ -365,3 +365,5 @@ def test_the_whole_analysis_of_a_recording(workdir, recording):
         assert (run.param("2.weight").value[7].view(torch.int16).numpy().view("u2") == recorded[7]).all()
         tree = run.to_datatree()
         assert sorted(tree.children) == sorted(PARAMS) and "token" not in tree.ds.dims
+        settings = run.hyperparameters
+        assert settings.shape[0] == 41 and (settings["lr"] == 1e-2).all() and (settings["weight_decay"] == 0.1).all()

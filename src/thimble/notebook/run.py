@@ -333,6 +333,25 @@ class Run:
         return dict(self._files.recording.attrs)
 
     @property
+    def hyperparameters(self) -> pandas.DataFrame:
+        """Each param group's settings as each step used them (the recording's ``hyperparameters`` table: a
+        scheduler's lr at every step), one row per step and group, a column per setting (``lr``, ``betas.0``,
+        ``weight_decay``, ...)."""
+        import json
+
+        import pandas
+
+        handle = self._files.recording
+        if "hyperparameters" not in handle:
+            raise KeyError(f"{handle.filename} has no hyperparameters table (recorded before thimble kept one); its "
+                           "settings are its attributes (run.attrs)")
+        table = read_checked(handle["hyperparameters"])
+        steps, groups, columns = table.shape
+        index = pandas.MultiIndex.from_product([range(steps), range(groups)], names=["step", "group"])
+        return pandas.DataFrame(table.reshape(steps * groups, columns), index=index,
+                                columns=json.loads(handle.attrs["hyperparameter_columns"]))
+
+    @property
     def storage_dtype(self) -> str:
         """bfloat16 (bit for bit), or float16 (the seed's lossy storage; tensors come back as float16)."""
         return str(self._files.recording.attrs.get("storage_dtype", "bfloat16"))
