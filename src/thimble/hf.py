@@ -35,10 +35,8 @@ except ImportError as missing:
     raise ImportError(f"thimble.hf needs transformers and accelerate ({missing}); install them with "
                       "pip install thimble[hf]") from missing
 
-from thimble.errors import ThimbleError
 from thimble.outputs import STREAM_DIR
-from thimble.record.recorder import Recorder, RecorderError, check_new_directory, unwrap_optimizer
-from thimble.sizes import select_parameters
+from thimble.record.recorder import Recorder, RecorderError, check_new_directory, select_recorded, unwrap_optimizer
 
 
 class RecorderCallback(TrainerCallback):
@@ -73,11 +71,7 @@ class RecorderCallback(TrainerCallback):
         self._remove_hook()  # of a train() that raised before the recorder existed
         # what the recorder would refuse, refused before training starts
         check_new_directory(self.path / STREAM_DIR)
-        try:
-            select_parameters([self.tensors] if isinstance(self.tensors, str) else list(self.tensors),
-                              dict(model.named_parameters()), key="tensors")
-        except ThimbleError as error:
-            raise RecorderError(str(error)) from None
+        select_recorded(self.tensors, dict(model.named_parameters()))
         self._model = model
         self._logged_global_step, self._logged_recorded_step = state.global_step, 0
         self._hook = register_optimizer_step_pre_hook(self._attach_at_first_step)

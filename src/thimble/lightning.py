@@ -34,9 +34,7 @@ except ImportError as missing:
     raise ImportError(f"thimble.lightning needs lightning ({missing}); install it with "
                       "pip install thimble[lightning]") from missing
 
-from thimble.errors import ThimbleError
-from thimble.record.recorder import Recorder, RecorderError, unwrap_optimizer
-from thimble.sizes import select_parameters
+from thimble.record.recorder import Recorder, RecorderError, select_recorded, unwrap_optimizer
 
 
 class RecorderCallback(Callback):
@@ -95,12 +93,8 @@ class RecorderCallback(Callback):
 
     def _optimizer_of(self, optimizers, pl_module) -> torch.optim.Optimizer:
         """The one optimizer that steps the recorded parameters."""
-        patterns = [self.tensors] if isinstance(self.tensors, str) else list(self.tensors)
         params = dict(pl_module.named_parameters())
-        try:
-            names = select_parameters(patterns, params, key="tensors")
-        except ThimbleError as error:
-            raise RecorderError(str(error)) from None
+        names = select_recorded(self.tensors, params)
         recorded = {id(params[name]) for name in names}
         inner = [unwrap_optimizer(optimizer) for optimizer in optimizers]
         holding = [optimizer for optimizer in inner

@@ -56,8 +56,8 @@ def write_delta_w_lattice(recording: str, output: str, level: int = 2, threads: 
     and binade crossings beside it; the embedding's are also at the root under the seed's names (hard links),
     so that an embedding-only run reads as before. Each tensor is counted in its own lattice
     (``thimble.analysis.tensors.stored_lattice``). A tensor's ΔW′ is int16 when every step count fits (checked),
-    else int32 (int64 for a float32 tensor whose step counts exceed int32: ``delta_dtypes``), in chunks of the recording's steps per chunk, zstd-compressed. Returns the summary: the
-    embedding's at the top level (when it is recorded) and every tensor's under ``tensors``. Values are decoded
+    else int32 (int64 for a float32 tensor whose step counts exceed int32: ``delta_dtypes``), in chunks of the
+    recording's steps per chunk, zstd-compressed. Returns the summary: the embedding's at the top level (when it is recorded) and every tensor's under ``tensors``. Values are decoded
     from their stored chunks block by block, so memory stays near half a chunk of the largest tensor plus the
     compressed output.
     """

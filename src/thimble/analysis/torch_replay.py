@@ -65,6 +65,7 @@ from thimble.numerics.bf16 import torch_to_bits
 from thimble.numerics.lattice import log2_ratio_floor, stays_from_ratio
 from thimble.record.format import NATIVE_STORAGE, RECORDER, read_checked
 from thimble.record.optimizer_tables import STEP_TABLES
+from thimble.record.recorder import torch_dtype
 from thimble.training.adamw import IMPLEMENTATIONS, pre_rounding_weight
 from thimble.update_rules import STATE_KEYS
 
@@ -80,7 +81,6 @@ IMPLEMENTATION_FLAGS = ("foreach", "fused")
 #: the recorded tensors of a parameter that are not optimizer state, and the state key of Adam's step count
 VALUE, GRAD, STEP_COUNT = "value", "grad", "step"
 #: the stored dtypes as torch's
-TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 #: replay.csv's columns besides the mismatch columns and the criterion's
 STEPPED, OBSERVED, ELEMENTS = "stepped", "observed_frozen", "elements"
 #: the count of Adam's state['step'] compared with param_steps (0 or 1 a row)
@@ -373,7 +373,7 @@ class OptimizerStepper:
 def torch_of_bits(bits: np.ndarray, stored: str) -> torch.Tensor:
     """Stored bits as the torch tensor of the stored dtype they hold, without copying."""
     signed = np.int16 if bits.dtype.itemsize == 2 else np.int32
-    return torch.from_numpy(np.ascontiguousarray(bits).view(signed)).view(TORCH_DTYPES[stored])
+    return torch.from_numpy(np.ascontiguousarray(bits).view(signed)).view(torch_dtype(stored))
 
 
 def count_mismatches(got: torch.Tensor | None, expected: torch.Tensor) -> int:
@@ -489,7 +489,7 @@ class RecorderTensorReplay(TensorReplay):
         state = None if absent else {key: values[role][index].to(self.target) for role, key in self.compared[1:]}
         try:
             if self.stepper is None:
-                self.stepper = OptimizerStepper(self.kind, self.shape, TORCH_DTYPES[self.stored[self.value_role]],
+                self.stepper = OptimizerStepper(self.kind, self.shape, torch_dtype(self.stored[self.value_role]),
                                                 self.target, self.plan.implementation)
             value, state_after, count_after = self.stepper.step(
                 values[self.value_role][index].to(self.target), grad.to(self.target, copy=True), state,

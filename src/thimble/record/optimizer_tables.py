@@ -93,6 +93,7 @@ class OptimizerTables:
                 if key != "params":
                     self.columns.extend(column for column, _ in numeric_entries(key, value)
                                         if column not in self.columns)
+        self._column_of = {column: index for index, column in enumerate(self.columns)}
         self.implementations: list[str] | None = None
 
     def specs(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
@@ -111,8 +112,8 @@ class OptimizerTables:
                 if key != "params":
                     for column, item in numeric_entries(key, value):
                         # a setting the optimizer adds to its groups later (optimi's step count) has no column
-                        if column in self.columns:
-                            row[number, self.columns.index(column)] = as_float(item)
+                        if column in self._column_of:
+                            row[number, self._column_of[column]] = as_float(item)
         return row
 
     def steps(self) -> np.ndarray:
@@ -120,9 +121,10 @@ class OptimizerTables:
         return np.array([as_float(self.optimizer.state.get(param, {}).get("step")) for param in self.params.values()],
                         dtype=np.float64)
 
-    def rows(self, hyperparameters: np.ndarray, stepped) -> dict[str, np.ndarray]:
-        """One step's rows: the hyperparameters it used, the step counts after it, which parameters it updated."""
-        return {"hyperparameters": hyperparameters, "param_steps": self.steps(),
+    def rows(self, hyperparameters: np.ndarray, stepped, steps: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """One step's rows: the hyperparameters it used, the step counts after it (read from the optimizer's state
+        unless ``steps`` gives them), which parameters it updated."""
+        return {"hyperparameters": hyperparameters, "param_steps": self.steps() if steps is None else steps,
                 "param_stepped": np.asarray(stepped, dtype=np.uint8)}
 
     def attrs(self, dtypes: dict[str, str]) -> dict:

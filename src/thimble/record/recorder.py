@@ -103,11 +103,7 @@ class Recorder:
                 log.info("tensors='*': %d parameters the optimizer does not step are not recorded (%s%s)",
                          len(left_out), ", ".join(left_out[:5]), ", ..." if len(left_out) > 5 else "")
             params = {name: param for name, param in params.items() if id(param) in stepped}
-        try:
-            names = select_parameters(patterns, params, key="tensors")
-        except ThimbleError as error:
-            raise RecorderError(str(error)) from None
-        self.params = {name: params[name] for name in names}
+        self.params = {name: params[name] for name in select_recorded(tensors, params)}
         self.tables = OptimizerTables(self.optimizer, self.params)
         if self.tables.missing:
             missing = self.tables.missing
@@ -120,7 +116,6 @@ class Recorder:
                 raise RecorderError(f"{name} is {param.dtype}; the recorder stores bfloat16, float16 and float32 "
                                     "parameters (losslessly)")
         self.token_groups_param, self.masks = token_masks(token_groups, embedding, model, self.params)
-        self.devices = sorted({str(param.device) for param in self.params.values()})
         self.segment_steps, self.queue_steps = segment_steps, queue_steps
         self.compression_level, self.threads = compression_level, threads
         self.step = 0
@@ -139,7 +134,6 @@ class Recorder:
         #: step 0, taken as the first step begins (a checkpoint loaded after the recorder was made is in it)
         self._zero: dict | None = None
         self._initial_state = "empty"
-        self._groups_at_attach = len(self.optimizer.param_groups)
         self._handles = [self.optimizer.register_step_pre_hook(self.begin_step),
                          self.optimizer.register_step_post_hook(self._after_step)]
         log.info("recording %d parameters of %s stepped by %s into %s", len(self.params), type(model).__name__,
@@ -227,14 +221,15 @@ class Recorder:
         found_inf = getattr(optimizer, "found_inf", None)
         # GradScaler's found_inf: a fused kernel then leaves every parameter and its state as they were
         self._skipped_by_scaler = found_inf is not None and bool(as_float(found_inf))
+        self._row_hyper = self.tables.hyperparameters()
         if self._zero is None:
             self._take_step_zero()
-        self._row_hyper = self.tables.hyperparameters()
-        self._grads = self._copy_grads()
         # torch hands the hook step()'s own arguments, the optimizer first: (self, closure)
         closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
         if not callable(closure):
+            self._grads = self._copy_grads()
             return None
+        # the closure computes the step's gradients: they are copied as it returns, not here
 
         def closure_copying_gradients():
             result = closure()
@@ -259,15 +254,14 @@ class Recorder:
                             if _is_state_tensor(value, param, key)}
                      for name, param in self.params.items()}
         self._zero = {"values": values, "state": state, "steps": self.tables.steps(),
-                      "hyperparameters": self.tables.hyperparameters()}
+                      "hyperparameters": self._row_hyper}
         self._initial_state = "as_found" if any(state.values()) else "empty"
-        self.devices = sorted({str(param.device) for param in self.params.values()})
 
     def _check_groups(self, optimizer) -> None:
-        if len(optimizer.param_groups) != self._groups_at_attach:
+        if len(optimizer.param_groups) != len(self.tables.groups):
             raise RecorderError(
                 f"{self.directory}: the optimizer has {len(optimizer.param_groups)} param groups, "
-                f"{self._groups_at_attach} when the recorder attached (add_param_group, e.g. a backbone unfrozen "
+                f"{len(self.tables.groups)} when the recorder attached (add_param_group, e.g. a backbone unfrozen "
                 "later): one recording holds one set of groups; close this recorder and record the next phase "
                 "into another path")
 
@@ -300,11 +294,11 @@ class Recorder:
                             raise RecorderError(f"{name}'s gradient is {grad.dtype} at step {self.step}; the "
                                                 f"recording stores it as {entry.dtypes[key]}")
                         tensors[path] = grad if grad is not None else torch.zeros(
-                            param.shape, dtype=_torch_dtype(entry.dtypes[key]))
+                            param.shape, dtype=torch_dtype(entry.dtypes[key]))
                     else:
                         value = state.get(key)
                         if value is None:
-                            tensors[path] = torch.zeros(param.shape, dtype=_torch_dtype(entry.dtypes[key]))
+                            tensors[path] = torch.zeros(param.shape, dtype=torch_dtype(entry.dtypes[key]))
                         elif not _is_state_tensor(value, param, key) or STORED_DTYPES.get(str(value.dtype)) \
                                 != entry.dtypes[key]:
                             raise RecorderError(f"{name}'s optimizer state {key!r} changed kind at step {self.step} "
@@ -363,7 +357,7 @@ class Recorder:
                 elif key in taken["state"][name]:
                     zero[path] = taken["state"][name][key]
                 else:
-                    zero[path] = torch.zeros(entry.shape, dtype=_torch_dtype(entry.dtypes[key]))
+                    zero[path] = torch.zeros(entry.shape, dtype=torch_dtype(entry.dtypes[key]))
         self._writer.record(0, zero, math.nan, {"hyperparameters": taken["hyperparameters"],
                                                 "param_steps": taken["steps"],
                                                 "param_stepped": np.zeros(len(self.params), dtype=np.uint8)})
@@ -406,7 +400,7 @@ class Recorder:
             **self.tables.attrs(dtypes),
             "initial_state": self._initial_state,
             "token_groups_param": self.token_groups_param or "",
-            "device": self.devices[0] if len(self.devices) == 1 else ",".join(self.devices),
+            "device": ",".join(sorted({str(param.device) for param in self.params.values()})),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(),
             **library_versions(),
@@ -420,7 +414,17 @@ def _is_state_tensor(value, param, key: str = "") -> bool:
         and tuple(value.shape) == tuple(param.shape) and value.dtype.is_floating_point
 
 
-def _torch_dtype(stored: str):
+def select_recorded(tensors: str | list[str], params: dict) -> list[str]:
+    """The names of ``params`` (name: parameter, in the model's order) that ``tensors`` selects: a name, a
+    shell-style pattern or a list of them; a RecorderError naming a pattern that selects none."""
+    try:
+        return select_parameters([tensors] if isinstance(tensors, str) else list(tensors), params, key="tensors")
+    except ThimbleError as error:
+        raise RecorderError(str(error)) from None
+
+
+def torch_dtype(stored: str):
+    """The torch dtype of a stored dtype's name (``bfloat16``, ``float16``, ``float32``)."""
     import torch
 
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[stored]

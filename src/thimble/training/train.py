@@ -361,7 +361,10 @@ def train_step(step: int, model, optimizer: UpdateRule, batches: BatchStream, de
         after[paths["value"]] = param
         after.update({paths[STATE_KEYS[role]]: tensor for role, tensor in optimizer.device_state(param).items()})
     host = copies.copy(after, into=host, loss=loss)
-    rows = tables.rows(hyperparameters, np.ones(len(recorded))) if tables is not None else {}
+    # every rule steps every recorded parameter once a step, so its count is the step: read from the state, it
+    # would wait for a device that keeps it (fused kernels), which this loop never does
+    rows = tables.rows(hyperparameters, np.ones(len(recorded)), np.full(len(recorded), float(step))) \
+        if tables is not None else {}
     return StepBits(step, host.tensors, host.loss if wait or host.ready else host, rows)
 
 
