@@ -25,9 +25,10 @@ from thimble.update_rules import recorded_tensors, rule_of  # noqa: E402
 from thimble.util.files import atomic_output, write_text  # noqa: E402
 
 GROUP_COLORS = {"dead": "tab:blue", "live": "tab:orange", "all": "tab:gray"}
-DRIVER_COLORS = {"spacing": "tab:blue", "statistics": "tab:orange", "v_stall": "tab:red"}
-#: the fourth driver of a recorder's recording, where lr changes from step to step
-LR_DRIVER_COLOR = ("learning_rate", "tab:green")
+#: each driver's colour, in the drivers' figure and the tensors' onsets (learning_rate: a recorder's recording,
+#: where lr changes from step to step)
+DRIVER_COLORS = {"spacing": "tab:blue", "statistics": "tab:orange", "v_stall": "tab:red",
+                 "learning_rate": "tab:green"}
 PHASE_COLORS = {"frozen": "#9ecae1", "solid": "#3182bd", "cold": "#fdae6b", "hot": "#e6550d"}
 #: tokens drawn as individual lines per group (the mean and std use every token)
 SAMPLE_TOKENS = 150
@@ -291,11 +292,14 @@ def _driver_panels(top, bottom, rows: pd.DataFrame, group: str, result: dict) ->
         statistics = rows["mean_log2_abs_m_hat"].to_numpy() - rows["mean_log2_exact_denominator"].to_numpy()
         ratio = rows["mean_log2_ratio"].to_numpy()
         bottom.plot(steps, -at(ratio), color="black", lw=3, alpha=0.35, label="drop of the mean ratio")
-        bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, label="spacing (coarser binades)")
-        bottom.plot(steps, -at(statistics), lw=1, label="statistics (exact AdamW's |m̂|/denominator)")
-        bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, label="v_stall (bf16 exp_avg_sq above exact)")
+        bottom.plot(steps, at(rows["mean_log2_half_spacing"].to_numpy()), lw=1, color=DRIVER_COLORS["spacing"],
+                    label="spacing (coarser binades)")
+        bottom.plot(steps, -at(statistics), lw=1, color=DRIVER_COLORS["statistics"],
+                    label="statistics (exact AdamW's |m̂|/denominator)")
+        bottom.plot(steps, at(rows["v_stall_bits"].to_numpy()), lw=1, color=DRIVER_COLORS["v_stall"],
+                    label="v_stall (stored exp_avg_sq above exact)")
         if "log2_lr" in rows:  # a recorder's lr, step by step
-            bottom.plot(steps, -at(rows["log2_lr"].to_numpy()), lw=1, color=LR_DRIVER_COLOR[1],
+            bottom.plot(steps, -at(rows["log2_lr"].to_numpy()), lw=1, color=DRIVER_COLORS["learning_rate"],
                         label="learning_rate (the fall of log2 lr)")
         for ax in (top, bottom):
             ax.axvline(result["peak_step"], color="gray", lw=0.6, ls=":")
@@ -416,9 +420,11 @@ def summary_html(summary: dict) -> str:
                    for name, window in summary["windows"].items()
                    for group, stats in window.items() if isinstance(stats, dict)]
     rule = summary["verdict_rule"]
-    question = ("The lab's question (dead tokens, global freeze)" if summary.get("recorded_by") != RECORDER_SOURCE else
-                f"The question ({summary['question_tensor']}, {'dead tokens' if 'dead' in summary['cooling'] else 'all'}"
-                f", global freeze; {rule_of(summary)})")
+    if summary.get("recorded_by") != RECORDER_SOURCE:
+        question = "The lab's question (dead tokens, global freeze)"
+    else:
+        group = "dead tokens" if "dead" in summary["cooling"] else "all"
+        question = f"The question ({summary['question_tensor']}, {group}, global freeze; {rule_of(summary)})"
     parts = [f"<p>{question}: <b>{summary['verdict']}</b>. "
              f"{summary['steps']} steps; ΔW′ exact: {summary['delta_w_exact']}. Shares are fractions 0–1.</p>",
              _html_table(verdict_rows),
@@ -493,18 +499,18 @@ def tensor_onsets(summary: dict, experiment: str, path: str) -> None:
         entry = tensors[name]
         onset, first = entry.get("onset_step"), entry.get("first_global_freeze_step")
         if onset is not None:
-            ax.scatter(onset, row, marker="o", s=36, color=dict([*DRIVER_COLORS.items(), LR_DRIVER_COLOR]).get(
-                entry.get("driver"), "tab:gray"), zorder=3)
+            ax.scatter(onset, row, marker="o", s=36, color=DRIVER_COLORS.get(entry.get("driver"), "tab:gray"),
+                       zorder=3)
         if first is not None:
             ax.scatter(first, row, marker="|", s=120, color="black", zorder=2)
         share = entry.get("frozen_element_share_last_window")
         ax.annotate(f"{entry.get('verdict')}; {share:.2f} unmoved at the end" if share is not None
                     else f"{entry.get('verdict')}", (1.01, row), xycoords=("axes fraction", "data"), va="center",
                     fontsize=7)
-    colors = dict(DRIVER_COLORS)
-    if any(entry.get("driver") == LR_DRIVER_COLOR[0] for entry in tensors.values()):
-        colors[LR_DRIVER_COLOR[0]] = LR_DRIVER_COLOR[1]
-    for driver, color in colors.items():
+    drivers = {entry.get("driver") for entry in tensors.values()}
+    for driver, color in DRIVER_COLORS.items():
+        if driver == "learning_rate" and driver not in drivers:  # a term only where lr changes from step to step
+            continue
         ax.scatter([], [], marker="o", color=color, label=f"onset driven by {driver}")
     ax.scatter([], [], marker="o", color="tab:gray", label="onset with no drop to split (frozen from its peak)")
     ax.scatter([], [], marker="|", s=120, color="black", label="first globally frozen step")
